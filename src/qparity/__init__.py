@@ -1,0 +1,21 @@
+"""qparity: what you train quantized is what you deploy, bit for bit.
+
+    qm = qparity.prepare_qat(model, example_inputs, target="tflite")
+    ...train qm...
+    qparity.freeze(qm)
+    im = qparity.convert(qm)
+    assert torch.equal(qm.eval()(x), im(x))
+"""
+from .convert import convert
+from .errors import QParityError
+from .qat.model import QATModel
+from .qat.prepare import freeze, prepare_qat
+from .qparams import QParams
+from .runtime import IntegerModel
+from .serialize import load
+from .spec import TARGETS
+
+__version__ = "0.1.0"
+
+__all__ = ["TARGETS", "IntegerModel", "QATModel", "QParams", "QParityError", "convert", "freeze", "load",
+           "prepare_qat"]

@@ -1,0 +1,380 @@
+"""Capture: an nn.Module (any graph torch.fx can trace) to qparity's operator `Graph`.
+
+Modules and their functional forms map to the same operators. Conv2d followed by BatchNorm2d becomes one
+conv node (BN folded the way it deploys); a clamp (ReLU, ReLU6, Hardtanh, clamp) right after a conv, linear
+or add becomes that node's output clamp. Anything else raises `UnsupportedOpError` naming the operator and
+where it is.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import CaptureError, UnsupportedOpError
+from .graph import CODE_PRESERVING_FUNCTIONS, CODE_PRESERVING_METHODS, Graph, Node, Ref, collect_refs
+from .ops.accumulate import ConvGeometry
+from .ops.pooling import adaptive_as_pooling
+
+SUPPORTED = ("Conv2d, Linear, BatchNorm2d after Conv2d, ReLU, ReLU6, Hardtanh, clamp, add of two tensors, cat, "
+             "MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean over H and W, flatten/reshape/view/permute, "
+             "Identity, Dropout")
+
+
+@dataclass
+class Layer:
+    """The modules that hold one conv/linear node's parameters."""
+
+    module: nn.Module
+    batch_norm: Optional[nn.BatchNorm2d] = None
+
+
+def capture(model: nn.Module, example_inputs: Tuple[torch.Tensor, ...]) -> Tuple[Graph, Dict[str, Layer]]:
+    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    for i, x in enumerate(example_inputs):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise CaptureError(f"example input {i} must be a float tensor, got {type(x).__name__}"
+                               + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else ""))
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception as error:  # fx raises many kinds; all mean the same thing to the user
+        raise CaptureError(f"torch.fx could not trace {type(model).__name__}: {error}. qparity needs a forward "
+                           "without data-dependent Python control flow") from error
+    values = _record_values(traced, example_inputs)
+    builder = _Builder(traced, values)
+    for node in traced.graph.nodes:
+        builder.add(node)
+    graph = Graph(builder.nodes, builder.output, [tuple(x.shape) for x in example_inputs])
+    _fuse_clamps(graph)
+    return graph, builder.layers
+
+
+def _record_values(traced: fx.GraphModule, inputs) -> Dict[str, Any]:
+    values: Dict[str, Any] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            result = super().run_node(n)
+            values[n.name] = result
+            return result
+
+    was_training = traced.training
+    traced.eval()
+    try:
+        with torch.no_grad():
+            Recorder(traced).run(*inputs)
+    except Exception as error:
+        raise CaptureError(f"running the model on the example inputs failed: {error}") from error
+    finally:
+        traced.train(was_training)
+    return values
+
+
+def _where(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"module '{node.target}'"
+    stack = node.meta.get("nn_module_stack")
+    inside = f"module '{list(stack)[-1]}'" if stack else "the top-level forward"
+    return f"node '{node.name}' in {inside}"
+
+
+def _describe(node: fx.Node, modules: Dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    target = node.target
+    module = getattr(target, "__module__", None) or ""
+    return f"{module}.{getattr(target, '__name__', target)}".lstrip(".")
+
+
+def _pair(value) -> Tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+class _Builder:
+    def __init__(self, traced: fx.GraphModule, values: Dict[str, Any]):
+        self.modules = dict(traced.named_modules())
+        self.traced = traced
+        self.values = values
+        self.nodes: List[Node] = []
+        self.layers: Dict[str, Layer] = {}
+        self.alias: Dict[str, str] = {}
+        self.output: Any = None
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    def ref(self, arg):
+        if isinstance(arg, fx.Node):
+            return Ref(self.alias.get(arg.name, arg.name))
+        if isinstance(arg, (tuple, list)):
+            return type(arg)(self.ref(a) for a in arg)
+        if isinstance(arg, dict):
+            return {k: self.ref(v) for k, v in arg.items()}
+        return arg
+
+    def is_tensor(self, arg) -> bool:
+        return isinstance(arg, fx.Node) and isinstance(self.values.get(arg.name), torch.Tensor)
+
+    def emit(self, node: fx.Node, op: str, args=(), kwargs=None, attrs=None) -> None:
+        self.nodes.append(Node(node.name, op, tuple(args), kwargs or {}, attrs or {}, _where(node)))
+
+    def unsupported(self, node: fx.Node, why: str = "") -> UnsupportedOpError:
+        name = _describe(node, self.modules)
+        detail = f": {why}" if why else ""
+        return UnsupportedOpError(f"unsupported operator {name} at {_where(node)}{detail}. Supported: {SUPPORTED}")
+
+    def spatial(self, arg: fx.Node) -> Tuple[int, int]:
+        return tuple(self.values[arg.name].shape[-2:])
+
+    # -- dispatch -------------------------------------------------------------------------------------------
+    def add(self, node: fx.Node) -> None:
+        if node.op == "placeholder":
+            value = self.values.get(node.name)
+            if not isinstance(value, torch.Tensor):
+                raise CaptureError(f"model input '{node.name}' is not a tensor; qparity quantizes tensor inputs only")
+            self.emit(node, "input", attrs={"rank": value.dim()})
+        elif node.op == "output":
+            self.output = self.ref(node.args[0])
+        elif node.op == "get_attr":
+            raise self.unsupported(node, f"constant or parameter '{node.target}' used outside a Conv2d/Linear module")
+        elif node.op == "call_module":
+            self.add_module(node, self.modules[node.target])
+        elif node.op == "call_function":
+            self.add_function(node)
+        elif node.op == "call_method":
+            self.add_method(node)
+
+    def add_module(self, node: fx.Node, module: nn.Module) -> None:
+        x = node.args[0] if node.args else None
+        if isinstance(module, nn.Conv2d):
+            if module.padding_mode != "zeros":
+                raise self.unsupported(node, f"padding_mode={module.padding_mode!r} (only 'zeros')")
+            padding = module.padding if isinstance(module.padding, str) else _pair(module.padding)
+            geometry = ConvGeometry("conv2d", _pair(module.stride), padding, _pair(module.dilation), module.groups)
+            self.layers[node.name] = Layer(module)
+            self.emit(node, "conv2d", [self.ref(x)], attrs={"geometry": geometry.to_dict(), "module": node.target})
+        elif isinstance(module, nn.Linear):
+            self.layers[node.name] = Layer(module)
+            self.emit(node, "linear", [self.ref(x)], attrs={"geometry": ConvGeometry("linear").to_dict(),
+                                                          "module": node.target})
+        elif isinstance(module, nn.BatchNorm2d):
+            self.fold_batch_norm(node, module)
+        elif isinstance(module, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
+            low, high = (0.0, None) if isinstance(module, nn.ReLU) else (module.min_val, module.max_val)
+            self.emit(node, "clamp", [self.ref(x)], attrs={"min": low, "max": high})
+        elif isinstance(module, nn.MaxPool2d):
+            if module.return_indices:
+                raise self.unsupported(node, "return_indices=True")
+            self.emit_max_pool(node, x, module.kernel_size, module.stride, module.padding, module.dilation,
+                               module.ceil_mode)
+        elif isinstance(module, nn.AvgPool2d):
+            self.emit_avg_pool(node, x, module.kernel_size, module.stride, module.padding, module.ceil_mode,
+                               module.count_include_pad, module.divisor_override)
+        elif isinstance(module, nn.AdaptiveAvgPool2d):
+            self.emit_adaptive(node, x, module.output_size)
+        elif isinstance(module, nn.Flatten):
+            self.emit(node, "call", [self.ref(x), module.start_dim, module.end_dim],
+                      attrs={"fn": "function:torch.flatten"})
+        elif isinstance(module, nn.Identity):
+            self.alias[node.name] = self.ref(x).name
+        elif isinstance(module, nn.Dropout):
+            self.emit(node, "dropout", [self.ref(x)], attrs={"p": float(module.p)})
+        else:
+            raise self.unsupported(node)
+
+    def add_function(self, node: fx.Node) -> None:
+        fn, args, kwargs = node.target, node.args, node.kwargs
+        if fn in (F.relu, torch.relu):
+            self.emit(node, "clamp", [self.ref(args[0])], attrs={"min": 0.0, "max": None})
+        elif fn is F.relu6:
+            self.emit(node, "clamp", [self.ref(args[0])], attrs={"min": 0.0, "max": 6.0})
+        elif fn is F.hardtanh:
+            bound = _bind(args[1:], kwargs, ("min_val", "max_val"), (-1.0, 1.0))
+            self.emit(node, "clamp", [self.ref(args[0])], attrs={"min": bound[0], "max": bound[1]})
+        elif fn in (torch.clamp, torch.clip):
+            self.emit_clamp(node, args[0], args[1:], kwargs)
+        elif fn in (operator.add, torch.add):
+            self.emit_add(node, args, kwargs)
+        elif fn in (torch.cat, torch.concat):
+            dim = _bind(args[1:], kwargs, ("dim",), (0,))[0]
+            tensors = args[0]
+            if not all(self.is_tensor(t) for t in tensors):
+                raise self.unsupported(node, "every input of cat must be a tensor computed by the model")
+            self.emit(node, "cat", [self.ref(list(tensors))], attrs={"dim": dim})
+        elif fn is F.max_pool2d:
+            k, s, p, d, c, r = _bind(args[1:], kwargs, ("kernel_size", "stride", "padding", "dilation",
+                                                          "ceil_mode", "return_indices"), (None, None, 0, 1, False, False))
+            if r:
+                raise self.unsupported(node, "return_indices=True")
+            self.emit_max_pool(node, args[0], k, s, p, d, c)
+        elif fn is F.avg_pool2d:
+            k, s, p, c, i, o = _bind(args[1:], kwargs, ("kernel_size", "stride", "padding", "ceil_mode",
+                                                          "count_include_pad", "divisor_override"),
+                                     (None, None, 0, False, True, None))
+            self.emit_avg_pool(node, args[0], k, s, p, c, i, o)
+        elif fn is F.adaptive_avg_pool2d:
+            self.emit_adaptive(node, args[0], _bind(args[1:], kwargs, ("output_size",), (None,))[0])
+        elif fn is F.dropout:
+            p = _bind(args[1:], kwargs, ("p",), (0.5,))[0]
+            self.emit(node, "dropout", [self.ref(args[0])], attrs={"p": float(p)})
+        elif fn is torch.mean:
+            self.emit_mean(node, args[0], args[1:], kwargs)
+        else:
+            key = self.code_preserving_function(fn)
+            if key is None:
+                raise self.unsupported(node)
+            self.check_code_preserving(node)
+            self.emit(node, "call", self.ref(args), self.ref(dict(kwargs)), attrs={"fn": "function:" + key})
+
+    def add_method(self, node: fx.Node) -> None:
+        name, args, kwargs = node.target, node.args, node.kwargs
+        if name in ("relu", "relu_"):
+            self.emit(node, "clamp", [self.ref(args[0])], attrs={"min": 0.0, "max": None})
+        elif name in ("clamp", "clip"):
+            self.emit_clamp(node, args[0], args[1:], kwargs)
+        elif name == "add":
+            self.emit_add(node, args, kwargs)
+        elif name == "mean":
+            self.emit_mean(node, args[0], args[1:], kwargs)
+        elif name in CODE_PRESERVING_METHODS:
+            self.check_code_preserving(node)
+            self.emit(node, "call", self.ref(args), self.ref(dict(kwargs)), attrs={"fn": "method:" + name})
+        else:
+            raise self.unsupported(node)
+
+    # -- operators ------------------------------------------------------------------------------------------
+    def fold_batch_norm(self, node: fx.Node, bn: nn.BatchNorm2d) -> None:
+        source = node.args[0]
+        producer = self.nodes[-1] if self.nodes else None
+        if (producer is None or producer.op != "conv2d" or producer.name != self.alias.get(source.name, source.name)
+                or len(source.users) != 1 or self.layers[producer.name].batch_norm is not None):
+            raise self.unsupported(node, "BatchNorm2d must directly follow a Conv2d whose output it alone uses")
+        if not bn.track_running_stats or not bn.affine:
+            raise self.unsupported(node, "BatchNorm2d needs affine=True and track_running_stats=True to fold")
+        self.layers[producer.name].batch_norm = bn
+        producer.attrs["batch_norm"] = node.target
+        self.alias[node.name] = producer.name
+
+    def emit_clamp(self, node, x, args, kwargs) -> None:
+        low, high = _bind(args, kwargs, ("min", "max"), (None, None))
+        if isinstance(low, fx.Node) or isinstance(high, fx.Node):
+            raise self.unsupported(node, "clamp bounds must be constants")
+        self.emit(node, "clamp", [self.ref(x)], attrs={"min": None if low is None else float(low),
+                                                       "max": None if high is None else float(high)})
+
+    def emit_add(self, node, args, kwargs) -> None:
+        a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
+        if not (self.is_tensor(a) and self.is_tensor(b)):
+            if not isinstance(self.values.get(node.name), torch.Tensor):
+                self.emit(node, "call", self.ref(args), self.ref(dict(kwargs)), attrs={"fn": "function:operator.add"})
+                return
+            raise self.unsupported(node, "add of a tensor and a constant (only two quantized tensors can be added)")
+        if kwargs.get("alpha", 1) != 1:
+            raise self.unsupported(node, "add with alpha != 1")
+        if self.values[a.name].shape != self.values[b.name].shape:
+            raise self.unsupported(node, f"add of tensors of different shapes {tuple(self.values[a.name].shape)} and "
+                                         f"{tuple(self.values[b.name].shape)} (broadcasting)")
+        self.emit(node, "add", [self.ref(a), self.ref(b)], attrs={})
+
+    def emit_max_pool(self, node, x, kernel, stride, padding, dilation, ceil_mode) -> None:
+        kernel = _pair(kernel)
+        attrs = {"kernel_size": kernel, "stride": _pair(stride) if stride else kernel, "padding": _pair(padding),
+                 "dilation": _pair(dilation), "ceil_mode": bool(ceil_mode)}
+        self.emit(node, "max_pool2d", [self.ref(x)], attrs=attrs)
+
+    def emit_avg_pool(self, node, x, kernel, stride, padding, ceil_mode, include_pad, divisor_override) -> None:
+        if divisor_override is not None:
+            raise self.unsupported(node, "divisor_override")
+        kernel = _pair(kernel)
+        attrs = {"kernel_size": kernel, "stride": _pair(stride) if stride else kernel, "padding": _pair(padding),
+                 "ceil_mode": bool(ceil_mode), "count_include_pad": bool(include_pad)}
+        self.emit(node, "avg_pool2d", [self.ref(x)], attrs=attrs)
+
+    def emit_adaptive(self, node, x, output_size) -> None:
+        attrs = adaptive_as_pooling(self.spatial(x), output_size, _where(node))
+        attrs["adaptive_output_size"] = list(_pair(output_size)) if output_size is not None else None
+        self.emit(node, "avg_pool2d", [self.ref(x)], attrs=attrs)
+
+    def emit_mean(self, node, x, args, kwargs) -> None:
+        dims, keepdim = _bind(args, kwargs, ("dim", "keepdim"), (None, False))
+        rank = self.values[x.name].dim()
+        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+        if rank != 4 or sorted(d % rank for d in dims) != [2, 3]:
+            raise self.unsupported(node, f"mean over dims {dims} (only the spatial mean over H and W of an NCHW tensor)")
+        attrs = adaptive_as_pooling(self.spatial(x), 1, _where(node))
+        attrs["adaptive_output_size"] = [1, 1]
+        pooled = Node(node.name + "_pool", "avg_pool2d", (self.ref(x),), {}, attrs, _where(node))
+        self.nodes.append(pooled)
+        if keepdim:
+            self.alias[node.name] = pooled.name
+        else:
+            self.emit(node, "call", [Ref(pooled.name), (-1, -2)], attrs={"fn": "method:squeeze"})
+
+    # -- code-preserving calls ------------------------------------------------------------------------------
+    def code_preserving_function(self, fn) -> Optional[str]:
+        for key, candidate in CODE_PRESERVING_FUNCTIONS.items():
+            if candidate is fn:
+                return key
+        return None
+
+    def check_code_preserving(self, node: fx.Node) -> None:
+        tensors = [a for a in node.all_input_nodes if self.is_tensor(a)]
+        if len(tensors) > 1:
+            raise self.unsupported(node, "it combines several tensors")
+
+
+def _bind(args, kwargs, names, defaults):
+    values = list(defaults)
+    for i, v in enumerate(args[:len(names)]):
+        values[i] = v
+    for i, name in enumerate(names):
+        if name in kwargs:
+            values[i] = kwargs[name]
+    return values
+
+
+def _fuse_clamps(graph: Graph) -> None:
+    """Fold a clamp into the conv/linear/add right before it when that node feeds nothing else."""
+    uses: Dict[str, int] = {}
+    output_refs: List[str] = []
+    collect_refs(graph.output, output_refs)
+    for node in graph.nodes:
+        for name in node.refs():
+            uses[name] = uses.get(name, 0) + 1
+    by_name = {n.name: n for n in graph.nodes}
+    rename: Dict[str, str] = {}
+    kept: List[Node] = []
+    for node in graph.nodes:
+        node.args, node.kwargs = _rename(node.args, rename), _rename(node.kwargs, rename)
+        producer = by_name.get(node.args[0].name) if node.op == "clamp" and node.args else None
+        if (producer is not None and producer.op in ("conv2d", "linear", "add")
+                and uses.get(producer.name) == 1 and producer.name not in output_refs):
+            low, high = producer.attrs.get("clamp", (None, None))
+            low = node.attrs["min"] if low is None else (low if node.attrs["min"] is None else max(low, node.attrs["min"]))
+            high = node.attrs["max"] if high is None else (high if node.attrs["max"] is None else min(high, node.attrs["max"]))
+            producer.attrs["clamp"] = (low, high)
+            rename[node.name] = producer.name
+            uses[producer.name] = uses.get(node.name, 0)
+            if node.name in output_refs:
+                output_refs.append(producer.name)
+            continue
+        kept.append(node)
+    graph.nodes = kept
+    graph.output = _rename(graph.output, rename)
+
+
+def _rename(value, mapping):
+    if isinstance(value, Ref):
+        return Ref(mapping.get(value.name, value.name))
+    if isinstance(value, tuple):
+        return tuple(_rename(v, mapping) for v in value)
+    if isinstance(value, list):
+        return [_rename(v, mapping) for v in value]
+    if isinstance(value, dict):
+        return {k: _rename(v, mapping) for k, v in value.items()}
+    return value

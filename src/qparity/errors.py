@@ -1,0 +1,41 @@
+"""The error hierarchy: every failure qparity reports derives from `QParityError`.
+
+Where a built-in exception is the natural category (a bad value, a bad type), the qparity error also
+derives from it, so `except ValueError` keeps working for callers who do not know qparity.
+"""
+
+
+class QParityError(Exception):
+    """Base class of every error qparity raises."""
+
+
+class UnknownTargetError(QParityError, ValueError):
+    """A target name that is not in `qparity.TARGETS`."""
+
+
+class InvalidQParamsError(QParityError, ValueError):
+    """Quantization parameters that no runtime can represent (scale <= 0, NaN, zero point out of range)."""
+
+
+class UnsupportedOpError(QParityError, TypeError):
+    """An operator (or an operator configuration) that qparity cannot quantize exactly."""
+
+
+class CaptureError(QParityError, TypeError):
+    """The model could not be captured as a graph."""
+
+
+class InputError(QParityError, ValueError):
+    """An input of the wrong shape, dtype, or value (NaN, infinity) for an integer model."""
+
+
+class NotCalibratedError(QParityError, RuntimeError):
+    """Quantization parameters were needed before any data was observed."""
+
+
+class OverflowRiskError(QParityError, ValueError):
+    """A layer whose int32 accumulator (or fixed-point intermediate) could overflow."""
+
+
+class ModelFileError(QParityError, ValueError):
+    """A saved model file that is empty, truncated, corrupted or of another format."""

@@ -1,0 +1,250 @@
+"""The integer program's graph: a list of operator nodes in execution order.
+
+The same `Graph` drives the fake-quant forward (`qat`) and the integer runtime (`runtime`); both run it
+through `Executor`, overriding only the operators whose arithmetic involves new quantization parameters.
+The graph is plain data: it serializes to JSON (`to_dict`) with no code objects.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from .errors import UnsupportedOpError
+from .qparams import QParams
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to the value another node produced."""
+
+    name: str
+
+
+@dataclass
+class Node:
+    name: str
+    op: str
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    attrs: dict = field(default_factory=dict)
+    path: str = ""
+
+    @property
+    def new_grid(self) -> bool:
+        """Whether this node's output gets quantization parameters of its own (an observer)."""
+        return self.op in NEW_GRID_OPS
+
+    def refs(self) -> List[str]:
+        found: List[str] = []
+        collect_refs((self.args, self.kwargs), found)
+        return found
+
+
+NEW_GRID_OPS = ("input", "conv2d", "linear", "add", "cat")
+
+
+@dataclass
+class Graph:
+    nodes: List[Node]
+    output: Any
+    input_shapes: List[tuple]
+
+    @property
+    def inputs(self) -> List[Node]:
+        return [n for n in self.nodes if n.op == "input"]
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        return {"nodes": [{"name": n.name, "op": n.op, "args": encode(n.args), "kwargs": encode(n.kwargs),
+                           "attrs": encode(n.attrs), "path": n.path} for n in self.nodes],
+                "output": encode(self.output), "input_shapes": [list(s) for s in self.input_shapes]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Graph":
+        nodes = [Node(d["name"], d["op"], decode(d["args"]), decode(d["kwargs"]), decode(d["attrs"]), d["path"])
+                 for d in data["nodes"]]
+        return cls(nodes, decode(data["output"]), [tuple(s) for s in data["input_shapes"]])
+
+
+def collect_refs(value, found):
+    if isinstance(value, Ref):
+        found.append(value.name)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            collect_refs(v, found)
+    elif isinstance(value, dict):
+        for v in value.values():
+            collect_refs(v, found)
+
+
+def encode(value):
+    """Op arguments to JSON-able data (tuples, slices and refs tagged so they come back as they were)."""
+    if isinstance(value, Ref):
+        return {"$ref": value.name}
+    if isinstance(value, tuple):
+        return {"$tuple": [encode(v) for v in value]}
+    if isinstance(value, list):
+        return [encode(v) for v in value]
+    if isinstance(value, dict):
+        return {"$dict": [[k, encode(v)] for k, v in value.items()]}
+    if isinstance(value, slice):
+        return {"$slice": [encode(value.start), encode(value.stop), encode(value.step)]}
+    if value is Ellipsis:
+        return {"$ellipsis": True}
+    if isinstance(value, torch.dtype):
+        return {"$dtype": str(value)}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise UnsupportedOpError(f"cannot store the argument {value!r} of type {type(value).__name__} in the graph")
+
+
+def decode(value):
+    if isinstance(value, list):
+        return [decode(v) for v in value]
+    if isinstance(value, dict):
+        if "$ref" in value:
+            return Ref(value["$ref"])
+        if "$tuple" in value:
+            return tuple(decode(v) for v in value["$tuple"])
+        if "$dict" in value:
+            return {k: decode(v) for k, v in value["$dict"]}
+        if "$slice" in value:
+            return slice(*(decode(v) for v in value["$slice"]))
+        if "$ellipsis" in value:
+            return Ellipsis
+        if "$dtype" in value:
+            return getattr(torch, value["$dtype"].split(".")[-1])
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Code-preserving calls: functions that move codes around without changing any value or grid.
+# ---------------------------------------------------------------------------------------------------------
+def _method(name: str) -> Callable:
+    return lambda self, *args, **kwargs: getattr(self, name)(*args, **kwargs)
+
+
+CODE_PRESERVING_METHODS = ("view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze",
+                           "unsqueeze", "chunk", "split", "t", "size", "dim")
+CODE_PRESERVING_FUNCTIONS: Dict[str, Callable] = {
+    "torch.flatten": torch.flatten, "torch.reshape": torch.reshape, "torch.permute": torch.permute,
+    "torch.transpose": torch.transpose, "torch.squeeze": torch.squeeze, "torch.unsqueeze": torch.unsqueeze,
+    "torch.chunk": torch.chunk, "torch.split": torch.split, "operator.getitem": operator.getitem,
+    "getattr": getattr, "operator.add": operator.add, "operator.sub": operator.sub, "operator.mul": operator.mul,
+    "operator.floordiv": operator.floordiv, "operator.truediv": operator.truediv,
+}
+CALLS: Dict[str, Callable] = {**{f"method:{m}": _method(m) for m in CODE_PRESERVING_METHODS},
+                              **{f"function:{k}": v for k, v in CODE_PRESERVING_FUNCTIONS.items()}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Execution
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class QValue:
+    """A quantized tensor on its grid: integer codes (any dtype holding integers) and their QParams."""
+
+    codes: torch.Tensor
+    qparams: QParams
+
+
+class Executor:
+    """Runs a Graph. Subclasses define the operators that create new grids; the rest are shared here."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+
+    def run(self, inputs: List[Any]) -> Any:
+        env: Dict[str, Any] = {}
+        feed = iter(inputs)
+        for node in self.graph.nodes:
+            if node.op == "input":
+                env[node.name] = self.op_input(node, next(feed))
+                continue
+            args = _resolve(node.args, env)
+            kwargs = _resolve(node.kwargs, env)
+            env[node.name] = getattr(self, "op_" + node.op)(node, *args, **kwargs)
+        return _resolve(self.graph.output, env)
+
+    # -- operators that keep the grid ----------------------------------------------------------------------
+    def op_call(self, node: Node, *args, **kwargs):
+        grids = [v.qparams for v in _flatten((args, kwargs)) if isinstance(v, QValue)]
+        fn = CALLS[node.attrs["fn"]]
+        result = fn(*_unwrap(args), **_unwrap(kwargs))
+        if not grids:
+            return result
+        return _wrap(result, grids[0])
+
+    def op_clamp(self, node: Node, x: QValue) -> QValue:
+        lo, hi = self.clamp_bounds(node, x.qparams)
+        return QValue(torch.clamp(x.codes, lo, hi), x.qparams)
+
+    def clamp_bounds(self, node: Node, qp: QParams):
+        raise NotImplementedError
+
+
+def _resolve(value, env):
+    if isinstance(value, Ref):
+        return env[value.name]
+    if isinstance(value, tuple):
+        return tuple(_resolve(v, env) for v in value)
+    if isinstance(value, list):
+        return [_resolve(v, env) for v in value]
+    if isinstance(value, dict):
+        return {k: _resolve(v, env) for k, v in value.items()}
+    return value
+
+
+def _flatten(value):
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _flatten(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _flatten(v)
+    else:
+        yield value
+
+
+def _unwrap(value):
+    if isinstance(value, QValue):
+        return value.codes
+    if isinstance(value, tuple):
+        return tuple(_unwrap(v) for v in value)
+    if isinstance(value, list):
+        return [_unwrap(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _unwrap(v) for k, v in value.items()}
+    return value
+
+
+def _wrap(value, grid: QParams):
+    if isinstance(value, torch.Tensor):
+        return QValue(value, grid)
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+        return type(value)(_wrap(v, grid) for v in value)
+    return value
+
+
+def output_structure(value, leaf: Callable[[QValue], Any]):
+    """Apply `leaf` to every quantized tensor of a graph output (a tensor, or tuples/lists of them)."""
+    if isinstance(value, QValue):
+        return leaf(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(output_structure(v, leaf) for v in value)
+    return value
+
+
+def optional_grid(values) -> Optional[QParams]:
+    for v in _flatten(values):
+        if isinstance(v, QValue):
+            return v.qparams
+    return None

@@ -1,0 +1,48 @@
+"""Conv2d / Linear in the integer program: exact accumulator plus int32 bias, then the target's requantizer.
+
+The fake-quant forward and the integer runtime both call `layer_accumulator` and the target's
+`requantizer`; they differ only in where the weight codes come from (float weights through a
+straight-through estimator, or frozen int8 codes).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..errors import OverflowRiskError
+from ..qparams import QParams
+from ..spec.arithmetic import INT32_MAX
+from .accumulate import ConvGeometry, abs_sum_per_output, accumulate
+
+
+def max_abs_centered(qp: QParams) -> int:
+    """The largest |q - z| a code on this grid can have."""
+    zero_point = int(qp.zero_point)
+    return max(zero_point - qp.qmin, qp.qmax - zero_point)
+
+
+def layer_accumulator(geometry: ConvGeometry, x_codes: torch.Tensor, input_qp: QParams,
+                      weight_codes: torch.Tensor, bias_codes: Optional[torch.Tensor]) -> torch.Tensor:
+    """acc + bias as a float64 tensor of exact integers (differentiable in the codes)."""
+    centered = x_codes.to(torch.float32) - float(input_qp.zero_point)
+    acc = accumulate(geometry, centered, weight_codes, max_abs_centered(input_qp)).to(torch.float64)
+    if bias_codes is not None:
+        shape = [1] * acc.dim()
+        shape[geometry.channel_axis] = -1
+        acc = acc + bias_codes.to(torch.float64).reshape(shape)
+    return acc
+
+
+def check_accumulator_range(where: str, weight_codes: torch.Tensor, bias_codes: Optional[torch.Tensor],
+                            input_qp: QParams) -> None:
+    """Raise if any input on the grid could take this layer's int32 accumulator out of range."""
+    bound = abs_sum_per_output(weight_codes) * max_abs_centered(input_qp)
+    if bias_codes is not None:
+        bound = bound + bias_codes.detach().to(torch.float64).abs()
+    worst = int(torch.argmax(bound)) if bound.numel() else 0
+    if bound.numel() and float(bound[worst]) > INT32_MAX:
+        raise OverflowRiskError(
+            f"layer {where}: output channel {worst} can reach |acc + bias| = {float(bound[worst]):.0f} > 2^31 - 1 "
+            "for inputs on its grid, which overflows the int32 accumulator of every runtime; reduce the weights "
+            "(weight decay), split the layer, or narrow the input range")

@@ -1,0 +1,96 @@
+"""Pooling on codes: exact window maxima, and exact window sums with PyTorch's divisor for averages.
+
+The averaging itself (how a sum becomes a code) is target semantics: `Target.average`.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .accumulate import FLOAT32_EXACT
+
+Pair = Tuple[int, int]
+
+
+def max_pool2d(codes: torch.Tensor, attrs: dict) -> torch.Tensor:
+    """Window maximum of codes; padding never wins (PyTorch pads with -inf), so it equals every runtime."""
+    return F.max_pool2d(codes.to(torch.float32), attrs["kernel_size"], attrs["stride"], attrs["padding"],
+                        attrs["dilation"], attrs["ceil_mode"])
+
+
+def average_sums(centered: torch.Tensor, attrs: dict, max_abs: int) -> torch.Tensor:
+    """Window sums of centered codes (q - z; padding is the real value 0), exact, differentiable."""
+    kh, kw = attrs["kernel_size"]
+    dtype = torch.float32 if max_abs * kh * kw < FLOAT32_EXACT else torch.float64
+    return F.avg_pool2d(centered.to(dtype), attrs["kernel_size"], attrs["stride"], attrs["padding"],
+                        attrs["ceil_mode"], True, 1)
+
+
+def average_counts(input_hw: Pair, output_hw: Pair, attrs: dict, device=None) -> torch.Tensor:
+    """The divisor PyTorch's avg_pool2d uses at each output position, shape [1, 1, OH, OW], int64.
+
+    aten/src/ATen/native/cpu/AvgPoolKernel.cpp: a window is clipped to the padded input; with
+    count_include_pad the divisor is the clipped window's size, otherwise the number of real inputs in it.
+    """
+    per_axis = [_axis_counts(n_in, n_out, k, s, p, attrs["count_include_pad"], device)
+                for n_in, n_out, k, s, p in zip(input_hw, output_hw, attrs["kernel_size"], attrs["stride"],
+                                                attrs["padding"])]
+    return (per_axis[0][:, None] * per_axis[1][None, :]).reshape(1, 1, *output_hw)
+
+
+def _axis_counts(size, out, kernel, stride, pad, include_pad, device):
+    start = torch.arange(out, device=device, dtype=torch.int64) * stride - pad
+    end = torch.clamp(start + kernel, max=size + pad)
+    if include_pad:
+        return end - start
+    return torch.clamp(end, max=size) - torch.clamp(start, min=0)
+
+
+def adaptive_as_pooling(input_hw: Pair, output_size, where: str) -> dict:
+    """AdaptiveAvgPool2d as an average pool with uniform windows (its only exactly deployable form)."""
+    from ..errors import UnsupportedOpError
+
+    out = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    out = tuple(i if o is None else o for i, o in zip(input_hw, out))
+    if any(i % o for i, o in zip(input_hw, out)):
+        raise UnsupportedOpError(
+            f"adaptive_avg_pool2d at {where}: output size {out} does not divide the input size {tuple(input_hw)}, "
+            "so its windows are not uniform; use an output size that divides the input or an AvgPool2d")
+    kernel = tuple(i // o for i, o in zip(input_hw, out))
+    return {"kernel_size": kernel, "stride": kernel, "padding": (0, 0), "ceil_mode": False,
+            "count_include_pad": True}
+
+
+def output_size(input_hw: Pair, attrs: dict) -> Pair:
+    """PyTorch's pooling output size (with its ceil_mode rule: the last window starts inside the input)."""
+    sizes = []
+    for size, k, s, p in zip(input_hw, attrs["kernel_size"], attrs["stride"], attrs["padding"]):
+        span = size + 2 * p - k
+        out = (-(-span // s) if attrs["ceil_mode"] else span // s) + 1
+        if attrs["ceil_mode"] and (out - 1) * s >= size + p:
+            out -= 1
+        sizes.append(out)
+    return tuple(sizes)
+
+
+def windows(values: torch.Tensor, attrs: dict, out_hw: Pair) -> torch.Tensor:
+    """[N, C, kh*kw, OH*OW] window elements in row-major window order; zero where a window leaves the input."""
+    (kh, kw), (sh, sw), (ph, pw) = attrs["kernel_size"], attrs["stride"], attrs["padding"]
+    height, width = values.shape[-2:]
+    # Extra zeros on the bottom/right give ceil_mode's last windows their full extent.
+    extra_h = max(0, (out_hw[0] - 1) * sh + kh - (height + 2 * ph))
+    extra_w = max(0, (out_hw[1] - 1) * sw + kw - (width + 2 * pw))
+    padded = F.pad(values, (pw, pw + extra_w, ph, ph + extra_h))
+    columns = F.unfold(padded, (kh, kw), stride=(sh, sw))
+    n, c = values.shape[0], values.shape[1]
+    return columns.reshape(n, c, kh * kw, -1)
+
+
+def window_attrs(attrs: dict, input_hw: Pair, where: str) -> dict:
+    """The pooling window for this input size: an adaptive pool's window follows the input it gets."""
+    size = attrs.get("adaptive_output_size")
+    if size is None:
+        return attrs
+    return adaptive_as_pooling(input_hw, size, where)

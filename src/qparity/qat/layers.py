@@ -1,0 +1,91 @@
+"""Quantization-aware Conv2d / Linear: weights on the target's grid, BatchNorm folded as deployed."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..capture import Layer
+from ..ops.accumulate import ConvGeometry
+from ..qparams import symmetric_weight_scale
+from ..spec import Target
+from .ste import straight_through
+
+
+class QATLayer(nn.Module):
+    """Owns one conv/linear module (and the BatchNorm that follows it) and defines its integer weights.
+
+    The parameters stay the user's own `nn.Conv2d`/`nn.Linear`/`nn.BatchNorm2d` parameters, so optimizers
+    and state dicts work as before. Weight scales are symmetric (zero point 0) per output channel, or per
+    tensor, recomputed from the weights until `freeze` fixes them.
+    """
+
+    def __init__(self, layer: Layer, geometry: ConvGeometry, target: Target, per_channel: bool, where: str):
+        super().__init__()
+        self.module = layer.module
+        self.batch_norm = layer.batch_norm
+        self.geometry = geometry
+        self.target = target
+        self.per_channel = per_channel
+        self.where = where
+        out_channels = self.module.weight.shape[0]
+        self.register_buffer("is_frozen", torch.tensor(False))
+        self.register_buffer("frozen_weight_scale", torch.ones(out_channels if per_channel else 1))
+
+    @property
+    def frozen(self) -> bool:
+        return bool(self.is_frozen)
+
+    def folded(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Weight and bias with BatchNorm folded in using its running statistics (how it deploys)."""
+        weight, bias = self.module.weight, self.module.bias
+        if self.batch_norm is None:
+            return weight, bias
+        factor = self.batch_norm_factor()
+        folded_weight = weight * factor.reshape(-1, *([1] * (weight.dim() - 1)))
+        base = bias if bias is not None else torch.zeros_like(self.batch_norm.running_mean)
+        folded_bias = (base - self.batch_norm.running_mean) * factor + self.batch_norm.bias
+        return folded_weight, folded_bias
+
+    def batch_norm_factor(self) -> torch.Tensor:
+        bn = self.batch_norm
+        return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
+    def weight_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            return self.frozen_weight_scale if self.per_channel else self.frozen_weight_scale.reshape(())
+        magnitude = weight.detach().abs()
+        abs_max = magnitude.reshape(magnitude.shape[0], -1).amax(dim=1) if self.per_channel else magnitude.max()
+        return symmetric_weight_scale(abs_max, self.target.weight_qmax)
+
+    def weight_codes(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Integer-valued float weight codes whose gradient flows to the float weights (STE)."""
+        codes = self.target.quantize_weight(weight.detach(), scale)
+        shape = [-1] + [1] * (weight.dim() - 1) if scale.dim() else []
+        surrogate = weight / scale.reshape(shape) if shape else weight / scale
+        return straight_through(codes, torch.clamp(surrogate, -self.target.weight_qmax, self.target.weight_qmax))
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Fold BatchNorm into the conv's parameters and fix the weight scale; idempotent."""
+        if self.frozen:
+            return
+        weight, bias = self.folded()
+        if self.batch_norm is not None:
+            self.module.weight.copy_(weight)
+            if self.module.bias is None:
+                self.module.bias = nn.Parameter(bias.detach().clone())
+            else:
+                self.module.bias.copy_(bias)
+            self.batch_norm = None
+        self.frozen_weight_scale.copy_(self.weight_scale(self.module.weight).reshape(-1))
+        self.is_frozen.fill_(True)
+
+    def extra_repr(self) -> str:
+        parts = [self.where, "per-channel" if self.per_channel else "per-tensor"]
+        if self.batch_norm is not None:
+            parts.append("BatchNorm folded at run time")
+        if self.frozen:
+            parts.append("frozen")
+        return ", ".join(parts)

@@ -1,0 +1,184 @@
+"""The prepared model: runs the integer program's graph with observers and straight-through gradients.
+
+In eval mode (and in train mode for every layer without BatchNorm) each operator's forward value is exactly
+what the integer runtime computes, because it calls the same accumulation and the same target functions.
+Train mode with BatchNorm uses batch statistics, as BatchNorm must while it learns; `freeze` folds it.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..graph import Executor, Graph, Node, QValue, output_structure
+from ..ops import pooling
+from ..ops.accumulate import ConvGeometry
+from ..ops.layer import layer_accumulator
+from ..qparams import QParams
+from ..spec import Target
+from .layers import QATLayer
+from .observers import ActivationObserver
+from .ste import straight_through
+
+
+class QATModel(nn.Module):
+    """What `prepare_qat` returns: train it like any module, then `freeze` and `convert` it."""
+
+    def __init__(self, graph: Graph, layers: Dict[str, QATLayer], target: Target, activation_dtype: str,
+                 per_channel: bool):
+        super().__init__()
+        self.graph = graph
+        self.target = target
+        self.activation_dtype = activation_dtype
+        self.per_channel = per_channel
+        self.layers = nn.ModuleDict(layers)
+        self.observers = nn.ModuleDict({n.name: ActivationObserver(activation_dtype, n.path)
+                                        for n in graph.nodes if n.new_grid})
+
+    @property
+    def frozen(self) -> bool:
+        return all(o.frozen for o in self.observers.values()) and all(l.frozen for l in self.layers.values())
+
+    def forward(self, *inputs: torch.Tensor):
+        if len(inputs) != len(self.graph.inputs):
+            raise InputError(f"the model takes {len(self.graph.inputs)} input(s), got {len(inputs)}")
+        result = _FakeExecutor(self).run(list(inputs))
+        return output_structure(result, lambda v: self.target.dequantize(v.codes, v.qparams))
+
+    def qparams(self, name: str) -> QParams:
+        return self.observers[name].qparams()
+
+    def extra_repr(self) -> str:
+        return f"target={self.target.name}, activations={self.activation_dtype}, {len(self.graph.nodes)} nodes"
+
+
+class _FakeExecutor(Executor):
+    def __init__(self, model: QATModel):
+        super().__init__(model.graph)
+        self.model = model
+        self.target = model.target
+
+    def observed_qparams(self, node: Node, real: torch.Tensor) -> QParams:
+        observer = self.model.observers[node.name]
+        observer.observe(real)
+        return observer.qparams()
+
+    def clamp_bounds(self, node: Node, qp: QParams) -> Tuple[int, int]:
+        low, high = node.attrs.get("min"), node.attrs.get("max")
+        return self.target.activation_bounds(low, high, qp)
+
+    def output_bounds(self, node: Node, qp: QParams) -> Tuple[int, int]:
+        low, high = node.attrs.get("clamp") or (None, None)
+        return self.target.activation_bounds(low, high, qp)
+
+    def emit(self, codes: torch.Tensor, real: torch.Tensor, qp: QParams, lo: int, hi: int) -> QValue:
+        """Codes from the integer program, with the gradient of the real value on qp's grid."""
+        surrogate = torch.clamp(real / qp.scale.to(real.device) + float(qp.zero_point), lo, hi)
+        return QValue(straight_through(codes, surrogate), qp)
+
+    # -- operators ------------------------------------------------------------------------------------------
+    def op_input(self, node: Node, x: torch.Tensor) -> QValue:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise InputError(f"input '{node.name}' must be a float tensor, got "
+                             f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+        qp = self.observed_qparams(node, x)
+        codes = self.target.quantize(x.detach(), qp)
+        return self.emit(codes, x.to(torch.float32), qp, qp.qmin, qp.qmax)
+
+    def op_conv2d(self, node: Node, x: QValue) -> QValue:
+        layer: QATLayer = self.model.layers[node.name]
+        if layer.training and layer.batch_norm is not None:
+            return self.batch_norm_training(node, layer, x)
+        weight, bias = layer.folded()
+        weight_scale = layer.weight_scale(weight)
+        weight_codes = layer.weight_codes(weight, weight_scale)
+        bias_codes = None
+        if bias is not None:
+            bias_codes = straight_through(self.target.quantize_bias(bias, x.qparams.scale, weight_scale),
+                                          bias.to(torch.float64) / _bias_scale(x.qparams, weight_scale))
+        acc = layer_accumulator(layer.geometry, x.codes, x.qparams, weight_codes, bias_codes)
+        real = self.clamp_real(node, acc * _channel(_bias_scale(x.qparams, weight_scale), layer.geometry, acc))
+        qp = self.observed_qparams(node, real)
+        lo, hi = self.output_bounds(node, qp)
+        requantize = self.target.requantizer(layer.geometry.kind, x.qparams, weight_scale, qp, lo, hi,
+                                             layer.geometry.channel_axis, acc.dim())
+        codes = requantize(acc.detach().to(torch.int64))
+        return self.emit(codes, real.to(torch.float32), qp, lo, hi)
+
+    op_linear = op_conv2d
+
+    def batch_norm_training(self, node: Node, layer: QATLayer, x: QValue) -> QValue:
+        """Weights folded with the running statistics, output normalized with the batch's (torch.ao's scheme)."""
+        weight, _ = layer.folded()
+        weight_scale = layer.weight_scale(weight)
+        weight_codes = layer.weight_codes(weight, weight_scale)
+        acc = layer_accumulator(layer.geometry, x.codes, x.qparams, weight_codes, None)
+        factor = layer.batch_norm_factor().to(torch.float64)
+        unfolded = acc * _channel(_bias_scale(x.qparams, weight_scale) / factor, layer.geometry, acc)
+        if layer.module.bias is not None:
+            unfolded = unfolded + _channel(layer.module.bias.to(torch.float64), layer.geometry, acc)
+        real = self.clamp_real(node, layer.batch_norm(unfolded.to(torch.float32)))
+        qp = self.observed_qparams(node, real)
+        lo, hi = self.output_bounds(node, qp)
+        codes = torch.clamp(self.target.quantize(real.detach(), qp), lo, hi)
+        return self.emit(codes, real, qp, lo, hi)
+
+    def clamp_real(self, node: Node, real: torch.Tensor) -> torch.Tensor:
+        low, high = node.attrs.get("clamp") or (None, None)
+        if low is None and high is None:
+            return real
+        return torch.clamp(real, low, high)
+
+    def op_add(self, node: Node, a: QValue, b: QValue) -> QValue:
+        real = self.clamp_real(node, self.target.dequantize(a.codes, a.qparams)
+                               + self.target.dequantize(b.codes, b.qparams))
+        qp = self.observed_qparams(node, real)
+        lo, hi = self.output_bounds(node, qp)
+        codes = self.target.add(_codes(a), a.qparams, _codes(b), b.qparams, qp, lo, hi)
+        return self.emit(codes, real, qp, lo, hi)
+
+    def op_cat(self, node: Node, tensors: List[QValue]) -> QValue:
+        dim = node.attrs["dim"]
+        real = torch.cat([self.target.dequantize(t.codes, t.qparams) for t in tensors], dim=dim)
+        qp = self.observed_qparams(node, real)
+        codes = torch.cat([self.target.rescale(_codes(t), t.qparams, qp) for t in tensors], dim=dim)
+        return self.emit(codes, real, qp, qp.qmin, qp.qmax)
+
+    def op_max_pool2d(self, node: Node, x: QValue) -> QValue:
+        return QValue(pooling.max_pool2d(x.codes, node.attrs), x.qparams)
+
+    def op_avg_pool2d(self, node: Node, x: QValue) -> QValue:
+        attrs = pooling.window_attrs(node.attrs, tuple(x.codes.shape[-2:]), node.path)
+        codes = self.target.average_pool(_codes(x), x.qparams, attrs)
+        centered = x.codes - float(x.qparams.zero_point)
+        sums = pooling.average_sums(centered, attrs, 255)
+        counts = pooling.average_counts(tuple(x.codes.shape[-2:]), tuple(sums.shape[-2:]), attrs, sums.device)
+        surrogate = (sums / counts + float(x.qparams.zero_point)).to(torch.float32)
+        return QValue(straight_through(codes, surrogate), x.qparams)
+
+    def op_dropout(self, node: Node, x: QValue) -> QValue:
+        if not self.model.training or node.attrs["p"] == 0:
+            return x
+        qp = x.qparams
+        real = torch.nn.functional.dropout(self.target.dequantize(x.codes, qp), node.attrs["p"], True)
+        codes = self.target.quantize(real.detach(), qp)
+        return self.emit(codes, real, qp, qp.qmin, qp.qmax)
+
+
+def _codes(value: QValue) -> torch.Tensor:
+    return value.codes.detach().to(torch.int64)
+
+
+def _bias_scale(input_qp: QParams, weight_scale: torch.Tensor) -> torch.Tensor:
+    return input_qp.scale.to(torch.float64) * weight_scale.to(torch.float64)
+
+
+def _channel(values: torch.Tensor, geometry: ConvGeometry, like: torch.Tensor) -> torch.Tensor:
+    values = values.to(like.device)
+    if values.dim() == 0:
+        return values
+    shape = [1] * like.dim()
+    shape[geometry.channel_axis] = -1
+    return values.reshape(shape)

@@ -1,0 +1,64 @@
+"""Activation observers: moving-average min/max in training, frozen quantization parameters after freeze."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import NotCalibratedError
+from ..qparams import QParams, affine_qparams
+
+
+class ActivationObserver(nn.Module):
+    """Tracks the range of one tensor and turns it into asymmetric QParams (range always includes 0)."""
+
+    def __init__(self, dtype: str, where: str, averaging_constant: float = 0.01):
+        super().__init__()
+        self.dtype = dtype
+        self.where = where
+        self.averaging_constant = averaging_constant
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+        # Fixed shapes, so a frozen model's state_dict loads into a freshly prepared one.
+        self.register_buffer("is_frozen", torch.tensor(False))
+        self.register_buffer("frozen_scale", torch.tensor(1.0))
+        self.register_buffer("frozen_zero_point", torch.tensor(0, dtype=torch.int64))
+
+    @property
+    def frozen(self) -> bool:
+        return bool(self.is_frozen)
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(torch.isfinite(self.min_val))
+
+    def observe(self, x: torch.Tensor) -> None:
+        if self.frozen or not self.training:
+            return
+        low, high = torch.aminmax(x.detach().to(torch.float32))
+        if not self.calibrated:
+            self.min_val.copy_(low)
+            self.max_val.copy_(high)
+        else:
+            self.min_val.add_(self.averaging_constant * (low - self.min_val))
+            self.max_val.add_(self.averaging_constant * (high - self.max_val))
+
+    def qparams(self) -> QParams:
+        if self.frozen:
+            return QParams(self.frozen_scale, self.frozen_zero_point, self.dtype)
+        if not self.calibrated:
+            raise NotCalibratedError(
+                f"the observer of {self.where} has seen no data: run the model in train mode on some batches "
+                "(training or calibration) before evaluating, freezing or converting it")
+        return affine_qparams(self.min_val, self.max_val, self.dtype)
+
+    def freeze(self) -> None:
+        if self.frozen:
+            return
+        qp = self.qparams()
+        self.frozen_scale.copy_(qp.scale)
+        self.frozen_zero_point.copy_(qp.zero_point)
+        self.is_frozen.fill_(True)
+
+    def extra_repr(self) -> str:
+        state = "frozen" if self.frozen else ("calibrated" if self.calibrated else "empty")
+        return f"{self.where}, dtype={self.dtype}, {state}"

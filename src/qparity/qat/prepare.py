@@ -1,0 +1,53 @@
+"""prepare_qat and freeze: from a float nn.Module to a trainable model whose forward is the integer program."""
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..capture import capture
+from ..errors import InvalidQParamsError
+from ..ops.accumulate import ConvGeometry
+from ..spec import get_target
+from .layers import QATLayer
+from .model import QATModel
+
+
+def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, target: str = "exact",
+                *, per_channel: bool = True, activation_dtype: Optional[str] = None) -> QATModel:
+    """Capture `model` (a copy; the original is untouched) and make it quantization-aware for `target`.
+
+    per_channel: one weight scale per output channel (True) or per tensor.
+    activation_dtype: the activation code dtype where the target allows a choice (`target.activation_dtypes`).
+    """
+    spec = get_target(target)
+    dtype = activation_dtype or spec.activation_dtypes[0]
+    if dtype not in spec.activation_dtypes:
+        raise InvalidQParamsError(f"target {spec.name!r} supports activation dtypes {spec.activation_dtypes}, "
+                                  f"not {dtype!r}")
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    graph, layers = capture(copy.deepcopy(model), inputs)
+    qat_layers = {}
+    for node in graph.nodes:
+        if node.op in ("conv2d", "linear"):
+            geometry = ConvGeometry.from_dict(node.attrs["geometry"])
+            qat_layers[node.name] = QATLayer(layers[node.name], geometry, spec, per_channel, node.path)
+    prepared = QATModel(graph, qat_layers, spec, dtype, per_channel)
+    return prepared.train(model.training)
+
+
+def freeze(model: QATModel) -> QATModel:
+    """Stop observers, fold BatchNorm with its running statistics, fix every scale and zero point.
+
+    Idempotent. After freeze the model's forward (in eval mode) is exactly the integer program that
+    `convert` produces.
+    """
+    if not isinstance(model, QATModel):
+        raise TypeError(f"freeze expects the model returned by qparity.prepare_qat, got {type(model).__name__}")
+    for observer in model.observers.values():
+        observer.freeze()
+    for layer in model.layers.values():
+        layer.freeze()
+    return model

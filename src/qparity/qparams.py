@@ -1,0 +1,114 @@
+"""Quantization parameters: the affine map between integer codes and real values.
+
+A real value r is represented by an integer code q with `r = scale * (q - zero_point)`. Scales are
+float32 (every runtime stores them so), zero points are integers inside the code dtype's range. A QParams
+is per-tensor (scalar scale) or per-channel along `axis` (one scale and zero point per channel).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from .errors import InvalidQParamsError
+
+DTYPE_RANGES = {
+    "int8": (-128, 127),
+    "uint8": (0, 255),
+    "int16": (-32768, 32767),
+    "int32": (-(2**31), 2**31 - 1),
+}
+TORCH_DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}
+
+# The smallest scale an observer produces: a constant input must still give a usable grid.
+MIN_SCALE = float(torch.finfo(torch.float32).eps)
+
+Number = Union[float, int, torch.Tensor]
+
+
+@dataclass(eq=False)
+class QParams:
+    """Validated quantization parameters (scale > 0 and finite, zero point inside the dtype range)."""
+
+    scale: Number
+    zero_point: Number
+    dtype: str = "int8"
+    axis: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_RANGES:
+            raise InvalidQParamsError(f"unknown code dtype {self.dtype!r}; expected one of {sorted(DTYPE_RANGES)}")
+        scale = torch.as_tensor(self.scale, dtype=torch.float64).detach().cpu()
+        zero_point = torch.as_tensor(self.zero_point).detach().cpu()
+        if zero_point.is_floating_point():
+            if not torch.equal(zero_point, zero_point.round()):
+                raise InvalidQParamsError(f"zero point must be an integer, got {zero_point.tolist()}")
+        zero_point = zero_point.to(torch.int64)
+        if self.axis is None:
+            if scale.numel() != 1 or zero_point.numel() != 1:
+                raise InvalidQParamsError(
+                    f"per-tensor qparams need one scale and one zero point, got {scale.numel()} and "
+                    f"{zero_point.numel()}; pass axis= for per-channel qparams")
+            scale, zero_point = scale.reshape(()), zero_point.reshape(())
+        else:
+            if scale.dim() != 1 or zero_point.numel() not in (1, scale.numel()):
+                raise InvalidQParamsError(
+                    f"per-channel qparams (axis={self.axis}) need a 1-D scale and matching zero points, got "
+                    f"shapes {tuple(scale.shape)} and {tuple(zero_point.shape)}")
+            zero_point = zero_point.reshape(-1).expand(scale.numel()).clone()
+        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+            raise InvalidQParamsError(f"scale must be finite and > 0, got {scale.tolist()}")
+        scale32 = scale.to(torch.float32)
+        if not bool((scale32 > 0).all()) or not bool(torch.isfinite(scale32).all()):
+            raise InvalidQParamsError(f"scale {scale.tolist()} is not representable as a positive float32")
+        qmin, qmax = DTYPE_RANGES[self.dtype]
+        if not bool(((zero_point >= qmin) & (zero_point <= qmax)).all()):
+            raise InvalidQParamsError(
+                f"zero point {zero_point.tolist()} is outside the {self.dtype} range [{qmin}, {qmax}]")
+        self.scale = scale32
+        self.zero_point = zero_point
+
+    @property
+    def qmin(self) -> int:
+        return DTYPE_RANGES[self.dtype][0]
+
+    @property
+    def qmax(self) -> int:
+        return DTYPE_RANGES[self.dtype][1]
+
+    @property
+    def per_channel(self) -> bool:
+        return self.axis is not None
+
+    def to_dict(self) -> dict:
+        return {"scale": self.scale.tolist(), "zero_point": self.zero_point.tolist(), "dtype": self.dtype,
+                "axis": self.axis}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QParams":
+        return cls(data["scale"], data["zero_point"], data["dtype"], data["axis"])
+
+    def same_grid(self, other: "QParams") -> bool:
+        return (self.dtype == other.dtype and self.axis == other.axis
+                and torch.equal(self.scale, other.scale) and torch.equal(self.zero_point, other.zero_point))
+
+    def __repr__(self) -> str:
+        if self.axis is None:
+            return f"QParams(scale={self.scale.item():.9g}, zero_point={self.zero_point.item()}, dtype={self.dtype})"
+        return f"QParams(per-channel axis={self.axis}, {self.scale.numel()} scales, dtype={self.dtype})"
+
+
+def affine_qparams(min_val: torch.Tensor, max_val: torch.Tensor, dtype: str) -> QParams:
+    """Asymmetric activation qparams covering [min_val, max_val] and always 0 (float32 arithmetic)."""
+    qmin, qmax = DTYPE_RANGES[dtype]
+    lo = torch.clamp(min_val.detach().to(torch.float32), max=0.0)
+    hi = torch.clamp(max_val.detach().to(torch.float32), min=0.0)
+    scale = torch.clamp((hi - lo) / float(qmax - qmin), min=MIN_SCALE)
+    zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+    return QParams(scale, zero_point, dtype)
+
+
+def symmetric_weight_scale(abs_max: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Scale of a symmetric weight grid [-qmax, qmax] covering abs_max (float32, never 0)."""
+    return torch.clamp(abs_max.detach().to(torch.float32) / float(qmax), min=MIN_SCALE)

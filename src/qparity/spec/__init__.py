@@ -1,0 +1,29 @@
+"""The numerics spec: one `Target` per runtime, each a handful of functions that define its integers.
+
+Read `arithmetic.py` (the primitives), then `target.py` (what every target defines), then one file per
+target. docs/numerics.md is the same content as a document.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+from ..errors import UnknownTargetError
+from .exact import ExactTarget
+from .onnxruntime import OnnxRuntimeTarget
+from .target import Target
+from .tflite import TFLiteTarget
+
+_REGISTRY: Dict[str, Target] = {t.name: t for t in (ExactTarget(), TFLiteTarget(), OnnxRuntimeTarget())}
+TARGETS = tuple(_REGISTRY)
+
+
+def get_target(name: str) -> Target:
+    if isinstance(name, Target):
+        return name
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise UnknownTargetError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}") from None
+
+
+__all__ = ["TARGETS", "Target", "get_target"]

@@ -1,0 +1,228 @@
+"""Arithmetic primitives the target semantics are written in.
+
+Three families, each defined once and used by every target that needs it:
+
+1. Exact rational rounding (`ExactRatio`, `round_half_even_exact`): round-half-even of `sum(k_i * c_i)`
+   where the k_i are integers and the c_i are exact rationals built from float32 scales. No float error:
+   a float64 estimate decides every element whose distance to a rounding tie exceeds a proven error bound;
+   the rest (ties and near-ties) are decided with Python integers.
+2. gemmlowp fixed point (`quantize_multiplier`, `saturating_rounding_doubling_high_mul`,
+   `rounding_divide_by_pot`, `multiply_by_quantized_multiplier`), as TFLite's reference kernels use it:
+   tensorflow/lite/kernels/internal/common.h and quantization_util.cc, gemmlowp/fixedpoint/fixedpoint.h.
+3. IEEE float32 emulation where a runtime computes in float (`round_half_away`, `fma_f32`).
+
+All integer tensors are int64; code tensors never exceed int32 in magnitude, so int64 products of an
+int32 and a Q31 multiplier (< 2^62) never overflow.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Sequence, Tuple
+
+import numpy as np
+import torch
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Exact rational rounding
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class ExactRatio:
+    """Exact rational coefficients (one per element of a broadcastable shape) with a float64 estimate."""
+
+    numerator: np.ndarray    # object array of Python ints
+    denominator: np.ndarray  # object array of positive Python ints
+    estimate: torch.Tensor   # float64, same shape
+
+    @classmethod
+    def from_fractions(cls, fractions: np.ndarray) -> "ExactRatio":
+        fractions = np.asarray(fractions, dtype=object)
+        num = np.vectorize(lambda f: f.numerator, otypes=[object])(fractions) if fractions.size else fractions
+        den = np.vectorize(lambda f: f.denominator, otypes=[object])(fractions) if fractions.size else fractions
+        estimate = torch.tensor(np.vectorize(float, otypes=[np.float64])(fractions), dtype=torch.float64)
+        return cls(num.reshape(fractions.shape), den.reshape(fractions.shape), estimate.reshape(fractions.shape))
+
+    @classmethod
+    def of_scales(cls, numerators: Sequence[torch.Tensor], denominators: Sequence[torch.Tensor] = (),
+                  divisor: int = 1) -> "ExactRatio":
+        """prod(numerators) / (prod(denominators) * divisor), each a float32 tensor taken at its exact value."""
+        tensors = [t.detach().cpu().to(torch.float32) for t in (*numerators, *denominators)]
+        shape = torch.broadcast_shapes(*(t.shape for t in tensors)) if tensors else ()
+        result = np.full(shape, Fraction(1, divisor), dtype=object)
+        for t in numerators:
+            result = result * _fractions(t, shape)
+        for t in denominators:
+            result = result / _fractions(t, shape)
+        return cls.from_fractions(result)
+
+    def reshape(self, *shape: int) -> "ExactRatio":
+        return ExactRatio(self.numerator.reshape(shape), self.denominator.reshape(shape),
+                          self.estimate.reshape(shape))
+
+
+def _fractions(t: torch.Tensor, shape) -> np.ndarray:
+    values = np.broadcast_to(t.numpy().astype(np.float64), shape)
+    out = np.empty(shape, dtype=object)
+    for index in np.ndindex(*shape):
+        out[index] = Fraction(float(values[index]))
+    return out
+
+
+def round_half_even_exact(terms: Sequence[Tuple[torch.Tensor, ExactRatio]], lo: int, hi: int) -> torch.Tensor:
+    """clamp(round_half_even(sum(k * c for k, c in terms)), lo, hi) computed exactly; int64 result.
+
+    The float64 estimate has an error below |sum| * 2^-49 (each product and sum adds at most 2^-53 relative
+    error, the coefficients carry one more). Elements farther than that from a tie round correctly from the
+    estimate; elements within it are recomputed with Python integers. Elements far outside [lo, hi] clamp
+    whatever their rounding, so they are never recomputed.
+    """
+    estimate = None
+    magnitude = None
+    for k, c in terms:
+        kd = k.to(torch.float64)
+        est = c.estimate.to(kd.device)
+        part = kd * est
+        estimate = part if estimate is None else estimate + part
+        mag = part.abs()
+        magnitude = mag if magnitude is None else magnitude + mag
+    rounded = torch.round(estimate)
+    error_bound = magnitude * 2.0**-48 + 2.0**-1000
+    near_tie = ((estimate - torch.floor(estimate) - 0.5).abs() <= error_bound)
+    near_tie &= (estimate > lo - 2) & (estimate < hi + 2)
+    if bool(near_tie.any()):
+        rounded = rounded.clone()
+        rounded[near_tie] = _round_exact_at(terms, near_tie).to(rounded)
+    return torch.clamp(rounded, lo, hi).to(torch.int64)
+
+
+def _round_exact_at(terms, mask: torch.Tensor) -> torch.Tensor:
+    index = tuple(i.cpu().numpy() for i in torch.nonzero(mask, as_tuple=True))
+    shape = tuple(mask.shape)
+    parts = []
+    for k, c in terms:
+        kv = np.broadcast_to(k.cpu().numpy(), shape)[index].astype(object)
+        num = np.broadcast_to(c.numerator, shape)[index]
+        den = np.broadcast_to(c.denominator, shape)[index]
+        parts.append((kv * num, den))
+    # Bring every term over the product of the denominators: exact in Python integers.
+    total_den = np.ones(len(index[0]), dtype=object)
+    for _, den in parts:
+        total_den = total_den * den
+    total_num = np.zeros(len(index[0]), dtype=object)
+    for num, den in parts:
+        total_num = total_num + num * (total_den // den)
+    result = [_round_half_even_int(int(n), int(d)) for n, d in zip(total_num, total_den)]
+    return torch.tensor(result, dtype=torch.float64)
+
+
+def _round_half_even_int(numerator: int, denominator: int) -> int:
+    quotient, remainder = divmod(numerator, denominator)  # floor division, 0 <= remainder < denominator
+    twice = 2 * remainder
+    if twice > denominator or (twice == denominator and quotient % 2 == 1):
+        quotient += 1
+    return quotient
+
+
+def round_half_even_div(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """round_half_even(numerator / denominator) for int64 tensors, denominator > 0, exactly."""
+    quotient = torch.div(numerator, denominator, rounding_mode="floor")
+    twice_remainder = 2 * (numerator - quotient * denominator)
+    round_up = (twice_remainder > denominator) | ((twice_remainder == denominator) & (quotient % 2 == 1))
+    return quotient + round_up.to(torch.int64)
+
+
+def truncating_div(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """C's integer division: the quotient rounded toward zero."""
+    return torch.div(numerator, denominator, rounding_mode="trunc")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. gemmlowp / TFLite fixed point
+# ---------------------------------------------------------------------------------------------------------
+def quantize_multiplier(real_multiplier: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """TFLite's QuantizeMultiplier (tensorflow/lite/kernels/internal/quantization_util.cc).
+
+    M = m0 * 2^(shift - 31) with m0 a Q31 integer in [2^30, 2^31): frexp gives the fraction in [0.5, 1),
+    `TfLiteRound(q * 2^31)` rounds it half away from zero (exact in double: q has 53 bits), a result of
+    exactly 2^31 is halved with the shift incremented, and shifts below -31 flush the multiplier to zero.
+    """
+    real = real_multiplier.to(torch.float64)
+    fraction, exponent = torch.frexp(real)
+    m0 = torch.floor(fraction * 2.0**31 + 0.5).to(torch.int64)
+    shift = exponent.to(torch.int64)
+    overflowed = m0 == 2**31
+    m0 = torch.where(overflowed, m0 // 2, m0)
+    shift = torch.where(overflowed, shift + 1, shift)
+    flushed = (shift < -31) | (real == 0)
+    m0 = torch.where(flushed, torch.zeros_like(m0), m0)
+    shift = torch.where(flushed, torch.zeros_like(shift), shift)
+    return m0, shift
+
+
+def saturating_rounding_doubling_high_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """gemmlowp SaturatingRoundingDoublingHighMul: (a * b + nudge) / 2^31, C division (toward zero).
+
+    The nudge is 2^30 for a non-negative product and 1 - 2^30 otherwise, so ties go toward +infinity.
+    """
+    overflow = (a == b) & (a == INT32_MIN)
+    product = a * b
+    nudge = torch.where(product >= 0, torch.tensor(1 << 30), torch.tensor(1 - (1 << 30)))
+    high = truncating_div(product + nudge, torch.tensor(1 << 31))
+    return torch.where(overflow, torch.full_like(high, INT32_MAX), high)
+
+
+def rounding_divide_by_pot(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """gemmlowp RoundingDivideByPOT: x / 2^exponent rounded to nearest, ties away from zero."""
+    exponent = torch.as_tensor(exponent, dtype=torch.int64)
+    mask = (torch.ones_like(exponent) << exponent) - 1
+    remainder = x & mask
+    threshold = (mask >> 1) + (x < 0).to(torch.int64)
+    return (x >> exponent) + (remainder > threshold).to(torch.int64)
+
+
+def multiply_by_quantized_multiplier(x: torch.Tensor, m0: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """TFLite's MultiplyByQuantizedMultiplier (double rounding; the shipped build is not single-rounding).
+
+    tensorflow/lite/kernels/internal/common.h: left shift for shift > 0, SRDHM, then a rounding right shift.
+    """
+    left = torch.clamp(shift, min=0)
+    right = torch.clamp(-shift, min=0)
+    shifted = x * (torch.ones_like(left) << left)
+    return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(shifted, m0), right)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. IEEE float32 emulation
+# ---------------------------------------------------------------------------------------------------------
+def round_half_away(values: torch.Tensor) -> torch.Tensor:
+    """C's std::round (ties away from zero) of float32 or float64 values, exactly, as float64.
+
+    `v - trunc(v)` is exact in binary floating point, so the tie test sees the true fraction; the naive
+    `floor(|v| + 0.5)` rounds 0.49999999999999994 up.
+    """
+    v = values.to(torch.float64)
+    whole = torch.trunc(v)
+    return whole + torch.sign(v) * ((v - whole).abs() >= 0.5).to(torch.float64)
+
+
+def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float32 fused multiply-add, a * b + c rounded once, emulated exactly.
+
+    a * b of two float32 values is exact in float64. The sum is computed in float64 with round-to-odd
+    (TwoSum finds the rounding error; an inexact even result steps one ulp toward the true value), and
+    rounding a round-to-odd float64 to float32 equals rounding the exact sum once (53 >= 2 * 24 + 2).
+    """
+    product = a.to(torch.float64) * b.to(torch.float64)
+    addend = c.to(torch.float64)
+    total = product + addend
+    virtual = total - product
+    error = (product - (total - virtual)) + (addend - virtual)
+    even = (total.view(torch.int64) & 1) == 0
+    needs_odd = (error != 0) & even
+    if bool(needs_odd.any()):
+        toward = torch.where(error > 0, torch.full_like(total, float("inf")), torch.full_like(total, float("-inf")))
+        total = torch.where(needs_odd, torch.nextafter(total, toward), total)
+    return total.to(torch.float32)

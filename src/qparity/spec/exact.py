@@ -1,0 +1,60 @@
+"""Target `exact`: the analytical answer, with no float error anywhere.
+
+Every result is round-half-even of an exact rational, then clamped:
+- quantize:    q = clamp(z + rhe(x / s))
+- conv/linear: q = clamp(z_y + rhe((acc + bias) * s_x * s_w / s_y))
+- add:         q = clamp(z_y + rhe(((q_a - z_a) * s_a + (q_b - z_b) * s_b) / s_y))
+- rescale:     q = clamp(z_y + rhe((q - z) * s / s_y))
+- average:     q = z + rhe(sum(q - z) / count)
+The scales are float32 values taken at their exact binary value.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..qparams import QParams
+from .arithmetic import ExactRatio, round_half_even_div, round_half_even_exact
+from .target import Target, channel_view
+
+
+class ExactTarget(Target):
+    name = "exact"
+    summary = "round half to even of the exact rational value; no float error"
+    activation_dtypes = ("int8", "uint8")
+
+    def quantize_unclamped(self, x: torch.Tensor, qp: QParams) -> torch.Tensor:
+        # x / s in float64 for float32 x and s decides rounding exactly: the exact quotient of two 24-bit
+        # mantissas is either a tie itself (representable in float64) or at least 2^-26 relative away from
+        # one, far above float64's 2^-53 rounding error. tests/test_spec.py checks this against Fractions.
+        ndim = x.dim()
+        scale = channel_view(qp.scale.to(x.device), ndim, qp.axis or 0).to(torch.float64)
+        zero_point = channel_view(qp.zero_point.to(x.device), ndim, qp.axis or 0)
+        return torch.round(x.to(torch.float32).to(torch.float64) / scale) + zero_point
+
+    def quantize(self, x: torch.Tensor, qp: QParams) -> torch.Tensor:
+        return torch.clamp(self.quantize_unclamped(x, qp), qp.qmin, qp.qmax).to(torch.int64)
+
+    def requantizer(self, op, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim):
+        ratio = ExactRatio.of_scales([input_qp.scale, weight_scale], [output_qp.scale])
+        if ratio.estimate.dim():
+            ratio = ratio.reshape(*channel_view(ratio.estimate, ndim, channel_axis).shape)
+        zero_point = int(output_qp.zero_point)
+
+        def requantize(acc: torch.Tensor) -> torch.Tensor:
+            return zero_point + round_half_even_exact([(acc, ratio)], lo - zero_point, hi - zero_point)
+
+        return requantize
+
+    def add(self, qa, a, qb, b, out, lo, hi):
+        za, zb, zy = int(a.zero_point), int(b.zero_point), int(out.zero_point)
+        terms = [(qa - za, ExactRatio.of_scales([a.scale], [out.scale])),
+                 (qb - zb, ExactRatio.of_scales([b.scale], [out.scale]))]
+        return zy + round_half_even_exact(terms, lo - zy, hi - zy)
+
+    def rescale(self, q, source, out):
+        zy = int(out.zero_point)
+        ratio = ExactRatio.of_scales([source.scale], [out.scale])
+        return zy + round_half_even_exact([(q - int(source.zero_point), ratio)], out.qmin - zy, out.qmax - zy)
+
+    def average(self, sums, counts, qp):
+        return int(qp.zero_point) + round_half_even_div(sums, counts)

@@ -1,0 +1,106 @@
+"""What a target is: the integer semantics of one runtime, as a small set of functions.
+
+Every operator of the integer program calls these and nothing else for its arithmetic, in the fake-quant
+forward and in the integer runtime alike, so a target's rounding rules exist exactly once.
+
+Codes are int64 tensors holding the integer values; float inputs are float32. `lo`/`hi` are the output
+clamp in codes (the dtype range narrowed by a fused activation).
+"""
+from __future__ import annotations
+
+from typing import Callable, Tuple
+
+import torch
+
+from ..ops import pooling
+from ..qparams import QParams
+
+Requantizer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def channel_view(values: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    """Reshape a per-channel vector so it broadcasts along `axis` of an ndim tensor (scalars pass)."""
+    if values.dim() == 0:
+        return values
+    shape = [1] * ndim
+    shape[axis] = values.numel()
+    return values.reshape(shape)
+
+
+class Target:
+    """Base class: the semantics shared by every target, and the hooks each one defines."""
+
+    name: str = ""
+    summary: str = ""
+    activation_dtypes: Tuple[str, ...] = ("int8",)
+    weight_qmax: int = 127  # weights are symmetric in [-weight_qmax, weight_qmax], zero point 0
+
+    # -- quantize / dequantize ------------------------------------------------------------------------------
+    def quantize(self, x: torch.Tensor, qp: QParams) -> torch.Tensor:
+        """Float32 real values to codes (the QUANTIZE op at the model's input)."""
+        raise NotImplementedError
+
+    def dequantize(self, codes: torch.Tensor, qp: QParams) -> torch.Tensor:
+        """Codes to float32 real values: `(q - zero_point) * scale`, one float32 rounding, as every runtime."""
+        ndim = codes.dim()
+        zero_point = channel_view(qp.zero_point.to(codes.device), ndim, qp.axis or 0)
+        scale = channel_view(qp.scale.to(codes.device), ndim, qp.axis or 0)
+        return (codes - zero_point).to(torch.float32) * scale
+
+    def activation_bounds(self, min_real: float | None, max_real: float | None, qp: QParams) -> Tuple[int, int]:
+        """Clamp bounds in codes for a fused activation clamping reals to [min_real, max_real]."""
+        lo, hi = qp.qmin, qp.qmax
+        if min_real is not None:
+            lo = max(lo, int(self.quantize_unclamped(torch.tensor([min_real]), qp).item()))
+        if max_real is not None:
+            hi = min(hi, int(self.quantize_unclamped(torch.tensor([max_real]), qp).item()))
+        return lo, max(lo, hi)
+
+    def quantize_unclamped(self, x: torch.Tensor, qp: QParams) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- weights and bias -----------------------------------------------------------------------------------
+    def quantize_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Float weights to symmetric codes: round half even of w / scale (float32), clamped.
+
+        Weight codes are data in the deployed file, so one definition serves every target.
+        """
+        scale = channel_view(scale, weight.dim(), 0)
+        return torch.clamp(torch.round(weight / scale), -self.weight_qmax, self.weight_qmax)
+
+    def quantize_bias(self, bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+        """Float bias to int32 codes at scale `s_in * s_w`: round half even of the float64 quotient.
+
+        Like weights, the bias codes are stored in the deployed file; every target uses this definition.
+        """
+        bias_scale = input_scale.to(torch.float64) * weight_scale.to(torch.float64)
+        return torch.round(bias.detach().to(torch.float64) / bias_scale)
+
+    # -- operators ------------------------------------------------------------------------------------------
+    def requantizer(self, op: str, input_qp: QParams, weight_scale: torch.Tensor, output_qp: QParams,
+                    lo: int, hi: int, channel_axis: int, ndim: int) -> Requantizer:
+        """acc (int64, bias included) -> output codes for a conv ("conv2d") or fully connected ("linear")."""
+        raise NotImplementedError
+
+    def add(self, qa: torch.Tensor, a: QParams, qb: torch.Tensor, b: QParams, out: QParams,
+            lo: int, hi: int) -> torch.Tensor:
+        """Elementwise sum of two quantized tensors on different grids."""
+        raise NotImplementedError
+
+    def rescale(self, q: torch.Tensor, source: QParams, out: QParams) -> torch.Tensor:
+        """Move codes from one grid to another (each input of a concatenation)."""
+        raise NotImplementedError
+
+    def average_pool(self, codes: torch.Tensor, qp: QParams, attrs: dict) -> torch.Tensor:
+        """2-D average pooling on one grid (input and output share qparams), PyTorch's windows and divisors."""
+        centered = codes - qp.zero_point.to(codes.device)
+        sums = pooling.average_sums(centered, attrs, 255).to(torch.int64)
+        counts = pooling.average_counts(tuple(codes.shape[-2:]), tuple(sums.shape[-2:]), attrs, codes.device)
+        return self.average(sums, counts, qp)
+
+    def average(self, sums: torch.Tensor, counts: torch.Tensor, qp: QParams) -> torch.Tensor:
+        """Window sums of centered codes (q - zero_point) over `counts` elements to codes."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.summary}"

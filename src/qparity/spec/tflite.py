@@ -1,0 +1,93 @@
+"""Target `tflite`: TFLite's int8 reference kernels (what TFLite Micro and MCU/DSP kernel libraries follow).
+
+Sources (tensorflow/lite/kernels/internal/): reference/quantize.h (AffineQuantize, Requantize),
+reference/integer_ops/conv.h and depthwise_conv.h (ConvPerChannel), reference/integer_ops/add.h,
+reference/integer_ops/pooling.h (AveragePool), common.h (MultiplyByQuantizedMultiplier),
+quantization_util.cc (QuantizeMultiplier), kernel_util.cc (PopulateConvolutionQuantizationParams,
+CalculateActivationRangeQuantized). The shipped LiteRT wheel is not built with TFLITE_SINGLE_ROUNDING,
+so every multiplier applies gemmlowp's double rounding.
+
+- quantize:    q = clamp(z + std::round(x / s)), float32 division, ties away from zero
+- conv:        M = double(s_x) * double(s_w) / double(s_y) as Q31 m0 and shift;
+               q = clamp(z_y + MultiplyByQuantizedMultiplier(acc + bias, m0, shift))
+- linear:      the reference FULLY_CONNECTED requantizes in double since April 2025 (LiteRT commit
+               921360770, reference/integer_ops/fully_connected.h): q = clamp(z_y + std::round(double(acc) * M)),
+               one IEEE double product, ties away from zero
+- add:         both inputs scaled by s / (2 max(s_a, s_b)) after a left shift of 20, summed, scaled by
+               2 max(s_a, s_b) / (2^20 s_y); each step MultiplyByQuantizedMultiplier
+- rescale:     Requantize: q = clamp(z_y + MultiplyByQuantizedMultiplier(q - z, M(s / s_y)))
+- average:     on raw codes: (sum ± count / 2) / count with C division (ties away from zero)
+"""
+from __future__ import annotations
+
+import torch
+
+from ..qparams import QParams
+from .arithmetic import multiply_by_quantized_multiplier, quantize_multiplier, round_half_away, truncating_div
+from .target import Target, channel_view
+
+ADD_LEFT_SHIFT = 20  # reference int8 ADD: data->left_shift = 20 for 8-bit outputs (kernels/add.cc)
+
+
+def _multiplier(real: torch.Tensor):
+    return quantize_multiplier(real.to(torch.float64))
+
+
+class TFLiteTarget(Target):
+    name = "tflite"
+    summary = "TFLite int8 reference kernels: Q31 multiplier, gemmlowp double rounding"
+    activation_dtypes = ("int8",)
+
+    def quantize_unclamped(self, x, qp):
+        ndim = x.dim()
+        scale = channel_view(qp.scale.to(x.device), ndim, qp.axis or 0)
+        zero_point = channel_view(qp.zero_point.to(x.device), ndim, qp.axis or 0)
+        return round_half_away(x.to(torch.float32) / scale) + zero_point
+
+    def quantize(self, x, qp):
+        return torch.clamp(self.quantize_unclamped(x, qp), qp.qmin, qp.qmax).to(torch.int64)
+
+    def requantizer(self, op, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim):
+        real = input_qp.scale.to(torch.float64) * weight_scale.to(torch.float64) / output_qp.scale.to(torch.float64)
+        zero_point = int(output_qp.zero_point)
+        if op == "linear":
+            multiplier = channel_view(real, ndim, channel_axis)
+
+            def requantize_in_double(acc: torch.Tensor) -> torch.Tensor:
+                scaled = round_half_away(acc.to(torch.float64) * multiplier.to(acc.device)).to(torch.int64)
+                return torch.clamp(scaled + zero_point, lo, hi)
+
+            return requantize_in_double
+        m0, shift = _multiplier(real)
+        m0, shift = channel_view(m0, ndim, channel_axis), channel_view(shift, ndim, channel_axis)
+
+        def requantize(acc: torch.Tensor) -> torch.Tensor:
+            scaled = multiply_by_quantized_multiplier(acc, m0.to(acc.device), shift.to(acc.device))
+            return torch.clamp(scaled + zero_point, lo, hi)
+
+        return requantize
+
+    def add(self, qa, a, qb, b, out, lo, hi):
+        twice_max = 2.0 * torch.maximum(a.scale, b.scale).to(torch.float64)
+        m_a, s_a = _multiplier(a.scale.to(torch.float64) / twice_max)
+        m_b, s_b = _multiplier(b.scale.to(torch.float64) / twice_max)
+        m_y, s_y = _multiplier(twice_max / ((1 << ADD_LEFT_SHIFT) * out.scale.to(torch.float64)))
+        shifted_a = (qa - int(a.zero_point)) * (1 << ADD_LEFT_SHIFT)
+        shifted_b = (qb - int(b.zero_point)) * (1 << ADD_LEFT_SHIFT)
+        raw_sum = (multiply_by_quantized_multiplier(shifted_a, m_a, s_a)
+                   + multiply_by_quantized_multiplier(shifted_b, m_b, s_b))
+        raw = multiply_by_quantized_multiplier(raw_sum, m_y, s_y) + int(out.zero_point)
+        return torch.clamp(raw, lo, hi)
+
+    def rescale(self, q, source, out):
+        if source.same_grid(out):
+            return q  # the kernels copy tensors that already share scale and zero point
+        m0, shift = _multiplier(source.scale.to(torch.float64) / out.scale.to(torch.float64))
+        scaled = multiply_by_quantized_multiplier(q - int(source.zero_point), m0, shift)
+        return torch.clamp(scaled + int(out.zero_point), out.qmin, out.qmax)
+
+    def average(self, sums, counts, qp):
+        raw = sums + int(qp.zero_point) * counts
+        half = counts // 2
+        rounded = truncating_div(torch.where(raw > 0, raw + half, raw - half), counts)
+        return torch.clamp(rounded, qp.qmin, qp.qmax)
