@@ -26,6 +26,9 @@ SUPPORTED = ("Conv2d, Linear, BatchNorm2d after Conv2d, ReLU, ReLU6, Hardtanh, c
              "Identity, Dropout")
 
 
+SHAPE_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv)
+
+
 @dataclass
 class Layer:
     """The modules that hold one conv/linear node's parameters."""
@@ -40,6 +43,8 @@ def capture(model: nn.Module, example_inputs: Tuple[torch.Tensor, ...]) -> Tuple
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise CaptureError(f"example input {i} must be a float tensor, got {type(x).__name__}"
                                + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else ""))
+    if _is_leaf(model):
+        model = nn.Sequential(model)  # fx inlines a leaf root into F.conv2d/F.linear on its parameters
     try:
         traced = fx.symbolic_trace(model)
     except Exception as error:  # fx raises many kinds; all mean the same thing to the user
@@ -52,6 +57,10 @@ def capture(model: nn.Module, example_inputs: Tuple[torch.Tensor, ...]) -> Tuple
     graph = Graph(builder.nodes, builder.output, [tuple(x.shape) for x in example_inputs])
     _fuse_clamps(graph)
     return graph, builder.layers
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    return module.__module__.startswith("torch.nn") and not isinstance(module, (nn.Sequential, nn.ModuleList))
 
 
 def _record_values(traced: fx.GraphModule, inputs) -> Dict[str, Any]:
@@ -105,11 +114,15 @@ class _Builder:
         self.nodes: List[Node] = []
         self.layers: Dict[str, Layer] = {}
         self.alias: Dict[str, str] = {}
+        self.parameters: Dict[str, Tuple[fx.Node, Any]] = {}
         self.output: Any = None
 
     # -- helpers --------------------------------------------------------------------------------------------
     def ref(self, arg):
         if isinstance(arg, fx.Node):
+            if arg.name in self.parameters:
+                raise self.unsupported(arg, f"the constant or parameter '{arg.target}' is used outside the weight "
+                                            "or bias of a conv2d/linear")
             return Ref(self.alias.get(arg.name, arg.name))
         if isinstance(arg, (tuple, list)):
             return type(arg)(self.ref(a) for a in arg)
@@ -141,7 +154,7 @@ class _Builder:
         elif node.op == "output":
             self.output = self.ref(node.args[0])
         elif node.op == "get_attr":
-            raise self.unsupported(node, f"constant or parameter '{node.target}' used outside a Conv2d/Linear module")
+            self.parameters[node.name] = (node, self.values[node.name])
         elif node.op == "call_module":
             self.add_module(node, self.modules[node.target])
         elif node.op == "call_function":
@@ -224,10 +237,21 @@ class _Builder:
             self.emit(node, "dropout", [self.ref(args[0])], attrs={"p": float(p)})
         elif fn is torch.mean:
             self.emit_mean(node, args[0], args[1:], kwargs)
+        elif fn is F.conv2d:
+            w, b, stride, padding, dilation, groups = _bind(args[1:], kwargs, ("weight", "bias", "stride", "padding",
+                                                                               "dilation", "groups"), (None, None, 1, 0, 1, 1))
+            padding = padding if isinstance(padding, str) else _pair(padding)
+            geometry = ConvGeometry("conv2d", _pair(stride), padding, _pair(dilation), groups)
+            self.emit_functional_layer(node, args[0], w, b, geometry)
+        elif fn is F.linear:
+            w, b = _bind(args[1:], kwargs, ("weight", "bias"), (None, None))
+            self.emit_functional_layer(node, args[0], w, b, ConvGeometry("linear"))
         else:
             key = self.code_preserving_function(fn)
             if key is None:
                 raise self.unsupported(node)
+            if fn in SHAPE_ARITHMETIC and isinstance(self.values.get(node.name), torch.Tensor):
+                raise self.unsupported(node, "arithmetic on a quantized tensor other than adding two tensors")
             self.check_code_preserving(node)
             self.emit(node, "call", self.ref(args), self.ref(dict(kwargs)), attrs={"fn": "function:" + key})
 
@@ -259,6 +283,18 @@ class _Builder:
         self.layers[producer.name].batch_norm = bn
         producer.attrs["batch_norm"] = node.target
         self.alias[node.name] = producer.name
+
+    def emit_functional_layer(self, node, x, weight, bias, geometry: ConvGeometry) -> None:
+        holder = nn.Module()
+        for name, arg in (("weight", weight), ("bias", bias)):
+            value = self.parameters.get(arg.name, (None, None))[1] if isinstance(arg, fx.Node) else arg
+            if arg is not None and not isinstance(value, nn.Parameter):
+                raise self.unsupported(node, f"its {name} must be a parameter of the model (a get_attr), not a "
+                                             "computed tensor")
+            holder.register_parameter(name, value)
+        self.layers[node.name] = Layer(holder)
+        self.emit(node, geometry.kind, [self.ref(x)], attrs={"geometry": geometry.to_dict(),
+                                                             "module": weight.target})
 
     def emit_clamp(self, node, x, args, kwargs) -> None:
         low, high = _bind(args, kwargs, ("min", "max"), (None, None))

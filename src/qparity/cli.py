@@ -1,0 +1,123 @@
+"""The `qparity` console script: `qparity demo` (QAT on 8x8 digits, end to end) and `qparity info`."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .demo import DemoConfig, DemoResult, run_demo
+from .errors import QParityError
+from .spec import TARGETS, get_target
+
+STAGE_LABELS = {"float": "float training", "qat": "quantization-aware training"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qparity", description="Quantization-aware training whose fake-quantized "
+                                     "forward equals the deployed integer program, bit for bit.")
+    parser.add_argument("--version", action="version", version=f"qparity {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="QAT of a small CNN on scikit-learn's 8x8 digits, then convert "
+                                            "and compare the fake-quant and integer outputs")
+    defaults = DemoConfig()
+    demo.add_argument("--target", choices=TARGETS, default=defaults.target,
+                      help=f"integer semantics to train for (default {defaults.target})")
+    demo.add_argument("--epochs", type=_positive, default=defaults.qat_epochs,
+                      help=f"quantization-aware training epochs (default {defaults.qat_epochs})")
+    demo.add_argument("--float-epochs", type=_non_negative, default=defaults.float_epochs,
+                      help=f"float training epochs before QAT (default {defaults.float_epochs})")
+    demo.add_argument("--seed", type=int, default=defaults.seed, help=f"random seed (default {defaults.seed})")
+    commands.add_parser("info", help="print the version and the supported targets")
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(highlight=False)
+    try:
+        if args.command == "info":
+            return info(console)
+        config = DemoConfig(target=args.target, float_epochs=args.float_epochs, qat_epochs=args.epochs,
+                            seed=args.seed)
+        return demo(console, config)
+    except QParityError as error:
+        Console(stderr=True, highlight=False).print(f"qparity: error: {type(error).__name__}: {error}",
+                                                    markup=False)
+        return 1
+    except ImportError as error:
+        Console(stderr=True, highlight=False).print(f"qparity: error: {error}", markup=False)
+        return 2
+
+
+def info(console: Console) -> int:
+    console.print(f"qparity {__version__} (torch {torch.__version__})")
+    table = Table(title="targets")
+    table.add_column("target")
+    table.add_column("activations")
+    table.add_column("integer semantics")
+    for name in TARGETS:
+        target = get_target(name)
+        table.add_row(name, ", ".join(target.activation_dtypes), target.summary)
+    console.print(table)
+    return 0
+
+
+def demo(console: Console, config: DemoConfig) -> int:
+    console.print(f"qparity {__version__} demo: target {config.target}, {config.float_epochs} float + "
+                  f"{config.qat_epochs} QAT epochs, seed {config.seed}, {torch.get_num_threads()} threads")
+    start = time.perf_counter()
+    columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        tasks = {}
+
+        def advance(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(STAGE_LABELS[stage], total=total)
+            progress.update(tasks[stage], completed=done)
+
+        result = run_demo(config, advance)
+    console.print(results_table(result))
+    console.print(f"finished in {time.perf_counter() - start:.1f} s")
+    console.print(mismatch_line(result), markup=False, soft_wrap=True)
+    return 0 if result.mismatched == 0 else 1
+
+
+def results_table(result: DemoResult) -> Table:
+    table = Table(title=f"test accuracy, target {result.target}",
+                  caption=f"{result.test_size} test digits, {result.train_size} for training")
+    table.add_column("model")
+    table.add_column("accuracy", justify="right")
+    table.add_row("float", f"{result.float_accuracy:.2%}")
+    table.add_row("fake-quant (QAT, frozen)", f"{result.fake_quant_accuracy:.2%}")
+    table.add_row("integer (converted)", f"{result.integer_accuracy:.2%}")
+    return table
+
+
+def mismatch_line(result: DemoResult) -> str:
+    verdict = "bit-exact" if result.mismatched == 0 else "NOT bit-exact: please report this as a bug"
+    return f"fake-quant vs integer: {result.mismatched} mismatched of {result.compared} output values ({verdict})"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Shared test helpers: calibrate a prepared model, then compare the fake-quant and integer paths."""
+import torch
+
+import qparity as qp
+
+
+def calibrate(prepared, batches, lr: float = 0.0):
+    """Run train-mode steps so observers (and BatchNorm) see data; optionally take SGD steps."""
+    prepared.train()
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=lr) if lr else None
+    for batch in batches:
+        out = prepared(*batch) if isinstance(batch, tuple) else prepared(batch)
+        if optimizer is not None:
+            loss = sum(o.float().pow(2).mean() for o in (out if isinstance(out, tuple) else (out,)))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return prepared.eval()
+
+
+def assert_bit_exact(prepared, integer_model, *inputs):
+    fake = prepared.eval()(*inputs)
+    real = integer_model(*inputs)
+    fakes = fake if isinstance(fake, tuple) else (fake,)
+    reals = real if isinstance(real, tuple) else (real,)
+    for f, r in zip(fakes, reals):
+        mismatched = int((f != r).sum())
+        assert torch.equal(f, r), f"{mismatched} of {f.numel()} outputs differ"
+
+
+def prepare_and_convert(model, example, target, batches, lr=0.0, **options):
+    prepared = qp.prepare_qat(model, example, target=target, **options)
+    calibrate(prepared, batches, lr)
+    qp.freeze(prepared)
+    return prepared, qp.convert(prepared)

@@ -1,0 +1,77 @@
+"""The accumulator is the exact integer sum, whichever float path computes it (float32, chunks, float64)."""
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+
+from qparity.ops.accumulate import ConvGeometry, accumulate
+
+
+def int64_conv(x, w, geometry):
+    """Independent reference: im2col with int64 products and sums."""
+    n, c, h, wd = x.shape
+    out_c, c_per_group, kh, kw = w.shape
+    ph, pw = geometry.padding
+    cols = F.unfold(x.to(torch.float64), (kh, kw), dilation=geometry.dilation, padding=(ph, pw),
+                    stride=geometry.stride).round().to(torch.int64)  # exact: small integers
+    g = geometry.groups
+    cols = cols.reshape(n, g, c_per_group * kh * kw, -1)
+    weights = w.to(torch.int64).reshape(g, out_c // g, -1)
+    acc = torch.einsum("gok,ngkl->ngol", weights, cols)
+    oh = (h + 2 * ph - geometry.dilation[0] * (kh - 1) - 1) // geometry.stride[0] + 1
+    ow = (wd + 2 * pw - geometry.dilation[1] * (kw - 1) - 1) // geometry.stride[1] + 1
+    return acc.reshape(n, out_c, oh, ow)
+
+
+@st.composite
+def conv_case(draw):
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    c_per_group = draw(st.integers(1, 48))
+    out_per_group = draw(st.integers(1, 4))
+    k = draw(st.integers(1, 3))
+    stride = draw(st.integers(1, 2))
+    dilation = draw(st.integers(1, 2))
+    padding = draw(st.integers(0, 2))
+    size = draw(st.integers(k * dilation, 7))
+    geometry = ConvGeometry("conv2d", (stride, stride), (padding, padding), (dilation, dilation), groups)
+    seed = draw(st.integers(0, 2**31 - 1))
+    extreme = draw(st.booleans())
+    return geometry, (groups * c_per_group, groups * out_per_group, k, size), seed, extreme
+
+
+@given(conv_case())
+def test_conv_accumulator_equals_int64_reference(case):
+    geometry, (c, out_c, k, size), seed, extreme = case
+    g = torch.Generator().manual_seed(seed)
+    low, high = (-255, 256) if not extreme else (255, 256)
+    x = torch.randint(low, high, (2, c, size, size), generator=g)
+    if extreme:
+        x = x * torch.where(torch.rand(x.shape, generator=g) < 0.5, -1, 1)
+    w = torch.randint(-127, 128, (out_c, c // geometry.groups, k, k), generator=g)
+    if extreme:
+        w = torch.where(w >= 0, torch.full_like(w, 127), torch.full_like(w, -127))
+    acc = accumulate(geometry, x.to(torch.float32), w.to(torch.float32), 255)
+    assert torch.equal(acc.to(torch.int64), int64_conv(x, w, geometry))
+
+
+@given(st.integers(1, 1200), st.integers(1, 6), st.integers(0, 2**31 - 1), st.booleans())
+def test_linear_accumulator_equals_int64_reference(features, outputs, seed, extreme):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-255, 256, (3, features), generator=g)
+    w = torch.randint(-127, 128, (outputs, features), generator=g)
+    if extreme:
+        x = torch.full_like(x, 255)
+        w = torch.full_like(w, 127)
+    acc = accumulate(ConvGeometry("linear"), x.to(torch.float32), w.to(torch.float32), 255)
+    assert torch.equal(acc.to(torch.int64), x @ w.T)
+
+
+def test_large_layer_is_split_and_stays_exact():
+    # 512 input channels x 3x3 x 127 x 255 = 1.5e8 > 2^24: a single float32 conv could round.
+    x = torch.full((1, 512, 3, 3), 255.0)
+    w = torch.full((2, 512, 3, 3), 127.0)
+    w[1] = -127.0
+    x[0, 0, 0, 0] = 254.0  # makes the exact sum odd, not representable in float32 at this magnitude
+    acc = accumulate(ConvGeometry("conv2d"), x, w, 255)
+    exact = int64_conv(x.to(torch.int64), w.to(torch.int64), ConvGeometry("conv2d"))
+    assert torch.equal(acc.to(torch.int64), exact)
+    assert int(exact.abs().max()) > 2**24

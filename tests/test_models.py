@@ -1,0 +1,161 @@
+"""Whole models: train a few steps, freeze, convert; the integer program equals the fake-quant forward."""
+import threading
+
+import pytest
+import torch
+
+import qparity as qp
+from helpers import assert_bit_exact, calibrate, prepare_and_convert
+from models import CatMLP, ResNetish
+
+
+def image_batches(seed, count=4, n=8):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 1, 12, 12, generator=g) * 1.5 for _ in range(count)]
+
+
+def vector_batches(seed, count=4, n=16):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 20, generator=g) * 3 for _ in range(count)]
+
+
+@pytest.fixture(scope="module", params=qp.TARGETS)
+def resnet(request):
+    torch.manual_seed(0)
+    batches = image_batches(1)
+    prepared, integer = prepare_and_convert(ResNetish(), (batches[0],), request.param, batches, lr=0.02)
+    return prepared, integer
+
+
+@pytest.fixture(scope="module", params=qp.TARGETS)
+def mlp(request):
+    torch.manual_seed(0)
+    batches = vector_batches(2)
+    return prepare_and_convert(CatMLP(), (batches[0],), request.param, batches, lr=0.02)
+
+
+def test_resnet_with_batchnorm_and_residual_adds_is_bit_exact(resnet):
+    prepared, integer = resnet
+    for x in image_batches(7, count=2, n=16):
+        assert_bit_exact(prepared, integer, x)
+
+
+def test_mlp_with_cat_is_bit_exact(mlp):
+    prepared, integer = mlp
+    for x in vector_batches(8, count=2, n=32):
+        assert_bit_exact(prepared, integer, x)
+
+
+def test_inputs_far_outside_the_calibrated_range_are_bit_exact(resnet):
+    prepared, integer = resnet
+    x = torch.randn(4, 1, 12, 12) * 1e4
+    x[0] = 0.0
+    assert_bit_exact(prepared, integer, x)
+
+
+def test_batch_run_equals_single_sample_runs(resnet):
+    _, integer = resnet
+    x = image_batches(9, count=1, n=6)[0]
+    codes = integer.quantize(x)
+    whole = integer.run(codes)
+    singles = torch.cat([integer.run(codes[i:i + 1]) for i in range(len(x))])
+    assert torch.equal(whole, singles)
+
+
+def test_one_and_two_threads_give_the_same_codes(resnet):
+    _, integer = resnet
+    x = image_batches(10, count=1, n=8)[0]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = integer.run(integer.quantize(x))
+        torch.set_num_threads(2)
+        two = integer.run(integer.quantize(x))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_save_and_load_give_identical_outputs(resnet, tmp_path):
+    _, integer = resnet
+    path = tmp_path / "model.qp"
+    integer.save(path)
+    loaded = qp.load(path)
+    x = image_batches(11, count=1, n=8)[0]
+    assert torch.equal(loaded(x), integer(x))
+    assert loaded.target.name == integer.target.name
+
+
+def test_quantize_run_dequantize_equals_call(mlp):
+    _, integer = mlp
+    x = vector_batches(12, count=1)[0]
+    assert torch.equal(integer.dequantize(integer.run(integer.quantize(x))), integer(x))
+
+
+def test_eval_before_freeze_equals_the_converted_program():
+    torch.manual_seed(3)
+    batches = image_batches(3)
+    prepared = qp.prepare_qat(ResNetish(), (batches[0],), target="tflite")
+    calibrate(prepared, batches, lr=0.02)
+    unfrozen_integer = qp.convert(prepared)
+    x = image_batches(4, count=1)[0]
+    assert_bit_exact(prepared, unfrozen_integer, x)
+    qp.freeze(prepared)
+    assert torch.equal(prepared.eval()(x), unfrozen_integer(x))
+
+
+def test_freeze_is_idempotent_and_folds_batchnorm():
+    torch.manual_seed(4)
+    batches = image_batches(5)
+    prepared = qp.prepare_qat(ResNetish(), (batches[0],), target="exact")
+    calibrate(prepared, batches, lr=0.02)
+    qp.freeze(prepared)
+    state = {k: v.clone() for k, v in prepared.state_dict().items()}
+    qp.freeze(prepared)
+    assert state.keys() == prepared.state_dict().keys()
+    assert all(torch.equal(v, prepared.state_dict()[k]) for k, v in state.items())
+    assert all(layer.batch_norm is None for layer in prepared.layers.values())
+    assert not any("running_mean" in k for k in state)
+
+
+def test_frozen_model_keeps_training_on_fixed_qparams():
+    torch.manual_seed(5)
+    batches = vector_batches(6)
+    prepared = qp.prepare_qat(CatMLP(), (batches[0],), target="onnxruntime")
+    calibrate(prepared, batches, lr=0.02)
+    qp.freeze(prepared)
+    scales = [o.frozen_scale.clone() for o in prepared.observers.values()]
+    calibrate(prepared, batches, lr=0.05)
+    assert all(torch.equal(a, o.frozen_scale) for a, o in zip(scales, prepared.observers.values()))
+    assert_bit_exact(prepared, qp.convert(prepared), batches[0])
+
+
+def test_training_reduces_the_loss_through_straight_through_gradients():
+    torch.manual_seed(6)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(64, 20, generator=g)
+    y = (x[:, :5].sum(1) > 0).long() + 2 * (x[:, 5] > 0).long()
+    prepared = qp.prepare_qat(CatMLP(), (x,), target="tflite").train()
+    optimizer = torch.optim.Adam(prepared.parameters(), lr=0.01)
+    losses = []
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(prepared(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.6 * losses[0]
+    assert all(p.grad is not None for p in prepared.parameters() if p.requires_grad)
+
+
+def test_integer_model_is_usable_from_several_threads(resnet):
+    _, integer = resnet
+    x = image_batches(13, count=1, n=4)[0]
+    expected = integer(x)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(integer(x))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(r, expected) for r in results)
