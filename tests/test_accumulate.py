@@ -3,7 +3,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
-from qparity.ops.accumulate import ConvGeometry, accumulate
+from qparity.ops.accumulate import ConvGeometry, accumulate as accumulate_with_plan, plan_accumulation
+
+
+def accumulate(geometry, x, w, max_abs):
+    return accumulate_with_plan(plan_accumulation(geometry, w, max_abs), geometry, x, w)
 
 
 def int64_conv(x, w, geometry):
@@ -75,3 +79,15 @@ def test_large_layer_is_split_and_stays_exact():
     exact = int64_conv(x.to(torch.int64), w.to(torch.int64), ConvGeometry("conv2d"))
     assert torch.equal(acc.to(torch.int64), exact)
     assert int(exact.abs().max()) > 2**24
+
+
+def test_wide_3x3_stride_1_conv_is_exact_in_channels_last():
+    # The shape where a backend could pick a transform-based (Winograd) algorithm, which is not exact.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-120, 121, (2, 64, 16, 16), generator=g)
+    w = torch.randint(-15, 16, (64, 64, 3, 3), generator=g)
+    geometry = ConvGeometry("conv2d", padding=(1, 1))
+    plan = plan_accumulation(geometry, w.float(), 120)
+    assert plan.path == "float32"
+    acc = accumulate_with_plan(plan, geometry, x.float(), w.float())
+    assert torch.equal(acc.to(torch.int64), int64_conv(x, w, geometry))

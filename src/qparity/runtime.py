@@ -16,7 +16,7 @@ from .errors import InputError
 from .graph import Executor, Graph, Node, QValue, output_structure
 from .ops import pooling
 from .ops.accumulate import ConvGeometry
-from .ops.layer import layer_accumulator
+from .ops.layer import layer_accumulator, plan_layer
 from .qparams import TORCH_DTYPES, QParams
 from .spec import Target, get_target
 
@@ -51,7 +51,11 @@ class IntegerModel:
         ndim = 4 if geometry.kind == "conv2d" else 2
         requantize = self.target.requantizer(geometry.kind, input_qp, layer.weight_scale, output_qp, lo, hi,
                                              geometry.channel_axis, ndim)
-        return geometry, layer.weight_codes.to(torch.float32), layer.bias_codes, requantize
+        weight = layer.weight_codes.to(torch.float32)
+        if geometry.kind == "conv2d":
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        plan = plan_layer(geometry, layer.weight_codes, layer.bias_codes, input_qp)
+        return plan, geometry, weight, layer.bias_codes, requantize
 
     # -- public API -----------------------------------------------------------------------------------------
     @property
@@ -118,9 +122,9 @@ class _IntegerExecutor(Executor):
         return QValue(codes, self.model.qparams[node.name])
 
     def op_conv2d(self, node, x):
-        geometry, weight, bias, requantize = self.model._kernels[node.name]
-        acc = layer_accumulator(geometry, x.codes, x.qparams, weight, bias)
-        return QValue(requantize(acc.to(torch.int64)), self.model.qparams[node.name])
+        plan, geometry, weight, bias, requantize = self.model._kernels[node.name]
+        acc = layer_accumulator(plan, geometry, x.codes, x.qparams, weight, bias)
+        return QValue(requantize(acc), self.model.qparams[node.name])
 
     op_linear = op_conv2d
 

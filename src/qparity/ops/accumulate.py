@@ -1,17 +1,22 @@
 """Exact integer accumulation for convolution and fully connected layers.
 
-The accumulator `acc = sum((q_x - z_x) * q_w)` is computed with the float kernels PyTorch already has,
-where that is provably exact: every product and partial sum of integers is exact in float32 while the
-sum of absolute values stays below 2^24, whatever order the kernel adds in. The bound is taken per
-output channel from the real weight codes: `max|q_x - z_x| * sum|q_w|`. A layer above it is split into
-input-channel chunks that each satisfy it, and the chunk results are added in float64 (exact below
-2^53). Grouped layers above the bound, and any device other than the CPU (where TF32 or transform-based
-convolution algorithms could be chosen), use float64 with cuDNN off, exact below 2^53.
+The accumulator `acc = sum((q_x - z_x) * q_w) + bias` is computed with the float kernels PyTorch already
+has, where that is provably exact: every product and partial sum of integers is exact in float32 while
+the sum of absolute values stays below 2^24, whatever order the kernel adds in. The bound is taken per
+output channel from the real weight codes: `max|q_x - z_x| * sum|q_w| + |bias|`.
+
+`plan_accumulation` picks the cheapest exact path once per set of weights:
+- "float32": one float32 conv/matmul (channels-last on the CPU, where oneDNN is fastest);
+- "chunks": input channels split into ranges that each meet the float32 bound, summed in float64
+  (exact below 2^53);
+- "float64": float64 throughout with cuDNN off, for grouped layers above the float32 bound and for every
+  device other than the CPU (where TF32 or transform-based convolution algorithms could be chosen).
+The result is a float tensor of exact integers: float32 for the "float32" path, float64 otherwise.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -47,31 +52,69 @@ class ConvGeometry:
         return 1 if self.kind == "conv2d" else -1
 
 
+@dataclass(frozen=True)
+class AccumulationPlan:
+    path: str                              # "float32", "chunks" or "float64"
+    bound: float                           # the largest |acc + bias| any input on the grid can produce
+    chunks: Tuple[Tuple[int, int], ...] = ()
+
+
 def abs_sum_per_output(weight_codes: torch.Tensor) -> torch.Tensor:
     """sum |q_w| over everything but the output channel (float64, exact for integer codes)."""
     return weight_codes.detach().abs().to(torch.float64).reshape(weight_codes.shape[0], -1).sum(dim=1)
 
 
-def accumulator_bound(weight_codes: torch.Tensor, max_abs_input: int) -> float:
-    """The largest |acc| (without bias) any input on the grid can produce, over all output channels."""
-    return float(abs_sum_per_output(weight_codes).max()) * max_abs_input if weight_codes.numel() else 0.0
+def accumulator_bounds(weight_codes: torch.Tensor, max_abs_input: int,
+                       bias_codes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per output channel, the largest |acc + bias| any input on the grid can produce (float64)."""
+    bound = abs_sum_per_output(weight_codes) * max_abs_input
+    if bias_codes is not None:
+        bound = bound + bias_codes.detach().to(torch.float64).abs().reshape(-1).to(bound.device)
+    return bound
 
 
-def accumulate(geometry: ConvGeometry, x_centered: torch.Tensor, weight_codes: torch.Tensor,
-               max_abs_input: int) -> torch.Tensor:
-    """Exact acc as a float tensor of integers (float32 or float64), differentiable in both operands."""
-    bound = accumulator_bound(weight_codes, max_abs_input)
-    if x_centered.device.type == "cpu" and bound < FLOAT32_EXACT:
-        return _apply(geometry, x_centered.to(torch.float32), weight_codes.to(torch.float32))
-    if x_centered.device.type == "cpu" and geometry.groups == 1:
-        return _accumulate_in_chunks(geometry, x_centered, weight_codes, max_abs_input)
-    with torch.backends.cudnn.flags(enabled=False):
-        return _apply(geometry, x_centered.to(torch.float64), weight_codes.to(torch.float64))
+def plan_accumulation(geometry: ConvGeometry, weight_codes: torch.Tensor, max_abs_input: int,
+                      bias_codes: Optional[torch.Tensor] = None) -> AccumulationPlan:
+    bounds = accumulator_bounds(weight_codes, max_abs_input, bias_codes)
+    bound = float(bounds.max()) if bounds.numel() else 0.0
+    if weight_codes.device.type != "cpu":
+        return AccumulationPlan("float64", bound)
+    if bound < FLOAT32_EXACT:
+        return AccumulationPlan("float32", bound)
+    per_input = _input_channel_bounds(weight_codes, max_abs_input)
+    if geometry.groups != 1 or float(per_input.max()) >= FLOAT32_EXACT:
+        return AccumulationPlan("float64", bound)
+    return AccumulationPlan("chunks", bound, tuple(_chunks(per_input)))
+
+
+def accumulate(plan: AccumulationPlan, geometry: ConvGeometry, x_centered: torch.Tensor,
+               weight_codes: torch.Tensor, bias_codes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Exact acc + bias as a float tensor of integers, differentiable in the codes."""
+    if plan.path == "float32":
+        acc = _apply(geometry, x_centered.to(torch.float32), weight_codes.to(torch.float32))
+    elif plan.path == "chunks":
+        axis = 1 if geometry.kind == "conv2d" else x_centered.dim() - 1
+        acc = None
+        for start, stop in plan.chunks:
+            part = _apply(geometry, x_centered.narrow(axis, start, stop - start).to(torch.float32),
+                          weight_codes[:, start:stop].to(torch.float32)).to(torch.float64)
+            acc = part if acc is None else acc + part
+    else:
+        with torch.backends.cudnn.flags(enabled=False):
+            acc = _apply(geometry, x_centered.to(torch.float64), weight_codes.to(torch.float64))
+    if bias_codes is not None:
+        shape = [1] * acc.dim()
+        shape[geometry.channel_axis] = -1
+        acc = acc + bias_codes.to(acc.dtype).reshape(shape)
+    return acc
 
 
 def _apply(geometry: ConvGeometry, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if geometry.kind == "linear":
         return F.linear(x, w)
+    if x.device.type == "cpu" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = w.contiguous(memory_format=torch.channels_last)
     return F.conv2d(x, w, None, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
 
 
@@ -81,24 +124,12 @@ def _input_channel_bounds(weight_codes: torch.Tensor, max_abs_input: int) -> tor
     return per_input.reshape(per_input.shape[0], per_input.shape[1], -1).sum(dim=2) * max_abs_input
 
 
-def _chunks(bounds: torch.Tensor):
+def _chunks(bounds: torch.Tensor) -> List[Tuple[int, int]]:
     """Consecutive input-channel ranges whose per-output-channel bound stays below 2^24."""
-    start, limit = 0, bounds.shape[1]
+    ranges, start, limit = [], 0, bounds.shape[1]
     while start < limit:
         running = torch.cumsum(bounds[:, start:], dim=1).max(dim=0).values
         size = max(1, int((running < FLOAT32_EXACT).sum()))
-        yield start, start + size
+        ranges.append((start, start + size))
         start += size
-
-
-def _accumulate_in_chunks(geometry, x_centered, weight_codes, max_abs_input):
-    bounds = _input_channel_bounds(weight_codes, max_abs_input)
-    if float(bounds.max()) >= FLOAT32_EXACT:
-        return _apply(geometry, x_centered.to(torch.float64), weight_codes.to(torch.float64))
-    axis = 1 if geometry.kind == "conv2d" else x_centered.dim() - 1
-    total = None
-    for start, stop in _chunks(bounds):
-        part = _apply(geometry, x_centered.narrow(axis, start, stop - start).to(torch.float32),
-                      weight_codes[:, start:stop].to(torch.float32)).to(torch.float64)
-        total = part if total is None else total + part
-    return total
+    return ranges

@@ -13,7 +13,7 @@ import torch
 from ..errors import OverflowRiskError
 from ..qparams import QParams
 from ..spec.arithmetic import INT32_MAX
-from .accumulate import ConvGeometry, abs_sum_per_output, accumulate
+from .accumulate import AccumulationPlan, ConvGeometry, accumulate, accumulator_bounds, plan_accumulation
 
 
 def max_abs_centered(qp: QParams) -> int:
@@ -22,24 +22,22 @@ def max_abs_centered(qp: QParams) -> int:
     return max(zero_point - qp.qmin, qp.qmax - zero_point)
 
 
-def layer_accumulator(geometry: ConvGeometry, x_codes: torch.Tensor, input_qp: QParams,
+def layer_accumulator(plan: AccumulationPlan, geometry: ConvGeometry, x_codes: torch.Tensor, input_qp: QParams,
                       weight_codes: torch.Tensor, bias_codes: Optional[torch.Tensor]) -> torch.Tensor:
-    """acc + bias as a float64 tensor of exact integers (differentiable in the codes)."""
+    """acc + bias as a float tensor of exact integers (differentiable in the codes)."""
     centered = x_codes.to(torch.float32) - float(input_qp.zero_point)
-    acc = accumulate(geometry, centered, weight_codes, max_abs_centered(input_qp)).to(torch.float64)
-    if bias_codes is not None:
-        shape = [1] * acc.dim()
-        shape[geometry.channel_axis] = -1
-        acc = acc + bias_codes.to(torch.float64).reshape(shape)
-    return acc
+    return accumulate(plan, geometry, centered, weight_codes, bias_codes)
+
+
+def plan_layer(geometry: ConvGeometry, weight_codes: torch.Tensor, bias_codes: Optional[torch.Tensor],
+               input_qp: QParams) -> AccumulationPlan:
+    return plan_accumulation(geometry, weight_codes, max_abs_centered(input_qp), bias_codes)
 
 
 def check_accumulator_range(where: str, weight_codes: torch.Tensor, bias_codes: Optional[torch.Tensor],
                             input_qp: QParams) -> None:
     """Raise if any input on the grid could take this layer's int32 accumulator out of range."""
-    bound = abs_sum_per_output(weight_codes) * max_abs_centered(input_qp)
-    if bias_codes is not None:
-        bound = bound + bias_codes.detach().to(torch.float64).abs()
+    bound = accumulator_bounds(weight_codes, max_abs_centered(input_qp), bias_codes)
     worst = int(torch.argmax(bound)) if bound.numel() else 0
     if bound.numel() and float(bound[worst]) > INT32_MAX:
         raise OverflowRiskError(

@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..graph import Executor, Graph, Node, QValue, output_structure
 from ..ops import pooling
 from ..ops.accumulate import ConvGeometry
-from ..ops.layer import layer_accumulator
+from ..ops.layer import layer_accumulator, plan_layer
 from ..qparams import QParams
 from ..spec import Target
 from .layers import QATLayer
@@ -98,13 +98,14 @@ class _FakeExecutor(Executor):
         if bias is not None:
             bias_codes = straight_through(self.target.quantize_bias(bias, x.qparams.scale, weight_scale),
                                           bias.to(torch.float64) / _bias_scale(x.qparams, weight_scale))
-        acc = layer_accumulator(layer.geometry, x.codes, x.qparams, weight_codes, bias_codes)
+        plan = plan_layer(layer.geometry, weight_codes, bias_codes, x.qparams)
+        acc = layer_accumulator(plan, layer.geometry, x.codes, x.qparams, weight_codes, bias_codes)
         real = self.clamp_real(node, acc * _channel(_bias_scale(x.qparams, weight_scale), layer.geometry, acc))
         qp = self.observed_qparams(node, real)
         lo, hi = self.output_bounds(node, qp)
         requantize = self.target.requantizer(layer.geometry.kind, x.qparams, weight_scale, qp, lo, hi,
                                              layer.geometry.channel_axis, acc.dim())
-        codes = requantize(acc.detach().to(torch.int64))
+        codes = requantize(acc.detach())
         return self.emit(codes, real.to(torch.float32), qp, lo, hi)
 
     op_linear = op_conv2d
@@ -114,7 +115,8 @@ class _FakeExecutor(Executor):
         weight, _ = layer.folded()
         weight_scale = layer.weight_scale(weight)
         weight_codes = layer.weight_codes(weight, weight_scale)
-        acc = layer_accumulator(layer.geometry, x.codes, x.qparams, weight_codes, None)
+        plan = plan_layer(layer.geometry, weight_codes, None, x.qparams)
+        acc = layer_accumulator(plan, layer.geometry, x.codes, x.qparams, weight_codes, None)
         factor = layer.batch_norm_factor().to(torch.float64)
         unfolded = acc * _channel(_bias_scale(x.qparams, weight_scale) / factor, layer.geometry, acc)
         if layer.module.bias is not None:

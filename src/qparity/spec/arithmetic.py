@@ -103,7 +103,7 @@ def _round_exact_at(terms, mask: torch.Tensor) -> torch.Tensor:
     shape = tuple(mask.shape)
     parts = []
     for k, c in terms:
-        kv = np.broadcast_to(k.cpu().numpy(), shape)[index].astype(object)
+        kv = np.broadcast_to(k.detach().to(torch.int64).cpu().numpy(), shape)[index].astype(object)
         num = np.broadcast_to(c.numerator, shape)[index]
         den = np.broadcast_to(c.denominator, shape)[index]
         parts.append((kv * num, den))

@@ -79,7 +79,11 @@ class Target:
     # -- operators ------------------------------------------------------------------------------------------
     def requantizer(self, op: str, input_qp: QParams, weight_scale: torch.Tensor, output_qp: QParams,
                     lo: int, hi: int, channel_axis: int, ndim: int) -> Requantizer:
-        """acc (int64, bias included) -> output codes for a conv ("conv2d") or fully connected ("linear")."""
+        """acc -> output codes for a conv ("conv2d") or fully connected ("linear") layer.
+
+        acc (bias included) arrives as a float tensor holding exact integers (float32 below 2^24, else
+        float64); the requantizer converts it as its runtime does.
+        """
         raise NotImplementedError
 
     def add(self, qa: torch.Tensor, a: QParams, qb: torch.Tensor, b: QParams, out: QParams,

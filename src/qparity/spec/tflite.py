@@ -62,7 +62,7 @@ class TFLiteTarget(Target):
         m0, shift = channel_view(m0, ndim, channel_axis), channel_view(shift, ndim, channel_axis)
 
         def requantize(acc: torch.Tensor) -> torch.Tensor:
-            scaled = multiply_by_quantized_multiplier(acc, m0.to(acc.device), shift.to(acc.device))
+            scaled = multiply_by_quantized_multiplier(acc.to(torch.int64), m0.to(acc.device), shift.to(acc.device))
             return torch.clamp(scaled + zero_point, lo, hi)
 
         return requantize
