@@ -159,3 +159,15 @@ def test_integer_model_is_usable_from_several_threads(resnet):
     for t in threads:
         t.join()
     assert all(torch.equal(r, expected) for r in results)
+
+
+@pytest.mark.parametrize("target", qp.TARGETS)
+@pytest.mark.parametrize("value", [0.0, 0.7, -3.0])
+def test_constant_input_gives_a_valid_grid_not_scale_zero(target, value):
+    # An all-zero input gets the smallest scale; a bias could not be represented at s_in * s_w that small.
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1, bias=value != 0.0), torch.nn.ReLU())
+    x = torch.full((2, 1, 3, 3), value)
+    prepared, integer = prepare_and_convert(model, (x,), target, [x, x])
+    assert float(integer.input_qparams[0].scale) > 0
+    assert_bit_exact(prepared, integer, x)
+    assert_bit_exact(prepared, integer, torch.randn(2, 1, 3, 3))

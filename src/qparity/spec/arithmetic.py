@@ -163,24 +163,29 @@ def quantize_multiplier(real_multiplier: torch.Tensor) -> Tuple[torch.Tensor, to
 
 
 def saturating_rounding_doubling_high_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """gemmlowp SaturatingRoundingDoublingHighMul: (a * b + nudge) / 2^31, C division (toward zero).
+    """gemmlowp SaturatingRoundingDoublingHighMul: (a * b + nudge) / 2^31 with C's truncating division.
 
-    The nudge is 2^30 for a non-negative product and 1 - 2^30 otherwise, so ties go toward +infinity.
+    The nudge is 2^30 for a non-negative product and 1 - 2^30 otherwise. For a negative product p,
+    trunc((p + 1 - 2^30) / 2^31) = floor((p + 2^30) / 2^31), so both cases are `(a * b + 2^30) >> 31`
+    (ties toward +infinity). The one saturating case, a == b == INT32_MIN, only arises when the
+    multiplier b is INT32_MIN; Q31 multipliers are never negative, but the case is kept exact.
     """
-    overflow = (a == b) & (a == INT32_MIN)
-    product = a * b
-    nudge = torch.where(product >= 0, torch.tensor(1 << 30), torch.tensor(1 - (1 << 30)))
-    high = truncating_div(product + nudge, torch.tensor(1 << 31))
-    return torch.where(overflow, torch.full_like(high, INT32_MAX), high)
+    high = (a * b + (1 << 30)) >> 31
+    if bool((b == INT32_MIN).any()):
+        high = torch.where((a == b) & (a == INT32_MIN), torch.full_like(high, INT32_MAX), high)
+    return high
 
 
 def rounding_divide_by_pot(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
-    """gemmlowp RoundingDivideByPOT: x / 2^exponent rounded to nearest, ties away from zero."""
+    """gemmlowp RoundingDivideByPOT: x / 2^exponent rounded to nearest, ties away from zero.
+
+    gemmlowp adds 1 when the remainder exceeds `mask / 2 + (x < 0)`. Equivalently
+    `(x + 2^(e-1) - [x < 0]) >> e` for e > 0 (the -1 turns negative ties away from zero), and x for e = 0.
+    """
     exponent = torch.as_tensor(exponent, dtype=torch.int64)
-    mask = (torch.ones_like(exponent) << exponent) - 1
-    remainder = x & mask
-    threshold = (mask >> 1) + (x < 0).to(torch.int64)
-    return (x >> exponent) + (remainder > threshold).to(torch.int64)
+    half = (torch.ones_like(exponent) << exponent) >> 1
+    negative_tie_fix = (x >> 63) & (exponent > 0).to(torch.int64)  # 1 for negative x when e > 0
+    return (x + half - negative_tie_fix) >> exponent
 
 
 def multiply_by_quantized_multiplier(x: torch.Tensor, m0: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -190,8 +195,9 @@ def multiply_by_quantized_multiplier(x: torch.Tensor, m0: torch.Tensor, shift: t
     """
     left = torch.clamp(shift, min=0)
     right = torch.clamp(-shift, min=0)
-    shifted = x * (torch.ones_like(left) << left)
-    return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(shifted, m0), right)
+    if bool((left > 0).any()):
+        x = x * (torch.ones_like(left) << left)
+    return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x, m0), right)
 
 
 # ---------------------------------------------------------------------------------------------------------
