@@ -1,12 +1,13 @@
 """Target `onnxruntime`: the ONNX QLinear operators as ONNX Runtime's CPU kernels compute them.
 
 f() is rounding to float32, rne round half to even, sat the clamp to the code dtype:
-- quantize (QuantizeLinear):       q = sat(rne(f(x / s)) + z): true division, z after rounding
+- quantize (QuantizeLinear):       q = sat(rne(f(x / s)) + z): true division, z after rounding; NaN -> qmin
 - conv/linear (QLinearConv/MatMul): M = f(f(s_x * s_w) / s_y); q = sat(rne(f(f(acc) * M)) + z_y); the int32
                                     bias is in acc, and f(acc) drops bits above 2^24 as ORT does
 - add (com.microsoft QLinearAdd):  r_a = f(s_a / s_y), r_b = f(s_b / s_y),
                                     F = f(z_y) - fma(r_a, z_a, f(r_b * z_b)),
-                                    q = sat(rne(fma(q_a, r_a, fma(q_b, r_b, F))))
+                                    q = sat(rne(fma(q_a, r_a, fma(q_b, r_b, F))));
+                                    a one-element A swaps the roles of A and B (ORT's scalar-A kernel)
 - rescale (QLinearConcat input):   q = sat(rne(f(f((q - z) * s) / s_y)) + z_y)
 - rescale is an exact copy when the grids are equal (qlinear_concat.cc)
 - average (QLinearAveragePool):    each input dequantized f(s * (q - z)), summed in float32 window order
@@ -41,7 +42,8 @@ class OnnxRuntimeTarget(Target):
         return torch.round(x.to(torch.float32) / scale).to(torch.float64) + zero_point
 
     def quantize(self, x, qp):
-        return torch.clamp(self.quantize_unclamped(x, qp), qp.qmin, qp.qmax).to(torch.int64)
+        codes = torch.clamp(self.quantize_unclamped(x, qp), qp.qmin, qp.qmax)
+        return torch.nan_to_num(codes, nan=float(qp.qmin)).to(torch.int64)  # MLAS maps NaN to qmin
 
     def requantizer(self, op, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim):
         multiplier = (input_qp.scale * weight_scale.to(torch.float32)) / output_qp.scale
@@ -55,6 +57,13 @@ class OnnxRuntimeTarget(Target):
         return requantize
 
     def add(self, qa, a, qb, b, out, lo, hi):
+        if qa.numel() == 1:
+            # A one-element first input takes ORT's scalar-A kernel, which swaps the operands' roles
+            # (qladd.cc: the functor is called with B as the span and A as the scalar).
+            return self._add_spans(qb, b, qa, a, out, lo, hi)
+        return self._add_spans(qa, a, qb, b, out, lo, hi)
+
+    def _add_spans(self, qa, a, qb, b, out, lo, hi):
         ratio_a = (a.scale / out.scale).reshape(())
         ratio_b = (b.scale / out.scale).reshape(())
         za = a.zero_point.to(torch.float32)
