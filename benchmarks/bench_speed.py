@@ -47,7 +47,7 @@ def train_step(model, optimizer, x, y):
 
 def torch_ao_models(model, x):
     from torch.ao.quantization import get_default_qat_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
     torch.backends.quantized.engine = "x86"
     prepared = prepare_qat_fx(copy.deepcopy(model).train(), get_default_qat_qconfig_mapping("x86"), (x,))
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
 
     ao = torch_ao_models(base, x)
     ao_step = timed(train_step(ao, torch.optim.SGD(ao.parameters(), lr=0.01), x, y), args.repeats)
-    print(f"\nQAT step           seconds   ratio to torch.ao")
+    print("\nQAT step           seconds   ratio to torch.ao")
     print(f"  torch.ao (x86)   {ao_step:8.4f}   1.00")
     converted = {}
     for target in qp.TARGETS:
@@ -88,7 +88,7 @@ def main(argv=None) -> None:
     ao_int8 = convert_fx(ao)
     with torch.no_grad():
         ao_run = timed(lambda: ao_int8(x), args.repeats)
-    print(f"\nint8 inference     seconds   ratio to torch.ao")
+    print("\nint8 inference     seconds   ratio to torch.ao")
     print(f"  torch.ao (x86)   {ao_run:8.4f}   1.00")
     with torch.no_grad():
         for target, model in converted.items():

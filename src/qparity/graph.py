@@ -159,8 +159,9 @@ class QValue:
 class Executor:
     """Runs a Graph. Subclasses define the operators that create new grids; the rest are shared here."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, target):
         self.graph = graph
+        self.target = target
 
     def run(self, inputs: List[Any]) -> Any:
         env: Dict[str, Any] = {}
@@ -184,11 +185,17 @@ class Executor:
         return _wrap(result, grids[0])
 
     def op_clamp(self, node: Node, x: QValue) -> QValue:
-        lo, hi = self.clamp_bounds(node, x.qparams)
+        lo, hi = self.target.activation_bounds(node.attrs.get("min"), node.attrs.get("max"), x.qparams)
         return QValue(torch.clamp(x.codes, lo, hi), x.qparams)
 
-    def clamp_bounds(self, node: Node, qp: QParams):
-        raise NotImplementedError
+    def output_bounds(self, node: Node, qp: QParams):
+        """The output clamp in codes of a conv/linear/add: the dtype range narrowed by a fused activation."""
+        return fused_clamp_bounds(self.target, node, qp)
+
+
+def fused_clamp_bounds(target, node: Node, qp: QParams):
+    low, high = node.attrs.get("clamp") or (None, None)
+    return target.activation_bounds(low, high, qp)
 
 
 def _resolve(value, env):

@@ -13,7 +13,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .errors import InputError
-from .graph import Executor, Graph, Node, QValue, output_structure
+from .graph import Executor, Graph, Node, QValue, fused_clamp_bounds, output_structure
 from .ops import pooling
 from .ops.accumulate import ConvGeometry
 from .ops.layer import layer_accumulator, plan_layer
@@ -46,8 +46,7 @@ class IntegerModel:
     def _prepare(self, node: Node, layer: IntegerLayer):
         geometry = ConvGeometry.from_dict(node.attrs["geometry"])
         input_qp, output_qp = self.grids[node.args[0].name], self.qparams[node.name]
-        low, high = node.attrs.get("clamp") or (None, None)
-        lo, hi = self.target.activation_bounds(low, high, output_qp)
+        lo, hi = fused_clamp_bounds(self.target, node, output_qp)
         ndim = 4 if geometry.kind == "conv2d" else 2
         requantize = self.target.requantizer(geometry.kind, input_qp, layer.weight_scale, output_qp, lo, hi,
                                              geometry.channel_axis, ndim)
@@ -111,12 +110,8 @@ class IntegerModel:
 
 class _IntegerExecutor(Executor):
     def __init__(self, model: IntegerModel):
-        super().__init__(model.graph)
+        super().__init__(model.graph, model.target)
         self.model = model
-        self.target = model.target
-
-    def clamp_bounds(self, node, qp):
-        return self.target.activation_bounds(node.attrs.get("min"), node.attrs.get("max"), qp)
 
     def op_input(self, node, codes):
         return QValue(codes, self.model.qparams[node.name])
@@ -130,8 +125,7 @@ class _IntegerExecutor(Executor):
 
     def op_add(self, node, a, b):
         qp = self.model.qparams[node.name]
-        low, high = node.attrs.get("clamp") or (None, None)
-        lo, hi = self.target.activation_bounds(low, high, qp)
+        lo, hi = self.output_bounds(node, qp)
         return QValue(self.target.add(a.codes, a.qparams, b.codes, b.qparams, qp, lo, hi), qp)
 
     def op_cat(self, node, tensors):

@@ -6,7 +6,7 @@ Train mode with BatchNorm uses batch statistics, as BatchNorm must while it lear
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -56,22 +56,13 @@ class QATModel(nn.Module):
 
 class _FakeExecutor(Executor):
     def __init__(self, model: QATModel):
-        super().__init__(model.graph)
+        super().__init__(model.graph, model.target)
         self.model = model
-        self.target = model.target
 
     def observed_qparams(self, node: Node, real: torch.Tensor) -> QParams:
         observer = self.model.observers[node.name]
         observer.observe(real)
         return observer.qparams()
-
-    def clamp_bounds(self, node: Node, qp: QParams) -> Tuple[int, int]:
-        low, high = node.attrs.get("min"), node.attrs.get("max")
-        return self.target.activation_bounds(low, high, qp)
-
-    def output_bounds(self, node: Node, qp: QParams) -> Tuple[int, int]:
-        low, high = node.attrs.get("clamp") or (None, None)
-        return self.target.activation_bounds(low, high, qp)
 
     def emit(self, codes: torch.Tensor, real: torch.Tensor, qp: QParams, lo: int, hi: int) -> QValue:
         """Codes from the integer program, with the gradient of the real value on qp's grid."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import torch
 
-from ..qparams import QParams
 from ..ops import pooling
 from .arithmetic import fma_f32
 from .target import Target, channel_view

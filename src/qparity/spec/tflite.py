@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from ..qparams import QParams
 from .arithmetic import multiply_by_quantized_multiplier, quantize_multiplier, round_half_away, truncating_div
 from .target import Target, channel_view
 
