@@ -201,3 +201,10 @@ def test_saved_file_is_not_a_pickle(converted, tmp_path):
     converted.save(path)
     raw = path.read_bytes()
     assert raw.startswith(b"QPARITY\n") and b"\x80\x04\x95" not in raw[:64]
+
+
+def test_freeze_convert_and_calibrate_need_a_prepared_model():
+    from qparity.errors import NotPreparedError
+    for action in (qp.freeze, qp.convert, lambda m: qp.calibrate(m, [])):
+        with pytest.raises(NotPreparedError, match="expects the model returned by qparity.prepare_qat"):
+            action(torch.nn.Linear(2, 2))

@@ -171,3 +171,16 @@ def test_constant_input_gives_a_valid_grid_not_scale_zero(target, value):
     assert float(integer.input_qparams[0].scale) > 0
     assert_bit_exact(prepared, integer, x)
     assert_bit_exact(prepared, integer, torch.randn(2, 1, 3, 3))
+
+
+def test_calibrate_sets_ranges_without_touching_batchnorm():
+    torch.manual_seed(8)
+    batches = image_batches(14)
+    prepared = qp.prepare_qat(ResNetish(), (batches[0],), target="tflite")
+    before = {k: v.clone() for k, v in prepared.state_dict().items() if "running" in k}
+    qp.calibrate(prepared, batches)
+    after = prepared.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert all(o.calibrated for o in prepared.observers.values())
+    assert not prepared.training
+    assert_bit_exact(prepared, qp.convert(prepared), batches[0])

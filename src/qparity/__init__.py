@@ -9,7 +9,7 @@
 from .convert import convert
 from .errors import QParityError
 from .qat.model import QATModel
-from .qat.prepare import freeze, prepare_qat
+from .qat.prepare import calibrate, freeze, prepare_qat
 from .qparams import QParams
 from .runtime import IntegerModel
 from .serialize import load
@@ -17,5 +17,5 @@ from .spec import TARGETS
 
 __version__ = "0.1.0"
 
-__all__ = ["TARGETS", "IntegerModel", "QATModel", "QParams", "QParityError", "convert", "freeze", "load",
-           "prepare_qat"]
+__all__ = ["TARGETS", "IntegerModel", "QATModel", "QParams", "QParityError", "calibrate", "convert", "freeze",
+           "load", "prepare_qat"]

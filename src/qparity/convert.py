@@ -10,14 +10,14 @@ import torch
 from .errors import OverflowRiskError
 from .ops.layer import check_accumulator_range
 from .qat.model import QATModel
+from .qat.prepare import require_prepared
 from .runtime import IntegerLayer, IntegerModel, resolve_grids
 from .spec.arithmetic import INT32_MAX, INT32_MIN
 
 
 @torch.no_grad()
 def convert(model: QATModel) -> IntegerModel:
-    if not isinstance(model, QATModel):
-        raise TypeError(f"convert expects the model returned by qparity.prepare_qat, got {type(model).__name__}")
+    require_prepared(model, "convert")
     qparams = {name: observer.qparams() for name, observer in model.observers.items()}
     grids = resolve_grids(model.graph, qparams)
     target = model.target

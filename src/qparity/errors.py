@@ -21,6 +21,10 @@ class UnsupportedOpError(QParityError, TypeError):
     """An operator (or an operator configuration) that qparity cannot quantize exactly."""
 
 
+class NotPreparedError(QParityError, TypeError):
+    """A function that needs a model from `prepare_qat` was given something else."""
+
+
 class CaptureError(QParityError, TypeError):
     """The model could not be captured as a graph."""
 

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..capture import capture
-from ..errors import InvalidQParamsError
+from ..errors import InvalidQParamsError, NotPreparedError
 from ..ops.accumulate import ConvGeometry
 from ..spec import get_target
 from .layers import QATLayer
@@ -44,10 +44,35 @@ def freeze(model: QATModel) -> QATModel:
     Idempotent. After freeze the model's forward (in eval mode) is exactly the integer program that
     `convert` produces.
     """
-    if not isinstance(model, QATModel):
-        raise TypeError(f"freeze expects the model returned by qparity.prepare_qat, got {type(model).__name__}")
+    require_prepared(model, "freeze")
     for observer in model.observers.values():
         observer.freeze()
     for layer in model.layers.values():
         layer.freeze()
+    return model
+
+
+def require_prepared(model, action: str) -> None:
+    if not isinstance(model, QATModel):
+        raise NotPreparedError(f"{action} expects the model returned by qparity.prepare_qat, got "
+                               f"{type(model).__name__}")
+
+
+@torch.no_grad()
+def calibrate(model: QATModel, batches: Iterable) -> QATModel:
+    """Let the observers see `batches` without training: BatchNorm keeps its running statistics.
+
+    Each batch is a tensor or a tuple of the model's inputs. Returns the model in eval mode.
+    """
+    require_prepared(model, "calibrate")
+    model.eval()
+    observers = list(model.observers.values())
+    for observer in observers:
+        observer.train()
+    try:
+        for batch in batches:
+            model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    finally:
+        for observer in observers:
+            observer.eval()
     return model

@@ -169,8 +169,9 @@ def saturating_rounding_doubling_high_mul(a: torch.Tensor, b: torch.Tensor) -> t
     trunc((p + 1 - 2^30) / 2^31) = floor((p + 2^30) / 2^31), so both cases are `(a * b + 2^30) >> 31`
     (ties toward +infinity). The one saturating case, a == b == INT32_MIN, only arises when the
     multiplier b is INT32_MIN; Q31 multipliers are never negative, but the case is kept exact.
+    Returns a new tensor; the chain after the product runs in place (allocation dominates these ops).
     """
-    high = (a * b + (1 << 30)) >> 31
+    high = (a * b).add_(1 << 30).bitwise_right_shift_(31)
     if bool((b == INT32_MIN).any()):
         high = torch.where((a == b) & (a == INT32_MIN), torch.full_like(high, INT32_MAX), high)
     return high
@@ -182,10 +183,15 @@ def rounding_divide_by_pot(x: torch.Tensor, exponent: torch.Tensor) -> torch.Ten
     gemmlowp adds 1 when the remainder exceeds `mask / 2 + (x < 0)`. Equivalently
     `(x + 2^(e-1) - [x < 0]) >> e` for e > 0 (the -1 turns negative ties away from zero), and x for e = 0.
     """
-    exponent = torch.as_tensor(exponent, dtype=torch.int64)
+    return _rounding_divide_by_pot_(x.clone(), exponent)
+
+
+def _rounding_divide_by_pot_(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """rounding_divide_by_pot computed in place on x."""
+    exponent = torch.as_tensor(exponent, dtype=torch.int64, device=x.device)
     half = (torch.ones_like(exponent) << exponent) >> 1
-    negative_tie_fix = (x >> 63) & (exponent > 0).to(torch.int64)  # 1 for negative x when e > 0
-    return (x + half - negative_tie_fix) >> exponent
+    negative_tie_fix = (x >> 63).bitwise_and_((exponent > 0).to(torch.int64))  # 1 for negative x when e > 0
+    return x.add_(half).sub_(negative_tie_fix).bitwise_right_shift_(exponent)
 
 
 def multiply_by_quantized_multiplier(x: torch.Tensor, m0: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -197,7 +203,7 @@ def multiply_by_quantized_multiplier(x: torch.Tensor, m0: torch.Tensor, shift: t
     right = torch.clamp(-shift, min=0)
     if bool((left > 0).any()):
         x = x * (torch.ones_like(left) << left)
-    return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x, m0), right)
+    return _rounding_divide_by_pot_(saturating_rounding_doubling_high_mul(x, m0), right)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -211,7 +217,8 @@ def round_half_away(values: torch.Tensor) -> torch.Tensor:
     """
     v = values.to(torch.float64)
     whole = torch.trunc(v)
-    return whole + torch.sign(v) * ((v - whole).abs() >= 0.5).to(torch.float64)
+    away = (v - whole).abs_().ge_(0.5).to(torch.float64).mul_(torch.sign(v))
+    return whole.add_(away)
 
 
 def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

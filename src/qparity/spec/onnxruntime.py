@@ -50,8 +50,8 @@ class OnnxRuntimeTarget(Target):
         zero_point = int(output_qp.zero_point)
 
         def requantize(acc: torch.Tensor) -> torch.Tensor:
-            scaled = torch.round(acc.to(torch.float32) * multiplier.to(acc.device))
-            return torch.clamp(scaled.to(torch.int64) + zero_point, lo, hi)
+            scaled = (acc.to(torch.float32) * multiplier.to(acc.device)).round_()
+            return scaled.add_(zero_point).clamp_(lo, hi).to(torch.int64)  # exact: small integers in float32
 
         return requantize
 

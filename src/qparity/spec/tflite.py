@@ -54,7 +54,7 @@ class TFLiteTarget(Target):
 
             def requantize_in_double(acc: torch.Tensor) -> torch.Tensor:
                 scaled = round_half_away(acc.to(torch.float64) * multiplier.to(acc.device)).to(torch.int64)
-                return torch.clamp(scaled + zero_point, lo, hi)
+                return scaled.add_(zero_point).clamp_(lo, hi)
 
             return requantize_in_double
         m0, shift = _multiplier(real)
@@ -62,7 +62,7 @@ class TFLiteTarget(Target):
 
         def requantize(acc: torch.Tensor) -> torch.Tensor:
             scaled = multiply_by_quantized_multiplier(acc.to(torch.int64), m0.to(acc.device), shift.to(acc.device))
-            return torch.clamp(scaled + zero_point, lo, hi)
+            return scaled.add_(zero_point).clamp_(lo, hi)
 
         return requantize
 
@@ -75,15 +75,15 @@ class TFLiteTarget(Target):
         shifted_b = (qb - int(b.zero_point)) * (1 << ADD_LEFT_SHIFT)
         raw_sum = (multiply_by_quantized_multiplier(shifted_a, m_a, s_a)
                    + multiply_by_quantized_multiplier(shifted_b, m_b, s_b))
-        raw = multiply_by_quantized_multiplier(raw_sum, m_y, s_y) + int(out.zero_point)
-        return torch.clamp(raw, lo, hi)
+        raw = multiply_by_quantized_multiplier(raw_sum, m_y, s_y)
+        return raw.add_(int(out.zero_point)).clamp_(lo, hi)
 
     def rescale(self, q, source, out):
         if source.same_grid(out):
             return q  # the kernels copy tensors that already share scale and zero point
         m0, shift = _multiplier(source.scale.to(torch.float64) / out.scale.to(torch.float64))
         scaled = multiply_by_quantized_multiplier(q - int(source.zero_point), m0, shift)
-        return torch.clamp(scaled + int(out.zero_point), out.qmin, out.qmax)
+        return scaled.add_(int(out.zero_point)).clamp_(out.qmin, out.qmax)
 
     def average(self, sums, counts, qp):
         raw = sums + int(qp.zero_point) * counts
