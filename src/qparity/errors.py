@@ -43,3 +43,7 @@ class OverflowRiskError(QParityError, ValueError):
 
 class ModelFileError(QParityError, ValueError):
     """A saved model file that is empty, truncated, corrupted or of another format."""
+
+
+class ExportError(QParityError, ValueError):
+    """A model that cannot be written to the requested file format (wrong target, inexpressible op)."""
