@@ -20,7 +20,7 @@ from ..qparams import QParams
 from ..spec import Target
 from .layers import QATLayer
 from .observers import ActivationObserver
-from .ste import straight_through
+from .ste import quantized_output, straight_through
 
 
 class QATModel(nn.Module):
@@ -66,8 +66,7 @@ class _FakeExecutor(Executor):
 
     def emit(self, codes: torch.Tensor, real: torch.Tensor, qp: QParams, lo: int, hi: int) -> QValue:
         """Codes from the integer program, with the gradient of the real value on qp's grid."""
-        surrogate = torch.clamp(real / qp.scale.to(real.device) + float(qp.zero_point), lo, hi)
-        return QValue(straight_through(codes, surrogate), qp)
+        return QValue(quantized_output(codes, real, float(qp.scale), float(qp.zero_point), lo, hi), qp)
 
     # -- operators ------------------------------------------------------------------------------------------
     def op_input(self, node: Node, x: torch.Tensor) -> QValue:
@@ -115,7 +114,9 @@ class _FakeExecutor(Executor):
         real = self.clamp_real(node, layer.batch_norm(unfolded.to(torch.float32)))
         qp = self.observed_qparams(node, real)
         lo, hi = self.output_bounds(node, qp)
-        codes = torch.clamp(self.target.quantize(real.detach(), qp), lo, hi)
+        # Batch statistics make this forward an approximation of the deployed layer whatever the rounding,
+        # so the codes use the cheapest one (round half even in float32); eval mode and freeze are exact.
+        codes = (real.detach() / qp.scale.to(real.device)).round_().add_(float(qp.zero_point)).clamp_(lo, hi)
         return self.emit(codes, real, qp, lo, hi)
 
     def clamp_real(self, node: Node, real: torch.Tensor) -> torch.Tensor:

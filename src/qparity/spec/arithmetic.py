@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -71,31 +71,38 @@ def _fractions(t: torch.Tensor, shape) -> np.ndarray:
     return out
 
 
-def round_half_even_exact(terms: Sequence[Tuple[torch.Tensor, ExactRatio]], lo: int, hi: int) -> torch.Tensor:
+def round_half_even_exact(terms: Sequence[Tuple[torch.Tensor, ExactRatio]], lo: int, hi: int,
+                          k_max: Optional[Sequence[float]] = None) -> torch.Tensor:
     """clamp(round_half_even(sum(k * c for k, c in terms)), lo, hi) computed exactly; int64 result.
 
-    The float64 estimate has an error below |sum| * 2^-49 (each product and sum adds at most 2^-53 relative
-    error, the coefficients carry one more). Elements farther than that from a tie round correctly from the
-    estimate; elements within it are recomputed with Python integers. Elements far outside [lo, hi] clamp
-    whatever their rounding, so they are never recomputed.
+    The float64 estimate of each product k * c is within |k c| * 2^-51 of the truth (the coefficient and
+    the product each round once), and a sum of two within the sum of their magnitudes * 2^-51 (plus one
+    more rounding). Only elements that land inside [lo - 1, hi + 1] need their rounding right; for one
+    term their |k c| is at most max(|lo|, |hi|) + 2, for several it is at most sum(k_max_i * max|c_i|)
+    (k_max: bounds on |k_i|, measured when not given).
+    Elements farther than that bound from a tie round correctly from the estimate; the rest (exact ties
+    and near-ties, rare unless the multiplier is a short binary fraction) are recomputed with Python
+    integers. Elements far outside [lo, hi] clamp whatever their rounding, so they are never recomputed.
     """
+    reach = max(abs(lo), abs(hi)) + 2
+    if len(terms) == 1:
+        magnitude = float(reach)
+    else:
+        if k_max is None:
+            k_max = [float(k.abs().max()) if k.numel() else 0.0 for k, _ in terms]
+        magnitude = sum(float(m) * float(c.estimate.abs().max()) for m, (_, c) in zip(k_max, terms))
+    error_bound = magnitude * 2.0**-49
     estimate = None
-    magnitude = None
     for k, c in terms:
-        kd = k.to(torch.float64)
-        est = c.estimate.to(kd.device)
-        part = kd * est
-        estimate = part if estimate is None else estimate + part
-        mag = part.abs()
-        magnitude = mag if magnitude is None else magnitude + mag
+        part = k.to(torch.float64) * c.estimate.to(k.device)
+        estimate = part if estimate is None else estimate.add_(part)
     rounded = torch.round(estimate)
-    error_bound = magnitude * 2.0**-48 + 2.0**-1000
-    near_tie = ((estimate - torch.floor(estimate) - 0.5).abs() <= error_bound)
-    near_tie &= (estimate > lo - 2) & (estimate < hi + 2)
+    near_tie = (estimate - rounded).abs_() >= 0.5 - error_bound
     if bool(near_tie.any()):
-        rounded = rounded.clone()
-        rounded[near_tie] = _round_exact_at(terms, near_tie).to(rounded)
-    return torch.clamp(rounded, lo, hi).to(torch.int64)
+        near_tie &= estimate.abs() <= reach
+        if bool(near_tie.any()):
+            rounded[near_tie] = _round_exact_at(terms, near_tie).to(rounded)
+    return rounded.clamp_(lo, hi).to(torch.int64)
 
 
 def _round_exact_at(terms, mask: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,8 @@ class ExactTarget(Target):
         za, zb, zy = int(a.zero_point), int(b.zero_point), int(out.zero_point)
         terms = [(qa - za, ExactRatio.of_scales([a.scale], [out.scale])),
                  (qb - zb, ExactRatio.of_scales([b.scale], [out.scale]))]
-        return zy + round_half_even_exact(terms, lo - zy, hi - zy)
+        k_max = (a.qmax - a.qmin, b.qmax - b.qmin)  # |q - z| never exceeds the dtype's span
+        return zy + round_half_even_exact(terms, lo - zy, hi - zy, k_max)
 
     def rescale(self, q, source, out):
         zy = int(out.zero_point)
