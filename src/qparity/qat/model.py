@@ -90,13 +90,14 @@ class _FakeExecutor(Executor):
                                           bias.to(torch.float64) / _bias_scale(x.qparams, weight_scale))
         plan = plan_layer(layer.geometry, weight_codes, bias_codes, x.qparams)
         acc = layer_accumulator(plan, layer.geometry, x.codes, x.qparams, weight_codes, bias_codes)
-        real = self.clamp_real(node, acc * _channel(_bias_scale(x.qparams, weight_scale), layer.geometry, acc))
+        real = self.clamp_real(node, acc.to(torch.float32) * _channel(_bias_scale(x.qparams, weight_scale),
+                                                                      layer.geometry, acc))
         qp = self.observed_qparams(node, real)
         lo, hi = self.output_bounds(node, qp)
         requantize = self.target.requantizer(layer.geometry.kind, x.qparams, weight_scale, qp, lo, hi,
                                              layer.geometry.channel_axis, acc.dim())
         codes = requantize(acc.detach())
-        return self.emit(codes, real.to(torch.float32), qp, lo, hi)
+        return self.emit(codes, real, qp, lo, hi)
 
     op_linear = op_conv2d
 
@@ -107,11 +108,11 @@ class _FakeExecutor(Executor):
         weight_codes = layer.weight_codes(weight, weight_scale)
         plan = plan_layer(layer.geometry, weight_codes, None, x.qparams)
         acc = layer_accumulator(plan, layer.geometry, x.codes, x.qparams, weight_codes, None)
-        factor = layer.batch_norm_factor().to(torch.float64)
-        unfolded = acc * _channel(_bias_scale(x.qparams, weight_scale) / factor, layer.geometry, acc)
+        factor = layer.batch_norm_factor()
+        unfolded = acc.to(torch.float32) * _channel(_bias_scale(x.qparams, weight_scale) / factor, layer.geometry, acc)
         if layer.module.bias is not None:
-            unfolded = unfolded + _channel(layer.module.bias.to(torch.float64), layer.geometry, acc)
-        real = self.clamp_real(node, layer.batch_norm(unfolded.to(torch.float32)))
+            unfolded = unfolded + _channel(layer.module.bias, layer.geometry, acc)
+        real = self.clamp_real(node, layer.batch_norm(unfolded))
         qp = self.observed_qparams(node, real)
         lo, hi = self.output_bounds(node, qp)
         # Batch statistics make this forward an approximation of the deployed layer whatever the rounding,
@@ -170,7 +171,8 @@ def _bias_scale(input_qp: QParams, weight_scale: torch.Tensor) -> torch.Tensor:
 
 
 def _channel(values: torch.Tensor, geometry: ConvGeometry, like: torch.Tensor) -> torch.Tensor:
-    values = values.to(like.device)
+    """A per-channel float32 vector shaped to broadcast along `like`'s channel axis (the surrogate's dtype)."""
+    values = values.to(device=like.device, dtype=torch.float32)
     if values.dim() == 0:
         return values
     shape = [1] * like.dim()
