@@ -231,18 +231,26 @@ def round_half_away(values: torch.Tensor) -> torch.Tensor:
 def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """float32 fused multiply-add, a * b + c rounded once, emulated exactly.
 
-    a * b of two float32 values is exact in float64. The sum is computed in float64 with round-to-odd
-    (TwoSum finds the rounding error; an inexact even result steps one ulp toward the true value), and
-    rounding a round-to-odd float64 to float32 equals rounding the exact sum once (53 >= 2 * 24 + 2).
+    a * b of two float32 values is exact in float64; the float64 sum then rounds once more, and rounding
+    that to float32 equals rounding the exact sum once unless the float64 sum is exactly a float32 midpoint
+    (a rounding cannot step over a midpoint, which float64 represents). Only then, or near float32's
+    subnormal range, the sum is redone with round-to-odd (TwoSum finds the error; an inexact even result
+    steps one ulp toward the truth), which makes the final rounding correct (53 >= 2 * 24 + 2).
     """
     product = a.to(torch.float64) * b.to(torch.float64)
     addend = c.to(torch.float64)
     total = product + addend
+    low_bits = total.view(torch.int64) & ((1 << 29) - 1)
+    risky = (low_bits == (1 << 28)) | (total.abs() < 2.0**-125)
+    if bool(risky.any()):
+        total = _sum_round_to_odd(product, addend, total)
+    return total.to(torch.float32)
+
+
+def _sum_round_to_odd(product: torch.Tensor, addend: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     virtual = total - product
     error = (product - (total - virtual)) + (addend - virtual)
     even = (total.view(torch.int64) & 1) == 0
     needs_odd = (error != 0) & even
-    if bool(needs_odd.any()):
-        toward = torch.where(error > 0, torch.full_like(total, float("inf")), torch.full_like(total, float("-inf")))
-        total = torch.where(needs_odd, torch.nextafter(total, toward), total)
-    return total.to(torch.float32)
+    toward = torch.where(error > 0, torch.full_like(total, float("inf")), torch.full_like(total, float("-inf")))
+    return torch.where(needs_odd, torch.nextafter(total, toward), total)
