@@ -5,7 +5,7 @@ The file is written with the object API of the `schema_py_generated` module that
 implementation is exactly qparity's `tflite` target (`qparity.spec.tflite`):
 
     QUANTIZE (float32 -> int8) -> CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED / ADD / CONCATENATION /
-    MAX_POOL_2D / AVERAGE_POOL_2D / MAXIMUM / MINIMUM / PADV2 / RESHAPE / TRANSPOSE / GATHER -> DEQUANTIZE
+    MAX_POOL_2D / AVERAGE_POOL_2D / MAXIMUM / MINIMUM / PADV2 / SLICE / RESHAPE / TRANSPOSE / GATHER -> DEQUANTIZE
 
 Layout. The file keeps PyTorch's interface: float32 inputs and outputs with the PyTorch shapes (NCHW for
 images), so `interpreter(x)` and `model(x)` take the same array. Inside, TFLite's spatial kernels need
@@ -22,9 +22,10 @@ the on-device case), and `verify_tflite` feeds larger inputs through it in chunk
 
 Padding. TFLite's SAME skips out-of-image taps (for pooling: excludes them from the divisor); PyTorch pads
 symmetrically. Each conv/pool axis is planned by comparing, per output position, the taps (and the average
-divisor) of PyTorch's window with those of a candidate TFLite form: SAME, VALID, or an explicit PADV2 then
-VALID/SAME. Convolution pads with the zero point (real 0). Average pooling with count_include_pad pads
-with the zero point too, whose centered value is 0 and which the divisor then counts. Max pooling pads
+divisor) of PyTorch's window with those of a candidate TFLite form (`plan_padding`): SAME or VALID, after an
+explicit PADV2, with a SLICE dropping extra outputs where TFLite's grid of windows starts earlier.
+Convolution pads with the zero point (real 0). Average pooling with count_include_pad pads with the zero
+point too, whose centered value is 0 and which the divisor then counts. Max pooling pads
 with -128: PyTorch's max pool pads with -inf, but it requires padding <= kernel / 2 and (in ceil mode)
 that the last window start inside the input, so every window holds at least one real code q >= -128 and
 max(q, -128) = q. The planner checks that no window is all padding and refuses otherwise. A form that no
@@ -171,8 +172,9 @@ class AxisWindow:
 
 @dataclass(frozen=True)
 class AxisPlan:
-    mode: str   # "SAME" or "VALID"
-    pad: Tuple[int, int]
+    mode: str               # "SAME" or "VALID"
+    pad: Tuple[int, int]    # explicit PADV2 before and after
+    crop: int = 0           # TFLite outputs dropped at the start (the rest past PyTorch's size at the end)
 
 
 def _tflite_output(size: int, window: AxisWindow, mode: str) -> Tuple[int, int]:
@@ -189,40 +191,46 @@ def _plan_matches(window: AxisWindow, plan: AxisPlan, rule: str) -> bool:
     """Whether TFLite on the padded axis takes PyTorch's taps at every output position (and its divisor)."""
     padded = window.size + sum(plan.pad)
     out, tflite_lead = _tflite_output(padded, window, plan.mode)
-    if out != window.out:
+    if out < plan.crop + window.out:
         return False
-    for o in range(out):
-        taps = [o * window.stride + j * window.dilation for j in range(window.kernel)]
-        torch_real = [(j, t - window.lead) for j, t in enumerate(taps) if 0 <= t - window.lead < window.size]
-        inside = [(j, t - tflite_lead - plan.pad[0]) for j, t in enumerate(taps) if 0 <= t - tflite_lead < padded]
-        tflite_real = [(j, p) for j, p in inside if 0 <= p < window.size]
-        if torch_real != tflite_real:
+    for o in range(window.out):
+        offsets = [j * window.dilation for j in range(window.kernel)]
+        torch_taps = [o * window.stride - window.lead + d for d in offsets]
+        torch_real = [(j, t) for j, t in enumerate(torch_taps) if 0 <= t < window.size]
+        start = (o + plan.crop) * window.stride - tflite_lead  # in padded coordinates
+        inside = [(j, start + d - plan.pad[0]) for j, d in enumerate(offsets) if 0 <= start + d < padded]
+        if torch_real != [(j, t) for j, t in inside if 0 <= t < window.size]:
             return False
         if rule == "max" and not torch_real:
             return False
-        if rule == "avg_include" and len(inside) != sum(t - window.lead < window.counted_end for t in taps):
+        if rule == "avg_include" and len(inside) != sum(t < window.counted_end for t in torch_taps):
             return False
         if rule == "avg_exclude" and len(inside) != len(torch_real):
             return False
     return True
 
 
-def plan_padding(windows: Sequence[AxisWindow], rule: str) -> Optional[Tuple[str, List[Tuple[int, int]]]]:
-    """The TFLite padding mode and explicit (lead, trail) pads per axis that reproduce PyTorch's windows, or
+def plan_padding(windows: Sequence[AxisWindow], rule: str) -> Optional[Tuple[str, List[AxisPlan]]]:
+    """The TFLite padding mode, explicit pads and output crops per axis that reproduce PyTorch's windows, or
     None. `rule`: "conv" (pads hold real 0), "max" (pads hold -128), "avg_include" / "avg_exclude"."""
-    for mode in ("SAME", "VALID"):
-        chosen = []
-        for w in windows:
-            span = (w.kernel - 1) * w.dilation + 1
-            candidates = sorted(((a, b) for a in range(w.lead + 1) for b in range(w.lead + span + w.stride)),
-                                key=lambda ab: (ab[0] + ab[1], ab))
-            found = next((p for p in candidates if _plan_matches(w, AxisPlan(mode, p), rule)), None)
-            if found is None:
-                break
-            chosen.append(found)
-        else:
-            return mode, chosen
-    return None
+    options = []
+    for mode in ("VALID", "SAME"):
+        chosen = [_first_plan(w, mode, rule) for w in windows]
+        if all(chosen):
+            options.append((sum(p.crop > 0 for p in chosen), sum(sum(p.pad) for p in chosen), mode, chosen))
+    if not options:
+        return None
+    _, _, mode, chosen = min(options, key=lambda option: option[:2])
+    return mode, chosen
+
+
+def _first_plan(w: AxisWindow, mode: str, rule: str) -> Optional[AxisPlan]:
+    """The cheapest plan for one axis in one mode: no crop, then the least padding."""
+    span = (w.kernel - 1) * w.dilation + 1
+    candidates = sorted((AxisPlan(mode, (a, b), c) for a in range(w.lead + w.stride + 1)
+                         for b in range(w.lead + span + w.stride) for c in range(3)),
+                        key=lambda p: (p.crop, sum(p.pad), p.pad))
+    return next((p for p in candidates if _plan_matches(w, p, rule)), None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -255,7 +263,8 @@ class _Exporter(Executor):
         self.batch_size = batch_size
         self.fb = _FlatBuffer()
         self.graph_inputs: List[int] = []
-        self.layouts: Dict[Tuple[int, Tuple[int, ...]], TFLiteTensor] = {}
+        self.transposed: Dict[Tuple[int, Tuple[int, ...]], int] = {}  # (stored tensor, TRANSPOSE perm) -> result
+        self.flattened: Dict[int, int] = {}  # stored tensor -> its RESHAPE to one dimension
 
     def build(self) -> bytes:
         for node in self.graph.nodes:
@@ -285,18 +294,17 @@ class _Exporter(Executor):
         """`x` stored as logical.permute(perm), with one int8 TRANSPOSE if it is stored otherwise."""
         if x.perm == perm:
             return x
-        key = (x.index, perm)
-        if key not in self.layouts:
-            moved = tuple(x.perm.index(p) for p in perm)
-            out = TFLiteTensor(self.activation(f"t{x.index}_perm", [x.shape[p] for p in perm], x.grid),
-                               x.shape, x.grid, perm)
-            self.transpose(x.index, moved, out.index)
-            self.layouts[key] = out
-        return self.layouts[key]
+        moved = self.transpose(x, tuple(x.perm.index(p) for p in perm))
+        return TFLiteTensor(moved, x.shape, x.grid, perm)
 
-    def transpose(self, source: int, perm: Sequence[int], out: int) -> None:
-        perm_tensor = self.fb.constant(f"t{out}_perm_const", np.asarray(perm), "int32")
-        self.fb.operator("TRANSPOSE", [source, perm_tensor], [out], self.fb.options("TransposeOptions"))
+    def transpose(self, x: TFLiteTensor, perm: Tuple[int, ...]) -> int:
+        """x's stored tensor through TRANSPOSE(perm), emitted once per tensor and permutation."""
+        if (x.index, perm) not in self.transposed:
+            out = self.activation(f"t{x.index}_transposed", [x.stored_shape[p] for p in perm], x.grid)
+            perm_tensor = self.fb.constant(f"t{out}_perm", np.asarray(perm), "int32")
+            self.fb.operator("TRANSPOSE", [x.index, perm_tensor], [out], self.fb.options("TransposeOptions"))
+            self.transposed[(x.index, perm)] = out
+        return self.transposed[(x.index, perm)]
 
     def reshape(self, source: int, shape: Sequence[int], grid: QParams, name: str) -> int:
         out = self.activation(name, shape, grid)
@@ -342,17 +350,30 @@ class _Exporter(Executor):
 
     def spatial(self, node: Node, x: TFLiteTensor, kernel, stride, dilation, lead, out_hw, rule: str,
                 counted_end=(0, 0)):
-        """PADV2 (if needed) and the padding mode that make TFLite's windows PyTorch's."""
+        """PADV2 (if needed), the padding mode, TFLite's output size and the crop that give PyTorch's windows."""
         windows = [AxisWindow(x.shape[2 + i], out_hw[i], kernel[i], stride[i], dilation[i], lead[i], counted_end[i])
                    for i in range(2)]
         plan = plan_padding(windows, rule)
         if plan is None:
-            raise self.refuse(node, f"no TFLite padding (SAME, VALID, or an explicit PAD then either) gives "
-                                    f"PyTorch's windows for kernel {tuple(kernel)}, stride {tuple(stride)}, padding "
-                                    f"{tuple(lead)} on a {tuple(x.shape[2:])} input ({rule})")
-        mode, pads = plan
+            raise self.refuse(node, f"no TFLite padding (SAME or VALID, after an explicit PAD, with the outputs "
+                                    f"cropped) gives PyTorch's windows for kernel {tuple(kernel)}, stride "
+                                    f"{tuple(stride)}, padding {tuple(lead)} on a {tuple(x.shape[2:])} input ({rule})")
+        mode, plans = plan
         value = x.grid.qmin if rule == "max" else int(x.grid.zero_point)
-        return self.pad(x, pads, value, node.name), getattr(self.fb.schema.Padding, mode)
+        x = self.pad(x, [p.pad for p in plans], value, node.name)
+        tflite_hw = tuple(_tflite_output(x.shape[2 + i], windows[i], mode)[0] for i in range(2))
+        return x, getattr(self.fb.schema.Padding, mode), tflite_hw, tuple(p.crop for p in plans)
+
+    def crop(self, x: TFLiteTensor, start: Sequence[int], out_hw: Sequence[int], name: str) -> TFLiteTensor:
+        """SLICE an NHWC tensor's H and W to PyTorch's output positions."""
+        if tuple(x.shape[2:]) == tuple(out_hw):
+            return x
+        n, c = x.shape[:2]
+        begin = self.fb.constant(f"{name}_crop_begin", np.asarray([0, start[0], start[1], 0]), "int32")
+        size = self.fb.constant(f"{name}_crop_size", np.asarray([n, out_hw[0], out_hw[1], c]), "int32")
+        out = self.activation(f"{name}_cropped", [n, out_hw[0], out_hw[1], c], x.grid)
+        self.fb.operator("SLICE", [x.index, begin, size], [out], self.fb.options("SliceOptions"))
+        return TFLiteTensor(out, (n, c) + tuple(out_hw), x.grid, NHWC)
 
     # -- operators ------------------------------------------------------------------------------------------
     def op_input(self, node: Node, _):
@@ -374,7 +395,8 @@ class _Exporter(Executor):
         cout, cin_group, kh, kw = weight.shape
         lead, out_hw = _conv_padding(geometry, x.shape[2:], (kh, kw))
         x = self.in_layout(x, NHWC)
-        x, padding = self.spatial(node, x, (kh, kw), geometry.stride, geometry.dilation, lead, out_hw, "conv")
+        x, padding, tflite_hw, crop = self.spatial(node, x, (kh, kw), geometry.stride, geometry.dilation, lead,
+                                                   out_hw, "conv")
         depthwise = geometry.groups > 1 and geometry.groups == x.shape[1] and cin_group == 1
         if depthwise:
             name, filter_codes, axis = "DEPTHWISE_CONV_2D", weight.permute(1, 2, 3, 0), 3
@@ -382,17 +404,18 @@ class _Exporter(Executor):
             name, filter_codes, axis = "CONV_2D", weight.permute(0, 2, 3, 1), 0
         act, rest = self.fused(node, grid)
         weights = self.weights(node, x.grid, filter_codes, layer, axis, cout, always_bias=True)
-        out_shape = (x.shape[0], cout) + tuple(out_hw)
+        out_shape = (x.shape[0], cout) + tflite_hw
         out = self.activation(node.name, [out_shape[p] for p in NHWC], grid)
-        fields = dict(padding=padding, strideH=geometry.stride[0], strideW=geometry.stride[1],
-                      dilationHFactor=geometry.dilation[0], dilationWFactor=geometry.dilation[1],
-                      fusedActivationFunction=act)
+        fields = {"padding": padding, "strideH": geometry.stride[0], "strideW": geometry.stride[1],
+                  "dilationHFactor": geometry.dilation[0], "dilationWFactor": geometry.dilation[1],
+                  "fusedActivationFunction": act}
         if depthwise:
             options = self.fb.options("DepthwiseConv2DOptions", depthMultiplier=cout // x.shape[1], **fields)
         else:
             options = self.fb.options("Conv2DOptions", **fields)
         self.fb.operator(name, [x.index, *weights], [out], options)
-        return self.clamp(TFLiteTensor(out, out_shape, grid, NHWC), rest, node.name)
+        out = self.crop(TFLiteTensor(out, out_shape, grid, NHWC), crop, out_hw, node.name)
+        return self.clamp(out, rest, node.name)
 
     def weights(self, node: Node, input_grid: QParams, filter_codes: torch.Tensor, layer, axis: int, cout: int,
                 always_bias: bool) -> List[int]:
@@ -448,11 +471,10 @@ class _Exporter(Executor):
             parts.append(t)
         shape = list(tensors[0].shape)
         shape[dim] = sum(t.shape[dim] for t in tensors)
-        result = TFLiteTensor(0, tuple(shape), grid, perm)
-        out = self.activation(node.name, result.stored_shape, grid)
+        out = self.activation(node.name, [shape[p] for p in perm], grid)
         self.fb.operator("CONCATENATION", [t.index for t in parts], [out],
                          self.fb.options("ConcatenationOptions", axis=perm.index(dim)))
-        return TFLiteTensor(out, result.shape, grid, perm)
+        return TFLiteTensor(out, tuple(shape), grid, perm)
 
     def op_max_pool2d(self, node: Node, x: TFLiteTensor):
         attrs = node.attrs
@@ -473,13 +495,13 @@ class _Exporter(Executor):
         out_hw = pooling.output_size(tuple(x.shape[2:]), attrs)
         counted_end = tuple(x.shape[2 + i] + lead[i] for i in range(2))
         x = self.in_layout(x, NHWC)
-        x, padding = self.spatial(node, x, kernel, stride, (1, 1), lead, out_hw, rule, counted_end)
-        out_shape = (x.shape[0], x.shape[1]) + tuple(out_hw)
+        x, padding, tflite_hw, crop = self.spatial(node, x, kernel, stride, (1, 1), lead, out_hw, rule, counted_end)
+        out_shape = (x.shape[0], x.shape[1]) + tflite_hw
         out = self.activation(node.name, [out_shape[p] for p in NHWC], x.grid)
         options = self.fb.options("Pool2DOptions", padding=padding, strideH=stride[0], strideW=stride[1],
                                   filterHeight=kernel[0], filterWidth=kernel[1])
         self.fb.operator(name, [x.index], [out], options)
-        return TFLiteTensor(out, out_shape, x.grid, NHWC)
+        return self.crop(TFLiteTensor(out, out_shape, x.grid, NHWC), crop, out_hw, node.name)
 
     def op_clamp(self, node: Node, x: TFLiteTensor):
         bounds = self.target.activation_bounds(node.attrs.get("min"), node.attrs.get("max"), x.grid)
@@ -532,16 +554,14 @@ class _Exporter(Executor):
                     continue
                 if tuple(moved.shape) == shape:  # only the labels change
                     return TFLiteTensor(x.index, shape, x.grid, _inverse(perm))
-                source = x.index
-                if perm != tuple(range(stored.dim())):
-                    source = self.activation(f"{node.name}_transposed", moved.shape, x.grid)
-                    self.transpose(x.index, perm, source)
+                source = x.index if perm == tuple(range(stored.dim())) else self.transpose(x, perm)
                 out = self.reshape(source, shape, x.grid, node.name)
                 return TFLiteTensor(out, shape, x.grid, tuple(range(len(shape))))
-        vector = self.reshape(x.index, [stored.numel()], x.grid, f"{node.name}_flat")
+        if x.index not in self.flattened:
+            self.flattened[x.index] = self.reshape(x.index, [stored.numel()], x.grid, f"t{x.index}_flat")
         indices = self.fb.constant(f"{node.name}_positions", positions.numpy(), "int32")
         out = self.activation(node.name, shape, x.grid)
-        self.fb.operator("GATHER", [vector, indices], [out], self.fb.options("GatherOptions", axis=0))
+        self.fb.operator("GATHER", [self.flattened[x.index], indices], [out], self.fb.options("GatherOptions", axis=0))
         return TFLiteTensor(out, shape, x.grid, tuple(range(len(shape))))
 
 
@@ -575,7 +595,7 @@ def _leaves(value):
 # (label, OpResolverType name, binding for target tflite, note)
 CONFIGURATIONS = (
     ("LiteRT default kernels (XNNPACK)", "AUTO", False,
-     "XNNPACK rounds float32 products half to even; target 'tflite' follows the reference kernels"),
+     "XNNPACK requantizes in float32 with its own rounding; target 'tflite' follows the reference kernels"),
     ("LiteRT optimized built-in kernels", "BUILTIN_WITHOUT_DEFAULT_DELEGATES", False,
      "optimized kernels round differently from the reference; target 'tflite' follows the reference kernels"),
     ("LiteRT reference kernels", "BUILTIN_REF", True, ""),
@@ -591,7 +611,7 @@ def verify_tflite(model: IntegerModel, path, inputs: Sequence[torch.Tensor]) -> 
     for label, resolver, binding, note in CONFIGURATIONS:
         try:
             outputs = run_tflite(path, inputs, resolver)
-        except Exception as error:  # the interpreter raises RuntimeError/ValueError on kernels it cannot run
+        except (RuntimeError, ValueError) as error:  # what the interpreter raises for a kernel it cannot run
             for i, codes in enumerate(expected):
                 results.append(RuntimeResult(label, i, codes.numel(), codes.numel(), binding,
                                              note=f"could not run: {str(error).strip().splitlines()[0]}"))
@@ -615,15 +635,16 @@ def run_tflite(path, inputs: Sequence[torch.Tensor], resolver: str = "BUILTIN_RE
     chunks: List[List[np.ndarray]] = []
     for start in range(0, total, batch):
         for detail, x in zip(details, inputs):
-            interpreter.set_tensor(detail["index"], np.ascontiguousarray(x[start:start + batch].numpy(), np.float32))
+            chunk = x[start:start + batch].detach().numpy()
+            interpreter.set_tensor(detail["index"], np.ascontiguousarray(chunk, np.float32))
         interpreter.invoke()
         chunks.append([interpreter.get_tensor(d["index"]).copy() for d in interpreter.get_output_details()])
     return [torch.from_numpy(np.concatenate(parts)) for parts in zip(*chunks)]
 
 
 def codes_from_dequantized(real: torch.Tensor, grid: QParams) -> torch.Tensor:
-    """Recover codes from a DEQUANTIZE output: (q - z) * s is one float32 rounding of a product with |q - z| <= 255,
-    so dividing in float64 and rounding gives q back exactly."""
+    """Codes from a DEQUANTIZE output: (q - z) * s is one float32 rounding of a product with |q - z| <= 255, so
+    dividing in float64 and rounding gives q back exactly."""
     scaled = real.to(torch.float64) / grid.scale.to(torch.float64)
     return torch.round(scaled).to(torch.int64) + int(grid.zero_point)
 
