@@ -8,14 +8,16 @@
 """
 from .convert import convert
 from .errors import QParityError
+from .export import export
 from .qat.model import QATModel
 from .qat.prepare import calibrate, freeze, prepare_qat
 from .qparams import QParams
 from .runtime import IntegerModel
 from .serialize import load
 from .spec import TARGETS
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
-__all__ = ["TARGETS", "IntegerModel", "QATModel", "QParams", "QParityError", "calibrate", "convert", "freeze",
-           "load", "prepare_qat"]
+__all__ = ["TARGETS", "IntegerModel", "QATModel", "QParams", "QParityError", "VerifyReport", "calibrate", "convert",
+           "export", "freeze", "load", "prepare_qat", "verify"]

@@ -35,6 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"float training epochs before QAT (default {defaults.float_epochs})")
     demo.add_argument("--seed", type=int, default=defaults.seed, help=f"random seed (default {defaults.seed})")
     commands.add_parser("info", help="print the version and the supported targets")
+    export = commands.add_parser("export", help="write a saved model (.qp) as an .onnx or .tflite file")
+    export.add_argument("model", help="a model saved with IntegerModel.save")
+    export.add_argument("output", help="the file to write: .onnx (target onnxruntime) or .tflite (target tflite)")
+    verify = commands.add_parser("verify", help="run an exported file in its real runtime(s) and count the codes "
+                                                "that differ from the saved model's")
+    verify.add_argument("model", help="a model saved with IntegerModel.save")
+    verify.add_argument("exported", help="the .onnx or .tflite file exported from it")
+    verify.add_argument("--inputs", help="a .npy file of float32 inputs (default: random inputs spanning each "
+                                         "input's grid and beyond)")
+    verify.add_argument("--samples", type=_positive, default=64, help="random inputs to draw (default 64)")
+    verify.add_argument("--seed", type=int, default=0, help="seed for the random inputs (default 0)")
     return parser
 
 
@@ -58,6 +69,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "info":
             return info(console)
+        if args.command == "export":
+            return export_command(console, args.model, args.output)
+        if args.command == "verify":
+            return verify_command(console, args)
         config = DemoConfig(target=args.target, float_epochs=args.float_epochs, qat_epochs=args.epochs,
                             seed=args.seed)
         return demo(console, config)
@@ -81,6 +96,55 @@ def info(console: Console) -> int:
         table.add_row(name, ", ".join(target.activation_dtypes), target.summary)
     console.print(table)
     return 0
+
+
+def export_command(console: Console, model_path: str, output: str) -> int:
+    from . import export, load
+
+    export(load(model_path), output)
+    console.print(f"wrote {output}", markup=False)
+    return 0
+
+
+def verify_command(console: Console, args) -> int:
+    import numpy as np
+
+    from . import load, verify
+
+    model = load(args.model)
+    if args.inputs:
+        inputs = (torch.from_numpy(np.load(args.inputs, allow_pickle=False)).to(torch.float32),)
+    else:
+        inputs = random_inputs(model, args.samples, args.seed)
+    report = verify(model, args.exported, inputs)
+    console.print(verify_table(report))
+    console.print(f"{'OK' if report.ok else 'MISMATCH'}: {report.mismatched} mismatched codes in the runtime "
+                  f"configurations target {report.target} promises", markup=False)
+    return 0 if report.ok else 1
+
+
+def random_inputs(model, samples: int, seed: int):
+    """Inputs spread over each input grid's real range, 10% beyond it on both sides (saturation)."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = []
+    for shape, qp in zip(model.graph.input_shapes, model.input_qparams):
+        low = float((qp.qmin - qp.zero_point) * qp.scale)
+        high = float((qp.qmax - qp.zero_point) * qp.scale)
+        span = high - low
+        uniform = torch.rand((samples, *shape[1:]), generator=generator)
+        inputs.append((low - 0.1 * span + uniform * 1.2 * span).to(torch.float32))
+    return tuple(inputs)
+
+
+def verify_table(report) -> Table:
+    table = Table(title=f"verify {report.path} (target {report.target})")
+    for column in ("runtime", "output", "mismatched", "total", "must match", "first mismatch"):
+        table.add_column(column)
+    for r in report.results:
+        first = "" if r.first_index is None else f"{r.first_index}: qparity {r.expected}, runtime {r.actual}"
+        table.add_row(r.runtime, str(r.output), str(r.mismatched), str(r.total), "yes" if r.binding else "no",
+                      first + (f" ({r.note})" if r.note else ""))
+    return table
 
 
 def demo(console: Console, config: DemoConfig) -> int:
