@@ -91,8 +91,10 @@ def accumulate(plan: AccumulationPlan, geometry: ConvGeometry, x_centered: torch
                weight_codes: torch.Tensor, bias_codes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Exact acc + bias as a float tensor of integers, differentiable in the codes."""
     if plan.path == "float32":
-        acc = _apply(geometry, x_centered.to(torch.float32), weight_codes.to(torch.float32))
-    elif plan.path == "chunks":
+        # The bias is inside the float32 bound too, so the kernel may add it exactly.
+        bias = None if bias_codes is None else bias_codes.to(torch.float32)
+        return _apply(geometry, x_centered.to(torch.float32), weight_codes.to(torch.float32), bias)
+    if plan.path == "chunks":
         axis = 1 if geometry.kind == "conv2d" else x_centered.dim() - 1
         acc = None
         for start, stop in plan.chunks:
@@ -109,13 +111,13 @@ def accumulate(plan: AccumulationPlan, geometry: ConvGeometry, x_centered: torch
     return acc
 
 
-def _apply(geometry: ConvGeometry, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _apply(geometry: ConvGeometry, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None):
     if geometry.kind == "linear":
-        return F.linear(x, w)
+        return F.linear(x, w, bias)
     if x.device.type == "cpu" and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
         w = w.contiguous(memory_format=torch.channels_last)
-    return F.conv2d(x, w, None, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
+    return F.conv2d(x, w, bias, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
 
 
 def _input_channel_bounds(weight_codes: torch.Tensor, max_abs_input: int) -> torch.Tensor:
