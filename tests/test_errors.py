@@ -208,3 +208,13 @@ def test_freeze_convert_and_calibrate_need_a_prepared_model():
     for action in (qp.freeze, qp.convert, lambda m: qp.calibrate(m, [])):
         with pytest.raises(NotPreparedError, match="expects the model returned by qparity.prepare_qat"):
             action(torch.nn.Linear(2, 2))
+
+
+class CatOfChunks(nn.Module):
+    def forward(self, x):
+        return torch.cat(x.chunk(2, 1)[::-1], 1)
+
+
+def test_cat_of_a_computed_sequence_is_refused_clearly():
+    with pytest.raises(UnsupportedOpError, match="cat of a sequence computed by another op"):
+        qp.prepare_qat(CatOfChunks(), (torch.randn(2, 4),))

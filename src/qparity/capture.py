@@ -216,6 +216,9 @@ class _Builder:
         elif fn in (torch.cat, torch.concat):
             dim = _bind(args[1:], kwargs, ("dim",), (0,))[0]
             tensors = args[0]
+            if isinstance(tensors, fx.Node):
+                raise self.unsupported(node, "cat of a sequence computed by another op; pass a list of tensors, "
+                                             "e.g. torch.cat([a, b])")
             if not all(self.is_tensor(t) for t in tensors):
                 raise self.unsupported(node, "every input of cat must be a tensor computed by the model")
             self.emit(node, "cat", [self.ref(list(tensors))], attrs={"dim": dim})

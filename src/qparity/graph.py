@@ -170,10 +170,10 @@ class Executor:
             if node.op == "input":
                 env[node.name] = self.op_input(node, next(feed))
                 continue
-            args = _resolve(node.args, env)
-            kwargs = _resolve(node.kwargs, env)
+            args = resolve(node.args, env)
+            kwargs = resolve(node.kwargs, env)
             env[node.name] = getattr(self, "op_" + node.op)(node, *args, **kwargs)
-        return _resolve(self.graph.output, env)
+        return resolve(self.graph.output, env)
 
     # -- operators that keep the grid ----------------------------------------------------------------------
     def op_call(self, node: Node, *args, **kwargs):
@@ -198,15 +198,15 @@ def fused_clamp_bounds(target, node: Node, qp: QParams):
     return target.activation_bounds(low, high, qp)
 
 
-def _resolve(value, env):
+def resolve(value, env):
     if isinstance(value, Ref):
         return env[value.name]
     if isinstance(value, tuple):
-        return tuple(_resolve(v, env) for v in value)
+        return tuple(resolve(v, env) for v in value)
     if isinstance(value, list):
-        return [_resolve(v, env) for v in value]
+        return [resolve(v, env) for v in value]
     if isinstance(value, dict):
-        return {k: _resolve(v, env) for k, v in value.items()}
+        return {k: resolve(v, env) for k, v in value.items()}
     return value
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import ExportError
-from ..graph import CALLS, Graph, Node, Ref, _resolve, fused_clamp_bounds
+from ..graph import CALLS, Graph, Node, Ref, resolve, fused_clamp_bounds
 from ..ops import pooling
 from ..ops.accumulate import ConvGeometry
 from ..qparams import TORCH_DTYPES, QParams
@@ -38,7 +38,7 @@ from ..verify import RuntimeResult, compare_codes
 
 OPSET = 21
 MICROSOFT = "com.microsoft"
-IR_VERSION = 10  # read by every ONNX Runtime since 1.16
+IR_VERSION = 10  # with opset 21: ONNX Runtime 1.18 or newer
 PROBE_BATCHES = (2, 3)
 INT64_MAX = np.iinfo(np.int64).max
 RESHAPES = ("view", "reshape", "flatten", "squeeze", "unsqueeze")
@@ -153,7 +153,7 @@ class _OnnxBuilder:
             handler = getattr(self, "op_" + node.op, None)
             if handler is None:
                 raise ExportError(f"operator {node.op!r} at {node.path} has no ONNX QOperator form")
-            self.names[node.name] = handler(node, *_resolve(node.args, self.names))
+            self.names[node.name] = handler(node, *resolve(node.args, self.names))
         outputs = self.outputs()
         graph = helper.make_graph(self.nodes, "qparity", graph_inputs, outputs, self.initializers)
         proto = helper.make_model(graph, producer_name="qparity", opset_imports=[
@@ -164,9 +164,9 @@ class _OnnxBuilder:
     def outputs(self) -> list:
         from onnx import TensorProto, helper
 
-        names = _leaves(_resolve(self.model.graph.output, self.names))
-        small = _leaves(_resolve(self.model.graph.output, self.small))
-        large = _leaves(_resolve(self.model.graph.output, self.large))
+        names = _leaves(resolve(self.model.graph.output, self.names))
+        small = _leaves(resolve(self.model.graph.output, self.small))
+        large = _leaves(resolve(self.model.graph.output, self.large))
         grids = _leaves(self.model.output_qparams)
         if not all(isinstance(n, str) for n in names):
             raise ExportError("the model returns values that are not tensors; an ONNX graph can only return the "
@@ -175,7 +175,7 @@ class _OnnxBuilder:
         for i, (name, a, b, qp) in enumerate(zip(names, small, large, grids)):
             output = "output" if len(names) == 1 else f"output_{i}"
             self.emit("DequantizeLinear", [name, *self.grid(qp, output)], output)
-            dims = ["batch" if x != y else x for x, y in zip(a.shape, b.shape)]
+            dims = [x if x == y else "batch" if (x, y) == PROBE_BATCHES else None for x, y in zip(a.shape, b.shape)]
             declared.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, dims))
         return declared
 
@@ -247,8 +247,9 @@ class _OnnxBuilder:
 
     def op_max_pool2d(self, node: Node, x: str) -> str:
         a = node.attrs
+        pads, ceil_mode = self.pool_pads(node, a, a["dilation"])
         return self.emit("MaxPool", [x], node.name, kernel_shape=list(a["kernel_size"]), strides=list(a["stride"]),
-                         pads=list(a["padding"]) * 2, dilations=list(a["dilation"]), ceil_mode=int(a["ceil_mode"]))
+                         pads=pads, dilations=list(a["dilation"]), ceil_mode=ceil_mode)
 
     def op_avg_pool2d(self, node: Node, x: str) -> str:
         input_hw = tuple(self.small[node.refs()[0]].shape[-2:])
@@ -260,10 +261,32 @@ class _OnnxBuilder:
         if tuple(a["kernel_size"]) == input_hw and tuple(a["padding"]) == (0, 0):
             return self.emit("QLinearGlobalAveragePool", [x, *grid, *grid], node.name, domain=MICROSOFT,
                              channels_last=0)
+        pads, ceil_mode = self.pool_pads(node, a, (1, 1))
         return self.emit("QLinearAveragePool", [x, *grid, *grid], node.name, domain=MICROSOFT,
-                         kernel_shape=list(a["kernel_size"]), strides=list(a["stride"]),
-                         pads=list(a["padding"]) * 2, ceil_mode=int(a["ceil_mode"]),
-                         count_include_pad=int(a["count_include_pad"]))
+                         kernel_shape=list(a["kernel_size"]), strides=list(a["stride"]), pads=pads,
+                         ceil_mode=ceil_mode, count_include_pad=int(a["count_include_pad"]))
+
+    def pool_pads(self, node: Node, attrs: dict, dilation) -> Tuple[List[int], int]:
+        """ONNX pads and ceil_mode giving PyTorch's pooling output size.
+
+        ONNX's ceil_mode size formula lacks the rule PyTorch and ONNX Runtime 1.32 share (a last window
+        starting in the end padding is dropped), so with ceil_mode the end padding is chosen such that the
+        standard formula gives PyTorch's size too. The values do not depend on it: MaxPool and
+        QLinearAveragePool clip every window to the input and count the full kernel or the in-input
+        elements (pool_attributes.h, qlinear_pool.cc), whatever the end padding.
+        """
+        begin = list(attrs["padding"])
+        if not attrs["ceil_mode"]:
+            return begin * 2, 0
+        sizes = list(zip(self.small[node.refs()[0]].shape[-2:], self.small[node.name].shape[-2:],
+                         attrs["kernel_size"], attrs["stride"], begin, dilation))
+        for ceil_mode in (1, 0):
+            end = [_end_padding(size, out, k, s, p, d, ceil_mode) for size, out, k, s, p, d in sizes]
+            if None not in end:
+                return begin + end, ceil_mode
+        raise ExportError(f"{node.op} at {node.path}: no ONNX padding smaller than the kernel gives PyTorch's "
+                          f"ceil_mode output size {tuple(self.small[node.name].shape[-2:])}; use ceil_mode=False "
+                          "with explicit padding")
 
     def op_clamp(self, node: Node, x: str) -> str:
         qp = self.input_grid(node)
@@ -273,14 +296,14 @@ class _OnnxBuilder:
     def op_dropout(self, node: Node, x: str) -> str:
         return x
 
-    def op_call(self, node: Node, *args, **kwargs):
+    def op_call(self, node: Node, *operands):
         value = self.small[node.name]
         if not any(isinstance(v, torch.Tensor) for v in _leaves(value)):
             return None  # shapes, sizes and arithmetic on them: evaluated here, not in the file
         source = node.refs()[0]
-        name = _resolve(Ref(source), self.names)
+        name = resolve(Ref(source), self.names)
         if isinstance(name, list):  # indexing the tuple a chunk/split returned
-            index = _resolve(node.args[1], self.small)
+            index = resolve(node.args[1], self.small)
             return name[index]
         method = node.attrs["fn"].split(":")[1].split(".")[-1]
         if method in ALIASES:
@@ -302,14 +325,14 @@ class _OnnxBuilder:
         rank = self.small[source].dim()
         sizes = [2 + i for i in range(rank)]
         stand_in = torch.empty(sizes)
-        args = _resolve(node.args, {**self.small, source: stand_in})
-        kwargs = _resolve(node.kwargs, {**self.small, source: stand_in})
+        args = resolve(node.args, {**self.small, source: stand_in})
+        kwargs = resolve(node.kwargs, {**self.small, source: stand_in})
         moved = CALLS[node.attrs["fn"]](*args, **kwargs)
         return [sizes.index(d) for d in moved.shape]
 
     def getitem(self, node: Node, name: str, source: str) -> str:
-        index = _resolve(node.args[1], self.small)
-        if index != _resolve(node.args[1], self.large):
+        index = resolve(node.args[1], self.small)
+        if index != resolve(node.args[1], self.large):
             raise ExportError(f"indexing at {node.path} depends on the batch size; the ONNX file has a symbolic "
                               "batch dimension")
         index = index if isinstance(index, tuple) else (index,)
@@ -355,11 +378,12 @@ class _OnnxBuilder:
         whole = tuple(self.small[source].shape)
         small, large = self.small[node.name], self.large[node.name]
         cut = [i for i in range(len(whole)) if any(p.shape[i] != whole[i] for p in small)]
-        if len(small) == 1:
-            return [name]
-        if len(cut) != 1 or any(a.shape[cut[0]] != b.shape[cut[0]] for a, b in zip(small, large)) or cut[0] == 0:
+        if len(small) != len(large) or len(cut) > 1 or any(
+                a.shape[i] != b.shape[i] for a, b in zip(small, large) for i in cut):
             raise ExportError(f"{node.attrs['fn']} at {node.path} splits along the batch dimension; the ONNX file "
                               "has a symbolic batch dimension")
+        if not cut:
+            return [name]
         axis, start, names = cut[0], 0, []
         for i, piece in enumerate(small):
             size = piece.shape[axis]
@@ -370,7 +394,6 @@ class _OnnxBuilder:
         return names
 
 
-
 def _conv_pads(geometry: ConvGeometry, kernel: List[int]) -> List[int]:
     """ONNX pads [top, left, bottom, right]; padding='same' as PyTorch places it (the odd pixel at the end)."""
     if geometry.padding == "valid":
@@ -379,6 +402,15 @@ def _conv_pads(geometry: ConvGeometry, kernel: List[int]) -> List[int]:
         total = [d * (k - 1) for d, k in zip(geometry.dilation, kernel)]
         return [t // 2 for t in total] + [t - t // 2 for t in total]
     return list(geometry.padding) * 2
+
+
+def _end_padding(size: int, out: int, kernel: int, stride: int, begin: int, dilation: int, ceil_mode: int):
+    """An end padding (the begin padding preferred; ORT wants it below the kernel) giving `out` windows."""
+    for end in [begin] + list(range(kernel)):
+        span = size + begin + end - dilation * (kernel - 1) - 1
+        if (-(-span // stride) if ceil_mode else span // stride) + 1 == out:
+            return end
+    return None
 
 
 def _numpy_dtype(qp: QParams):
@@ -396,7 +428,7 @@ def _configurations():
     import onnxruntime as ort
 
     level = ort.GraphOptimizationLevel
-    return [(f"onnxruntime CPU, {label}, {threads} thread{'s' * (threads > 1)}", opt, threads)
+    return [(f"onnxruntime {label}, {threads} thread{'s' * (threads > 1)}", opt, threads)
             for label, opt in (("optimized", level.ORT_ENABLE_ALL), ("unoptimized", level.ORT_DISABLE_ALL))
             for threads in (1, 2)]
 
@@ -410,6 +442,7 @@ def verify_onnx(model: IntegerModel, path, inputs: Sequence[torch.Tensor]) -> Li
     codes = model.quantize(*inputs)
     expected = _leaves(model.run(*(codes if isinstance(codes, tuple) else (codes,))))
     grids = _leaves(model.output_qparams)
+    binding = model.target.name == "onnxruntime"  # the target whose semantics are ONNX Runtime's
     results = []
     for label, level, threads in _configurations():
         options = ort.SessionOptions()
@@ -419,7 +452,7 @@ def verify_onnx(model: IntegerModel, path, inputs: Sequence[torch.Tensor]) -> Li
         session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
         feeds = {i.name: x.detach().to(torch.float32).cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
         for index, (y, want, qp) in enumerate(zip(session.run(None, feeds), expected, grids)):
-            results.append(compare_codes(label, index, want, _codes_from_floats(y, qp), binding=True))
+            results.append(compare_codes(label, index, want, _codes_from_floats(y, qp), binding=binding))
     return results
 
 
