@@ -9,40 +9,49 @@ import pytest
 
 import qparity
 from qparity import cli
-from qparity.demo import DemoResult
+from qparity.demo import DemoConfig, DemoResult, TargetResult, run_demo
 from qparity.errors import NotCalibratedError
 
 ROOT = Path(__file__).resolve().parents[1]
-MISMATCH_LINE = re.compile(r"^fake-quant vs integer: (\d+) mismatched of (\d+) output values \((.+)\)$", re.M)
+MISMATCH_LINE = re.compile(r"^fake-quant vs integer vs runtimes: (\d+) mismatched of (\d+) output codes \((.+)\)$",
+                           re.M)
 TINY = ["--float-epochs", "3", "--epochs", "1"]
 
 
-def accuracies(output: str) -> dict:
-    rows = {"float": r"float", "fake-quant": r"fake-quant \(QAT, frozen\)", "integer": r"integer \(converted\)"}
-    found = {}
-    for key, label in rows.items():
-        match = re.search(label + r"\W+(\d+\.\d+)%", output)
-        assert match, f"no {key} accuracy in the demo's output:\n{output}"
-        found[key] = float(match.group(1)) / 100
-    return found
+@pytest.fixture(scope="module")
+def demo_result():
+    return run_demo(DemoConfig(float_epochs=3, qat_epochs=1))
 
 
-@pytest.mark.parametrize("target", qparity.TARGETS)
-def test_demo_is_bit_exact_with_sane_accuracy(target, capsys):
-    assert cli.main(["demo", "--target", target, *TINY]) == 0
+def test_demo_trains_every_target_bit_exact_with_sane_accuracy(demo_result):
+    assert demo_result.float_accuracy > 0.8
+    assert [t.target for t in demo_result.targets] == list(qparity.TARGETS)
+    for t in demo_result.targets:
+        assert t.fake_quant_accuracy > 0.8
+        assert t.integer_accuracy == t.fake_quant_accuracy
+        assert (t.mismatched, t.compared) == (0, 3600)  # 360 test digits x 10 classes
+
+
+@pytest.mark.parametrize("target, module", [("tflite", "ai_edge_litert"), ("onnxruntime", "onnxruntime")])
+def test_demo_runs_the_exported_file_in_the_real_runtime(demo_result, target, module):
+    pytest.importorskip(module)
+    (t,) = [t for t in demo_result.targets if t.target == target]
+    assert t.runtime is not None, t.skipped
+    assert t.runtime.mismatched == 0 and t.runtime.compared >= 3600
+    assert t.runtime.accuracy == t.integer_accuracy
+
+
+def test_demo_command_ends_with_the_zero_mismatch_line(capsys):
+    assert cli.main(["demo", "--target", "tflite", *TINY]) == 0
     output = capsys.readouterr().out
     line = MISMATCH_LINE.search(output)
     assert line, f"no mismatch line in the demo's output:\n{output}"
-    assert (line.group(1), line.group(2), line.group(3)) == ("0", "3600", "bit-exact")  # 360 test digits x 10
-    found = accuracies(output)
-    assert found["float"] > 0.8
-    assert found["fake-quant"] > 0.8
-    assert found["integer"] == found["fake-quant"]
+    assert line.group(1) == "0" and line.group(3) == "bit-exact" and int(line.group(2)) >= 7200
 
 
 def test_demo_mismatch_line_reports_the_measured_count(monkeypatch, capsys):
-    broken = DemoResult(target="tflite", train_size=1437, test_size=360, float_accuracy=0.9,
-                        fake_quant_accuracy=0.9, integer_accuracy=0.89, mismatched=7, compared=3600)
+    broken = DemoResult(train_size=1437, test_size=360, float_accuracy=0.9, targets=[
+        TargetResult("exact", fake_quant_accuracy=0.9, integer_accuracy=0.89, mismatched=7, compared=3600)])
     monkeypatch.setattr(cli, "run_demo", lambda config, progress=None: broken)
     assert cli.main(["demo"]) == 1
     line = MISMATCH_LINE.search(capsys.readouterr().out)

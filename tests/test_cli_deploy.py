@@ -36,3 +36,13 @@ def test_export_to_the_wrong_runtime_fails_with_the_right_target(tmp_path, capsy
     model = saved_model(tmp_path, "tflite")
     assert main(["export", str(model), str(tmp_path / "model.onnx")]) == 1
     assert "train with target='onnxruntime'" in capsys.readouterr().err
+
+
+def test_golden_command_writes_an_index_and_arrays(tmp_path, capsys):
+    import json
+
+    model = saved_model(tmp_path, "tflite")
+    assert main(["golden", str(model), str(tmp_path / "golden"), "--samples", "2"]) == 0
+    index = json.loads((tmp_path / "golden" / "index.json").read_text())
+    assert index["target"] == "tflite" and index["nodes"]
+    assert all((tmp_path / "golden" / n["output"]).exists() for n in index["nodes"] if isinstance(n.get("output"), str))

@@ -9,6 +9,7 @@
 from .convert import convert
 from .errors import QParityError
 from .export import export
+from .golden import golden
 from .qat.model import QATModel
 from .qat.prepare import calibrate, freeze, prepare_qat
 from .qparams import QParams
@@ -20,4 +21,4 @@ from .verify import VerifyReport, verify
 __version__ = "0.1.0"
 
 __all__ = ["TARGETS", "IntegerModel", "QATModel", "QParams", "QParityError", "VerifyReport", "calibrate", "convert",
-           "export", "freeze", "load", "prepare_qat", "verify"]
+           "export", "freeze", "golden", "load", "prepare_qat", "verify"]

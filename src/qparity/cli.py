@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from rich.console import Console
@@ -16,7 +16,8 @@ from .demo import DemoConfig, DemoResult, run_demo
 from .errors import QParityError
 from .spec import TARGETS, get_target
 
-STAGE_LABELS = {"float": "float training", "qat": "quantization-aware training"}
+def stage_label(stage: str) -> str:
+    return "float training" if stage == "float" else f"QAT for {stage.split(':', 1)[1]}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="QAT of a small CNN on scikit-learn's 8x8 digits, then convert "
                                             "and compare the fake-quant and integer outputs")
     defaults = DemoConfig()
-    demo.add_argument("--target", choices=TARGETS, default=defaults.target,
-                      help=f"integer semantics to train for (default {defaults.target})")
+    demo.add_argument("--target", choices=TARGETS, action="append",
+                      help="a target to train for (repeatable; default: every target)")
     demo.add_argument("--epochs", type=_positive, default=defaults.qat_epochs,
                       help=f"quantization-aware training epochs (default {defaults.qat_epochs})")
     demo.add_argument("--float-epochs", type=_non_negative, default=defaults.float_epochs,
@@ -46,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
                                          "input's grid and beyond)")
     verify.add_argument("--samples", type=_positive, default=64, help="random inputs to draw (default 64)")
     verify.add_argument("--seed", type=int, default=0, help="seed for the random inputs (default 0)")
+    golden = commands.add_parser("golden", help="write per-layer integer parameters and input/output codes "
+                                                "(.npy + index.json) for checking kernels on a DSP or MCU")
+    golden.add_argument("model", help="a model saved with IntegerModel.save")
+    golden.add_argument("directory", help="where to write index.json and the .npy files")
+    golden.add_argument("--inputs", help="a .npy file of float32 inputs (default: random inputs on the grid)")
+    golden.add_argument("--samples", type=_positive, default=4, help="random inputs to draw (default 4)")
+    golden.add_argument("--seed", type=int, default=0, help="seed for the random inputs (default 0)")
     return parser
 
 
@@ -73,8 +81,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return export_command(console, args.model, args.output)
         if args.command == "verify":
             return verify_command(console, args)
-        config = DemoConfig(target=args.target, float_epochs=args.float_epochs, qat_epochs=args.epochs,
-                            seed=args.seed)
+        if args.command == "golden":
+            return golden_command(console, args)
+        config = DemoConfig(targets=tuple(args.target or TARGETS), float_epochs=args.float_epochs,
+                            qat_epochs=args.epochs, seed=args.seed)
         return demo(console, config)
     except QParityError as error:
         Console(stderr=True, highlight=False).print(f"qparity: error: {type(error).__name__}: {error}",
@@ -107,20 +117,32 @@ def export_command(console: Console, model_path: str, output: str) -> int:
 
 
 def verify_command(console: Console, args) -> int:
-    import numpy as np
-
     from . import load, verify
 
     model = load(args.model)
-    if args.inputs:
-        inputs = (torch.from_numpy(np.load(args.inputs, allow_pickle=False)).to(torch.float32),)
-    else:
-        inputs = random_inputs(model, args.samples, args.seed)
-    report = verify(model, args.exported, inputs)
+    report = verify(model, args.exported, command_inputs(model, args))
     console.print(verify_table(report))
     console.print(f"{'OK' if report.ok else 'MISMATCH'}: {report.mismatched} mismatched codes in the runtime "
                   f"configurations target {report.target} promises", markup=False)
     return 0 if report.ok else 1
+
+
+def golden_command(console: Console, args) -> int:
+    from . import golden, load
+
+    model = load(args.model)
+    index = golden(model, command_inputs(model, args), args.directory)
+    console.print(f"wrote {index}", markup=False)
+    return 0
+
+
+def command_inputs(model, args):
+    """The --inputs .npy file, or random inputs spanning the model's input grids."""
+    if args.inputs:
+        import numpy as np
+
+        return (torch.from_numpy(np.load(args.inputs, allow_pickle=False)).to(torch.float32),)
+    return random_inputs(model, args.samples, args.seed)
 
 
 def random_inputs(model, samples: int, seed: int):
@@ -148,8 +170,8 @@ def verify_table(report) -> Table:
 
 
 def demo(console: Console, config: DemoConfig) -> int:
-    console.print(f"qparity {__version__} demo: target {config.target}, {config.float_epochs} float + "
-                  f"{config.qat_epochs} QAT epochs, seed {config.seed}, {torch.get_num_threads()} threads")
+    console.print(f"qparity {__version__} demo: targets {', '.join(config.targets)}, {config.float_epochs} float + "
+                  f"{config.qat_epochs} QAT epochs each, seed {config.seed}, {torch.get_num_threads()} threads")
     start = time.perf_counter()
     columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
@@ -157,30 +179,47 @@ def demo(console: Console, config: DemoConfig) -> int:
 
         def advance(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
-                tasks[stage] = progress.add_task(STAGE_LABELS[stage], total=total)
+                tasks[stage] = progress.add_task(stage_label(stage), total=total)
             progress.update(tasks[stage], completed=done)
 
         result = run_demo(config, advance)
     console.print(results_table(result))
+    for line in runtime_lines(result):
+        console.print(line, markup=False, soft_wrap=True)
     console.print(f"finished in {time.perf_counter() - start:.1f} s")
     console.print(mismatch_line(result), markup=False, soft_wrap=True)
     return 0 if result.mismatched == 0 else 1
 
 
 def results_table(result: DemoResult) -> Table:
-    table = Table(title=f"test accuracy, target {result.target}",
-                  caption=f"{result.test_size} test digits, {result.train_size} for training")
-    table.add_column("model")
-    table.add_column("accuracy", justify="right")
-    table.add_row("float", f"{result.float_accuracy:.2%}")
-    table.add_row("fake-quant (QAT, frozen)", f"{result.fake_quant_accuracy:.2%}")
-    table.add_row("integer (converted)", f"{result.integer_accuracy:.2%}")
+    table = Table(title=f"test accuracy on {result.test_size} digits (float model: {result.float_accuracy:.2%})")
+    for column in ("target", "fake-quant", "integer", "runtime", "fake≠int", "runtime≠int"):
+        table.add_column(column, justify="left" if column == "target" else "right")
+    for t in result.targets:
+        run = t.runtime
+        table.add_row(t.target, f"{t.fake_quant_accuracy:.2%}", f"{t.integer_accuracy:.2%}",
+                      f"{run.accuracy:.2%}" if run else "-", f"{t.mismatched}/{t.compared}",
+                      f"{run.mismatched}/{run.compared}" if run else "-")
     return table
+
+
+def runtime_lines(result: DemoResult) -> List[str]:
+    """Which kernels each runtime column ran, and what the kernels qparity does not promise gave."""
+    lines = []
+    for t in result.targets:
+        if t.runtime is None:
+            lines.append(f"{t.target}: {t.skipped}")
+            continue
+        lines.append(f"{t.target}: runtime column = {t.runtime.runtime} (must match)")
+        lines.extend(f"    also ran {name}: {m} of {n} codes differ (reported, not promised)"
+                     for name, m, n in t.runtime.others)
+    return lines
 
 
 def mismatch_line(result: DemoResult) -> str:
     verdict = "bit-exact" if result.mismatched == 0 else "NOT bit-exact: please report this as a bug"
-    return f"fake-quant vs integer: {result.mismatched} mismatched of {result.compared} output values ({verdict})"
+    return (f"fake-quant vs integer vs runtimes: {result.mismatched} mismatched of {result.compared} output codes "
+            f"({verdict})")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,28 @@
 """The demo: quantization-aware training of a small CNN on scikit-learn's 8x8 digits, end to end.
 
-Float training, then `prepare_qat` and QAT epochs, then `freeze` and `convert`; the result reports the
-test accuracy of each stage and how many output values of the fake-quant forward and the integer program
-differ (the library's promise: none). The CLI (`qparity demo`) renders it; this module prints nothing.
+Float training once, then for each target: `prepare_qat` and QAT epochs, `freeze`, `convert`, and where
+the target has a file format whose runtime is installed, `export` and `verify` in the real runtime. The
+result reports the test accuracy of each stage and how many output codes differ between the fake-quant
+forward, the integer program and the runtime (the library's promise: none). The CLI (`qparity demo`)
+renders it; this module prints nothing.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+import copy
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .convert import convert
+from .export import FORMATS, export
 from .qat.prepare import freeze, prepare_qat
+from .spec import TARGETS
+from .verify import verify
 
 # Called once per optimizer step: (stage, batches done in that stage, total batches of that stage).
 ProgressCallback = Callable[[str, int, int], None]
@@ -22,7 +30,7 @@ ProgressCallback = Callable[[str, int, int], None]
 
 @dataclass
 class DemoConfig:
-    target: str = "tflite"
+    targets: Tuple[str, ...] = TARGETS
     float_epochs: int = 10
     qat_epochs: int = 4
     seed: int = 0
@@ -32,15 +40,41 @@ class DemoConfig:
 
 
 @dataclass
-class DemoResult:
+class RuntimeRun:
+    """The exported file of one target run in its real runtime on the test set."""
+
+    runtime: str          # the binding configuration, e.g. "LiteRT reference kernels"
+    accuracy: float       # measured from the runtime's own output codes
+    mismatched: int       # codes that differ from the integer program, over every binding configuration
+    compared: int
+    others: List[Tuple[str, int, int]] = field(default_factory=list)  # non-binding: (runtime, mismatched, total)
+
+
+@dataclass
+class TargetResult:
     target: str
-    train_size: int
-    test_size: int
-    float_accuracy: float
     fake_quant_accuracy: float
     integer_accuracy: float
     mismatched: int  # output values where qm.eval()(x) and im(x) differ
     compared: int    # output values compared (test images x classes)
+    runtime: Optional[RuntimeRun] = None
+    skipped: str = ""  # why no runtime ran, if none did
+
+
+@dataclass
+class DemoResult:
+    train_size: int
+    test_size: int
+    float_accuracy: float
+    targets: List[TargetResult]
+
+    @property
+    def mismatched(self) -> int:
+        return sum(t.mismatched + (t.runtime.mismatched if t.runtime else 0) for t in self.targets)
+
+    @property
+    def compared(self) -> int:
+        return sum(t.compared + (t.runtime.compared if t.runtime else 0) for t in self.targets)
 
 
 class DigitsNet(nn.Module):
@@ -108,30 +142,53 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(dim=1) == labels).to(torch.float64).mean())
 
 
-def run_demo(config: DemoConfig, progress: Optional[ProgressCallback] = None) -> DemoResult:
+def run_demo(config: DemoConfig, progress: Optional[ProgressCallback] = None,
+             workdir: Optional[str] = None) -> DemoResult:
     if config.qat_epochs < 1:
         raise ValueError("the demo needs at least one QAT epoch: the observers learn their ranges in training")
     torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
     x_train, y_train, x_test, y_test = load_digits_split(config.seed)
     model = DigitsNet()
-    train_epochs(model, x_train, y_train, config.float_epochs, config.float_lr, config.batch_size, generator,
-                 "float", progress)
+    train_epochs(model, x_train, y_train, config.float_epochs, config.float_lr, config.batch_size,
+                 torch.Generator().manual_seed(config.seed), "float", progress)
     with torch.no_grad():
         float_accuracy = accuracy(model.eval()(x_test), y_test)
+    with tempfile.TemporaryDirectory() as scratch:
+        results = [run_target(model, target, config, (x_train, y_train, x_test, y_test), workdir or scratch,
+                              progress) for target in config.targets]
+    return DemoResult(len(y_train), len(y_test), float_accuracy, results)
 
-    qm = prepare_qat(model, (x_train[:config.batch_size],), target=config.target)
-    train_epochs(qm, x_train, y_train, config.qat_epochs, config.qat_lr, config.batch_size, generator,
-                 "qat", progress)
+
+def run_target(model: nn.Module, target: str, config: DemoConfig, data, directory: str,
+               progress: Optional[ProgressCallback]) -> TargetResult:
+    x_train, y_train, x_test, y_test = data
+    qm = prepare_qat(copy.deepcopy(model), (x_train[:config.batch_size],), target=target)
+    train_epochs(qm, x_train, y_train, config.qat_epochs, config.qat_lr, config.batch_size,
+                 torch.Generator().manual_seed(config.seed), f"qat:{target}", progress)
     freeze(qm)
     im = convert(qm)
     with torch.no_grad():
         fake = qm.eval()(x_test)
     integer = im(x_test)
-    return DemoResult(target=config.target, train_size=len(y_train), test_size=len(y_test),
-                      float_accuracy=float_accuracy, fake_quant_accuracy=accuracy(fake, y_test),
-                      integer_accuracy=accuracy(integer, y_test),
-                      mismatched=count_mismatches(fake, integer), compared=fake.numel())
+    result = TargetResult(target, accuracy(fake, y_test), accuracy(integer, y_test),
+                          count_mismatches(fake, integer), fake.numel())
+    suffix = next((s for s, targets in FORMATS.items() if target in targets), None)
+    if suffix is None:
+        result.skipped = "no runtime file format (the analytical reference)"
+        return result
+    try:
+        path = os.path.join(directory, f"digits-{target}{suffix}")
+        export(im, path)
+        report = verify(im, path, (x_test,))
+    except ImportError as error:
+        result.skipped = f"runtime not installed ({error.name or error})"
+        return result
+    binding = [r for r in report.results if r.binding]
+    first = binding[0]
+    result.runtime = RuntimeRun(first.runtime, accuracy(first.codes, y_test), sum(r.mismatched for r in binding),
+                                sum(r.total for r in binding),
+                                [(r.runtime, r.mismatched, r.total) for r in report.results if not r.binding])
+    return result
 
 
 def count_mismatches(fake: torch.Tensor, integer: torch.Tensor) -> int:

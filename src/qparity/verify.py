@@ -28,6 +28,7 @@ class RuntimeResult:
     expected: Optional[int] = None  # qparity's code at first_index
     actual: Optional[int] = None    # the runtime's code at first_index
     note: str = ""
+    codes: Optional[torch.Tensor] = field(default=None, repr=False)  # the runtime's output codes
 
 
 @dataclass
@@ -66,7 +67,7 @@ def compare_codes(runtime: str, output: int, expected: torch.Tensor, actual: tor
                           f"{tuple(expected.shape)}")
     differ = expected != actual
     count = int(differ.sum())
-    result = RuntimeResult(runtime, output, count, expected.numel(), binding, note=note)
+    result = RuntimeResult(runtime, output, count, expected.numel(), binding, note=note, codes=actual)
     if count:
         index = tuple(int(i) for i in torch.nonzero(differ)[0])
         result.first_index, result.expected, result.actual = index, int(expected[index]), int(actual[index])

@@ -1,0 +1,261 @@
+"""Golden vectors: every node's integer parameters and its input and output codes, as .npy files and one JSON index.
+
+Someone implementing the kernels on a DSP or an MCU runs the same input codes through their own code and
+compares each node's output codes bit for bit. The files hold everything the integer program needs and
+nothing that needs qparity to read: `np.load(..., allow_pickle=False)` and `json.load`.
+
+A golden directory:
+
+    index.json                  format, version, target, inputs, outputs, nodes in execution order
+    inputs/<input>.float32.npy  the float inputs, where floats were given (the QUANTIZE step's input)
+    tensors/<node>.npy          the codes each node produced (int8/uint8, NCHW); `<node>.<i>.npy` per output
+                                of a node with several
+    params/<node>.weight.npy    int8 weight codes (conv: [out, in / groups, kh, kw]; linear: [out, in])
+    params/<node>.bias.npy      int32 bias codes at scale s_in * s_w (absent when the layer has no bias)
+
+Each node's entry names its inputs (the tensors of earlier nodes it reads), its output files, and the
+constants of its arithmetic in the target's own terms (docs/numerics.md and `qparity.spec` define them):
+tflite gives Q31 multipliers and shifts (QuantizeMultiplier of double(s_in) * double(s_w) / double(s_out)),
+onnxruntime float32 multipliers, exact the rational multipliers as decimal numerator/denominator strings.
+Clamp ranges are in codes, with any fused activation already applied.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from .errors import ExportError
+from .graph import Node, QValue, collect_refs, encode, fused_clamp_bounds
+from .ops import pooling
+from .qparams import QParams
+from .runtime import IntegerLayer, IntegerModel, _IntegerExecutor
+from .spec.arithmetic import ExactRatio, fma_f32, quantize_multiplier
+from .spec.tflite import ADD_LEFT_SHIFT
+
+FORMAT = "qparity-golden"
+VERSION = 1
+TARGETS = ("tflite", "onnxruntime", "exact")  # the targets whose parameters golden() knows how to write
+NUMPY_DTYPES = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "int32": np.int32}
+
+
+def golden(model: IntegerModel, inputs: Sequence[torch.Tensor] | torch.Tensor, directory) -> Path:
+    """Run `model` on `inputs` (float tensors, or integer codes) and write its golden vectors to `directory`.
+
+    Returns the path of index.json.
+    """
+    if model.target.name not in TARGETS:
+        raise ExportError(f"golden vectors for target {model.target.name!r} are not defined; "
+                          f"convert for one of {', '.join(TARGETS)}")
+    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    floats = all(x.is_floating_point() for x in inputs)
+    codes = _as_tuple(model.quantize(*inputs)) if floats else inputs
+    model.run(*codes)  # validates the codes, with the messages users know
+    recorder = _RecordingExecutor(model)
+    recorder.run([q.to(torch.int64) for q in codes])
+
+    root = Path(directory)
+    for folder in ("inputs", "tensors", "params"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    files = {name: _save_value(root, name, value) for name, value in recorder.values.items()}
+    nodes = [_node_entry(model, node, recorder.values, files, root) for node in model.graph.nodes]
+    model_inputs = []
+    for node, x in zip(model.graph.inputs, inputs):
+        entry = {"name": node.name, "file": files[node.name], "qparams": model.qparams[node.name].to_dict()}
+        if floats:
+            entry["float_file"] = _save(root, f"inputs/{node.name}.float32.npy", x.detach().cpu().to(torch.float32))
+        model_inputs.append(entry)
+    found: List[str] = []
+    collect_refs(model.graph.output, found)
+    index = {"format": FORMAT, "version": VERSION, "target": model.target.name,
+             "activation_dtype": model.activation_dtype, "layout": "NCHW",
+             "inputs": model_inputs, "outputs": [{"name": name, "file": files[name]} for name in found],
+             "output_structure": encode(model.graph.output), "nodes": nodes}
+    path = root / "index.json"
+    path.write_text(json.dumps(index, indent=1))
+    return path
+
+
+class _RecordingExecutor(_IntegerExecutor):
+    """The integer runtime's executor, keeping each node's result in `values` (execution order)."""
+
+    def __init__(self, model: IntegerModel):
+        super().__init__(model)
+        self.values: Dict[str, Any] = {}
+
+    def __getattribute__(self, name: str):
+        method = super().__getattribute__(name)
+        if not name.startswith("op_"):
+            return method
+        values = super().__getattribute__("values")
+
+        def recorded(node: Node, *args, **kwargs):
+            values[node.name] = result = method(node, *args, **kwargs)
+            return result
+
+        return recorded
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------
+def _save(root: Path, relative: str, tensor: torch.Tensor, dtype=None) -> str:
+    array = tensor.detach().cpu().numpy()
+    np.save(root / relative, array.astype(dtype) if dtype is not None else array, allow_pickle=False)
+    return relative
+
+
+def _save_value(root: Path, name: str, value):
+    """A node's result: the file of its codes, a list of files for several tensors, or a JSON value."""
+    if isinstance(value, QValue):
+        return _save(root, f"tensors/{name}.npy", value.codes, NUMPY_DTYPES[value.qparams.dtype])
+    if isinstance(value, (tuple, list)) and any(isinstance(v, QValue) for v in value):
+        return [_save(root, f"tensors/{name}.{i}.npy", v.codes, NUMPY_DTYPES[v.qparams.dtype])
+                for i, v in enumerate(value)]
+    return {"value": encode(value)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Node entries
+# ---------------------------------------------------------------------------------------------------------
+def _node_entry(model: IntegerModel, node: Node, values: Dict[str, Any], files: Dict[str, Any], root: Path) -> dict:
+    refs: List[str] = []
+    collect_refs((node.args, node.kwargs), refs)
+    entry = {"name": node.name, "op": node.op, "path": node.path,
+             "inputs": [_reference(r, files[r]) for r in refs], "output": files[node.name]}
+    if node.op in ("conv2d", "linear"):
+        entry["params"] = _layer_params(model, node, model.layers[node.name], root)
+    elif node.op == "add":
+        a, b = (values[r] for r in refs)
+        entry["params"] = _add_params(model, node, a, b)
+    elif node.op == "cat":
+        entry["params"] = _cat_params(model, node, [values[r] for r in refs])
+    elif node.op == "max_pool2d":
+        entry["params"] = {key: _plain(node.attrs[key]) for key in
+                           ("kernel_size", "stride", "padding", "dilation", "ceil_mode")}
+    elif node.op == "avg_pool2d":
+        entry["params"] = _average_params(model, node, values[refs[0]])
+    elif node.op == "clamp":
+        qp = values[refs[0]].qparams
+        entry["params"] = {"clamp": list(model.target.activation_bounds(node.attrs.get("min"),
+                                                                         node.attrs.get("max"), qp))}
+    elif node.op == "call":
+        entry["params"] = {"function": node.attrs["fn"], "args": encode(node.args), "kwargs": encode(node.kwargs)}
+    elif node.op == "input":
+        entry["params"] = {"qparams": model.qparams[node.name].to_dict()}
+    return entry
+
+
+def _layer_params(model: IntegerModel, node: Node, layer: IntegerLayer, root: Path) -> dict:
+    input_qp, output_qp = model.grids[node.args[0].name], model.qparams[node.name]
+    weight_scale = layer.weight_scale.to(torch.float32)
+    params = {"geometry": node.attrs["geometry"],
+              "weight_file": _save(root, f"params/{node.name}.weight.npy", layer.weight_codes, np.int8),
+              "bias_file": None if layer.bias_codes is None else
+              _save(root, f"params/{node.name}.bias.npy", layer.bias_codes, np.int32),
+              "weight_scale": weight_scale.reshape(-1).tolist(),
+              "input": input_qp.to_dict(), "output": output_qp.to_dict(),
+              "clamp": list(fused_clamp_bounds(model.target, node, output_qp))}
+    params.update(_requantization(model.target.name, input_qp, weight_scale, output_qp))
+    return params
+
+
+def _requantization(target: str, input_qp: QParams, weight_scale: torch.Tensor, output_qp: QParams) -> dict:
+    """The multiplier acc -> output codes, as each target's requantizer builds it (qparity.spec)."""
+    if target == "tflite":
+        real = input_qp.scale.to(torch.float64) * weight_scale.to(torch.float64) / output_qp.scale.to(torch.float64)
+        m0, shift = quantize_multiplier(real)
+        # conv: MultiplyByQuantizedMultiplier(acc, multiplier, shift); linear: the reference FULLY_CONNECTED
+        # rounds double(acc) * real_multiplier half away from zero (qparity.spec.tflite).
+        return {"multiplier": _list(m0), "shift": _list(shift), "real_multiplier": _list(real)}
+    if target == "onnxruntime":
+        return {"multiplier_f32": _list((input_qp.scale * weight_scale) / output_qp.scale)}
+    return {"multiplier_exact": _ratio(ExactRatio.of_scales([input_qp.scale, weight_scale], [output_qp.scale]))}
+
+
+def _add_params(model: IntegerModel, node: Node, a: QValue, b: QValue) -> dict:
+    out = model.qparams[node.name]
+    params = {"input_a": a.qparams.to_dict(), "input_b": b.qparams.to_dict(), "output": out.to_dict(),
+              "clamp": list(fused_clamp_bounds(model.target, node, out))}
+    target = model.target.name
+    if target == "tflite":
+        twice_max = 2.0 * torch.maximum(a.qparams.scale, b.qparams.scale).to(torch.float64)
+        m_a, s_a = quantize_multiplier(a.qparams.scale.to(torch.float64) / twice_max)
+        m_b, s_b = quantize_multiplier(b.qparams.scale.to(torch.float64) / twice_max)
+        m_y, s_y = quantize_multiplier(twice_max / ((1 << ADD_LEFT_SHIFT) * out.scale.to(torch.float64)))
+        params.update({"left_shift": ADD_LEFT_SHIFT, "input_a_multiplier": int(m_a), "input_a_shift": int(s_a),
+                       "input_b_multiplier": int(m_b), "input_b_shift": int(s_b),
+                       "output_multiplier": int(m_y), "output_shift": int(s_y)})
+    elif target == "onnxruntime":
+        # ORT's scalar-A kernel swaps the roles of A and B (qparity.spec.onnxruntime).
+        first, second = (b.qparams, a.qparams) if a.codes.numel() == 1 else (a.qparams, b.qparams)
+        ratio_first = (first.scale / out.scale).reshape(())
+        ratio_second = (second.scale / out.scale).reshape(())
+        offset = out.zero_point.to(torch.float32) - fma_f32(ratio_first, first.zero_point.to(torch.float32),
+                                                              ratio_second * second.zero_point.to(torch.float32))
+        params.update({"swapped": a.codes.numel() == 1, "ratio_first_f32": float(ratio_first),
+                       "ratio_second_f32": float(ratio_second), "offset_f32": float(offset)})
+    else:
+        params.update({"ratio_a_exact": _ratio(ExactRatio.of_scales([a.qparams.scale], [out.scale])),
+                       "ratio_b_exact": _ratio(ExactRatio.of_scales([b.qparams.scale], [out.scale]))})
+    return params
+
+
+def _cat_params(model: IntegerModel, node: Node, tensors: List[QValue]) -> dict:
+    """Each input moves to the output grid (a copy where the grids are equal), then they are concatenated."""
+    out = model.qparams[node.name]
+    rescales = []
+    for t in tensors:
+        entry = {"qparams": t.qparams.to_dict(), "copy": t.qparams.same_grid(out)}
+        if model.target.name == "tflite" and not entry["copy"]:
+            m0, shift = quantize_multiplier(t.qparams.scale.to(torch.float64) / out.scale.to(torch.float64))
+            entry.update({"multiplier": int(m0), "shift": int(shift)})
+        elif model.target.name == "exact":
+            entry["ratio_exact"] = _ratio(ExactRatio.of_scales([t.qparams.scale], [out.scale]))
+        rescales.append(entry)
+    return {"dim": node.attrs["dim"], "inputs": rescales, "output": out.to_dict()}
+
+
+def _average_params(model: IntegerModel, node: Node, x: QValue) -> dict:
+    """The window (an adaptive pool's, resolved for this input size) and the grid input and output share."""
+    input_hw = tuple(x.codes.shape[-2:])
+    attrs = pooling.window_attrs(node.attrs, input_hw, node.path)
+    params = {key: _plain(attrs[key]) for key in ("kernel_size", "stride", "padding", "ceil_mode",
+                                                  "count_include_pad")}
+    params["qparams"] = x.qparams.to_dict()
+    if model.target.name == "onnxruntime":
+        whole = tuple(attrs["kernel_size"]) == input_hw and tuple(attrs["padding"]) == (0, 0)
+        params["global"] = whole  # QLinearGlobalAveragePool: q = sat(rne(f(f(sum(q - z)) * M)) + z)
+        if whole:
+            scale = x.qparams.scale
+            params["multiplier_f32"] = float(scale / (scale * float(input_hw[0] * input_hw[1])))
+    return params
+
+
+# ---------------------------------------------------------------------------------------------------------
+# JSON values
+# ---------------------------------------------------------------------------------------------------------
+def _reference(name: str, stored) -> dict:
+    """An input of a node: the file(s) of its codes, or the plain value (a size, an int) it carries."""
+    return {"name": name, **stored} if isinstance(stored, dict) else {"name": name, "file": stored}
+
+
+def _ratio(ratio: ExactRatio) -> dict:
+    """Exact rationals as decimal strings (they exceed 64 bits)."""
+    return {"numerator": [str(n) for n in np.asarray(ratio.numerator).reshape(-1)],
+            "denominator": [str(d) for d in np.asarray(ratio.denominator).reshape(-1)]}
+
+
+def _list(values: torch.Tensor) -> list:
+    return values.reshape(-1).tolist()
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _as_tuple(value):
+    return value if isinstance(value, tuple) else (value,)
