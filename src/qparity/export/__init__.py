@@ -1,8 +1,8 @@
 """Export an IntegerModel to a runtime's file format, and verify the file in the real runtime.
 
 `export(model, path)` picks the format from the suffix: `.onnx` (ONNX QOperator graph, target
-`onnxruntime`) or `.tflite` (TFLite flatbuffer, target `tflite`). A model whose target has other integer
-semantics than the file's runtime is refused: its codes would silently change.
+`onnxruntime`) or `.tflite` (TFLite flatbuffer, targets `tflite` and `xnnpack`). A model whose target has
+other integer semantics than the file's runtime is refused: its codes would silently change.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import os
 from ..errors import ExportError
 from ..runtime import IntegerModel
 
-FORMATS = {".onnx": ("onnxruntime",), ".tflite": ("tflite",)}
+FORMATS = {".onnx": ("onnxruntime",), ".tflite": ("tflite", "xnnpack")}
 
 
 def export(model: IntegerModel, path) -> None:

@@ -1,8 +1,10 @@
-"""Export a `tflite` IntegerModel to a .tflite flatbuffer, and verify the file in LiteRT's three kernel sets.
+"""Export a `tflite` or `xnnpack` IntegerModel to a .tflite flatbuffer, and verify the file in LiteRT's three
+kernel sets.
 
 The file is written with the object API of the `schema_py_generated` module that ships in ai-edge-litert
 (no TensorFlow). Every integer the model computes maps to one int8 TFLite kernel whose reference
-implementation is exactly qparity's `tflite` target (`qparity.spec.tflite`):
+implementation is exactly qparity's `tflite` target (`qparity.spec.tflite`), and whose default (XNNPACK)
+implementation is exactly the `xnnpack` target (`qparity.spec.xnnpack`); the same file serves both:
 
     QUANTIZE (float32 -> int8) -> CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED / ADD / CONCATENATION /
     MAX_POOL_2D / AVERAGE_POOL_2D / MAXIMUM / MINIMUM / PADV2 / SLICE / RESHAPE / TRANSPOSE / GATHER -> DEQUANTIZE
@@ -58,13 +60,16 @@ from ..verify import RuntimeResult, compare_codes
 NHWC = (0, 2, 3, 1)
 # TFLite fused activations and the real interval each clamps to (kernel_util.cc CalculateActivationRangeQuantized).
 FUSED_ACTIVATIONS = (("NONE", None, None), ("RELU", 0.0, None), ("RELU6", 0.0, 6.0), ("RELU_N1_TO_1", -1.0, 1.0))
+# The targets whose integers a .tflite file carries, and the kernel set each promises to match.
+TFLITE_TARGETS = {"tflite": "LiteRT int8 reference kernels", "xnnpack": "LiteRT default kernels (XNNPACK)"}
 
 
 def export_tflite(model: IntegerModel, path, batch_size: int = 1) -> None:
-    """Write `model` (target `tflite`) as a .tflite file taking `batch_size` samples of float32 input."""
-    if model.target.name != "tflite":
-        raise ExportError(f"export_tflite needs a model of target 'tflite', got {model.target.name!r}; train with "
-                          "target='tflite' to deploy with TFLite")
+    """Write `model` (target `tflite` or `xnnpack`) as a .tflite file taking `batch_size` samples of float32 input."""
+    if model.target.name not in TFLITE_TARGETS:
+        raise ExportError(f"export_tflite needs a model of target 'tflite' or 'xnnpack', got {model.target.name!r}; "
+                          "train with target='tflite' (reference kernels) or target='xnnpack' (LiteRT's default "
+                          "kernels) to deploy with TFLite")
     if model.activation_dtype != "int8":
         raise ExportError(f"TFLite's int8 kernels need int8 activations, the model has {model.activation_dtype}")
     with open(path, "wb") as f:
@@ -77,10 +82,11 @@ def export_tflite(model: IntegerModel, path, batch_size: int = 1) -> None:
 class _FlatBuffer:
     """One subgraph under construction, in LiteRT's schema object API."""
 
-    def __init__(self) -> None:
+    def __init__(self, target: str) -> None:
         from ai_edge_litert import schema_py_generated as schema
 
         self.schema = schema
+        self.target = target
         self.tensors: List[Any] = []
         self.buffers = [schema.BufferT()]
         self.operators: List[Any] = []
@@ -138,7 +144,7 @@ class _FlatBuffer:
         s = self.schema
         model = s.ModelT()
         model.version = 3
-        model.description = "qparity export (target tflite: LiteRT int8 reference kernels)"
+        model.description = f"qparity export (target {self.target}: {TFLITE_TARGETS[self.target]})"
         model.operatorCodes = []
         for code in self.opcodes:
             c = s.OperatorCodeT()
@@ -261,7 +267,7 @@ class _Exporter(Executor):
             raise ExportError(f"batch_size must be at least 1, got {batch_size}")
         self.model = model
         self.batch_size = batch_size
-        self.fb = _FlatBuffer()
+        self.fb = _FlatBuffer(model.target.name)
         self.graph_inputs: List[int] = []
         self.transposed: Dict[Tuple[int, Tuple[int, ...]], int] = {}  # (stored tensor, TRANSPOSE perm) -> result
         self.flattened: Dict[int, int] = {}  # stored tensor -> its RESHAPE to one dimension
@@ -592,13 +598,14 @@ def _leaves(value):
 # ---------------------------------------------------------------------------------------------------------
 # Verify: run the file with LiteRT's three kernel sets
 # ---------------------------------------------------------------------------------------------------------
-# (label, OpResolverType name, binding for target tflite, note)
+# (label, OpResolverType name, the target it binds, note when it does not bind)
 CONFIGURATIONS = (
-    ("LiteRT default kernels (XNNPACK)", "AUTO", False,
-     "XNNPACK requantizes in float32 with its own rounding; target 'tflite' follows the reference kernels"),
-    ("LiteRT optimized built-in kernels", "BUILTIN_WITHOUT_DEFAULT_DELEGATES", False,
-     "optimized kernels round differently from the reference; target 'tflite' follows the reference kernels"),
-    ("LiteRT reference kernels", "BUILTIN_REF", True, ""),
+    ("LiteRT default kernels (XNNPACK)", "AUTO", "xnnpack",
+     "XNNPACK requantizes in float32 with its own rounding; target 'xnnpack' follows these kernels"),
+    ("LiteRT optimized built-in kernels", "BUILTIN_WITHOUT_DEFAULT_DELEGATES", None,
+     "optimized kernels round differently from the reference and from XNNPACK; no target follows them"),
+    ("LiteRT reference kernels", "BUILTIN_REF", "tflite",
+     "the reference kernels use gemmlowp fixed point; target 'tflite' follows these kernels"),
 )
 
 
@@ -608,7 +615,9 @@ def verify_tflite(model: IntegerModel, path, inputs: Sequence[torch.Tensor]) -> 
     expected = list(_leaves(model.run(*_as_tuple(model.quantize(*inputs)))))
     grids = list(_leaves(model.output_qparams))
     results: List[RuntimeResult] = []
-    for label, resolver, binding, note in CONFIGURATIONS:
+    for label, resolver, bound_target, other_note in CONFIGURATIONS:
+        binding = model.target.name == bound_target
+        note = "" if binding else other_note
         try:
             outputs = run_tflite(path, inputs, resolver)
         except (RuntimeError, ValueError) as error:  # what the interpreter raises for a kernel it cannot run

@@ -12,8 +12,10 @@ from .exact import ExactTarget
 from .onnxruntime import OnnxRuntimeTarget
 from .target import Target
 from .tflite import TFLiteTarget
+from .xnnpack import XnnpackTarget
 
-_REGISTRY: Dict[str, Target] = {t.name: t for t in (ExactTarget(), TFLiteTarget(), OnnxRuntimeTarget())}
+_REGISTRY: Dict[str, Target] = {t.name: t for t in (ExactTarget(), TFLiteTarget(), OnnxRuntimeTarget(),
+                                                    XnnpackTarget())}
 TARGETS = tuple(_REGISTRY)
 
 

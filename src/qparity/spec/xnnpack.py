@@ -1,0 +1,134 @@
+"""Target `xnnpack`: LiteRT's default CPU kernels, the XNNPACK delegate that `Interpreter(model_content=...)` applies.
+
+The delegate takes QUANTIZE, CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, ADD, MAX_POOL_2D and CONCATENATION
+(the op list shows one DELEGATE node); int8 AVERAGE_POOL_2D stays with TFLite's optimized built-in kernel, and
+so does a QUANTIZE whose scale ratio XNNPACK refuses. f() is rounding to float32, rne round half to even:
+
+- quantize (f32-qs8-vcvt):  q = clamp(rne(f(x * f(1 / s))) + z): a float reciprocal, clamped before rounding
+- conv / depthwise / linear (qs8-qc8w gemm and dwconv, fp32 requantization):
+                            M = f(f(s_x * s_w) / s_y) per output channel; q = clamp(rne(f(f(acc) * M)) + z_y),
+                            the int32 bias inside acc; the delegate refuses M outside [2^-32, 256)
+- fused activation bounds (xnn_qs8_quantize of the float clamp): clamp(rne(f(f(v / s) + z)), -128, 127)
+- add (qs8-vadd):           r = f(s_a / s_y), f(s_b / s_y); shift = 20 - exponent(max(r_a, r_b)),
+                            m = rne(r * 2^shift) (21-bit multipliers); q = clamp(z_y + ((q_a - z_a) m_a +
+                            (q_b - z_b) m_b + 2^(shift-1)) >> shift): half up, arithmetic shift. Delegated for
+                            ratios in [2^-10, 2^8); others run TFLite's optimized ADD, which is not emulated
+- rescale (QUANTIZE int8 -> int8, qs8-vcvt): for r = f(s / s_y) in [2^-8, 2^7], m = rne(f(256 r)),
+                            q = clamp(z_y + ((q - z) m + 128) >> 8); other ratios run TFLite's optimized
+                            Requantize: Q31 multiplier of the double ratio, SRDHM, then a right shift that
+                            rounds halves up
+- average (AVERAGE_POOL_2D, TFLite's optimized int8 kernel): as the reference, ties away from zero
+- MAX_POOL_2D, CONCATENATION of equal grids, MAXIMUM/MINIMUM, PADV2, SLICE, TRANSPOSE, RESHAPE, GATHER move
+  codes without arithmetic.
+
+Sources: XNNPACK src/microparams-init.c (xnn_init_qs8_add_minmax_scalar_params, xnn_init_qs8_cvt_scalar_params,
+xnn_init_qs8_qc8w_conv_minmax_fp32_scalar_params), src/xnnpack/quantization.h (xnn_qs8_quantize),
+src/operators/unary-elementwise-nc.c (the convert's [2^-8, 2^7] ratio check), src/qs8-vadd, src/qs8-vcvt,
+src/f32-qs8-vcvt, src/qs8-gemm; tensorflow/lite/delegates/xnnpack/xnnpack_delegate.cc (which ops and scale
+ratios it takes); tensorflow/lite/kernels/internal/optimized/optimized_ops.h (Requantize) and
+optimized/integer_ops/pooling.h. Every formula matched ai-edge-litert 2.3.0's default interpreter (x86-64,
+AVX512) with zero mismatches on random and tie-seeking cases (tests/test_spec_xnnpack.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import UnsupportedOpError
+from .arithmetic import quantize_multiplier, saturating_rounding_doubling_high_mul
+from .target import Target, channel_view
+from .tflite import TFLiteTarget
+
+ADD_MULTIPLIER_BITS = 20          # xnn_init_qs8_add_minmax_scalar_params: the largest multiplier is in [2^20, 2^21)
+ADD_RATIO_RANGE = (2.0**-10, 2.0**8)        # delegated ADD: input/output scale ratios in [lo, hi)
+CONVERT_RATIO_RANGE = (2.0**-8, 2.0**7)     # delegated QUANTIZE int8 -> int8: ratio in [lo, hi]
+REQUANTIZATION_RANGE = (2.0**-32, 256.0)    # conv / fully connected: M in [lo, hi), else XNNPACK fails to prepare
+
+
+def _f32_ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator as one float32 division, as XNNPACK computes every scale ratio."""
+    return numerator.to(torch.float32) / denominator.to(torch.float32)
+
+
+def _shift_right_half_up(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """(x + 2^(shift-1)) >> shift: ties toward +infinity, the rounding of XNNPACK's fixed-point kernels."""
+    return (x + ((1 << shift) >> 1)) >> shift
+
+
+class XnnpackTarget(Target):
+    name = "xnnpack"
+    summary = "LiteRT default kernels (XNNPACK): float32 multiplier, round half to even; fixed-point add"
+    activation_dtypes = ("int8",)
+
+    def quantize_unclamped(self, x, qp):
+        ndim = x.dim()
+        inverse = channel_view(1.0 / qp.scale.to(x.device), ndim, qp.axis or 0)  # float32: xnn convert_nc_f32_qs8
+        zero_point = channel_view(qp.zero_point.to(x.device), ndim, qp.axis or 0)
+        return torch.round(x.to(torch.float32) * inverse).to(torch.float64) + zero_point
+
+    def quantize(self, x, qp):
+        return torch.clamp(self.quantize_unclamped(x, qp), qp.qmin, qp.qmax).to(torch.int64)
+
+    def activation_bounds(self, min_real, max_real, qp):
+        """xnn_qs8_quantize(v, s, z) = lrintf(clamp(v / s + z)) of the delegate's float activation range."""
+        def bound(value: float) -> int:
+            scaled = torch.tensor(value, dtype=torch.float32) / qp.scale + qp.zero_point.to(torch.float32)
+            return int(torch.round(scaled).clamp(qp.qmin, qp.qmax))
+
+        lo = qp.qmin if min_real is None else bound(min_real)
+        hi = qp.qmax if max_real is None else bound(max_real)
+        return lo, max(lo, hi)
+
+    def requantizer(self, op, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim):
+        multiplier = _f32_ratio(input_qp.scale * weight_scale.to(torch.float32), output_qp.scale)
+        low, high = REQUANTIZATION_RANGE
+        if bool(((multiplier < low) | (multiplier >= high)).any()):
+            raise UnsupportedOpError(
+                f"{op} requantization scale {multiplier.min().item():.4g}..{multiplier.max().item():.4g} "
+                f"(s_in * s_w / s_out) is outside XNNPACK's [2^-32, 256): LiteRT's default interpreter fails to "
+                "prepare such a model; widen the output range or use target 'tflite'")
+        multiplier = channel_view(multiplier, ndim, channel_axis)
+        zero_point = int(output_qp.zero_point)
+
+        def requantize(acc: torch.Tensor) -> torch.Tensor:
+            scaled = (acc.to(torch.float32) * multiplier.to(acc.device)).round_()
+            return scaled.add_(zero_point).clamp_(lo, hi).to(torch.int64)  # exact: small integers in float32
+
+        return requantize
+
+    def add(self, qa, a, qb, b, out, lo, hi):
+        ratios = torch.stack([_f32_ratio(a.scale, out.scale), _f32_ratio(b.scale, out.scale)]).reshape(2)
+        low, high = ADD_RATIO_RANGE
+        if bool(((ratios < low) | (ratios >= high)).any()):
+            raise UnsupportedOpError(
+                f"add with input/output scale ratios {ratios.tolist()}: XNNPACK takes ratios in [2^-10, 256) "
+                "only, and LiteRT then runs its optimized ADD, whose rounding target 'xnnpack' does not model; "
+                "use target 'tflite' or keep the add's inputs and output on comparable scales")
+        _, exponent = torch.frexp(ratios.max())  # frexp's exponent is the IEEE exponent plus one
+        shift = ADD_MULTIPLIER_BITS - (int(exponent) - 1)
+        multipliers = torch.round(ratios.to(torch.float64) * 2.0**shift).to(torch.int64).tolist()
+        acc = (qa - int(a.zero_point)) * multipliers[0] + (qb - int(b.zero_point)) * multipliers[1]
+        return _shift_right_half_up(acc, shift).add_(int(out.zero_point)).clamp_(lo, hi)
+
+    def rescale(self, q, source, out):
+        if source.same_grid(out):
+            return q  # CONCATENATION of equal grids copies bytes
+        ratio = _f32_ratio(source.scale, out.scale)
+        centered = q - int(source.zero_point)
+        low, high = CONVERT_RATIO_RANGE
+        if low <= float(ratio) <= high:
+            multiplier = int(torch.round(ratio * 256.0))  # float32 product, lrintf
+            scaled = _shift_right_half_up(centered * multiplier, 8)
+        else:
+            scaled = _optimized_requantize(centered, source.scale.to(torch.float64) / out.scale.to(torch.float64))
+        return scaled.add_(int(out.zero_point)).clamp_(out.qmin, out.qmax)
+
+    # int8 AVERAGE_POOL_2D is not delegated; TFLite's optimized kernel rounds as the reference one does.
+    average = TFLiteTarget.average
+
+
+def _optimized_requantize(centered: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """TFLite's optimized Requantize (int8 -> int8 QUANTIZE that XNNPACK refuses): QuantizeMultiplier of the
+    double ratio, a left shift, SRDHM, then a right shift that rounds halves up (not away from zero)."""
+    m0, shift = quantize_multiplier(real)
+    left, right = max(int(shift), 0), max(-int(shift), 0)
+    return _shift_right_half_up(saturating_rounding_doubling_high_mul(centered * (1 << left), m0), right)
