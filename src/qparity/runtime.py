@@ -16,6 +16,7 @@ from .errors import InputError
 from .graph import Executor, Graph, Node, QValue, fused_clamp_bounds, output_structure
 from .ops import pooling
 from .ops.accumulate import ConvGeometry
+from .ops.lookup import PairTable
 from .ops.layer import layer_accumulator, plan_layer
 from .qparams import TORCH_DTYPES, QParams
 from .spec import Target, get_target
@@ -41,6 +42,7 @@ class IntegerModel:
         self.qparams = qparams
         self.layers = layers
         self.grids = resolve_grids(graph, qparams)
+        self.add_tables: Dict[str, PairTable] = {}  # built on first use from the target's own add
         self._kernels = {name: self._prepare(graph.node(name), layer) for name, layer in layers.items()}
 
     def _prepare(self, node: Node, layer: IntegerLayer):
@@ -126,6 +128,15 @@ class _IntegerExecutor(Executor):
     def op_add(self, node, a, b):
         qp = self.model.qparams[node.name]
         lo, hi = self.output_bounds(node, qp)
+        if self.target.elementwise_add(a.codes.numel()) and PairTable.fits(a.qparams.qmin, a.qparams.qmax,
+                                                                           b.qparams.qmin, b.qparams.qmax):
+            table = self.model.add_tables.get(node.name)
+            if table is None:
+                def add(qa, qb):
+                    return self.target.add(qa, a.qparams, qb, b.qparams, qp, lo, hi)
+                table = self.model.add_tables[node.name] = PairTable(add, a.qparams.qmin, a.qparams.qmax,
+                                                                     b.qparams.qmin, b.qparams.qmax)
+            return QValue(table(a.codes, b.codes), qp)
         return QValue(self.target.add(a.codes, a.qparams, b.codes, b.qparams, qp, lo, hi), qp)
 
     def op_cat(self, node, tensors):

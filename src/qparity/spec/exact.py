@@ -45,6 +45,9 @@ class ExactTarget(Target):
 
         return requantize
 
+    def elementwise_add(self, numel):
+        return True
+
     def add(self, qa, a, qb, b, out, lo, hi):
         za, zb, zy = int(a.zero_point), int(b.zero_point), int(out.zero_point)
         terms = [(qa - za, ExactRatio.of_scales([a.scale], [out.scale])),

@@ -55,6 +55,9 @@ class OnnxRuntimeTarget(Target):
 
         return requantize
 
+    def elementwise_add(self, numel):
+        return numel > 1  # a one-element first input takes the scalar kernel
+
     def add(self, qa, a, qb, b, out, lo, hi):
         if qa.numel() == 1:
             # A one-element first input takes ORT's scalar-A kernel, which swaps the operands' roles

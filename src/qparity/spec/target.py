@@ -91,6 +91,14 @@ class Target:
         """Elementwise sum of two quantized tensors on different grids."""
         raise NotImplementedError
 
+    def elementwise_add(self, numel: int) -> bool:
+        """Whether `add` is a pure function of each element's two codes for tensors of `numel` elements.
+
+        Then the integer runtime may tabulate it (ops/lookup.py). False unless a target says so: kernels
+        whose result depends on the position or the tensor length must not be tabulated.
+        """
+        return False
+
     def rescale(self, q: torch.Tensor, source: QParams, out: QParams) -> torch.Tensor:
         """Move codes from one grid to another (each input of a concatenation)."""
         raise NotImplementedError

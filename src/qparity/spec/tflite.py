@@ -66,6 +66,9 @@ class TFLiteTarget(Target):
 
         return requantize
 
+    def elementwise_add(self, numel):
+        return True
+
     def add(self, qa, a, qb, b, out, lo, hi):
         twice_max = 2.0 * torch.maximum(a.scale, b.scale).to(torch.float64)
         m_a, s_a = _multiplier(a.scale.to(torch.float64) / twice_max)

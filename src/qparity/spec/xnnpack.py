@@ -95,6 +95,9 @@ class XnnpackTarget(Target):
 
         return requantize
 
+    def elementwise_add(self, numel):
+        return True
+
     def add(self, qa, a, qb, b, out, lo, hi):
         ratios = torch.stack([_f32_ratio(a.scale, out.scale), _f32_ratio(b.scale, out.scale)]).reshape(2)
         low, high = ADD_RATIO_RANGE
