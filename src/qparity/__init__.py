@@ -7,6 +7,7 @@
     assert torch.equal(qm.eval()(x), im(x))
 """
 from .convert import convert
+from .doctor import doctor
 from .errors import QParityError
 from .export import export
 from .golden import golden
@@ -21,4 +22,4 @@ from .verify import VerifyReport, verify
 __version__ = "0.1.0"
 
 __all__ = ["TARGETS", "IntegerModel", "QATModel", "QParams", "QParityError", "VerifyReport", "calibrate", "convert",
-           "export", "freeze", "golden", "load", "prepare_qat", "verify"]
+           "doctor", "export", "freeze", "golden", "load", "prepare_qat", "verify"]

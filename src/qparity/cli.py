@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     golden.add_argument("--inputs", help="a .npy file of float32 inputs (default: random inputs on the grid)")
     golden.add_argument("--samples", type=_positive, default=4, help="random inputs to draw (default 4)")
     golden.add_argument("--seed", type=int, default=0, help="seed for the random inputs (default 0)")
+    doctor = commands.add_parser("doctor", help="explain where and why a torch.ao QAT model and its converted "
+                                                "int8 model disagree")
+    doctor.add_argument("script", help="path/to/script.py[:function] (default function: build) returning "
+                                       "(prepared, converted, example_inputs)")
+    doctor.add_argument("--html", help="also write the report as a self-contained HTML page")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -83,6 +89,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return verify_command(console, args)
         if args.command == "golden":
             return golden_command(console, args)
+        if args.command == "doctor":
+            from .doctor.command import doctor_command
+            return doctor_command(console, args)
         config = DemoConfig(targets=tuple(args.target or TARGETS), float_epochs=args.float_epochs,
                             qat_epochs=args.epochs, seed=args.seed)
         return demo(console, config)
