@@ -180,8 +180,18 @@ Why they differ
 """
 
 
+def report_doctor() -> None:
+    """What `qparity.doctor` says about the torch.ao model (k = 1, fbgemm): the verdict and its causes."""
+    print("=" * 100)
+    print("qparity.doctor(prepared, converted, example_inputs) on the torch.ao model, k=1.0, fbgemm")
+    print("=" * 100)
+    prepared, converted, inputs = build(1.0, "fbgemm")
+    print(qparity.doctor(prepared, converted, inputs))
+
+
 if __name__ == "__main__":
     qparity_mismatched = report_qparity()
     report_torch_ao()
     print(EXPLANATION)
+    report_doctor()
     print(f"qparity mismatches: {qparity_mismatched}")
