@@ -8,6 +8,7 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 import qparity as qp
+from qparity.errors import UnsupportedOpError
 from helpers import assert_bit_exact, prepare_and_convert
 
 targets = st.sampled_from(qp.TARGETS)
@@ -26,10 +27,23 @@ def random_batches(seed, shape, count=3, spread=None):
     return [torch.randn(shape, generator=g) * scale + offset for _ in range(count)]
 
 
+# Targets refuse what their runtime refuses or what qparity has not matched bit for bit; the message says so.
+DOCUMENTED_REFUSALS = (
+    ("qnnpack", "avg_pool2d"),                 # PyTorch's qnnpack average pool not matched (spec/pytorch_engines.py)
+    ("qnnpack", "PyTorch's qnnpack rejects"),  # add scale ratios / empty ranges qnnpack itself rejects
+    ("xnnpack", "XNNPACK"),                    # scale ratios where LiteRT leaves XNNPACK (spec/xnnpack.py)
+)
+
+
 def check(model, shape, target, dtype, seed, lr=0.01, per_channel=True):
     batches = random_batches(seed, shape)
-    prepared, integer = prepare_and_convert(model, (batches[0],), target, batches, lr=lr, activation_dtype=dtype,
-                                            per_channel=per_channel)
+    try:
+        prepared, integer = prepare_and_convert(model, (batches[0],), target, batches, lr=lr,
+                                                activation_dtype=dtype, per_channel=per_channel)
+    except UnsupportedOpError as error:
+        if not any(target == t and phrase in str(error) for t, phrase in DOCUMENTED_REFUSALS):
+            raise
+        return None, None
     test = random_batches(seed + 1, (5,) + tuple(shape[1:]), count=2)
     for x in test:
         assert_bit_exact(prepared, integer, x)

@@ -7,7 +7,6 @@
     assert torch.equal(qm.eval()(x), im(x))
 """
 from .convert import convert
-from .doctor import doctor
 from .errors import QParityError
 from .export import export
 from .golden import golden
@@ -18,8 +17,12 @@ from .runtime import IntegerModel
 from .serialize import load
 from .spec import TARGETS
 from .verify import VerifyReport, verify
+from .doctor import doctor
 
 __version__ = "0.1.0"
 
 __all__ = ["TARGETS", "IntegerModel", "QATModel", "QParams", "QParityError", "VerifyReport", "calibrate", "convert",
            "doctor", "export", "freeze", "golden", "load", "prepare_qat", "verify"]
+from .from_torch import from_torch  # noqa: E402
+from .to_torch import to_torch  # noqa: E402
+__all__ += ["from_torch", "to_torch"]

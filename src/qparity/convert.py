@@ -31,10 +31,11 @@ def convert(model: QATModel) -> IntegerModel:
         bias_codes = None
         if bias is not None:
             bias_codes = target.quantize_bias(bias.detach().cpu(), input_qp.scale, weight_scale)
-            if bool(((bias_codes < INT32_MIN) | (bias_codes > INT32_MAX)).any()):
-                raise OverflowRiskError(f"layer {layer.where}: a bias does not fit int32 at scale s_in * s_w "
-                                        f"(largest |bias code| {float(bias_codes.abs().max()):.0f})")
-            bias_codes = bias_codes.to(torch.int32)
-        check_accumulator_range(layer.where, weight_codes, bias_codes, input_qp)
+            if not target.float_bias:  # PyTorch's engines keep the float32 bias itself
+                if bool(((bias_codes < INT32_MIN) | (bias_codes > INT32_MAX)).any()):
+                    raise OverflowRiskError(f"layer {layer.where}: a bias does not fit int32 at scale s_in * s_w "
+                                            f"(largest |bias code| {float(bias_codes.abs().max()):.0f})")
+                bias_codes = bias_codes.to(torch.int32)
+        check_accumulator_range(layer.where, weight_codes, None if target.float_bias else bias_codes, input_qp)
         layers[name] = IntegerLayer(weight_codes, weight_scale, bias_codes)
     return IntegerModel(model.graph, target, model.activation_dtype, qparams, layers)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from .errors import UnsupportedOpError
+from .ops import pooling
 from .qparams import QParams
 
 
@@ -187,6 +188,12 @@ class Executor:
     def op_clamp(self, node: Node, x: QValue) -> QValue:
         lo, hi = self.target.activation_bounds(node.attrs.get("min"), node.attrs.get("max"), x.qparams)
         return QValue(torch.clamp(x.codes, lo, hi), x.qparams)
+
+    def average_pool_attrs(self, node: Node, input_hw) -> dict:
+        """The window of an avg_pool2d node for this input size, and whether it came from an adaptive pool
+        (PyTorch's engines run adaptive_avg_pool2d and avg_pool2d through kernels that round differently)."""
+        attrs = pooling.window_attrs(node.attrs, tuple(input_hw), node.path)
+        return {**attrs, "adaptive": "adaptive_output_size" in node.attrs}
 
     def output_bounds(self, node: Node, qp: QParams):
         """The output clamp in codes of a conv/linear/add: the dtype range narrowed by a fused activation."""

@@ -28,7 +28,7 @@ class IntegerLayer:
 
     weight_codes: torch.Tensor          # int8, symmetric
     weight_scale: torch.Tensor          # float32, [out_channels] or scalar
-    bias_codes: Optional[torch.Tensor]  # int32 at scale s_in * s_w, or None
+    bias_codes: Optional[torch.Tensor]  # int32 at scale s_in * s_w (float32 if target.float_bias), or None
 
 
 class IntegerModel:
@@ -50,13 +50,16 @@ class IntegerModel:
         input_qp, output_qp = self.grids[node.args[0].name], self.qparams[node.name]
         lo, hi = fused_clamp_bounds(self.target, node, output_qp)
         ndim = 4 if geometry.kind == "conv2d" else 2
+        # A float bias (PyTorch's engines) goes to the requantizer; an int32 bias into the accumulator.
+        float_bias = {"bias": layer.bias_codes} if self.target.float_bias else {}
+        acc_bias = None if self.target.float_bias else layer.bias_codes
         requantize = self.target.requantizer(geometry.kind, input_qp, layer.weight_scale, output_qp, lo, hi,
-                                             geometry.channel_axis, ndim)
+                                             geometry.channel_axis, ndim, **float_bias)
         weight = layer.weight_codes.to(torch.float32)
         if geometry.kind == "conv2d":
             weight = weight.contiguous(memory_format=torch.channels_last)
-        plan = plan_layer(geometry, layer.weight_codes, layer.bias_codes, input_qp)
-        return plan, geometry, weight, layer.bias_codes, requantize
+        plan = plan_layer(geometry, layer.weight_codes, acc_bias, input_qp)
+        return plan, geometry, weight, acc_bias, requantize
 
     # -- public API -----------------------------------------------------------------------------------------
     @property
@@ -106,8 +109,9 @@ class IntegerModel:
         for n in self.graph.nodes:
             ops[n.op] = ops.get(n.op, 0) + 1
         listing = ", ".join(f"{k} x{v}" for k, v in ops.items())
+        note = self.target.machine_note()
         return (f"IntegerModel(target={self.target.name}, activations={self.activation_dtype}, "
-                f"{len(self.layers)} layers; {listing})")
+                f"{len(self.layers)} layers; {listing}{'; ' + note if note else ''})")
 
 
 class _IntegerExecutor(Executor):
@@ -141,14 +145,14 @@ class _IntegerExecutor(Executor):
 
     def op_cat(self, node, tensors):
         qp = self.model.qparams[node.name]
-        return QValue(torch.cat([self.target.rescale(t.codes, t.qparams, qp) for t in tensors],
-                                dim=node.attrs["dim"]), qp)
+        return QValue(self.target.concatenate([t.codes for t in tensors], [t.qparams for t in tensors], qp,
+                                              node.attrs["dim"]), qp)
 
     def op_max_pool2d(self, node, x):
         return QValue(pooling.max_pool2d(x.codes, node.attrs).to(torch.int64), x.qparams)
 
     def op_avg_pool2d(self, node, x):
-        attrs = pooling.window_attrs(node.attrs, tuple(x.codes.shape[-2:]), node.path)
+        attrs = self.average_pool_attrs(node, x.codes.shape[-2:])
         return QValue(self.target.average_pool(x.codes, x.qparams, attrs), x.qparams)
 
     def op_dropout(self, node, x):

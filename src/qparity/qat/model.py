@@ -84,18 +84,22 @@ class _FakeExecutor(Executor):
         weight, bias = layer.folded()
         weight_scale = layer.weight_scale(weight)
         weight_codes = layer.weight_codes(weight, weight_scale)
-        bias_codes = None
-        if bias is not None:
+        bias_codes, float_bias = None, {}
+        if bias is not None and self.target.float_bias:
+            float_bias = {"bias": self.target.quantize_bias(bias, x.qparams.scale, weight_scale)}
+        elif bias is not None:
             bias_codes = straight_through(self.target.quantize_bias(bias, x.qparams.scale, weight_scale),
                                           bias.to(torch.float64) / _bias_scale(x.qparams, weight_scale))
         plan = plan_layer(layer.geometry, weight_codes, bias_codes, x.qparams)
         acc = layer_accumulator(plan, layer.geometry, x.codes, x.qparams, weight_codes, bias_codes)
-        real = self.clamp_real(node, acc.to(torch.float32) * _channel(_bias_scale(x.qparams, weight_scale),
-                                                                      layer.geometry, acc))
+        real = acc.to(torch.float32) * _channel(_bias_scale(x.qparams, weight_scale), layer.geometry, acc)
+        if float_bias:
+            real = real + _channel(bias, layer.geometry, acc)
+        real = self.clamp_real(node, real)
         qp = self.observed_qparams(node, real)
         lo, hi = self.output_bounds(node, qp)
         requantize = self.target.requantizer(layer.geometry.kind, x.qparams, weight_scale, qp, lo, hi,
-                                             layer.geometry.channel_axis, acc.dim())
+                                             layer.geometry.channel_axis, acc.dim(), **float_bias)
         codes = requantize(acc.detach())
         return self.emit(codes, real, qp, lo, hi)
 
@@ -138,14 +142,14 @@ class _FakeExecutor(Executor):
         dim = node.attrs["dim"]
         real = torch.cat([self.target.dequantize(t.codes, t.qparams) for t in tensors], dim=dim)
         qp = self.observed_qparams(node, real)
-        codes = torch.cat([self.target.rescale(_codes(t), t.qparams, qp) for t in tensors], dim=dim)
+        codes = self.target.concatenate([_codes(t) for t in tensors], [t.qparams for t in tensors], qp, dim)
         return self.emit(codes, real, qp, qp.qmin, qp.qmax)
 
     def op_max_pool2d(self, node: Node, x: QValue) -> QValue:
         return QValue(pooling.max_pool2d(x.codes, node.attrs), x.qparams)
 
     def op_avg_pool2d(self, node: Node, x: QValue) -> QValue:
-        attrs = pooling.window_attrs(node.attrs, tuple(x.codes.shape[-2:]), node.path)
+        attrs = self.average_pool_attrs(node, x.codes.shape[-2:])
         codes = self.target.average_pool(_codes(x), x.qparams, attrs)
         centered = x.codes - float(x.qparams.zero_point)
         sums = pooling.average_sums(centered, attrs, 255)

@@ -10,12 +10,14 @@ from typing import Dict
 from ..errors import UnknownTargetError
 from .exact import ExactTarget
 from .onnxruntime import OnnxRuntimeTarget
+from .pytorch_engines import FbgemmTarget, QnnpackTarget, X86Target
 from .target import Target
 from .tflite import TFLiteTarget
 from .xnnpack import XnnpackTarget
 
 _REGISTRY: Dict[str, Target] = {t.name: t for t in (ExactTarget(), TFLiteTarget(), OnnxRuntimeTarget(),
-                                                    XnnpackTarget())}
+                                                    XnnpackTarget(), FbgemmTarget(), X86Target(),
+                                                    QnnpackTarget())}
 TARGETS = tuple(_REGISTRY)
 
 

@@ -8,7 +8,7 @@ clamp in codes (the dtype range narrowed by a fused activation).
 """
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 
@@ -34,6 +34,9 @@ class Target:
     summary: str = ""
     activation_dtypes: Tuple[str, ...] = ("int8",)
     weight_qmax: int = 127  # weights are symmetric in [-weight_qmax, weight_qmax], zero point 0
+    # True for runtimes that take the bias as float32 (PyTorch's engines): quantize_bias then returns that
+    # float bias, the accumulator excludes it, and the requantizer gets it as `bias=`.
+    float_bias: bool = False
 
     # -- quantize / dequantize ------------------------------------------------------------------------------
     def quantize(self, x: torch.Tensor, qp: QParams) -> torch.Tensor:
@@ -103,6 +106,10 @@ class Target:
         """Move codes from one grid to another (each input of a concatenation)."""
         raise NotImplementedError
 
+    def concatenate(self, codes: List[torch.Tensor], grids: List[QParams], out: QParams, dim: int) -> torch.Tensor:
+        """Concatenation onto the output grid: each input rescaled on its own (a target may look at all)."""
+        return torch.cat([self.rescale(q, grid, out) for q, grid in zip(codes, grids)], dim=dim)
+
     def average_pool(self, codes: torch.Tensor, qp: QParams, attrs: dict) -> torch.Tensor:
         """2-D average pooling on one grid (input and output share qparams), PyTorch's windows and divisors."""
         centered = codes - qp.zero_point.to(codes.device)
@@ -113,6 +120,10 @@ class Target:
     def average(self, sums: torch.Tensor, counts: torch.Tensor, qp: QParams) -> torch.Tensor:
         """Window sums of centered codes (q - zero_point) over `counts` elements to codes."""
         raise NotImplementedError
+
+    def machine_note(self) -> str:
+        """Which of the runtime's machine-dependent code paths this machine takes ("" if none)."""
+        return ""
 
     def describe(self) -> str:
         return f"{self.name}: {self.summary}"

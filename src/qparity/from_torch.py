@@ -1,0 +1,157 @@
+"""from_torch: a torch.ao converted model (eager or FX) to a qparity `IntegerModel` of the current engine's target.
+
+The converted module is traced with torch.fx (eager QuantStub/DeQuantStub/QFunctional models trace too) and
+run once on example inputs to read every quantized tensor's scale and zero point. Quantized conv/linear
+modules become conv2d/linear nodes holding the engine's own int8 weights and float32 bias; quantized add,
+add_relu and cat become add/cat nodes on the grids PyTorch chose. Everything else goes through capture's
+float-module rules (ReLU, max pool, flatten, ...). Ops the target cannot emulate exactly raise
+`UnsupportedOpError`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.ao.nn.intrinsic.quantized as nniq
+import torch.ao.nn.quantized as nnq
+import torch.fx as fx
+
+from .capture import _Builder, _fuse_clamps, _record_values
+from .errors import CaptureError, UnsupportedOpError
+from .graph import Graph
+from .ops.accumulate import ConvGeometry
+from .qparams import QParams
+from .runtime import IntegerLayer, IntegerModel
+from .spec import get_target
+
+ENGINES = ("fbgemm", "x86", "qnnpack")
+QUANTIZED_CONVS = (nnq.Conv2d, nniq.ConvReLU2d)
+QUANTIZED_LINEARS = (nnq.Linear, nniq.LinearReLU)
+RELU_FUSED = (nniq.ConvReLU2d, nniq.LinearReLU)
+
+
+def from_torch(converted: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor) -> IntegerModel:
+    """The integer program `converted` runs in torch.backends.quantized.engine, as a qparity IntegerModel."""
+    engine = torch.backends.quantized.engine
+    if engine not in ENGINES:
+        raise UnsupportedOpError(f"quantized engine {engine!r} has no qparity target; use one of {ENGINES}")
+    if isinstance(converted, fx.GraphModule) and any("quantized_decomposed" in str(n.target)
+                                                     for n in converted.graph.nodes):
+        raise UnsupportedOpError("PT2E models (convert_pt2e, quantized_decomposed ops) are not read yet; "
+                                 "use an eager or FX (convert_fx) converted model")
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    try:
+        traced = converted if isinstance(converted, fx.GraphModule) else fx.symbolic_trace(converted)
+    except Exception as error:
+        raise CaptureError(f"torch.fx could not trace {type(converted).__name__}: {error}") from error
+    builder = _ConvertedBuilder(traced, _record_values(traced, inputs), get_target(engine))
+    for node in traced.graph.nodes:
+        builder.add(node)
+    graph = Graph(builder.nodes, builder.output, [tuple(x.shape) for x in inputs])
+    _fuse_clamps(graph)
+    return IntegerModel(graph, builder.target, "uint8", builder.qparams, builder.integer_layers)
+
+
+def _qparams(value: torch.Tensor, where: str) -> QParams:
+    if not (isinstance(value, torch.Tensor) and value.is_quantized and value.dtype == torch.quint8):
+        raise UnsupportedOpError(f"{where}: expected a quint8 tensor, got "
+                                 f"{value.dtype if isinstance(value, torch.Tensor) else type(value).__name__}")
+    if value.qscheme() != torch.per_tensor_affine:
+        raise UnsupportedOpError(f"{where}: activation qscheme {value.qscheme()} (only per_tensor_affine)")
+    return QParams(value.q_scale(), value.q_zero_point(), "uint8")
+
+
+def _weight(module: torch.nn.Module, where: str):
+    weight = module.weight()
+    if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        scale = weight.q_per_channel_scales().to(torch.float32)
+        zero_points = weight.q_per_channel_zero_points()
+    else:
+        scale = torch.tensor(weight.q_scale(), dtype=torch.float32)
+        zero_points = torch.tensor([weight.q_zero_point()])
+    if bool((zero_points != 0).any()):
+        raise UnsupportedOpError(f"{where}: weight zero points {zero_points.tolist()} (qparity needs symmetric "
+                                 "weights, zero point 0; use a per_channel_symmetric/per_tensor_symmetric qconfig)")
+    bias = module.bias()
+    return weight.int_repr(), scale, None if bias is None else bias.detach().to(torch.float32)
+
+
+class _ConvertedBuilder(_Builder):
+    def __init__(self, traced, values, target):
+        super().__init__(traced, values)
+        self.target = target
+        self.qparams = {}
+        self.integer_layers = {}
+
+    def record_grid(self, node: fx.Node) -> None:
+        self.qparams[node.name] = _qparams(self.values[node.name], f"node '{node.name}'")
+
+    def add(self, node: fx.Node) -> None:
+        if node.op == "placeholder":
+            return  # the float input; the quantize that follows it becomes the graph's input node
+        if node.op == "call_module" and isinstance(self.modules[node.target], nnq.Quantize):
+            return self.emit_input(node)
+        if node.op == "call_module" and isinstance(self.modules[node.target], nnq.DeQuantize):
+            self.alias[node.name] = self.ref(node.args[0]).name
+            return None
+        if node.op == "call_method" and node.target == "dequantize":
+            self.alias[node.name] = self.ref(node.args[0]).name
+            return None
+        if node.op == "call_function" and node.target in (torch.quantize_per_tensor,):
+            return self.emit_input(node)
+        if node.op == "call_function" and node.target in (torch.ops.quantized.add, torch.ops.quantized.add_relu):
+            return self.emit_quantized_add(node)
+        if node.op == "call_function" and node.target in (torch.ops.quantized.cat, torch.cat):
+            return self.emit_quantized_cat(node)
+        if (node.op, node.target) in (("call_method", "mean"), ("call_function", torch.mean)):
+            raise self.unsupported(node, "quantized mean is not emulated; use AdaptiveAvgPool2d")
+        return super().add(node)
+
+    def emit_input(self, node: fx.Node) -> None:
+        source = node.args[0]
+        if not (isinstance(source, fx.Node) and source.op == "placeholder"):
+            raise self.unsupported(node, "a quantize must take a model input directly")
+        self.emit(node, "input", attrs={"rank": self.values[node.name].dim()})
+        self.record_grid(node)
+
+    def emit_quantized_add(self, node: fx.Node) -> None:
+        a, b = node.args[0], node.args[1]
+        clamp = {"clamp": (0.0, None)} if node.target is torch.ops.quantized.add_relu else {}
+        if self.values[a.name].shape != self.values[b.name].shape:
+            raise self.unsupported(node, "add of tensors of different shapes (broadcasting)")
+        self.emit(node, "add", [self.ref(a), self.ref(b)], attrs=clamp)
+        self.record_grid(node)
+
+    def emit_quantized_cat(self, node: fx.Node) -> None:
+        tensors = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        self.emit(node, "cat", [self.ref(list(tensors))], attrs={"dim": dim})
+        self.record_grid(node)
+
+    def add_module(self, node: fx.Node, module: torch.nn.Module) -> None:
+        where = f"module '{node.target}'"
+        if isinstance(module, QUANTIZED_CONVS):
+            if module.padding_mode != "zeros":
+                raise self.unsupported(node, f"padding_mode={module.padding_mode!r}")
+            if (self.target.name == "fbgemm" and module.groups > 1 and tuple(module.kernel_size) == (3, 3)):
+                raise self.unsupported(node, "fbgemm's grouped/depthwise 3x3 kernel is not emulated bit for bit "
+                                             "(its accumulation differs from exact int32); use engine x86 or qnnpack")
+            geometry = ConvGeometry("conv2d", tuple(module.stride), tuple(module.padding), tuple(module.dilation),
+                                    module.groups)
+            self.emit_layer(node, module, geometry, where)
+        elif isinstance(module, QUANTIZED_LINEARS):
+            self.emit_layer(node, module, ConvGeometry("linear"), where)
+        elif type(module).__module__.startswith("torch.ao.nn"):
+            raise self.unsupported(node, "a quantized module qparity does not emulate (ReLU6, Hardswish, "
+                                         "LeakyReLU, Sigmoid and others are not pinned down yet)")
+        else:
+            super().add_module(node, module)
+
+    def emit_layer(self, node: fx.Node, module, geometry: ConvGeometry, where: str) -> None:
+        weight_codes, weight_scale, bias = _weight(module, where)
+        attrs = {"geometry": geometry.to_dict(), "module": node.target}
+        if isinstance(module, RELU_FUSED):
+            attrs["clamp"] = (0.0, None)
+        self.emit(node, geometry.kind, [self.ref(node.args[0])], attrs=attrs)
+        self.record_grid(node)
+        self.integer_layers[node.name] = IntegerLayer(weight_codes, weight_scale, bias)

@@ -1,0 +1,319 @@
+"""Targets `fbgemm`, `x86`, `qnnpack`: PyTorch's own quantized CPU engines (torch.ao eager/FX convert).
+
+Activations are quint8 (uint8 codes), weights qint8 with zero point 0, and the bias stays a FLOAT32 tensor:
+the engines take the float bias and fold it in their own way (`Target.float_bias`). Notation: f() rounds
+to float32, rne is round half to even, sat clamps to [lo, hi], P = f(s_x * s_w), M = f(P / s_y),
+inv = f(1 / s); all arithmetic float32 unless said.
+
+- quantize (quantize_per_tensor / QuantStub), every engine: q = sat(rne(fma(x, inv, z))): fbgemm's
+  vectorized Quantize (fbgemm src/QuantUtilsAvx2.cc, reached through at::native::quantize_vec) adds the zero
+  point inside one fused multiply-add (measured on every element, ties included).
+- conv2d / linear:
+  * fbgemm:  q = sat(rne(f(f(acc) + f(b / P)) * M) + z_y). fbgemm's ReQuantizeOutput with a float bias
+    (include/fbgemm/OutputProcessing-inl.h, requantizeOutputProcessingAvx2 in src/QuantUtilsAvx2.cc):
+    `raw_f = raw + bias[j] / act_times_w_scale[j]; lrintf(raw_f * C_multiplier[j]) + C_zero_point`, with
+    act_times_w_scale and the multiplier made in float by PyTorch (aten/.../quantized/cpu/qconv.cpp,
+    qlinear.cpp: `output_multiplier_float = act_times_w_scale / output_scale`).
+  * x86: conv routes to oneDNN when the weights are symmetric (aten/.../quantized/cpu/qconv.cpp,
+    `should_use_onednn_quant` / x86 engine), and oneDNN applies the scales and the float bias in float
+    before adding the zero point: q = sat(rne(fma(f(f(acc * P) + b), inv_y, z_y))). Linear on x86 is fbgemm.
+  * qnnpack: the bias is first quantized to int32 with quantize_per_tensor at scale P
+    (aten/.../quantized/cpu/qnnpack_utils.h), then QNNPACK's fp32 requantization
+    (qnnpack/src/requantization/fp32-*.c, `vfpacc * scale` and magic-number rounding), with its multiplier
+    made as P * f(1 / s_y) (qnnpack_utils.h, generate_requantization_scales):
+    q = sat(rne(f((acc + rne(b * f(1 / P))) * f(P * f(1 / s_y)))) + z_y).
+- add (quantized::add, FloatFunctional.add / add_relu):
+  * fbgemm, x86 (aten/.../quantized/cpu/kernels/QuantizedOpKernels.cpp, qadd_kernel): the vectorized loop
+    dequantizes with fma(q, s, f(-z * s)), sums in float32 and quantizes as rne(f(sum * inv_y)) + z_y
+    (QuantizeAvx512); the scalar loop, for what the vector loop leaves, dequantizes f((q - z) * s) and
+    quantizes rne(f(f(sum * inv_y) + z_y)) (quantize_val: two roundings, measured; an fma here disagrees on
+    half-code sums). The vector loop covers whole 64-element blocks of each chunk the
+    elements are split into by at::parallel_for (GRAIN_SIZE 32768 elements; chunks of ceil(n / threads)).
+    Position = position in memory order: qparity's codes keep PyTorch's layouts (conv outputs channels-last,
+    model inputs NCHW). Inputs stored in different layouts take the scalar loop for every element.
+  * qnnpack (qnnpack/src/add.c, requantization.h pytorch_qnnp_compute_add_quantization_params and
+    pytorch_qnnp_add_quantize): fixed point. shift = 21 - exponent(max(r_a, r_b)) with r = f(s / s_y),
+    multipliers m = lrintf(r * 2^shift), acc = m_a (q_a - z_a) + m_b (q_b - z_b) in int32, divided by
+    2^shift rounding half away from zero, plus z_y.
+- cat (quantized cat): each input on another grid is requantized. 4-D channels-last inputs joined on
+  channels take qcat_nhwc_kernel (QuantizedOpKernels.cpp), which runs at AVX2 capability here (its 32-lane
+  and 8-float loops; measured): whole 8-channel blocks as rne(f(fma(q, s, f(-z * s)) * inv_y)) + z_y, the
+  other channels rne(f(f(f((q - z) * s) * inv_y) + z_y));
+  other inputs are dequantized f((q - z) * s) and quantized with quantize_per_tensor's rule. Equal grids copy.
+- average pools (sum = sum(q - z), exact; multiplier = f(f(s_x / s_y) / N); inv = f(1 / f(1 / multiplier))):
+  * fbgemm, x86 (QuantizedOpKernels.cpp, _qavg_pool_nhwc_kernel and _qadaptive_avg_pool_kernel): channels-last
+    inputs run whole 16-channel blocks in an AVX512 loop, avg_pool2d's as rne(f(sum * multiplier)) + z
+    (QuantizeAvx512), adaptive_avg_pool2d's as rne(fma(sum, inv, z)) (quantize_vec); the other channels, and
+    NCHW inputs, as quantize_val(1 / multiplier): rne(f(f(sum * inv) + z)).
+  * qnnpack: adaptive_avg_pool2d q = rne(f(sum * f(s / f(s * N)))) + z; avg_pool2d refused (not matched).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import UnsupportedOpError
+from ..ops import pooling
+from ..qparams import QParams
+from .arithmetic import fma_f32
+from .target import Target, channel_view
+
+VECTOR_BLOCK = 64          # qadd's vector loop covers whole 64-element blocks (cpu_kernel_vec; measured)
+PARALLEL_GRAIN = 32768     # at::internal::GRAIN_SIZE
+CAT_BLOCK = 8              # qcat_nhwc_kernel's vector loops (AVX2 dispatch: 32 and 8 lanes) cover 8-channel blocks
+POOL_BLOCK = 16            # the average pools' AVX512 loops cover 16-channel blocks
+
+
+def _f32(value) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=torch.float32)
+
+
+def _reciprocal(scale: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(scale, dtype=torch.float32) / scale.to(torch.float32)
+
+
+class PyTorchEngineTarget(Target):
+    """What every PyTorch engine shares; subclasses name the conv, linear and add rules they use."""
+
+    activation_dtypes = ("uint8",)
+    float_bias = True
+    conv_rule = "fbgemm"
+    linear_rule = "fbgemm"
+    add_rule = "fbgemm"
+    pool_rule = "fbgemm"
+
+    # -- quantize -------------------------------------------------------------------------------------------
+    def quantize_unclamped(self, x, qp):
+        ndim = x.dim()
+        inv = channel_view(_reciprocal(qp.scale.to(x.device)), ndim, qp.axis or 0)
+        zero_point = channel_view(qp.zero_point.to(x.device), ndim, qp.axis or 0).to(torch.float32)
+        return torch.round(fma_f32(x.to(torch.float32), inv, zero_point)).to(torch.float64)
+
+    def quantize(self, x, qp):
+        return torch.clamp(self.quantize_unclamped(x, qp), qp.qmin, qp.qmax).to(torch.int64)
+
+    def quantize_bias(self, bias, input_scale, weight_scale):
+        """The engines take the float bias as it is (float32); each requantizer folds it its own way."""
+        return bias.detach().to(torch.float32)
+
+    # -- conv / linear --------------------------------------------------------------------------------------
+    def requantizer(self, op, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim, bias=None):
+        rule = self.conv_rule if op == "conv2d" else self.linear_rule
+        product = input_qp.scale.to(torch.float32) * weight_scale.to(torch.float32)  # P = f(s_x * s_w)
+        zero_point = int(output_qp.zero_point)
+        scale_y = output_qp.scale.to(torch.float32)
+        view = lambda t: channel_view(t, ndim, channel_axis)  # noqa: E731
+        bias = None if bias is None else bias.detach().to(torch.float32).reshape(-1)
+
+        if rule == "onednn":
+            inv_y = _reciprocal(scale_y)
+
+            def requantize_onednn(acc: torch.Tensor) -> torch.Tensor:
+                real = acc.to(torch.float32) * view(product).to(acc.device)
+                if bias is not None:
+                    real = real + view(bias).to(acc.device)
+                value = torch.round(fma_f32(real, inv_y, _f32(zero_point)))
+                return value.clamp_(lo, hi).to(torch.int64)
+
+            return requantize_onednn
+
+        if rule == "qnnpack":  # qnnpack_utils.h generate_requantization_scales: (s_w * s_x) * f(1 / s_y)
+            multiplier = view(product * _reciprocal(scale_y))
+        else:
+            multiplier = view(product / scale_y)
+        if bias is None:
+            offset = None
+        elif rule == "qnnpack":  # int32 bias: quantize_per_tensor(b, P) = rne(b * f(1 / P))
+            offset = view(torch.round(bias * _reciprocal(product)).to(torch.float64))
+        else:
+            offset = view(bias / product)  # fbgemm: float bias over act_times_w_scale
+
+        def requantize(acc: torch.Tensor) -> torch.Tensor:
+            if rule == "qnnpack":
+                total = acc.to(torch.float64) if offset is None else acc.to(torch.float64) + offset.to(acc.device)
+                total = total.to(torch.float32)  # int32 to float, as QNNPACK's fp32 requantization
+            else:
+                total = acc.to(torch.float32)
+                if offset is not None:
+                    total = total + offset.to(acc.device)
+            value = torch.round(total * multiplier.to(acc.device))
+            return value.add_(zero_point).clamp_(lo, hi).to(torch.int64)
+
+        return requantize
+
+    # -- add ------------------------------------------------------------------------------------------------
+    def add(self, qa, a, qb, b, out, lo, hi):
+        if self.add_rule == "qnnpack":
+            return _qnnpack_add(qa, a, qb, b, out, lo, hi)
+        return _fbgemm_add(qa, a, qb, b, out, lo, hi)
+
+    # -- cat, pools -----------------------------------------------------------------------------------------
+    def rescale(self, q, source, out):
+        if source.same_grid(out):
+            return q
+        real = (q - int(source.zero_point)).to(torch.float32) * source.scale
+        return self.quantize(real, out)
+
+    def concatenate(self, codes, grids, out, dim):
+        # quantized cat takes qcat_nhwc_kernel for 4-D channels-last inputs joined on channels
+        # (QuantizedOpKernels.cpp, is_cat_nhwc_fast_path in TensorShape.cpp), else dequantize/cat/quantize.
+        if all(q.dim() == 4 and q.is_contiguous(memory_format=torch.channels_last) for q in codes) and dim % 4 == 1:
+            return torch.cat([_rescale_channels_last(q, grid, out) for q, grid in zip(codes, grids)], dim=1)
+        return super().concatenate(codes, grids, out, dim)
+
+    def average_pool(self, codes, qp, attrs):
+        centered = codes - qp.zero_point.to(codes.device)
+        sums = pooling.average_sums(centered, attrs, 255).to(torch.float32)  # exact: |sum| < 2^24
+        counts = pooling.average_counts(tuple(codes.shape[-2:]), tuple(sums.shape[-2:]), attrs, codes.device)
+        if self.pool_rule == "qnnpack":
+            if not attrs.get("adaptive"):
+                raise UnsupportedOpError(
+                    f"avg_pool2d {attrs} on target 'qnnpack' is not emulated (PyTorch's qnnpack avg_pool2d was not "
+                    "matched bit for bit); use AdaptiveAvgPool2d, or target fbgemm/x86")
+            # rne(f(sum * f(s / f(s * N)))) + z, as QNNPACK's average pooling requantizes.
+            multiplier = qp.scale / (qp.scale * counts.to(torch.float32))
+            value = torch.round(sums * multiplier) + float(qp.zero_point)
+            return torch.clamp(value, qp.qmin, qp.qmax).to(torch.int64)
+        value = _fbgemm_average(sums, counts, qp, codes, bool(attrs.get("adaptive")))
+        return torch.clamp(value, qp.qmin, qp.qmax).to(torch.int64)
+
+    def machine_note(self) -> str:
+        return "" if self.name == "qnnpack" else f"fbgemm path: {fbgemm_path()}"
+
+
+def fbgemm_path() -> str:
+    """fbgemm's uint8 x int8 kernels: VNNI/AMX accumulate in int32; AVX2 adds pairs in int16 with saturation."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        flags = ""
+    if "avx512_vnni" in flags or "amx_int8" in flags or "avx_vnni" in flags:
+        return "VNNI (exact int32 accumulation, no int16 saturation)"
+    return "AVX2 without VNNI (pairs of products saturate in int16: layers with full-range activations may differ)"
+
+
+def _fbgemm_average(sums, counts, qp: QParams, codes, adaptive: bool) -> torch.Tensor:
+    """QuantizedOpKernels.cpp: a channels-last input's whole 16-channel blocks take the AVX512 loop, the rest
+    (and every NCHW input) the scalar loop, quantize_val(1 / multiplier, z, sum): rne(f(sum * inv) + z)."""
+    multiplier = (qp.scale / qp.scale) / counts.to(torch.float32)  # f(f(s_x / s_y) / N)
+    inverse = torch.ones_like(multiplier) / (torch.ones_like(multiplier) / multiplier)  # f(1 / f(1 / multiplier))
+    zero_point = float(qp.zero_point)
+    scalar = torch.round(sums * inverse + zero_point)
+    if not _channels_last(codes):
+        return scalar
+    if adaptive:  # quantize_vec: fbgemm's Quantize, one fma
+        vector = torch.round(fma_f32(sums, inverse, _f32(zero_point)))
+    else:  # QuantizeAvx512(acc, multiplier): rne(f(sum * multiplier)) + z
+        vector = torch.round(sums * multiplier) + zero_point
+    channels = codes.shape[1]
+    in_vector_loop = (torch.arange(channels, device=codes.device) < (channels // POOL_BLOCK) * POOL_BLOCK)
+    in_vector_loop = in_vector_loop.reshape(1, -1, 1, 1)
+    return torch.where(in_vector_loop, vector, scalar)
+
+
+def _rescale_channels_last(q, source: QParams, out: QParams) -> torch.Tensor:
+    """qcat_nhwc_kernel for one input: a copy on the same grid; else whole 8-channel blocks dequantize as
+    fma(q, s, f(-z * s)) and quantize as rne(f(x * inv)) + z_y, the other channels as dequantize_val and
+    quantize_val: rne(f(f(f((q - z) * s) * inv) + z_y))."""
+    if source.same_grid(out):
+        return q
+    channels = q.shape[1]
+    s, z = source.scale.to(torch.float32), float(source.zero_point)
+    inv, zy = _reciprocal(out.scale), float(out.zero_point)
+    fq = q.to(torch.float32)
+    vector = torch.round(fma_f32(fq, s, s * -z) * inv) + zy
+    scalar = torch.round(((fq - z) * s) * inv + zy)
+    in_vector_loop = (torch.arange(channels, device=q.device) < (channels // CAT_BLOCK) * CAT_BLOCK)
+    codes = torch.where(in_vector_loop.reshape(1, -1, 1, 1), vector, scalar)
+    return torch.clamp(codes, out.qmin, out.qmax).to(torch.int64).contiguous(memory_format=torch.channels_last)
+
+
+def _channels_last(t: torch.Tensor) -> bool | None:
+    """True/False: a 4-D tensor stored channels-last/NCHW; None where both orders coincide (or not 4-D)."""
+    if t.dim() != 4:
+        return None
+    nhwc, nchw = t.is_contiguous(memory_format=torch.channels_last), t.is_contiguous()
+    return None if nhwc == nchw else nhwc
+
+
+def _memory_order(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return t.permute(0, 2, 3, 1).reshape(-1) if channels_last else t.reshape(-1)
+
+
+def _from_memory_order(flat: torch.Tensor, like: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    if channels_last:
+        n, c, h, w = like.shape
+        return flat.reshape(n, h, w, c).permute(0, 3, 1, 2)  # a channels-last view, like PyTorch's output
+    return flat.reshape(like.shape)
+
+
+def vector_loop_mask(n: int, threads: int) -> torch.Tensor:
+    """Which of n elements (in memory order) qadd's vector loop computes: whole 64-blocks of each chunk."""
+    chunks = max(1, min(threads, -(-n // PARALLEL_GRAIN)))
+    chunk = max(1, -(-n // chunks))
+    position = torch.arange(n)
+    start = (position // chunk) * chunk
+    length = torch.clamp(start + chunk, max=n) - start
+    return (position - start) < (length // VECTOR_BLOCK) * VECTOR_BLOCK
+
+
+def _fbgemm_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi):
+    # The output takes the first input's memory format (qadd.cpp: self.suggest_memory_format()); when the two
+    # inputs are stored differently TensorIterator has no contiguous inner loop and runs the scalar loop only.
+    layout_a, layout_b = _channels_last(qa), _channels_last(qb)
+    mixed = None not in (layout_a, layout_b) and layout_a != layout_b
+    channels_last = bool(layout_a if layout_a is not None else layout_b)
+    fa = _memory_order(qa, channels_last).to(torch.float32)
+    fb = _memory_order(qb, channels_last).to(torch.float32)
+    sa, sb = a.scale.to(torch.float32), b.scale.to(torch.float32)
+    za, zb, zy = float(a.zero_point), float(b.zero_point), float(out.zero_point)
+    inv_y = _reciprocal(out.scale)
+    vector_sum = fma_f32(fa, sa, sa * -za) + fma_f32(fb, sb, sb * -zb)
+    scalar_sum = (fa - za) * sa + (fb - zb) * sb
+    vector = torch.round(vector_sum * inv_y) + zy
+    scalar = torch.round(scalar_sum * inv_y + zy)  # two float32 roundings, no fma
+    if mixed:
+        codes = scalar
+    else:
+        codes = torch.where(vector_loop_mask(fa.numel(), torch.get_num_threads()), vector, scalar)
+    return _from_memory_order(codes.clamp_(lo, hi).to(torch.int64), qa, channels_last)
+
+
+def _qnnpack_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi):
+    ratio_a, ratio_b = a.scale / out.scale, b.scale / out.scale  # float32 quotients
+    largest = torch.maximum(ratio_a, ratio_b)
+    if not (2.0**-14 <= float(ratio_a) < 2.0**8 and 2.0**-14 <= float(ratio_b) < 2.0**8):
+        raise UnsupportedOpError(f"qnnpack add needs input/output scale ratios in [2^-14, 2^8), got "
+                                 f"{float(ratio_a):.6g} and {float(ratio_b):.6g}; PyTorch's qnnpack rejects them too")
+    if lo >= hi:
+        raise UnsupportedOpError(f"qnnpack add with the empty output range [{lo}, {hi}] (a fused ReLU on zero point "
+                                 f"{int(out.zero_point)}); PyTorch's qnnpack rejects it too")
+    exponent = int(torch.frexp(largest).exponent) - 1
+    shift = 21 - exponent
+    scale_multiplier = _f32(2.0**shift)
+    m_a = int(torch.round(ratio_a * scale_multiplier))
+    m_b = int(torch.round(ratio_b * scale_multiplier))
+    acc = m_a * (qa - int(a.zero_point)) + m_b * (qb - int(b.zero_point))
+    # Round half away from zero: QNNPACK's remainder test (`rem > threshold`, rem less one for negatives).
+    half = 1 << (shift - 1)
+    rounded = torch.where(acc >= 0, (acc + half) >> shift, -((-acc + half) >> shift))
+    return torch.clamp(rounded + int(out.zero_point), lo, hi)
+
+
+class FbgemmTarget(PyTorchEngineTarget):
+    name = "fbgemm"
+    summary = "PyTorch fbgemm engine: float bias over s_x*s_w, float32 multiplier, round half even"
+
+
+class X86Target(PyTorchEngineTarget):
+    name = "x86"
+    summary = "PyTorch x86 engine: conv through oneDNN (scaled float bias), linear through fbgemm"
+    conv_rule = "onednn"
+
+
+class QnnpackTarget(PyTorchEngineTarget):
+    name = "qnnpack"
+    summary = "PyTorch qnnpack engine: int32 bias, float32 multiplier, fixed-point add"
+    conv_rule = "qnnpack"
+    linear_rule = "qnnpack"
+    add_rule = "qnnpack"
+    pool_rule = "qnnpack"

@@ -1,0 +1,140 @@
+"""to_torch: an `IntegerModel` of target fbgemm, x86 or qnnpack as a torch.ao quantized nn.Module.
+
+The module runs qparity's graph node by node with torch.ao.nn.quantized modules (conv, linear and their
+fused-ReLU forms, holding the model's int8 weights and float32 bias) and torch.ops.quantized functions
+(add, add_relu, cat), on quint8 tensors, in the engine the target names. Its outputs equal `im(x)`.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+import torch.ao.nn.intrinsic.quantized as nniq
+import torch.ao.nn.quantized as nnq
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UnsupportedOpError
+from .graph import CALLS, Graph, Node, resolve
+from .ops.accumulate import ConvGeometry
+from .qparams import QParams
+from .runtime import IntegerLayer, IntegerModel
+
+ENGINE_TARGETS = ("fbgemm", "x86", "qnnpack")
+
+
+def to_torch(im: IntegerModel) -> "TorchQuantizedModel":
+    """A torch.ao quantized module computing what `im` computes (run it with the engine im.target names)."""
+    if im.target.name not in ENGINE_TARGETS:
+        raise UnsupportedOpError(f"to_torch needs a model of target {', '.join(ENGINE_TARGETS)}; this one is for "
+                                 f"{im.target.name!r}, whose integers PyTorch's engines do not compute")
+    return TorchQuantizedModel(im)
+
+
+def _relu_only(node: Node) -> bool:
+    """Whether a fused clamp is absent (False) or a plain ReLU (True); other clamps are refused."""
+    clamp = node.attrs.get("clamp") or (None, None)
+    if clamp == (None, None):
+        return False
+    if tuple(clamp) == (0.0, None):
+        return True
+    raise UnsupportedOpError(f"node '{node.name}' ({node.path}): fused clamp {clamp} has no torch.ao quantized "
+                             "module; only ReLU fuses")
+
+
+def _quantized_weight(layer: IntegerLayer) -> torch.Tensor:
+    codes = layer.weight_codes.to(torch.int8)
+    scale = layer.weight_scale
+    if scale.dim():
+        return torch._make_per_channel_quantized_tensor(codes, scale.to(torch.float64),
+                                                        torch.zeros(scale.numel(), dtype=torch.int64), 0)
+    return torch._make_per_tensor_quantized_tensor(codes, float(scale), 0)
+
+
+def _layer_module(node: Node, layer: IntegerLayer, qp: QParams) -> nn.Module:
+    geometry = ConvGeometry.from_dict(node.attrs["geometry"])
+    relu = _relu_only(node)
+    out_features, in_features = layer.weight_codes.shape[0], layer.weight_codes.shape[1]
+    if geometry.kind == "conv2d":
+        if isinstance(geometry.padding, str):
+            raise UnsupportedOpError(f"node '{node.name}': padding={geometry.padding!r}; torch.ao quantized conv "
+                                     "takes integer padding")
+        cls = nniq.ConvReLU2d if relu else nnq.Conv2d
+        module = cls(in_features * geometry.groups, out_features, tuple(layer.weight_codes.shape[2:]),
+                     geometry.stride, geometry.padding, geometry.dilation, geometry.groups,
+                     bias=layer.bias_codes is not None)
+    else:
+        module = (nniq.LinearReLU if relu else nnq.Linear)(in_features, out_features, layer.bias_codes is not None)
+    bias = None if layer.bias_codes is None else layer.bias_codes.to(torch.float32)
+    module.set_weight_bias(_quantized_weight(layer), bias)
+    module.scale, module.zero_point = float(qp.scale), int(qp.zero_point)
+    return module
+
+
+class TorchQuantizedModel(nn.Module):
+    """qparity's graph executed with torch.ao quantized modules and ops; float in, float out."""
+
+    def __init__(self, im: IntegerModel):
+        super().__init__()
+        self.graph: Graph = im.graph
+        self.engine = im.target.name
+        self.qparams: Dict[str, QParams] = dict(im.qparams)
+        self.layers = nn.ModuleDict({name: _layer_module(im.graph.node(name), layer, im.qparams[name])
+                                     for name, layer in im.layers.items()})
+        for node in self.graph.nodes:
+            if node.op not in ("input", "conv2d", "linear", "add", "cat", "clamp", "max_pool2d", "avg_pool2d", "call",
+                               "dropout"):
+                raise UnsupportedOpError(f"to_torch: operator {node.op!r} at {node.path} has no torch.ao form here")
+            if node.op == "add":
+                _relu_only(node)
+            if node.op == "clamp" and (node.attrs.get("min"), node.attrs.get("max")) != (0.0, None):
+                raise UnsupportedOpError(f"to_torch: clamp {node.attrs} at {node.path}; only ReLU is supported")
+
+    def forward(self, *inputs: torch.Tensor):
+        if torch.backends.quantized.engine != self.engine:
+            raise UnsupportedOpError(f"this module reproduces engine {self.engine!r}; set "
+                                     f"torch.backends.quantized.engine = {self.engine!r} before running it")
+        env: Dict[str, object] = {}
+        feed = iter(inputs)
+        for node in self.graph.nodes:
+            if node.op == "input":
+                qp = self.qparams[node.name]
+                env[node.name] = torch.quantize_per_tensor(next(feed), float(qp.scale), int(qp.zero_point),
+                                                           torch.quint8)
+                continue
+            args = resolve(node.args, env)
+            env[node.name] = self.run_node(node, args, resolve(node.kwargs, env))
+        return _dequantize(resolve(self.graph.output, env))
+
+    def run_node(self, node: Node, args, kwargs):
+        if node.op in ("conv2d", "linear"):
+            return self.layers[node.name](args[0])
+        if node.op == "add":
+            qp = self.qparams[node.name]
+            op = torch.ops.quantized.add_relu if _relu_only(node) else torch.ops.quantized.add
+            return op(args[0], args[1], float(qp.scale), int(qp.zero_point))
+        if node.op == "cat":
+            qp = self.qparams[node.name]
+            return torch.ops.quantized.cat(list(args[0]), node.attrs["dim"], float(qp.scale), int(qp.zero_point))
+        if node.op == "clamp":
+            return torch.relu(args[0])
+        if node.op == "max_pool2d":
+            a = node.attrs
+            return F.max_pool2d(args[0], a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
+        if node.op == "avg_pool2d":
+            if "adaptive_output_size" in node.attrs:
+                return F.adaptive_avg_pool2d(args[0], node.attrs["adaptive_output_size"])
+            a = node.attrs
+            return F.avg_pool2d(args[0], a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
+                                a["count_include_pad"])
+        if node.op == "dropout":
+            return args[0]
+        return CALLS[node.attrs["fn"]](*args, **kwargs)
+
+
+def _dequantize(value):
+    if isinstance(value, torch.Tensor):
+        return value.dequantize() if value.is_quantized else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_dequantize(v) for v in value)
+    return value

@@ -1,0 +1,300 @@
+"""qp.from_torch(converted) computes exactly what the converted torch.ao model computes in its engine.
+
+Eager (QuantStub/DeQuantStub/FloatFunctional) and FX (convert_fx) models, per engine, including the seed case
+(a fused Conv1x1+ReLU whose QAT and converted outputs disagree) and hypothesis-random convolutions.
+"""
+import warnings
+
+import pytest
+import torch
+import torch.ao.quantization as tq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+import qparity as qp
+from qparity.spec.pytorch_engines import fbgemm_path
+
+warnings.filterwarnings("ignore")
+ENGINES = ["fbgemm", "x86", "qnnpack"]
+
+
+# -- the seed case (copied from shared/cases/seed_conv1x1.py) --------------------------------------------
+def seed_qconfig():
+    act = tq.FusedMovingAvgObsFakeQuantize.with_args(
+        observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255, reduce_range=False)
+    wgt = tq.FusedMovingAvgObsFakeQuantize.with_args(
+        observer=tq.MovingAverageMinMaxObserver, quant_min=-128, quant_max=127,
+        dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+    return tq.QConfig(activation=act, weight=wgt)
+
+
+class Conv1x1(nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.quant = tq.QuantStub(seed_qconfig())
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.act = nn.ReLU()
+        self.dequant = tq.DeQuantStub()
+        self.qconfig = seed_qconfig()
+        with torch.no_grad():
+            self.conv.weight.copy_(k * torch.eye(3).reshape(3, 3, 1, 1))
+            self.conv.bias.zero_()
+
+    def forward(self, x):
+        return self.dequant(self.act(self.conv(self.quant(x))))
+
+
+def _set(fq, scale, lo, hi):
+    fq.scale = torch.tensor([scale])
+    obs = fq.activation_post_process
+    obs.min_val, obs.max_val = torch.tensor(lo), torch.tensor(hi)
+
+
+def build_seed(k, engine):
+    torch.backends.quantized.engine = engine
+    m = Conv1x1(k)
+    tq.fuse_modules(m, [["conv", "act"]], inplace=True)
+    prepared = tq.prepare_qat(m.train())
+    prepared.apply(tq.disable_observer).eval()
+    _set(prepared.conv.weight_fake_quant, 2 * k / 255, 0.0, k)
+    _set(prepared.conv.activation_post_process, k / 255, 0.0, k)
+    _set(prepared.quant.activation_post_process, 1 / 255, 0.0, 1.0)
+    converted = tq.convert(prepared, inplace=False)
+    x = (torch.arange(256).repeat(1, 3, 256, 1) / 255.0,)
+    return prepared, converted, x
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("k", [0.5, 1.0, 3.0])
+def test_from_torch_equals_converted_seed_case(engine, k):
+    _, converted, (x,) = build_seed(k, engine)
+    im = qp.from_torch(converted, (x,))
+    assert torch.equal(im(x), converted(x))
+    assert ("fbgemm path: VNNI" in repr(im)) == (engine != "qnnpack" and "VNNI" in fbgemm_path())
+
+
+# -- eager and FX models ---------------------------------------------------------------------------------
+class Net(nn.Module):
+    """conv+BN+ReLU, grouped conv, residual add (FloatFunctional), cat, max pool, linear+ReLU, linear."""
+
+    def __init__(self, groups=2):
+        super().__init__()
+        self.quant = tq.QuantStub()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 1 if groups > 1 else 3, padding=0 if groups > 1 else 1, groups=groups)
+        self.add = nn.quantized.FloatFunctional()
+        self.cat = nn.quantized.FloatFunctional()
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(16 * 4 * 4, 20)
+        self.relu2 = nn.ReLU()
+        self.fc2 = nn.Linear(20, 5)
+        self.dequant = tq.DeQuantStub()
+
+    def forward(self, x):
+        y = self.relu1(self.bn1(self.conv1(self.quant(x))))
+        z = self.add.add_relu(self.conv2(y), y)
+        z = self.pool(self.cat.cat([z, y], 1))
+        z = torch.flatten(z, 1)
+        return self.dequant(self.fc2(self.relu2(self.fc1(z))))
+
+
+def calibrated(model, x):
+    with torch.no_grad():
+        for _ in range(3):
+            model(x * 1.5)
+            model(x)
+    return model
+
+
+def eager_converted(engine, seed):
+    torch.backends.quantized.engine = engine
+    torch.manual_seed(seed)
+    model = Net().eval()
+    with torch.no_grad():
+        model.bn1.running_mean.uniform_(-0.5, 0.5)
+        model.bn1.running_var.uniform_(0.5, 2)
+    model.qconfig = tq.get_default_qconfig(engine)
+    tq.fuse_modules(model, [["conv1", "bn1", "relu1"], ["fc1", "relu2"]], inplace=True)
+    prepared = tq.prepare(model)
+    x = torch.randn(4, 3, 8, 8)
+    return tq.convert(calibrated(prepared, x)), x
+
+
+def fx_converted(engine, seed):
+    torch.backends.quantized.engine = engine
+    torch.manual_seed(seed)
+    model = Net().eval()
+    x = torch.randn(4, 3, 8, 8)
+    prepared = prepare_fx(model, tq.get_default_qconfig_mapping(engine), (x,))
+    return convert_fx(calibrated(prepared, x)), x
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("flow", [eager_converted, fx_converted])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_from_torch_equals_converted_model(engine, flow, seed):
+    converted, x = flow(engine, seed)
+    im = qp.from_torch(converted, (x,))
+    for batch in (x, torch.randn(7, 3, 8, 8) * 2):
+        assert torch.equal(im(batch), converted(batch))
+
+
+class OneConv(nn.Module):
+    def __init__(self, conv, relu):
+        super().__init__()
+        self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+        self.conv = conv
+        self.relu = nn.ReLU() if relu else nn.Identity()
+
+    def forward(self, x):
+        return self.dequant(self.relu(self.conv(self.quant(x))))
+
+
+@settings(max_examples=30, deadline=None)
+@given(engine=st.sampled_from(ENGINES), data=st.data())
+def test_from_torch_equals_converted_for_random_conv(engine, data):
+    groups = data.draw(st.sampled_from([1, 2]))
+    cin = groups * data.draw(st.integers(1, 4))
+    depthwise = data.draw(st.booleans())
+    cout = cin if depthwise else groups * data.draw(st.integers(1, 4))
+    groups = cin if depthwise else groups
+    k = data.draw(st.integers(1, 3))
+    if engine == "fbgemm" and groups > 1 and k == 3:
+        k = 2  # fbgemm's depthwise 3x3 kernel is refused by from_torch (test below)
+    conv = nn.Conv2d(cin, cout, k, data.draw(st.integers(1, 2)), data.draw(st.integers(0, 1)), groups=groups,
+                     bias=data.draw(st.booleans()))
+    torch.backends.quantized.engine = engine
+    torch.manual_seed(data.draw(st.integers(0, 10**6)))
+    model = OneConv(conv, data.draw(st.booleans())).eval()
+    model.qconfig = tq.get_default_qconfig(engine)
+    x = torch.randn(3, cin, 7, 7) * data.draw(st.floats(0.1, 10))
+    converted = tq.convert(calibrated(tq.prepare(model), x))
+    im = qp.from_torch(converted, (x,))
+    assert torch.equal(im(x), converted(x))
+
+
+def test_from_torch_refuses_fbgemm_depthwise_3x3():
+    torch.backends.quantized.engine = "fbgemm"
+    model = OneConv(nn.Conv2d(4, 4, 3, groups=4), False).eval()
+    model.qconfig = tq.get_default_qconfig("fbgemm")
+    x = torch.randn(2, 4, 6, 6)
+    converted = tq.convert(calibrated(tq.prepare(model), x))
+    with pytest.raises(qp.QParityError, match="depthwise 3x3"):
+        qp.from_torch(converted, (x,))
+
+
+class PoolNet(nn.Module):
+    """conv, avg pool (fbgemm/x86 only), conv, adaptive average pool, linear."""
+
+    def __init__(self, avg_pool, channels):
+        super().__init__()
+        self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+        self.conv1 = nn.Conv2d(3, channels, 3, padding=1)
+        self.avg = nn.AvgPool2d(3, 2, 1) if avg_pool else nn.Identity()
+        self.conv2 = nn.Conv2d(channels, channels, 1)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, 4)
+
+    def forward(self, x):
+        y = self.conv2(self.avg(self.conv1(self.quant(x))))
+        return self.dequant(self.fc(torch.flatten(self.gap(y), 1)))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("channels", [5, 16, 37])
+@pytest.mark.parametrize("fx", [False, True])
+def test_from_torch_equals_converted_model_with_average_pools(engine, channels, fx):
+    torch.backends.quantized.engine = engine
+    torch.manual_seed(channels)
+    model = PoolNet(engine != "qnnpack", channels).eval()
+    x = torch.randn(4, 3, 12, 12)
+    if fx:
+        converted = convert_fx(calibrated(prepare_fx(model, tq.get_default_qconfig_mapping(engine), (x,)), x))
+    else:
+        model.qconfig = tq.get_default_qconfig(engine)
+        converted = tq.convert(calibrated(tq.prepare(model), x))
+    im = qp.from_torch(converted, (x,))
+    for batch in (x, torch.randn(9, 3, 12, 12) * 3):
+        assert torch.equal(im(batch), converted(batch))
+    assert torch.equal(qp.to_torch(im)(x), im(x))
+
+
+def test_from_torch_qnnpack_refuses_avg_pool2d():
+    torch.backends.quantized.engine = "qnnpack"
+    model = PoolNet(True, 4).eval()
+    model.qconfig = tq.get_default_qconfig("qnnpack")
+    x = torch.randn(2, 3, 8, 8)
+    im = qp.from_torch(tq.convert(calibrated(tq.prepare(model), x)), (x,))
+    with pytest.raises(qp.QParityError, match="avg_pool2d"):
+        im(x)
+
+
+# -- to_torch --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("flow", [eager_converted, fx_converted])
+def test_to_torch_round_trip_equals_from_torch(engine, flow):
+    converted, x = flow(engine, 3)
+    im = qp.from_torch(converted, (x,))
+    module = qp.to_torch(im)
+    batch = torch.randn(6, 3, 8, 8) * 2
+    assert torch.equal(module(batch), im(batch))
+
+
+class Residual(nn.Module):
+    """A residual add of the (contiguous) network input and a (channels-last) conv output, then cat, linear."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 1, groups=channels)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(2 * channels * 4 * 4, 6)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x) + x)
+        z = torch.cat([self.conv2(y), y], 1)
+        return self.fc(torch.flatten(self.pool(z), 1))
+
+
+@settings(max_examples=20, deadline=None)
+@given(target=st.sampled_from(ENGINES), channels=st.integers(1, 9), seed=st.integers(0, 10**6))
+def test_to_torch_runs_a_qparity_model_in_its_engine(target, channels, seed):
+    torch.manual_seed(seed)
+    x = torch.randn(4, channels, 8, 8) * float(torch.empty(1).uniform_(0.2, 5))
+    prepared = qp.prepare_qat(Residual(channels), (x,), target=target)
+    qp.calibrate(prepared, [x, x * 1.3])
+    im = qp.convert(qp.freeze(prepared))
+    torch.backends.quantized.engine = target
+    module = qp.to_torch(im)
+    for batch in (x, torch.randn(5, channels, 8, 8)):
+        assert torch.equal(module(batch), im(batch))
+        assert torch.equal(prepared.eval()(batch), im(batch))
+
+
+def test_to_torch_refuses_other_targets():
+    x = torch.randn(2, 3, 4, 4)
+    prepared = qp.prepare_qat(nn.Conv2d(3, 2, 1), (x,), target="exact", activation_dtype="uint8")
+    qp.calibrate(prepared, [x])
+    with pytest.raises(qp.QParityError, match="to_torch needs"):
+        qp.to_torch(qp.convert(qp.freeze(prepared)))
+
+
+def test_from_torch_refuses_modules_it_does_not_emulate():
+    torch.backends.quantized.engine = "fbgemm"
+    model = nn.Sequential(tq.QuantStub(), nn.Conv2d(3, 4, 1), nn.Hardswish(), tq.DeQuantStub()).eval()
+    model.qconfig = tq.get_default_qconfig("fbgemm")
+    x = torch.randn(2, 3, 4, 4)
+    converted = tq.convert(calibrated(tq.prepare(model), x))
+    with pytest.raises(qp.QParityError, match="Hardswish"):
+        qp.from_torch(converted, (x,))
+
+
+def test_from_torch_model_saves_and_loads_with_its_float_bias(tmp_path):
+    converted, x = eager_converted("fbgemm", 4)
+    im = qp.from_torch(converted, (x,))
+    im.save(tmp_path / "model.qp")
+    assert torch.equal(qp.load(tmp_path / "model.qp")(x), converted(x))

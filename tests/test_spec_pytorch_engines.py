@@ -1,0 +1,233 @@
+"""The `fbgemm`, `x86` and `qnnpack` targets' spec functions give the same codes as PyTorch's quantized ops.
+
+Each test sets torch.backends.quantized.engine, runs one torch.ao quantized op (torch.ops.quantized.* or a
+torch.ao.nn.quantized module) on random codes and compares `int_repr()` with the spec function, torch.equal.
+"""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.ao.nn.quantized as nnq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qparity.errors import UnsupportedOpError
+from qparity.ops import pooling
+from qparity.qparams import QParams
+from qparity.spec import get_target
+
+warnings.filterwarnings("ignore", message=".*quantiz.*deprecated.*")
+
+ENGINES = st.sampled_from(["fbgemm", "x86", "qnnpack"])
+SETTINGS = settings(max_examples=40, deadline=None)
+seeds = st.integers(0, 2**32 - 1)
+
+
+def scale_from(rng: np.random.Generator) -> float:
+    return float(np.float32(10 ** rng.uniform(-3, 0)))
+
+
+def quint8(codes: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """A quint8 tensor holding these codes, in the codes' memory layout."""
+    layout = torch.channels_last if codes.dim() == 4 and not codes.is_contiguous() else torch.contiguous_format
+    q = torch._make_per_tensor_quantized_tensor(codes.contiguous().to(torch.uint8), float(qp.scale),
+                                                int(qp.zero_point))
+    return q.contiguous(memory_format=layout)
+
+
+def codes_of(q: torch.Tensor) -> torch.Tensor:
+    return q.int_repr().to(torch.int64)
+
+
+def random_qparams(rng) -> QParams:
+    return QParams(scale_from(rng), int(rng.integers(0, 256)), "uint8")
+
+
+def random_codes(rng, shape) -> torch.Tensor:
+    return torch.from_numpy(rng.integers(0, 256, size=shape)).to(torch.int64)
+
+
+@SETTINGS
+@given(engine=ENGINES, seed=seeds)
+def test_quantize_matches_quantize_per_tensor(engine, seed):
+    torch.backends.quantized.engine = engine
+    rng = np.random.default_rng(seed)
+    qp = random_qparams(rng)
+    spread = torch.from_numpy(rng.normal(0, 80, size=500)).to(torch.float32) * qp.scale
+    ties = (torch.from_numpy(rng.integers(-300, 300, size=200)) + 0.5).to(torch.float32) * qp.scale
+    x = torch.cat([spread, ties])
+    real = torch.quantize_per_tensor(x, float(qp.scale), int(qp.zero_point), torch.quint8)
+    assert torch.equal(get_target(engine).quantize(x, qp), codes_of(real))
+
+
+def random_layer(rng, kind, per_channel):
+    """A torch.ao quantized conv/linear with random weights, float bias and qparams, and its qparity view."""
+    if kind == "conv2d":
+        groups = int(rng.choice([1, 2]))
+        depthwise = bool(rng.integers(0, 2))
+        cin = groups * int(rng.integers(1, 5))
+        cout = cin if depthwise else groups * int(rng.integers(1, 5))
+        groups = cin if depthwise else groups
+        k = int(rng.integers(1, 4))
+        stride, padding = int(rng.integers(1, 3)), int(rng.integers(0, 2))
+        module = nnq.Conv2d(cin, cout, k, stride, padding, groups=groups)
+        wshape = (cout, cin // groups, k, k)
+        xshape = (2, cin, k + int(rng.integers(0, 5)), k + int(rng.integers(0, 5)))
+    else:
+        cin, cout = int(rng.integers(1, 40)), int(rng.integers(1, 20))
+        module = nnq.Linear(cin, cout)
+        wshape, xshape = (cout, cin), (3, cin)
+    weight_codes = torch.from_numpy(rng.integers(-128, 128, size=wshape)).to(torch.int8)
+    if per_channel:
+        w_scale = torch.from_numpy((10 ** rng.uniform(-3, -1, size=cout)).astype(np.float32))
+        qweight = torch._make_per_channel_quantized_tensor(weight_codes, w_scale.double(),
+                                                           torch.zeros(cout, dtype=torch.int64), 0)
+    else:
+        w_scale = torch.tensor(np.float32(10 ** rng.uniform(-3, -1)))
+        qweight = torch._make_per_tensor_quantized_tensor(weight_codes, float(w_scale), 0)
+    bias = torch.from_numpy(rng.normal(0, 3, size=cout).astype(np.float32)) if rng.integers(0, 4) else None
+    module.set_weight_bias(qweight, bias)
+    out_qp = random_qparams(rng)
+    module.scale, module.zero_point = float(out_qp.scale), int(out_qp.zero_point)
+    return module, weight_codes, w_scale, bias, out_qp, xshape
+
+
+@SETTINGS
+@given(engine=ENGINES, kind=st.sampled_from(["conv2d", "linear"]), per_channel=st.booleans(), seed=seeds)
+def test_requantizer_matches_quantized_conv_and_linear(engine, kind, per_channel, seed):
+    torch.backends.quantized.engine = engine
+    rng = np.random.default_rng(seed)
+    module, weight_codes, w_scale, bias, out_qp, xshape = random_layer(rng, kind, per_channel)
+    if engine == "fbgemm" and kind == "conv2d" and module.groups > 1 and module.kernel_size == (3, 3):
+        return  # fbgemm's depthwise 3x3 kernel differs (not pinned down); from_torch refuses it
+    in_qp = random_qparams(rng)
+    x = random_codes(rng, xshape)
+    expected = codes_of(module(quint8(x, in_qp)))
+    centered = (x - int(in_qp.zero_point)).to(torch.float64)
+    w = weight_codes.to(torch.float64)
+    if kind == "conv2d":
+        acc = torch.nn.functional.conv2d(centered, w, None, module.stride, module.padding, module.dilation,
+                                         module.groups)
+    else:
+        acc = centered @ w.T
+    target = get_target(engine)
+    requantize = target.requantizer(kind, in_qp, w_scale, out_qp, 0, 255, 1 if kind == "conv2d" else -1,
+                                    acc.dim(), bias=bias)
+    assert torch.equal(requantize(acc), expected)
+
+
+@SETTINGS
+@given(engine=ENGINES, relu=st.booleans(), seed=seeds, size=st.integers(1, 700), ties=st.booleans())
+def test_add_matches_quantized_add(engine, relu, seed, size, ties):
+    torch.backends.quantized.engine = engine
+    rng = np.random.default_rng(seed)
+    a, b, out = random_qparams(rng), random_qparams(rng), random_qparams(rng)
+    if ties:  # half-code sums: the two rounding formulas of fbgemm's loops disagree on every odd zero point
+        a = b = QParams(float(out.scale) / 2, a.zero_point, "uint8")
+    qa, qb = random_codes(rng, (size,)), random_codes(rng, (size,))
+    op = torch.ops.quantized.add_relu if relu else torch.ops.quantized.add
+    target = get_target(engine)
+    lo, hi = target.activation_bounds(0.0 if relu else None, None, out)
+    ratios = [float(a.scale / out.scale), float(b.scale / out.scale)]
+    if engine == "qnnpack" and (lo >= hi or not all(2.0**-14 <= r < 2.0**8 for r in ratios)):
+        with pytest.raises(UnsupportedOpError, match="qnnpack add"):  # PyTorch's qnnpack refuses these too
+            target.add(qa, a, qb, b, out, lo, hi)
+        return
+    expected = codes_of(op(quint8(qa, a), quint8(qb, b), float(out.scale), int(out.zero_point)))
+    assert torch.equal(target.add(qa, a, qb, b, out, lo, hi), expected)
+
+
+def pooled_input(rng, qp, shape, channels_last):
+    x = random_codes(rng, shape)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@SETTINGS
+@given(engine=st.sampled_from(["fbgemm", "x86"]), seed=seeds, channels=st.integers(1, 40), hw=st.integers(2, 9),
+       k=st.integers(2, 3), stride=st.integers(1, 2), padding=st.integers(0, 1), ceil=st.booleans(),
+       include_pad=st.booleans(), channels_last=st.booleans())
+def test_average_pool_matches_quantized_avg_pool2d(engine, seed, channels, hw, k, stride, padding, ceil,
+                                                   include_pad, channels_last):
+    torch.backends.quantized.engine = engine
+    k, padding = min(k, hw), min(padding, min(k, hw) // 2)
+    rng = np.random.default_rng(seed)
+    qp = random_qparams(rng)
+    x = pooled_input(rng, qp, (2, channels, hw, hw), channels_last)
+    expected = codes_of(torch.nn.functional.avg_pool2d(quint8(x, qp), k, stride, padding, ceil, include_pad))
+    attrs = {"kernel_size": (k, k), "stride": (stride, stride), "padding": (padding, padding), "ceil_mode": ceil,
+             "count_include_pad": include_pad, "adaptive": False}
+    assert torch.equal(get_target(engine).average_pool(x, qp, attrs), expected)
+
+
+@SETTINGS
+@given(engine=ENGINES, seed=seeds, channels=st.integers(1, 40), hw=st.sampled_from([2, 3, 4, 6, 8]),
+       out=st.sampled_from([1, 2]), channels_last=st.booleans())
+def test_adaptive_average_matches_quantized_adaptive_avg_pool2d(engine, seed, channels, hw, out, channels_last):
+    torch.backends.quantized.engine = engine
+    out = out if hw % out == 0 else 1
+    rng = np.random.default_rng(seed)
+    qp = random_qparams(rng)
+    x = pooled_input(rng, qp, (2, channels, hw, hw), channels_last)
+    expected = codes_of(torch.nn.functional.adaptive_avg_pool2d(quint8(x, qp), out))
+    attrs = {**pooling.adaptive_as_pooling((hw, hw), out, "test"), "adaptive": True}
+    assert torch.equal(get_target(engine).average_pool(x, qp, attrs), expected)
+
+
+def test_qnnpack_refuses_avg_pool2d():
+    attrs = {"kernel_size": (3, 3), "stride": (1, 1), "padding": (1, 1), "ceil_mode": False,
+             "count_include_pad": True, "adaptive": False}
+    with pytest.raises(UnsupportedOpError, match="avg_pool2d"):
+        get_target("qnnpack").average_pool(torch.zeros(1, 2, 4, 4, dtype=torch.int64), QParams(0.1, 3, "uint8"),
+                                           attrs)
+
+
+@SETTINGS
+@given(engine=ENGINES, seed=seeds, same=st.booleans())
+def test_rescale_matches_quantized_cat(engine, seed, same):
+    torch.backends.quantized.engine = engine
+    rng = np.random.default_rng(seed)
+    a, b = random_qparams(rng), random_qparams(rng)
+    out = a if same else random_qparams(rng)
+    qa, qb = random_codes(rng, (2, 3, 4, 4)), random_codes(rng, (2, 5, 4, 4))
+    expected = codes_of(torch.ops.quantized.cat([quint8(qa, a), quint8(qb, b)], 1, float(out.scale),
+                                                int(out.zero_point)))
+    target = get_target(engine)
+    assert torch.equal(torch.cat([target.rescale(qa, a, out), target.rescale(qb, b, out)], 1), expected)
+
+
+@SETTINGS
+@given(engine=st.sampled_from(["fbgemm", "x86"]), seed=seeds, shape=st.tuples(st.integers(1, 3), st.integers(1, 9),
+       st.integers(1, 9), st.integers(1, 9)), layouts=st.tuples(st.booleans(), st.booleans()))
+def test_add_follows_memory_layouts_of_its_inputs(engine, seed, shape, layouts):
+    """Same layout: the vector loop runs in memory order; different layouts: the scalar loop runs throughout."""
+    torch.backends.quantized.engine = engine
+    rng = np.random.default_rng(seed)
+    out = random_qparams(rng)
+    a = b = QParams(float(out.scale) / 2, int(rng.integers(0, 256)), "uint8")  # half-code sums: loops disagree
+    qa, qb = random_codes(rng, shape), random_codes(rng, shape)
+    if layouts[0]:
+        qa = qa.contiguous(memory_format=torch.channels_last)
+    if layouts[1]:
+        qb = qb.contiguous(memory_format=torch.channels_last)
+    expected = torch.ops.quantized.add(quint8(qa, a), quint8(qb, b), float(out.scale), int(out.zero_point))
+    got = get_target(engine).add(qa, a, qb, b, out, 0, 255)
+    assert torch.equal(got, codes_of(expected))
+
+
+@SETTINGS
+@given(engine=ENGINES, seed=seeds, channels=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+       exact_ratio=st.sampled_from([None, 0.25, 0.5, 1.5, 2.0]))
+def test_concatenate_matches_quantized_cat_of_channels_last_inputs(engine, seed, channels, exact_ratio):
+    """qcat_nhwc_kernel: 8-channel blocks in its vector loops, the rest scalar; exact ratios put codes on ties."""
+    torch.backends.quantized.engine = engine
+    rng = np.random.default_rng(seed)
+    out = random_qparams(rng)
+    grids = [random_qparams(rng), out if seed % 3 == 0 else random_qparams(rng)]
+    if exact_ratio is not None:
+        grids[0] = QParams(float(out.scale) * exact_ratio, grids[0].zero_point, "uint8")
+    codes = [random_codes(rng, (2, c, 3, 3)).contiguous(memory_format=torch.channels_last) for c in channels]
+    expected = torch.ops.quantized.cat([quint8(q, g) for q, g in zip(codes, grids)], 1, float(out.scale),
+                                       int(out.zero_point))
+    got = get_target(engine).concatenate(codes, grids, out, 1)
+    assert torch.equal(got, codes_of(expected))
