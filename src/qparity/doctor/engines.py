@@ -1,13 +1,8 @@
-"""PyTorch's quantized engines' conv/linear requantization, as measured on torch 2.13 (shared/semantics.md,
-"PyTorch eager/FX quantized engines"), so the doctor can say which step of the integer path moved a code.
+"""Which PyTorch engine rule a torch.ao layer runs under, and that rule's steps, for the doctor's replay.
 
-All arithmetic is float32 where the engine's is; `acc` is the exact int32 accumulator.
-- fbgemm: `rne((acc + f32(b / P)) * M) + zy` (fbgemm/include/fbgemm/OutputProcessing-inl.h: the float bias
-  is divided by the per-channel act_times_w_scale and added to the float accumulator before the multiplier);
-- onednn (and x86 for conv with symmetric weights): `rne(((acc * P) + b) * inv_y + zy)`;
-- x86 otherwise (weight zero point != 0, and every Linear): as fbgemm;
-- qnnpack: `rne((acc + rne(b / P)) * M) + zy` (the bias is quantized to int32 at scale sx * sw first,
-  aten/src/ATen/native/quantized/cpu/qconv.cpp, qnnpack path).
+The arithmetic is the spec's (`qparity.spec.pytorch_engines`): this module only routes a layer to the
+rule (x86 sends convs with symmetric weights to oneDNN and everything else to fbgemm) and splits out the
+bias step so the doctor can say which step moved a code.
 """
 from __future__ import annotations
 
@@ -15,7 +10,13 @@ from typing import Optional
 
 import torch
 
+from ..qparams import QParams
+from ..spec import get_target
+from ..spec.pytorch_engines import bias_in_accumulator_units as engine_bias_units
+
 ENGINES = ("fbgemm", "x86", "onednn", "qnnpack")
+# The spec target whose conv requantizer is each rule (x86 routes symmetric-weight convs to oneDNN).
+RULE_TARGETS = {"fbgemm": "fbgemm", "onednn": "x86", "qnnpack": "qnnpack"}
 
 
 def channel_view(values: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
@@ -33,17 +34,13 @@ def rule(engine: str, is_linear: bool, weight_symmetric: bool) -> str:
 
 
 def bias_in_accumulator_units(bias: Optional[torch.Tensor], sx: float, sw: torch.Tensor, name: str) -> torch.Tensor:
-    """The bias in units of the accumulator as the engine adds it: rounded to an integer by qnnpack, f32(b / P)
-    by fbgemm; onednn adds the float bias after scaling, so here it is exact (its rounding happens in
-    `requantize`)."""
+    """The bias in units of the accumulator as the engine adds it (the spec's rule for fbgemm and qnnpack);
+    onednn adds the float bias after scaling, so here it is exact (its rounding happens in `requantize`)."""
     if bias is None:
         return torch.zeros_like(sw, dtype=torch.float64)
-    p = act_times_weight_scale(sx, sw)
-    if name == "qnnpack":
-        return torch.round(bias.to(torch.float32) / p).to(torch.float64)
-    if name == "fbgemm":
-        return (bias.to(torch.float32) / p).to(torch.float64)
-    return bias.to(torch.float64) / (sx * sw.to(torch.float64))
+    if name == "onednn":
+        return bias.to(torch.float64) / (sx * sw.to(torch.float64))
+    return engine_bias_units(name, bias.to(torch.float32), act_times_weight_scale(sx, sw)).to(torch.float64)
 
 
 def act_times_weight_scale(sx: float, sw: torch.Tensor) -> torch.Tensor:
@@ -53,16 +50,10 @@ def act_times_weight_scale(sx: float, sw: torch.Tensor) -> torch.Tensor:
 
 def requantize(acc: torch.Tensor, bias: Optional[torch.Tensor], sx: float, sw: torch.Tensor, sy: float, zy: int,
                qmin: int, qmax: int, name: str, axis: int) -> torch.Tensor:
-    """Output codes of the engine rule `name` for the exact accumulator `acc` (float64 holding integers)."""
-    p = act_times_weight_scale(sx, sw)
-    p_view = channel_view(p, acc.dim(), axis)
-    acc32 = acc.to(torch.float32)
-    if name == "onednn":
-        b = channel_view(bias.to(torch.float32), acc.dim(), axis) if bias is not None else 0.0
-        inv_y = (torch.tensor(1.0, dtype=torch.float32) / torch.tensor(sy, dtype=torch.float32))
-        codes = torch.round(((acc32 * p_view) + b) * inv_y + zy)
-    else:
-        m = channel_view(p / torch.tensor(sy, dtype=torch.float32), acc.dim(), axis)
-        b = channel_view(bias_in_accumulator_units(bias, sx, sw, name).to(torch.float32), acc.dim(), axis)
-        codes = torch.round((acc32 + b) * m) + zy
-    return codes.clamp(qmin, qmax).to(torch.int64)
+    """Output codes of the engine rule `name` for the exact accumulator `acc`: the spec's own requantizer
+    (target fbgemm, x86 for the oneDNN route, qnnpack), so the doctor and the emulation cannot disagree."""
+    target = get_target(RULE_TARGETS[name])
+    grid = QParams(sy, zy, "uint8" if qmin >= 0 else "int8")
+    requantizer = target.requantizer("conv2d", QParams(sx, 0, grid.dtype), sw.to(torch.float32), grid, qmin, qmax,
+                                     axis, acc.dim(), bias=bias)
+    return requantizer(acc)

@@ -71,6 +71,17 @@ def _reciprocal(scale: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(scale, dtype=torch.float32) / scale.to(torch.float32)
 
 
+def bias_in_accumulator_units(rule: str, bias: torch.Tensor, product: torch.Tensor) -> torch.Tensor:
+    """The float bias in accumulator units, as the fbgemm and qnnpack rules add it before the multiplier.
+
+    qnnpack quantizes it to int32 first: quantize_per_tensor(b, P) = rne(b * f(1 / P)) (float64 holding
+    integers); fbgemm adds f(b / P), P = f(s_x * s_w) per channel (act_times_w_scale).
+    """
+    if rule == "qnnpack":
+        return torch.round(bias * _reciprocal(product)).to(torch.float64)
+    return bias / product
+
+
 class PyTorchEngineTarget(Target):
     """What every PyTorch engine shares; subclasses name the conv, linear and add rules they use."""
 
@@ -120,12 +131,7 @@ class PyTorchEngineTarget(Target):
             multiplier = view(product * _reciprocal(scale_y))
         else:
             multiplier = view(product / scale_y)
-        if bias is None:
-            offset = None
-        elif rule == "qnnpack":  # int32 bias: quantize_per_tensor(b, P) = rne(b * f(1 / P))
-            offset = view(torch.round(bias * _reciprocal(product)).to(torch.float64))
-        else:
-            offset = view(bias / product)  # fbgemm: float bias over act_times_w_scale
+        offset = None if bias is None else view(bias_in_accumulator_units(rule, bias, product))
 
         def requantize(acc: torch.Tensor) -> torch.Tensor:
             if rule == "qnnpack":
