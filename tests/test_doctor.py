@@ -396,3 +396,27 @@ def test_cli_doctor_prints_json_writes_html_and_exits_by_verdict(tmp_path, capsy
 def test_doctor_refuses_models_without_fake_quant():
     with pytest.raises(QParityError, match="no fake-quant modules"):
         qparity.doctor(nn.Linear(2, 2), nn.Linear(2, 2), (torch.randn(1, 2),))
+
+
+def test_layers_at_risk_on_fbgemms_avx2_path_are_flagged_with_true_numbers():
+    """A conv whose neighbouring weights are both 127 with activation codes up to 255: 2 * 127 * 255 = 64770."""
+    from qparity.doctor.causes import saturation_risk_notes
+
+    prepared, converted, inputs = build_seed(1.0, "fbgemm")
+    report = qparity.doctor(prepared, converted, inputs)
+    assert not any("int16" in note for note in report.notes)  # identity weights: one nonzero per pair
+
+    class Call:
+        pass
+
+    call = Call()
+    call.module, call.input = converted.conv, torch.quantize_per_tensor(inputs[0], 1 / 255, 0, torch.quint8)
+    weight = torch.quantize_per_channel(torch.ones(3, 3, 1, 1), torch.full((3,), 1 / 127, dtype=torch.float64),
+                                        torch.zeros(3, dtype=torch.int64), 0, torch.qint8)
+    call.module.set_weight_bias(weight, None)
+
+    class Run:
+        converted_modules = {"conv": call}
+
+    (note,) = saturation_risk_notes(Run())
+    assert "64770 > 32767" in note and "3 weight pairs" in note and "up to 255" in note

@@ -134,7 +134,51 @@ def diagnose(run: Run, engine: str) -> Tuple[List[LayerResult], List[Cause], Lis
             causes.append(observer_cause(path, call, run))
     for path, prepared in run.prepared_modules.items():
         causes += weighted_layer_causes(path, prepared, run, engine, layers)
+    if engine in ("fbgemm", "x86"):
+        notes += saturation_risk_notes(run)
     return layers, causes, notes
+
+
+INT16_MIN, INT16_MAX = -32768, 32767
+
+
+def saturation_risk_notes(run: Run) -> List[str]:
+    """Layers whose codes may differ on fbgemm's other CPU path (AVX2 without VNNI).
+
+    There fbgemm multiplies uint8 activations by int8 weights with vpmaddubsw, which adds each pair of
+    neighbouring products along the reduction axis in int16 with saturation (the reason for reduce_range).
+    A pair is at risk when its largest possible sum, for activation codes up to the largest code seen
+    (255, or 127 with reduce_range), leaves int16. Pairs are taken along the input channels within each
+    kernel position, the order fbgemm packs a conv's weights in (channels-last im2col) and a linear's.
+    """
+    notes = []
+    for path, converted in run.converted_modules.items():
+        module, qx = converted.module, converted.input
+        weight = getattr(module, "weight", None)
+        if not callable(weight) or not (isinstance(qx, torch.Tensor) and qx.is_quantized):
+            continue
+        qw = weight()
+        if qw.dim() == 4 and getattr(module, "groups", 1) != 1:
+            continue  # grouped and depthwise convs use other kernels, without pairwise int16 sums
+        _, zw, _ = quantized_qparams(qw)
+        w = int_codes(qw) - (zw.reshape(-1, *[1] * (qw.dim() - 1)) if zw.dim() else zw)
+        w = w.permute(0, 2, 3, 1) if w.dim() == 4 else w  # [out, (kh, kw,) in]: pairs along in
+        if w.shape[-1] % 2:
+            w = torch.nn.functional.pad(w, (0, 1))
+        pairs = w.reshape(w.shape[0], -1, 2)
+        x_max = 255 if int(int_codes(qx).max()) > 127 else 127
+        high = pairs.clamp(min=0).sum(-1) * x_max
+        low = pairs.clamp(max=0).sum(-1) * x_max
+        risky = (high > INT16_MAX) | (low < INT16_MIN)
+        if bool(risky.any()):
+            channel = int(torch.nonzero(risky)[0][0])
+            worst = int(torch.maximum(high, -low - 1).max())
+            notes.append(f"{path}: on a CPU without VNNI (AVX2), fbgemm saturates pairs of products in int16: "
+                         f"{int(risky.sum())} weight pairs (first in output channel {channel}) can reach "
+                         f"{worst} > {INT16_MAX} with activation codes up to {x_max}, so this layer may give "
+                         "other codes there; this machine's path is exact. Use reduce_range=True, or check "
+                         "on the target CPU")
+    return notes
 
 
 def _owner(path: str, run: Run) -> str:
