@@ -213,6 +213,20 @@ def multiply_by_quantized_multiplier(x: torch.Tensor, m0: torch.Tensor, shift: t
     return _rounding_divide_by_pot_(saturating_rounding_doubling_high_mul(x, m0), right)
 
 
+def float32_requantizer(multiplier: torch.Tensor, zero_point: int, lo: int, hi: int):
+    """acc -> clamp(rne(f(f(acc) * M)) + z, lo, hi): a float32 multiplier on the accumulator cast to float32.
+
+    ONNX Runtime's QLinearConv/QGemm (MLAS) and XNNPACK's fp32 requantization both compute this; `f(acc)`
+    drops the bits of an accumulator above 2^24 exactly as they do. M is a float32 tensor shaped to
+    broadcast along the output channels.
+    """
+    def requantize(acc: torch.Tensor) -> torch.Tensor:
+        scaled = (acc.to(torch.float32) * multiplier.to(acc.device)).round_()
+        return scaled.add_(zero_point).clamp_(lo, hi).to(torch.int64)  # exact: small integers in float32
+
+    return requantize
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3. IEEE float32 emulation
 # ---------------------------------------------------------------------------------------------------------

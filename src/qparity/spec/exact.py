@@ -31,9 +31,6 @@ class ExactTarget(Target):
         zero_point = channel_view(qp.zero_point.to(x.device), ndim, qp.axis or 0)
         return torch.round(x.to(torch.float32).to(torch.float64) / scale) + zero_point
 
-    def quantize(self, x: torch.Tensor, qp: QParams) -> torch.Tensor:
-        return torch.clamp(self.quantize_unclamped(x, qp), qp.qmin, qp.qmax).to(torch.int64)
-
     def requantizer(self, op, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim):
         ratio = ExactRatio.of_scales([input_qp.scale, weight_scale], [output_qp.scale])
         if ratio.estimate.dim():

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import pooling
-from .arithmetic import fma_f32
+from .arithmetic import float32_requantizer, fma_f32
 from .target import Target, channel_view
 
 
@@ -47,13 +47,7 @@ class OnnxRuntimeTarget(Target):
     def requantizer(self, op, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim):
         multiplier = (input_qp.scale * weight_scale.to(torch.float32)) / output_qp.scale
         multiplier = channel_view(multiplier, ndim, channel_axis)
-        zero_point = int(output_qp.zero_point)
-
-        def requantize(acc: torch.Tensor) -> torch.Tensor:
-            scaled = (acc.to(torch.float32) * multiplier.to(acc.device)).round_()
-            return scaled.add_(zero_point).clamp_(lo, hi).to(torch.int64)  # exact: small integers in float32
-
-        return requantize
+        return float32_requantizer(multiplier, int(output_qp.zero_point), lo, hi)
 
     def elementwise_add(self, numel):
         return numel > 1  # a one-element first input takes the scalar kernel

@@ -99,9 +99,6 @@ class PyTorchEngineTarget(Target):
         zero_point = channel_view(qp.zero_point.to(x.device), ndim, qp.axis or 0).to(torch.float32)
         return torch.round(fma_f32(x.to(torch.float32), inv, zero_point)).to(torch.float64)
 
-    def quantize(self, x, qp):
-        return torch.clamp(self.quantize_unclamped(x, qp), qp.qmin, qp.qmax).to(torch.int64)
-
     def quantize_bias(self, bias, input_scale, weight_scale):
         """The engines take the float bias as it is (float32); each requantizer folds it its own way."""
         return bias.detach().to(torch.float32)

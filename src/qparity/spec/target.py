@@ -40,8 +40,8 @@ class Target:
 
     # -- quantize / dequantize ------------------------------------------------------------------------------
     def quantize(self, x: torch.Tensor, qp: QParams) -> torch.Tensor:
-        """Float32 real values to codes (the QUANTIZE op at the model's input)."""
-        raise NotImplementedError
+        """Float32 real values to codes (the QUANTIZE op at the model's input): `quantize_unclamped`, clamped."""
+        return torch.clamp(self.quantize_unclamped(x, qp), qp.qmin, qp.qmax).to(torch.int64)
 
     def dequantize(self, codes: torch.Tensor, qp: QParams) -> torch.Tensor:
         """Codes to float32 real values: `(q - zero_point) * scale`, one float32 rounding, as every runtime."""

@@ -43,9 +43,6 @@ class TFLiteTarget(Target):
         zero_point = channel_view(qp.zero_point.to(x.device), ndim, qp.axis or 0)
         return round_half_away(x.to(torch.float32) / scale) + zero_point
 
-    def quantize(self, x, qp):
-        return torch.clamp(self.quantize_unclamped(x, qp), qp.qmin, qp.qmax).to(torch.int64)
-
     def requantizer(self, op, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim):
         real = input_qp.scale.to(torch.float64) * weight_scale.to(torch.float64) / output_qp.scale.to(torch.float64)
         zero_point = int(output_qp.zero_point)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UnsupportedOpError
-from .arithmetic import quantize_multiplier, saturating_rounding_doubling_high_mul
+from .arithmetic import float32_requantizer, quantize_multiplier, saturating_rounding_doubling_high_mul
 from .target import Target, channel_view
 from .tflite import TFLiteTarget
 
@@ -65,9 +65,6 @@ class XnnpackTarget(Target):
         zero_point = channel_view(qp.zero_point.to(x.device), ndim, qp.axis or 0)
         return torch.round(x.to(torch.float32) * inverse).to(torch.float64) + zero_point
 
-    def quantize(self, x, qp):
-        return torch.clamp(self.quantize_unclamped(x, qp), qp.qmin, qp.qmax).to(torch.int64)
-
     def activation_bounds(self, min_real, max_real, qp):
         """xnn_qs8_quantize(v, s, z) = lrintf(clamp(v / s + z)) of the delegate's float activation range."""
         def bound(value: float) -> int:
@@ -87,13 +84,7 @@ class XnnpackTarget(Target):
                 f"(s_in * s_w / s_out) is outside XNNPACK's [2^-32, 256): LiteRT's default interpreter fails to "
                 "prepare such a model; widen the output range or use target 'tflite'")
         multiplier = channel_view(multiplier, ndim, channel_axis)
-        zero_point = int(output_qp.zero_point)
-
-        def requantize(acc: torch.Tensor) -> torch.Tensor:
-            scaled = (acc.to(torch.float32) * multiplier.to(acc.device)).round_()
-            return scaled.add_(zero_point).clamp_(lo, hi).to(torch.int64)  # exact: small integers in float32
-
-        return requantize
+        return float32_requantizer(multiplier, int(output_qp.zero_point), lo, hi)
 
     def elementwise_add(self, numel):
         return True
