@@ -11,6 +11,7 @@ from torch import nn
 
 import qparity as qp
 from helpers import calibrate
+from op_models import Conv, Dense, MeanHW, Pool
 from models import CatMLP, ResNetish
 from qparity.errors import ExportError
 from qparity.export import export
@@ -112,18 +113,6 @@ def test_exported_file_takes_any_batch_size(tmp_path):
 activations = st.sampled_from([None, nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-0.5, 0.5)])
 
 
-class Conv(nn.Module):
-    def __init__(self, cin, cout, k, stride, padding, dilation, groups, bias, bn, act):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, k, stride, padding, dilation, groups, bias=bias)
-        self.bn = nn.BatchNorm2d(cout) if bn else nn.Identity()
-        self.act = act
-
-    def forward(self, x):
-        y = self.bn(self.conv(x))
-        return self.act(y) if self.act is not None else y
-
-
 @few
 @given(st.data())
 def test_random_conv_runs_bit_exact_in_onnxruntime(tmp_path_factory, data):
@@ -142,17 +131,6 @@ def test_random_conv_runs_bit_exact_in_onnxruntime(tmp_path_factory, data):
                  data.draw(activations))
     check(model, (4, cin, size, size), data.draw(dtypes), data.draw(st.integers(0, 10**6)),
           tmp_path_factory.mktemp("conv"), lr=0.01, per_channel=data.draw(st.booleans()))
-
-
-class Dense(nn.Module):
-    def __init__(self, features, outputs, bias, act):
-        super().__init__()
-        self.fc = nn.Linear(features, outputs, bias=bias)
-        self.act = act
-
-    def forward(self, x):
-        y = self.fc(x)
-        return self.act(y) if self.act is not None else y
 
 
 @few
@@ -195,25 +173,6 @@ def test_random_add_and_cat_run_bit_exact_in_onnxruntime(tmp_path_factory, data)
                  data.draw(activations), data.draw(st.sampled_from([1, 2, -1])))
     check(model, (3, channels, 5, 5), data.draw(dtypes), data.draw(st.integers(0, 10**6)),
           tmp_path_factory.mktemp("join"))
-
-
-class Pool(nn.Module):
-    def __init__(self, pool):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 1)
-        self.pool = pool
-
-    def forward(self, x):
-        return self.pool(self.conv(x))
-
-
-class MeanHW(nn.Module):
-    def __init__(self, keepdim):
-        super().__init__()
-        self.keepdim = keepdim
-
-    def forward(self, x):
-        return x.mean((2, 3), keepdim=self.keepdim)
 
 
 @st.composite

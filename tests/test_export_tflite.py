@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import prepare_and_convert
+from op_models import Conv, Dense, MeanHW, Pool, random_batches
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import CatMLP, ResNetish
@@ -27,13 +28,6 @@ from qparity.verify import verify
 pytest.importorskip("ai_edge_litert")
 
 single_ops = settings(max_examples=20, deadline=None)
-
-
-def random_batches(seed, shape, count=3, spread=None):
-    g = torch.Generator().manual_seed(seed)
-    scale = spread if spread is not None else float(torch.empty(1).uniform_(0.05, 20, generator=g))
-    offset = float(torch.empty(1).uniform_(-1, 1, generator=g)) * scale
-    return [torch.randn(shape, generator=g) * scale + offset for _ in range(count)]
 
 
 def export_and_verify(integer, inputs, directory, batch_size=1):
@@ -103,18 +97,6 @@ def test_file_with_a_larger_batch_runs_inputs_in_chunks(tmp_path):
 activations = st.sampled_from([None, nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-0.5, 0.5), nn.Hardtanh(-1.0, 1.0)])
 
 
-class Conv(nn.Module):
-    def __init__(self, cin, cout, k, stride, padding, dilation, groups, bias, bn, act):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, k, stride, padding, dilation, groups, bias=bias)
-        self.bn = nn.BatchNorm2d(cout) if bn else nn.Identity()
-        self.act = act
-
-    def forward(self, x):
-        y = self.bn(self.conv(x))
-        return self.act(y) if self.act is not None else y
-
-
 @single_ops
 @given(st.data())
 def test_random_conv_matches_reference_kernels(data):
@@ -134,17 +116,6 @@ def test_random_conv_matches_reference_kernels(data):
                  data.draw(activations))
     check_single_op(model, (4, cin, size, size), data.draw(st.integers(0, 10**6)),
                     per_channel=data.draw(st.booleans()))
-
-
-class Dense(nn.Module):
-    def __init__(self, features, outputs, bias, act):
-        super().__init__()
-        self.fc = nn.Linear(features, outputs, bias=bias)
-        self.act = act
-
-    def forward(self, x):
-        y = self.fc(x)
-        return self.act(y) if self.act is not None else y
 
 
 @single_ops
@@ -184,25 +155,6 @@ def test_random_add_and_cat_match_reference_kernels(data):
     channels = data.draw(st.integers(1, 4))
     model = TwoBranches(channels, data.draw(st.sampled_from(["add", "add_input", "cat"])), data.draw(activations))
     check_single_op(model, (3, channels, 5, 5), data.draw(st.integers(0, 10**6)))
-
-
-class Pool(nn.Module):
-    def __init__(self, pool):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 1)
-        self.pool = pool
-
-    def forward(self, x):
-        return self.pool(self.conv(x))
-
-
-class MeanHW(nn.Module):
-    def __init__(self, keepdim):
-        super().__init__()
-        self.keepdim = keepdim
-
-    def forward(self, x):
-        return x.mean((2, 3), keepdim=self.keepdim)
 
 
 @st.composite

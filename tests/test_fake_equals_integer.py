@@ -10,6 +10,7 @@ from torch import nn
 import qparity as qp
 from qparity.errors import UnsupportedOpError
 from helpers import assert_bit_exact, prepare_and_convert
+from op_models import Conv, Dense, MeanHW, Pool, random_batches
 
 targets = st.sampled_from(qp.TARGETS)
 
@@ -18,13 +19,6 @@ def target_and_dtype(draw):
     target = draw(targets)
     dtypes = qp.prepare_qat.__globals__["get_target"](target).activation_dtypes
     return target, draw(st.sampled_from(dtypes))
-
-
-def random_batches(seed, shape, count=3, spread=None):
-    g = torch.Generator().manual_seed(seed)
-    scale = spread if spread is not None else float(torch.empty(1).uniform_(0.05, 20, generator=g))
-    offset = float(torch.empty(1).uniform_(-1, 1, generator=g)) * scale
-    return [torch.randn(shape, generator=g) * scale + offset for _ in range(count)]
 
 
 # Targets refuse what their runtime refuses or what qparity has not matched bit for bit; the message says so.
@@ -50,18 +44,6 @@ def check(model, shape, target, dtype, seed, lr=0.01, per_channel=True):
     return prepared, integer
 
 
-class Conv(nn.Module):
-    def __init__(self, cin, cout, k, stride, padding, dilation, groups, bias, bn, act):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, k, stride, padding, dilation, groups, bias=bias)
-        self.bn = nn.BatchNorm2d(cout) if bn else nn.Identity()
-        self.act = act
-
-    def forward(self, x):
-        y = self.bn(self.conv(x))
-        return self.act(y) if self.act is not None else y
-
-
 activations = st.sampled_from([None, nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-0.5, 0.5)])
 
 
@@ -82,17 +64,6 @@ def test_fake_equals_integer_for_random_conv(data):
                  data.draw(st.booleans()), data.draw(activations))
     check(model, (4, cin, size, size), target, dtype, data.draw(st.integers(0, 10**6)),
           per_channel=data.draw(st.booleans()))
-
-
-class Dense(nn.Module):
-    def __init__(self, features, outputs, bias, act):
-        super().__init__()
-        self.fc = nn.Linear(features, outputs, bias=bias)
-        self.act = act
-
-    def forward(self, x):
-        y = self.fc(x)
-        return self.act(y) if self.act is not None else y
 
 
 @given(st.data())
@@ -134,16 +105,6 @@ def test_fake_equals_integer_for_add_and_cat(data):
     check(model, (3, channels, 5, 5), target, dtype, data.draw(st.integers(0, 10**6)))
 
 
-class Pool(nn.Module):
-    def __init__(self, pool):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 1)
-        self.pool = pool
-
-    def forward(self, x):
-        return self.pool(self.conv(x))
-
-
 @st.composite
 def pools(draw):
     kind = draw(st.sampled_from(["max", "avg", "adaptive", "mean", "functional_avg"]))
@@ -160,15 +121,6 @@ def pools(draw):
     if kind == "mean":
         return MeanHW(draw(st.booleans()))
     return FunctionalAvg(k, stride, padding)
-
-
-class MeanHW(nn.Module):
-    def __init__(self, keepdim):
-        super().__init__()
-        self.keepdim = keepdim
-
-    def forward(self, x):
-        return x.mean((2, 3), keepdim=self.keepdim)
 
 
 class FunctionalAvg(nn.Module):
