@@ -13,6 +13,7 @@ from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
 
 import qparity
+from seed_case import Conv1x1, build_seed
 from qparity.cli import main
 from qparity.doctor.causes import fmt
 from qparity.errors import QParityError
@@ -27,52 +28,6 @@ def _restore_engine():
         warnings.simplefilter("ignore")
         yield
     torch.backends.quantized.engine = engine
-
-
-# The seed case (shared/cases/seed_conv1x1.py): Conv2d(3, 3, 1x1) + ReLU, weights k*I, hand-set qparams.
-def seed_qconfig(fused=True):
-    fake_quant = tq.FusedMovingAvgObsFakeQuantize if fused else tq.FakeQuantize
-    act = fake_quant.with_args(observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
-                               reduce_range=False)
-    wgt = fake_quant.with_args(observer=tq.MovingAverageMinMaxObserver, quant_min=-128, quant_max=127,
-                               dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
-    return tq.QConfig(activation=act, weight=wgt)
-
-
-class Conv1x1(nn.Module):
-    def __init__(self, k, fused=True):
-        super().__init__()
-        self.quant = tq.QuantStub(seed_qconfig(fused))
-        self.conv = nn.Conv2d(3, 3, 1)
-        self.act = nn.ReLU()
-        self.dequant = tq.DeQuantStub()
-        self.qconfig = seed_qconfig(fused)
-        with torch.no_grad():
-            self.conv.weight.copy_(k * torch.eye(3).reshape(3, 3, 1, 1))
-            self.conv.bias.zero_()
-
-    def forward(self, x):
-        return self.dequant(self.act(self.conv(self.quant(x))))
-
-
-def _set(fq, scale, lo, hi):
-    fq.scale = torch.tensor([scale])
-    obs = fq.activation_post_process
-    obs.min_val, obs.max_val = torch.tensor(lo), torch.tensor(hi)
-
-
-def build_seed(k=1.0, engine="fbgemm"):
-    torch.backends.quantized.engine = engine
-    m = Conv1x1(k)
-    tq.fuse_modules(m, [["conv", "act"]], inplace=True)
-    prepared = tq.prepare_qat(m.train())
-    prepared.apply(tq.disable_observer).eval()
-    _set(prepared.conv.weight_fake_quant, 2 * k / 255, 0.0, k)
-    _set(prepared.conv.activation_post_process, k / 255, 0.0, k)
-    _set(prepared.quant.activation_post_process, 1 / 255, 0.0, 1.0)
-    converted = tq.convert(prepared, inplace=False)
-    x = (torch.arange(256).repeat(1, 3, 256, 1) / 255.0,)
-    return prepared, converted, x
 
 
 def build_clean(k=1.0, engine="fbgemm", observer=False):
