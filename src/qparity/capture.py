@@ -2,7 +2,8 @@
 
 Modules and their functional forms map to the same operators. Conv2d followed by BatchNorm2d becomes one
 conv node (BN folded the way it deploys); a clamp (ReLU, ReLU6, Hardtanh, clamp) right after a conv, linear
-or add becomes that node's output clamp. Anything else raises `UnsupportedOpError` naming the operator and
+or add becomes that node's output clamp. Hardswish is never fused: it is its own node with its own output
+grid, as torch.ao's quantized Hardswish. Anything else raises `UnsupportedOpError` naming the operator and
 where it is.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .ops.accumulate import ConvGeometry
 from .ops.pooling import adaptive_as_pooling
 
 SUPPORTED = ("Conv2d, Linear, BatchNorm2d after Conv2d, ReLU, ReLU6, Hardtanh, clamp, add of two tensors, cat, "
-             "MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean over H and W, flatten/reshape/view/permute, "
+             "Hardswish, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean over H and W, flatten/reshape/view/permute, "
              "Identity, Dropout")
 
 
@@ -180,6 +181,8 @@ class _Builder:
         elif isinstance(module, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
             low, high = (0.0, None) if isinstance(module, nn.ReLU) else (module.min_val, module.max_val)
             self.emit(node, "clamp", [self.ref(x)], attrs={"min": low, "max": high})
+        elif isinstance(module, nn.Hardswish):
+            self.emit(node, "hardswish", [self.ref(x)], attrs={})
         elif isinstance(module, nn.MaxPool2d):
             if module.return_indices:
                 raise self.unsupported(node, "return_indices=True")
@@ -211,6 +214,8 @@ class _Builder:
             self.emit(node, "clamp", [self.ref(args[0])], attrs={"min": bound[0], "max": bound[1]})
         elif fn in (torch.clamp, torch.clip):
             self.emit_clamp(node, args[0], args[1:], kwargs)
+        elif fn is F.hardswish:
+            self.emit(node, "hardswish", [self.ref(args[0])], attrs={})
         elif fn in (operator.add, torch.add):
             self.emit_add(node, args, kwargs)
         elif fn in (torch.cat, torch.concat):

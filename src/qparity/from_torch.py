@@ -3,7 +3,8 @@
 The converted module is traced with torch.fx (eager QuantStub/DeQuantStub/QFunctional models trace too) and
 run once on example inputs to read every quantized tensor's scale and zero point. Quantized conv/linear
 modules become conv2d/linear nodes holding the engine's own int8 weights and float32 bias; quantized add,
-add_relu and cat become add/cat nodes on the grids PyTorch chose. Everything else goes through capture's
+add_relu, cat and hardswish (quantized Hardswish modules, quantized::hardswish, F.hardswish on a quantized
+tensor) become add/cat/hardswish nodes on the grids PyTorch chose. Everything else goes through capture's
 float-module rules (ReLU, max pool, flatten, ...). Ops the target cannot emulate exactly raise
 `UnsupportedOpError`.
 """
@@ -15,6 +16,7 @@ import torch
 import torch.ao.nn.intrinsic.quantized as nniq
 import torch.ao.nn.quantized as nnq
 import torch.fx as fx
+import torch.nn.functional as F
 
 from .capture import _Builder, _fuse_clamps, _record_values
 from .errors import CaptureError, UnsupportedOpError
@@ -28,6 +30,7 @@ ENGINES = ("fbgemm", "x86", "qnnpack")
 QUANTIZED_CONVS = (nnq.Conv2d, nniq.ConvReLU2d)
 QUANTIZED_LINEARS = (nnq.Linear, nniq.LinearReLU)
 RELU_FUSED = (nniq.ConvReLU2d, nniq.LinearReLU)
+HARDSWISH_FUNCTIONS = (torch.ops.quantized.hardswish, F.hardswish)
 
 
 def from_torch(converted: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor) -> IntegerModel:
@@ -103,6 +106,9 @@ class _ConvertedBuilder(_Builder):
             return self.emit_quantized_add(node)
         if node.op == "call_function" and node.target in (torch.ops.quantized.cat, torch.cat):
             return self.emit_quantized_cat(node)
+        if ((node.op == "call_function" and node.target in HARDSWISH_FUNCTIONS)
+                or (node.op == "call_module" and isinstance(self.modules[node.target], torch.nn.Hardswish))):
+            return self.emit_quantized_hardswish(node)
         if (node.op, node.target) in (("call_method", "mean"), ("call_function", torch.mean)):
             raise self.unsupported(node, "quantized mean is not emulated; use AdaptiveAvgPool2d")
         return super().add(node)
@@ -128,6 +134,12 @@ class _ConvertedBuilder(_Builder):
         self.emit(node, "cat", [self.ref(list(tensors))], attrs={"dim": dim})
         self.record_grid(node)
 
+    def emit_quantized_hardswish(self, node: fx.Node) -> None:
+        """nnq.Hardswish and quantized::hardswish carry their output qparams; F.hardswish and a float
+        nn.Hardswish on a quantized tensor keep the input's. Either way the grid is read off the value."""
+        self.emit(node, "hardswish", [self.ref(node.args[0])], attrs={})
+        self.record_grid(node)
+
     def add_module(self, node: fx.Node, module: torch.nn.Module) -> None:
         where = f"module '{node.target}'"
         if isinstance(module, QUANTIZED_CONVS):
@@ -142,7 +154,7 @@ class _ConvertedBuilder(_Builder):
         elif isinstance(module, QUANTIZED_LINEARS):
             self.emit_layer(node, module, ConvGeometry("linear"), where)
         elif type(module).__module__.startswith("torch.ao.nn"):
-            raise self.unsupported(node, "a quantized module qparity does not emulate (ReLU6, Hardswish, "
+            raise self.unsupported(node, "a quantized module qparity does not emulate (ReLU6, "
                                          "LeakyReLU, Sigmoid and others are not pinned down yet)")
         else:
             super().add_module(node, module)

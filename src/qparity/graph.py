@@ -44,7 +44,7 @@ class Node:
         return found
 
 
-NEW_GRID_OPS = ("input", "conv2d", "linear", "add", "cat")
+NEW_GRID_OPS = ("input", "conv2d", "linear", "add", "cat", "hardswish")
 
 
 @dataclass

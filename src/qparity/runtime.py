@@ -16,7 +16,7 @@ from .errors import InputError
 from .graph import Executor, Graph, Node, QValue, fused_clamp_bounds, output_structure
 from .ops import pooling
 from .ops.accumulate import ConvGeometry
-from .ops.lookup import PairTable
+from .ops.lookup import CodeTable, PairTable
 from .ops.layer import layer_accumulator, plan_layer
 from .qparams import TORCH_DTYPES, QParams
 from .spec import Target, get_target
@@ -43,6 +43,7 @@ class IntegerModel:
         self.layers = layers
         self.grids = resolve_grids(graph, qparams)
         self.add_tables: Dict[str, PairTable] = {}  # built on first use from the target's own add
+        self.hardswish_tables: Dict[str, CodeTable] = {}  # likewise from the target's own hardswish
         self._kernels = {name: self._prepare(graph.node(name), layer) for name, layer in layers.items()}
 
     def _prepare(self, node: Node, layer: IntegerLayer):
@@ -142,6 +143,16 @@ class _IntegerExecutor(Executor):
                                                                      b.qparams.qmin, b.qparams.qmax)
             return QValue(table(a.codes, b.codes), qp)
         return QValue(self.target.add(a.codes, a.qparams, b.codes, b.qparams, qp, lo, hi), qp)
+
+    def op_hardswish(self, node, x):
+        qp = self.model.qparams[node.name]
+        if not self.target.elementwise_hardswish(x.codes.numel()):
+            return QValue(self.target.hardswish(x.codes, x.qparams, qp), qp)
+        table = self.model.hardswish_tables.get(node.name)
+        if table is None:
+            table = self.model.hardswish_tables[node.name] = CodeTable(
+                lambda q: self.target.hardswish(q, x.qparams, qp), x.qparams.qmin, x.qparams.qmax)
+        return QValue(table(x.codes), qp)
 
     def op_cat(self, node, tensors):
         qp = self.model.qparams[node.name]

@@ -2,7 +2,8 @@
 
 The module runs qparity's graph node by node with torch.ao.nn.quantized modules (conv, linear and their
 fused-ReLU forms, holding the model's int8 weights and float32 bias) and torch.ops.quantized functions
-(add, add_relu, cat), on quint8 tensors, in the engine the target names. Its outputs equal `im(x)`.
+(add, add_relu, cat) and torch.ao.nn.quantized.Hardswish modules, on quint8 tensors, in the engine the
+target names. Its outputs equal `im(x)`.
 """
 from __future__ import annotations
 
@@ -81,9 +82,12 @@ class TorchQuantizedModel(nn.Module):
         self.qparams: Dict[str, QParams] = dict(im.qparams)
         self.layers = nn.ModuleDict({name: _layer_module(im.graph.node(name), layer, im.qparams[name])
                                      for name, layer in im.layers.items()})
+        self.activations = nn.ModuleDict({n.name: nnq.Hardswish(float(im.qparams[n.name].scale),
+                                                                int(im.qparams[n.name].zero_point))
+                                          for n in im.graph.nodes if n.op == "hardswish"})
         for node in self.graph.nodes:
-            if node.op not in ("input", "conv2d", "linear", "add", "cat", "clamp", "max_pool2d", "avg_pool2d", "call",
-                               "dropout"):
+            if node.op not in ("input", "conv2d", "linear", "add", "cat", "hardswish", "clamp", "max_pool2d",
+                               "avg_pool2d", "call", "dropout"):
                 raise UnsupportedOpError(f"to_torch: operator {node.op!r} at {node.path} has no torch.ao form here")
             if node.op == "add":
                 _relu_only(node)
@@ -116,6 +120,8 @@ class TorchQuantizedModel(nn.Module):
         if node.op == "cat":
             qp = self.qparams[node.name]
             return torch.ops.quantized.cat(list(args[0]), node.attrs["dim"], float(qp.scale), int(qp.zero_point))
+        if node.op == "hardswish":
+            return self.activations[node.name](args[0])
         if node.op == "clamp":
             return torch.relu(args[0])
         if node.op == "max_pool2d":

@@ -1,10 +1,13 @@
 """Lookup tables for elementwise integer ops whose result depends only on the input codes.
 
+`CodeTable` tabulates a one-input op (hardswish: 256 codes), `PairTable` a two-input one (add).
+
 An 8-bit add has at most 256 x 256 input pairs, so the integer runtime evaluates the target's own `add`
 once on every pair when the model is built and then answers each element with one gather: the table is
 computed by the spec function itself, so it cannot disagree with it, and the fake-quant forward (which
 calls the spec function directly) checks that in every test. Targets declare when an op is a pure
-function of its codes (`Target.elementwise_add`); position- or length-dependent kernels are not tabulated.
+function of its codes (`Target.elementwise_add`, `Target.elementwise_hardswish`); position- or
+length-dependent kernels are not tabulated.
 """
 from __future__ import annotations
 
@@ -33,3 +36,15 @@ class PairTable:
     def __call__(self, qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
         index = (qa - self.a_lo).mul_(self.b_span).add_(qb).sub_(self.b_lo)
         return torch.take(self.table.to(qa.device), index)
+
+
+class CodeTable:
+    """f(q) for every code q in [lo, hi], looked up by index; the result keeps the input's memory format."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], lo: int, hi: int):
+        self.lo = lo
+        self.table = fn(torch.arange(lo, hi + 1, dtype=torch.int64)).to(torch.int64)
+
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        index = q.to(torch.int64) - self.lo
+        return torch.empty_like(index).copy_(torch.take(self.table.to(q.device), index))

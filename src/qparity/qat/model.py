@@ -145,6 +145,12 @@ class _FakeExecutor(Executor):
         codes = self.target.concatenate([_codes(t) for t in tensors], [t.qparams for t in tensors], qp, dim)
         return self.emit(codes, real, qp, qp.qmin, qp.qmax)
 
+    def op_hardswish(self, node: Node, x: QValue) -> QValue:
+        real = torch.nn.functional.hardswish(self.target.dequantize(x.codes, x.qparams))
+        qp = self.observed_qparams(node, real)
+        codes = self.target.hardswish(_codes(x), x.qparams, qp)
+        return self.emit(codes, real, qp, qp.qmin, qp.qmax)
+
     def op_max_pool2d(self, node: Node, x: QValue) -> QValue:
         return QValue(pooling.max_pool2d(x.codes, node.attrs), x.qparams)
 

@@ -6,9 +6,12 @@ Every result is round-half-even of an exact rational, then clamped:
 - add:         q = clamp(z_y + rhe(((q_a - z_a) * s_a + (q_b - z_b) * s_b) / s_y))
 - rescale:     q = clamp(z_y + rhe((q - z) * s / s_y))
 - average:     q = z + rhe(sum(q - z) / count)
+- hardswish:   q = clamp(z_y + rhe(h(x) / s_y)), x = (q - z) * s, h(x) = x * clamp(x + 3, 0, 6) / 6 (rational in x)
 The scales are float32 values taken at their exact binary value.
 """
 from __future__ import annotations
+
+from fractions import Fraction
 
 import torch
 
@@ -59,3 +62,18 @@ class ExactTarget(Target):
 
     def average(self, sums, counts, qp):
         return int(qp.zero_point) + round_half_even_div(sums, counts)
+
+    def elementwise_hardswish(self, numel):
+        return True
+
+    def hardswish(self, q, source, out):
+        # One exact rational per input code (at most 256), then a gather: Python's round() on a Fraction
+        # rounds half to even.
+        s, s_y = Fraction(float(source.scale)), Fraction(float(out.scale))
+        z, z_y = int(source.zero_point), int(out.zero_point)
+        table = []
+        for code in range(source.qmin, source.qmax + 1):
+            x = (code - z) * s
+            value = z_y + round(x * min(max(x + 3, 0), 6) / 6 / s_y)
+            table.append(min(max(value, out.qmin), out.qmax))
+        return torch.tensor(table, dtype=torch.int64, device=q.device)[q - source.qmin]

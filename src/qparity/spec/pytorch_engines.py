@@ -46,6 +46,15 @@ inv = f(1 / s); all arithmetic float32 unless said.
     (QuantizeAvx512), adaptive_avg_pool2d's as rne(fma(sum, inv, z)) (quantize_vec); the other channels, and
     NCHW inputs, as quantize_val(1 / multiplier): rne(f(f(sum * inv) + z)).
   * qnnpack: adaptive_avg_pool2d q = rne(f(sum * f(s / f(s * N)))) + z; avg_pool2d refused (not matched).
+- hardswish (quantized::hardswish, torch.ao.nn.quantized.Hardswish), with h(x) = f(f(x * c) / 6),
+  c = min(max(f(x + 3), 0), 6), all float32:
+  * fbgemm, x86 (QuantizedOpKernels.cpp, qhardswish_kernel): like qadd, the vector loop (whole 64-element
+    blocks of each parallel chunk, in memory order) dequantizes x = fma(q, s, f(-z * s)) and quantizes
+    rne(f(h(x) * inv_y)) + z_y; the scalar loop x = f((q - z) * s), rne(f(f(h(x) * inv_y) + z_y)) (quantize_val).
+    The output keeps the input's memory format (measured), so both run in the input's memory order.
+  * qnnpack (qnnpack/src/hardswish.c, pytorch_qnnp_create_hardswish_nc_q8): a 256-entry lookup table built
+    in float as x = f(s * (q - z)), lrintf(clamp(f(f(inv_y * h(x)) + z_y))): the scalar formula above for
+    every element (no fma; measured).
 """
 from __future__ import annotations
 
@@ -179,6 +188,15 @@ class PyTorchEngineTarget(Target):
         value = _fbgemm_average(sums, counts, qp, codes, bool(attrs.get("adaptive")))
         return torch.clamp(value, qp.qmin, qp.qmax).to(torch.int64)
 
+    # -- hardswish ------------------------------------------------------------------------------------------
+    def hardswish(self, q, source, out):
+        if self.name == "qnnpack":
+            return _hardswish_scalar(q, source, out)
+        return _fbgemm_hardswish(q, source, out)
+
+    def elementwise_hardswish(self, numel):
+        return self.name == "qnnpack"  # QNNPACK itself runs a lookup table; fbgemm's depends on the position
+
     def machine_note(self) -> str:
         return "" if self.name == "qnnpack" else f"fbgemm path: {fbgemm_path()}"
 
@@ -279,6 +297,37 @@ def _fbgemm_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi):
     else:
         codes = torch.where(vector_loop_mask(fa.numel(), torch.get_num_threads()), vector, scalar)
     return _from_memory_order(codes.clamp_(lo, hi).to(torch.int64), qa, channels_last)
+
+
+def _hardswish_real(x: torch.Tensor) -> torch.Tensor:
+    """h(x) = x * min(max(x + 3, 0), 6) / 6 in float32, in the kernels' order of operations."""
+    return (x * torch.clamp(x + 3.0, 0.0, 6.0)) / 6.0
+
+
+def _hardswish_scalar(q, source: QParams, out: QParams) -> torch.Tensor:
+    """rne(f(f(h(f((q - z) * s)) * inv_y) + z_y)), clamped: qhardswish_kernel's scalar loop, QNNPACK's table."""
+    real = _hardswish_real((q.to(torch.float32) - float(source.zero_point)) * source.scale)
+    codes = torch.round(real * _reciprocal(out.scale) + float(out.zero_point))
+    return codes.clamp_(out.qmin, out.qmax).to(torch.int64)
+
+
+def _fbgemm_hardswish(q, source: QParams, out: QParams) -> torch.Tensor:
+    """qhardswish_kernel: the vector loop's codes where vector_loop_mask says, the scalar loop's elsewhere."""
+    if q.is_contiguous():
+        channels_last = False
+    elif q.dim() == 4 and q.is_contiguous(memory_format=torch.channels_last):
+        channels_last = True
+    else:
+        raise UnsupportedOpError(f"hardswish on codes of shape {tuple(q.shape)} and strides {q.stride()} (neither "
+                                 "contiguous nor channels-last) is not emulated for fbgemm/x86: which elements take "
+                                 "the vector loop depends on the strides; make the input contiguous first")
+    flat = _memory_order(q, channels_last).to(torch.float32)
+    s, z = source.scale.to(torch.float32), float(source.zero_point)
+    vector_real = _hardswish_real(fma_f32(flat, s, s * -z))
+    vector = torch.round(vector_real * _reciprocal(out.scale)) + float(out.zero_point)
+    scalar = _hardswish_scalar(flat, source, out).to(torch.float32)
+    codes = torch.where(vector_loop_mask(flat.numel(), torch.get_num_threads()), vector, scalar)
+    return _from_memory_order(codes.clamp_(out.qmin, out.qmax).to(torch.int64), q, channels_last)
 
 
 def _qnnpack_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi):

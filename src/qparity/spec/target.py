@@ -12,6 +12,7 @@ from typing import Callable, List, Tuple
 
 import torch
 
+from ..errors import UnsupportedOpError
 from ..ops import pooling
 from ..qparams import QParams
 
@@ -100,6 +101,16 @@ class Target:
         Then the integer runtime may tabulate it (ops/lookup.py). False unless a target says so: kernels
         whose result depends on the position or the tensor length must not be tabulated.
         """
+        return False
+
+    def hardswish(self, q: torch.Tensor, source: QParams, out: QParams) -> torch.Tensor:
+        """Hardswish (x * clamp(x + 3, 0, 6) / 6) of the codes q on `source`, as codes on the output grid `out`."""
+        raise UnsupportedOpError(f"hardswish is not emulated for target {self.name!r}: its runtime's kernel was not "
+                                 "matched bit for bit; use target exact, fbgemm, x86 or qnnpack")
+
+    def elementwise_hardswish(self, numel: int) -> bool:
+        """Whether `hardswish` is a pure function of each code for tensors of `numel` elements (then the integer
+        runtime tabulates it once for all codes, ops/lookup.py). False unless a target says so."""
         return False
 
     def rescale(self, q: torch.Tensor, source: QParams, out: QParams) -> torch.Tensor:
