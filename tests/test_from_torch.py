@@ -132,14 +132,15 @@ def test_from_torch_equals_converted_for_random_conv(engine, data):
     assert torch.equal(im(x), converted(x))
 
 
-def test_from_torch_refuses_fbgemm_depthwise_3x3():
+@pytest.mark.parametrize("conv", [nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                                  nn.Conv2d(16, 32, 5, padding=2, groups=16), nn.Conv2d(8, 16, 3, groups=4)])
+def test_from_torch_equals_fbgemm_grouped_and_depthwise_convs(conv):
     torch.backends.quantized.engine = "fbgemm"
-    model = OneConv(nn.Conv2d(4, 4, 3, groups=4), False).eval()
+    model = OneConv(conv, False).eval()
     model.qconfig = tq.get_default_qconfig("fbgemm")
-    x = torch.randn(2, 4, 6, 6)
+    x = torch.randn(2, conv.in_channels, 7, 7)
     converted = tq.convert(calibrated(tq.prepare(model), x))
-    with pytest.raises(qp.QParityError, match="depthwise 3x3"):
-        qp.from_torch(converted, (x,))
+    assert torch.equal(qp.from_torch(converted, (x,))(x), converted(x))
 
 
 class PoolNet(nn.Module):

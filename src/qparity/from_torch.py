@@ -145,9 +145,6 @@ class _ConvertedBuilder(_Builder):
         if isinstance(module, QUANTIZED_CONVS):
             if module.padding_mode != "zeros":
                 raise self.unsupported(node, f"padding_mode={module.padding_mode!r}")
-            if (self.target.name == "fbgemm" and module.groups > 1 and tuple(module.kernel_size) == (3, 3)):
-                raise self.unsupported(node, "fbgemm's grouped/depthwise 3x3 kernel is not emulated bit for bit "
-                                             "(its accumulation differs from exact int32); use engine x86 or qnnpack")
             geometry = ConvGeometry("conv2d", tuple(module.stride), tuple(module.padding), tuple(module.dilation),
                                     module.groups)
             self.emit_layer(node, module, geometry, where)

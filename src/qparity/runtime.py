@@ -59,7 +59,7 @@ class IntegerModel:
         weight = layer.weight_codes.to(torch.float32)
         if geometry.kind == "conv2d":
             weight = weight.contiguous(memory_format=torch.channels_last)
-        plan = plan_layer(geometry, layer.weight_codes, acc_bias, input_qp)
+        plan = plan_layer(geometry, layer.weight_codes, acc_bias, input_qp, self.target)
         return plan, geometry, weight, acc_bias, requantize
 
     # -- public API -----------------------------------------------------------------------------------------

@@ -54,9 +54,10 @@ class ConvGeometry:
 
 @dataclass(frozen=True)
 class AccumulationPlan:
-    path: str                              # "float32", "chunks" or "float64"
+    path: str                              # "float32", "chunks", "float64" or "int16_pairs"
     bound: float                           # the largest |acc + bias| any input on the grid can produce
     chunks: Tuple[Tuple[int, int], ...] = ()
+    input_zero_point: int = 0              # for "int16_pairs", which works on raw codes
 
 
 def abs_sum_per_output(weight_codes: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,9 @@ def plan_accumulation(geometry: ConvGeometry, weight_codes: torch.Tensor, max_ab
 def accumulate(plan: AccumulationPlan, geometry: ConvGeometry, x_centered: torch.Tensor,
                weight_codes: torch.Tensor, bias_codes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Exact acc + bias as a float tensor of integers, differentiable in the codes."""
+    if plan.path == "int16_pairs":
+        acc = depthwise_int16_pairs(geometry, x_centered, weight_codes, plan.input_zero_point)
+        return acc if bias_codes is None else acc + bias_codes.to(acc.dtype).reshape(1, -1, 1, 1)
     if plan.path == "float32":
         # The bias is inside the float32 bound too, so the kernel may add it exactly.
         bias = None if bias_codes is None else bias_codes.to(torch.float32)
@@ -135,3 +139,29 @@ def _chunks(bounds: torch.Tensor) -> List[Tuple[int, int]]:
         ranges.append((start, start + size))
         start += size
     return ranges
+
+
+def depthwise_int16_pairs(geometry: ConvGeometry, x_centered: torch.Tensor, weight_codes: torch.Tensor,
+                          zero_point: int) -> torch.Tensor:
+    """fbgemm's depthwise accumulator: neighbouring taps of the raw codes summed in int16 with saturation.
+
+    fbgemm's generated depthwise kernels (GenerateI8Depthwise.cc, genMaddEpi16xNPacked) interleave taps
+    (kh, kw in row-major order) in pairs and add each pair of uint8 x int8 products with vpmaddubsw, which
+    saturates to int16, even on VNNI CPUs; padded taps hold the zero point's code; the zero point is then
+    removed as z * sum(w). The taps are exact float32 integers (|pair| < 2^16, at most 25 pairs).
+    """
+    out_channels, _, kh, kw = weight_codes.shape
+    multiplier = out_channels // x_centered.shape[1]
+    (sh, sw), (ph, pw) = geometry.stride, geometry.padding
+    raw = F.pad(x_centered.to(torch.float32) + zero_point, (pw, pw, ph, ph), value=float(zero_point))
+    raw = raw.repeat_interleave(multiplier, dim=1)
+    oh = (raw.shape[2] - kh) // sh + 1
+    ow = (raw.shape[3] - kw) // sw + 1
+    weights = weight_codes.to(torch.float32).reshape(out_channels, kh * kw)
+    taps = [raw[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+            * weights[:, i * kw + j].reshape(1, -1, 1, 1) for i in range(kh) for j in range(kw)]
+    acc = None
+    for t in range(0, len(taps), 2):
+        pair = torch.clamp(sum(taps[t:t + 2]), -32768, 32767)
+        acc = pair if acc is None else acc + pair
+    return acc - zero_point * weights.sum(dim=1).reshape(1, -1, 1, 1)

@@ -30,8 +30,12 @@ def layer_accumulator(plan: AccumulationPlan, geometry: ConvGeometry, x_codes: t
 
 
 def plan_layer(geometry: ConvGeometry, weight_codes: torch.Tensor, bias_codes: Optional[torch.Tensor],
-               input_qp: QParams) -> AccumulationPlan:
-    return plan_accumulation(geometry, weight_codes, max_abs_centered(input_qp), bias_codes)
+               input_qp: QParams, target=None) -> AccumulationPlan:
+    """How to compute this layer's accumulator: exactly, or as the target's runtime does when it differs."""
+    plan = plan_accumulation(geometry, weight_codes, max_abs_centered(input_qp), bias_codes)
+    if target is not None and target.accumulation(geometry, tuple(weight_codes.shape)) == "int16_pairs":
+        return AccumulationPlan("int16_pairs", plan.bound, input_zero_point=int(input_qp.zero_point))
+    return plan
 
 
 def check_accumulator_range(where: str, weight_codes: torch.Tensor, bias_codes: Optional[torch.Tensor],

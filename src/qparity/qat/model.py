@@ -90,7 +90,7 @@ class _FakeExecutor(Executor):
         elif bias is not None:
             bias_codes = straight_through(self.target.quantize_bias(bias, x.qparams.scale, weight_scale),
                                           bias.to(torch.float64) / _bias_scale(x.qparams, weight_scale))
-        plan = plan_layer(layer.geometry, weight_codes, bias_codes, x.qparams)
+        plan = plan_layer(layer.geometry, weight_codes, bias_codes, x.qparams, self.target)
         acc = layer_accumulator(plan, layer.geometry, x.codes, x.qparams, weight_codes, bias_codes)
         real = acc.to(torch.float32) * _channel(_bias_scale(x.qparams, weight_scale), layer.geometry, acc)
         if float_bias:
@@ -110,7 +110,7 @@ class _FakeExecutor(Executor):
         weight, _ = layer.folded()
         weight_scale = layer.weight_scale(weight)
         weight_codes = layer.weight_codes(weight, weight_scale)
-        plan = plan_layer(layer.geometry, weight_codes, None, x.qparams)
+        plan = plan_layer(layer.geometry, weight_codes, None, x.qparams, self.target)
         acc = layer_accumulator(plan, layer.geometry, x.codes, x.qparams, weight_codes, None)
         factor = layer.batch_norm_factor()
         unfolded = acc.to(torch.float32) * _channel(_bias_scale(x.qparams, weight_scale) / factor, layer.geometry, acc)

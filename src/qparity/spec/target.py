@@ -95,6 +95,11 @@ class Target:
         """Elementwise sum of two quantized tensors on different grids."""
         raise NotImplementedError
 
+    def accumulation(self, geometry, weight_shape) -> str:
+        """How the runtime forms a conv/linear accumulator: "exact" int32, or a named kernel-specific rule
+        ("int16_pairs": fbgemm's depthwise kernels). Raises UnsupportedOpError for kernels not emulated."""
+        return "exact"
+
     def elementwise_add(self, numel: int) -> bool:
         """Whether `add` is a pure function of each element's two codes for tensors of `numel` elements.
 
