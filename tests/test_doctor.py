@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import warnings
+from fractions import Fraction
 
 import pytest
 import torch
@@ -375,3 +376,160 @@ def test_layers_at_risk_on_fbgemms_avx2_path_are_flagged_with_true_numbers():
 
     (note,) = saturation_risk_notes(Run())
     assert "64770 > 32767" in note and "3 weight pairs" in note and "up to 255" in note
+
+
+# Arithmetic causes: a Quant -> Conv2d(1x1, no bias) -> DeQuant model with non-fused FakeQuantize qconfigs and
+# hand-set qparams that the observers (so convert) compute too, so the only differences are in the arithmetic.
+def _plain_qconfig():
+    act = tq.FakeQuantize.with_args(observer=tq.MinMaxObserver, quant_min=0, quant_max=255, reduce_range=False)
+    wgt = tq.FakeQuantize.with_args(observer=tq.MinMaxObserver, quant_min=-128, quant_max=127, dtype=torch.qint8,
+                                    qscheme=torch.per_tensor_symmetric)
+    return tq.QConfig(activation=act, weight=wgt)
+
+
+class _Conv1x1NoBias(nn.Module):
+    def __init__(self, weight):
+        super().__init__()
+        self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+        self.conv = nn.Conv2d(weight.shape[1], weight.shape[0], 1, bias=False)
+        self.qconfig = _plain_qconfig()
+        with torch.no_grad():
+            self.conv.weight.copy_(weight.reshape(*weight.shape, 1, 1))
+
+    def forward(self, x):
+        return self.dequant(self.conv(self.quant(x)))
+
+
+def build_arithmetic(weight_codes, sx, sw, sy, engine):
+    """Input grid (sx, 0), symmetric weights (sw, 0), output grid (sy, 0): each exactly what the observer gives."""
+    torch.backends.quantized.engine = engine
+    prepared = tq.prepare_qat(_Conv1x1NoBias(weight_codes * sw).train())
+    prepared.apply(tq.disable_observer).eval()
+    for fq, lo, hi in ((prepared.conv.weight_fake_quant, -127.5 * sw, 127.5 * sw),
+                       (prepared.conv.activation_post_process, 0.0, 255 * sy),
+                       (prepared.quant.activation_post_process, 0.0, 255 * sx)):
+        fq.activation_post_process.min_val, fq.activation_post_process.max_val = torch.tensor(lo), torch.tensor(hi)
+        scale, zero_point = fq.calculate_qparams()
+        fq.scale.copy_(scale)
+        fq.zero_point.copy_(zero_point)
+    converted = tq.convert(prepared, inplace=False)
+    qw = converted.conv.weight()
+    assert (converted.quant.scale, qw.q_scale(), converted.conv.scale) == (sx, sw, sy)
+    assert int(converted.quant.zero_point) == qw.q_zero_point() == converted.conv.zero_point == 0
+    assert torch.equal(qw.int_repr().reshape(weight_codes.shape).long(), weight_codes.long())
+    return prepared, converted
+
+
+def _direct_codes(prepared, converted, x, x_codes, weight_codes):
+    """Exact accumulator (int64), exact codes (Fraction, round half to even), fake and engine codes."""
+    sx, sw, sy = (Fraction(float(s)) for s in (converted.quant.scale, converted.conv.weight().q_scale(),
+                                                converted.conv.scale))
+    acc = torch.einsum("nchw,oc->nohw", x_codes.long(), weight_codes.long())
+    exact_values = [Fraction(int(a)) * sx * sw / sy for a in acc.reshape(-1).tolist()]
+    exact = torch.tensor([min(max(round(v), 0), 255) for v in exact_values]).reshape(acc.shape)
+    with torch.no_grad():
+        fake_out, real_out = prepared(x).double(), converted(x).double()
+    fake = torch.round(fake_out / float(sy)).long()
+    assert torch.equal(fake.double() * float(sy), fake_out)  # the fake output lies on its grid
+    actual = torch.round(real_out / float(sy)).long()
+    return acc, exact_values, exact, fake, actual
+
+
+def _first_index(differ):
+    flat = int(differ.reshape(-1).nonzero()[0])
+    return flat, [int(i) for i in torch.unravel_index(torch.tensor(flat), differ.shape)]
+
+
+def _accumulation_inputs(cin=2048, positions=256, seed=1):
+    """Per position the input codes sum to 224 * cin, so with all weight codes 63 the accumulator is
+    63 * 458752 = 28901376 = 220.5 * 2^17: an exact tie on the output grid (scale 2^17), beyond 2^24,
+    where the fake forward's float32 conv rounds its partial sums."""
+    g = torch.Generator().manual_seed(seed)
+    half = torch.randint(-31, 32, (positions, cin // 2), generator=g)
+    other = torch.stack([-row[torch.randperm(cin // 2, generator=g)] for row in half])
+    codes = (224 + torch.cat([half, other], 1)).T.reshape(1, cin, 16, positions // 16)
+    return codes.float(), codes
+
+
+@pytest.mark.parametrize("engine", ["fbgemm", "qnnpack"])
+def test_float32_conv_across_a_tie_is_float_accumulation_with_the_true_numbers(engine):
+    cin = 2048
+    weight_codes = torch.full((1, cin), 63)
+    prepared, converted = build_arithmetic(weight_codes, 1.0, 1.0, 2.0 ** 17, engine)
+    x, x_codes = _accumulation_inputs(cin)
+    acc, exact_values, exact, fake, actual = _direct_codes(prepared, converted, x, x_codes, weight_codes)
+    assert (acc == 28901376).all() and all(v == Fraction(441, 2) for v in exact_values)
+    assert (exact == 220).all()
+    assert torch.equal(actual, exact)  # the engine's integer accumulator is exact
+    differ = fake != exact
+    moved = int(differ.sum())
+    assert moved > 0
+
+    report = qparity.doctor(prepared, converted, (x,))
+    assert kinds(report) == {"float_accumulation"}
+    found = cause(report, "float_accumulation", "conv")
+    flat, index = _first_index(differ)
+    total = exact.numel()
+    assert found.affected == found.evidence["outputs_moved"] == moved
+    assert found.evidence["index"] == index
+    assert found.evidence["exact_code_value"] == float(exact_values[flat]) == 220.5
+    assert found.evidence["exact_code"] == int(exact[tuple(index)]) == 220
+    assert found.evidence["fake_code"] == int(fake[tuple(index)])
+    assert (f"In {moved} of {total} outputs of conv" in found.explanation and str(index) in found.explanation
+            and f"exact value is {fmt(float(exact_values[flat]))} codes, which rounds to {int(exact[tuple(index)])},"
+            in found.explanation and f"fake forward produced {int(fake[tuple(index)])}." in found.explanation)
+
+    layer = next(l for l in report.layers if l.name == "conv")
+    assert layer.mismatched == int((fake != actual).sum()) == moved and layer.total == total
+    assert layer.stages == {"float arithmetic": moved, "output grid": 0, "weights": 0, "input codes": 0, "bias": 0,
+                            "engine bias": 0, "requantization": 0, "unexplained": 0}
+    assert layer.unexplained == 0
+
+
+@pytest.mark.parametrize("engine", ["fbgemm", "qnnpack"])
+def test_float32_output_multiplier_at_ties_is_requantization_with_the_true_numbers(engine):
+    # sx = 3, sw = 1, sy = 10: the exact multiplier 3/10 is not a float32; at acc = 3 * x with acc * 3/10 a
+    # half-integer, the engine's f32(acc * f32(M)) lands off the tie while the fake forward's f32(3 acc * f32(1/10))
+    # does not.
+    weight_codes = torch.full((1, 1), 3)
+    prepared, converted = build_arithmetic(weight_codes, 3.0, 1.0, 10.0, engine)
+    x_codes = torch.arange(256).reshape(1, 1, 16, 16)
+    x = x_codes.float() * 3
+    acc, exact_values, exact, fake, actual = _direct_codes(prepared, converted, x, x_codes, weight_codes)
+    assert torch.equal(fake, exact)  # nothing but the requantization differs
+    differ = actual != exact
+    moved = int(differ.sum())
+    assert moved > 0
+    assert all(exact_values[i].denominator == 2 for i in differ.reshape(-1).nonzero().reshape(-1).tolist())
+
+    report = qparity.doctor(prepared, converted, (x,))
+    assert kinds(report) == {"requantization"}
+    found = cause(report, "requantization", "conv")
+    flat, index = _first_index(differ)
+    i = tuple(index)
+    assert found.affected == found.evidence["outputs_moved"] == moved
+    assert found.evidence["rule"] == engine and found.evidence["index"] == index
+    assert found.evidence["acc"] == int(acc[i]) == 195
+    assert found.evidence["exact_code"] == int(exact[i]) == round(exact_values[flat]) == 58
+    assert found.evidence["engine_code"] == int(actual[i]) == 59
+    assert (f"{engine} requantizes conv with a float32 multiplier ({engine} rule); in {moved} of {exact.numel()} "
+            f"outputs" in found.explanation and f"first at {index}: accumulator {int(acc[i])}, exact code "
+            f"{int(exact[i])}, engine code {int(actual[i])})." in found.explanation)
+
+    layer = next(l for l in report.layers if l.name == "conv")
+    assert layer.mismatched == moved and layer.unexplained == 0
+    assert layer.stages["requantization"] == moved
+    assert sum(layer.stages.values()) == moved
+
+
+@pytest.mark.parametrize("engine", ["fbgemm", "qnnpack"])
+def test_exact_scales_have_no_arithmetic_causes(engine):
+    weight_codes = torch.full((1, 1), 3)
+    prepared, converted = build_arithmetic(weight_codes, 1.0, 1.0, 4.0, engine)
+    x_codes = torch.arange(256).reshape(1, 1, 16, 16)
+    x = x_codes.float()
+    _, _, exact, fake, actual = _direct_codes(prepared, converted, x, x_codes, weight_codes)
+    assert torch.equal(fake, exact) and torch.equal(actual, exact)
+    report = qparity.doctor(prepared, converted, (x,))
+    assert report.ok and report.causes == []
+    assert not kinds(report) & {"float_accumulation", "requantization"}
