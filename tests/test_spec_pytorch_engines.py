@@ -144,7 +144,7 @@ def pooled_input(rng, qp, shape, channels_last):
 
 
 @SETTINGS
-@given(engine=st.sampled_from(["fbgemm", "x86"]), seed=seeds, channels=st.integers(1, 40), hw=st.integers(2, 9),
+@given(engine=ENGINES, seed=seeds, channels=st.integers(1, 40), hw=st.integers(2, 9),
        k=st.integers(2, 3), stride=st.integers(1, 2), padding=st.integers(0, 1), ceil=st.booleans(),
        include_pad=st.booleans(), channels_last=st.booleans())
 def test_average_pool_matches_quantized_avg_pool2d(engine, seed, channels, hw, k, stride, padding, ceil,
@@ -174,8 +174,31 @@ def test_adaptive_average_matches_quantized_adaptive_avg_pool2d(engine, seed, ch
     assert torch.equal(get_target(engine).average_pool(x, qp, attrs), expected)
 
 
-def test_qnnpack_refuses_avg_pool2d():
-    attrs = {"kernel_size": (3, 3), "stride": (1, 1), "padding": (1, 1), "ceil_mode": False,
+@SETTINGS
+@given(seed=seeds, channels=st.integers(1, 70), h=st.integers(1, 12), w=st.integers(1, 12),
+       kernel=st.tuples(st.integers(1, 7), st.integers(1, 7)), stride=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+       padding=st.tuples(st.integers(0, 3), st.integers(0, 3)), ceil=st.booleans(), include_pad=st.booleans(),
+       channels_last=st.booleans())
+def test_qnnpack_average_pool_matches_quantized_avg_pool2d(seed, channels, h, w, kernel, stride, padding, ceil,
+                                                           include_pad, channels_last):
+    """QNNPACK (no ceil_mode) divides by kH * kW whatever count_include_pad says; ceil_mode takes fbgemm's kernels."""
+    torch.backends.quantized.engine = "qnnpack"
+    kernel = (min(kernel[0], h), min(kernel[1], w))
+    padding = (min(padding[0], kernel[0] // 2), min(padding[1], kernel[1] // 2))
+    if kernel == (1, 1) and not ceil:
+        return  # QNNPACK refuses 1x1 pooling (test_qnnpack_refuses_1x1_avg_pool2d)
+    rng = np.random.default_rng(seed)
+    qp = QParams(float(np.float32(10 ** rng.uniform(-4, 1))), int(rng.integers(0, 256)), "uint8")
+    x = pooled_input(rng, qp, (int(rng.integers(1, 3)), channels, h, w), channels_last)
+    expected = codes_of(torch.nn.functional.avg_pool2d(quint8(x, qp), kernel, stride, padding, ceil, include_pad))
+    attrs = {"kernel_size": kernel, "stride": stride, "padding": padding, "ceil_mode": ceil,
+             "count_include_pad": include_pad, "adaptive": False}
+    assert torch.equal(get_target("qnnpack").average_pool(x, qp, attrs), expected)
+
+
+def test_qnnpack_refuses_1x1_avg_pool2d():
+    """PyTorch's qnnpack fails on it too ("1x1 pooling is meaningless")."""
+    attrs = {"kernel_size": (1, 1), "stride": (1, 1), "padding": (0, 0), "ceil_mode": False,
              "count_include_pad": True, "adaptive": False}
     with pytest.raises(UnsupportedOpError, match="avg_pool2d"):
         get_target("qnnpack").average_pool(torch.zeros(1, 2, 4, 4, dtype=torch.int64), QParams(0.1, 3, "uint8"),

@@ -45,7 +45,9 @@ inv = f(1 / s); all arithmetic float32 unless said.
     inputs run whole 16-channel blocks in an AVX512 loop, avg_pool2d's as rne(f(sum * multiplier)) + z
     (QuantizeAvx512), adaptive_avg_pool2d's as rne(fma(sum, inv, z)) (quantize_vec); the other channels, and
     NCHW inputs, as quantize_val(1 / multiplier): rne(f(f(sum * inv) + z)).
-  * qnnpack: adaptive_avg_pool2d q = rne(f(sum * f(s / f(s * N)))) + z; avg_pool2d refused (not matched).
+  * qnnpack: adaptive_avg_pool2d q = rne(f(sum * f(s / f(s * N)))) + z; avg_pool2d without ceil_mode the same
+    with N = kH * kW always (AveragePool2d.cpp qnnpack_avg_pool2d, qnnpack/src/average-pooling.c: padding is the
+    zero point, count_include_pad ignored; measured); avg_pool2d with ceil_mode the fbgemm kernels above.
 - hardswish (quantized::hardswish, torch.ao.nn.quantized.Hardswish), with h(x) = f(f(x * c) / 6),
   c = min(max(f(x + 3), 0), 6), all float32:
   * fbgemm, x86 (QuantizedOpKernels.cpp, qhardswish_kernel): like qadd, the vector loop (whole 64-element
@@ -210,11 +212,18 @@ class PyTorchEngineTarget(Target):
         centered = codes - qp.zero_point.to(codes.device)
         sums = pooling.average_sums(centered, attrs, 255).to(torch.float32)  # exact: |sum| < 2^24
         counts = pooling.average_counts(tuple(codes.shape[-2:]), tuple(sums.shape[-2:]), attrs, codes.device)
-        if self.pool_rule == "qnnpack":
+        if self.pool_rule == "qnnpack" and (attrs.get("adaptive") or not attrs.get("ceil_mode")):
             if not attrs.get("adaptive"):
-                raise UnsupportedOpError(
-                    f"avg_pool2d {attrs} on target 'qnnpack' is not emulated (PyTorch's qnnpack avg_pool2d was not "
-                    "matched bit for bit); use AdaptiveAvgPool2d, or target fbgemm/x86")
+                # AveragePool2d.cpp avg_pool2d_quantized_cpu: quint8 without ceil_mode runs QNNPACK
+                # (qnnpack/src/average-pooling.c): padding reads the input zero point and the divisor is always
+                # kH * kW, whatever count_include_pad says; 4-D only, 1x1 pooling refused. ceil_mode runs the
+                # generic kernels, as on fbgemm (below).
+                if codes.dim() != 4 or tuple(attrs["kernel_size"]) == (1, 1) or attrs.get("divisor_override"):
+                    raise UnsupportedOpError(
+                        f"avg_pool2d {attrs} on a {codes.dim()}-D input on target 'qnnpack' is not emulated "
+                        "(PyTorch's qnnpack avg_pool2d takes 4-D inputs, pools of 2+ elements, no divisor_override)")
+                kh, kw = attrs["kernel_size"]
+                counts = torch.full_like(counts, kh * kw)
             # rne(f(sum * f(s / f(s * N)))) + z, as QNNPACK's average pooling requantizes.
             multiplier = qp.scale / (qp.scale * counts.to(torch.float32))
             value = torch.round(sums * multiplier) + float(qp.zero_point)
