@@ -184,3 +184,23 @@ def test_calibrate_sets_ranges_without_touching_batchnorm():
     assert all(o.calibrated for o in prepared.observers.values())
     assert not prepared.training
     assert_bit_exact(prepared, qp.convert(prepared), batches[0])
+
+
+class ShapeDerivedPool(torch.nn.Module):
+    """A pool whose kernel is computed from the input's shape inside forward (a common global-pool idiom)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return torch.nn.functional.max_pool2d(y, y.shape[-1]).flatten(1) + torch.nn.functional.avg_pool2d(
+            y, (y.size(2), y.size(3))).flatten(1)
+
+
+@pytest.mark.parametrize("target", ["exact", "tflite", "onnxruntime"])
+def test_pool_kernel_computed_from_the_shape_is_a_captured_constant(target):
+    x = torch.randn(4, 2, 6, 6)
+    prepared, integer = prepare_and_convert(ShapeDerivedPool(), (x,), target, [x, x * 2])
+    assert_bit_exact(prepared, integer, torch.randn(3, 2, 6, 6))

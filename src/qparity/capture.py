@@ -131,6 +131,15 @@ class _Builder:
             return {k: self.ref(v) for k, v in arg.items()}
         return arg
 
+    def static(self, value):
+        """A non-tensor argument computed in the graph (e.g. `x.shape[-1]` as a kernel size) as its captured
+        value: inputs keep their captured non-batch shape, so such values are constants of the program."""
+        if isinstance(value, fx.Node) and not isinstance(self.values.get(value.name), torch.Tensor):
+            return self.values[value.name]
+        if isinstance(value, (tuple, list)):
+            return type(value)(self.static(v) for v in value)
+        return value
+
     def is_tensor(self, arg) -> bool:
         return isinstance(arg, fx.Node) and isinstance(self.values.get(arg.name), torch.Tensor)
 
@@ -228,18 +237,20 @@ class _Builder:
                 raise self.unsupported(node, "every input of cat must be a tensor computed by the model")
             self.emit(node, "cat", [self.ref(list(tensors))], attrs={"dim": dim})
         elif fn is F.max_pool2d:
-            k, s, p, d, c, r = _bind(args[1:], kwargs, ("kernel_size", "stride", "padding", "dilation",
-                                                          "ceil_mode", "return_indices"), (None, None, 0, 1, False, False))
+            k, s, p, d, c, r = self.static(_bind(args[1:], kwargs, ("kernel_size", "stride", "padding", "dilation",
+                                                                      "ceil_mode", "return_indices"),
+                                                 (None, None, 0, 1, False, False)))
             if r:
                 raise self.unsupported(node, "return_indices=True")
             self.emit_max_pool(node, args[0], k, s, p, d, c)
         elif fn is F.avg_pool2d:
-            k, s, p, c, i, o = _bind(args[1:], kwargs, ("kernel_size", "stride", "padding", "ceil_mode",
-                                                          "count_include_pad", "divisor_override"),
-                                     (None, None, 0, False, True, None))
+            k, s, p, c, i, o = self.static(_bind(args[1:], kwargs, ("kernel_size", "stride", "padding",
+                                                                     "ceil_mode", "count_include_pad",
+                                                                     "divisor_override"),
+                                                 (None, None, 0, False, True, None)))
             self.emit_avg_pool(node, args[0], k, s, p, c, i, o)
         elif fn is F.adaptive_avg_pool2d:
-            self.emit_adaptive(node, args[0], _bind(args[1:], kwargs, ("output_size",), (None,))[0])
+            self.emit_adaptive(node, args[0], self.static(_bind(args[1:], kwargs, ("output_size",), (None,))[0]))
         elif fn is F.dropout:
             p = _bind(args[1:], kwargs, ("p",), (0.5,))[0]
             self.emit(node, "dropout", [self.ref(args[0])], attrs={"p": float(p)})
