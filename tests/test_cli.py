@@ -32,7 +32,9 @@ def test_demo_trains_every_target_bit_exact_with_sane_accuracy(demo_result):
         assert (t.mismatched, t.compared) == (0, 3600)  # 360 test digits x 10 classes
 
 
-@pytest.mark.parametrize("target, module", [("tflite", "ai_edge_litert"), ("onnxruntime", "onnxruntime")])
+@pytest.mark.parametrize("target, module", [("tflite", "ai_edge_litert"), ("xnnpack", "ai_edge_litert"),
+                                            ("onnxruntime", "onnxruntime"), ("fbgemm", "torch"), ("x86", "torch"),
+                                            ("qnnpack", "torch")])
 def test_demo_runs_the_exported_file_in_the_real_runtime(demo_result, target, module):
     pytest.importorskip(module)
     (t,) = [t for t in demo_result.targets if t.target == target]

@@ -22,6 +22,7 @@ from .convert import convert
 from .export import FORMATS, export
 from .qat.prepare import freeze, prepare_qat
 from .spec import TARGETS
+from .to_torch import to_torch
 from .verify import verify
 
 # Called once per optimizer step: (stage, batches done in that stage, total batches of that stage).
@@ -37,6 +38,9 @@ class DemoConfig:
     batch_size: int = 128
     float_lr: float = 1e-2
     qat_lr: float = 1e-3
+
+
+PYTORCH_ENGINES = ("fbgemm", "x86", "qnnpack")
 
 
 @dataclass
@@ -172,9 +176,14 @@ def run_target(model: nn.Module, target: str, config: DemoConfig, data, director
     integer = im(x_test)
     result = TargetResult(target, accuracy(fake, y_test), accuracy(integer, y_test),
                           count_mismatches(fake, integer), fake.numel())
+    if target in PYTORCH_ENGINES:
+        result.runtime = run_in_pytorch_engine(im, target, x_test, y_test, integer)
+        if result.runtime is None:
+            result.skipped = f"PyTorch's {target} engine is not available in this torch build"
+        return result
     suffix = next((s for s, targets in FORMATS.items() if target in targets), None)
     if suffix is None:
-        result.skipped = "no runtime file format (the analytical reference)"
+        result.skipped = "no runtime (the analytical reference)"
         return result
     try:
         path = os.path.join(directory, f"digits-{target}{suffix}")
@@ -189,6 +198,21 @@ def run_target(model: nn.Module, target: str, config: DemoConfig, data, director
                                 sum(r.total for r in binding),
                                 [(r.runtime, r.mismatched, r.total) for r in report.results if not r.binding])
     return result
+
+
+def run_in_pytorch_engine(im, engine: str, x_test, y_test, integer) -> Optional[RuntimeRun]:
+    """Run the model as a torch.ao quantized module (`to_torch`) in PyTorch's own engine."""
+    if engine not in torch.backends.quantized.supported_engines:
+        return None
+    previous = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = engine
+        with torch.no_grad():
+            output = to_torch(im)(x_test)
+    finally:
+        torch.backends.quantized.engine = previous
+    mismatched = count_mismatches(output, integer)
+    return RuntimeRun(f"PyTorch {engine} engine (to_torch)", accuracy(output, y_test), mismatched, output.numel())
 
 
 def count_mismatches(fake: torch.Tensor, integer: torch.Tensor) -> int:
