@@ -34,10 +34,7 @@ def test_demo_trains_every_target_bit_exact_with_sane_accuracy(demo_result):
 
 @pytest.mark.parametrize("target, module", [("tflite", "ai_edge_litert"), ("xnnpack", "ai_edge_litert"),
                                             ("onnxruntime", "onnxruntime"), ("fbgemm", "torch"),
-                                            pytest.param("x86", "torch", marks=pytest.mark.xfail(
-                                                reason="open bug: the x86 oneDNN conv rule misses rare codes by "
-                                                       "one; see test_from_torch.py::test_to_torch_x86_grouped_"
-                                                       "conv_regression")),
+                                            ("x86", "torch"),
                                             ("qnnpack", "torch")])
 def test_demo_runs_the_exported_file_in_the_real_runtime(demo_result, target, module):
     pytest.importorskip(module)

@@ -212,9 +212,6 @@ def test_to_torch_runs_a_qparity_model_in_its_engine(target, channels, seed):
     check_to_torch(target, channels, seed)
 
 
-@pytest.mark.xfail(strict=True, reason="open bug: the x86 target's oneDNN conv rule misses about 1 code in "
-                   "200,000-400,000 by one on qparity-trained models with full-range activations (here 5 of 1280 "
-                   "in a grouped 1x1 conv); torch.ao-converted models match; cause not found yet")
 def test_to_torch_x86_grouped_conv_regression():
     check_to_torch("x86", 5, 543)
 
