@@ -33,7 +33,9 @@ from .graph import Node, QValue, collect_refs, encode, fused_clamp_bounds
 from .ops import pooling
 from .qparams import QParams
 from .runtime import IntegerLayer, IntegerModel, _IntegerExecutor
-from .spec.arithmetic import ExactRatio, fma_f32, quantize_multiplier
+from .spec import onnxruntime as ort_spec
+from .spec import tflite as tflite_spec
+from .spec.arithmetic import ExactRatio, quantize_multiplier
 from .spec.tflite import ADD_LEFT_SHIFT
 
 FORMAT = "qparity-golden"
@@ -166,13 +168,13 @@ def _layer_params(model: IntegerModel, node: Node, layer: IntegerLayer, root: Pa
 def _requantization(target: str, input_qp: QParams, weight_scale: torch.Tensor, output_qp: QParams) -> dict:
     """The multiplier acc -> output codes, as each target's requantizer builds it (qparity.spec)."""
     if target == "tflite":
-        real = input_qp.scale.to(torch.float64) * weight_scale.to(torch.float64) / output_qp.scale.to(torch.float64)
+        real = tflite_spec.layer_multiplier(input_qp.scale, weight_scale, output_qp.scale)
         m0, shift = quantize_multiplier(real)
         # conv: MultiplyByQuantizedMultiplier(acc, multiplier, shift); linear: the reference FULLY_CONNECTED
         # rounds double(acc) * real_multiplier half away from zero (qparity.spec.tflite).
         return {"multiplier": _list(m0), "shift": _list(shift), "real_multiplier": _list(real)}
     if target == "onnxruntime":
-        return {"multiplier_f32": _list((input_qp.scale * weight_scale) / output_qp.scale)}
+        return {"multiplier_f32": _list(ort_spec.layer_multiplier(input_qp.scale, weight_scale, output_qp.scale))}
     return {"multiplier_exact": _ratio(ExactRatio.of_scales([input_qp.scale, weight_scale], [output_qp.scale]))}
 
 
@@ -182,20 +184,14 @@ def _add_params(model: IntegerModel, node: Node, a: QValue, b: QValue) -> dict:
               "clamp": list(fused_clamp_bounds(model.target, node, out))}
     target = model.target.name
     if target == "tflite":
-        twice_max = 2.0 * torch.maximum(a.qparams.scale, b.qparams.scale).to(torch.float64)
-        m_a, s_a = quantize_multiplier(a.qparams.scale.to(torch.float64) / twice_max)
-        m_b, s_b = quantize_multiplier(b.qparams.scale.to(torch.float64) / twice_max)
-        m_y, s_y = quantize_multiplier(twice_max / ((1 << ADD_LEFT_SHIFT) * out.scale.to(torch.float64)))
+        (m_a, s_a), (m_b, s_b), (m_y, s_y) = tflite_spec.add_multipliers(a.qparams, b.qparams, out)
         params.update({"left_shift": ADD_LEFT_SHIFT, "input_a_multiplier": int(m_a), "input_a_shift": int(s_a),
                        "input_b_multiplier": int(m_b), "input_b_shift": int(s_b),
                        "output_multiplier": int(m_y), "output_shift": int(s_y)})
     elif target == "onnxruntime":
         # ORT's scalar-A kernel swaps the roles of A and B (qparity.spec.onnxruntime).
         first, second = (b.qparams, a.qparams) if a.codes.numel() == 1 else (a.qparams, b.qparams)
-        ratio_first = (first.scale / out.scale).reshape(())
-        ratio_second = (second.scale / out.scale).reshape(())
-        offset = out.zero_point.to(torch.float32) - fma_f32(ratio_first, first.zero_point.to(torch.float32),
-                                                              ratio_second * second.zero_point.to(torch.float32))
+        ratio_first, ratio_second, offset = ort_spec.add_parameters(first, second, out)
         params.update({"swapped": a.codes.numel() == 1, "ratio_first_f32": float(ratio_first),
                        "ratio_second_f32": float(ratio_second), "offset_f32": float(offset)})
     else:
@@ -211,7 +207,7 @@ def _cat_params(model: IntegerModel, node: Node, tensors: List[QValue]) -> dict:
     for t in tensors:
         entry = {"qparams": t.qparams.to_dict(), "copy": t.qparams.same_grid(out)}
         if model.target.name == "tflite" and not entry["copy"]:
-            m0, shift = quantize_multiplier(t.qparams.scale.to(torch.float64) / out.scale.to(torch.float64))
+            m0, shift = tflite_spec.rescale_multiplier(t.qparams, out)
             entry.update({"multiplier": int(m0), "shift": int(shift)})
         elif model.target.name == "exact":
             entry["ratio_exact"] = _ratio(ExactRatio.of_scales([t.qparams.scale], [out.scale]))
@@ -230,8 +226,8 @@ def _average_params(model: IntegerModel, node: Node, x: QValue) -> dict:
         whole = tuple(attrs["kernel_size"]) == input_hw and tuple(attrs["padding"]) == (0, 0)
         params["global"] = whole  # QLinearGlobalAveragePool: q = sat(rne(f(f(sum(q - z)) * M)) + z)
         if whole:
-            scale = x.qparams.scale
-            params["multiplier_f32"] = float(scale / (scale * float(input_hw[0] * input_hw[1])))
+            params["multiplier_f32"] = float(ort_spec.global_average_multiplier(x.qparams.scale,
+                                                                                 input_hw[0] * input_hw[1]))
     return params
 
 

@@ -25,8 +25,28 @@ from __future__ import annotations
 import torch
 
 from ..ops import pooling
+from ..qparams import QParams
 from .arithmetic import float32_requantizer, fma_f32
 from .target import Target, channel_view
+
+
+def layer_multiplier(input_scale: torch.Tensor, weight_scale: torch.Tensor, output_scale: torch.Tensor):
+    """QLinearConv / QGemm's float32 multiplier M = f(f(s_x * s_w) / s_y) (qlinearconv.cc)."""
+    return (input_scale * weight_scale.to(torch.float32)) / output_scale
+
+
+def add_parameters(a: QParams, b: QParams, out: QParams):
+    """QLinearAdd's float32 r_a = f(s_a / s_y), r_b = f(s_b / s_y), F = f(z_y) - fma(r_a, z_a, f(r_b z_b))."""
+    ratio_a = (a.scale / out.scale).reshape(())
+    ratio_b = (b.scale / out.scale).reshape(())
+    offset = out.zero_point.to(torch.float32) - fma_f32(ratio_a, a.zero_point.to(torch.float32),
+                                                        ratio_b * b.zero_point.to(torch.float32))
+    return ratio_a, ratio_b, offset
+
+
+def global_average_multiplier(scale: torch.Tensor, count: int):
+    """QLinearGlobalAveragePool's M = f(s / f(s * N)) (qlinear_global_average_pool.cc)."""
+    return scale / (scale * float(count))
 
 
 class OnnxRuntimeTarget(Target):
@@ -45,8 +65,7 @@ class OnnxRuntimeTarget(Target):
         return torch.nan_to_num(codes, nan=float(qp.qmin)).to(torch.int64)  # MLAS maps NaN to qmin
 
     def requantizer(self, op, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim):
-        multiplier = (input_qp.scale * weight_scale.to(torch.float32)) / output_qp.scale
-        multiplier = channel_view(multiplier, ndim, channel_axis)
+        multiplier = channel_view(layer_multiplier(input_qp.scale, weight_scale, output_qp.scale), ndim, channel_axis)
         return float32_requantizer(multiplier, int(output_qp.zero_point), lo, hi)
 
     def elementwise_add(self, numel):
@@ -60,11 +79,7 @@ class OnnxRuntimeTarget(Target):
         return self._add_spans(qa, a, qb, b, out, lo, hi)
 
     def _add_spans(self, qa, a, qb, b, out, lo, hi):
-        ratio_a = (a.scale / out.scale).reshape(())
-        ratio_b = (b.scale / out.scale).reshape(())
-        za = a.zero_point.to(torch.float32)
-        zb = b.zero_point.to(torch.float32)
-        offset = out.zero_point.to(torch.float32) - fma_f32(ratio_a, za, ratio_b * zb)
+        ratio_a, ratio_b, offset = add_parameters(a, b, out)
         inner = fma_f32(qb.to(torch.float32), ratio_b, offset)
         value = fma_f32(qa.to(torch.float32), ratio_a, inner)
         return torch.clamp(torch.round(value).to(torch.int64), lo, hi)
@@ -85,7 +100,7 @@ class OnnxRuntimeTarget(Target):
     def _global_average(self, codes, qp):
         count = codes.shape[-1] * codes.shape[-2]
         sums = (codes - qp.zero_point.to(codes.device)).sum(dim=(-2, -1), keepdim=True)
-        multiplier = qp.scale / (qp.scale * float(count))
+        multiplier = global_average_multiplier(qp.scale, count)
         value = torch.round(sums.to(torch.float32) * multiplier.to(codes.device)).to(torch.int64)
         return torch.clamp(value + int(qp.zero_point), qp.qmin, qp.qmax)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ..qparams import QParams
 from .arithmetic import multiply_by_quantized_multiplier, quantize_multiplier, round_half_away, truncating_div
 from .target import Target, channel_view
 
@@ -30,6 +31,23 @@ ADD_LEFT_SHIFT = 20  # reference int8 ADD: data->left_shift = 20 for 8-bit outpu
 
 def _multiplier(real: torch.Tensor):
     return quantize_multiplier(real.to(torch.float64))
+
+
+def layer_multiplier(input_scale: torch.Tensor, weight_scale: torch.Tensor, output_scale: torch.Tensor):
+    """The real multiplier of a conv/fully connected layer, in double (PopulateConvolutionQuantizationParams)."""
+    return input_scale.to(torch.float64) * weight_scale.to(torch.float64) / output_scale.to(torch.float64)
+
+
+def add_multipliers(a: QParams, b: QParams, out: QParams):
+    """The ADD kernel's three (Q31 multiplier, shift) pairs: input a, input b, output (kernels/add.cc)."""
+    twice_max = 2.0 * torch.maximum(a.scale, b.scale).to(torch.float64)
+    return (_multiplier(a.scale.to(torch.float64) / twice_max), _multiplier(b.scale.to(torch.float64) / twice_max),
+            _multiplier(twice_max / ((1 << ADD_LEFT_SHIFT) * out.scale.to(torch.float64))))
+
+
+def rescale_multiplier(source: QParams, out: QParams):
+    """Requantize's (Q31 multiplier, shift) from double(s_in) / double(s_out) (kernels/quantize.cc)."""
+    return _multiplier(source.scale.to(torch.float64) / out.scale.to(torch.float64))
 
 
 class TFLiteTarget(Target):
@@ -44,7 +62,7 @@ class TFLiteTarget(Target):
         return round_half_away(x.to(torch.float32) / scale) + zero_point
 
     def requantizer(self, op, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim):
-        real = input_qp.scale.to(torch.float64) * weight_scale.to(torch.float64) / output_qp.scale.to(torch.float64)
+        real = layer_multiplier(input_qp.scale, weight_scale, output_qp.scale)
         zero_point = int(output_qp.zero_point)
         if op == "linear":
             multiplier = channel_view(real, ndim, channel_axis)
@@ -67,10 +85,7 @@ class TFLiteTarget(Target):
         return True
 
     def add(self, qa, a, qb, b, out, lo, hi):
-        twice_max = 2.0 * torch.maximum(a.scale, b.scale).to(torch.float64)
-        m_a, s_a = _multiplier(a.scale.to(torch.float64) / twice_max)
-        m_b, s_b = _multiplier(b.scale.to(torch.float64) / twice_max)
-        m_y, s_y = _multiplier(twice_max / ((1 << ADD_LEFT_SHIFT) * out.scale.to(torch.float64)))
+        (m_a, s_a), (m_b, s_b), (m_y, s_y) = add_multipliers(a, b, out)
         shifted_a = (qa - int(a.zero_point)) * (1 << ADD_LEFT_SHIFT)
         shifted_b = (qb - int(b.zero_point)) * (1 << ADD_LEFT_SHIFT)
         raw_sum = (multiply_by_quantized_multiplier(shifted_a, m_a, s_a)
@@ -81,7 +96,7 @@ class TFLiteTarget(Target):
     def rescale(self, q, source, out):
         if source.same_grid(out):
             return q  # the kernels copy tensors that already share scale and zero point
-        m0, shift = _multiplier(source.scale.to(torch.float64) / out.scale.to(torch.float64))
+        m0, shift = rescale_multiplier(source, out)
         scaled = multiply_by_quantized_multiplier(q - int(source.zero_point), m0, shift)
         return scaled.add_(int(out.zero_point)).clamp_(out.qmin, out.qmax)
 
