@@ -17,7 +17,7 @@ import torch
 
 from ..qparams import QParams
 from .arithmetic import ExactRatio, round_half_even_div, round_half_even_exact
-from .target import Target, channel_view
+from .target import Target, channel_view, grid_views
 
 
 class ExactTarget(Target):
@@ -28,10 +28,9 @@ class ExactTarget(Target):
     def quantize_unclamped(self, x: torch.Tensor, qp: QParams) -> torch.Tensor:
         # x / s in float64 for float32 x and s decides rounding exactly: the exact quotient of two 24-bit
         # mantissas is either a tie itself (representable in float64) or at least 2^-26 relative away from
-        # one, far above float64's 2^-53 rounding error. tests/test_spec.py checks this against Fractions.
-        ndim = x.dim()
-        scale = channel_view(qp.scale.to(x.device), ndim, qp.axis or 0).to(torch.float64)
-        zero_point = channel_view(qp.zero_point.to(x.device), ndim, qp.axis or 0)
+        # one, far above float64's 2^-53 rounding error. tests/test_spec_exact.py checks this against Fractions.
+        scale, zero_point = grid_views(qp, x)
+        scale = scale.to(torch.float64)
         return torch.round(x.to(torch.float32).to(torch.float64) / scale) + zero_point
 
     def requantizer(self, op, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim):

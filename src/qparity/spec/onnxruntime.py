@@ -27,7 +27,7 @@ import torch
 from ..ops import pooling
 from ..qparams import QParams
 from .arithmetic import float32_requantizer, fma_f32
-from .target import Target, channel_view
+from .target import Target, channel_view, grid_views
 
 
 def layer_multiplier(input_scale: torch.Tensor, weight_scale: torch.Tensor, output_scale: torch.Tensor):
@@ -55,9 +55,7 @@ class OnnxRuntimeTarget(Target):
     activation_dtypes = ("uint8", "int8")
 
     def quantize_unclamped(self, x, qp):
-        ndim = x.dim()
-        scale = channel_view(qp.scale.to(x.device), ndim, qp.axis or 0)
-        zero_point = channel_view(qp.zero_point.to(x.device), ndim, qp.axis or 0)
+        scale, zero_point = grid_views(qp, x)
         return torch.round(x.to(torch.float32) / scale).to(torch.float64) + zero_point
 
     def quantize(self, x, qp):

@@ -68,7 +68,7 @@ from ..errors import UnsupportedOpError
 from ..ops import pooling
 from ..qparams import QParams
 from .arithmetic import fma_f32
-from .target import Target, channel_view
+from .target import Target, channel_view, grid_views
 
 VECTOR_BLOCK = 64          # qadd's vector loop covers whole 64-element blocks (cpu_kernel_vec; measured)
 PARALLEL_GRAIN = 32768     # at::internal::GRAIN_SIZE
@@ -141,9 +141,8 @@ class PyTorchEngineTarget(Target):
 
     # -- quantize -------------------------------------------------------------------------------------------
     def quantize_unclamped(self, x, qp):
-        ndim = x.dim()
-        inv = channel_view(_reciprocal(qp.scale.to(x.device)), ndim, qp.axis or 0)
-        zero_point = channel_view(qp.zero_point.to(x.device), ndim, qp.axis or 0).to(torch.float32)
+        scale, zero_point = grid_views(qp, x)
+        inv, zero_point = _reciprocal(scale), zero_point.to(torch.float32)
         return torch.round(fma_f32(x.to(torch.float32), inv, zero_point)).to(torch.float64)
 
     def quantize_bias(self, bias, input_scale, weight_scale):

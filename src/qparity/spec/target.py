@@ -28,6 +28,13 @@ def channel_view(values: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     return values.reshape(shape)
 
 
+def grid_views(qp: QParams, like: torch.Tensor):
+    """qp's float32 scale and int64 zero point, shaped to broadcast against `like` (per-channel along qp.axis)."""
+    ndim, axis = like.dim(), qp.axis or 0
+    return (channel_view(qp.scale.to(like.device), ndim, axis),
+            channel_view(qp.zero_point.to(like.device), ndim, axis))
+
+
 class Target:
     """Base class: the semantics shared by every target, and the hooks each one defines."""
 
@@ -46,9 +53,7 @@ class Target:
 
     def dequantize(self, codes: torch.Tensor, qp: QParams) -> torch.Tensor:
         """Codes to float32 real values: `(q - zero_point) * scale`, one float32 rounding, as every runtime."""
-        ndim = codes.dim()
-        zero_point = channel_view(qp.zero_point.to(codes.device), ndim, qp.axis or 0)
-        scale = channel_view(qp.scale.to(codes.device), ndim, qp.axis or 0)
+        scale, zero_point = grid_views(qp, codes)
         return (codes - zero_point).to(torch.float32) * scale
 
     def activation_bounds(self, min_real: float | None, max_real: float | None, qp: QParams) -> Tuple[int, int]:

@@ -24,7 +24,7 @@ import torch
 
 from ..qparams import QParams
 from .arithmetic import multiply_by_quantized_multiplier, quantize_multiplier, round_half_away, truncating_div
-from .target import Target, channel_view
+from .target import Target, channel_view, grid_views
 
 ADD_LEFT_SHIFT = 20  # reference int8 ADD: data->left_shift = 20 for 8-bit outputs (kernels/add.cc)
 
@@ -56,9 +56,7 @@ class TFLiteTarget(Target):
     activation_dtypes = ("int8",)
 
     def quantize_unclamped(self, x, qp):
-        ndim = x.dim()
-        scale = channel_view(qp.scale.to(x.device), ndim, qp.axis or 0)
-        zero_point = channel_view(qp.zero_point.to(x.device), ndim, qp.axis or 0)
+        scale, zero_point = grid_views(qp, x)
         return round_half_away(x.to(torch.float32) / scale) + zero_point
 
     def requantizer(self, op, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim):

@@ -35,7 +35,7 @@ import torch
 
 from ..errors import UnsupportedOpError
 from .arithmetic import float32_requantizer, quantize_multiplier, saturating_rounding_doubling_high_mul
-from .target import Target, channel_view
+from .target import Target, channel_view, grid_views
 from .tflite import TFLiteTarget
 
 ADD_MULTIPLIER_BITS = 20          # xnn_init_qs8_add_minmax_scalar_params: the largest multiplier is in [2^20, 2^21)
@@ -60,9 +60,8 @@ class XnnpackTarget(Target):
     activation_dtypes = ("int8",)
 
     def quantize_unclamped(self, x, qp):
-        ndim = x.dim()
-        inverse = channel_view(1.0 / qp.scale.to(x.device), ndim, qp.axis or 0)  # float32: xnn convert_nc_f32_qs8
-        zero_point = channel_view(qp.zero_point.to(x.device), ndim, qp.axis or 0)
+        scale, zero_point = grid_views(qp, x)
+        inverse = 1.0 / scale  # float32: xnn convert_nc_f32_qs8
         return torch.round(x.to(torch.float32) * inverse).to(torch.float64) + zero_point
 
     def activation_bounds(self, min_real, max_real, qp):
