@@ -85,6 +85,17 @@ def test_info_lists_the_version_and_every_target(capsys):
         assert target in output
 
 
+def test_info_names_the_torch_version_and_the_engine_semantics_that_apply(capsys):
+    import torch
+
+    from qparity.spec.pytorch_versions import installed_kernels
+
+    assert cli.main(["info"]) == 0
+    output = " ".join(capsys.readouterr().out.split())
+    assert f"torch {torch.__version__}" in output
+    assert f"PyTorch {installed_kernels().release}'s kernels, checked bit for bit" in output
+
+
 def test_console_script_is_declared_and_runs():
     (script,) = entry_points(group="console_scripts", name="qparity")
     assert script.value == "qparity.cli:main"

@@ -254,3 +254,43 @@ def test_concatenate_matches_quantized_cat_of_channels_last_inputs(engine, seed,
                                        int(out.zero_point))
     got = get_target(engine).concatenate(codes, grids, out, 1)
     assert torch.equal(got, codes_of(expected))
+
+
+@SETTINGS
+@given(engine=ENGINES, seed=seeds, exponent=st.integers(2, 8), channels=st.integers(1, 20), width=st.integers(1, 5),
+       channels_last=st.booleans(), length=st.integers(1, 150))
+def test_every_kernel_path_matches_pytorch_on_exact_ties(engine, seed, exponent, channels, width, channels_last,
+                                                         length):
+    """Power-of-two scales and odd zero points make every x * inv an exact half, where the releases' rounding
+    rules (zero point before or after rounding; pytorch_versions.py) give different codes, on every path:
+    quantize_per_tensor, add's vector and scalar loops, the nchw and nhwc average pools (one channel
+    included) and nhwc cat's vector and scalar channels."""
+    torch.backends.quantized.engine = engine
+    rng = np.random.default_rng(seed)
+    target = get_target(engine)
+    grid = QParams(2.0**-exponent, int(rng.integers(0, 128)) * 2 + 1, "uint8")
+    coarse = QParams(2.0**(1 - exponent), grid.zero_point, "uint8")
+
+    x = (torch.from_numpy(rng.integers(-130, 130, size=length)) + 0.5).to(torch.float32) * grid.scale
+    assert torch.equal(target.quantize(x, grid), codes_of(torch.quantize_per_tensor(
+        x, float(grid.scale), int(grid.zero_point), torch.quint8)))
+
+    qa, qb = random_codes(rng, (length,)), random_codes(rng, (length,))
+    if engine != "qnnpack":  # QNNPACK's add is fixed point (test_add_matches_quantized_add)
+        expected = codes_of(torch.ops.quantized.add(quint8(qa, grid), quint8(qb, grid), float(coarse.scale),
+                                                    int(coarse.zero_point)))
+        assert torch.equal(target.add(qa, grid, qb, grid, coarse, 0, 255), expected)
+
+    pooled = pooled_input(rng, grid, (1, channels, 2, 2 * width), channels_last)
+    if engine != "qnnpack":  # QNNPACK's own pools: test_qnnpack_average_pool_matches_quantized_avg_pool2d
+        attrs = {"kernel_size": (1, 2), "stride": (1, 2), "padding": (0, 0), "ceil_mode": False,
+                 "count_include_pad": True, "adaptive": False}
+        expected = codes_of(torch.nn.functional.avg_pool2d(quint8(pooled, grid), (1, 2), (1, 2)))
+        assert torch.equal(target.average_pool(pooled, grid, attrs), expected)
+        attrs = {**pooling.adaptive_as_pooling((2, 2 * width), (2, width), "test"), "adaptive": True}
+        expected = codes_of(torch.nn.functional.adaptive_avg_pool2d(quint8(pooled, grid), (2, width)))
+        assert torch.equal(target.average_pool(pooled, grid, attrs), expected)
+
+    nhwc = pooled.contiguous(memory_format=torch.channels_last)
+    expected = codes_of(torch.ops.quantized.cat([quint8(nhwc, grid)], 1, float(coarse.scale), int(coarse.zero_point)))
+    assert torch.equal(target.concatenate([nhwc], [grid], coarse, 1), expected)

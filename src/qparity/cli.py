@@ -105,7 +105,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def info(console: Console) -> int:
-    console.print(f"qparity {__version__} (torch {torch.__version__})")
+    from .spec.pytorch_versions import CHECKED, installed_kernels, release_of
+
+    kernels = installed_kernels()
+    console.print(f"qparity {__version__} (torch {torch.__version__})", markup=False)
+    status = ("checked bit for bit" if release_of(torch.__version__) in CHECKED
+              else f"torch {torch.__version__} is unchecked: the nearest checked release")
+    rounding = "round, then add the zero point" if kernels.zero_point_after_rounding else "add the zero point, then round"
+    console.print(f"engine semantics (fbgemm, x86, qnnpack): PyTorch {kernels.release}'s kernels, {status} "
+                  f"(checked: {', '.join(CHECKED)}); quantize: {rounding}", markup=False)
     table = Table(title="targets")
     table.add_column("target")
     table.add_column("activations")

@@ -47,3 +47,8 @@ class ModelFileError(QParityError, ValueError):
 
 class ExportError(QParityError, ValueError):
     """A model that cannot be written to the requested file format (wrong target, inexpressible op)."""
+
+
+class QParityWarning(UserWarning):
+    """Something qparity can do but cannot vouch for (e.g. a PyTorch release its engine targets were not
+    checked against)."""

@@ -19,6 +19,7 @@ from .errors import ModelFileError
 from .graph import Graph
 from .qparams import QParams
 from .runtime import IntegerLayer, IntegerModel
+from .spec import get_target
 
 MAGIC = b"QPARITY\n"
 VERSION = 1
@@ -49,6 +50,7 @@ def save_model(model: IntegerModel, path) -> None:
         blobs.append(data)
         offset += len(data)
     header = {"format": "qparity-integer-model", "version": VERSION, "target": model.target.name,
+              **_kernels_entry(model.target),
               "activation_dtype": model.activation_dtype, "graph": model.graph.to_dict(),
               "qparams": {k: v.to_dict() for k, v in model.qparams.items()}, "layers": layers, "arrays": table}
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -58,6 +60,24 @@ def save_model(model: IntegerModel, path) -> None:
     with open(tmp, "wb") as f:
         f.write(body + hashlib.sha256(body).digest())
     os.replace(tmp, path)
+
+
+def _kernels_entry(target) -> dict:
+    """The PyTorch release whose kernels an engine target follows, so the model computes the same integers
+    when it is loaded under another PyTorch."""
+    kernels = getattr(target, "kernels", None)
+    return {} if kernels is None else {"pytorch_kernels": kernels.release}
+
+
+def _target(header: dict):
+    target = get_target(header["target"])
+    release = header.get("pytorch_kernels")
+    if release is None:
+        return target
+    if not hasattr(target, "for_release"):
+        raise ValueError(f"target {target.name!r} does not follow PyTorch's kernels, yet the file names "
+                         f"PyTorch release {release!r}")
+    return target.for_release(str(release))
 
 
 def load(path) -> IntegerModel:
@@ -117,5 +137,5 @@ def _build(header: dict, data: bytes) -> IntegerModel:
                                     scale if spec["weight_scale_per_channel"] else scale.reshape(()),
                                     None if spec["bias_codes"] is None else arrays[spec["bias_codes"]["array"]])
     qparams = {k: QParams.from_dict(v) for k, v in header["qparams"].items()}
-    return IntegerModel(Graph.from_dict(header["graph"]), header["target"], header["activation_dtype"], qparams,
+    return IntegerModel(Graph.from_dict(header["graph"]), _target(header), header["activation_dtype"], qparams,
                         layers)

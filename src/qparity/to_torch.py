@@ -7,6 +7,7 @@ target names. Its outputs equal `im(x)`.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict
 
 import torch
@@ -15,11 +16,12 @@ import torch.ao.nn.quantized as nnq
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UnsupportedOpError
+from .errors import QParityWarning, UnsupportedOpError
 from .graph import CALLS, Graph, Node, resolve
 from .ops.accumulate import ConvGeometry
 from .qparams import QParams
 from .runtime import IntegerLayer, IntegerModel
+from .spec.pytorch_versions import installed_kernels
 
 ENGINE_TARGETS = ("fbgemm", "x86", "qnnpack")
 
@@ -29,6 +31,12 @@ def to_torch(im: IntegerModel) -> "TorchQuantizedModel":
     if im.target.name not in ENGINE_TARGETS:
         raise UnsupportedOpError(f"to_torch needs a model of target {', '.join(ENGINE_TARGETS)}; this one is for "
                                  f"{im.target.name!r}, whose integers PyTorch's engines do not compute")
+    installed = installed_kernels()
+    if im.target.kernels.release != installed.release:
+        warnings.warn(f"the model follows PyTorch {im.target.kernels.release}'s {im.target.name} kernels, but this "
+                      f"process runs PyTorch {torch.__version__} ({installed.release}'s kernels), whose integers "
+                      "differ on some codes (qparity.spec.pytorch_versions); the torch module computes this "
+                      "PyTorch's integers, not the model's", QParityWarning, stacklevel=2)
     return TorchQuantizedModel(im)
 
 

@@ -10,7 +10,7 @@ from ..capture import Layer
 from ..ops.accumulate import ConvGeometry
 from ..qparams import symmetric_weight_scale
 from ..spec import Target
-from .ste import straight_through
+from .ste import clamp, straight_through
 
 
 class QATLayer(nn.Module):
@@ -64,7 +64,7 @@ class QATLayer(nn.Module):
         codes = self.target.quantize_weight(weight.detach(), scale)
         shape = [-1] + [1] * (weight.dim() - 1) if scale.dim() else []
         surrogate = weight / scale.reshape(shape) if shape else weight / scale
-        return straight_through(codes, torch.clamp(surrogate, -self.target.weight_qmax, self.target.weight_qmax))
+        return straight_through(codes, clamp(surrogate, -self.target.weight_qmax, self.target.weight_qmax))
 
     @torch.no_grad()
     def freeze(self) -> None:

@@ -20,7 +20,7 @@ from ..qparams import QParams
 from ..spec import Target
 from .layers import QATLayer
 from .observers import ActivationObserver
-from .ste import quantized_output, straight_through
+from .ste import clamp, quantized_output, straight_through
 
 
 class QATModel(nn.Module):
@@ -128,7 +128,7 @@ class _FakeExecutor(Executor):
         low, high = node.attrs.get("clamp") or (None, None)
         if low is None and high is None:
             return real
-        return torch.clamp(real, low, high)
+        return clamp(real, low, high)
 
     def op_add(self, node: Node, a: QValue, b: QValue) -> QValue:
         real = self.clamp_real(node, self.target.dequantize(a.codes, a.qparams)

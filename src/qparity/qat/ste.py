@@ -45,3 +45,36 @@ def quantized_output(codes: torch.Tensor, real: torch.Tensor, scale: float, zero
     if not real.requires_grad:
         return codes.to(torch.float32)
     return _QuantizedOutput.apply(codes, real, scale, zero_point, lo, hi)
+
+
+class _InclusiveClamp(torch.autograd.Function):
+    """clamp whose gradient is 1 on [lo, hi] including both bounds, 0 outside.
+
+    torch.ao's fake quantization passes the gradient at the clamp bounds, and PyTorch <= 2.13's clamp did
+    too; PyTorch 2.14 changed clamp's gradient at the bounds (0 with number bounds, 1/2 with tensor bounds).
+    Spelling the mask out keeps qparity's gradients the same under every PyTorch release.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lo, hi):
+        ctx.save_for_backward(x)
+        ctx.bounds = (lo, hi)
+        return torch.clamp(x, lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        lo, hi = ctx.bounds
+        inside = torch.ones_like(x, dtype=torch.bool)
+        if lo is not None:
+            inside &= x >= lo
+        if hi is not None:
+            inside &= x <= hi
+        return grad * inside, None, None
+
+
+def clamp(x: torch.Tensor, lo: float | None, hi: float | None) -> torch.Tensor:
+    """torch.clamp(x, lo, hi) with the gradient of torch.ao's fake quantization: 1 on [lo, hi], bounds included."""
+    if not x.requires_grad:
+        return torch.clamp(x, lo, hi)
+    return _InclusiveClamp.apply(x, lo, hi)

@@ -5,9 +5,12 @@ the engines take the float bias and fold it in their own way (`Target.float_bias
 to float32, rne is round half to even, sat clamps to [lo, hi], P = f(s_x * s_w), M = f(P / s_y),
 inv = f(1 / s); all arithmetic float32 unless said.
 
-- quantize (quantize_per_tensor / QuantStub), every engine: q = sat(rne(fma(x, inv, z))): fbgemm's
-  vectorized Quantize (fbgemm src/QuantUtilsAvx2.cc, reached through at::native::quantize_vec) adds the zero
-  point inside one fused multiply-add (measured on every element, ties included).
+Two roundings depend on the PyTorch release (pytorch_versions.py, chosen by torch.__version__ and stored in
+saved models): Q_vec(x) = quantize_vec, rne(fma(x, inv, z)) in 2.13 and rne(f(x * inv)) + z in 2.14; and
+Q_val(x) = the scalar loops' quantize_val, rne(f(f(x * inv) + z)) in 2.13 and rne(f(x * inv)) + z in 2.14.
+
+- quantize (quantize_per_tensor / QuantStub), every engine: q = sat(Q_vec(x)) (fbgemm's Quantize, reached
+  through at::native::quantize_vec; measured on every element, ties included).
 - conv2d / linear:
   * fbgemm:  q = sat(rne(f(f(acc) + f(b / P)) * M) + z_y). fbgemm's ReQuantizeOutput with a float bias
     (include/fbgemm/OutputProcessing-inl.h, requantizeOutputProcessingAvx2 in src/QuantUtilsAvx2.cc):
@@ -28,8 +31,7 @@ inv = f(1 / s); all arithmetic float32 unless said.
   * fbgemm, x86 (aten/.../quantized/cpu/kernels/QuantizedOpKernels.cpp, qadd_kernel): the vectorized loop
     dequantizes with fma(q, s, f(-z * s)), sums in float32 and quantizes as rne(f(sum * inv_y)) + z_y
     (QuantizeAvx512); the scalar loop, for what the vector loop leaves, dequantizes f((q - z) * s) and
-    quantizes rne(f(f(sum * inv_y) + z_y)) (quantize_val: two roundings, measured; an fma here disagrees on
-    half-code sums). The vector loop covers whole 64-element blocks of each chunk the
+    quantizes Q_val(sum) (measured; an fma here disagrees on half-code sums). The vector loop covers whole 64-element blocks of each chunk the
     elements are split into by at::parallel_for (GRAIN_SIZE 32768 elements; chunks of ceil(n / threads)).
     Position = position in memory order: qparity's codes keep PyTorch's layouts (conv outputs channels-last,
     model inputs NCHW). Inputs stored in different layouts take the scalar loop for every element.
@@ -40,13 +42,14 @@ inv = f(1 / s); all arithmetic float32 unless said.
 - cat (quantized cat): each input on another grid is requantized. 4-D channels-last inputs joined on
   channels take qcat_nhwc_kernel (QuantizedOpKernels.cpp), which runs at AVX2 capability here (its 32-lane
   and 8-float loops; measured): whole 8-channel blocks as rne(f(fma(q, s, f(-z * s)) * inv_y)) + z_y, the
-  other channels rne(f(f(f((q - z) * s) * inv_y) + z_y));
+  other channels Q_val(f((q - z) * s));
   other inputs are dequantized f((q - z) * s) and quantized with quantize_per_tensor's rule. Equal grids copy.
 - average pools (sum = sum(q - z), exact; multiplier = f(f(s_x / s_y) / N); inv = f(1 / f(1 / multiplier))):
   * fbgemm, x86 (QuantizedOpKernels.cpp, _qavg_pool_nhwc_kernel and _qadaptive_avg_pool_kernel): channels-last
     inputs run whole 16-channel blocks in an AVX512 loop, avg_pool2d's as rne(f(sum * multiplier)) + z
-    (QuantizeAvx512), adaptive_avg_pool2d's as rne(fma(sum, inv, z)) (quantize_vec); the other channels, and
-    NCHW inputs, as quantize_val(1 / multiplier): rne(f(f(sum * inv) + z)).
+    (QuantizeAvx512), adaptive_avg_pool2d's as Q_vec(sum); the other channels as Q_val(sum) with
+    inv = 1 / multiplier. A one-channel input counts as channels-last (measured on 2.14). NCHW inputs run the
+    nchw kernels, rne(f(f(sum * inv) + z)) in every release.
   * qnnpack: adaptive_avg_pool2d q = rne(f(sum * f(s / f(s * N)))) + z; avg_pool2d without ceil_mode the same
     with N = kH * kW always (AveragePool2d.cpp qnnpack_avg_pool2d, qnnpack/src/average-pooling.c: padding is the
     zero point, count_include_pad ignored; measured); avg_pool2d with ceil_mode the fbgemm kernels above.
@@ -54,11 +57,11 @@ inv = f(1 / s); all arithmetic float32 unless said.
   c = min(max(f(x + 3), 0), 6), all float32:
   * fbgemm, x86 (QuantizedOpKernels.cpp, qhardswish_kernel): like qadd, the vector loop (whole 64-element
     blocks of each parallel chunk, in memory order) dequantizes x = fma(q, s, f(-z * s)) and quantizes
-    rne(f(h(x) * inv_y)) + z_y; the scalar loop x = f((q - z) * s), rne(f(f(h(x) * inv_y) + z_y)) (quantize_val).
+    rne(f(h(x) * inv_y)) + z_y; the scalar loop x = f((q - z) * s), Q_val(h(x)).
     The output keeps the input's memory format (measured), so both run in the input's memory order.
   * qnnpack (qnnpack/src/hardswish.c, pytorch_qnnp_create_hardswish_nc_q8): a 256-entry lookup table built
     in float as x = f(s * (q - z)), lrintf(clamp(f(f(inv_y * h(x)) + z_y))): the scalar formula above for
-    every element (no fma; measured).
+    every element (no fma; QNNPACK's own code, the same in every release; measured).
 """
 from __future__ import annotations
 
@@ -68,6 +71,7 @@ from ..errors import UnsupportedOpError
 from ..ops import pooling
 from ..qparams import QParams
 from .arithmetic import fma_f32
+from .pytorch_versions import PyTorchKernels, installed_kernels, kernels_named
 from .target import Target, channel_view, grid_views
 
 VECTOR_BLOCK = 64          # qadd's vector loop covers whole 64-element blocks (cpu_kernel_vec; measured)
@@ -121,6 +125,15 @@ class PyTorchEngineTarget(Target):
     add_rule = "fbgemm"
     pool_rule = "fbgemm"
 
+    def __init__(self, kernels: PyTorchKernels | None = None):
+        # The PyTorch release whose kernels this target reproduces (pytorch_versions.py): the running one
+        # unless a saved model names another.
+        self.kernels = kernels or installed_kernels()
+
+    def for_release(self, release: str) -> "PyTorchEngineTarget":
+        """This engine as PyTorch `release` ('2.13', '2.14') computes it."""
+        return self if release == self.kernels.release else type(self)(kernels_named(release))
+
     # -- accumulation -------------------------------------------------------------------------------------
     def accumulation(self, geometry, weight_shape):
         """fbgemm's depthwise kernels saturate; x86 sends convs with more than 100 groups to fbgemm.
@@ -143,7 +156,7 @@ class PyTorchEngineTarget(Target):
     def quantize_unclamped(self, x, qp):
         scale, zero_point = grid_views(qp, x)
         inv, zero_point = _reciprocal(scale), zero_point.to(torch.float32)
-        return torch.round(fma_f32(x.to(torch.float32), inv, zero_point)).to(torch.float64)
+        return self.kernels.quantize_vector(x.to(torch.float32), inv, zero_point).to(torch.float64)
 
     def quantize_bias(self, bias, input_scale, weight_scale):
         """The engines take the float bias as it is (float32); each requantizer folds it its own way."""
@@ -210,7 +223,7 @@ class PyTorchEngineTarget(Target):
     def add(self, qa, a, qb, b, out, lo, hi):
         if self.add_rule == "qnnpack":
             return _qnnpack_add(qa, a, qb, b, out, lo, hi)
-        return _fbgemm_add(qa, a, qb, b, out, lo, hi)
+        return _fbgemm_add(qa, a, qb, b, out, lo, hi, self.kernels)
 
     # -- cat, pools -----------------------------------------------------------------------------------------
     def rescale(self, q, source, out):
@@ -223,7 +236,8 @@ class PyTorchEngineTarget(Target):
         # quantized cat takes qcat_nhwc_kernel for 4-D channels-last inputs joined on channels
         # (QuantizedOpKernels.cpp, is_cat_nhwc_fast_path in TensorShape.cpp), else dequantize/cat/quantize.
         if all(q.dim() == 4 and q.is_contiguous(memory_format=torch.channels_last) for q in codes) and dim % 4 == 1:
-            return torch.cat([_rescale_channels_last(q, grid, out) for q, grid in zip(codes, grids)], dim=1)
+            return torch.cat([_rescale_channels_last(q, grid, out, self.kernels) for q, grid in zip(codes, grids)],
+                             dim=1)
         return super().concatenate(codes, grids, out, dim)
 
     def average_pool(self, codes, qp, attrs):
@@ -246,14 +260,14 @@ class PyTorchEngineTarget(Target):
             multiplier = qp.scale / (qp.scale * counts.to(torch.float32))
             value = torch.round(sums * multiplier) + float(qp.zero_point)
             return torch.clamp(value, qp.qmin, qp.qmax).to(torch.int64)
-        value = _fbgemm_average(sums, counts, qp, codes, bool(attrs.get("adaptive")))
+        value = _fbgemm_average(sums, counts, qp, codes, bool(attrs.get("adaptive")), self.kernels)
         return torch.clamp(value, qp.qmin, qp.qmax).to(torch.int64)
 
     # -- hardswish ------------------------------------------------------------------------------------------
     def hardswish(self, q, source, out):
         if self.name == "qnnpack":
-            return _hardswish_scalar(q, source, out)
-        return _fbgemm_hardswish(q, source, out)
+            return _qnnpack_hardswish(q, source, out)
+        return _fbgemm_hardswish(q, source, out, self.kernels)
 
     def elementwise_hardswish(self, numel):
         return self.name == "qnnpack"  # QNNPACK itself runs a lookup table; fbgemm's depends on the position
@@ -273,29 +287,30 @@ def fbgemm_path() -> str:
     return "AVX2 without VNNI (pairs of products saturate in int16: layers with full-range activations may differ)"
 
 
-def _fbgemm_average(sums, counts, qp: QParams, codes, adaptive: bool) -> torch.Tensor:
-    """QuantizedOpKernels.cpp: a channels-last input's whole 16-channel blocks take the AVX512 loop, the rest
-    (and every NCHW input) the scalar loop, quantize_val(1 / multiplier, z, sum): rne(f(sum * inv) + z)."""
+def _fbgemm_average(sums, counts, qp: QParams, codes, adaptive: bool, kernels: PyTorchKernels) -> torch.Tensor:
+    """QuantizedOpKernels.cpp: a channels-last input (a one-channel input is one too) runs the nhwc kernel,
+    whole 16-channel blocks in its AVX512 loop and the other channels in its scalar tail; an NCHW input runs
+    the nchw kernel, quantize_val(1 / multiplier, z, sum) on every element."""
     multiplier = (qp.scale / qp.scale) / counts.to(torch.float32)  # f(f(s_x / s_y) / N)
     inverse = torch.ones_like(multiplier) / (torch.ones_like(multiplier) / multiplier)  # f(1 / f(1 / multiplier))
     zero_point = float(qp.zero_point)
-    scalar = torch.round(sums * inverse + zero_point)
-    if not _channels_last(codes):
-        return scalar
-    if adaptive:  # quantize_vec: fbgemm's Quantize, one fma
-        vector = torch.round(fma_f32(sums, inverse, _f32(zero_point)))
+    if not (codes.dim() == 4 and codes.is_contiguous(memory_format=torch.channels_last)):
+        return kernels.quantize_nchw_pool(sums, inverse, zero_point)
+    tail = kernels.quantize_scalar_loop(sums, inverse, zero_point)
+    if adaptive:  # quantize_vec: fbgemm's Quantize
+        vector = kernels.quantize_vector(sums, inverse, _f32(zero_point))
     else:  # QuantizeAvx512(acc, multiplier): rne(f(sum * multiplier)) + z
         vector = torch.round(sums * multiplier) + zero_point
     channels = codes.shape[1]
     in_vector_loop = (torch.arange(channels, device=codes.device) < (channels // POOL_BLOCK) * POOL_BLOCK)
     in_vector_loop = in_vector_loop.reshape(1, -1, 1, 1)
-    return torch.where(in_vector_loop, vector, scalar)
+    return torch.where(in_vector_loop, vector, tail)
 
 
-def _rescale_channels_last(q, source: QParams, out: QParams) -> torch.Tensor:
+def _rescale_channels_last(q, source: QParams, out: QParams, kernels: PyTorchKernels) -> torch.Tensor:
     """qcat_nhwc_kernel for one input: a copy on the same grid; else whole 8-channel blocks dequantize as
     fma(q, s, f(-z * s)) and quantize as rne(f(x * inv)) + z_y, the other channels as dequantize_val and
-    quantize_val: rne(f(f(f((q - z) * s) * inv) + z_y))."""
+    quantize_val: quantize_val(f((q - z) * s))."""
     if source.same_grid(out):
         return q
     channels = q.shape[1]
@@ -303,7 +318,7 @@ def _rescale_channels_last(q, source: QParams, out: QParams) -> torch.Tensor:
     inv, zy = _reciprocal(out.scale), float(out.zero_point)
     fq = q.to(torch.float32)
     vector = torch.round(fma_f32(fq, s, s * -z) * inv) + zy
-    scalar = torch.round(((fq - z) * s) * inv + zy)
+    scalar = kernels.quantize_scalar_loop((fq - z) * s, inv, zy)
     in_vector_loop = (torch.arange(channels, device=q.device) < (channels // CAT_BLOCK) * CAT_BLOCK)
     codes = torch.where(in_vector_loop.reshape(1, -1, 1, 1), vector, scalar)
     return torch.clamp(codes, out.qmin, out.qmax).to(torch.int64).contiguous(memory_format=torch.channels_last)
@@ -338,7 +353,7 @@ def vector_loop_mask(n: int, threads: int) -> torch.Tensor:
     return (position - start) < (length // VECTOR_BLOCK) * VECTOR_BLOCK
 
 
-def _fbgemm_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi):
+def _fbgemm_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi, kernels: PyTorchKernels):
     # The output takes the first input's memory format (qadd.cpp: self.suggest_memory_format()); when the two
     # inputs are stored differently TensorIterator has no contiguous inner loop and runs the scalar loop only.
     layout_a, layout_b = _channels_last(qa), _channels_last(qb)
@@ -352,7 +367,7 @@ def _fbgemm_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi):
     vector_sum = fma_f32(fa, sa, sa * -za) + fma_f32(fb, sb, sb * -zb)
     scalar_sum = (fa - za) * sa + (fb - zb) * sb
     vector = torch.round(vector_sum * inv_y) + zy
-    scalar = torch.round(scalar_sum * inv_y + zy)  # two float32 roundings, no fma
+    scalar = kernels.quantize_scalar_loop(scalar_sum, inv_y, zy)
     if mixed:
         codes = scalar
     else:
@@ -365,14 +380,21 @@ def _hardswish_real(x: torch.Tensor) -> torch.Tensor:
     return (x * torch.clamp(x + 3.0, 0.0, 6.0)) / 6.0
 
 
-def _hardswish_scalar(q, source: QParams, out: QParams) -> torch.Tensor:
-    """rne(f(f(h(f((q - z) * s)) * inv_y) + z_y)), clamped: qhardswish_kernel's scalar loop, QNNPACK's table."""
+def _hardswish_scalar(q, source: QParams, out: QParams, kernels: PyTorchKernels) -> torch.Tensor:
+    """quantize_val(h(f((q - z) * s))), clamped: qhardswish_kernel's scalar loop."""
+    real = _hardswish_real((q.to(torch.float32) - float(source.zero_point)) * source.scale)
+    codes = kernels.quantize_scalar_loop(real, _reciprocal(out.scale), float(out.zero_point))
+    return codes.clamp_(out.qmin, out.qmax).to(torch.int64)
+
+
+def _qnnpack_hardswish(q, source: QParams, out: QParams) -> torch.Tensor:
+    """rne(f(f(h(f((q - z) * s)) * inv_y) + z_y)), clamped: QNNPACK's own table (lrintf), in every release."""
     real = _hardswish_real((q.to(torch.float32) - float(source.zero_point)) * source.scale)
     codes = torch.round(real * _reciprocal(out.scale) + float(out.zero_point))
     return codes.clamp_(out.qmin, out.qmax).to(torch.int64)
 
 
-def _fbgemm_hardswish(q, source: QParams, out: QParams) -> torch.Tensor:
+def _fbgemm_hardswish(q, source: QParams, out: QParams, kernels: PyTorchKernels) -> torch.Tensor:
     """qhardswish_kernel: the vector loop's codes where vector_loop_mask says, the scalar loop's elsewhere."""
     if q.is_contiguous():
         channels_last = False
@@ -386,7 +408,7 @@ def _fbgemm_hardswish(q, source: QParams, out: QParams) -> torch.Tensor:
     s, z = source.scale.to(torch.float32), float(source.zero_point)
     vector_real = _hardswish_real(fma_f32(flat, s, s * -z))
     vector = torch.round(vector_real * _reciprocal(out.scale)) + float(out.zero_point)
-    scalar = _hardswish_scalar(flat, source, out).to(torch.float32)
+    scalar = _hardswish_scalar(flat, source, out, kernels).to(torch.float32)
     codes = torch.where(vector_loop_mask(flat.numel(), torch.get_num_threads()), vector, scalar)
     return _from_memory_order(codes.clamp_(out.qmin, out.qmax).to(torch.int64), q, channels_last)
 
