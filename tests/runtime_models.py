@@ -1,8 +1,8 @@
 """Build one-operator models for the real runtimes and run them: ONNX QOperator graphs and .tflite files.
 
-The spec tests (tests/test_spec_onnxruntime.py, tests/test_spec_tflite.py) hand each runtime a model with a
+The spec tests (tests/test_numerics_onnxruntime.py, tests/test_numerics_tflite.py) hand each runtime a model with a
 single quantized operator and compare its output codes with the target's spec functions. Everything here
-is plumbing; the arithmetic under test lives in qparity.spec.
+is plumbing; the arithmetic under test lives in qparity.numerics.
 
 Graph builders follow the research scripts in /tmp/research (ort/common.py, tflref.py): ONNX opset 21
 plus com.microsoft v1; the .tflite flatbuffer is written with LiteRT's own schema object API and run on

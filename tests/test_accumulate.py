@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
-from qparity.ops.accumulate import ConvGeometry, accumulate as accumulate_with_plan, plan_accumulation
+from qparity.numerics.accumulate import ConvGeometry, accumulate as accumulate_with_plan, plan_accumulation
 
 
 def accumulate(geometry, x, w, max_abs):

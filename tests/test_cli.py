@@ -88,7 +88,7 @@ def test_info_lists_the_version_and_every_target(capsys):
 def test_info_names_the_torch_version_and_the_engine_semantics_that_apply(capsys):
     import torch
 
-    from qparity.spec.pytorch_versions import installed_kernels
+    from qparity.numerics.pytorch_versions import installed_kernels
 
     assert cli.main(["info"]) == 0
     output = " ".join(capsys.readouterr().out.split())

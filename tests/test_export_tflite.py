@@ -22,7 +22,7 @@ from torch import nn
 from qparity.errors import ExportError, UnsupportedOpError
 from qparity.export import export
 from qparity.export.tflite import AxisWindow, export_tflite, plan_padding, run_tflite
-from qparity.ops import pooling
+from qparity.numerics import pooling
 from qparity.verify import verify
 
 pytest.importorskip("ai_edge_litert")

@@ -23,9 +23,9 @@ def target_and_dtype(draw):
 
 # Targets refuse what their runtime refuses or what qparity has not matched bit for bit; the message says so.
 DOCUMENTED_REFUSALS = (
-    ("qnnpack", "avg_pool2d"),                 # PyTorch's qnnpack average pool not matched (spec/pytorch_engines.py)
+    ("qnnpack", "avg_pool2d"),                 # PyTorch's qnnpack average pool not matched (numerics/pytorch_engines.py)
     ("qnnpack", "PyTorch's qnnpack rejects"),  # add scale ratios / empty ranges qnnpack itself rejects
-    ("xnnpack", "XNNPACK"),                    # scale ratios where LiteRT leaves XNNPACK (spec/xnnpack.py)
+    ("xnnpack", "XNNPACK"),                    # scale ratios where LiteRT leaves XNNPACK (numerics/xnnpack.py)
 )
 
 

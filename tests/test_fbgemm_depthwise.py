@@ -7,8 +7,8 @@ from torch import nn
 
 import qparity as qp
 from qparity.errors import UnsupportedOpError
-from qparity.ops.accumulate import ConvGeometry
-from qparity.spec.pytorch_engines import fbgemm_depthwise_path
+from qparity.numerics.accumulate import ConvGeometry
+from qparity.numerics.pytorch_engines import fbgemm_depthwise_path
 
 
 class Depthwise(nn.Module):

@@ -15,7 +15,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 import qparity as qp
 from seed_case import build_seed
-from qparity.spec.pytorch_engines import fbgemm_path
+from qparity.numerics.pytorch_engines import fbgemm_path
 
 warnings.filterwarnings("ignore")
 ENGINES = ["fbgemm", "x86", "qnnpack"]

@@ -21,7 +21,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
 import qparity as qp
 from qparity.capture import capture
 from qparity.qparams import QParams
-from qparity.spec import get_target
+from qparity.numerics import get_target
 
 from helpers import assert_bit_exact, prepare_and_convert
 

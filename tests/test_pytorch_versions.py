@@ -3,7 +3,7 @@
 tests/data/pytorch_kernels_<release>.json holds codes recorded from each release's quantized kernels on exact
 ties (tests/data/record_pytorch_kernels.py); both emulations must reproduce their own release's codes here,
 so the release that is not installed stays pinned too. The tests against the installed PyTorch itself are
-in test_spec_pytorch_engines.py.
+in test_numerics_pytorch_engines.py.
 """
 import json
 import pathlib
@@ -15,12 +15,12 @@ from torch import nn
 
 import qparity as qp
 from qparity.errors import ModelFileError, QParityWarning
-from qparity.ops import pooling
+from qparity.numerics import pooling
 from qparity.qat.ste import clamp
 from qparity.qparams import QParams
-from qparity.spec import get_target
-from qparity.spec import pytorch_versions
-from qparity.spec.pytorch_versions import CHECKED, PyTorchKernels, installed_kernels, kernels_for
+from qparity.numerics import get_target
+from qparity.numerics import pytorch_versions
+from qparity.numerics.pytorch_versions import CHECKED, PyTorchKernels, installed_kernels, kernels_for
 
 DATA = pathlib.Path(__file__).parent / "data"
 RELEASES = sorted(CHECKED)

@@ -13,9 +13,8 @@ from .golden import golden
 from .qat.model import QATModel
 from .qat.prepare import calibrate, freeze, prepare_qat
 from .qparams import QParams
-from .runtime import IntegerModel
-from .serialize import load
-from .spec import TARGETS
+from .runtime import IntegerModel, load
+from .numerics import TARGETS
 from .verify import VerifyReport, verify
 from .doctor import doctor
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from .errors import CaptureError, UnsupportedOpError
 from .graph import CODE_PRESERVING_FUNCTIONS, CODE_PRESERVING_METHODS, Graph, Node, Ref, collect_refs
-from .ops.accumulate import ConvGeometry
-from .ops.pooling import adaptive_as_pooling
+from .numerics.accumulate import ConvGeometry
+from .numerics.pooling import adaptive_as_pooling
 
 SUPPORTED = ("Conv2d, Linear, BatchNorm2d after Conv2d, ReLU, ReLU6, Hardtanh, clamp, add of two tensors, cat, "
              "Hardswish, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean over H and W, flatten/reshape/view/permute, "

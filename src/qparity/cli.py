@@ -14,7 +14,7 @@ from rich.table import Table
 from . import __version__
 from .demo import DemoConfig, DemoResult, run_demo
 from .errors import QParityError
-from .spec import TARGETS, get_target
+from .numerics import TARGETS, get_target
 
 def stage_label(stage: str) -> str:
     return "float training" if stage == "float" else f"QAT for {stage.split(':', 1)[1]}"
@@ -105,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def info(console: Console) -> int:
-    from .spec.pytorch_versions import CHECKED, installed_kernels, release_of
+    from .numerics.pytorch_versions import CHECKED, installed_kernels, release_of
 
     kernels = installed_kernels()
     console.print(f"qparity {__version__} (torch {torch.__version__})", markup=False)

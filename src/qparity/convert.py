@@ -12,7 +12,7 @@ from .ops.layer import check_accumulator_range
 from .qat.model import QATModel
 from .qat.prepare import require_prepared
 from .runtime import IntegerLayer, IntegerModel, resolve_grids
-from .spec.arithmetic import INT32_MAX, INT32_MIN
+from .numerics.arithmetic import INT32_MAX, INT32_MIN
 
 
 @torch.no_grad()

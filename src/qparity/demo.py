@@ -21,7 +21,7 @@ from torch import nn
 from .convert import convert
 from .export import FORMATS, export
 from .qat.prepare import freeze, prepare_qat
-from .spec import TARGETS
+from .numerics import TARGETS
 from .to_torch import to_torch
 from .verify import verify
 

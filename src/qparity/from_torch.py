@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from .capture import _Builder, _fuse_clamps, _record_values
 from .errors import CaptureError, UnsupportedOpError
 from .graph import Graph
-from .ops.accumulate import ConvGeometry
+from .numerics.accumulate import ConvGeometry
 from .qparams import QParams
 from .runtime import IntegerLayer, IntegerModel
-from .spec import get_target
+from .numerics import get_target
 
 ENGINES = ("fbgemm", "x86", "qnnpack")
 QUANTIZED_CONVS = (nnq.Conv2d, nniq.ConvReLU2d)

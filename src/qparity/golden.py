@@ -14,7 +14,7 @@ A golden directory:
     params/<node>.bias.npy      int32 bias codes at scale s_in * s_w (absent when the layer has no bias)
 
 Each node's entry names its inputs (the tensors of earlier nodes it reads), its output files, and the
-constants of its arithmetic in the target's own terms (docs/numerics.md and `qparity.spec` define them):
+constants of its arithmetic in the target's own terms (docs/numerics.md and `qparity.numerics` define them):
 tflite gives Q31 multipliers and shifts (QuantizeMultiplier of double(s_in) * double(s_w) / double(s_out)),
 onnxruntime float32 multipliers, exact the rational multipliers as decimal numerator/denominator strings.
 Clamp ranges are in codes, with any fused activation already applied.
@@ -30,13 +30,13 @@ import torch
 
 from .errors import ExportError
 from .graph import Node, QValue, collect_refs, encode, fused_clamp_bounds
-from .ops import pooling
+from .numerics import pooling
 from .qparams import QParams
 from .runtime import IntegerLayer, IntegerModel, _IntegerExecutor
-from .spec import onnxruntime as ort_spec
-from .spec import tflite as tflite_spec
-from .spec.arithmetic import ExactRatio, quantize_multiplier
-from .spec.tflite import ADD_LEFT_SHIFT
+from .numerics import onnxruntime as ort_spec
+from .numerics import tflite as tflite_spec
+from .numerics.arithmetic import ExactRatio, quantize_multiplier
+from .numerics.tflite import ADD_LEFT_SHIFT
 
 FORMAT = "qparity-golden"
 VERSION = 1
@@ -128,27 +128,43 @@ def _node_entry(model: IntegerModel, node: Node, values: Dict[str, Any], files: 
     collect_refs((node.args, node.kwargs), refs)
     entry = {"name": node.name, "op": node.op, "path": node.path,
              "inputs": [_reference(r, files[r]) for r in refs], "output": files[node.name]}
-    if node.op in ("conv2d", "linear"):
-        entry["params"] = _layer_params(model, node, model.layers[node.name], root)
-    elif node.op == "add":
-        a, b = (values[r] for r in refs)
-        entry["params"] = _add_params(model, node, a, b)
-    elif node.op == "cat":
-        entry["params"] = _cat_params(model, node, [values[r] for r in refs])
-    elif node.op == "max_pool2d":
-        entry["params"] = {key: _plain(node.attrs[key]) for key in
-                           ("kernel_size", "stride", "padding", "dilation", "ceil_mode")}
-    elif node.op == "avg_pool2d":
-        entry["params"] = _average_params(model, node, values[refs[0]])
-    elif node.op == "clamp":
-        qp = values[refs[0]].qparams
-        entry["params"] = {"clamp": list(model.target.activation_bounds(node.attrs.get("min"),
-                                                                         node.attrs.get("max"), qp))}
-    elif node.op == "call":
-        entry["params"] = {"function": node.attrs["fn"], "args": encode(node.args), "kwargs": encode(node.kwargs)}
-    elif node.op == "input":
-        entry["params"] = {"qparams": model.qparams[node.name].to_dict()}
+    writer = PARAMETERS.get(node.op)
+    if writer is not None:
+        entry["params"] = writer(model, node, [values[r] for r in refs], root)
     return entry
+
+
+def _clamp_params(model: IntegerModel, node: Node, inputs, root: Path) -> dict:
+    bounds = model.target.activation_bounds(node.attrs.get("min"), node.attrs.get("max"), inputs[0].qparams)
+    return {"clamp": list(bounds)}
+
+
+def _max_pool_params(model: IntegerModel, node: Node, inputs, root: Path) -> dict:
+    return {key: _plain(node.attrs[key]) for key in ("kernel_size", "stride", "padding", "dilation", "ceil_mode")}
+
+
+def _hardswish_params(model: IntegerModel, node: Node, inputs, root: Path) -> dict:
+    """The grids, and the output code of every input code (the table a kernel can be checked against)."""
+    source, out = inputs[0].qparams, model.qparams[node.name]
+    codes = torch.arange(source.qmin, source.qmax + 1, dtype=torch.int64)
+    return {"input_qparams": source.to_dict(), "output_qparams": out.to_dict(),
+            "table_first_code": source.qmin, "table": model.target.hardswish(codes, source, out).tolist()}
+
+
+# The integer parameters golden() writes per operator (the registry's `golden` column; tests/test_registry.py).
+PARAMETERS = {
+    "input": lambda model, node, inputs, root: {"qparams": model.qparams[node.name].to_dict()},
+    "conv2d": lambda model, node, inputs, root: _layer_params(model, node, model.layers[node.name], root),
+    "linear": lambda model, node, inputs, root: _layer_params(model, node, model.layers[node.name], root),
+    "add": lambda model, node, inputs, root: _add_params(model, node, *inputs),
+    "cat": lambda model, node, inputs, root: _cat_params(model, node, inputs),
+    "hardswish": _hardswish_params,
+    "clamp": _clamp_params,
+    "max_pool2d": _max_pool_params,
+    "avg_pool2d": lambda model, node, inputs, root: _average_params(model, node, inputs[0]),
+    "call": lambda model, node, inputs, root: {"function": node.attrs["fn"], "args": encode(node.args),
+                                               "kwargs": encode(node.kwargs)},
+}
 
 
 def _layer_params(model: IntegerModel, node: Node, layer: IntegerLayer, root: Path) -> dict:
@@ -166,12 +182,12 @@ def _layer_params(model: IntegerModel, node: Node, layer: IntegerLayer, root: Pa
 
 
 def _requantization(target: str, input_qp: QParams, weight_scale: torch.Tensor, output_qp: QParams) -> dict:
-    """The multiplier acc -> output codes, as each target's requantizer builds it (qparity.spec)."""
+    """The multiplier acc -> output codes, as each target's requantizer builds it (qparity.numerics)."""
     if target == "tflite":
         real = tflite_spec.layer_multiplier(input_qp.scale, weight_scale, output_qp.scale)
         m0, shift = quantize_multiplier(real)
         # conv: MultiplyByQuantizedMultiplier(acc, multiplier, shift); linear: the reference FULLY_CONNECTED
-        # rounds double(acc) * real_multiplier half away from zero (qparity.spec.tflite).
+        # rounds double(acc) * real_multiplier half away from zero (qparity.numerics.tflite).
         return {"multiplier": _list(m0), "shift": _list(shift), "real_multiplier": _list(real)}
     if target == "onnxruntime":
         return {"multiplier_f32": _list(ort_spec.layer_multiplier(input_qp.scale, weight_scale, output_qp.scale))}
@@ -189,7 +205,7 @@ def _add_params(model: IntegerModel, node: Node, a: QValue, b: QValue) -> dict:
                        "input_b_multiplier": int(m_b), "input_b_shift": int(s_b),
                        "output_multiplier": int(m_y), "output_shift": int(s_y)})
     elif target == "onnxruntime":
-        # ORT's scalar-A kernel swaps the roles of A and B (qparity.spec.onnxruntime).
+        # ORT's scalar-A kernel swaps the roles of A and B (qparity.numerics.onnxruntime).
         first, second = (b.qparams, a.qparams) if a.codes.numel() == 1 else (a.qparams, b.qparams)
         ratio_first, ratio_second, offset = ort_spec.add_parameters(first, second, out)
         params.update({"swapped": a.codes.numel() == 1, "ratio_first_f32": float(ratio_first),

@@ -13,7 +13,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from .errors import UnsupportedOpError
-from .ops import pooling
+from .numerics import pooling
+from .ops.registry import NEW_GRID_OPS
 from .qparams import QParams
 
 
@@ -44,7 +45,6 @@ class Node:
         return found
 
 
-NEW_GRID_OPS = ("input", "conv2d", "linear", "add", "cat", "hardswish")
 
 
 @dataclass

@@ -12,23 +12,15 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, ModelFileError
 from .graph import Executor, Graph, Node, QValue, fused_clamp_bounds, output_structure
-from .ops import pooling
-from .ops.accumulate import ConvGeometry
+from .numerics import pooling
+from .numerics.accumulate import ConvGeometry
 from .ops.lookup import CodeTable, PairTable
-from .ops.layer import layer_accumulator, plan_layer
+from .ops.layer import IntegerLayer, layer_accumulator, plan_layer
 from .qparams import TORCH_DTYPES, QParams
-from .spec import Target, get_target
-
-
-@dataclass
-class IntegerLayer:
-    """The integer constants of one conv/linear node."""
-
-    weight_codes: torch.Tensor          # int8, symmetric
-    weight_scale: torch.Tensor          # float32, [out_channels] or scalar
-    bias_codes: Optional[torch.Tensor]  # int32 at scale s_in * s_w (float32 if target.float_bias), or None
+from .serialize import read_model, save_model
+from .numerics import Target, get_target
 
 
 class IntegerModel:
@@ -98,7 +90,6 @@ class IntegerModel:
         return _zip_structure(codes, grids, lambda q, qp: self.target.dequantize(q.to(torch.int64), qp))
 
     def save(self, path) -> None:
-        from .serialize import save_model
         save_model(self, path)
 
     def _check_count(self, values) -> None:
@@ -113,6 +104,16 @@ class IntegerModel:
         note = self.target.machine_note()
         return (f"IntegerModel(target={self.target.name}, activations={self.activation_dtype}, "
                 f"{len(self.layers)} layers; {listing}{'; ' + note if note else ''})")
+
+
+def load(path) -> IntegerModel:
+    """Load a model saved with `IntegerModel.save`; raises ModelFileError for anything but an intact file."""
+    saved = read_model(path)
+    try:
+        return IntegerModel(saved.graph, saved.target, saved.activation_dtype, saved.qparams, saved.layers)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ModelFileError(f"{saved.where!r} has an intact checksum but content qparity cannot read: "
+                             f"{error}") from error
 
 
 class _IntegerExecutor(Executor):

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import struct
+from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -18,8 +19,8 @@ import torch
 from .errors import ModelFileError
 from .graph import Graph
 from .qparams import QParams
-from .runtime import IntegerLayer, IntegerModel
-from .spec import get_target
+from .numerics import Target, get_target
+from .ops.layer import IntegerLayer
 
 MAGIC = b"QPARITY\n"
 VERSION = 1
@@ -28,7 +29,20 @@ DIGEST_SIZE = 32
 DTYPES = {"int8": np.int8, "int32": np.int32, "float32": np.float32}
 
 
-def save_model(model: IntegerModel, path) -> None:
+@dataclass
+class SavedModel:
+    """What a .qp file holds, validated; `qparity.load` makes an IntegerModel of it."""
+
+    where: str
+    graph: Graph
+    target: Target
+    activation_dtype: str
+    qparams: Dict[str, QParams]
+    layers: Dict[str, IntegerLayer]
+
+
+def save_model(model, path) -> None:
+    """Write an IntegerModel (graph, target, grids, layer constants) as a .qp file."""
     arrays: List[Tuple[str, np.ndarray]] = []
 
     def add(name: str, tensor: torch.Tensor) -> dict:
@@ -80,8 +94,8 @@ def _target(header: dict):
     return target.for_release(str(release))
 
 
-def load(path) -> IntegerModel:
-    """Load a model saved with `IntegerModel.save`; raises ModelFileError for anything but an intact file."""
+def read_model(path) -> SavedModel:
+    """Read a .qp file; raises ModelFileError for anything but an intact file."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -89,7 +103,7 @@ def load(path) -> IntegerModel:
         raise ModelFileError(f"cannot read {os.fspath(path)!r}: {error}") from error
     header, data = _unpack(raw, os.fspath(path))
     try:
-        return _build(header, data)
+        return _build(header, data, os.fspath(path))
     except (KeyError, TypeError, ValueError) as error:
         raise ModelFileError(f"{os.fspath(path)!r} has an intact checksum but content qparity cannot read: "
                              f"{error}") from error
@@ -123,7 +137,7 @@ def _unpack(raw: bytes, where: str):
     return header, body[start + header_len:]
 
 
-def _build(header: dict, data: bytes) -> IntegerModel:
+def _build(header: dict, data: bytes, where: str) -> SavedModel:
     arrays: Dict[str, torch.Tensor] = {}
     for entry in header["arrays"]:
         dtype = DTYPES[entry["dtype"]]
@@ -137,5 +151,5 @@ def _build(header: dict, data: bytes) -> IntegerModel:
                                     scale if spec["weight_scale_per_channel"] else scale.reshape(()),
                                     None if spec["bias_codes"] is None else arrays[spec["bias_codes"]["array"]])
     qparams = {k: QParams.from_dict(v) for k, v in header["qparams"].items()}
-    return IntegerModel(Graph.from_dict(header["graph"]), _target(header), header["activation_dtype"], qparams,
-                        layers)
+    return SavedModel(where, Graph.from_dict(header["graph"]), _target(header), header["activation_dtype"], qparams,
+                      layers)

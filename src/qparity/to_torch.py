@@ -18,10 +18,11 @@ from torch import nn
 
 from .errors import QParityWarning, UnsupportedOpError
 from .graph import CALLS, Graph, Node, resolve
-from .ops.accumulate import ConvGeometry
+from .ops.registry import OPERATORS
+from .numerics.accumulate import ConvGeometry
 from .qparams import QParams
 from .runtime import IntegerLayer, IntegerModel
-from .spec.pytorch_versions import installed_kernels
+from .numerics.pytorch_versions import installed_kernels
 
 ENGINE_TARGETS = ("fbgemm", "x86", "qnnpack")
 
@@ -35,7 +36,7 @@ def to_torch(im: IntegerModel) -> "TorchQuantizedModel":
     if im.target.kernels.release != installed.release:
         warnings.warn(f"the model follows PyTorch {im.target.kernels.release}'s {im.target.name} kernels, but this "
                       f"process runs PyTorch {torch.__version__} ({installed.release}'s kernels), whose integers "
-                      "differ on some codes (qparity.spec.pytorch_versions); the torch module computes this "
+                      "differ on some codes (qparity.numerics.pytorch_versions); the torch module computes this "
                       "PyTorch's integers, not the model's", QParityWarning, stacklevel=2)
     return TorchQuantizedModel(im)
 
@@ -94,8 +95,7 @@ class TorchQuantizedModel(nn.Module):
                                                                 int(im.qparams[n.name].zero_point))
                                           for n in im.graph.nodes if n.op == "hardswish"})
         for node in self.graph.nodes:
-            if node.op not in ("input", "conv2d", "linear", "add", "cat", "hardswish", "clamp", "max_pool2d",
-                               "avg_pool2d", "call", "dropout"):
+            if OPERATORS[node.op].torch_form is None:
                 raise UnsupportedOpError(f"to_torch: operator {node.op!r} at {node.path} has no torch.ao form here")
             if node.op == "add":
                 _relu_only(node)

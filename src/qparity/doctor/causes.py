@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..spec import TARGETS
+from ..numerics import TARGETS
 from . import engines
 from .compare import FakeQuantCall, ModuleCall, Run
 from .report import Cause, LayerResult

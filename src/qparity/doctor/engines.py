@@ -1,6 +1,6 @@
 """Which PyTorch engine rule a torch.ao layer runs under, and that rule's steps, for the doctor's replay.
 
-The arithmetic is the spec's (`qparity.spec.pytorch_engines`): this module only routes a layer to the
+The arithmetic is the spec's (`qparity.numerics.pytorch_engines`): this module only routes a layer to the
 rule (x86 sends convs with symmetric weights to oneDNN and everything else to fbgemm) and splits out the
 bias step so the doctor can say which step moved a code.
 """
@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 
 from ..qparams import QParams
-from ..spec import get_target
-from ..spec.pytorch_engines import bias_in_accumulator_units as engine_bias_units
+from ..numerics import get_target
+from ..numerics.pytorch_engines import bias_in_accumulator_units as engine_bias_units
 
 ENGINES = ("fbgemm", "x86", "onednn", "qnnpack")
 # The spec target whose conv requantizer is each rule (x86 routes symmetric-weight convs to oneDNN).

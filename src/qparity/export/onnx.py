@@ -1,7 +1,7 @@
 """ONNX QOperator export of `onnxruntime` models, and verification of the file in ONNX Runtime.
 
 Each operator of the integer program becomes the ONNX Runtime kernel whose arithmetic
-`qparity.spec.onnxruntime` emulates, so the file computes the same codes:
+`qparity.numerics.onnxruntime` emulates, so the file computes the same codes:
 
     input          QuantizeLinear (float32 in, the batch dimension symbolic)
     conv2d         QLinearConv: per-channel int8 weights, int32 bias
@@ -30,11 +30,11 @@ import torch
 
 from ..errors import ExportError
 from ..graph import CALLS, Graph, Node, Ref, resolve, fused_clamp_bounds
-from ..ops import pooling
-from ..ops.accumulate import ConvGeometry
+from ..numerics import pooling
+from ..numerics.accumulate import ConvGeometry
 from ..qparams import TORCH_DTYPES, QParams
 from ..runtime import IntegerModel
-from ..verify import RuntimeResult, compare_codes
+from .report import RuntimeResult, compare_codes
 
 OPSET = 21
 MICROSOFT = "com.microsoft"

@@ -3,8 +3,8 @@ kernel sets.
 
 The file is written with the object API of the `schema_py_generated` module that ships in ai-edge-litert
 (no TensorFlow). Every integer the model computes maps to one int8 TFLite kernel whose reference
-implementation is exactly qparity's `tflite` target (`qparity.spec.tflite`), and whose default (XNNPACK)
-implementation is exactly the `xnnpack` target (`qparity.spec.xnnpack`); the same file serves both:
+implementation is exactly qparity's `tflite` target (`qparity.numerics.tflite`), and whose default (XNNPACK)
+implementation is exactly the `xnnpack` target (`qparity.numerics.xnnpack`); the same file serves both:
 
     QUANTIZE (float32 -> int8) -> CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED / ADD / CONCATENATION /
     MAX_POOL_2D / AVERAGE_POOL_2D / MAXIMUM / MINIMUM / PADV2 / SLICE / RESHAPE / TRANSPOSE / GATHER -> DEQUANTIZE
@@ -51,11 +51,11 @@ import torch
 
 from ..errors import ExportError
 from ..graph import CALLS, Executor, Node, fused_clamp_bounds
-from ..ops import pooling
-from ..ops.accumulate import ConvGeometry
+from ..numerics import pooling
+from ..numerics.accumulate import ConvGeometry
 from ..qparams import QParams
 from ..runtime import IntegerModel
-from ..verify import RuntimeResult, compare_codes
+from .report import RuntimeResult, compare_codes
 
 NHWC = (0, 2, 3, 1)
 # TFLite fused activations and the real interval each clamps to (kernel_util.cc CalculateActivationRangeQuantized).

@@ -6,14 +6,24 @@ straight-through estimator, or frozen int8 codes).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..errors import OverflowRiskError
 from ..qparams import QParams
-from ..spec.arithmetic import INT32_MAX
-from .accumulate import AccumulationPlan, ConvGeometry, accumulate, accumulator_bounds, plan_accumulation
+from ..numerics.arithmetic import INT32_MAX
+from ..numerics.accumulate import AccumulationPlan, ConvGeometry, accumulate, accumulator_bounds, plan_accumulation
+
+
+@dataclass
+class IntegerLayer:
+    """The integer constants of one conv/linear node."""
+
+    weight_codes: torch.Tensor          # int8, symmetric
+    weight_scale: torch.Tensor          # float32, [out_channels] or scalar
+    bias_codes: Optional[torch.Tensor]  # int32 at scale s_in * s_w (float32 if target.float_bias), or None
 
 
 def max_abs_centered(qp: QParams) -> int:

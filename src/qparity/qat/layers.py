@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from ..capture import Layer
-from ..ops.accumulate import ConvGeometry
+from ..numerics.accumulate import ConvGeometry
 from ..qparams import symmetric_weight_scale
-from ..spec import Target
+from ..numerics import Target
 from .ste import clamp, straight_through
 
 

@@ -13,11 +13,11 @@ from torch import nn
 
 from ..errors import InputError
 from ..graph import Executor, Graph, Node, QValue, output_structure
-from ..ops import pooling
-from ..ops.accumulate import ConvGeometry
+from ..numerics import pooling
+from ..numerics.accumulate import ConvGeometry
 from ..ops.layer import layer_accumulator, plan_layer
 from ..qparams import QParams
-from ..spec import Target
+from ..numerics import Target
 from .layers import QATLayer
 from .observers import ActivationObserver
 from .ste import clamp, quantized_output, straight_through

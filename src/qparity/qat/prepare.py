@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 from ..capture import capture
-from ..errors import InvalidQParamsError, NotPreparedError
-from ..ops.accumulate import ConvGeometry
-from ..spec import get_target
+from ..errors import InvalidQParamsError, NotPreparedError, UnsupportedOpError
+from ..graph import Graph
+from ..numerics.accumulate import ConvGeometry
+from ..numerics import Target, get_target
+from ..ops.registry import OPERATORS
 from .layers import QATLayer
 from .model import QATModel
 
@@ -29,6 +31,7 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch
                                   f"not {dtype!r}")
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     graph, layers = capture(copy.deepcopy(model), inputs)
+    refuse_what_the_target_cannot_run(graph, layers, spec)
     qat_layers = {}
     for node in graph.nodes:
         if node.op in ("conv2d", "linear"):
@@ -36,6 +39,23 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch
             qat_layers[node.name] = QATLayer(layers[node.name], geometry, spec, per_channel, node.path)
     prepared = QATModel(graph, qat_layers, spec, dtype, per_channel)
     return prepared.train(model.training)
+
+
+def refuse_what_the_target_cannot_run(graph: Graph, layers, target: Target) -> None:
+    """Raise UnsupportedOpError, naming the module, for an operator (or a conv configuration) the target's
+    runtime cannot run exactly: before any training, not at the first forward."""
+    for node in graph.nodes:
+        op = OPERATORS[node.op]
+        if target.name in op.refused_by:
+            raise UnsupportedOpError(
+                f"{node.op} at {node.path} cannot run on target {target.name!r}: {op.refused_by[target.name]}; "
+                f"targets that run it: {', '.join(op.targets())}")
+        if node.op in ("conv2d", "linear"):
+            geometry = ConvGeometry.from_dict(node.attrs["geometry"])
+            try:
+                target.accumulation(geometry, tuple(layers[node.name].module.weight.shape))
+            except UnsupportedOpError as error:
+                raise UnsupportedOpError(f"{node.op} at {node.path}: {error}") from None
 
 
 def freeze(model: QATModel) -> QATModel:

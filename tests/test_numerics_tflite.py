@@ -13,7 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from qparity.qparams import QParams
-from qparity.spec import get_target
+from qparity.numerics import get_target
 
 from runtime_models import (ACTIVATION_RANGES, ACTIVATIONS, REGIMES, TFLiteModel, as_codes, assert_codes_equal,
                             f32, layer_codes, layer_output_scale, layer_scales, run_tflite, scales, seeds,

@@ -2,7 +2,7 @@
 
 The `exact` target is checked against fractions.Fraction: every scale is taken at its exact float32
 value and every result is round-half-even of the exact rational. The primitives in
-qparity.spec.arithmetic (gemmlowp fixed point, float32 emulation, exact rational rounding) are checked
+qparity.numerics.arithmetic (gemmlowp fixed point, float32 emulation, exact rational rounding) are checked
 against straightforward reimplementations in Python integers and Fractions.
 """
 import math
@@ -13,10 +13,10 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from qparity.ops import pooling
+from qparity.numerics import pooling
 from qparity.qparams import DTYPE_RANGES, QParams
-from qparity.spec import get_target
-from qparity.spec.arithmetic import (INT32_MAX, INT32_MIN, ExactRatio, fma_f32, multiply_by_quantized_multiplier,
+from qparity.numerics import get_target
+from qparity.numerics.arithmetic import (INT32_MAX, INT32_MIN, ExactRatio, fma_f32, multiply_by_quantized_multiplier,
                                      quantize_multiplier, round_half_away, round_half_even_exact,
                                      rounding_divide_by_pot, saturating_rounding_doubling_high_mul)
 

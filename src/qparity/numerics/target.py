@@ -13,7 +13,7 @@ from typing import Callable, List, Tuple
 import torch
 
 from ..errors import UnsupportedOpError
-from ..ops import pooling
+from . import pooling
 from ..qparams import QParams
 
 Requantizer = Callable[[torch.Tensor], torch.Tensor]

@@ -68,7 +68,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UnsupportedOpError
-from ..ops import pooling
+from . import pooling
 from ..qparams import QParams
 from .arithmetic import fma_f32
 from .pytorch_versions import PyTorchKernels, installed_kernels, kernels_named

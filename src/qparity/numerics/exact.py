@@ -28,7 +28,7 @@ class ExactTarget(Target):
     def quantize_unclamped(self, x: torch.Tensor, qp: QParams) -> torch.Tensor:
         # x / s in float64 for float32 x and s decides rounding exactly: the exact quotient of two 24-bit
         # mantissas is either a tie itself (representable in float64) or at least 2^-26 relative away from
-        # one, far above float64's 2^-53 rounding error. tests/test_spec_exact.py checks this against Fractions.
+        # one, far above float64's 2^-53 rounding error. tests/test_numerics_exact.py checks this against Fractions.
         scale, zero_point = grid_views(qp, x)
         scale = scale.to(torch.float64)
         return torch.round(x.to(torch.float32).to(torch.float64) / scale) + zero_point

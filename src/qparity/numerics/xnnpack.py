@@ -27,7 +27,7 @@ src/operators/unary-elementwise-nc.c (the convert's [2^-8, 2^7] ratio check), sr
 src/f32-qs8-vcvt, src/qs8-gemm; tensorflow/lite/delegates/xnnpack/xnnpack_delegate.cc (which ops and scale
 ratios it takes); tensorflow/lite/kernels/internal/optimized/optimized_ops.h (Requantize) and
 optimized/integer_ops/pooling.h. Every formula matched ai-edge-litert 2.3.0's default interpreter (x86-64,
-AVX512) with zero mismatches on random and tie-seeking cases (tests/test_spec_xnnpack.py).
+AVX512) with zero mismatches on random and tie-seeking cases (tests/test_numerics_xnnpack.py).
 """
 from __future__ import annotations
 

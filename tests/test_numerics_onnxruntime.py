@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qparity.ops import pooling
+from qparity.numerics import pooling
 from qparity.qparams import DTYPE_RANGES, QParams
-from qparity.spec import get_target
+from qparity.numerics import get_target
 
 from runtime_models import (NUMPY_DTYPES, REGIMES, as_codes, assert_codes_equal, f32, layer_codes,
                             layer_output_scale, layer_scales, run_onnx_op, scales, seeds)

@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qparity.errors import UnsupportedOpError
-from qparity.ops import pooling
+from qparity.numerics import pooling
 from qparity.qparams import QParams
-from qparity.spec import get_target
+from qparity.numerics import get_target
 
 warnings.filterwarnings("ignore", message=".*quantiz.*deprecated.*")
 

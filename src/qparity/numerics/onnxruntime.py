@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import pooling
+from . import pooling
 from ..qparams import QParams
 from .arithmetic import float32_requantizer, fma_f32
 from .target import Target, channel_view, grid_views

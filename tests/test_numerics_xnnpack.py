@@ -21,12 +21,12 @@ from models import CatMLP, ResNetish
 from qparity.errors import UnsupportedOpError
 from qparity.export import export
 from qparity.qparams import QParams
-from qparity.spec import get_target
+from qparity.numerics import get_target
 from qparity.verify import verify
 
 from runtime_models import (ACTIVATION_RANGES, ACTIVATIONS, REGIMES, TFLiteModel, as_codes, assert_codes_equal, f32,
                             layer_codes, layer_output_scale, layer_scales, scales, seeds, tflite_options)
-from test_spec_tflite import PADDING, conv_accumulator, int8_codes, nchw, torch_pool_window
+from test_numerics_tflite import PADDING, conv_accumulator, int8_codes, nchw, torch_pool_window
 
 pytest.importorskip("ai_edge_litert")
 

@@ -18,7 +18,7 @@ whose kernels they were matched against, bit for bit, on this project's machines
 - Both: PyTorch's own QuantizeAvx2/QuantizeAvx512 (the vector loops of add, cat, pools, hardswish) already
   rounded first; the nchw average pool kernels round with their own expression rne(f(f(x * inv) + z)) in
   both releases (measured); fake_quantize_* is PyTorch's own code and did not change (measured bit for bit).
-  Every rule here was measured on exact ties (tests/test_spec_pytorch_engines.py) and is pinned by recorded
+  Every rule here was measured on exact ties (tests/test_numerics_pytorch_engines.py) and is pinned by recorded
   codes of both releases (tests/test_pytorch_versions.py).
 
 Kernels that round with their own code (QNNPACK's requantization and lookup tables, oneDNN's conv, fbgemm's

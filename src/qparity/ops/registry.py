@@ -1,0 +1,143 @@
+"""The operator registry: everything qparity declares about each operator of the integer program, in one entry.
+
+Capture, the graph (which operators make a new grid), prepare_qat (which targets refuse an operator, checked
+before any training), the exporters, golden vectors, to_torch and docs/ops.md all read these entries, and
+tests/test_registry.py checks every (operator, target) and (operator, file format) pair against the code that
+implements it, so an operator added in one place and forgotten in another fails a test, not a user.
+
+`python -m qparity.ops.registry` prints docs/ops.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Mapping, Optional, Tuple
+
+from ..numerics import TARGETS as TARGET_NAMES
+
+FILE_FORMATS = ("onnx", "tflite")
+
+
+@dataclass(frozen=True)
+class Operator:
+    name: str
+    forms: str                          # the PyTorch modules and functions capture maps to it
+    new_grid: bool                      # whether its output gets quantization parameters of its own
+    integer: str                        # how the integer program computes it
+    surrogate: str                      # what QAT differentiates (straight-through)
+    restrictions: str = ""
+    refused_by: Mapping[str, str] = field(default_factory=dict)  # target -> why it is refused at prepare_qat
+    formats: Tuple[str, ...] = FILE_FORMATS  # file formats whose emitter writes it
+    golden: bool = True                 # golden() writes its integer parameters
+    torch_form: Optional[str] = None    # the torch.ao quantized form to_torch uses (None: not convertible)
+
+    def targets(self) -> Tuple[str, ...]:
+        """The targets that run this operator."""
+        return tuple(t for t in TARGET_NAMES if t not in self.refused_by)
+
+
+_HARDSWISH_UNMATCHED = ("its runtime's int8 HARD_SWISH kernel is not yet emulated bit for bit, so qparity "
+                        "cannot promise the deployed codes")
+
+OPERATORS: Dict[str, Operator] = {op.name: op for op in (
+    Operator("input", "model inputs", True, "quantize (the target's QUANTIZE rule)",
+             "identity inside the grid, 0 outside (torch.ao's fake-quant mask)",
+             "float tensors; any batch size, other dimensions as captured", torch_form="quantize_per_tensor"),
+    Operator("conv2d", "`nn.Conv2d`, `F.conv2d` on the model's own parameters; `nn.BatchNorm2d` right after "
+             "it is folded in", True,
+             "exact int32 accumulator + bias, the target's requantizer (PyTorch engines: float bias as the "
+             "engine adds it)", "float conv on straight-through weight codes, BatchNorm as torch.ao's QAT",
+             "`padding_mode=\"zeros\"`; any stride, padding (incl. `\"same\"`), dilation, groups (x86: groups "
+             "<= 100, checked at prepare_qat); a folded BatchNorm must directly follow the conv, be its only "
+             "user, `affine=True`, `track_running_stats=True`", torch_form="torch.ao.nn.quantized.Conv2d"),
+    Operator("linear", "`nn.Linear`, `F.linear` on the model's own parameters", True,
+             "as conv2d (TFLite: FULLY_CONNECTED's rule)", "float linear on straight-through weight codes",
+             torch_form="torch.ao.nn.quantized.Linear"),
+    Operator("add", "`a + b`, `torch.add`, `Tensor.add`", True, "the target's add of two grids",
+             "float sum of the dequantized inputs",
+             "two tensors of the same shape (no broadcasting, no constants), `alpha=1`",
+             torch_form="torch.ops.quantized.add"),
+    Operator("cat", "`torch.cat`, `torch.concat`", True,
+             "each input rescaled to the output grid (a copy when the grids are equal)",
+             "float concatenation of the dequantized inputs", "every input a tensor computed by the model",
+             torch_form="torch.ops.quantized.cat"),
+    Operator("hardswish", "`nn.Hardswish`, `F.hardswish`", True,
+             "the target's hardswish of one code (a table of all codes where the result depends only on the code)",
+             "F.hardswish of the dequantized input", "never fused into the layer before it",
+             refused_by={"tflite": _HARDSWISH_UNMATCHED, "xnnpack": _HARDSWISH_UNMATCHED,
+                         "onnxruntime": _HARDSWISH_UNMATCHED},
+             formats=(), torch_form="torch.ao.nn.quantized.Hardswish"),
+    Operator("clamp", "`nn.ReLU`, `nn.ReLU6`, `nn.Hardtanh`, `F.relu`, `torch.relu`, `Tensor.relu`, `F.relu6`, "
+             "`F.hardtanh`, `torch.clamp`/`clip`, `Tensor.clamp`/`clip`", False,
+             "fused into the output range of the conv/linear/add right before it when that node has no other "
+             "user; otherwise a clamp of the codes", "clamp, gradient 1 on the closed interval",
+             "constant bounds (to_torch: ReLU only)", torch_form="torch.relu"),
+    Operator("max_pool2d", "`nn.MaxPool2d`, `F.max_pool2d`", False, "exact window maximum of the codes",
+             "max pool of the codes", "`return_indices=False`", torch_form="F.max_pool2d"),
+    Operator("avg_pool2d", "`nn.AvgPool2d`, `F.avg_pool2d`, `nn.AdaptiveAvgPool2d`, `F.adaptive_avg_pool2d`, "
+             "`torch.mean`/`Tensor.mean` over (H, W)", False,
+             "the target's average of exact window sums, PyTorch's divisors",
+             "window mean of the codes", "no `divisor_override`; adaptive output sizes must divide the input; "
+             "a mean only over H and W (qnnpack: no 1x1 avg_pool2d, as PyTorch's qnnpack)",
+             torch_form="F.avg_pool2d / F.adaptive_avg_pool2d"),
+    Operator("dropout", "`nn.Dropout`, `F.dropout`", False,
+             "identity (eval and the integer program)",
+             "in QAT training, dropout of the dequantized values requantized on the same grid",
+             golden=False, torch_form="identity"),
+    Operator("call", "`torch.flatten`, `nn.Flatten`, `Tensor.view`/`reshape`/`flatten`/`permute`/`transpose`/"
+             "`contiguous`/`squeeze`/`unsqueeze`/`chunk`/`split`/`t`, `torch.reshape`/`permute`/`transpose`/"
+             "`squeeze`/`unsqueeze`/`chunk`/`split`, indexing, `nn.Identity` (removed)", False,
+             "moves codes unchanged", "the same call on the codes", "one tensor input",
+             torch_form="the same call on quantized tensors"),
+)}
+
+NEW_GRID_OPS = tuple(name for name, op in OPERATORS.items() if op.new_grid)
+
+
+def operator(name: str) -> Operator:
+    return OPERATORS[name]
+
+
+def ops_markdown() -> str:
+    """docs/ops.md, generated from the registry."""
+    lines = [
+        "# Supported operators",
+        "",
+        "<!-- Generated by `python -m qparity.ops.registry > docs/ops.md` from src/qparity/ops/registry.py; "
+        "tests/test_registry.py fails when this file is stale. -->",
+        "",
+        "`prepare_qat` traces the model with `torch.fx` and maps every node to one operator of the integer",
+        "program; anything else raises `UnsupportedOpError` naming the operator and where it is. An operator a",
+        "target cannot run exactly is refused at `prepare_qat`, naming the module and the targets that can run it.",
+        "\"Own grid\": the output gets quantization parameters of its own (an observer, frozen by `freeze`); the",
+        "other operators keep their input's grid. Each target's arithmetic is in [numerics.md](numerics.md).",
+        "",
+        "| operator | PyTorch forms | own grid | integer program | QAT gradient | restrictions |",
+        "|---|---|---|---|---|---|",
+    ]
+    for op in OPERATORS.values():
+        lines.append(f"| {op.name} | {op.forms} | {'yes' if op.new_grid else 'no'} | {op.integer} | "
+                     f"{op.surrogate} | {op.restrictions} |")
+    lines += ["", "## Operators x targets", "",
+              "| operator | " + " | ".join(TARGET_NAMES) + " | .onnx | .tflite | golden | to_torch |",
+              "|---|" + "---|" * (len(TARGET_NAMES) + 4)]
+    for op in OPERATORS.values():
+        cells = ["yes" if t in op.targets() else "refused" for t in TARGET_NAMES]
+        cells += ["yes" if f in op.formats else "no" for f in FILE_FORMATS]
+        cells += ["yes" if op.golden else "codes only", op.torch_form or "no"]
+        lines.append(f"| {op.name} | " + " | ".join(cells) + " |")
+    supported = sum(len(op.targets()) for op in OPERATORS.values())
+    lines += ["", f"{supported} of {len(OPERATORS) * len(TARGET_NAMES)} (operator, target) pairs run.", "",
+              "## Why a target refuses an operator", ""]
+    for op in OPERATORS.values():
+        for target, why in op.refused_by.items():
+            lines.append(f"- {op.name} on `{target}`: {why}.")
+    lines += ["", "Per-configuration refusals, raised with the layer's name: `xnnpack` refuses requantization "
+              "scales and add ratios outside the ranges where LiteRT's default interpreter stays in XNNPACK; "
+              "`qnnpack` refuses 1x1 `avg_pool2d` and the add ratios PyTorch's qnnpack itself rejects; `x86` "
+              "refuses convs with more than 100 groups (PyTorch routes them to fbgemm). Exporters refuse what "
+              "their file format cannot express (see `qparity.export`).", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(ops_markdown(), end="")

@@ -1,0 +1,108 @@
+"""The operator registry is the one declaration of each operator: every (operator, target) and (operator,
+file format) pair it states is checked here against the code that implements it."""
+import pathlib
+
+import pytest
+import torch
+from torch import nn
+
+import qparity as qp
+from qparity.errors import UnsupportedOpError
+from qparity.export.onnx import _OnnxBuilder
+from qparity.export.tflite import _Exporter as TFLiteExporter
+from qparity.golden import PARAMETERS
+from qparity.ops.registry import FILE_FORMATS, OPERATORS, TARGET_NAMES, ops_markdown
+from qparity.qat.model import _FakeExecutor
+from qparity.runtime import _IntegerExecutor
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EMITTERS = {"onnx": _OnnxBuilder, "tflite": TFLiteExporter}
+
+
+def handled(cls) -> set:
+    return {name[3:] for name in dir(cls) if name.startswith("op_")}
+
+
+def test_docs_ops_md_is_generated_from_the_registry():
+    assert (ROOT / "docs" / "ops.md").read_text() == ops_markdown(), \
+        "docs/ops.md is stale: run `python -m qparity.ops.registry > docs/ops.md`"
+
+
+@pytest.mark.parametrize("executor", [_FakeExecutor, _IntegerExecutor])
+def test_both_executors_run_every_registered_operator(executor):
+    assert handled(executor) == set(OPERATORS)
+
+
+@pytest.mark.parametrize("file_format", FILE_FORMATS)
+def test_each_emitter_writes_exactly_the_operators_the_registry_gives_its_format(file_format):
+    declared = {name for name, op in OPERATORS.items() if file_format in op.formats}
+    assert handled(EMITTERS[file_format]) == declared
+
+
+def test_golden_writes_parameters_for_exactly_the_operators_the_registry_says():
+    assert set(PARAMETERS) == {name for name, op in OPERATORS.items() if op.golden}
+
+
+def test_refusals_name_only_known_targets():
+    for op in OPERATORS.values():
+        assert set(op.refused_by) <= set(TARGET_NAMES), op.name
+
+
+class Hardswish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.Hardswish()
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+class Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wide = nn.Conv2d(101, 101, 3, groups=101)
+
+    def forward(self, x):
+        return self.wide(x)
+
+
+@pytest.mark.parametrize("target", TARGET_NAMES)
+def test_hardswish_runs_exactly_where_the_registry_says_and_is_refused_at_prepare_elsewhere(target):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    if target in OPERATORS["hardswish"].refused_by:
+        with pytest.raises(UnsupportedOpError, match=r"hardswish at module 'act' cannot run on target "
+                                                     rf"'{target}'.*targets that run it: exact, fbgemm, x86, qnnpack"):
+            qp.prepare_qat(Hardswish(), (x,), target=target)
+        return
+    prepared = qp.prepare_qat(Hardswish(), (x,), target=target)
+    qp.calibrate(prepared, [x, 2 * x])
+    qp.freeze(prepared)
+    assert torch.equal(prepared.eval()(x), qp.convert(prepared)(x))
+
+
+def test_x86_refuses_convs_with_more_than_100_groups_at_prepare_naming_the_module():
+    x = torch.randn(1, 101, 5, 5)
+    with pytest.raises(UnsupportedOpError, match=r"conv2d at module 'wide'.*101 groups on target 'x86'"):
+        qp.prepare_qat(Grouped(), (x,), target="x86")
+    qp.prepare_qat(Grouped(), (x,), target="fbgemm")  # fbgemm runs them
+
+
+def test_golden_writes_the_hardswish_table(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    prepared = qp.prepare_qat(Hardswish(), (x,), target="exact")
+    qp.calibrate(prepared, [x])
+    qp.freeze(prepared)
+    im = qp.convert(prepared)
+    index = qp.golden(im, x, tmp_path)
+    import json
+
+    (entry,) = [n for n in json.loads(pathlib.Path(index).read_text())["nodes"] if n["op"] == "hardswish"]
+    params = entry["params"]
+    source = qp.QParams.from_dict(params["input_qparams"])
+    assert len(params["table"]) == source.qmax - source.qmin + 1
+    codes = torch.arange(source.qmin, source.qmax + 1)
+    expected = im.target.hardswish(codes, source, qp.QParams.from_dict(params["output_qparams"]))
+    assert params["table"] == expected.tolist()
