@@ -106,3 +106,13 @@ def test_golden_writes_the_hardswish_table(tmp_path):
     codes = torch.arange(source.qmin, source.qmax + 1)
     expected = im.target.hardswish(codes, source, qp.QParams.from_dict(params["output_qparams"]))
     assert params["table"] == expected.tolist()
+
+
+def test_file_formats_come_from_the_targets_declarations():
+    from qparity.export import FORMATS
+    from qparity.numerics import get_target
+
+    assert set(FORMATS) == {f".{f}" for f in FILE_FORMATS}
+    for suffix, targets in FORMATS.items():
+        assert targets and all(get_target(t).file_format == suffix for t in targets)
+    assert {t for ts in FORMATS.values() for t in ts} == {t for t in qp.TARGETS if get_target(t).file_format}

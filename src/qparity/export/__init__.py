@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 
 from ..errors import ExportError
+from ..numerics import TARGETS, get_target
 from ..runtime import IntegerModel
 
-FORMATS = {".onnx": ("onnxruntime",), ".tflite": ("tflite", "xnnpack")}
+# Each file suffix and the targets whose integers its runtime computes, from the targets' own declarations.
+FORMATS = {suffix: tuple(t for t in TARGETS if get_target(t).file_format == suffix) for suffix in (".onnx", ".tflite")}
 
 
 def export(model: IntegerModel, path) -> None:

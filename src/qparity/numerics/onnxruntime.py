@@ -51,6 +51,7 @@ def global_average_multiplier(scale: torch.Tensor, count: int):
 
 class OnnxRuntimeTarget(Target):
     name = "onnxruntime"
+    file_format = ".onnx"
     summary = "ONNX Runtime QLinear kernels: float32 multiplier, round half to even"
     activation_dtypes = ("uint8", "int8")
 

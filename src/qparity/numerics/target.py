@@ -45,6 +45,9 @@ class Target:
     # True for runtimes that take the bias as float32 (PyTorch's engines): quantize_bias then returns that
     # float bias, the accumulator excludes it, and the requantizer gets it as `bias=`.
     float_bias: bool = False
+    # The file whose runtime computes this target's integers (".tflite", ".onnx"), or None where qparity has no
+    # exporter for it; export() and verify() choose by it instead of by target name.
+    file_format: str | None = None
 
     # -- quantize / dequantize ------------------------------------------------------------------------------
     def quantize(self, x: torch.Tensor, qp: QParams) -> torch.Tensor:

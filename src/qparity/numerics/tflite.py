@@ -52,6 +52,7 @@ def rescale_multiplier(source: QParams, out: QParams):
 
 class TFLiteTarget(Target):
     name = "tflite"
+    file_format = ".tflite"
     summary = "TFLite int8 reference kernels: Q31 multiplier, gemmlowp double rounding"
     activation_dtypes = ("int8",)
 

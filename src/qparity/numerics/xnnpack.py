@@ -56,6 +56,7 @@ def _shift_right_half_up(x: torch.Tensor, shift: int) -> torch.Tensor:
 
 class XnnpackTarget(Target):
     name = "xnnpack"
+    file_format = ".tflite"
     summary = "LiteRT default kernels (XNNPACK): float32 multiplier, round half to even; fixed-point add"
     activation_dtypes = ("int8",)
 
