@@ -16,7 +16,7 @@ from torch import nn
 import qparity as qp
 from qparity.errors import ModelFileError, QParityWarning
 from qparity.numerics import pooling
-from qparity.qat.ste import clamp
+from qparity.ops.surrogates import clamp
 from qparity.qparams import QParams
 from qparity.numerics import get_target
 from qparity.numerics import pytorch_versions

@@ -12,8 +12,7 @@ from qparity.export.onnx import _OnnxBuilder
 from qparity.export.tflite import _Exporter as TFLiteExporter
 from qparity.golden import PARAMETERS
 from qparity.ops.registry import FILE_FORMATS, OPERATORS, TARGET_NAMES, ops_markdown
-from qparity.qat.model import _FakeExecutor
-from qparity.runtime import _IntegerExecutor
+from qparity.ops.program import IMPLEMENTATIONS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EMITTERS = {"onnx": _OnnxBuilder, "tflite": TFLiteExporter}
@@ -28,9 +27,10 @@ def test_docs_ops_md_is_generated_from_the_registry():
         "docs/ops.md is stale: run `python -m qparity.ops.registry > docs/ops.md`"
 
 
-@pytest.mark.parametrize("executor", [_FakeExecutor, _IntegerExecutor])
-def test_both_executors_run_every_registered_operator(executor):
-    assert handled(executor) == set(OPERATORS)
+def test_the_program_executor_runs_every_registered_operator_in_both_modes():
+    """One module per operator runs it for the prepared model and the IntegerModel alike."""
+    assert set(IMPLEMENTATIONS) == set(OPERATORS)
+    assert all(callable(module.run) for module in IMPLEMENTATIONS.values())
 
 
 @pytest.mark.parametrize("file_format", FILE_FORMATS)

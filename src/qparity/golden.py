@@ -32,7 +32,7 @@ from .errors import ExportError
 from .graph import Node, QValue, collect_refs, encode, fused_clamp_bounds
 from .numerics import pooling
 from .qparams import QParams
-from .runtime import IntegerLayer, IntegerModel, _IntegerExecutor
+from .runtime import IntegerLayer, IntegerModel
 from .numerics import onnxruntime as ort_spec
 from .numerics import tflite as tflite_spec
 from .numerics.arithmetic import ExactRatio, quantize_multiplier
@@ -56,7 +56,7 @@ def golden(model: IntegerModel, inputs: Sequence[torch.Tensor] | torch.Tensor, d
     floats = all(x.is_floating_point() for x in inputs)
     codes = _as_tuple(model.quantize(*inputs)) if floats else inputs
     model.run(*codes)  # validates the codes, with the messages users know
-    recorder = _RecordingExecutor(model)
+    recorder = model.executor()
     recorder.run([q.to(torch.int64) for q in codes])
 
     root = Path(directory)
@@ -79,26 +79,6 @@ def golden(model: IntegerModel, inputs: Sequence[torch.Tensor] | torch.Tensor, d
     path = root / "index.json"
     path.write_text(json.dumps(index, indent=1))
     return path
-
-
-class _RecordingExecutor(_IntegerExecutor):
-    """The integer runtime's executor, keeping each node's result in `values` (execution order)."""
-
-    def __init__(self, model: IntegerModel):
-        super().__init__(model)
-        self.values: Dict[str, Any] = {}
-
-    def __getattribute__(self, name: str):
-        method = super().__getattribute__(name)
-        if not name.startswith("op_"):
-            return method
-        values = super().__getattribute__("values")
-
-        def recorded(node: Node, *args, **kwargs):
-            values[node.name] = result = method(node, *args, **kwargs)
-            return result
-
-        return recorded
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,8 +1,7 @@
 """The integer program's graph: a list of operator nodes in execution order.
 
-The same `Graph` drives the fake-quant forward (`qat`) and the integer runtime (`runtime`); both run it
-through `Executor`, overriding only the operators whose arithmetic involves new quantization parameters.
-The graph is plain data: it serializes to JSON (`to_dict`) with no code objects.
+The same `Graph` drives the fake-quant forward (`qat`) and the integer runtime (`runtime`), both through
+one executor (ops/program.py), and the exporters. The graph is plain data: it serializes to JSON (`to_dict`) with no code objects.
 """
 from __future__ import annotations
 
@@ -158,46 +157,33 @@ class QValue:
 
 
 class Executor:
-    """Runs a Graph. Subclasses define the operators that create new grids; the rest are shared here."""
+    """Runs a Graph, calling `dispatch` for each node: the integer program's executor (ops/program.py) and the
+    exporters (one `op_<name>` method per operator) build on it."""
 
     def __init__(self, graph: Graph, target):
         self.graph = graph
         self.target = target
+        self.values: Dict[str, Any] = {}  # every node's result of the last run, in execution order
 
     def run(self, inputs: List[Any]) -> Any:
         env: Dict[str, Any] = {}
+        self.values = env
         feed = iter(inputs)
         for node in self.graph.nodes:
             if node.op == "input":
-                env[node.name] = self.op_input(node, next(feed))
+                env[node.name] = self.dispatch(node, (next(feed),), {})
                 continue
-            args = resolve(node.args, env)
-            kwargs = resolve(node.kwargs, env)
-            env[node.name] = getattr(self, "op_" + node.op)(node, *args, **kwargs)
+            env[node.name] = self.dispatch(node, resolve(node.args, env), resolve(node.kwargs, env))
         return resolve(self.graph.output, env)
 
-    # -- operators that keep the grid ----------------------------------------------------------------------
-    def op_call(self, node: Node, *args, **kwargs):
-        grids = [v.qparams for v in _flatten((args, kwargs)) if isinstance(v, QValue)]
-        fn = CALLS[node.attrs["fn"]]
-        result = fn(*_unwrap(args), **_unwrap(kwargs))
-        if not grids:
-            return result
-        return _wrap(result, grids[0])
-
-    def op_clamp(self, node: Node, x: QValue) -> QValue:
-        lo, hi = self.target.activation_bounds(node.attrs.get("min"), node.attrs.get("max"), x.qparams)
-        return QValue(torch.clamp(x.codes, lo, hi), x.qparams)
+    def dispatch(self, node: Node, args: tuple, kwargs: dict) -> Any:
+        return getattr(self, "op_" + node.op)(node, *args, **kwargs)
 
     def average_pool_attrs(self, node: Node, input_hw) -> dict:
         """The window of an avg_pool2d node for this input size, and whether it came from an adaptive pool
         (PyTorch's engines run adaptive_avg_pool2d and avg_pool2d through kernels that round differently)."""
         attrs = pooling.window_attrs(node.attrs, tuple(input_hw), node.path)
         return {**attrs, "adaptive": "adaptive_output_size" in node.attrs}
-
-    def output_bounds(self, node: Node, qp: QParams):
-        """The output clamp in codes of a conv/linear/add: the dtype range narrowed by a fused activation."""
-        return fused_clamp_bounds(self.target, node, qp)
 
 
 def fused_clamp_bounds(target, node: Node, qp: QParams):
@@ -217,34 +203,34 @@ def resolve(value, env):
     return value
 
 
-def _flatten(value):
+def flatten_values(value):
     if isinstance(value, (tuple, list)):
         for v in value:
-            yield from _flatten(v)
+            yield from flatten_values(v)
     elif isinstance(value, dict):
         for v in value.values():
-            yield from _flatten(v)
+            yield from flatten_values(v)
     else:
         yield value
 
 
-def _unwrap(value):
+def unwrap(value):
     if isinstance(value, QValue):
         return value.codes
     if isinstance(value, tuple):
-        return tuple(_unwrap(v) for v in value)
+        return tuple(unwrap(v) for v in value)
     if isinstance(value, list):
-        return [_unwrap(v) for v in value]
+        return [unwrap(v) for v in value]
     if isinstance(value, dict):
-        return {k: _unwrap(v) for k, v in value.items()}
+        return {k: unwrap(v) for k, v in value.items()}
     return value
 
 
-def _wrap(value, grid: QParams):
+def wrap(value, grid: QParams):
     if isinstance(value, torch.Tensor):
         return QValue(value, grid)
     if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
-        return type(value)(_wrap(v, grid) for v in value)
+        return type(value)(wrap(v, grid) for v in value)
     return value
 
 
@@ -258,7 +244,7 @@ def output_structure(value, leaf: Callable[[QValue], Any]):
 
 
 def optional_grid(values) -> Optional[QParams]:
-    for v in _flatten(values):
+    for v in flatten_values(values):
         if isinstance(v, QValue):
             return v.qparams
     return None

@@ -13,11 +13,9 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .errors import InputError, ModelFileError
-from .graph import Executor, Graph, Node, QValue, fused_clamp_bounds, output_structure
-from .numerics import pooling
-from .numerics.accumulate import ConvGeometry
-from .ops.lookup import CodeTable, PairTable
-from .ops.layer import IntegerLayer, layer_accumulator, plan_layer
+from .graph import Graph, Node, QValue, output_structure
+from .ops.layer import IntegerLayer, prepare_integer_layer
+from .ops.program import Integer, ProgramExecutor
 from .qparams import TORCH_DTYPES, QParams
 from .serialize import read_model, save_model
 from .numerics import Target, get_target
@@ -34,25 +32,11 @@ class IntegerModel:
         self.qparams = qparams
         self.layers = layers
         self.grids = resolve_grids(graph, qparams)
-        self.add_tables: Dict[str, PairTable] = {}  # built on first use from the target's own add
-        self.hardswish_tables: Dict[str, CodeTable] = {}  # likewise from the target's own hardswish
-        self._kernels = {name: self._prepare(graph.node(name), layer) for name, layer in layers.items()}
-
-    def _prepare(self, node: Node, layer: IntegerLayer):
-        geometry = ConvGeometry.from_dict(node.attrs["geometry"])
-        input_qp, output_qp = self.grids[node.args[0].name], self.qparams[node.name]
-        lo, hi = fused_clamp_bounds(self.target, node, output_qp)
-        ndim = 4 if geometry.kind == "conv2d" else 2
-        # A float bias (PyTorch's engines) goes to the requantizer; an int32 bias into the accumulator.
-        float_bias = {"bias": layer.bias_codes} if self.target.float_bias else {}
-        acc_bias = None if self.target.float_bias else layer.bias_codes
-        requantize = self.target.requantizer(geometry.kind, input_qp, layer.weight_scale, output_qp, lo, hi,
-                                             geometry.channel_axis, ndim, **float_bias)
-        weight = layer.weight_codes.to(torch.float32)
-        if geometry.kind == "conv2d":
-            weight = weight.contiguous(memory_format=torch.channels_last)
-        plan = plan_layer(geometry, layer.weight_codes, acc_bias, input_qp, self.target)
-        return plan, geometry, weight, acc_bias, requantize
+        self.tables: Dict[str, object] = {}  # per node, built on first use from the target's own function
+        self.layer_kernels = {name: prepare_integer_layer(self.target, graph.node(name), layer,
+                                                          self.grids[graph.node(name).args[0].name],
+                                                          qparams[name])
+                              for name, layer in layers.items()}
 
     # -- public API -----------------------------------------------------------------------------------------
     @property
@@ -81,8 +65,12 @@ class IntegerModel:
         self._check_count(codes)
         for node, q, shape in zip(self.graph.inputs, codes, self.graph.input_shapes):
             _check_codes(node, q, shape, self.qparams[node.name])
-        result = _IntegerExecutor(self).run([q.to(torch.int64) for q in codes])
+        result = self.executor().run([q.to(torch.int64) for q in codes])
         return output_structure(result, lambda v: v.codes.to(TORCH_DTYPES[v.qparams.dtype]))
+
+    def executor(self) -> ProgramExecutor:
+        """The program's executor in integer mode (its `values` keep every node's result of a run)."""
+        return ProgramExecutor(self.graph, self.target, Integer(self))
 
     def dequantize(self, codes):
         """Output codes to float32 real values (`(q - z) * s`)."""
@@ -114,61 +102,6 @@ def load(path) -> IntegerModel:
     except (KeyError, TypeError, ValueError) as error:
         raise ModelFileError(f"{saved.where!r} has an intact checksum but content qparity cannot read: "
                              f"{error}") from error
-
-
-class _IntegerExecutor(Executor):
-    def __init__(self, model: IntegerModel):
-        super().__init__(model.graph, model.target)
-        self.model = model
-
-    def op_input(self, node, codes):
-        return QValue(codes, self.model.qparams[node.name])
-
-    def op_conv2d(self, node, x):
-        plan, geometry, weight, bias, requantize = self.model._kernels[node.name]
-        acc = layer_accumulator(plan, geometry, x.codes, x.qparams, weight, bias)
-        return QValue(requantize(acc), self.model.qparams[node.name])
-
-    op_linear = op_conv2d
-
-    def op_add(self, node, a, b):
-        qp = self.model.qparams[node.name]
-        lo, hi = self.output_bounds(node, qp)
-        if self.target.elementwise_add(a.codes.numel()) and PairTable.fits(a.qparams.qmin, a.qparams.qmax,
-                                                                           b.qparams.qmin, b.qparams.qmax):
-            table = self.model.add_tables.get(node.name)
-            if table is None:
-                def add(qa, qb):
-                    return self.target.add(qa, a.qparams, qb, b.qparams, qp, lo, hi)
-                table = self.model.add_tables[node.name] = PairTable(add, a.qparams.qmin, a.qparams.qmax,
-                                                                     b.qparams.qmin, b.qparams.qmax)
-            return QValue(table(a.codes, b.codes), qp)
-        return QValue(self.target.add(a.codes, a.qparams, b.codes, b.qparams, qp, lo, hi), qp)
-
-    def op_hardswish(self, node, x):
-        qp = self.model.qparams[node.name]
-        if not self.target.elementwise_hardswish(x.codes.numel()):
-            return QValue(self.target.hardswish(x.codes, x.qparams, qp), qp)
-        table = self.model.hardswish_tables.get(node.name)
-        if table is None:
-            table = self.model.hardswish_tables[node.name] = CodeTable(
-                lambda q: self.target.hardswish(q, x.qparams, qp), x.qparams.qmin, x.qparams.qmax)
-        return QValue(table(x.codes), qp)
-
-    def op_cat(self, node, tensors):
-        qp = self.model.qparams[node.name]
-        return QValue(self.target.concatenate([t.codes for t in tensors], [t.qparams for t in tensors], qp,
-                                              node.attrs["dim"]), qp)
-
-    def op_max_pool2d(self, node, x):
-        return QValue(pooling.max_pool2d(x.codes, node.attrs).to(torch.int64), x.qparams)
-
-    def op_avg_pool2d(self, node, x):
-        attrs = self.average_pool_attrs(node, x.codes.shape[-2:])
-        return QValue(self.target.average_pool(x.codes, x.qparams, attrs), x.qparams)
-
-    def op_dropout(self, node, x):
-        return x
 
 
 def resolve_grids(graph: Graph, qparams: Dict[str, QParams]) -> Dict[str, QParams]:

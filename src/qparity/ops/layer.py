@@ -1,8 +1,9 @@
-"""Conv2d / Linear in the integer program: exact accumulator plus int32 bias, then the target's requantizer.
+"""conv2d / linear: exact accumulator plus bias, then the target's requantizer.
 
-The fake-quant forward and the integer runtime both call `layer_accumulator` and the target's
-`requantizer`; they differ only in where the weight codes come from (float weights through a
-straight-through estimator, or frozen int8 codes).
+Both modes of the program call `layer_accumulator` and the target's `requantizer` with the same bias
+handling (`bias_for_target`); they differ only in where the weight codes come from (the prepared model's
+float weights through a straight-through estimator, or the IntegerModel's frozen int8 codes, whose
+requantizer is built once in `prepare_integer_layer`).
 """
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from typing import Optional
 import torch
 
 from ..errors import OverflowRiskError
+from ..graph import Node, QValue, fused_clamp_bounds
 from ..qparams import QParams
 from ..numerics.arithmetic import INT32_MAX
 from ..numerics.accumulate import AccumulationPlan, ConvGeometry, accumulate, accumulator_bounds, plan_accumulation
+from .surrogates import clamp, straight_through
 
 
 @dataclass
@@ -58,3 +61,94 @@ def check_accumulator_range(where: str, weight_codes: torch.Tensor, bias_codes: 
             f"layer {where}: output channel {worst} can reach |acc + bias| = {float(bound[worst]):.0f} > 2^31 - 1 "
             "for inputs on its grid, which overflows the int32 accumulator of every runtime; reduce the weights "
             "(weight decay), split the layer, or narrow the input range")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The operator in both modes
+# ---------------------------------------------------------------------------------------------------------
+def run(ctx, node: Node, x: QValue) -> QValue:
+    if not ctx.fake:
+        plan, geometry, weight, bias, requantize = ctx.mode.model.layer_kernels[node.name]
+        acc = layer_accumulator(plan, geometry, x.codes, x.qparams, weight, bias)
+        return QValue(requantize(acc), ctx.mode.qparams[node.name])
+    layer = ctx.mode.model.layers[node.name]
+    if layer.training and layer.batch_norm is not None:
+        return _batch_norm_training(ctx, node, layer, x)
+    weight, bias = layer.folded()
+    weight_scale = layer.weight_scale(weight)
+    weight_codes = layer.weight_codes(weight, weight_scale)
+    acc_bias, float_bias = bias_for_target(ctx.target, bias, x.qparams, weight_scale)
+    plan = plan_layer(layer.geometry, weight_codes, acc_bias, x.qparams, ctx.target)
+    acc = layer_accumulator(plan, layer.geometry, x.codes, x.qparams, weight_codes, acc_bias)
+    real = acc.to(torch.float32) * _channel(bias_scale(x.qparams, weight_scale), layer.geometry, acc)
+    if float_bias:
+        real = real + _channel(bias, layer.geometry, acc)
+    real = clamp(real, *(node.attrs.get("clamp") or (None, None)))
+    qp = ctx.mode.observe(node, real)
+    lo, hi = fused_clamp_bounds(ctx.target, node, qp)
+    requantize = ctx.target.requantizer(layer.geometry.kind, x.qparams, weight_scale, qp, lo, hi,
+                                        layer.geometry.channel_axis, acc.dim(), **float_bias)
+    return ctx.emit(requantize(acc.detach()), real, qp, lo, hi)
+
+
+def bias_for_target(target, bias: Optional[torch.Tensor], input_qp: QParams, weight_scale: torch.Tensor):
+    """(bias codes for the accumulator, {"bias": float bias} for the requantizer): int32 codes at s_in * s_w,
+    or, for the targets that take a float bias (PyTorch's engines), the float bias itself. A trainable bias
+    gets the gradient of its unrounded quotient (straight-through)."""
+    if bias is None:
+        return None, {}
+    if target.float_bias:
+        return None, {"bias": target.quantize_bias(bias, input_qp.scale, weight_scale)}
+    codes = target.quantize_bias(bias, input_qp.scale, weight_scale)
+    return straight_through(codes, bias.to(torch.float64) / bias_scale(input_qp, weight_scale)), {}
+
+
+def prepare_integer_layer(target, node: Node, layer: IntegerLayer, input_qp: QParams, output_qp: QParams):
+    """The IntegerModel's constants for one layer: accumulation plan, weights, int32 bias, requantizer."""
+    geometry = ConvGeometry.from_dict(node.attrs["geometry"])
+    lo, hi = fused_clamp_bounds(target, node, output_qp)
+    ndim = 4 if geometry.kind == "conv2d" else 2
+    # The stored bias is already what the target takes: int32 codes, or the float32 bias of PyTorch's engines.
+    float_bias = {"bias": layer.bias_codes} if target.float_bias else {}
+    acc_bias = None if target.float_bias else layer.bias_codes
+    requantize = target.requantizer(geometry.kind, input_qp, layer.weight_scale, output_qp, lo, hi,
+                                    geometry.channel_axis, ndim, **float_bias)
+    weight = layer.weight_codes.to(torch.float32)
+    if geometry.kind == "conv2d":
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    plan = plan_layer(geometry, layer.weight_codes, acc_bias, input_qp, target)
+    return plan, geometry, weight, acc_bias, requantize
+
+
+def _batch_norm_training(ctx, node: Node, layer, x: QValue) -> QValue:
+    """Weights folded with the running statistics, output normalized with the batch's (torch.ao's scheme)."""
+    weight, _ = layer.folded()
+    weight_scale = layer.weight_scale(weight)
+    weight_codes = layer.weight_codes(weight, weight_scale)
+    plan = plan_layer(layer.geometry, weight_codes, None, x.qparams, ctx.target)
+    acc = layer_accumulator(plan, layer.geometry, x.codes, x.qparams, weight_codes, None)
+    factor = layer.batch_norm_factor()
+    unfolded = acc.to(torch.float32) * _channel(bias_scale(x.qparams, weight_scale) / factor, layer.geometry, acc)
+    if layer.module.bias is not None:
+        unfolded = unfolded + _channel(layer.module.bias, layer.geometry, acc)
+    real = clamp(layer.batch_norm(unfolded), *(node.attrs.get("clamp") or (None, None)))
+    qp = ctx.mode.observe(node, real)
+    lo, hi = fused_clamp_bounds(ctx.target, node, qp)
+    # Batch statistics make this forward an approximation of the deployed layer whatever the rounding,
+    # so the codes use the cheapest one (round half even in float32); eval mode and freeze are exact.
+    codes = (real.detach() / qp.scale.to(real.device)).round_().add_(float(qp.zero_point)).clamp_(lo, hi)
+    return ctx.emit(codes, real, qp, lo, hi)
+
+
+def bias_scale(input_qp: QParams, weight_scale: torch.Tensor) -> torch.Tensor:
+    return input_qp.scale.to(torch.float64) * weight_scale.to(torch.float64)
+
+
+def _channel(values: torch.Tensor, geometry: ConvGeometry, like: torch.Tensor) -> torch.Tensor:
+    """A per-channel float32 vector shaped to broadcast along `like`'s channel axis (the surrogate's dtype)."""
+    values = values.to(device=like.device, dtype=torch.float32)
+    if values.dim() == 0:
+        return values
+    shape = [1] * like.dim()
+    shape[geometry.channel_axis] = -1
+    return values.reshape(shape)

@@ -10,7 +10,7 @@ from ..capture import Layer
 from ..numerics.accumulate import ConvGeometry
 from ..qparams import symmetric_weight_scale
 from ..numerics import Target
-from .ste import clamp, straight_through
+from ..ops.surrogates import clamp, straight_through
 
 
 class QATLayer(nn.Module):

@@ -1,4 +1,4 @@
-"""Straight-through estimation: a forward value from the integer program, the gradient of a float surrogate."""
+"""Straight-through estimation: forward values from the integer program, gradients of float surrogates."""
 from __future__ import annotations
 
 import torch
@@ -74,7 +74,10 @@ class _InclusiveClamp(torch.autograd.Function):
 
 
 def clamp(x: torch.Tensor, lo: float | None, hi: float | None) -> torch.Tensor:
-    """torch.clamp(x, lo, hi) with the gradient of torch.ao's fake quantization: 1 on [lo, hi], bounds included."""
+    """torch.clamp(x, lo, hi) with the gradient of torch.ao's fake quantization: 1 on [lo, hi], bounds included.
+    No bounds: x itself."""
+    if lo is None and hi is None:
+        return x
     if not x.requires_grad:
         return torch.clamp(x, lo, hi)
     return _InclusiveClamp.apply(x, lo, hi)

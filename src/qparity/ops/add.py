@@ -1,0 +1,13 @@
+"""add: the elementwise sum of two tensors on their own grids, onto a new grid, by the target's add."""
+from __future__ import annotations
+
+
+def run(ctx, node, a, b):
+    target = ctx.target
+
+    def codes(inputs, out, lo, hi):
+        (qa, ga), (qb, gb) = ((v.codes, v.qparams) for v in inputs)
+        return target.add(qa, ga, qb, gb, out, lo, hi)
+
+    table = "pair" if target.elementwise_add(a.codes.numel()) else None
+    return ctx.new_grid(node, [a, b], lambda: ctx.dequantize(a) + ctx.dequantize(b), codes, table)

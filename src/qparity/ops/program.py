@@ -1,0 +1,122 @@
+"""One executor for the integer program, in both of its uses.
+
+`ProgramExecutor` runs a Graph node by node, each through its operator's module (`IMPLEMENTATIONS`). The
+operator modules make the same target calls in both modes; the mode only says where the grids and weights
+come from and what a result carries:
+
+- `FakeQuant` (the prepared model's forward): grids come from observers that watch the real value the
+  operator's float surrogate computes; results carry the surrogate's gradient (straight-through).
+- `Integer` (IntegerModel.run): grids are frozen; results are bare codes, and elementwise operators whose
+  result depends only on their input codes answer from a table the target's own function filled.
+
+So for every input `QATModel.eval()(x) == IntegerModel(x)` holds by construction, and a new operator is one
+module that both modes run.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import torch
+
+from ..graph import Executor, Node, QValue, fused_clamp_bounds
+from ..qparams import QParams
+from . import add, avg_pool, call, cat, clamp, dropout, hardswish, input as input_op, layer, max_pool
+from .lookup import CodeTable, PairTable
+from .surrogates import clamp as clamp_surrogate, quantized_output
+
+IMPLEMENTATIONS = {
+    "input": input_op, "conv2d": layer, "linear": layer, "add": add, "cat": cat, "hardswish": hardswish,
+    "clamp": clamp, "max_pool2d": max_pool, "avg_pool2d": avg_pool, "dropout": dropout, "call": call,
+}
+
+# Computes an operator's output codes from detached int64 input codes, the output grid and its clamp.
+CodeFunction = Callable[[List[QValue], QParams, int, int], torch.Tensor]
+
+
+class ProgramExecutor(Executor):
+    def __init__(self, graph, target, mode):
+        super().__init__(graph, target)
+        self.mode = mode
+
+    @property
+    def fake(self) -> bool:
+        return self.mode.fake
+
+    def dispatch(self, node: Node, args: tuple, kwargs: dict):
+        return IMPLEMENTATIONS[node.op].run(self, node, *args, **kwargs)
+
+    # -- what operator modules call -------------------------------------------------------------------------
+    def new_grid(self, node: Node, inputs: List[QValue], real: Optional[Callable[[], torch.Tensor]],
+                 codes: CodeFunction, table: Optional[str] = None) -> QValue:
+        """An operator whose output gets its own grid.
+
+        real: the float surrogate of the dequantized inputs (fake mode only; the observer watches it, and the
+        gradient flows through it). codes: the integer kernel, the same call in both modes. table: "code" or
+        "pair" where the target declares the result a function of the input code(s) only; the integer mode
+        then tabulates `codes` once per node.
+        """
+        value = None
+        if self.fake:
+            value = clamp_surrogate(real(), *(node.attrs.get("clamp") or (None, None)))
+            qp = self.mode.observe(node, value)
+        else:
+            qp = self.mode.qparams[node.name]
+        lo, hi = fused_clamp_bounds(self.target, node, qp)
+        detached = [QValue(v.codes.detach().to(torch.int64), v.qparams) for v in inputs]
+        if table is not None and not self.fake:
+            result = self.mode.tabulated(node, table, detached, lambda vs: codes(vs, qp, lo, hi))
+        else:
+            result = codes(detached, qp, lo, hi)
+        return self.emit(result, value, qp, lo, hi)
+
+    def emit(self, codes: torch.Tensor, real: Optional[torch.Tensor], qp: QParams, lo: int, hi: int) -> QValue:
+        """Codes on qp's grid; in fake mode with the gradient of `real` through clamp(real / s + z, lo, hi)."""
+        if not self.fake:
+            return QValue(codes, qp)
+        return QValue(quantized_output(codes, real, float(qp.scale), float(qp.zero_point), lo, hi), qp)
+
+    def dequantize(self, value: QValue) -> torch.Tensor:
+        return self.target.dequantize(value.codes, value.qparams)
+
+
+class FakeQuant:
+    """The prepared model's mode: observers, trainable layers, straight-through gradients."""
+
+    fake = True
+
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def observe(self, node: Node, real: torch.Tensor) -> QParams:
+        observer = self.model.observers[node.name]
+        observer.observe(real)
+        return observer.qparams()
+
+
+class Integer:
+    """The IntegerModel's mode: frozen grids and layer constants, tables for code-only elementwise ops."""
+
+    fake = False
+    training = False
+
+    def __init__(self, model):
+        self.model = model
+        self.qparams = model.qparams
+
+    def tabulated(self, node: Node, kind: str, inputs: List[QValue], codes: Callable) -> torch.Tensor:
+        grids = [v.qparams for v in inputs]
+        if kind == "pair" and not PairTable.fits(grids[0].qmin, grids[0].qmax, grids[1].qmin, grids[1].qmax):
+            return codes(inputs)
+        table = self.model.tables.get(node.name)
+        if table is None:
+            if kind == "code":
+                table = CodeTable(lambda q: codes([QValue(q, grids[0])]), grids[0].qmin, grids[0].qmax)
+            else:
+                table = PairTable(lambda qa, qb: codes([QValue(qa, grids[0]), QValue(qb, grids[1])]),
+                                  grids[0].qmin, grids[0].qmax, grids[1].qmin, grids[1].qmax)
+            self.model.tables[node.name] = table
+        return table(*(v.codes for v in inputs))
