@@ -71,11 +71,10 @@ def test_exact_hardswish_equals_fraction_reference(dtype, s, s_y, z, z_y):
     assert torch.equal(get_target("exact").hardswish(codes, source, out), expected)
 
 
-@pytest.mark.parametrize("target", ["tflite", "xnnpack", "onnxruntime"])
-def test_targets_without_hardswish_refuse_it_by_name(target):
-    qp_ = QParams(0.1, 0, "int8")
-    with pytest.raises(qp.QParityError, match=f"hardswish is not emulated for target '{target}'"):
-        get_target(target).hardswish(CODES[:10], qp_, qp_)
+def test_targets_without_hardswish_refuse_it_by_name():
+    qp_ = QParams(0.1, 0, "uint8")
+    with pytest.raises(qp.QParityError, match="hardswish is not emulated for target 'onnxruntime'"):
+        get_target("onnxruntime").hardswish(CODES[:10], qp_, qp_)
 
 
 class ConvHardswish(nn.Module):

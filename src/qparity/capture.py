@@ -23,10 +23,13 @@ from .numerics.accumulate import ConvGeometry
 from .numerics.pooling import adaptive_as_pooling
 
 SUPPORTED = ("Conv2d, Linear, BatchNorm2d after Conv2d, ReLU, ReLU6, Hardtanh, clamp, add of two tensors, cat, "
-             "Hardswish, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean over H and W, flatten/reshape/view/permute, "
+             "Hardswish, Sigmoid, Tanh, Hardsigmoid, LeakyReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean over H and W, flatten/reshape/view/permute, "
              "Identity, Dropout")
 
 
+ACTIVATION_MODULES = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Hardsigmoid: "hardsigmoid"}
+ACTIVATION_FUNCTIONS = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh",
+                        F.hardsigmoid: "hardsigmoid"}
 SHAPE_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv)
 
 
@@ -192,6 +195,10 @@ class _Builder:
             self.emit(node, "clamp", [self.ref(x)], attrs={"min": low, "max": high})
         elif isinstance(module, nn.Hardswish):
             self.emit(node, "hardswish", [self.ref(x)], attrs={})
+        elif isinstance(module, (nn.Sigmoid, nn.Tanh, nn.Hardsigmoid)):
+            self.emit(node, ACTIVATION_MODULES[type(module)], [self.ref(x)], attrs={})
+        elif isinstance(module, nn.LeakyReLU):
+            self.emit(node, "leaky_relu", [self.ref(x)], attrs={"negative_slope": float(module.negative_slope)})
         elif isinstance(module, nn.MaxPool2d):
             if module.return_indices:
                 raise self.unsupported(node, "return_indices=True")
@@ -225,6 +232,11 @@ class _Builder:
             self.emit_clamp(node, args[0], args[1:], kwargs)
         elif fn is F.hardswish:
             self.emit(node, "hardswish", [self.ref(args[0])], attrs={})
+        elif fn in ACTIVATION_FUNCTIONS:
+            self.emit(node, ACTIVATION_FUNCTIONS[fn], [self.ref(args[0])], attrs={})
+        elif fn is F.leaky_relu:
+            slope = self.static(_bind(args[1:], kwargs, ("negative_slope",), (0.01,))[0])
+            self.emit(node, "leaky_relu", [self.ref(args[0])], attrs={"negative_slope": float(slope)})
         elif fn in (operator.add, torch.add):
             self.emit_add(node, args, kwargs)
         elif fn in (torch.cat, torch.concat):
@@ -284,6 +296,8 @@ class _Builder:
             self.emit_add(node, args, kwargs)
         elif name == "mean":
             self.emit_mean(node, args[0], args[1:], kwargs)
+        elif name in ("sigmoid", "tanh"):
+            self.emit(node, name, [self.ref(args[0])], attrs={})
         elif name in CODE_PRESERVING_METHODS:
             self.check_code_preserving(node)
             self.emit(node, "call", self.ref(args), self.ref(dict(kwargs)), attrs={"fn": "method:" + name})

@@ -123,12 +123,16 @@ def _max_pool_params(model: IntegerModel, node: Node, inputs, root: Path) -> dic
     return {key: _plain(node.attrs[key]) for key in ("kernel_size", "stride", "padding", "dilation", "ceil_mode")}
 
 
-def _hardswish_params(model: IntegerModel, node: Node, inputs, root: Path) -> dict:
+def _table_params(model: IntegerModel, node: Node, inputs, root: Path) -> dict:
     """The grids, and the output code of every input code (the table a kernel can be checked against)."""
     source, out = inputs[0].qparams, model.qparams[node.name]
     codes = torch.arange(source.qmin, source.qmax + 1, dtype=torch.int64)
-    return {"input_qparams": source.to_dict(), "output_qparams": out.to_dict(),
-            "table_first_code": source.qmin, "table": model.target.hardswish(codes, source, out).tolist()}
+    if node.op == "hardswish":
+        table = model.target.hardswish(codes, source, out)
+    else:
+        table = model.target.activation(node.op, codes, source, out, dict(node.attrs))
+    return {"input_qparams": source.to_dict(), "output_qparams": out.to_dict(), "attrs": encode(node.attrs),
+            "table_first_code": source.qmin, "table": table.tolist()}
 
 
 # The integer parameters golden() writes per operator (the registry's `golden` column; tests/test_registry.py).
@@ -138,7 +142,11 @@ PARAMETERS = {
     "linear": lambda model, node, inputs, root: _layer_params(model, node, model.layers[node.name], root),
     "add": lambda model, node, inputs, root: _add_params(model, node, *inputs),
     "cat": lambda model, node, inputs, root: _cat_params(model, node, inputs),
-    "hardswish": _hardswish_params,
+    "hardswish": _table_params,
+    "sigmoid": _table_params,
+    "tanh": _table_params,
+    "hardsigmoid": _table_params,
+    "leaky_relu": _table_params,
     "clamp": _clamp_params,
     "max_pool2d": _max_pool_params,
     "avg_pool2d": lambda model, node, inputs, root: _average_params(model, node, inputs[0]),

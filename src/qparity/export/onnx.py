@@ -9,6 +9,8 @@ Each operator of the integer program becomes the ONNX Runtime kernel whose arith
                    are reshaped to [-1, K] and back
     add            com.microsoft QLinearAdd
     cat            com.microsoft QLinearConcat
+    sigmoid        com.microsoft QLinearSigmoid
+    leaky_relu     com.microsoft QLinearLeakyRelu (alpha as float32)
     max_pool2d     MaxPool on the codes
     avg_pool2d     com.microsoft QLinearAveragePool, or QLinearGlobalAveragePool where the window covers the
                    whole input without padding (ORT routes that case to the global kernel itself)
@@ -244,6 +246,19 @@ class _OnnxBuilder:
             inputs += [name, *self.grid(self.model.grids[ref], ref)]
         axis = node.attrs["dim"] % self.small[node.name].dim()
         return self.emit("QLinearConcat", inputs, node.name, domain=MICROSOFT, axis=axis)
+
+    def op_sigmoid(self, node: Node, x: str) -> str:
+        return self.lookup_activation("QLinearSigmoid", node, x)
+
+    def op_leaky_relu(self, node: Node, x: str) -> str:
+        return self.lookup_activation("QLinearLeakyRelu", node, x, alpha=float(node.attrs["negative_slope"]))
+
+    def lookup_activation(self, op: str, node: Node, x: str, **attrs) -> str:
+        """The com.microsoft activations ORT runs as a table built in float (qlinear_lookup_table.cc)."""
+        source = node.refs()[0]
+        return self.emit(op, [x, *self.grid(self.model.grids[source], source),
+                              *self.grid(self.model.qparams[node.name], node.name)], node.name, domain=MICROSOFT,
+                         **attrs)
 
     def op_max_pool2d(self, node: Node, x: str) -> str:
         a = node.attrs

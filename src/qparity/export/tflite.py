@@ -509,6 +509,26 @@ class _Exporter(Executor):
         self.fb.operator(name, [x.index], [out], options)
         return self.crop(TFLiteTensor(out, out_shape, x.grid, NHWC), crop, out_hw, node.name)
 
+    def op_sigmoid(self, node: Node, x: TFLiteTensor):
+        return self.elementwise(node, x, "LOGISTIC")
+
+    def op_tanh(self, node: Node, x: TFLiteTensor):
+        return self.elementwise(node, x, "TANH")
+
+    def op_hardswish(self, node: Node, x: TFLiteTensor):
+        return self.elementwise(node, x, "HARD_SWISH")
+
+    def op_leaky_relu(self, node: Node, x: TFLiteTensor):
+        options = self.fb.options("LeakyReluOptions", alpha=float(node.attrs["negative_slope"]))
+        return self.elementwise(node, x, "LEAKY_RELU", options)
+
+    def elementwise(self, node: Node, x: TFLiteTensor, name: str, options=None):
+        """A one-input activation onto the node's grid, in whatever layout its input is stored."""
+        grid = self.model.qparams[node.name]
+        out = self.activation(node.name, x.stored_shape, grid)
+        self.fb.operator(name, [x.index], [out], options)
+        return TFLiteTensor(out, x.shape, grid, x.perm)
+
     def op_clamp(self, node: Node, x: TFLiteTensor):
         bounds = self.target.activation_bounds(node.attrs.get("min"), node.attrs.get("max"), x.grid)
         return self.clamp(x, None if bounds == (x.grid.qmin, x.grid.qmax) else bounds, node.name)

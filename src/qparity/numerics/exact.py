@@ -7,6 +7,8 @@ Every result is round-half-even of an exact rational, then clamped:
 - rescale:     q = clamp(z_y + rhe((q - z) * s / s_y))
 - average:     q = z + rhe(sum(q - z) / count)
 - hardswish:   q = clamp(z_y + rhe(h(x) / s_y)), x = (q - z) * s, h(x) = x * clamp(x + 3, 0, 6) / 6 (rational in x)
+- sigmoid, tanh, hardsigmoid, leaky_relu: q = clamp(z_y + rhe(g(x) / s_y)), correctly rounded
+  (numerics/activations.py: Fractions for the rational ones, mpmath with a proven margin otherwise)
 The scales are float32 values taken at their exact binary value.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from fractions import Fraction
 import torch
 
 from ..qparams import QParams
+from .activations import exact_table
 from .arithmetic import ExactRatio, round_half_even_div, round_half_even_exact
 from .target import Target, channel_view, grid_views
 
@@ -61,6 +64,9 @@ class ExactTarget(Target):
 
     def average(self, sums, counts, qp):
         return int(qp.zero_point) + round_half_even_div(sums, counts)
+
+    def activation_table(self, kind, source, out, attrs):
+        return exact_table(kind, attrs, source, out)
 
     def elementwise_hardswish(self, numel):
         return True

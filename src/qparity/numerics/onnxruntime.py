@@ -16,6 +16,12 @@ f() is rounding to float32, rne round half to even, sat the clamp to the code dt
                                     q = sat(rne(f(f(avg / s) + z))): the zero point enters before rounding
 - global average (a window covering the whole input, no padding, which ORT routes to
   QLinearGlobalAveragePool): q = sat(rne(f(f(sum(q - z)) * M)) + z), M = f(s / f(s * N))
+- sigmoid, leaky_relu (com.microsoft QLinearSigmoid / QLinearLeakyRelu): a 256-entry table built in float
+                                    (qlinear_lookup_table.cc): x = f(s * f(q - z)), y = g(x), then
+                                    MlasQuantizeLinear: q = rne(clamp(f(y / s_y), qmin - z_y, qmax - z_y)) + z_y;
+                                    g = MLAS's FMA3 logistic (logistic.cpp, MlasLogisticKernelFma3: a rational
+                                    polynomial in fma steps on clamp(x, -18, 18), then f(p / q) + 0.5, max 0),
+                                    or x >= 0 ? x : f(alpha * x)
 Sources: onnxruntime/core/mlas/lib/quantize.cpp, providers/cpu/quantization/qlinearconv.cc,
 contrib_ops/cpu/quantization/{qladd.cc, qlinear_concat.cc, qlinear_pool.cc, qlinear_global_average_pool.cc}.
 Each formula matched ORT 1.32 (CPU EP, x86-64) with zero mismatches on random and tie-seeking cases.
@@ -49,6 +55,37 @@ def global_average_multiplier(scale: torch.Tensor, count: int):
     return scale / (scale * float(count))
 
 
+# MLAS's logistic on x86-64 with FMA3 (mlas/lib/logistic.cpp, MlasLogisticKernelFma3; constants as there).
+LOGISTIC_NUMERATOR = (4.37031012579801e-11, 1.15627324459942e-07, 6.08574864600143e-05, 8.51377133304701e-03,
+                      2.48287947061529e-01)
+LOGISTIC_DENOMINATOR = (6.10247389755681e-13, 5.76102136993427e-09, 6.29106785017040e-06, 1.70198817374094e-03,
+                        1.16817656904453e-01, 9.93151921023180e-01)
+
+
+def mlas_logistic(x: torch.Tensor) -> torch.Tensor:
+    """float32 logistic as MLAS's FMA3 kernel computes it: Horner steps in fma, then f(x p / q) + 0.5."""
+    x = torch.clamp(x.to(torch.float32), -18.0, 18.0)
+    x2 = x * x
+
+    def horner(coefficients):
+        constants = [torch.tensor(c, dtype=torch.float32) for c in coefficients]
+        value = fma_f32(x2, constants[0].expand_as(x2), constants[1].expand_as(x2))
+        for c in constants[2:]:
+            value = fma_f32(x2, value, c.expand_as(x2))
+        return value
+
+    ratio = (x * horner(LOGISTIC_NUMERATOR)) / horner(LOGISTIC_DENOMINATOR)
+    return torch.clamp(ratio + 0.5, min=0.0)
+
+
+def lookup_table(g, source: QParams, out: QParams) -> torch.Tensor:
+    """qlinear_lookup_table.cc: dequantize every code in float, apply g, MlasQuantizeLinear the result."""
+    x = source.scale.to(torch.float32) * (torch.arange(source.qmin, source.qmax + 1) - int(source.zero_point)).to(torch.float32)
+    zero_point = int(out.zero_point)
+    quotient = torch.clamp(g(x) / out.scale.to(torch.float32), out.qmin - zero_point, out.qmax - zero_point)
+    return torch.round(quotient).to(torch.int64) + zero_point
+
+
 class OnnxRuntimeTarget(Target):
     name = "onnxruntime"
     file_format = ".onnx"
@@ -58,6 +95,14 @@ class OnnxRuntimeTarget(Target):
     def quantize_unclamped(self, x, qp):
         scale, zero_point = grid_views(qp, x)
         return torch.round(x.to(torch.float32) / scale).to(torch.float64) + zero_point
+
+    def activation_table(self, kind, source, out, attrs):
+        if kind == "sigmoid":
+            return lookup_table(mlas_logistic, source, out)
+        if kind == "leaky_relu":
+            alpha = torch.tensor(attrs["negative_slope"], dtype=torch.float32)
+            return lookup_table(lambda x: torch.where(x >= 0, x, alpha * x), source, out)
+        return super().activation_table(kind, source, out, attrs)
 
     def quantize(self, x, qp):
         codes = torch.clamp(self.quantize_unclamped(x, qp), qp.qmin, qp.qmax)

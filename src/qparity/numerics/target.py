@@ -15,6 +15,7 @@ import torch
 from ..errors import UnsupportedOpError
 from . import pooling
 from ..qparams import QParams
+from .activations import TableCache
 
 Requantizer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -125,6 +126,26 @@ class Target:
         """Whether `hardswish` is a pure function of each code for tensors of `numel` elements (then the integer
         runtime tabulates it once for all codes, ops/lookup.py). False unless a target says so."""
         return False
+
+    # -- elementwise activations (numerics/activations.py) ------------------------------------------------
+    def activation(self, kind: str, q: torch.Tensor, source: QParams, out: QParams, attrs: dict) -> torch.Tensor:
+        """An activation (sigmoid, tanh, hardsigmoid, leaky_relu) of the codes q: the target's table, gathered."""
+        table = self._tables().get(kind, attrs, source, out,
+                                   lambda: self.activation_table(kind, source, out, attrs).to(torch.int64))
+        return table.to(q.device)[q - source.qmin]
+
+    def activation_table(self, kind: str, source: QParams, out: QParams, attrs: dict) -> torch.Tensor:
+        """The output code of every input code of `source`, as the target's runtime computes it."""
+        raise UnsupportedOpError(f"{kind} is not emulated for target {self.name!r}")
+
+    def fixed_output_qparams(self, kind: str, dtype: str) -> QParams | None:
+        """The output grid the runtime imposes on an operator (TFLite's int8 LOGISTIC: 1/256, -128), if any."""
+        return None
+
+    def _tables(self):
+        if "_activation_tables" not in self.__dict__:
+            self._activation_tables = TableCache()
+        return self._activation_tables
 
     def rescale(self, q: torch.Tensor, source: QParams, out: QParams) -> torch.Tensor:
         """Move codes from one grid to another (each input of a concatenation)."""

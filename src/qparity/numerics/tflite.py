@@ -24,6 +24,7 @@ import torch
 
 from ..qparams import QParams
 from .arithmetic import multiply_by_quantized_multiplier, quantize_multiplier, round_half_away, truncating_div
+from .litert_activations import LiteRTActivations, tflite_leaky_relu_table, tflite_table
 from .target import Target, channel_view, grid_views
 
 ADD_LEFT_SHIFT = 20  # reference int8 ADD: data->left_shift = 20 for 8-bit outputs (kernels/add.cc)
@@ -50,11 +51,18 @@ def rescale_multiplier(source: QParams, out: QParams):
     return _multiplier(source.scale.to(torch.float64) / out.scale.to(torch.float64))
 
 
-class TFLiteTarget(Target):
+class TFLiteTarget(LiteRTActivations, Target):
     name = "tflite"
     file_format = ".tflite"
     summary = "TFLite int8 reference kernels: Q31 multiplier, gemmlowp double rounding"
     activation_dtypes = ("int8",)
+
+    def activation_table(self, kind, source, out, attrs):
+        if kind in ("sigmoid", "tanh"):
+            return tflite_table(kind, source, out)
+        if kind == "leaky_relu":
+            return tflite_leaky_relu_table(source, out, attrs["negative_slope"])
+        return super().activation_table(kind, source, out, attrs)
 
     def quantize_unclamped(self, x, qp):
         scale, zero_point = grid_views(qp, x)

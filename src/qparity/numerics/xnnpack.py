@@ -35,6 +35,7 @@ import torch
 
 from ..errors import UnsupportedOpError
 from .arithmetic import float32_requantizer, quantize_multiplier, saturating_rounding_doubling_high_mul
+from .litert_activations import LiteRTActivations, xnnpack_leaky_relu_table, xnnpack_table
 from .target import Target, channel_view, grid_views
 from .tflite import TFLiteTarget
 
@@ -54,11 +55,18 @@ def _shift_right_half_up(x: torch.Tensor, shift: int) -> torch.Tensor:
     return (x + ((1 << shift) >> 1)) >> shift
 
 
-class XnnpackTarget(Target):
+class XnnpackTarget(LiteRTActivations, Target):
     name = "xnnpack"
     file_format = ".tflite"
     summary = "LiteRT default kernels (XNNPACK): float32 multiplier, round half to even; fixed-point add"
     activation_dtypes = ("int8",)
+
+    def activation_table(self, kind, source, out, attrs):
+        if kind in ("sigmoid", "tanh"):
+            return xnnpack_table(kind, source, out)
+        if kind == "leaky_relu":
+            return xnnpack_leaky_relu_table(source, out, attrs["negative_slope"])
+        return super().activation_table(kind, source, out, attrs)
 
     def quantize_unclamped(self, x, qp):
         scale, zero_point = grid_views(qp, x)

@@ -35,8 +35,14 @@ class Operator:
         return tuple(t for t in TARGET_NAMES if t not in self.refused_by)
 
 
-_HARDSWISH_UNMATCHED = ("its runtime's int8 HARD_SWISH kernel is not yet emulated bit for bit, so qparity "
-                        "cannot promise the deployed codes")
+
+_NOT_YET_MATCHED = ("its runtime's int8 kernel for this operator is not yet emulated bit for bit, so qparity "
+                    "cannot promise the deployed codes")
+_ORT_NO_KERNEL = ("ONNX Runtime has no quantized (QLinear) CPU kernel for it: its quantization tool runs it in float "
+                  "between DequantizeLinear and QuantizeLinear")
+
+_TFLITE_NO_KERNEL = ("LiteRT has no int8 kernel for it (TFLite's converter rewrites it into other operators); "
+                     "write it as relu6(x + 3) / 6 once those operators are supported")
 
 OPERATORS: Dict[str, Operator] = {op.name: op for op in (
     Operator("input", "model inputs", True, "quantize (the target's QUANTIZE rule)",
@@ -61,11 +67,31 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "float concatenation of the dequantized inputs", "every input a tensor computed by the model",
              torch_form="torch.ops.quantized.cat"),
     Operator("hardswish", "`nn.Hardswish`, `F.hardswish`", True,
-             "the target's hardswish of one code (a table of all codes where the result depends only on the code)",
+             "the target's hardswish of one code (a table of all codes where the result depends only on the code; "
+             "LiteRT: TFLite's int16 fixed-point HARD_SWISH)",
              "F.hardswish of the dequantized input", "never fused into the layer before it",
-             refused_by={"tflite": _HARDSWISH_UNMATCHED, "xnnpack": _HARDSWISH_UNMATCHED,
-                         "onnxruntime": _HARDSWISH_UNMATCHED},
-             formats=(), torch_form="torch.ao.nn.quantized.Hardswish"),
+             refused_by={"onnxruntime": _ORT_NO_KERNEL},
+             formats=("tflite",), torch_form="torch.ao.nn.quantized.Hardswish"),
+    Operator("sigmoid", "`nn.Sigmoid`, `torch.sigmoid`, `F.sigmoid`, `Tensor.sigmoid`", True,
+             "the target's table of all input codes (numerics/activations.py); LiteRT: output grid 1/256, -128",
+             "torch.sigmoid of the dequantized input",
+             refused_by={t: _NOT_YET_MATCHED for t in ("fbgemm", "x86", "qnnpack")},
+             formats=("onnx", "tflite"), torch_form=None),
+    Operator("tanh", "`nn.Tanh`, `torch.tanh`, `F.tanh`, `Tensor.tanh`", True,
+             "the target's table of all input codes; LiteRT: output grid 1/128, 0", "torch.tanh of the dequantized input",
+             refused_by={**{t: _NOT_YET_MATCHED for t in ("fbgemm", "x86", "qnnpack")},
+                         "onnxruntime": _ORT_NO_KERNEL},
+             formats=("tflite",), torch_form=None),
+    Operator("hardsigmoid", "`nn.Hardsigmoid`, `F.hardsigmoid`", True,
+             "the target's table of all input codes", "F.hardsigmoid of the dequantized input",
+             refused_by={**{t: _NOT_YET_MATCHED for t in ("fbgemm", "x86", "qnnpack")},
+                         "onnxruntime": _ORT_NO_KERNEL,
+                         "tflite": _TFLITE_NO_KERNEL, "xnnpack": _TFLITE_NO_KERNEL},
+             formats=(), torch_form=None),
+    Operator("leaky_relu", "`nn.LeakyReLU`, `F.leaky_relu`", True,
+             "the target's table of all input codes; the slope as float32", "F.leaky_relu of the dequantized input",
+             refused_by={t: _NOT_YET_MATCHED for t in ("fbgemm", "x86", "qnnpack")},
+             formats=("onnx", "tflite"), torch_form=None),
     Operator("clamp", "`nn.ReLU`, `nn.ReLU6`, `nn.Hardtanh`, `F.relu`, `torch.relu`, `Tensor.relu`, `F.relu6`, "
              "`F.hardtanh`, `torch.clamp`/`clip`, `Tensor.clamp`/`clip`", False,
              "fused into the output range of the conv/linear/add right before it when that node has no other "

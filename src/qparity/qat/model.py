@@ -33,6 +33,10 @@ class QATModel(nn.Module):
         self.layers = nn.ModuleDict(layers)
         self.observers = nn.ModuleDict({n.name: ActivationObserver(activation_dtype, n.path)
                                         for n in graph.nodes if n.new_grid})
+        for node in graph.nodes:  # grids the target's runtime imposes (TFLite's LOGISTIC: 1/256, -128)
+            fixed = target.fixed_output_qparams(node.op, activation_dtype) if node.new_grid else None
+            if fixed is not None:
+                self.observers[node.name].fix(fixed)
 
     @property
     def frozen(self) -> bool:

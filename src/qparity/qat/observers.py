@@ -51,6 +51,12 @@ class ActivationObserver(nn.Module):
                 "(training or calibration) before evaluating, freezing or converting it")
         return affine_qparams(self.min_val, self.max_val, self.dtype)
 
+    def fix(self, qp: QParams) -> None:
+        """Use `qp` from now on, whatever the data: an output grid the target's runtime imposes."""
+        self.frozen_scale.copy_(qp.scale)
+        self.frozen_zero_point.copy_(qp.zero_point)
+        self.is_frozen.fill_(True)
+
     def freeze(self) -> None:
         if self.frozen:
             return

@@ -1,0 +1,110 @@
+"""Elementwise activations of one code: their real functions, and the exact (correctly rounded) tables.
+
+An 8-bit activation has at most 256 input codes, so every runtime that computes it as a pure function of the
+code is described completely by a table of output codes, one per input code; each target builds that table
+with its runtime's own arithmetic (`Target.activation_table`). This module holds what is common: the names
+and parameters, and the analytical answer that the `exact` target gives.
+
+Parameters are float32, as every runtime stores them: LeakyReLU's slope is alpha = f(negative_slope).
+The exact answer is round half to even of the exact real value f(x) / s_y, x = s * (q - z) taken exactly:
+- hardsigmoid(x) = clamp(x + 3, 0, 6) / 6 and leaky_relu(x) = x or alpha * x are rational in x: computed
+  with Fractions;
+- sigmoid(x) = 1 / (1 + e^-x) and tanh(x) are transcendental for every rational x != 0 (Lindemann), so no
+  exact tie exists away from x = 0 (handled exactly); they are evaluated with mpmath at a precision raised
+  until the value is provably on one side of the rounding boundary.
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Callable, Dict
+
+import mpmath
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..qparams import QParams
+
+NAMES = ("sigmoid", "tanh", "hardsigmoid", "leaky_relu")
+
+
+def real_function(kind: str, attrs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The float function QAT differentiates (the surrogate)."""
+    if kind == "sigmoid":
+        return torch.sigmoid
+    if kind == "tanh":
+        return torch.tanh
+    if kind == "hardsigmoid":
+        return F.hardsigmoid
+    if kind == "leaky_relu":
+        return lambda x: F.leaky_relu(x, float32(attrs["negative_slope"]))
+    raise KeyError(kind)
+
+
+def float32(value: float) -> float:
+    return float(np.float32(value))
+
+
+def codes(qp: QParams) -> torch.Tensor:
+    """Every code of a grid, in order: the index of an activation table."""
+    return torch.arange(qp.qmin, qp.qmax + 1, dtype=torch.int64)
+
+
+def _rational(kind: str, attrs: dict, x: Fraction) -> Fraction:
+    if kind == "hardsigmoid":
+        return min(max(x + 3, Fraction(0)), Fraction(6)) / 6
+    alpha = Fraction(float32(attrs["negative_slope"]))
+    return x if x >= 0 else alpha * x
+
+
+def _transcendental(kind: str, x: Fraction):
+    value = mpmath.mpf(x.numerator) / x.denominator
+    return 1 / (1 + mpmath.exp(-value)) if kind == "sigmoid" else mpmath.tanh(value)
+
+
+def _round_transcendental(kind: str, x: Fraction, out_scale: Fraction) -> int:
+    """round(f(x) / s_y), correctly: raise the precision until the quotient is off every half-integer."""
+    if x == 0:
+        half = Fraction(1, 2) if kind == "sigmoid" else Fraction(0)
+        return round(half / out_scale)
+    for digits in (40, 80, 160, 320):
+        with mpmath.workdps(digits):
+            quotient = _transcendental(kind, x) / (mpmath.mpf(out_scale.numerator) / out_scale.denominator)
+            nearest_half = mpmath.floor(quotient) + mpmath.mpf(1) / 2
+            if abs(quotient - nearest_half) > mpmath.mpf(10) ** (10 - digits):
+                return int(mpmath.floor(quotient + mpmath.mpf(1) / 2))
+    raise ArithmeticError(f"{kind}({x}) / {out_scale} is within 10^-310 of a rounding boundary")
+
+
+def exact_table(kind: str, attrs: dict, source: QParams, out: QParams) -> torch.Tensor:
+    """The exact target's output code for every input code of `source`."""
+    s, s_y = Fraction(float(source.scale)), Fraction(float(out.scale))
+    z, z_y = int(source.zero_point), int(out.zero_point)
+    table = []
+    for code in range(source.qmin, source.qmax + 1):
+        x = (code - z) * s
+        if kind in ("sigmoid", "tanh"):
+            value = z_y + _round_transcendental(kind, x, s_y)
+        else:
+            value = z_y + round(_rational(kind, attrs, x) / s_y)  # round() on a Fraction: half to even
+        table.append(min(max(value, out.qmin), out.qmax))
+    return torch.tensor(table, dtype=torch.int64)
+
+
+class TableCache:
+    """A target's activation tables, keyed by operator, parameters and grids (training changes the grids
+    every step; a few hundred tables are kept)."""
+
+    def __init__(self, size: int = 512):
+        self.size = size
+        self.tables: Dict[tuple, torch.Tensor] = {}
+
+    def get(self, kind: str, attrs: dict, source: QParams, out: QParams, build) -> torch.Tensor:
+        key = (kind, tuple(sorted(attrs.items())), float(source.scale), int(source.zero_point), source.dtype,
+               float(out.scale), int(out.zero_point), out.dtype)
+        table = self.tables.get(key)
+        if table is None:
+            if len(self.tables) >= self.size:
+                self.tables.pop(next(iter(self.tables)))
+            table = self.tables[key] = build()
+        return table

@@ -1,0 +1,141 @@
+"""Elementwise activations (sigmoid, tanh, hardsigmoid, leaky_relu, hardswish): fake == integer on every
+code for every target that runs them, the exported file's runtime gives the same codes, and the targets that
+cannot run one refuse it at prepare_qat."""
+import math
+import os
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import qparity as qp
+from qparity.errors import UnsupportedOpError
+from qparity.numerics import get_target
+from qparity.numerics.activations import exact_table
+from qparity.ops.registry import OPERATORS
+
+ACTIVATIONS = {"sigmoid": lambda: nn.Sigmoid(), "tanh": lambda: nn.Tanh(), "hardsigmoid": lambda: nn.Hardsigmoid(),
+               "leaky_relu": lambda: nn.LeakyReLU(0.15), "hardswish": lambda: nn.Hardswish()}
+PAIRS = [(op, target) for op in ACTIVATIONS for target in qp.TARGETS]
+FILES = {"tflite": ".tflite", "xnnpack": ".tflite", "onnxruntime": ".onnx"}
+
+
+def every_code_input(scale: float, offset: float, n: int = 600) -> torch.Tensor:
+    """Inputs spanning the calibrated range and beyond, so every input code (and the clamp) is used."""
+    return torch.linspace(-1.4, 1.4, n).reshape(n, 1) * scale + offset
+
+
+def convert_activation(op: str, target: str, scale: float, offset: float):
+    """A one-activation model calibrated on [offset - scale, offset + scale], and inputs that hit every input code
+    of its grid (the grid always spans 0 too) and go beyond it."""
+    model = nn.Sequential(ACTIVATIONS[op]())
+    x = every_code_input(scale, offset)
+    prepared = qp.prepare_qat(model, (x[:4],), target=target)
+    qp.calibrate(prepared, [x / 1.4])
+    qp.freeze(prepared)
+    integer = qp.convert(prepared)
+    grid = integer.input_qparams[0]
+    every_code = integer.target.dequantize(torch.arange(grid.qmin, grid.qmax + 1), grid).reshape(-1, 1)
+    beyond = every_code_input(2 * max(abs(float(every_code.min())), abs(float(every_code.max()))), 0.0, 50)
+    return prepared, integer, torch.cat([every_code, beyond])
+
+
+@pytest.mark.parametrize("op, target", PAIRS)
+@settings(max_examples=6, deadline=None)
+@given(scale=st.floats(0.05, 12), offset=st.floats(-4, 4))
+def test_activation_fake_equals_integer_on_every_code_or_is_refused_at_prepare(op, target, scale, offset):
+    if target in OPERATORS[op].refused_by:
+        with pytest.raises(UnsupportedOpError, match=rf"{op} at module '0' cannot run on target '{target}'"):
+            convert_activation(op, target, scale, offset)
+        return
+    try:
+        prepared, integer, x = convert_activation(op, target, scale, offset)
+    except UnsupportedOpError as error:  # a grid the runtime itself refuses, named as such
+        assert op == "hardswish" and "HARD_SWISH refuses" in str(error), error
+        return
+    assert torch.equal(prepared.eval()(x), integer(x))
+    grid = integer.input_qparams[0]
+    assert len(torch.unique(integer.quantize(x))) == grid.qmax - grid.qmin + 1  # every input code was used
+
+
+@pytest.mark.parametrize("op, target", [(op, t) for op, t in PAIRS if t in FILES])
+@settings(max_examples=4, deadline=None)
+@given(scale=st.floats(0.05, 12), offset=st.floats(-4, 4))
+def test_exported_activation_gives_the_integer_models_codes_in_the_real_runtime(tmp_path_factory, op, target,
+                                                                                 scale, offset):
+    if target in OPERATORS[op].refused_by:
+        return  # test above
+    try:
+        _, integer, x = convert_activation(op, target, scale, offset)
+    except UnsupportedOpError:
+        return
+    path = os.path.join(tmp_path_factory.mktemp("act"), "model" + FILES[target])
+    qp.export(integer, path)
+    report = qp.verify(integer, path, x)
+    assert report.ok and report.mismatched == 0, str(report)
+
+
+@pytest.mark.parametrize("op", ["sigmoid", "tanh"])
+def test_exact_transcendental_tables_are_correctly_rounded(op):
+    """The exact target's tables agree with float64 evaluation wherever float64 is far from a tie."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        source = qp.QParams(float(np.float32(10 ** rng.uniform(-2, 0))), int(rng.integers(-128, 128)), "int8")
+        out = qp.QParams(float(np.float32(10 ** rng.uniform(-3, -1))), int(rng.integers(-128, 128)), "int8")
+        table = exact_table(op, {}, source, out)
+        for code, value in zip(range(-128, 128), table.tolist()):
+            x = float(Fraction(float(source.scale)) * (code - int(source.zero_point)))
+            real = (1 / (1 + math.exp(-x)) if op == "sigmoid" else math.tanh(x)) / float(out.scale)
+            if abs(real - math.floor(real) - 0.5) > 1e-6:
+                assert value == min(max(round(real) + int(out.zero_point), -128), 127)
+
+
+def test_exact_piecewise_linear_tables_match_fractions():
+    source, out = qp.QParams(0.0625, 3, "int8"), qp.QParams(0.03125, -100, "int8")
+    hard = exact_table("hardsigmoid", {}, source, out)
+    leaky = exact_table("leaky_relu", {"negative_slope": 0.25}, source, out)
+    for i, code in enumerate(range(-128, 128)):
+        x = Fraction(1, 16) * (code - 3)
+        expected_hard = round(min(max(x + 3, 0), 6) / 6 * 32) - 100
+        expected_leaky = round((x if x >= 0 else x / 4) * 32) - 100
+        assert hard[i] == min(max(expected_hard, -128), 127)
+        assert leaky[i] == min(max(expected_leaky, -128), 127)
+
+
+@pytest.mark.parametrize("target", ["tflite", "xnnpack"])
+def test_litert_targets_use_the_output_grids_tflite_requires(target):
+    _, integer, _ = convert_activation("sigmoid", target, 3.0, 0.0)
+    (node,) = [n for n in integer.graph.nodes if n.op == "sigmoid"]
+    assert (float(integer.qparams[node.name].scale), int(integer.qparams[node.name].zero_point)) == (1 / 256, -128)
+    _, integer, _ = convert_activation("tanh", target, 3.0, 0.0)
+    (node,) = [n for n in integer.graph.nodes if n.op == "tanh"]
+    assert (float(integer.qparams[node.name].scale), int(integer.qparams[node.name].zero_point)) == (1 / 128, 0)
+
+
+@pytest.mark.parametrize("form", [lambda x: torch.sigmoid(x), lambda x: x.sigmoid(), lambda x: torch.tanh(x),
+                                  lambda x: x.tanh(), lambda x: torch.nn.functional.hardsigmoid(x),
+                                  lambda x: torch.nn.functional.leaky_relu(x, 0.2)])
+def test_functional_forms_are_captured(form):
+    class Model(nn.Module):
+        def forward(self, x):
+            return form(x)
+
+    x = torch.randn(8, 5)
+    prepared = qp.prepare_qat(Model(), (x,), target="exact")
+    assert prepared.graph.nodes[-1].op in ("sigmoid", "tanh", "hardsigmoid", "leaky_relu")
+    qp.calibrate(prepared, [x])
+    qp.freeze(prepared)
+    assert torch.equal(prepared.eval()(x), qp.convert(prepared)(x))
+
+
+def test_activation_gradient_is_the_float_functions():
+    x = torch.linspace(-3, 3, 50).reshape(50, 1)
+    prepared = qp.prepare_qat(nn.Sequential(nn.Linear(1, 1), nn.Sigmoid()), (x,), target="exact")
+    qp.calibrate(prepared, [x])
+    prepared.train()
+    prepared(x).sum().backward()
+    assert next(prepared.parameters()).grad is not None and torch.isfinite(next(prepared.parameters()).grad).all()
