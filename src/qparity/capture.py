@@ -23,7 +23,7 @@ from .numerics.accumulate import ConvGeometry
 from .numerics.pooling import adaptive_as_pooling
 
 SUPPORTED = ("Conv2d, Linear, BatchNorm2d after Conv2d, ReLU, ReLU6, Hardtanh, clamp, add of two tensors, cat, "
-             "Hardswish, Sigmoid, Tanh, Hardsigmoid, LeakyReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean over H and W, flatten/reshape/view/permute, "
+             "mul of two tensors (broadcasting), Hardswish, Sigmoid, SiLU, Tanh, Hardsigmoid, LeakyReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean over H and W, flatten/reshape/view/permute, "
              "Identity, Dropout")
 
 
@@ -197,6 +197,8 @@ class _Builder:
             self.emit(node, "hardswish", [self.ref(x)], attrs={})
         elif isinstance(module, (nn.Sigmoid, nn.Tanh, nn.Hardsigmoid)):
             self.emit(node, ACTIVATION_MODULES[type(module)], [self.ref(x)], attrs={})
+        elif isinstance(module, nn.SiLU):
+            self.emit_silu(node, x)
         elif isinstance(module, nn.LeakyReLU):
             self.emit(node, "leaky_relu", [self.ref(x)], attrs={"negative_slope": float(module.negative_slope)})
         elif isinstance(module, nn.MaxPool2d):
@@ -239,6 +241,10 @@ class _Builder:
             self.emit(node, "leaky_relu", [self.ref(args[0])], attrs={"negative_slope": float(slope)})
         elif fn in (operator.add, torch.add):
             self.emit_add(node, args, kwargs)
+        elif fn in (operator.mul, torch.mul) and isinstance(self.values.get(node.name), torch.Tensor):
+            self.emit_mul(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
+        elif fn is F.silu:
+            self.emit_silu(node, args[0])
         elif fn in (torch.cat, torch.concat):
             dim = _bind(args[1:], kwargs, ("dim",), (0,))[0]
             tensors = args[0]
@@ -282,7 +288,8 @@ class _Builder:
             if key is None:
                 raise self.unsupported(node)
             if fn in SHAPE_ARITHMETIC and isinstance(self.values.get(node.name), torch.Tensor):
-                raise self.unsupported(node, "arithmetic on a quantized tensor other than adding two tensors")
+                raise self.unsupported(node, "arithmetic on a quantized tensor other than adding or multiplying two "
+                                             "tensors")
             self.check_code_preserving(node)
             self.emit(node, "call", self.ref(args), self.ref(dict(kwargs)), attrs={"fn": "function:" + key})
 
@@ -298,6 +305,8 @@ class _Builder:
             self.emit_mean(node, args[0], args[1:], kwargs)
         elif name in ("sigmoid", "tanh"):
             self.emit(node, name, [self.ref(args[0])], attrs={})
+        elif name == "mul" and isinstance(self.values.get(node.name), torch.Tensor):
+            self.emit_mul(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
         elif name in CODE_PRESERVING_METHODS:
             self.check_code_preserving(node)
             self.emit(node, "call", self.ref(args), self.ref(dict(kwargs)), attrs={"fn": "method:" + name})
@@ -349,6 +358,18 @@ class _Builder:
             raise self.unsupported(node, f"add of tensors of different shapes {tuple(self.values[a.name].shape)} and "
                                          f"{tuple(self.values[b.name].shape)} (broadcasting)")
         self.emit(node, "add", [self.ref(a), self.ref(b)], attrs={})
+
+    def emit_mul(self, node, a, b) -> None:
+        if not (self.is_tensor(a) and self.is_tensor(b)):
+            raise self.unsupported(node, "mul of a tensor and a constant (only two quantized tensors can be "
+                                         "multiplied)")
+        self.emit(node, "mul", [self.ref(a), self.ref(b)], attrs={})
+
+    def emit_silu(self, node, x) -> None:
+        """SiLU as the runtimes run it: x * sigmoid(x), a sigmoid with its own grid, then a mul."""
+        gate = Node(node.name + "_sigmoid", "sigmoid", (self.ref(x),), {}, {}, _where(node))
+        self.nodes.append(gate)
+        self.emit(node, "mul", [self.ref(x), Ref(gate.name)], attrs={})
 
     def emit_max_pool(self, node, x, kernel, stride, padding, dilation, ceil_mode) -> None:
         kernel = _pair(kernel)

@@ -125,6 +125,9 @@ class TorchQuantizedModel(nn.Module):
             qp = self.qparams[node.name]
             op = torch.ops.quantized.add_relu if _relu_only(node) else torch.ops.quantized.add
             return op(args[0], args[1], float(qp.scale), int(qp.zero_point))
+        if node.op == "mul":
+            qp = self.qparams[node.name]
+            return torch.ops.quantized.mul(args[0], args[1], float(qp.scale), int(qp.zero_point))
         if node.op == "cat":
             qp = self.qparams[node.name]
             return torch.ops.quantized.cat(list(args[0]), node.attrs["dim"], float(qp.scale), int(qp.zero_point))

@@ -8,6 +8,7 @@ Each operator of the integer program becomes the ONNX Runtime kernel whose arith
     linear         com.microsoft QGemm (transB=1, per-column b_scale, int32 bias as C); inputs of rank > 2
                    are reshaped to [-1, K] and back
     add            com.microsoft QLinearAdd
+    mul            com.microsoft QLinearMul (numpy broadcasting)
     cat            com.microsoft QLinearConcat
     sigmoid        com.microsoft QLinearSigmoid
     leaky_relu     com.microsoft QLinearLeakyRelu (alpha as float32)
@@ -238,6 +239,13 @@ class _OnnxBuilder:
                                      *self.grid(self.model.grids[second], second), *self.grid(out_qp, node.name)],
                       f"{node.name}.add", domain=MICROSOFT)
         return self.clip(y, node, fused_clamp_bounds(self.model.target, node, out_qp), out_qp)
+
+    def op_mul(self, node: Node, a: str, b: str) -> str:
+        out_qp = self.model.qparams[node.name]
+        first, second = node.refs()
+        return self.emit("QLinearMul", [a, *self.grid(self.model.grids[first], first), b,
+                                        *self.grid(self.model.grids[second], second), *self.grid(out_qp, node.name)],
+                         node.name, domain=MICROSOFT)
 
     def op_cat(self, node: Node, tensors: List[str]) -> str:
         out_qp = self.model.qparams[node.name]

@@ -462,6 +462,17 @@ class _Exporter(Executor):
         self.fb.operator("ADD", [a.index, b.index], [out], self.fb.options("AddOptions", fusedActivationFunction=act))
         return self.clamp(TFLiteTensor(out, a.shape, grid, a.perm), rest, node.name)
 
+    def op_mul(self, node: Node, a: TFLiteTensor, b: TFLiteTensor):
+        """MUL with broadcasting: both operands stored in one layout, so their stored shapes broadcast alike."""
+        grid = self.model.qparams[node.name]
+        if len(a.shape) != len(b.shape):
+            raise self.refuse(node, f"mul of ranks {len(a.shape)} and {len(b.shape)} (expand the smaller one first)")
+        b = self.in_layout(b, a.perm)
+        shape = tuple(max(x, y) for x, y in zip(a.shape, b.shape))
+        out = self.activation(node.name, [shape[p] for p in a.perm], grid)
+        self.fb.operator("MUL", [a.index, b.index], [out], self.fb.options("MulOptions"))
+        return TFLiteTensor(out, shape, grid, a.perm)
+
     def op_cat(self, node: Node, tensors):
         grid = self.model.qparams[node.name]
         rank = len(tensors[0].shape)

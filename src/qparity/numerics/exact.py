@@ -4,6 +4,7 @@ Every result is round-half-even of an exact rational, then clamped:
 - quantize:    q = clamp(z + rhe(x / s))
 - conv/linear: q = clamp(z_y + rhe((acc + bias) * s_x * s_w / s_y))
 - add:         q = clamp(z_y + rhe(((q_a - z_a) * s_a + (q_b - z_b) * s_b) / s_y))
+- mul:         q = clamp(z_y + rhe((q_a - z_a) * (q_b - z_b) * s_a * s_b / s_y))
 - rescale:     q = clamp(z_y + rhe((q - z) * s / s_y))
 - average:     q = z + rhe(sum(q - z) / count)
 - hardswish:   q = clamp(z_y + rhe(h(x) / s_y)), x = (q - z) * s, h(x) = x * clamp(x + 3, 0, 6) / 6 (rational in x)
@@ -56,6 +57,13 @@ class ExactTarget(Target):
                  (qb - zb, ExactRatio.of_scales([b.scale], [out.scale]))]
         k_max = (a.qmax - a.qmin, b.qmax - b.qmin)  # |q - z| never exceeds the dtype's span
         return zy + round_half_even_exact(terms, lo - zy, hi - zy, k_max)
+
+    def multiply(self, qa, a, qb, b, out, lo, hi):
+        zy = int(out.zero_point)
+        product = (qa - int(a.zero_point)) * (qb - int(b.zero_point))
+        ratio = ExactRatio.of_scales([a.scale, b.scale], [out.scale])
+        k_max = ((a.qmax - a.qmin) * (b.qmax - b.qmin),)
+        return zy + round_half_even_exact([(product, ratio)], lo - zy, hi - zy, k_max)
 
     def rescale(self, q, source, out):
         zy = int(out.zero_point)

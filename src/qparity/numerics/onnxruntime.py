@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from . import pooling
+from ..errors import UnsupportedOpError
 from ..qparams import QParams
 from .arithmetic import float32_requantizer, fma_f32
 from .target import Target, channel_view, grid_views
@@ -95,6 +96,17 @@ class OnnxRuntimeTarget(Target):
     def quantize_unclamped(self, x, qp):
         scale, zero_point = grid_views(qp, x)
         return torch.round(x.to(torch.float32) / scale).to(torch.float64) + zero_point
+
+    def multiply(self, qa, a, qb, b, out, lo, hi):
+        # com.microsoft QLinearMul (mlas/lib/qlmul.cpp, MlasQLinearMulKernel): M = f(f(s_a * s_b) / s_y),
+        # q = sat(sat16(rne(f(f(p * M) + f(z_y))))) with p = (q_a - z_a)(q_b - z_b) exact in float32 (|p| <= 2^16).
+        multiplier = (a.scale.to(torch.float32) * b.scale.to(torch.float32)) / out.scale.to(torch.float32)
+        if float(multiplier) * (1 << 16) >= 2.0**31:  # the kernel's float-to-int32 conversion would overflow
+            raise UnsupportedOpError(f"mul with s_a * s_b / s_y = {float(multiplier):.6g}: ONNX Runtime's QLinearMul "
+                                     "wraps such products to the lowest code; widen the output grid")
+        product = ((qa - int(a.zero_point)) * (qb - int(b.zero_point))).to(torch.float32)
+        value = torch.round(product * multiplier + float(out.zero_point))
+        return value.clamp_(-32768, 32767).clamp_(lo, hi).to(torch.int64)
 
     def activation_table(self, kind, source, out, attrs):
         if kind == "sigmoid":

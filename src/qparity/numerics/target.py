@@ -104,6 +104,11 @@ class Target:
         """Elementwise sum of two quantized tensors on different grids."""
         raise NotImplementedError
 
+    def multiply(self, qa: torch.Tensor, a: QParams, qb: torch.Tensor, b: QParams, out: QParams,
+                 lo: int, hi: int) -> torch.Tensor:
+        """Elementwise product of two quantized tensors (broadcasting), onto the output grid."""
+        raise UnsupportedOpError(f"mul is not emulated for target {self.name!r}")
+
     def accumulation(self, geometry, weight_shape) -> str:
         """How the runtime forms a conv/linear accumulator: "exact" int32, or a named kernel-specific rule
         ("int16_pairs": fbgemm's depthwise kernels). Raises UnsupportedOpError for kernels not emulated."""

@@ -100,6 +100,14 @@ class TFLiteTarget(LiteRTActivations, Target):
         raw = multiply_by_quantized_multiplier(raw_sum, m_y, s_y)
         return raw.add_(int(out.zero_point)).clamp_(lo, hi)
 
+    def multiply(self, qa, a, qb, b, out, lo, hi):
+        # mul.cc Prepare: real = f(f(s_a * s_b) / s_y) computed in float, then QuantizeMultiplier(double(real));
+        # reference_integer_ops::Mul / BroadcastMul6DSlow: z_y + MBQM((q_a - z_a) * (q_b - z_b)).
+        real = (a.scale.to(torch.float32) * b.scale.to(torch.float32)) / out.scale.to(torch.float32)
+        m0, shift = _multiplier(real)
+        product = (qa - int(a.zero_point)) * (qb - int(b.zero_point))
+        return multiply_by_quantized_multiplier(product, m0, shift).add_(int(out.zero_point)).clamp_(lo, hi)
+
     def rescale(self, q, source, out):
         if source.same_grid(out):
             return q  # the kernels copy tensors that already share scale and zero point

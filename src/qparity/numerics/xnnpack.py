@@ -61,6 +61,19 @@ class XnnpackTarget(LiteRTActivations, Target):
     summary = "LiteRT default kernels (XNNPACK): float32 multiplier, round half to even; fixed-point add"
     activation_dtypes = ("int8",)
 
+    def multiply(self, qa, a, qb, b, out, lo, hi):
+        # XNNPACK qs8 vmul (src/microparams-init.c, xnn_init_qs8_mul_minmax_scalar_params; delegate: the scale
+        # must lie in [2^-16, 256), else LiteRT runs its builtin MUL, whose int16 vector loop depends on the
+        # element's position): s = f(f(s_a * s_b) / s_y), q = clamp(sat16(rne(f(p * s))) + z_y).
+        scale = (a.scale.to(torch.float32) * b.scale.to(torch.float32)) / out.scale.to(torch.float32)
+        if not (2.0**-16 <= float(scale) < 256.0):
+            raise UnsupportedOpError(f"mul with s_a * s_b / s_y = {float(scale):.6g}: LiteRT's XNNPACK delegate takes "
+                                     "MUL only for ratios in [2^-16, 256); outside it the builtin kernel's result "
+                                     "depends on the element's position. Use target 'tflite' or other grids")
+        product = ((qa - int(a.zero_point)) * (qb - int(b.zero_point))).to(torch.float32)
+        rounded = torch.round(product * scale).clamp_(-32768, 32767).to(torch.int64)
+        return rounded.add_(int(out.zero_point)).clamp_(lo, hi)
+
     def activation_table(self, kind, source, out, attrs):
         if kind in ("sigmoid", "tanh"):
             return xnnpack_table(kind, source, out)

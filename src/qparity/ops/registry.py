@@ -62,6 +62,11 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "float sum of the dequantized inputs",
              "two tensors of the same shape (no broadcasting, no constants), `alpha=1`",
              torch_form="torch.ops.quantized.add"),
+    Operator("mul", "`a * b`, `torch.mul`, `Tensor.mul` of two tensors (broadcasting); `nn.SiLU` / `F.silu` "
+             "become sigmoid then mul", True, "the target's product of two grids (LiteRT reference: MBQM; XNNPACK "
+             "and ONNX Runtime: float32 multiplier; PyTorch's engines: float32 multiplier)",
+             "float product of the dequantized inputs", "two tensors (no constants); xnnpack: s_a s_b / s_y in "
+             "[2^-16, 256), where LiteRT's delegate runs it", torch_form="torch.ops.quantized.mul"),
     Operator("cat", "`torch.cat`, `torch.concat`", True,
              "each input rescaled to the output grid (a copy when the grids are equal)",
              "float concatenation of the dequantized inputs", "every input a tensor computed by the model",

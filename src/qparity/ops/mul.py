@@ -1,0 +1,11 @@
+"""mul: the elementwise product of two tensors on their own grids (broadcasting, e.g. squeeze-excite's
+x * gate), onto a new grid, by the target's multiply."""
+from __future__ import annotations
+
+
+def run(ctx, node, a, b):
+    def codes(inputs, out, lo, hi):
+        (qa, ga), (qb, gb) = ((v.codes, v.qparams) for v in inputs)
+        return ctx.target.multiply(qa, ga, qb, gb, out, lo, hi)
+
+    return ctx.new_grid(node, [a, b], lambda: ctx.dequantize(a) * ctx.dequantize(b), codes)
