@@ -9,7 +9,7 @@ import pytest
 
 import qparity
 from qparity import cli
-from qparity.demo import DemoConfig, DemoResult, TargetResult, run_demo
+from qparity.demo import DemoConfig, DemoResult, ModelResult, TargetResult, run_demo
 from qparity.errors import NotCalibratedError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,12 +24,31 @@ def demo_result():
 
 
 def test_demo_trains_every_target_bit_exact_with_sane_accuracy(demo_result):
-    assert demo_result.float_accuracy > 0.8
-    assert [t.target for t in demo_result.targets] == list(qparity.TARGETS)
-    for t in demo_result.targets:
+    resnet = demo_result.models[0]
+    assert resnet.float_accuracy > 0.8 and not resnet.refused
+    assert [t.target for t in resnet.targets] == list(qparity.TARGETS)
+    for t in resnet.targets:
         assert t.fake_quant_accuracy > 0.8
         assert t.integer_accuracy == t.fake_quant_accuracy
         assert (t.mismatched, t.compared) == (0, 3600)  # 360 test digits x 10 classes
+
+
+def test_demo_second_model_runs_every_target_that_accepts_its_operators(demo_result):
+    """The MobileNetV3-style model (hardswish, depthwise conv, squeeze-excite with sigmoid and mul): bit-exact
+    where it runs, and each other target refused with prepare_qat's reason naming the module."""
+    from qparity.ops.registry import OPERATORS
+
+    mobile = demo_result.models[1]
+    assert mobile.name == "mobilenetv3-style" and mobile.float_accuracy > 0.5
+    expected = [t for t in qparity.TARGETS
+                if all(t not in OPERATORS[op].refused_by for op in ("hardswish", "sigmoid", "mul"))]
+    assert [t.target for t in mobile.targets] == expected and {"exact", "tflite", "xnnpack"} <= set(expected)
+    for t in mobile.targets:
+        assert (t.mismatched, t.compared) == (0, 3600)
+        assert t.runtime is None or t.runtime.mismatched == 0
+    assert {target for target, _ in mobile.refused} == set(qparity.TARGETS) - set(expected)
+    for target, reason in mobile.refused:
+        assert "cannot run on target" in reason and "module" in reason
 
 
 @pytest.mark.parametrize("target, module", [("tflite", "ai_edge_litert"), ("xnnpack", "ai_edge_litert"),
@@ -38,7 +57,7 @@ def test_demo_trains_every_target_bit_exact_with_sane_accuracy(demo_result):
                                             ("qnnpack", "torch")])
 def test_demo_runs_the_exported_file_in_the_real_runtime(demo_result, target, module):
     pytest.importorskip(module)
-    (t,) = [t for t in demo_result.targets if t.target == target]
+    (t,) = [t for t in demo_result.models[0].targets if t.target == target]
     assert t.runtime is not None, t.skipped
     assert t.runtime.mismatched == 0 and t.runtime.compared >= 3600
     assert t.runtime.accuracy == t.integer_accuracy
@@ -49,12 +68,13 @@ def test_demo_command_ends_with_the_zero_mismatch_line(capsys):
     output = capsys.readouterr().out
     line = MISMATCH_LINE.search(output)
     assert line, f"no mismatch line in the demo's output:\n{output}"
-    assert line.group(1) == "0" and line.group(3) == "bit-exact" and int(line.group(2)) >= 7200
+    assert line.group(1) == "0" and line.group(3) == "bit-exact" and int(line.group(2)) >= 4 * 3600
+    assert "mobilenetv3-style" in output
 
 
 def test_demo_mismatch_line_reports_the_measured_count(monkeypatch, capsys):
-    broken = DemoResult(train_size=1437, test_size=360, float_accuracy=0.9, targets=[
-        TargetResult("exact", fake_quant_accuracy=0.9, integer_accuracy=0.89, mismatched=7, compared=3600)])
+    broken = DemoResult(train_size=1437, test_size=360, models=[ModelResult("resnet-style", "", 0.9, [
+        TargetResult("exact", fake_quant_accuracy=0.9, integer_accuracy=0.89, mismatched=7, compared=3600)])])
     monkeypatch.setattr(cli, "run_demo", lambda config, progress=None: broken)
     assert cli.main(["demo"]) == 1
     line = MISMATCH_LINE.search(capsys.readouterr().out)

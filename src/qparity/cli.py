@@ -17,7 +17,9 @@ from .errors import QParityError
 from .numerics import TARGETS, get_target
 
 def stage_label(stage: str) -> str:
-    return "float training" if stage == "float" else f"QAT for {stage.split(':', 1)[1]}"
+    """'float:NAME' -> 'float NAME', 'qat:NAME:TARGET' -> 'QAT NAME for TARGET'."""
+    parts = stage.split(":")
+    return f"float {parts[1]}" if parts[0] == "float" else f"QAT {parts[1]} for {parts[2]}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,36 +202,42 @@ def demo(console: Console, config: DemoConfig) -> int:
             progress.update(tasks[stage], completed=done)
 
         result = run_demo(config, advance)
-    console.print(results_table(result))
-    for line in runtime_lines(result):
-        console.print(line, markup=False, soft_wrap=True)
+    for model in result.models:
+        console.print(results_table(result, model))
+        for line in runtime_lines(model):
+            console.print(line, markup=False, soft_wrap=True)
     console.print(f"finished in {time.perf_counter() - start:.1f} s")
     console.print(mismatch_line(result), markup=False, soft_wrap=True)
     return 0 if result.mismatched == 0 else 1
 
 
-def results_table(result: DemoResult) -> Table:
-    table = Table(title=f"test accuracy on {result.test_size} digits (float model: {result.float_accuracy:.2%})")
+def results_table(result: DemoResult, model) -> Table:
+    table = Table(title=f"{model.name} ({model.description}): test accuracy on {result.test_size} digits "
+                        f"(float model: {model.float_accuracy:.2%})")
     for column in ("target", "fake-quant", "integer", "runtime", "fake≠int", "runtime≠int"):
         table.add_column(column, justify="left" if column == "target" else "right")
-    for t in result.targets:
+    for t in model.targets:
         run = t.runtime
         table.add_row(t.target, f"{t.fake_quant_accuracy:.2%}", f"{t.integer_accuracy:.2%}",
                       f"{run.accuracy:.2%}" if run else "-", f"{t.mismatched}/{t.compared}",
                       f"{run.mismatched}/{run.compared}" if run else "-")
+    for target, _ in model.refused:
+        table.add_row(target, "refused", "-", "-", "-", "-")
     return table
 
 
-def runtime_lines(result: DemoResult) -> List[str]:
-    """Which kernels each runtime column ran, and what the kernels qparity does not promise gave."""
+def runtime_lines(model) -> List[str]:
+    """Which kernels each runtime column ran, what the kernels qparity does not promise gave, and why a target
+    refused the model."""
     lines = []
-    for t in result.targets:
+    for t in model.targets:
         if t.runtime is None:
             lines.append(f"{t.target}: {t.skipped}")
             continue
         lines.append(f"{t.target}: runtime column = {t.runtime.runtime} (must match)")
         lines.extend(f"    also ran {name}: {m} of {n} codes differ (reported, not promised)"
                      for name, m, n in t.runtime.others)
+    lines.extend(f"{target}: refused: {reason}" for target, reason in model.refused)
     return lines
 
 
