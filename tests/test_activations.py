@@ -139,3 +139,77 @@ def test_activation_gradient_is_the_float_functions():
     prepared.train()
     prepared(x).sum().backward()
     assert next(prepared.parameters()).grad is not None and torch.isfinite(next(prepared.parameters()).grad).all()
+
+
+ENGINE_PAIRS = [(op, engine) for op in ("sigmoid", "tanh", "hardsigmoid", "leaky_relu")
+                for engine in ("fbgemm", "x86", "qnnpack") if engine not in OPERATORS[op].refused_by]
+
+
+def torch_activation(op, q, out, slope):
+    if op == "sigmoid":
+        return torch.sigmoid(q)
+    if op == "tanh":
+        return torch.tanh(q)
+    if op == "hardsigmoid":
+        return torch.nn.functional.hardsigmoid(q)
+    return torch.ops.quantized.leaky_relu(q, slope, False, float(out.scale), int(out.zero_point))
+
+
+@pytest.mark.parametrize("op, engine", ENGINE_PAIRS)
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), length=st.sampled_from([1, 7, 63, 64, 65, 200, 4100]),
+       channels_last=st.booleans(), ties=st.booleans())
+def test_engine_activation_matches_pytorchs_quantized_kernel(op, engine, seed, length, channels_last, ties):
+    """Every input code, in the vector and the scalar loops (positions), NCHW and channels-last; `ties` makes
+    y / s_y exact halves (power-of-two scales, an odd output zero point), where the releases' scalar-loop
+    rounding rules differ."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*quantiz.*deprecated.*")
+    torch.backends.quantized.engine = engine
+    rng = np.random.default_rng(seed)
+    target = get_target(engine)
+    source = qp.QParams(float(np.float32(10 ** rng.uniform(-3, -0.5))), int(rng.integers(0, 256)), "uint8")
+    out = target.fixed_output_qparams(op, "uint8") or qp.QParams(float(np.float32(10 ** rng.uniform(-3, -1))),
+                                                                  int(rng.integers(0, 256)), "uint8")
+    slope = float(np.float32(rng.uniform(-0.5, 0.9)))
+    if ties and op == "leaky_relu":
+        source = qp.QParams(2.0 ** -int(rng.integers(2, 7)), int(rng.integers(0, 256)), "uint8")
+        out = qp.QParams(2 * float(source.scale), int(rng.integers(0, 128)) * 2 + 1, "uint8")
+        slope = 0.5
+    codes = torch.from_numpy(rng.permutation(np.resize(np.arange(256), max(length, 256))))
+    if channels_last:
+        codes = codes[:(codes.numel() // 4) * 4].reshape(1, -1, 2, 2).contiguous(memory_format=torch.channels_last)
+    quint8 = torch._make_per_tensor_quantized_tensor(codes.contiguous().to(torch.uint8), float(source.scale),
+                                                     int(source.zero_point))
+    if channels_last:
+        quint8 = quint8.contiguous(memory_format=torch.channels_last)
+    expected = torch_activation(op, quint8, out, slope)
+    assert (float(expected.q_scale()), int(expected.q_zero_point())) == (float(out.scale), int(out.zero_point))
+    ours = target.activation(op, codes, source, out, {"negative_slope": slope})
+    assert torch.equal(ours, expected.int_repr().to(torch.int64))
+
+
+@pytest.mark.parametrize("engine", ["fbgemm", "x86", "qnnpack"])
+def test_to_torch_runs_the_engine_activations_in_pytorch(engine):
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 16, 3, padding=1)
+            self.leaky = nn.LeakyReLU(0.2)
+            self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 16, 1), nn.Hardsigmoid())
+            self.extra = nn.Sigmoid() if engine == "qnnpack" else nn.Identity()
+
+        def forward(self, x):
+            y = self.leaky(self.conv(x))
+            return self.extra(y * self.gate(y))
+
+    torch.manual_seed(0)
+    torch.backends.quantized.engine = engine
+    x = torch.randn(4, 3, 8, 8)
+    prepared = qp.prepare_qat(Block(), (x,), target=engine)
+    qp.calibrate(prepared, [x, 2 * x])
+    qp.freeze(prepared)
+    integer = qp.convert(prepared)
+    assert torch.equal(prepared.eval()(x), integer(x))
+    assert torch.equal(qp.to_torch(integer)(x), integer(x))

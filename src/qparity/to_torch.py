@@ -125,6 +125,16 @@ class TorchQuantizedModel(nn.Module):
             qp = self.qparams[node.name]
             op = torch.ops.quantized.add_relu if _relu_only(node) else torch.ops.quantized.add
             return op(args[0], args[1], float(qp.scale), int(qp.zero_point))
+        if node.op == "sigmoid":
+            return torch.sigmoid(args[0])  # quantized sigmoid: PyTorch's fixed grid (1/256, 0), as the model's
+        if node.op == "tanh":
+            return torch.tanh(args[0])
+        if node.op == "hardsigmoid":
+            return F.hardsigmoid(args[0])
+        if node.op == "leaky_relu":
+            qp = self.qparams[node.name]
+            return torch.ops.quantized.leaky_relu(args[0], float(node.attrs["negative_slope"]), False,
+                                                  float(qp.scale), int(qp.zero_point))
         if node.op == "mul":
             qp = self.qparams[node.name]
             return torch.ops.quantized.mul(args[0], args[1], float(qp.scale), int(qp.zero_point))

@@ -74,6 +74,8 @@ from .arithmetic import fma_f32
 from .pytorch_versions import PyTorchKernels, installed_kernels, kernels_named
 from .target import Target, channel_view, grid_views
 
+ENGINE_FIXED_GRIDS = {"sigmoid": QParams(1.0 / 256.0, 0, "uint8"), "tanh": QParams(2.0 / 256.0, 128, "uint8"),
+                      "hardsigmoid": QParams(1.0 / 256.0, 0, "uint8")}
 VECTOR_BLOCK = 64          # qadd's vector loop covers whole 64-element blocks (cpu_kernel_vec; measured)
 PARALLEL_GRAIN = 32768     # at::internal::GRAIN_SIZE
 CAT_BLOCK = 8              # qcat_nhwc_kernel's vector loops (AVX2 dispatch: 32 and 8 lanes) cover 8-channel blocks
@@ -273,6 +275,34 @@ class PyTorchEngineTarget(Target):
         value = _fbgemm_average(sums, counts, qp, codes, bool(attrs.get("adaptive")), self.kernels)
         return torch.clamp(value, qp.qmin, qp.qmax).to(torch.int64)
 
+    # -- activations ----------------------------------------------------------------------------------------
+    def fixed_output_qparams(self, kind, dtype):
+        # torch.ao gives sigmoid, hardsigmoid (1/256, 0) and tanh (2/256, 128) fixed output qparams
+        # (FixedQParamsFakeQuantize; the kernels quantize onto them), measured on every engine.
+        return ENGINE_FIXED_GRIDS.get(kind)
+
+    def activation_table(self, kind, source, out, attrs):
+        if self.name == "qnnpack" and kind in ("sigmoid", "tanh", "hardsigmoid"):
+            return _qnnpack_table(kind, source)
+        raise UnsupportedOpError(f"{kind} is not emulated for target {self.name!r}: its vector loop uses Sleef's "
+                                 "vectorized exp/tanh")
+
+    def activation(self, kind, q, source, out, attrs):
+        if kind == "leaky_relu":  # leaky_qrelu_out_kernel on every engine (PyTorch never calls QNNPACK's)
+            slope = torch.tensor(attrs["negative_slope"], dtype=torch.float32)
+            inv_y = _reciprocal(out.scale)
+            codes = _vector_and_scalar_loops(
+                kind, q, source,
+                lambda x: torch.round(x * torch.where(x > 0, 1.0, slope) * inv_y) + float(out.zero_point),
+                lambda x: self.kernels.quantize_scalar_loop(torch.where(x > 0, x, x * slope), inv_y,
+                                                            float(out.zero_point)))
+            return codes.clamp_(out.qmin, out.qmax).to(torch.int64)
+        if kind == "hardsigmoid" and self.name != "qnnpack":  # qhardsigmoid_kernel: the grid is (1/256, 0)
+            codes = _vector_and_scalar_loops(kind, q, source, lambda x: torch.round(_hardsigmoid_real(x) * 256.0),
+                                             lambda x: torch.round(_hardsigmoid_real(x) * 256.0))
+            return codes.clamp_(out.qmin, out.qmax).to(torch.int64)
+        return super().activation(kind, q, source, out, attrs)
+
     # -- hardswish ------------------------------------------------------------------------------------------
     def hardswish(self, q, source, out):
         if self.name == "qnnpack":
@@ -390,13 +420,6 @@ def _hardswish_real(x: torch.Tensor) -> torch.Tensor:
     return (x * torch.clamp(x + 3.0, 0.0, 6.0)) / 6.0
 
 
-def _hardswish_scalar(q, source: QParams, out: QParams, kernels: PyTorchKernels) -> torch.Tensor:
-    """quantize_val(h(f((q - z) * s))), clamped: qhardswish_kernel's scalar loop."""
-    real = _hardswish_real((q.to(torch.float32) - float(source.zero_point)) * source.scale)
-    codes = kernels.quantize_scalar_loop(real, _reciprocal(out.scale), float(out.zero_point))
-    return codes.clamp_(out.qmin, out.qmax).to(torch.int64)
-
-
 def _qnnpack_hardswish(q, source: QParams, out: QParams) -> torch.Tensor:
     """rne(f(f(h(f((q - z) * s)) * inv_y) + z_y)), clamped: QNNPACK's own table (lrintf), in every release."""
     real = _hardswish_real((q.to(torch.float32) - float(source.zero_point)) * source.scale)
@@ -405,22 +428,52 @@ def _qnnpack_hardswish(q, source: QParams, out: QParams) -> torch.Tensor:
 
 
 def _fbgemm_hardswish(q, source: QParams, out: QParams, kernels: PyTorchKernels) -> torch.Tensor:
-    """qhardswish_kernel: the vector loop's codes where vector_loop_mask says, the scalar loop's elsewhere."""
+    """qhardswish_kernel: dequantize (fma in the vector loop), h(x), quantize (release rule in the scalar loop)."""
+    inv_y = _reciprocal(out.scale)
+    return _vector_and_scalar_loops(
+        "hardswish", q, source,
+        lambda x: torch.round(_hardswish_real(x) * inv_y) + float(out.zero_point),
+        lambda x: kernels.quantize_scalar_loop(_hardswish_real(x), inv_y, float(out.zero_point))
+    ).clamp_(out.qmin, out.qmax).to(torch.int64)
+
+
+def _vector_and_scalar_loops(op: str, q, source: QParams, vector, scalar) -> torch.Tensor:
+    """An elementwise kernel whose vector and scalar loops round differently (cpu_kernel_vec): each element's
+    code from the loop that computes it (vector_loop_mask, in memory order), as a float tensor in q's layout.
+    vector(x) gets x = fma(q, s, f(-z * s)) (Vectorized dequantize), scalar(x) x = f((q - z) * s)."""
     if q.is_contiguous():
         channels_last = False
     elif q.dim() == 4 and q.is_contiguous(memory_format=torch.channels_last):
         channels_last = True
     else:
-        raise UnsupportedOpError(f"hardswish on codes of shape {tuple(q.shape)} and strides {q.stride()} (neither "
-                                 "contiguous nor channels-last) is not emulated for fbgemm/x86: which elements take "
-                                 "the vector loop depends on the strides; make the input contiguous first")
+        raise UnsupportedOpError(f"{op} on codes of shape {tuple(q.shape)} and strides {q.stride()} (neither "
+                                 "contiguous nor channels-last) is not emulated for PyTorch's engines: which elements "
+                                 "take the vector loop depends on the strides; make the input contiguous first")
     flat = _memory_order(q, channels_last).to(torch.float32)
     s, z = source.scale.to(torch.float32), float(source.zero_point)
-    vector_real = _hardswish_real(fma_f32(flat, s, s * -z))
-    vector = torch.round(vector_real * _reciprocal(out.scale)) + float(out.zero_point)
-    scalar = _hardswish_scalar(flat, source, out, kernels).to(torch.float32)
-    codes = torch.where(vector_loop_mask(flat.numel(), torch.get_num_threads()), vector, scalar)
-    return _from_memory_order(codes.clamp_(out.qmin, out.qmax).to(torch.int64), q, channels_last)
+    codes = torch.where(vector_loop_mask(flat.numel(), torch.get_num_threads()),
+                        vector(fma_f32(flat, s, s * -z)), scalar((flat - z) * s))
+    return _from_memory_order(codes, q, channels_last)
+
+
+def _hardsigmoid_real(x: torch.Tensor) -> torch.Tensor:
+    """f(min(max(f(x + 3), 0), 6) / 6), as the kernels and QNNPACK's table compute it."""
+    return torch.clamp(x + 3.0, 0.0, 6.0) / 6.0
+
+
+def _qnnpack_table(kind: str, source: QParams) -> torch.Tensor:
+    """QNNPACK's own lookup tables (qnnpack/src/sigmoid.c, tanh.c, hardsigmoid.c), built in float from
+    x = f(s * (q - z)) on the fixed output grids; lrintf of the clamped value. expf and tanhf (glibc) are
+    evaluated in float64 and rounded to float32; tanh's table is f(f(128 * tanhf(x)) + 128) (measured: the
+    double-precision reading of tanh.c disagrees with PyTorch)."""
+    x = source.scale.to(torch.float32) * (torch.arange(source.qmin, source.qmax + 1) - int(source.zero_point)).to(torch.float32)
+    if kind == "sigmoid":
+        value = 256.0 / (1.0 + torch.exp(-x.to(torch.float64)).to(torch.float32))
+    elif kind == "tanh":
+        value = 128.0 * torch.tanh(x.to(torch.float64)).to(torch.float32) + 128.0
+    else:
+        value = 256.0 * _hardsigmoid_real(x) + 0.0
+    return torch.round(torch.clamp(value, 0.0, 255.0)).to(torch.int64)
 
 
 def _qnnpack_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi):

@@ -36,8 +36,8 @@ class Operator:
 
 
 
-_NOT_YET_MATCHED = ("its runtime's int8 kernel for this operator is not yet emulated bit for bit, so qparity "
-                    "cannot promise the deployed codes")
+_SLEEF = ("PyTorch's fbgemm/x86 kernel computes its vector loop with Sleef's vectorized exp/tanh, which qparity "
+          "does not emulate bit for bit yet (the qnnpack engine's table is emulated)")
 _ORT_NO_KERNEL = ("ONNX Runtime has no quantized (QLinear) CPU kernel for it: its quantization tool runs it in float "
                   "between DequantizeLinear and QuantizeLinear")
 
@@ -78,25 +78,24 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              refused_by={"onnxruntime": _ORT_NO_KERNEL},
              formats=("tflite",), torch_form="torch.ao.nn.quantized.Hardswish"),
     Operator("sigmoid", "`nn.Sigmoid`, `torch.sigmoid`, `F.sigmoid`, `Tensor.sigmoid`", True,
-             "the target's table of all input codes (numerics/activations.py); LiteRT: output grid 1/256, -128",
+             "the target's table of all input codes (numerics/activations.py); LiteRT: output grid 1/256, -128; "
+             "PyTorch's engines: 1/256, 0",
              "torch.sigmoid of the dequantized input",
-             refused_by={t: _NOT_YET_MATCHED for t in ("fbgemm", "x86", "qnnpack")},
-             formats=("onnx", "tflite"), torch_form=None),
+             refused_by={t: _SLEEF for t in ("fbgemm", "x86")},
+             formats=("onnx", "tflite"), torch_form="torch.sigmoid (fixed grid 1/256, 0)"),
     Operator("tanh", "`nn.Tanh`, `torch.tanh`, `F.tanh`, `Tensor.tanh`", True,
-             "the target's table of all input codes; LiteRT: output grid 1/128, 0", "torch.tanh of the dequantized input",
-             refused_by={**{t: _NOT_YET_MATCHED for t in ("fbgemm", "x86", "qnnpack")},
-                         "onnxruntime": _ORT_NO_KERNEL},
-             formats=("tflite",), torch_form=None),
+             "the target's table of all input codes; LiteRT: output grid 1/128, 0; PyTorch's engines: 2/256, 128", "torch.tanh of the dequantized input",
+             refused_by={**{t: _SLEEF for t in ("fbgemm", "x86")}, "onnxruntime": _ORT_NO_KERNEL},
+             formats=("tflite",), torch_form="torch.tanh (fixed grid 2/256, 128)"),
     Operator("hardsigmoid", "`nn.Hardsigmoid`, `F.hardsigmoid`", True,
-             "the target's table of all input codes", "F.hardsigmoid of the dequantized input",
-             refused_by={**{t: _NOT_YET_MATCHED for t in ("fbgemm", "x86", "qnnpack")},
-                         "onnxruntime": _ORT_NO_KERNEL,
-                         "tflite": _TFLITE_NO_KERNEL, "xnnpack": _TFLITE_NO_KERNEL},
-             formats=(), torch_form=None),
+             "the target's table of all input codes (fbgemm/x86: vector and scalar loops); PyTorch's engines: "
+             "output grid 1/256, 0", "F.hardsigmoid of the dequantized input",
+             refused_by={"onnxruntime": _ORT_NO_KERNEL, "tflite": _TFLITE_NO_KERNEL, "xnnpack": _TFLITE_NO_KERNEL},
+             formats=(), torch_form="F.hardsigmoid (fixed grid 1/256, 0)"),
     Operator("leaky_relu", "`nn.LeakyReLU`, `F.leaky_relu`", True,
-             "the target's table of all input codes; the slope as float32", "F.leaky_relu of the dequantized input",
-             refused_by={t: _NOT_YET_MATCHED for t in ("fbgemm", "x86", "qnnpack")},
-             formats=("onnx", "tflite"), torch_form=None),
+             "the target's table of all input codes (PyTorch's engines: their vector and scalar loops); the slope as "
+             "float32", "F.leaky_relu of the dequantized input",
+             formats=("onnx", "tflite"), torch_form="torch.ops.quantized.leaky_relu"),
     Operator("clamp", "`nn.ReLU`, `nn.ReLU6`, `nn.Hardtanh`, `F.relu`, `torch.relu`, `Tensor.relu`, `F.relu6`, "
              "`F.hardtanh`, `torch.clamp`/`clip`, `Tensor.clamp`/`clip`", False,
              "fused into the output range of the conv/linear/add right before it when that node has no other "
