@@ -21,8 +21,9 @@ from .errors import CaptureError, UnsupportedOpError
 from .graph import CODE_PRESERVING_FUNCTIONS, CODE_PRESERVING_METHODS, Graph, Node, Ref, collect_refs
 from .numerics.accumulate import ConvGeometry
 from .numerics.pooling import adaptive_as_pooling
+from .ops.conv1d import Conv1dAs2d, as_conv2d_arguments
 
-SUPPORTED = ("Conv2d, Linear, BatchNorm2d after Conv2d, ReLU, ReLU6, Hardtanh, clamp, add of two tensors, cat, "
+SUPPORTED = ("Conv2d, Conv1d, Linear, BatchNorm2d after Conv2d, BatchNorm1d after Conv1d, ReLU, ReLU6, Hardtanh, clamp, add of two tensors, cat, "
              "mul of two tensors (broadcasting), Hardswish, Sigmoid, SiLU, Tanh, Hardsigmoid, LeakyReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean over H and W, flatten/reshape/view/permute, "
              "Identity, Dropout")
 
@@ -119,6 +120,7 @@ class _Builder:
         self.layers: Dict[str, Layer] = {}
         self.alias: Dict[str, str] = {}
         self.parameters: Dict[str, Tuple[fx.Node, Any]] = {}
+        self.conv1d_outputs: Dict[str, Node] = {}  # a Conv1d's squeeze node -> its conv2d node
         self.output: Any = None
 
     # -- helpers --------------------------------------------------------------------------------------------
@@ -184,11 +186,16 @@ class _Builder:
             geometry = ConvGeometry("conv2d", _pair(module.stride), padding, _pair(module.dilation), module.groups)
             self.layers[node.name] = Layer(module)
             self.emit(node, "conv2d", [self.ref(x)], attrs={"geometry": geometry.to_dict(), "module": node.target})
+        elif isinstance(module, nn.Conv1d):
+            if module.padding_mode != "zeros":
+                raise self.unsupported(node, f"padding_mode={module.padding_mode!r} (only 'zeros')")
+            self.emit_conv1d(node, x, Conv1dAs2d(module.weight, module.bias), module.stride, module.padding,
+                             module.dilation, module.groups)
         elif isinstance(module, nn.Linear):
             self.layers[node.name] = Layer(module)
             self.emit(node, "linear", [self.ref(x)], attrs={"geometry": ConvGeometry("linear").to_dict(),
                                                           "module": node.target})
-        elif isinstance(module, nn.BatchNorm2d):
+        elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
             self.fold_batch_norm(node, module)
         elif isinstance(module, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
             low, high = (0.0, None) if isinstance(module, nn.ReLU) else (module.min_val, module.max_val)
@@ -211,6 +218,8 @@ class _Builder:
                                module.count_include_pad, module.divisor_override)
         elif isinstance(module, nn.AdaptiveAvgPool2d):
             self.emit_adaptive(node, x, module.output_size)
+        elif isinstance(module, nn.AdaptiveAvgPool1d):
+            self.emit_adaptive1d(node, x, module.output_size)
         elif isinstance(module, nn.Flatten):
             self.emit(node, "call", [self.ref(x), module.start_dim, module.end_dim],
                       attrs={"fn": "function:torch.flatten"})
@@ -267,6 +276,8 @@ class _Builder:
                                                                      "divisor_override"),
                                                  (None, None, 0, False, True, None)))
             self.emit_avg_pool(node, args[0], k, s, p, c, i, o)
+        elif fn is F.adaptive_avg_pool1d:
+            self.emit_adaptive1d(node, args[0], self.static(_bind(args[1:], kwargs, ("output_size",), (None,))[0]))
         elif fn is F.adaptive_avg_pool2d:
             self.emit_adaptive(node, args[0], self.static(_bind(args[1:], kwargs, ("output_size",), (None,))[0]))
         elif fn is F.dropout:
@@ -280,6 +291,12 @@ class _Builder:
             padding = padding if isinstance(padding, str) else _pair(padding)
             geometry = ConvGeometry("conv2d", _pair(stride), padding, _pair(dilation), groups)
             self.emit_functional_layer(node, args[0], w, b, geometry)
+        elif fn is F.conv1d:
+            w, b, stride, padding, dilation, groups = _bind(args[1:], kwargs, ("weight", "bias", "stride", "padding",
+                                                                               "dilation", "groups"), (None, None, 1, 0, 1, 1))
+            weight, bias = self.parameter(node, w, "weight"), self.parameter(node, b, "bias")
+            self.emit_conv1d(node, args[0], Conv1dAs2d(weight, bias), stride, padding, dilation, groups,
+                             module_name=w.target)
         elif fn is F.linear:
             w, b = _bind(args[1:], kwargs, ("weight", "bias"), (None, None))
             self.emit_functional_layer(node, args[0], w, b, ConvGeometry("linear"))
@@ -314,17 +331,22 @@ class _Builder:
             raise self.unsupported(node)
 
     # -- operators ------------------------------------------------------------------------------------------
-    def fold_batch_norm(self, node: fx.Node, bn: nn.BatchNorm2d) -> None:
+    def fold_batch_norm(self, node: fx.Node, bn: nn.Module) -> None:
         source = node.args[0]
         producer = self.nodes[-1] if self.nodes else None
-        if (producer is None or producer.op != "conv2d" or producer.name != self.alias.get(source.name, source.name)
+        output = producer  # what the BatchNorm reads: the conv2d, or a Conv1d's squeeze after its conv2d
+        if isinstance(bn, nn.BatchNorm1d):
+            producer = self.conv1d_outputs.get(producer.name) if producer is not None else None
+        expected = "Conv1d" if isinstance(bn, nn.BatchNorm1d) else "Conv2d"
+        if (producer is None or producer.op != "conv2d" or output.name != self.alias.get(source.name, source.name)
                 or len(source.users) != 1 or self.layers[producer.name].batch_norm is not None):
-            raise self.unsupported(node, "BatchNorm2d must directly follow a Conv2d whose output it alone uses")
+            raise self.unsupported(node, f"{type(bn).__name__} must directly follow a {expected} whose output it "
+                                         "alone uses")
         if not bn.track_running_stats or not bn.affine:
             raise self.unsupported(node, "BatchNorm2d needs affine=True and track_running_stats=True to fold")
         self.layers[producer.name].batch_norm = bn
         producer.attrs["batch_norm"] = node.target
-        self.alias[node.name] = producer.name
+        self.alias[node.name] = output.name
 
     def emit_functional_layer(self, node, x, weight, bias, geometry: ConvGeometry) -> None:
         holder = nn.Module()
@@ -337,6 +359,26 @@ class _Builder:
         self.layers[node.name] = Layer(holder)
         self.emit(node, geometry.kind, [self.ref(x)], attrs={"geometry": geometry.to_dict(),
                                                              "module": weight.target})
+
+    def parameter(self, node, arg, name: str):
+        value = self.parameters.get(arg.name, (None, None))[1] if isinstance(arg, fx.Node) else arg
+        if arg is not None and not isinstance(value, nn.Parameter):
+            raise self.unsupported(node, f"its {name} must be a parameter of the model (a get_attr), not a "
+                                         "computed tensor")
+        return value
+
+    def emit_conv1d(self, node, x, layer_module, stride, padding, dilation, groups, module_name=None) -> None:
+        """A Conv1d as unsqueeze -> conv2d (height-1 kernel) -> squeeze (ops/conv1d.py)."""
+        stride, padding, dilation = as_conv2d_arguments(stride, padding, dilation)
+        geometry = ConvGeometry("conv2d", stride, padding, dilation, groups)
+        where = _where(node)
+        widened = Node(node.name + "_as_2d", "call", (self.ref(x), -2), {}, {"fn": "method:unsqueeze"}, where)
+        conv = Node(node.name + "_conv2d", "conv2d", (Ref(widened.name),), {},
+                    {"geometry": geometry.to_dict(), "module": module_name or node.target}, where)
+        self.nodes += [widened, conv]
+        self.layers[conv.name] = Layer(layer_module)
+        self.emit(node, "call", [Ref(conv.name), -2], attrs={"fn": "method:squeeze"})
+        self.conv1d_outputs[node.name] = conv
 
     def emit_clamp(self, node, x, args, kwargs) -> None:
         low, high = _bind(args, kwargs, ("min", "max"), (None, None))
@@ -390,12 +432,29 @@ class _Builder:
         attrs["adaptive_output_size"] = list(_pair(output_size)) if output_size is not None else None
         self.emit(node, "avg_pool2d", [self.ref(x)], attrs=attrs)
 
+    def emit_adaptive1d(self, node, x, output_size, squeeze_length: bool = False) -> None:
+        """AdaptiveAvgPool1d on [N, C, L] as the 2-D pool on [N, C, 1, L] between an unsqueeze and a squeeze."""
+        where = _where(node)
+        length = self.values[x.name].shape[-1]
+        size = output_size[0] if isinstance(output_size, (tuple, list)) else output_size
+        attrs = adaptive_as_pooling((1, length), (1, size), where)
+        attrs["adaptive_output_size"] = [1, size]
+        widened = Node(node.name + "_as_2d", "call", (self.ref(x), -2), {}, {"fn": "method:unsqueeze"}, where)
+        pooled = Node(node.name + "_pool", "avg_pool2d", (Ref(widened.name),), {}, attrs, where)
+        self.nodes += [widened, pooled]
+        self.emit(node, "call", [Ref(pooled.name), (-2, -1) if squeeze_length else -2],
+                  attrs={"fn": "method:squeeze"})
+
     def emit_mean(self, node, x, args, kwargs) -> None:
         dims, keepdim = _bind(args, kwargs, ("dim", "keepdim"), (None, False))
         rank = self.values[x.name].dim()
         dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+        if rank == 3 and [d % rank for d in dims] == [2]:  # the temporal mean of an [N, C, L] tensor
+            self.emit_adaptive1d(node, x, 1, squeeze_length=not keepdim)
+            return
         if rank != 4 or sorted(d % rank for d in dims) != [2, 3]:
-            raise self.unsupported(node, f"mean over dims {dims} (only the spatial mean over H and W of an NCHW tensor)")
+            raise self.unsupported(node, f"mean over dims {dims} (only the mean over H and W of an NCHW tensor, or "
+                                         "over L of an NCL tensor)")
         attrs = adaptive_as_pooling(self.spatial(x), 1, _where(node))
         attrs["adaptive_output_size"] = [1, 1]
         pooled = Node(node.name + "_pool", "avg_pool2d", (self.ref(x),), {}, attrs, _where(node))

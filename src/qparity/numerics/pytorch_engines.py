@@ -275,6 +275,13 @@ class PyTorchEngineTarget(Target):
         value = _fbgemm_average(sums, counts, qp, codes, bool(attrs.get("adaptive")), self.kernels)
         return torch.clamp(value, qp.qmin, qp.qmax).to(torch.int64)
 
+    def clamp_codes(self, q, lo, hi, clamp=torch.clamp):
+        # quantized relu / clamp allocate their output with the input's suggest_memory_format(): channels-last
+        # for a channels-last 4-D tensor, else contiguous (measured), and the layout decides which kernels the
+        # next layout-dependent op (pools, add) runs.
+        layout = torch.channels_last if (q.dim() == 4 and _channels_last(q)) else torch.contiguous_format
+        return clamp(q, lo, hi).contiguous(memory_format=layout)
+
     # -- activations ----------------------------------------------------------------------------------------
     def fixed_output_qparams(self, kind, dtype):
         # torch.ao gives sigmoid, hardsigmoid (1/256, 0) and tanh (2/256, 128) fixed output qparams

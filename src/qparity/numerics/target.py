@@ -104,6 +104,11 @@ class Target:
         """Elementwise sum of two quantized tensors on different grids."""
         raise NotImplementedError
 
+    def clamp_codes(self, q: torch.Tensor, lo: int, hi: int, clamp=torch.clamp) -> torch.Tensor:
+        """A standalone clamp of codes (ReLU, ReLU6, hardtanh not fused into a layer); `clamp` is the function
+        that computes it (the QAT surrogate passes its own). A runtime may store the result in another layout."""
+        return clamp(q, lo, hi)
+
     def multiply(self, qa: torch.Tensor, a: QParams, qb: torch.Tensor, b: QParams, out: QParams,
                  lo: int, hi: int) -> torch.Tensor:
         """Elementwise product of two quantized tensors (broadcasting), onto the output grid."""
@@ -137,7 +142,7 @@ class Target:
         """An activation (sigmoid, tanh, hardsigmoid, leaky_relu) of the codes q: the target's table, gathered."""
         table = self._tables().get(kind, attrs, source, out,
                                    lambda: self.activation_table(kind, source, out, attrs).to(torch.int64))
-        return table.to(q.device)[q - source.qmin]
+        return torch.empty_like(q, dtype=torch.int64).copy_(table.to(q.device)[q - source.qmin])  # q's layout
 
     def activation_table(self, kind: str, source: QParams, out: QParams, attrs: dict) -> torch.Tensor:
         """The output code of every input code of `source`, as the target's runtime computes it."""

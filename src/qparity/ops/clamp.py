@@ -7,4 +7,4 @@ from .surrogates import clamp
 
 def run(ctx, node, x):
     lo, hi = ctx.target.activation_bounds(node.attrs.get("min"), node.attrs.get("max"), x.qparams)
-    return QValue(clamp(x.codes, lo, hi), x.qparams)
+    return QValue(ctx.target.clamp_codes(x.codes, lo, hi, clamp), x.qparams)

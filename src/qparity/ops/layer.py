@@ -131,7 +131,7 @@ def _batch_norm_training(ctx, node: Node, layer, x: QValue) -> QValue:
     unfolded = acc.to(torch.float32) * _channel(bias_scale(x.qparams, weight_scale) / factor, layer.geometry, acc)
     if layer.module.bias is not None:
         unfolded = unfolded + _channel(layer.module.bias, layer.geometry, acc)
-    real = clamp(layer.batch_norm(unfolded), *(node.attrs.get("clamp") or (None, None)))
+    real = clamp(layer.normalize(unfolded), *(node.attrs.get("clamp") or (None, None)))
     qp = ctx.mode.observe(node, real)
     lo, hi = fused_clamp_bounds(ctx.target, node, qp)
     # Batch statistics make this forward an approximation of the deployed layer whatever the rounding,

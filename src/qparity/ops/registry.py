@@ -49,7 +49,8 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "identity inside the grid, 0 outside (torch.ao's fake-quant mask)",
              "float tensors; any batch size, other dimensions as captured", torch_form="quantize_per_tensor"),
     Operator("conv2d", "`nn.Conv2d`, `F.conv2d` on the model's own parameters; `nn.BatchNorm2d` right after "
-             "it is folded in", True,
+             "it is folded in; `nn.Conv1d`, `F.conv1d` as a height-1 conv2d between an unsqueeze and a squeeze "
+             "(ops/conv1d.py), with `nn.BatchNorm1d` right after it folded in", True,
              "exact int32 accumulator + bias, the target's requantizer (PyTorch engines: float bias as the "
              "engine adds it)", "float conv on straight-through weight codes, BatchNorm as torch.ao's QAT",
              "`padding_mode=\"zeros\"`; any stride, padding (incl. `\"same\"`), dilation, groups (x86: groups "
@@ -104,7 +105,8 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
     Operator("max_pool2d", "`nn.MaxPool2d`, `F.max_pool2d`", False, "exact window maximum of the codes",
              "max pool of the codes", "`return_indices=False`", torch_form="F.max_pool2d"),
     Operator("avg_pool2d", "`nn.AvgPool2d`, `F.avg_pool2d`, `nn.AdaptiveAvgPool2d`, `F.adaptive_avg_pool2d`, "
-             "`torch.mean`/`Tensor.mean` over (H, W)", False,
+             "`torch.mean`/`Tensor.mean` over (H, W) or over L of an [N, C, L] tensor, `nn.AdaptiveAvgPool1d`, "
+             "`F.adaptive_avg_pool1d` (on [N, C, 1, L])", False,
              "the target's average of exact window sums, PyTorch's divisors",
              "window mean of the codes", "no `divisor_override`; adaptive output sizes must divide the input; "
              "a mean only over H and W (qnnpack: no 1x1 avg_pool2d, as PyTorch's qnnpack)",

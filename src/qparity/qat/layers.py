@@ -48,6 +48,13 @@ class QATLayer(nn.Module):
         folded_bias = (base - self.batch_norm.running_mean) * factor + self.batch_norm.bias
         return folded_weight, folded_bias
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The BatchNorm in training mode on the layer's (conv2d-shaped) output; a BatchNorm1d after a Conv1d
+        sees the [N, C, L] tensor it was written for."""
+        if isinstance(self.batch_norm, nn.BatchNorm1d) and x.dim() == 4:
+            return self.batch_norm(x.squeeze(2)).unsqueeze(2)
+        return self.batch_norm(x)
+
     def batch_norm_factor(self) -> torch.Tensor:
         bn = self.batch_norm
         return bn.weight / torch.sqrt(bn.running_var + bn.eps)
@@ -75,7 +82,11 @@ class QATLayer(nn.Module):
         if self.batch_norm is not None:
             self.module.weight.copy_(weight)
             if self.module.bias is None:
-                self.module.bias = nn.Parameter(bias.detach().clone())
+                new_bias = nn.Parameter(bias.detach().clone())
+                if hasattr(self.module, "set_bias"):  # a Conv1d seen as a conv2d (ops/conv1d.py)
+                    self.module.set_bias(new_bias)
+                else:
+                    self.module.bias = new_bias
             else:
                 self.module.bias.copy_(bias)
             self.batch_norm = None
