@@ -33,3 +33,16 @@ def prepare_and_convert(model, example, target, batches, lr=0.0, **options):
     calibrate(prepared, batches, lr)
     qp.freeze(prepared)
     return prepared, qp.convert(prepared)
+
+
+FILE_SUFFIXES = {"tflite": ".tflite", "xnnpack": ".tflite", "onnxruntime": ".onnx"}
+
+
+def assert_runtime_gives_the_same_codes(integer_model, inputs, directory) -> None:
+    """Export to the target's file, run it in the real runtime(s): 0 mismatched codes where the target binds."""
+    import os
+
+    path = os.path.join(str(directory), "model" + FILE_SUFFIXES[integer_model.target.name])
+    qp.export(integer_model, path)
+    report = qp.verify(integer_model, path, inputs)
+    assert report.ok and report.mismatched == 0, str(report)

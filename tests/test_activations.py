@@ -2,7 +2,6 @@
 code for every target that runs them, the exported file's runtime gives the same codes, and the targets that
 cannot run one refuse it at prepare_qat."""
 import math
-import os
 from fractions import Fraction
 
 import numpy as np
@@ -13,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qparity as qp
+from helpers import FILE_SUFFIXES, assert_runtime_gives_the_same_codes
 from qparity.errors import UnsupportedOpError
 from qparity.numerics import get_target
 from qparity.numerics.activations import exact_table
@@ -21,7 +21,6 @@ from qparity.ops.registry import OPERATORS
 ACTIVATIONS = {"sigmoid": lambda: nn.Sigmoid(), "tanh": lambda: nn.Tanh(), "hardsigmoid": lambda: nn.Hardsigmoid(),
                "leaky_relu": lambda: nn.LeakyReLU(0.15), "hardswish": lambda: nn.Hardswish()}
 PAIRS = [(op, target) for op in ACTIVATIONS for target in qp.TARGETS]
-FILES = {"tflite": ".tflite", "xnnpack": ".tflite", "onnxruntime": ".onnx"}
 
 
 def every_code_input(scale: float, offset: float, n: int = 600) -> torch.Tensor:
@@ -62,7 +61,7 @@ def test_activation_fake_equals_integer_on_every_code_or_is_refused_at_prepare(o
     assert len(torch.unique(integer.quantize(x))) == grid.qmax - grid.qmin + 1  # every input code was used
 
 
-@pytest.mark.parametrize("op, target", [(op, t) for op, t in PAIRS if t in FILES])
+@pytest.mark.parametrize("op, target", [(op, t) for op, t in PAIRS if t in FILE_SUFFIXES])
 @settings(max_examples=4, deadline=None)
 @given(scale=st.floats(0.05, 12), offset=st.floats(-4, 4))
 def test_exported_activation_gives_the_integer_models_codes_in_the_real_runtime(tmp_path_factory, op, target,
@@ -73,10 +72,7 @@ def test_exported_activation_gives_the_integer_models_codes_in_the_real_runtime(
         _, integer, x = convert_activation(op, target, scale, offset)
     except UnsupportedOpError:
         return
-    path = os.path.join(tmp_path_factory.mktemp("act"), "model" + FILES[target])
-    qp.export(integer, path)
-    report = qp.verify(integer, path, x)
-    assert report.ok and report.mismatched == 0, str(report)
+    assert_runtime_gives_the_same_codes(integer, x, tmp_path_factory.mktemp("act"))
 
 
 @pytest.mark.parametrize("op", ["sigmoid", "tanh"])

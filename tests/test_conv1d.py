@@ -1,6 +1,5 @@
 """Conv1d (with BatchNorm1d folded), F.conv1d, the temporal mean and AdaptiveAvgPool1d: the 2-D operators
 on [N, C, 1, L], exact on every target, in the real runtimes and in PyTorch's engines (to_torch)."""
-import os
 
 import pytest
 import torch
@@ -10,9 +9,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qparity as qp
+from helpers import FILE_SUFFIXES, assert_runtime_gives_the_same_codes
 from qparity.errors import UnsupportedOpError
 
-FILES = {"tflite": ".tflite", "xnnpack": ".tflite", "onnxruntime": ".onnx"}
 
 
 class TemporalNet(nn.Module):
@@ -69,7 +68,7 @@ def test_conv1d_fake_equals_integer(target, g, seed):
         assert torch.equal(fake, deployed)
 
 
-@pytest.mark.parametrize("target", list(FILES))
+@pytest.mark.parametrize("target", list(FILE_SUFFIXES))
 @settings(max_examples=4, deadline=None)
 @given(g=geometries, seed=st.integers(0, 1000))
 def test_exported_conv1d_gives_the_integer_models_codes_in_the_real_runtime(tmp_path_factory, target, g, seed):
@@ -79,10 +78,7 @@ def test_exported_conv1d_gives_the_integer_models_codes_in_the_real_runtime(tmp_
         _, integer = train_and_convert(model, x, target)
     except UnsupportedOpError:
         return
-    path = os.path.join(tmp_path_factory.mktemp("conv1d"), "model" + FILES[target])
-    qp.export(integer, path)
-    report = qp.verify(integer, path, x)
-    assert report.ok and report.mismatched == 0, str(report)
+    assert_runtime_gives_the_same_codes(integer, x, tmp_path_factory.mktemp("conv1d"))
 
 
 @pytest.mark.parametrize("engine", ["fbgemm", "x86", "qnnpack"])

@@ -1,6 +1,5 @@
 """mul of two tensors (broadcasting; squeeze-excite's x * gate; SiLU = x * sigmoid(x)): fake == integer on
 every target, the exported file's runtime gives the same codes, and PyTorch's engines compute the same."""
-import os
 import warnings
 
 import numpy as np
@@ -11,12 +10,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qparity as qp
+from helpers import FILE_SUFFIXES, assert_runtime_gives_the_same_codes
 from qparity.errors import UnsupportedOpError
 from qparity.numerics import get_target
 from qparity.qparams import QParams
 
 warnings.filterwarnings("ignore", message=".*quantiz.*deprecated.*")
-FILES = {"tflite": ".tflite", "xnnpack": ".tflite", "onnxruntime": ".onnx"}
 SHAPES = [((2, 3, 4, 5), (2, 3, 4, 5)), ((2, 3, 4, 5), (2, 3, 1, 1)), ((2, 3, 1, 1), (2, 3, 4, 5)),
           ((4, 7), (4, 1)), ((4, 7), (4, 7))]
 
@@ -64,7 +63,7 @@ def test_mul_fake_equals_integer(target, shapes, seed):
     assert torch.equal(prepared.eval()(x), integer(x))
 
 
-@pytest.mark.parametrize("target", list(FILES))
+@pytest.mark.parametrize("target", list(FILE_SUFFIXES))
 @pytest.mark.parametrize("shapes", SHAPES)
 @settings(max_examples=3, deadline=None)
 @given(seed=st.integers(0, 2**31))
@@ -73,10 +72,7 @@ def test_exported_mul_gives_the_integer_models_codes_in_the_real_runtime(tmp_pat
         _, integer, x = convert(target, shapes, seed)
     except UnsupportedOpError:
         return
-    path = os.path.join(tmp_path_factory.mktemp("mul"), "model" + FILES[target])
-    qp.export(integer, path)
-    report = qp.verify(integer, path, x)
-    assert report.ok and report.mismatched == 0, str(report)
+    assert_runtime_gives_the_same_codes(integer, x, tmp_path_factory.mktemp("mul"))
 
 
 @pytest.mark.parametrize("engine", ["fbgemm", "x86", "qnnpack"])
