@@ -22,6 +22,7 @@ from .graph import CODE_PRESERVING_FUNCTIONS, CODE_PRESERVING_METHODS, Graph, No
 from .numerics.accumulate import ConvGeometry
 from .numerics.pooling import adaptive_as_pooling
 from .ops.conv1d import Conv1dAs2d, as_conv2d_arguments
+from .ops.upsample import float32_rule_is_exact
 
 SUPPORTED = ("Conv2d, Conv1d, Linear, BatchNorm2d after Conv2d, BatchNorm1d after Conv1d, ReLU, ReLU6, Hardtanh, clamp, add of two tensors, cat, "
              "mul of two tensors (broadcasting), Hardswish, Sigmoid, SiLU, Tanh, Hardsigmoid, LeakyReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean over H and W, flatten/reshape/view/permute, "
@@ -208,6 +209,14 @@ class _Builder:
             self.emit_silu(node, x)
         elif isinstance(module, nn.LeakyReLU):
             self.emit(node, "leaky_relu", [self.ref(x)], attrs={"negative_slope": float(module.negative_slope)})
+        elif isinstance(module, nn.Upsample):
+            self.emit_upsample(node, x, module.size, module.scale_factor, module.mode, module.align_corners)
+        elif isinstance(module, nn.AdaptiveMaxPool2d):
+            if module.return_indices:
+                raise self.unsupported(node, "return_indices=True")
+            self.emit_adaptive_max(node, x, module.output_size)
+        elif isinstance(module, (nn.MaxPool1d, nn.AvgPool1d)):
+            self.emit_pool1d(node, x, module)
         elif isinstance(module, nn.MaxPool2d):
             if module.return_indices:
                 raise self.unsupported(node, "return_indices=True")
@@ -263,6 +272,15 @@ class _Builder:
             if not all(self.is_tensor(t) for t in tensors):
                 raise self.unsupported(node, "every input of cat must be a tensor computed by the model")
             self.emit(node, "cat", [self.ref(list(tensors))], attrs={"dim": dim})
+        elif fn is F.interpolate:
+            size, scale, mode, align = self.static(_bind(args[1:], kwargs, ("size", "scale_factor", "mode",
+                                                                            "align_corners"), (None, None, "nearest", None)))
+            self.emit_upsample(node, args[0], size, scale, mode, align)
+        elif fn is F.adaptive_max_pool2d:
+            size, indices = self.static(_bind(args[1:], kwargs, ("output_size", "return_indices"), (None, False)))
+            if indices:
+                raise self.unsupported(node, "return_indices=True")
+            self.emit_adaptive_max(node, args[0], size)
         elif fn is F.max_pool2d:
             k, s, p, d, c, r = self.static(_bind(args[1:], kwargs, ("kernel_size", "stride", "padding", "dilation",
                                                                       "ceil_mode", "return_indices"),
@@ -418,6 +436,47 @@ class _Builder:
         attrs = {"kernel_size": kernel, "stride": _pair(stride) if stride else kernel, "padding": _pair(padding),
                  "dilation": _pair(dilation), "ceil_mode": bool(ceil_mode)}
         self.emit(node, "max_pool2d", [self.ref(x)], attrs=attrs)
+
+    def emit_upsample(self, node, x, size, scale_factor, mode, align_corners) -> None:
+        """Nearest upsampling of an NCHW tensor by integer factors (ops/upsample.py)."""
+        if mode != "nearest":
+            raise self.unsupported(node, f"interpolation mode {mode!r} (only 'nearest' by integer factors)")
+        input_hw = self.spatial(x)
+        output_hw = tuple(self.values[node.name].shape[-2:])
+        if self.values[x.name].dim() != 4 or any(o % i for i, o in zip(input_hw, output_hw)):
+            raise self.unsupported(node, f"upsampling {tuple(input_hw)} to {output_hw}: only 4-D inputs and integer "
+                                         "factors copy codes exactly in every runtime")
+        factors = tuple(o // i for i, o in zip(input_hw, output_hw))
+        if not all(float32_rule_is_exact(i, k) for i, k in zip(input_hw, factors)):
+            raise self.unsupported(node, f"upsampling {tuple(input_hw)} by {factors}: the runtimes' float32 index "
+                                         "rule does not give y // k for every output row or column")
+        self.emit(node, "upsample_nearest", [self.ref(x)], attrs={"scale_factor": factors})
+
+    def emit_adaptive_max(self, node, x, output_size) -> None:
+        """AdaptiveMaxPool2d to a size that divides the input: a max pool with uniform windows."""
+        window = adaptive_as_pooling(self.spatial(x), output_size, _where(node))
+        self.emit_max_pool(node, x, window["kernel_size"], window["stride"], 0, 1, False)
+
+    def emit_pool1d(self, node, x, module) -> None:
+        """MaxPool1d / AvgPool1d on [N, C, L] as the 2-D pool on [N, C, 1, L] between an unsqueeze and a squeeze."""
+        where = _where(node)
+        first = lambda v: v[0] if isinstance(v, (tuple, list)) else v  # noqa: E731
+        kernel = first(module.kernel_size)
+        stride = first(module.stride) if module.stride is not None else kernel
+        padding = first(module.padding)
+        widened = Node(node.name + "_as_2d", "call", (self.ref(x), -2), {}, {"fn": "method:unsqueeze"}, where)
+        self.nodes.append(widened)
+        if isinstance(module, nn.MaxPool1d):
+            if module.return_indices:
+                raise self.unsupported(node, "return_indices=True")
+            attrs = {"kernel_size": (1, kernel), "stride": (1, stride), "padding": (0, padding),
+                     "dilation": (1, first(module.dilation)), "ceil_mode": bool(module.ceil_mode)}
+            self.nodes.append(Node(node.name + "_pool", "max_pool2d", (Ref(widened.name),), {}, attrs, where))
+        else:
+            attrs = {"kernel_size": (1, kernel), "stride": (1, stride), "padding": (0, padding),
+                     "ceil_mode": bool(module.ceil_mode), "count_include_pad": bool(module.count_include_pad)}
+            self.nodes.append(Node(node.name + "_pool", "avg_pool2d", (Ref(widened.name),), {}, attrs, where))
+        self.emit(node, "call", [Ref(node.name + "_pool"), -2], attrs={"fn": "method:squeeze"})
 
     def emit_avg_pool(self, node, x, kernel, stride, padding, ceil_mode, include_pad, divisor_override) -> None:
         if divisor_override is not None:

@@ -13,6 +13,7 @@ Each operator of the integer program becomes the ONNX Runtime kernel whose arith
     sigmoid        com.microsoft QLinearSigmoid
     leaky_relu     com.microsoft QLinearLeakyRelu (alpha as float32)
     max_pool2d     MaxPool on the codes
+    upsample       Resize (nearest, asymmetric, floor) on the codes
     avg_pool2d     com.microsoft QLinearAveragePool, or QLinearGlobalAveragePool where the window covers the
                    whole input without padding (ORT routes that case to the global kernel itself)
     clamp          Clip on the codes, with the target's code bounds (also the clamp fused into conv/linear/add)
@@ -267,6 +268,12 @@ class _OnnxBuilder:
         return self.emit(op, [x, *self.grid(self.model.grids[source], source),
                               *self.grid(self.model.qparams[node.name], node.name)], node.name, domain=MICROSOFT,
                          **attrs)
+
+    def op_upsample_nearest(self, node: Node, x: str) -> str:
+        """Resize on the codes: asymmetric coordinates, floor: input index floor(y / k) = y // k."""
+        scales = self.constant(f"{node.name}.scales", np.asarray([1, 1, *node.attrs["scale_factor"]], np.float32))
+        return self.emit("Resize", [x, "", scales], node.name, mode="nearest",
+                         coordinate_transformation_mode="asymmetric", nearest_mode="floor")
 
     def op_max_pool2d(self, node: Node, x: str) -> str:
         a = node.attrs

@@ -540,6 +540,18 @@ class _Exporter(Executor):
         self.fb.operator(name, [x.index], [out], options)
         return TFLiteTensor(out, x.shape, grid, x.perm)
 
+    def op_upsample_nearest(self, node: Node, x: TFLiteTensor):
+        """RESIZE_NEAREST_NEIGHBOR (no align_corners, no half-pixel centers) on the NHWC codes."""
+        x = self.in_layout(x, NHWC)
+        factors = node.attrs["scale_factor"]
+        out_hw = [x.shape[2] * factors[0], x.shape[3] * factors[1]]
+        shape = (x.shape[0], x.shape[1], *out_hw)
+        size = self.fb.constant(f"{node.name}_size", np.asarray(out_hw), "int32")
+        out = self.activation(node.name, [shape[p] for p in NHWC], x.grid)
+        self.fb.operator("RESIZE_NEAREST_NEIGHBOR", [x.index, size], [out],
+                         self.fb.options("ResizeNearestNeighborOptions", alignCorners=False, halfPixelCenters=False))
+        return TFLiteTensor(out, shape, x.grid, NHWC)
+
     def op_clamp(self, node: Node, x: TFLiteTensor):
         bounds = self.target.activation_bounds(node.attrs.get("min"), node.attrs.get("max"), x.grid)
         return self.clamp(x, None if bounds == (x.grid.qmin, x.grid.qmax) else bounds, node.name)

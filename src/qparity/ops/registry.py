@@ -102,15 +102,20 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "fused into the output range of the conv/linear/add right before it when that node has no other "
              "user; otherwise a clamp of the codes", "clamp, gradient 1 on the closed interval",
              "constant bounds (to_torch: ReLU only)", torch_form="torch.relu"),
-    Operator("max_pool2d", "`nn.MaxPool2d`, `F.max_pool2d`", False, "exact window maximum of the codes",
+    Operator("max_pool2d", "`nn.MaxPool2d`, `F.max_pool2d`, `nn.AdaptiveMaxPool2d` / `F.adaptive_max_pool2d` to "
+             "sizes that divide the input, `nn.MaxPool1d` (on [N, C, 1, L])", False, "exact window maximum of the codes",
              "max pool of the codes", "`return_indices=False`", torch_form="F.max_pool2d"),
     Operator("avg_pool2d", "`nn.AvgPool2d`, `F.avg_pool2d`, `nn.AdaptiveAvgPool2d`, `F.adaptive_avg_pool2d`, "
              "`torch.mean`/`Tensor.mean` over (H, W) or over L of an [N, C, L] tensor, `nn.AdaptiveAvgPool1d`, "
-             "`F.adaptive_avg_pool1d` (on [N, C, 1, L])", False,
+             "`F.adaptive_avg_pool1d`, `nn.AvgPool1d` (on [N, C, 1, L])", False,
              "the target's average of exact window sums, PyTorch's divisors",
              "window mean of the codes", "no `divisor_override`; adaptive output sizes must divide the input; "
              "a mean only over H and W (qnnpack: no 1x1 avg_pool2d, as PyTorch's qnnpack)",
              torch_form="F.avg_pool2d / F.adaptive_avg_pool2d"),
+    Operator("upsample_nearest", "`nn.Upsample`, `F.interpolate` with mode='nearest' by integer factors", False,
+             "copies codes: output[y, x] = input[y // k_h, x // k_w]", "nearest upsampling of the codes",
+             "4-D inputs; integer factors where the runtimes' float32 index rule is exact (checked at capture)",
+             golden=False, torch_form="F.interpolate(mode='nearest')"),
     Operator("dropout", "`nn.Dropout`, `F.dropout`", False,
              "identity (eval and the integer program)",
              "in QAT training, dropout of the dequantized values requantized on the same grid",

@@ -1,0 +1,93 @@
+"""Nearest upsampling (UNet/FPN decoders), AdaptiveMaxPool2d, MaxPool1d and AvgPool1d: exact on every target,
+in the real runtimes and in PyTorch's engines."""
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import FILE_SUFFIXES, assert_runtime_gives_the_same_codes
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import qparity as qp
+from qparity.errors import UnsupportedOpError
+from qparity.ops.upsample import float32_rule_is_exact
+
+
+class Decoder(nn.Module):
+    """A UNet-style step: down conv, nearest upsampling (module and functional), skip concatenation."""
+
+    def __init__(self, factor, functional):
+        super().__init__()
+        self.down = nn.Conv2d(3, 6, 3, stride=factor, padding=1)
+        self.up = nn.Upsample(scale_factor=factor, mode="nearest")
+        self.out = nn.Conv2d(9, 4, 3, padding=1)
+        self.factor, self.functional = factor, functional
+
+    def forward(self, x):
+        d = F.relu(self.down(x))
+        u = F.interpolate(d, scale_factor=self.factor, mode="nearest") if self.functional else self.up(d)
+        return self.out(torch.cat([u, x], 1))
+
+
+class Pools(nn.Module):
+    def __init__(self, adaptive_size):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 6, 3, padding=1)
+        self.mp, self.ap = nn.MaxPool1d(2), nn.AvgPool1d(3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(3, 4, 3, padding=1)
+        self.amp = nn.AdaptiveMaxPool2d(adaptive_size)
+
+    def forward(self, x, y):
+        return self.ap(self.mp(F.relu(self.c1(x)))), self.amp(self.c2(y)), F.adaptive_max_pool2d(self.c2(y), 1)
+
+
+def convert(model, inputs, target):
+    prepared = qp.prepare_qat(model, inputs, target=target)
+    qp.calibrate(prepared, [inputs])
+    qp.freeze(prepared)
+    return prepared, qp.convert(prepared)
+
+
+def outputs(value):
+    return value if isinstance(value, tuple) else (value,)
+
+
+CASES = [("decoder", lambda factor: (Decoder(factor, factor % 2 == 0), (torch.randn(3, 3, 4 * factor, 4 * factor),))),
+         ("pools", lambda factor: (Pools(2 if factor % 2 == 0 else 4), (torch.randn(3, 3, 20), torch.randn(3, 3, 8, 8))))]
+
+
+@pytest.mark.parametrize("target", qp.TARGETS)
+@pytest.mark.parametrize("case", [name for name, _ in CASES])
+@settings(max_examples=4, deadline=None)
+@given(factor=st.integers(2, 4), seed=st.integers(0, 1000))
+def test_resampling_is_exact_in_the_integer_model_and_every_runtime(tmp_path_factory, target, case, factor, seed):
+    torch.manual_seed(seed)
+    model, inputs = dict(CASES)[case](factor)
+    prepared, integer = convert(model, inputs, target)
+    for fake, deployed in zip(outputs(prepared.eval()(*inputs)), outputs(integer(*inputs))):
+        assert torch.equal(fake, deployed)
+    if target in FILE_SUFFIXES:
+        assert_runtime_gives_the_same_codes(integer, inputs, tmp_path_factory.mktemp("resample"))
+    elif target != "exact":
+        torch.backends.quantized.engine = target
+        for runtime, deployed in zip(outputs(qp.to_torch(integer)(*inputs)), outputs(integer(*inputs))):
+            assert torch.equal(runtime, deployed)
+
+
+def test_upsampling_other_than_nearest_by_integer_factors_is_refused_by_name():
+    class Bilinear(nn.Module):
+        def forward(self, x):
+            return F.interpolate(x, scale_factor=2, mode="bilinear")
+
+    class Fractional(nn.Module):
+        def forward(self, x):
+            return F.interpolate(x, size=(7, 7), mode="nearest")
+
+    with pytest.raises(UnsupportedOpError, match="interpolation mode 'bilinear'"):
+        qp.prepare_qat(Bilinear(), (torch.randn(1, 2, 4, 4),))
+    with pytest.raises(UnsupportedOpError, match=r"upsampling \(4, 4\) to \(7, 7\)"):
+        qp.prepare_qat(Fractional(), (torch.randn(1, 2, 4, 4),))
+
+
+def test_the_float32_index_rule_holds_for_common_sizes_and_factors():
+    assert all(float32_rule_is_exact(size, factor) for size in range(1, 129) for factor in range(2, 9))
