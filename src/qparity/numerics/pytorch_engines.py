@@ -446,21 +446,20 @@ def _fbgemm_hardswish(q, source: QParams, out: QParams, kernels: PyTorchKernels)
 
 def _vector_and_scalar_loops(op: str, q, source: QParams, vector, scalar) -> torch.Tensor:
     """An elementwise kernel whose vector and scalar loops round differently (cpu_kernel_vec): each element's
-    code from the loop that computes it (vector_loop_mask, in memory order), as a float tensor in q's layout.
+    code from the loop that computes it (vector_loop_mask over memory order, which TensorIterator walks for
+    any dense layout), as a float tensor with q's strides (the kernels allocate their output like the input).
     vector(x) gets x = fma(q, s, f(-z * s)) (Vectorized dequantize), scalar(x) x = f((q - z) * s)."""
-    if q.is_contiguous():
-        channels_last = False
-    elif q.dim() == 4 and q.is_contiguous(memory_format=torch.channels_last):
-        channels_last = True
-    else:
-        raise UnsupportedOpError(f"{op} on codes of shape {tuple(q.shape)} and strides {q.stride()} (neither "
-                                 "contiguous nor channels-last) is not emulated for PyTorch's engines: which elements "
-                                 "take the vector loop depends on the strides; make the input contiguous first")
-    flat = _memory_order(q, channels_last).to(torch.float32)
+    order = sorted(range(q.dim()), key=lambda d: (-q.stride(d), d))
+    stored = q.permute(order)
+    if not stored.is_contiguous():
+        raise UnsupportedOpError(f"{op} on codes of shape {tuple(q.shape)} and strides {q.stride()} (not dense) is "
+                                 "not emulated for PyTorch's engines: which elements take the vector loop depends on "
+                                 "the strides; make the input contiguous first")
+    flat = stored.reshape(-1).to(torch.float32)
     s, z = source.scale.to(torch.float32), float(source.zero_point)
     codes = torch.where(vector_loop_mask(flat.numel(), torch.get_num_threads()),
                         vector(fma_f32(flat, s, s * -z)), scalar((flat - z) * s))
-    return _from_memory_order(codes, q, channels_last)
+    return codes.reshape(stored.shape).permute([order.index(d) for d in range(q.dim())])
 
 
 def _hardsigmoid_real(x: torch.Tensor) -> torch.Tensor:
@@ -501,7 +500,9 @@ def _qnnpack_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi):
     # Round half away from zero: QNNPACK's remainder test (`rem > threshold`, rem less one for negatives).
     half = 1 << (shift - 1)
     rounded = torch.where(acc >= 0, (acc + half) >> shift, -((-acc + half) >> shift))
-    return torch.clamp(rounded + int(out.zero_point), lo, hi)
+    # qnnpack_add allocates its output in qa.suggest_memory_format(): channels-last 4-D or contiguous.
+    layout = torch.channels_last if (qa.dim() == 4 and _channels_last(qa)) else torch.contiguous_format
+    return torch.clamp(rounded + int(out.zero_point), lo, hi).contiguous(memory_format=layout)
 
 
 class FbgemmTarget(PyTorchEngineTarget):
