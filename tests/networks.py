@@ -123,7 +123,32 @@ class TemporalConvNet(nn.Module):
         return self.fc(self.pool(y).mean(-1))
 
 
+class PreActResNet(nn.Module):
+    """Pre-activation residual blocks (BatchNorm and ReLU before each conv, BatchNorm not after a conv), and an
+    MLP head with BatchNorm1d after a Linear."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"bn1": nn.BatchNorm2d(8), "conv1": nn.Conv2d(8, 8, 3, padding=1),
+                                                   "bn2": nn.BatchNorm2d(8), "conv2": nn.Conv2d(8, 8, 3, padding=1)})
+                                    for _ in range(2))
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 8)
+        self.bn_fc = nn.BatchNorm1d(8)
+        self.out = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            y = block["conv1"](F.relu(block["bn1"](x)))
+            x = x + block["conv2"](F.relu(block["bn2"](y)))
+        x = F.relu(self.bn(x)).mean((2, 3))
+        return self.out(F.relu(self.bn_fc(self.fc(x))))
+
+
 NETWORKS = {
+    "preact_resnet": (PreActResNet, (3, 12, 12)),
     "mobilenetv3_small": (MobileNetV3Small, (3, 32, 32)),
     "efficientnet_b0_like": (EfficientNetB0Like, (3, 32, 32)),
     "small_unet": (SmallUNet, (3, 16, 16)),

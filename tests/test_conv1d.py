@@ -108,7 +108,14 @@ def test_conv1d_keeps_training_the_users_parameters():
     assert conv.bias is not None
 
 
-def test_batch_norm1d_not_after_a_conv1d_is_refused_by_name():
-    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
-    with pytest.raises(UnsupportedOpError, match="BatchNorm1d must directly follow a Conv1d"):
-        qp.prepare_qat(model, (torch.randn(3, 4),))
+def test_batch_norm1d_on_a_sequence_no_conv1d_feeds_is_refused_by_name():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            return self.bn(x + x)
+
+    with pytest.raises(UnsupportedOpError, match="BatchNorm1d on a rank-3 tensor that no Conv1d feeds"):
+        qp.prepare_qat(Model(), (torch.randn(2, 3, 5),))

@@ -76,9 +76,9 @@ def test_integer_example_input_is_rejected():
         qp.prepare_qat(small_model(), (torch.zeros(1, 1, 4, 4, dtype=torch.int64),))
 
 
-def test_batchnorm_without_a_conv_before_it():
-    model = nn.Sequential(nn.BatchNorm2d(1), nn.Conv2d(1, 1, 1))
-    with pytest.raises(UnsupportedOpError, match="BatchNorm2d must directly follow a Conv2d"):
+def test_batchnorm_without_running_statistics_is_refused_by_name():
+    model = nn.Sequential(nn.BatchNorm2d(1, track_running_stats=False), nn.Conv2d(1, 1, 1))
+    with pytest.raises(UnsupportedOpError, match="BatchNorm2d needs affine=True and track_running_stats=True"):
         qp.prepare_qat(model, (torch.randn(2, 1, 2, 2),))
 
 

@@ -350,21 +350,45 @@ class _Builder:
 
     # -- operators ------------------------------------------------------------------------------------------
     def fold_batch_norm(self, node: fx.Node, bn: nn.Module) -> None:
+        """Fold a BatchNorm into the conv (Conv1d, Linear for BatchNorm1d) right before it when that layer's output
+        feeds only it; otherwise run it as its own per-channel layer (`emit_batch_norm_layer`)."""
+        if not bn.track_running_stats or not bn.affine:
+            raise self.unsupported(node, f"{type(bn).__name__} needs affine=True and track_running_stats=True")
         source = node.args[0]
         producer = self.nodes[-1] if self.nodes else None
-        output = producer  # what the BatchNorm reads: the conv2d, or a Conv1d's squeeze after its conv2d
-        if isinstance(bn, nn.BatchNorm1d):
-            producer = self.conv1d_outputs.get(producer.name) if producer is not None else None
-        expected = "Conv1d" if isinstance(bn, nn.BatchNorm1d) else "Conv2d"
-        if (producer is None or producer.op != "conv2d" or output.name != self.alias.get(source.name, source.name)
-                or len(source.users) != 1 or self.layers[producer.name].batch_norm is not None):
-            raise self.unsupported(node, f"{type(bn).__name__} must directly follow a {expected} whose output it "
-                                         "alone uses")
-        if not bn.track_running_stats or not bn.affine:
-            raise self.unsupported(node, "BatchNorm2d needs affine=True and track_running_stats=True to fold")
+        output = producer  # what the BatchNorm reads: the layer, or a Conv1d's squeeze after its conv2d
+        if isinstance(bn, nn.BatchNorm1d) and producer is not None and producer.op != "linear":
+            producer = self.conv1d_outputs.get(producer.name)
+        if (producer is None or producer.op not in ("conv2d", "linear")
+                or output.name != self.alias.get(source.name, source.name) or len(source.users) != 1
+                or self.layers[producer.name].batch_norm is not None):
+            self.emit_batch_norm_layer(node, bn)
+            return
         self.layers[producer.name].batch_norm = bn
         producer.attrs["batch_norm"] = node.target
         self.alias[node.name] = output.name
+
+    def emit_batch_norm_layer(self, node: fx.Node, bn: nn.Module) -> None:
+        """A BatchNorm after anything but its own conv (pre-activation nets) as a per-channel layer: a depthwise 1x1
+        conv (a diagonal linear on [N, C]) with weight 1, no bias, and the BatchNorm folded into it the way it
+        deploys; it trains as a folded BatchNorm (batch statistics in train mode, running ones at freeze)."""
+        x = node.args[0]
+        rank = self.values[x.name].dim()
+        channels = bn.num_features
+        if rank == 4:
+            layer = nn.Conv2d(channels, channels, 1, groups=channels, bias=False)
+            geometry = ConvGeometry("conv2d", (1, 1), (0, 0), (1, 1), channels)
+        elif rank == 2:
+            layer = nn.Linear(channels, channels, bias=False)
+            geometry = ConvGeometry("linear")
+        else:
+            raise self.unsupported(node, f"{type(bn).__name__} on a rank-{rank} tensor that no Conv1d feeds")
+        with torch.no_grad():
+            layer.weight.copy_(torch.eye(channels).reshape(layer.weight.shape) if rank == 2 else 1.0)
+        layer.weight.requires_grad_(False)  # the BatchNorm's own parameters train; the identity stays
+        self.layers[node.name] = Layer(layer, bn)
+        self.emit(node, geometry.kind, [self.ref(x)], attrs={"geometry": geometry.to_dict(), "module": node.target,
+                                                             "batch_norm": node.target})
 
     def emit_functional_layer(self, node, x, weight, bias, geometry: ConvGeometry) -> None:
         holder = nn.Module()

@@ -50,13 +50,15 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "float tensors; any batch size, other dimensions as captured", torch_form="quantize_per_tensor"),
     Operator("conv2d", "`nn.Conv2d`, `F.conv2d` on the model's own parameters; `nn.BatchNorm2d` right after "
              "it is folded in; `nn.Conv1d`, `F.conv1d` as a height-1 conv2d between an unsqueeze and a squeeze "
-             "(ops/conv1d.py), with `nn.BatchNorm1d` right after it folded in", True,
+             "(ops/conv1d.py), with `nn.BatchNorm1d` right after it folded in; `nn.BatchNorm2d` anywhere else as a "
+             "depthwise 1x1 conv with the BatchNorm folded in", True,
              "exact int32 accumulator + bias, the target's requantizer (PyTorch engines: float bias as the "
              "engine adds it)", "float conv on straight-through weight codes, BatchNorm as torch.ao's QAT",
              "`padding_mode=\"zeros\"`; any stride, padding (incl. `\"same\"`), dilation, groups (x86: groups "
              "<= 100, checked at prepare_qat); a folded BatchNorm must directly follow the conv, be its only "
              "user, `affine=True`, `track_running_stats=True`", torch_form="torch.ao.nn.quantized.Conv2d"),
-    Operator("linear", "`nn.Linear`, `F.linear` on the model's own parameters", True,
+    Operator("linear", "`nn.Linear`, `F.linear` on the model's own parameters; `nn.BatchNorm1d` right after it "
+             "folded in; `nn.BatchNorm1d` on [N, C] elsewhere as a diagonal linear with the BatchNorm folded in", True,
              "as conv2d (TFLite: FULLY_CONNECTED's rule)", "float linear on straight-through weight codes",
              torch_form="torch.ao.nn.quantized.Linear"),
     Operator("add", "`a + b`, `torch.add`, `Tensor.add`", True, "the target's add of two grids",
