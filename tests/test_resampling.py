@@ -1,5 +1,5 @@
-"""Nearest upsampling (UNet/FPN decoders), AdaptiveMaxPool2d, MaxPool1d and AvgPool1d: exact on every target,
-in the real runtimes and in PyTorch's engines."""
+"""Nearest upsampling (UNet/FPN decoders), zero padding, AdaptiveMaxPool2d, MaxPool1d and AvgPool1d: exact on
+every target, in the real runtimes and in PyTorch's engines."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,21 @@ class Pools(nn.Module):
         return self.ap(self.mp(F.relu(self.c1(x)))), self.amp(self.c2(y)), F.adaptive_max_pool2d(self.c2(y), 1)
 
 
+class Padded(nn.Module):
+    """Zero padding (module and functional, 2-D and 1-D, asymmetric) before convs and at the output."""
+
+    def __init__(self, pad):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.pad = nn.ZeroPad2d(pad)
+        self.conv2 = nn.Conv2d(4, 4, 3)
+        self.conv1d = nn.Conv1d(3, 2, 3)
+
+    def forward(self, x, y):
+        a = self.conv2(self.pad(F.relu(self.conv(x))))
+        return a, F.pad(a, (1, 0, 2, 1)), F.pad(self.conv1d(y), (2, 1))
+
+
 def convert(model, inputs, target):
     prepared = qp.prepare_qat(model, inputs, target=target)
     qp.calibrate(prepared, [inputs])
@@ -53,7 +68,8 @@ def outputs(value):
 
 
 CASES = [("decoder", lambda factor: (Decoder(factor, factor % 2 == 0), (torch.randn(3, 3, 4 * factor, 4 * factor),))),
-         ("pools", lambda factor: (Pools(2 if factor % 2 == 0 else 4), (torch.randn(3, 3, 20), torch.randn(3, 3, 8, 8))))]
+         ("pools", lambda factor: (Pools(2 if factor % 2 == 0 else 4), (torch.randn(3, 3, 20), torch.randn(3, 3, 8, 8)))),
+         ("padding", lambda factor: (Padded((factor - 1, factor, 0, 1)), (torch.randn(3, 3, 8, 8), torch.randn(3, 3, 10))))]
 
 
 @pytest.mark.parametrize("target", qp.TARGETS)
@@ -91,3 +107,18 @@ def test_upsampling_other_than_nearest_by_integer_factors_is_refused_by_name():
 
 def test_the_float32_index_rule_holds_for_common_sizes_and_factors():
     assert all(float32_rule_is_exact(size, factor) for size in range(1, 129) for factor in range(2, 9))
+
+
+def test_padding_with_anything_but_zeros_is_refused_by_name():
+    class Reflect(nn.Module):
+        def forward(self, x):
+            return F.pad(x, (1, 1), mode="reflect")
+
+    class Ones(nn.Module):
+        def forward(self, x):
+            return F.pad(x, (1, 1), value=1.0)
+
+    with pytest.raises(UnsupportedOpError, match="padding mode 'reflect'"):
+        qp.prepare_qat(Reflect(), (torch.randn(1, 2, 4),))
+    with pytest.raises(UnsupportedOpError, match="with value 1.0"):
+        qp.prepare_qat(Ones(), (torch.randn(1, 2, 4),))

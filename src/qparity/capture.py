@@ -209,6 +209,8 @@ class _Builder:
             self.emit_silu(node, x)
         elif isinstance(module, nn.LeakyReLU):
             self.emit(node, "leaky_relu", [self.ref(x)], attrs={"negative_slope": float(module.negative_slope)})
+        elif isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ZeroPad1d, nn.ConstantPad1d)):
+            self.emit_pad(node, x, module.padding, "constant", getattr(module, "value", 0.0))
         elif isinstance(module, nn.Upsample):
             self.emit_upsample(node, x, module.size, module.scale_factor, module.mode, module.align_corners)
         elif isinstance(module, nn.AdaptiveMaxPool2d):
@@ -272,6 +274,9 @@ class _Builder:
             if not all(self.is_tensor(t) for t in tensors):
                 raise self.unsupported(node, "every input of cat must be a tensor computed by the model")
             self.emit(node, "cat", [self.ref(list(tensors))], attrs={"dim": dim})
+        elif fn is F.pad:
+            pad, mode, value = self.static(_bind(args[1:], kwargs, ("pad", "mode", "value"), (None, "constant", None)))
+            self.emit_pad(node, args[0], pad, mode, value)
         elif fn is F.interpolate:
             size, scale, mode, align = self.static(_bind(args[1:], kwargs, ("size", "scale_factor", "mode",
                                                                             "align_corners"), (None, None, "nearest", None)))
@@ -460,6 +465,16 @@ class _Builder:
         attrs = {"kernel_size": kernel, "stride": _pair(stride) if stride else kernel, "padding": _pair(padding),
                  "dilation": _pair(dilation), "ceil_mode": bool(ceil_mode)}
         self.emit(node, "max_pool2d", [self.ref(x)], attrs=attrs)
+
+    def emit_pad(self, node, x, pad, mode, value) -> None:
+        """Padding with zeros (the zero point's code); other values and modes would need a code of their own."""
+        if mode != "constant" or value not in (None, 0, 0.0):
+            raise self.unsupported(node, f"padding mode {mode!r} with value {value!r} (only constant zeros, which "
+                                         "pad with the zero point's code)")
+        pad = tuple(int(p) for p in pad)
+        if any(p < 0 for p in pad):
+            raise self.unsupported(node, f"negative padding {pad} (cropping): slice the tensor instead")
+        self.emit(node, "pad", [self.ref(x)], attrs={"pad": pad})
 
     def emit_upsample(self, node, x, size, scale_factor, mode, align_corners) -> None:
         """Nearest upsampling of an NCHW tensor by integer factors (ops/upsample.py)."""

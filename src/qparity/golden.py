@@ -152,6 +152,8 @@ PARAMETERS = {
     "leaky_relu": _table_params,
     "clamp": _clamp_params,
     "max_pool2d": _max_pool_params,
+    "pad": lambda model, node, inputs, root: {"pad": list(node.attrs["pad"]),
+                                              "value": int(inputs[0].qparams.zero_point)},
     "avg_pool2d": lambda model, node, inputs, root: _average_params(model, node, inputs[0]),
     "call": lambda model, node, inputs, root: {"function": node.attrs["fn"], "args": encode(node.args),
                                                "kwargs": encode(node.kwargs)},

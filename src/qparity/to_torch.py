@@ -125,6 +125,8 @@ class TorchQuantizedModel(nn.Module):
             qp = self.qparams[node.name]
             op = torch.ops.quantized.add_relu if _relu_only(node) else torch.ops.quantized.add
             return op(args[0], args[1], float(qp.scale), int(qp.zero_point))
+        if node.op == "pad":
+            return F.pad(args[0], tuple(node.attrs["pad"]))  # quantized constant_pad_nd pads with the zero point
         if node.op == "upsample_nearest":
             return F.interpolate(args[0], scale_factor=tuple(node.attrs["scale_factor"]), mode="nearest")
         if node.op == "sigmoid":

@@ -14,6 +14,7 @@ Each operator of the integer program becomes the ONNX Runtime kernel whose arith
     leaky_relu     com.microsoft QLinearLeakyRelu (alpha as float32)
     max_pool2d     MaxPool on the codes
     upsample       Resize (nearest, asymmetric, floor) on the codes
+    pad            Pad (constant) with the zero point's code
     avg_pool2d     com.microsoft QLinearAveragePool, or QLinearGlobalAveragePool where the window covers the
                    whole input without padding (ORT routes that case to the global kernel itself)
     clamp          Clip on the codes, with the target's code bounds (also the clamp fused into conv/linear/add)
@@ -268,6 +269,17 @@ class _OnnxBuilder:
         return self.emit(op, [x, *self.grid(self.model.grids[source], source),
                               *self.grid(self.model.qparams[node.name], node.name)], node.name, domain=MICROSOFT,
                          **attrs)
+
+    def op_pad(self, node: Node, x: str) -> str:
+        """Pad (constant) with the zero point's code; ONNX orders pads as all begins, then all ends."""
+        rank = self.small[node.refs()[0]].dim()
+        pad = list(node.attrs["pad"]) + [0] * (2 * rank - len(node.attrs["pad"]))
+        begins = [pad[2 * (rank - 1 - d)] for d in range(rank)]
+        ends = [pad[2 * (rank - 1 - d) + 1] for d in range(rank)]
+        grid = self.input_grid(node)
+        pads = self.constant(f"{node.name}.pads", np.asarray(begins + ends, np.int64))
+        value = self.constant(f"{node.name}.value", np.asarray(int(grid.zero_point), _numpy_dtype(grid)))
+        return self.emit("Pad", [x, pads, value], node.name, mode="constant")
 
     def op_upsample_nearest(self, node: Node, x: str) -> str:
         """Resize on the codes: asymmetric coordinates, floor: input index floor(y / k) = y // k."""

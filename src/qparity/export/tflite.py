@@ -540,6 +540,17 @@ class _Exporter(Executor):
         self.fb.operator(name, [x.index], [out], options)
         return TFLiteTensor(out, x.shape, grid, x.perm)
 
+    def op_pad(self, node: Node, x: TFLiteTensor):
+        """PAD: int8 padding is the output zero point (kernels/pad.cc), the code of real 0."""
+        rank = len(x.shape)
+        pad = list(node.attrs["pad"]) + [0] * (2 * rank - len(node.attrs["pad"]))
+        logical = [(pad[2 * (rank - 1 - d)], pad[2 * (rank - 1 - d) + 1]) for d in range(rank)]
+        shape = tuple(size + before + after for size, (before, after) in zip(x.shape, logical))
+        paddings = self.fb.constant(f"{node.name}_paddings", np.asarray([logical[p] for p in x.perm]), "int32")
+        out = self.activation(node.name, [shape[p] for p in x.perm], x.grid)
+        self.fb.operator("PAD", [x.index, paddings], [out], self.fb.options("PadOptions"))
+        return TFLiteTensor(out, shape, x.grid, x.perm)
+
     def op_upsample_nearest(self, node: Node, x: TFLiteTensor):
         """RESIZE_NEAREST_NEIGHBOR (no align_corners, no half-pixel centers) on the NHWC codes."""
         x = self.in_layout(x, NHWC)

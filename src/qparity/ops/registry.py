@@ -118,6 +118,9 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "copies codes: output[y, x] = input[y // k_h, x // k_w]", "nearest upsampling of the codes",
              "4-D inputs; integer factors where the runtimes' float32 index rule is exact (checked at capture)",
              golden=False, torch_form="F.interpolate(mode='nearest')"),
+    Operator("pad", "`F.pad` (constant 0), `nn.ZeroPad2d`, `nn.ConstantPad2d(value=0)`, `nn.ZeroPad1d`, "
+             "`nn.ConstantPad1d(value=0)`", False, "pads the codes with the zero point's code (real 0)",
+             "the same padding of the codes", "zeros only; no negative padding", torch_form="F.pad"),
     Operator("dropout", "`nn.Dropout`, `F.dropout`", False,
              "identity (eval and the integer program)",
              "in QAT training, dropout of the dequantized values requantized on the same grid",
