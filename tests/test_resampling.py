@@ -1,4 +1,4 @@
-"""Nearest upsampling (UNet/FPN decoders), zero padding, AdaptiveMaxPool2d, MaxPool1d and AvgPool1d: exact on
+"""Nearest upsampling (UNet/FPN decoders), PixelShuffle/PixelUnshuffle, zero padding, AdaptiveMaxPool2d, MaxPool1d and AvgPool1d: exact on
 every target, in the real runtimes and in PyTorch's engines."""
 import pytest
 import torch
@@ -56,6 +56,22 @@ class Padded(nn.Module):
         return a, F.pad(a, (1, 0, 2, 1)), F.pad(self.conv1d(y), (2, 1))
 
 
+class SubPixel(nn.Module):
+    """Sub-pixel convolution (ESPCN-style): conv to r^2 C channels, PixelShuffle, and PixelUnshuffle back."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2 * factor * factor, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(factor)
+        self.conv2 = nn.Conv2d(2, 3, 3, padding=1)
+        self.unshuffle = nn.PixelUnshuffle(factor)
+        self.factor = factor
+
+    def forward(self, x):
+        y = self.conv2(self.shuffle(F.relu(self.conv(x))))
+        return self.unshuffle(y), F.pixel_shuffle(F.pixel_unshuffle(y, self.factor), self.factor)
+
+
 def convert(model, inputs, target):
     prepared = qp.prepare_qat(model, inputs, target=target)
     qp.calibrate(prepared, [inputs])
@@ -69,6 +85,7 @@ def outputs(value):
 
 CASES = [("decoder", lambda factor: (Decoder(factor, factor % 2 == 0), (torch.randn(3, 3, 4 * factor, 4 * factor),))),
          ("pools", lambda factor: (Pools(2 if factor % 2 == 0 else 4), (torch.randn(3, 3, 20), torch.randn(3, 3, 8, 8)))),
+         ("subpixel", lambda factor: (SubPixel(factor), (torch.randn(3, 3, 4, 4),))),
          ("padding", lambda factor: (Padded((factor - 1, factor, 0, 1)), (torch.randn(3, 3, 8, 8), torch.randn(3, 3, 10))))]
 
 

@@ -231,6 +231,10 @@ class _Builder:
             self.emit_adaptive(node, x, module.output_size)
         elif isinstance(module, nn.AdaptiveAvgPool1d):
             self.emit_adaptive1d(node, x, module.output_size)
+        elif isinstance(module, (nn.PixelShuffle, nn.PixelUnshuffle)):
+            name = "pixel_shuffle" if isinstance(module, nn.PixelShuffle) else "pixel_unshuffle"
+            factor = module.upscale_factor if isinstance(module, nn.PixelShuffle) else module.downscale_factor
+            self.emit(node, "call", [self.ref(x), factor], attrs={"fn": f"function:torch.{name}"})
         elif isinstance(module, nn.Flatten):
             self.emit(node, "call", [self.ref(x), module.start_dim, module.end_dim],
                       attrs={"fn": "function:torch.flatten"})

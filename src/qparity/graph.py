@@ -138,6 +138,7 @@ CODE_PRESERVING_FUNCTIONS: Dict[str, Callable] = {
     "torch.flatten": torch.flatten, "torch.reshape": torch.reshape, "torch.permute": torch.permute,
     "torch.transpose": torch.transpose, "torch.squeeze": torch.squeeze, "torch.unsqueeze": torch.unsqueeze,
     "torch.chunk": torch.chunk, "torch.split": torch.split, "operator.getitem": operator.getitem,
+    "torch.pixel_shuffle": torch.pixel_shuffle, "torch.pixel_unshuffle": torch.pixel_unshuffle,
     "getattr": getattr, "operator.add": operator.add, "operator.sub": operator.sub, "operator.mul": operator.mul,
     "operator.floordiv": operator.floordiv, "operator.truediv": operator.truediv,
 }

@@ -18,7 +18,8 @@ Each operator of the integer program becomes the ONNX Runtime kernel whose arith
     avg_pool2d     com.microsoft QLinearAveragePool, or QLinearGlobalAveragePool where the window covers the
                    whole input without padding (ORT routes that case to the global kernel itself)
     clamp          Clip on the codes, with the target's code bounds (also the clamp fused into conv/linear/add)
-    call           Reshape / Transpose / Slice on the codes, shapes evaluated from the captured input shapes
+    call           Reshape / Transpose / Slice on the codes, shapes evaluated from the captured input shapes;
+                   pixel_shuffle as DepthToSpace (CRD), pixel_unshuffle as Reshape-Transpose-Reshape
     dropout        nothing
     outputs        DequantizeLinear (float32 out)
 
@@ -358,10 +359,27 @@ class _OnnxBuilder:
             return self.getitem(node, name, source)
         if method in PIECES:
             return self.pieces(node, name, source)
+        if method == "pixel_shuffle":  # DepthToSpace's CRD mode is PyTorch's pixel_shuffle (ONNX spec)
+            return self.emit("DepthToSpace", [name], node.name, blocksize=int(resolve(node.args[1], self.small)),
+                             mode="CRD")
+        if method == "pixel_unshuffle":
+            return self.pixel_unshuffle(node, name, source)
         raise ExportError(f"the layout call {node.attrs['fn']!r} at {node.path} has no ONNX form in qparity's "
                           "exporter")
 
     # -- layout calls ---------------------------------------------------------------------------------------
+    def pixel_unshuffle(self, node: Node, name: str, source: str) -> str:
+        """PyTorch's pixel_unshuffle (channel c * r^2 + i * r + j; ONNX's SpaceToDepth orders them otherwise) as
+        Reshape [N, C, H/r, r, W/r, r] -> Transpose (0, 1, 3, 5, 2, 4) -> Reshape [N, C r^2, H/r, W/r]."""
+        r = int(resolve(node.args[1], self.small))
+        _, c, h, w = self.small[source].shape
+        split = self.constant(f"{node.name}.split_shape", np.asarray([-1, c, h // r, r, w // r, r], np.int64))
+        merged = self.constant(f"{node.name}.merged_shape", np.asarray([-1, c * r * r, h // r, w // r], np.int64))
+        blocks = self.emit("Reshape", [name, split], f"{node.name}.blocks")
+        moved = self.emit("Transpose", [blocks], f"{node.name}.moved", perm=[0, 1, 3, 5, 2, 4])
+        return self.emit("Reshape", [moved, merged], node.name)
+
+
     def permutation(self, node: Node, source: str) -> List[int]:
         """The axes a transpose-like call takes, found by running it on a tensor with distinct dimension sizes."""
         rank = self.small[source].dim()

@@ -127,7 +127,8 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              golden=False, torch_form="identity"),
     Operator("call", "`torch.flatten`, `nn.Flatten`, `Tensor.view`/`reshape`/`flatten`/`permute`/`transpose`/"
              "`contiguous`/`squeeze`/`unsqueeze`/`chunk`/`split`/`t`, `torch.reshape`/`permute`/`transpose`/"
-             "`squeeze`/`unsqueeze`/`chunk`/`split`, indexing, `nn.Identity` (removed)", False,
+             "`squeeze`/`unsqueeze`/`chunk`/`split`, indexing, `nn.PixelShuffle`/`nn.PixelUnshuffle` (and their functions), "
+             "`nn.Identity` (removed)", False,
              "moves codes unchanged", "the same call on the codes", "one tensor input",
              torch_form="the same call on quantized tensors"),
 )}
