@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UnsupportedOpError
 from ..qparams import QParams
 
 NAMES = ("sigmoid", "tanh", "hardsigmoid", "leaky_relu")
@@ -73,7 +74,8 @@ def _round_transcendental(kind: str, x: Fraction, out_scale: Fraction) -> int:
             nearest_half = mpmath.floor(quotient) + mpmath.mpf(1) / 2
             if abs(quotient - nearest_half) > mpmath.mpf(10) ** (10 - digits):
                 return int(mpmath.floor(quotient + mpmath.mpf(1) / 2))
-    raise ArithmeticError(f"{kind}({x}) / {out_scale} is within 10^-310 of a rounding boundary")
+    raise UnsupportedOpError(f"{kind}({x}) / {out_scale} is within 10^-310 of a rounding boundary; qparity cannot "
+                             "round it exactly (choose another output scale)")
 
 
 def exact_table(kind: str, attrs: dict, source: QParams, out: QParams) -> torch.Tensor:

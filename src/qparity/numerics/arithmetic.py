@@ -169,8 +169,10 @@ def quantize_multiplier(real_multiplier: torch.Tensor) -> Tuple[torch.Tensor, to
     return m0, shift
 
 
-def saturating_rounding_doubling_high_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def saturating_rounding_doubling_high_mul(a: torch.Tensor, b: torch.Tensor, bits: int = 32) -> torch.Tensor:
     """gemmlowp SaturatingRoundingDoublingHighMul: (a * b + nudge) / 2^31 with C's truncating division.
+
+    bits=16 is the int16 form TFLite's HARD_SWISH uses: (a * b + 2^14) >> 15, saturating -32768 * -32768.
 
     The nudge is 2^30 for a non-negative product and 1 - 2^30 otherwise. For a negative product p,
     trunc((p + 1 - 2^30) / 2^31) = floor((p + 2^30) / 2^31), so both cases are `(a * b + 2^30) >> 31`
@@ -178,9 +180,10 @@ def saturating_rounding_doubling_high_mul(a: torch.Tensor, b: torch.Tensor) -> t
     multiplier b is INT32_MIN; Q31 multipliers are never negative, but the case is kept exact.
     Returns a new tensor; the chain after the product runs in place (allocation dominates these ops).
     """
-    high = (a * b).add_(1 << 30).bitwise_right_shift_(31)
-    if bool((b == INT32_MIN).any()):
-        high = torch.where((a == b) & (a == INT32_MIN), torch.full_like(high, INT32_MAX), high)
+    lowest = -(1 << (bits - 1))
+    high = (a * b).add_(1 << (bits - 2)).bitwise_right_shift_(bits - 1)
+    if bool((torch.as_tensor(b) == lowest).any()):
+        high = torch.where((a == b) & (a == lowest), torch.full_like(high, -lowest - 1), high)
     return high
 
 

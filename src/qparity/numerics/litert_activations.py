@@ -32,22 +32,24 @@ import torch
 
 from ..errors import UnsupportedOpError
 from ..qparams import QParams
+from .arithmetic import (multiply_by_quantized_multiplier, quantize_multiplier, round_half_away,
+                         rounding_divide_by_pot, saturating_rounding_doubling_high_mul)
 
 F32 = np.float32
-CODES = np.arange(-128, 128, dtype=np.int64)
+CODES = torch.arange(-128, 128, dtype=torch.int64)
 LITERT_FIXED_GRIDS = {"sigmoid": QParams(1.0 / 256.0, -128, "int8"), "tanh": QParams(1.0 / 128.0, 0, "int8")}
+INT16_SHIFT_LIMIT = 15  # gemmlowp computes int16 RoundingDivideByPOT's mask in int16: validated below 16
 
 
 def _expf(x: np.float32) -> np.float32:
-    return F32(math.exp(float(x))) if float(x) < 88.8 else F32(np.inf)
+    if float(x) >= 88.8:
+        return F32(np.inf)
+    with np.errstate(over="ignore"):  # rounding past float32's largest value gives inf, as expf does
+        return F32(math.exp(float(x)))
 
 
 def _tanhf(x: np.float32) -> np.float32:
     return F32(math.tanh(float(x)))
-
-
-def _round_half_away(x: float) -> float:
-    return math.copysign(math.floor(abs(x) + 0.5), x)
 
 
 def _tflite_sigmoid(x: np.float32) -> np.float32:
@@ -67,15 +69,19 @@ def _grid(qp: QParams):
     return F32(float(qp.scale)), int(qp.zero_point)
 
 
+def _transformed(transform, values) -> torch.Tensor:
+    """transform (a float32 function of one float32 value, glibc's expf/tanhf emulated) of every value."""
+    return torch.tensor([float(transform(F32(v))) for v in values], dtype=torch.float32)
+
+
 def tflite_table(kind: str, source: QParams, out: QParams) -> torch.Tensor:
     """LUTPopulateInt8 with TFLite's transform: LOGISTIC or TANH of every int8 code."""
     transform = _tflite_sigmoid if kind == "sigmoid" else _tanhf
     s, z = _grid(source)
     s_y, z_y = _grid(out)
-    inverse = F32(1.0) / s_y
-    table = [min(max(int(_round_half_away(float(F32(transform(F32(s * F32(v - z))) * inverse)))) + z_y, -128),
-                 127) for v in range(-128, 128)]
-    return torch.tensor(table, dtype=torch.int64)
+    dequantized = [F32(s * F32(v - z)) for v in range(-128, 128)]
+    rescaled = _transformed(transform, dequantized) * torch.tensor(F32(1.0) / s_y)
+    return (round_half_away(rescaled) + z_y).clamp_(-128, 127).to(torch.int64)
 
 
 def xnnpack_table(kind: str, source: QParams, out: QParams) -> torch.Tensor:
@@ -83,69 +89,14 @@ def xnnpack_table(kind: str, source: QParams, out: QParams) -> torch.Tensor:
     transform = _xnnpack_sigmoid if kind == "sigmoid" else _tanhf
     s, z = _grid(source)
     s_y, z_y = _grid(out)
-    inverse = F32(1.0) / s_y
-    table = []
-    for v in range(-128, 128):
-        y = F32(F32(transform(F32(F32(F32(v) - F32(z)) * s)) * inverse) + F32(z_y))
-        table.append(int(min(max(np.rint(y), -128.0), 127.0)))
-    return torch.tensor(table, dtype=torch.int64)
+    dequantized = [F32(F32(F32(v) - F32(z)) * s) for v in range(-128, 128)]
+    value = _transformed(transform, dequantized) * torch.tensor(F32(1.0) / s_y) + float(z_y)
+    return torch.round(value).clamp_(-128, 127).to(torch.int64)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# gemmlowp fixed point on int64 numpy arrays carrying int16 / int32 values
-# ---------------------------------------------------------------------------------------------------------
-def _trunc_div(a, d):
-    q = np.abs(a) // d
-    return np.where(a < 0, -q, q)
-
-
-def _wrap16(x):
-    return ((np.asarray(x, np.int64) + 32768) & 0xFFFF) - 32768
-
-
-def _wrap32(x):
-    return ((np.asarray(x, np.int64) + 2**31) & 0xFFFFFFFF) - 2**31
-
-
-def _srdhm(a, b, bits: int):
-    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
-    low = -(1 << (bits - 1))
-    overflow = (a == b) & (a == low)
-    product = a * b
-    nudge = np.where(product >= 0, 1 << (bits - 2), 1 - (1 << (bits - 2)))
-    result = _trunc_div(product + nudge, 1 << (bits - 1))
-    result = _wrap16(result) if bits == 16 else result
-    return np.where(overflow, -low - 1, result)
-
-
-def _rounding_divide_by_pot(x, exponent: int, bits: int = 32):
-    """x / 2^exponent rounded half away from zero; an int16 mask is computed in int16, as gemmlowp does."""
-    x = np.asarray(x, np.int64)
-    mask = (1 << exponent) - 1
-    if bits == 16:
-        mask = int(_wrap16(mask))
-    remainder = x & mask
-    threshold = (mask >> 1) + (x < 0).astype(np.int64)
-    return (x >> exponent) + (remainder > threshold).astype(np.int64)
-
-
-def quantize_multiplier(real: float):
-    """tflite::QuantizeMultiplier (quantization_util.cc): (Q31 multiplier, exponent)."""
-    if real == 0.0:
-        return 0, 0
-    fraction, shift = math.frexp(real)
-    fixed = int(_round_half_away(fraction * 2.0**31))
-    if fixed == 2**31:
-        fixed //= 2
-        shift += 1
-    if shift < -31:
-        return 0, 0
-    return fixed, shift
-
-
-def _mbqm(x, multiplier: int, shift: int):
-    left, right = max(shift, 0), max(-shift, 0)
-    return _rounding_divide_by_pot(_srdhm(_wrap32(np.asarray(x, np.int64) * (1 << left)), multiplier, 32), right)
+def _multiplier(real: float):
+    """(Q31 multiplier, shift) of tflite::QuantizeMultiplier, as int64 scalars."""
+    return quantize_multiplier(torch.tensor(real, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -155,49 +106,54 @@ def hard_swish_table(source: QParams, out: QParams) -> torch.Tensor:
     s, z = _grid(source)
     s_y, z_y = _grid(out)
     hires_scale = F32(1.0 / 128.0) * s
-    out_m32, out_exp = quantize_multiplier(float(F32(hires_scale / s_y)))
-    relu_m32, relu_exp = quantize_multiplier(float(F32(hires_scale / (F32(3.0) / F32(32768.0)))))
+    out_m32, out_exp = (int(v) for v in _multiplier(float(F32(hires_scale / s_y))))
+    relu_m32, relu_exp = (int(v) for v in _multiplier(float(F32(hires_scale / (F32(3.0) / F32(32768.0))))))
     if out_exp > 0:
         raise UnsupportedOpError(f"hardswish from scale {float(s):.6g} to {float(s_y):.6g}: TFLite's HARD_SWISH "
                                  "refuses input/output scale ratios that need an output exponent > 0 (about 128 "
                                  "and above); widen the output range")
+    if -out_exp > INT16_SHIFT_LIMIT or -relu_exp > INT16_SHIFT_LIMIT:
+        raise UnsupportedOpError(f"hardswish from scale {float(s):.6g} to {float(s_y):.6g} needs an int16 right shift "
+                                 f"above {INT16_SHIFT_LIMIT}, which qparity has not matched with LiteRT; narrow the "
+                                 "output range")
 
     def to_int16(m: int) -> int:  # HardSwishPrepare's DownScaleInt32ToInt16Multiplier
         return 32767 if m >= 2**31 - 1 - (1 << 15) else (m + (1 << 15)) >> 16
 
-    out_m16, relu_m16 = to_int16(out_m32), to_int16(relu_m32)
-    hires = _wrap16(_wrap16(CODES - z) * 128)
-    pre_out = _srdhm(hires, out_m16, 16)
+    hires = (CODES - z) * 128  # |hires| <= 255 * 128 fits int16
+    pre_out = saturating_rounding_doubling_high_mul(hires, torch.tensor(to_int16(out_m32)), bits=16)
     r = hires
     if relu_exp > 0:
-        r = np.clip(r * (1 << (relu_exp - 1)), -32768, 32767)
-    r = _srdhm(r, relu_m16, 16)
+        r = torch.clamp(r * (1 << (relu_exp - 1)), -32768, 32767)
+    r = saturating_rounding_doubling_high_mul(r, torch.tensor(to_int16(relu_m32)), bits=16)
     if relu_exp > 0:
-        r = np.clip(r * 2, -32768, 32767)
+        r = torch.clamp(r * 2, -32768, 32767)
     if relu_exp < 0:
-        r = _rounding_divide_by_pot(r, -relu_exp, 16)
+        r = rounding_divide_by_pot(r, torch.tensor(-relu_exp))
     r = (r + 32768) >> 1
-    # SaturatingDoublingHighMul: (a * b) / 2^15 truncated toward zero; saturates only for -32768 * -32768
-    pre = np.where((r == -32768) & (pre_out == -32768), 32767, _wrap16(_trunc_div(r * pre_out, 1 << 15)))
-    result = _wrap16(_rounding_divide_by_pot(pre, -out_exp, 16) + z_y)
-    return torch.from_numpy(np.clip(result, -128, 127).astype(np.int64))
+    # gemmlowp SaturatingDoublingHighMul (no rounding): (a * b) / 2^15 truncated toward zero; saturates only
+    # for -32768 * -32768
+    product = r * pre_out
+    truncated = torch.where(product < 0, -((-product) >> 15), product >> 15)
+    pre = torch.where((r == -32768) & (pre_out == -32768), torch.full_like(r, 32767), truncated)
+    result = rounding_divide_by_pot(pre, torch.tensor(-out_exp)) + z_y
+    return result.clamp_(-128, 127)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # LEAKY_RELU
 # ---------------------------------------------------------------------------------------------------------
 def tflite_leaky_relu_table(source: QParams, out: QParams, alpha: float) -> torch.Tensor:
-    """reference_ops::QuantizeLeakyRelu with LeakyReluPrepare's multipliers."""
+    """reference_ops::QuantizeLeakyRelu with LeakyReluPrepare's multipliers (QuantizeMultiplier is odd in its
+    argument, so a negative slope's multiplier is the negated one of |real|)."""
     s, z = _grid(source)
     s_y, z_y = _grid(out)
-    alpha = F32(alpha)
-    m_alpha, shift_alpha = quantize_multiplier(float(F32(F32(s * alpha) / s_y)))
-    m_identity, shift_identity = quantize_multiplier(float(F32(s / s_y)))
+    negative_real = float(F32(F32(s * F32(alpha)) / s_y))
     x = CODES - z
-    positive = _mbqm(x, m_identity, shift_identity)
-    negative = _mbqm(x, abs(m_alpha), shift_alpha)
-    negative = -negative if m_alpha < 0 else negative
-    return torch.from_numpy(np.clip(z_y + np.where(x >= 0, positive, negative), -128, 127).astype(np.int64))
+    positive = multiply_by_quantized_multiplier(x, *_multiplier(float(F32(s / s_y))))
+    negative = multiply_by_quantized_multiplier(x, *_multiplier(abs(negative_real)))
+    negative = -negative if negative_real < 0 else negative
+    return (z_y + torch.where(x >= 0, positive, negative)).clamp_(-128, 127)
 
 
 def xnnpack_leaky_relu_table(source: QParams, out: QParams, alpha: float) -> torch.Tensor:
@@ -210,15 +166,23 @@ def xnnpack_leaky_relu_table(source: QParams, out: QParams, alpha: float) -> tor
                 and abs(negative_scale) >= 1 / 256)
     if not accepted:
         return tflite_leaky_relu_table(source, out, alpha)
-    m_positive = int(np.rint(F32(256.0) * positive_scale))
+    m_positive = int(np.rint(F32(256.0) * positive_scale))  # lrintf
     m_negative = int(np.rint(F32(256.0) * negative_scale))
     x = CODES - z
-    multiplier = np.where(x >= 0, m_positive, m_negative)
-    return torch.from_numpy(np.clip(((x * multiplier + 128) >> 8) + z_y, -128, 127).astype(np.int64))
+    multiplier = torch.where(x >= 0, m_positive, m_negative)
+    return (((x * multiplier + 128) >> 8) + z_y).clamp_(-128, 127)
 
 
 class LiteRTActivations:
-    """What the `tflite` and `xnnpack` targets share about activations (a mixin of their Target classes)."""
+    """What the `tflite` and `xnnpack` targets share about activations (a mixin of their Target classes); each
+    names its own `transcendental_table` and `leaky_relu_table` rules."""
+
+    def activation_table(self, kind, source, out, attrs):
+        if kind in ("sigmoid", "tanh"):
+            return self.transcendental_table(kind, source, out)
+        if kind == "leaky_relu":
+            return self.leaky_relu_table(source, out, attrs["negative_slope"])
+        return super().activation_table(kind, source, out, attrs)
 
     def fixed_output_qparams(self, kind: str, dtype: str):
         # TFLite's int8 LOGISTIC requires output scale 1/256 (activations.cc SigmoidPrepare; zero point -128

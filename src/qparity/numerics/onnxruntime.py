@@ -79,14 +79,6 @@ def mlas_logistic(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(ratio + 0.5, min=0.0)
 
 
-def lookup_table(g, source: QParams, out: QParams) -> torch.Tensor:
-    """qlinear_lookup_table.cc: dequantize every code in float, apply g, MlasQuantizeLinear the result."""
-    x = source.scale.to(torch.float32) * (torch.arange(source.qmin, source.qmax + 1) - int(source.zero_point)).to(torch.float32)
-    zero_point = int(out.zero_point)
-    quotient = torch.clamp(g(x) / out.scale.to(torch.float32), out.qmin - zero_point, out.qmax - zero_point)
-    return torch.round(quotient).to(torch.int64) + zero_point
-
-
 class OnnxRuntimeTarget(Target):
     name = "onnxruntime"
     file_format = ".onnx"
@@ -109,12 +101,18 @@ class OnnxRuntimeTarget(Target):
         return value.clamp_(-32768, 32767).clamp_(lo, hi).to(torch.int64)
 
     def activation_table(self, kind, source, out, attrs):
+        # qlinear_lookup_table.cc: every code dequantized in float, g applied, then MlasQuantizeLinear: this
+        # target's own dequantize and quantize (the clamp before rounding there changes nothing: its bounds
+        # are integers).
         if kind == "sigmoid":
-            return lookup_table(mlas_logistic, source, out)
-        if kind == "leaky_relu":
+            g = mlas_logistic
+        elif kind == "leaky_relu":
             alpha = torch.tensor(attrs["negative_slope"], dtype=torch.float32)
-            return lookup_table(lambda x: torch.where(x >= 0, x, alpha * x), source, out)
-        return super().activation_table(kind, source, out, attrs)
+            g = lambda x: torch.where(x >= 0, x, alpha * x)  # noqa: E731
+        else:
+            return super().activation_table(kind, source, out, attrs)
+        codes = torch.arange(source.qmin, source.qmax + 1)
+        return self.quantize(g(self.dequantize(codes, source)), out)
 
     def quantize(self, x, qp):
         codes = torch.clamp(self.quantize_unclamped(x, qp), qp.qmin, qp.qmax)

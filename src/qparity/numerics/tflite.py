@@ -56,13 +56,8 @@ class TFLiteTarget(LiteRTActivations, Target):
     file_format = ".tflite"
     summary = "TFLite int8 reference kernels: Q31 multiplier, gemmlowp double rounding"
     activation_dtypes = ("int8",)
-
-    def activation_table(self, kind, source, out, attrs):
-        if kind in ("sigmoid", "tanh"):
-            return tflite_table(kind, source, out)
-        if kind == "leaky_relu":
-            return tflite_leaky_relu_table(source, out, attrs["negative_slope"])
-        return super().activation_table(kind, source, out, attrs)
+    transcendental_table = staticmethod(tflite_table)  # LOGISTIC, TANH
+    leaky_relu_table = staticmethod(tflite_leaky_relu_table)
 
     def quantize_unclamped(self, x, qp):
         scale, zero_point = grid_views(qp, x)

@@ -60,6 +60,8 @@ class XnnpackTarget(LiteRTActivations, Target):
     file_format = ".tflite"
     summary = "LiteRT default kernels (XNNPACK): float32 multiplier, round half to even; fixed-point add"
     activation_dtypes = ("int8",)
+    transcendental_table = staticmethod(xnnpack_table)  # LOGISTIC, TANH
+    leaky_relu_table = staticmethod(xnnpack_leaky_relu_table)
 
     def multiply(self, qa, a, qb, b, out, lo, hi):
         # XNNPACK qs8 vmul (src/microparams-init.c, xnn_init_qs8_mul_minmax_scalar_params; delegate: the scale
@@ -73,13 +75,6 @@ class XnnpackTarget(LiteRTActivations, Target):
         product = ((qa - int(a.zero_point)) * (qb - int(b.zero_point))).to(torch.float32)
         rounded = torch.round(product * scale).clamp_(-32768, 32767).to(torch.int64)
         return rounded.add_(int(out.zero_point)).clamp_(lo, hi)
-
-    def activation_table(self, kind, source, out, attrs):
-        if kind in ("sigmoid", "tanh"):
-            return xnnpack_table(kind, source, out)
-        if kind == "leaky_relu":
-            return xnnpack_leaky_relu_table(source, out, attrs["negative_slope"])
-        return super().activation_table(kind, source, out, attrs)
 
     def quantize_unclamped(self, x, qp):
         scale, zero_point = grid_views(qp, x)

@@ -18,6 +18,7 @@ from typing import Callable, List, Optional
 
 import torch
 
+from ..errors import UnsupportedOpError
 from ..graph import Executor, Node, QValue, fused_clamp_bounds
 from ..qparams import QParams
 from . import activation, add, avg_pool, call, cat, clamp, dropout, hardswish, input as input_op, layer, max_pool, mul, pad, upsample
@@ -44,7 +45,12 @@ class ProgramExecutor(Executor):
         return self.mode.fake
 
     def dispatch(self, node: Node, args: tuple, kwargs: dict):
-        return IMPLEMENTATIONS[node.op].run(self, node, *args, **kwargs)
+        try:
+            return IMPLEMENTATIONS[node.op].run(self, node, *args, **kwargs)
+        except UnsupportedOpError as error:  # a grid the runtime refuses, known only once the grids are: name where
+            if node.path and node.path not in str(error):
+                raise UnsupportedOpError(f"{node.op} at {node.path}: {error}") from None
+            raise
 
     # -- what operator modules call -------------------------------------------------------------------------
     def new_grid(self, node: Node, inputs: List[QValue], real: Optional[Callable[[], torch.Tensor]],
