@@ -62,3 +62,12 @@ def test_no_import_cycles():
     for name in sorted(deps):
         if name not in state:
             visit(name, [name])
+
+
+def test_a_missing_runtime_fails_the_run_instead_of_skipping():
+    import pytest
+
+    from helpers import require_runtime
+
+    with pytest.raises(pytest.fail.Exception, match="test oracle"):
+        require_runtime("no_such_runtime_module")

@@ -11,6 +11,7 @@ import qparity
 from qparity import cli
 from qparity.demo import DemoConfig, DemoResult, ModelResult, TargetResult, run_demo
 from qparity.errors import NotCalibratedError
+from helpers import require_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 MISMATCH_LINE = re.compile(r"^fake-quant vs integer vs runtimes: (\d+) mismatched of (\d+) output codes \((.+)\)$",
@@ -56,7 +57,7 @@ def test_demo_second_model_runs_every_target_that_accepts_its_operators(demo_res
                                             ("x86", "torch"),
                                             ("qnnpack", "torch")])
 def test_demo_runs_the_exported_file_in_the_real_runtime(demo_result, target, module):
-    pytest.importorskip(module)
+    require_runtime(module)
     (t,) = [t for t in demo_result.models[0].targets if t.target == target]
     assert t.runtime is not None, t.skipped
     assert t.runtime.mismatched == 0 and t.runtime.compared >= 3600

@@ -5,6 +5,7 @@ from torch import nn
 
 import qparity as qp
 from qparity.cli import main
+from helpers import require_runtime
 
 
 def saved_model(tmp_path, target):
@@ -23,7 +24,7 @@ def saved_model(tmp_path, target):
 @pytest.mark.parametrize("target, suffix, runtime", [("tflite", ".tflite", "ai_edge_litert"),
                                                       ("onnxruntime", ".onnx", "onnxruntime")])
 def test_export_then_verify_reports_zero_mismatches(tmp_path, capsys, target, suffix, runtime):
-    pytest.importorskip(runtime)
+    require_runtime(runtime)
     model = saved_model(tmp_path, target)
     exported = tmp_path / f"model{suffix}"
     assert main(["export", str(model), str(exported)]) == 0

@@ -10,15 +10,15 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import qparity as qp
-from helpers import calibrate
+from helpers import calibrate, require_runtime
 from op_models import Conv, Dense, MeanHW, Pool
 from models import CatMLP, ResNetish
 from qparity.errors import ExportError
 from qparity.export import export
 from qparity.verify import verify
 
-ort = pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
+ort = require_runtime("onnxruntime")
+onnx = require_runtime("onnx")
 
 dtypes = st.sampled_from(["uint8", "int8"])
 few = settings(max_examples=20, deadline=None)

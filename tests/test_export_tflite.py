@@ -12,7 +12,7 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import prepare_and_convert
+from helpers import prepare_and_convert, require_runtime
 from op_models import Conv, Dense, MeanHW, Pool, random_batches
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,7 +25,7 @@ from qparity.export.tflite import AxisWindow, export_tflite, plan_padding, run_t
 from qparity.numerics import pooling
 from qparity.verify import verify
 
-pytest.importorskip("ai_edge_litert")
+require_runtime("ai_edge_litert")
 
 single_ops = settings(max_examples=20, deadline=None)
 

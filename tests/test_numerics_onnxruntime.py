@@ -14,12 +14,13 @@ from hypothesis import strategies as st
 from qparity.numerics import pooling
 from qparity.qparams import DTYPE_RANGES, QParams
 from qparity.numerics import get_target
+from helpers import require_runtime
 
 from runtime_models import (NUMPY_DTYPES, REGIMES, as_codes, assert_codes_equal, f32, layer_codes,
                             layer_output_scale, layer_scales, run_onnx_op, scales, seeds)
 
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+require_runtime("onnx")
+require_runtime("onnxruntime")
 
 TARGET = get_target("onnxruntime")
 ACTIVATION_DTYPES = st.sampled_from(["uint8", "int8"])

@@ -14,12 +14,13 @@ from hypothesis import strategies as st
 
 from qparity.qparams import QParams
 from qparity.numerics import get_target
+from helpers import require_runtime
 
 from runtime_models import (ACTIVATION_RANGES, ACTIVATIONS, REGIMES, TFLiteModel, as_codes, assert_codes_equal,
                             f32, layer_codes, layer_output_scale, layer_scales, run_tflite, scales, seeds,
                             tflite_options, tflite_same_padding)
 
-pytest.importorskip("ai_edge_litert")
+require_runtime("ai_edge_litert")
 
 TARGET = get_target("tflite")
 SETTINGS = settings(max_examples=40, deadline=None)

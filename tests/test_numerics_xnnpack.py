@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import pytest
 import torch
-from helpers import prepare_and_convert
+from helpers import prepare_and_convert, require_runtime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import CatMLP, ResNetish
@@ -28,7 +28,7 @@ from runtime_models import (ACTIVATION_RANGES, ACTIVATIONS, REGIMES, TFLiteModel
                             layer_codes, layer_output_scale, layer_scales, scales, seeds, tflite_options)
 from test_numerics_tflite import PADDING, conv_accumulator, int8_codes, nchw, torch_pool_window
 
-pytest.importorskip("ai_edge_litert")
+require_runtime("ai_edge_litert")
 
 TARGET = get_target("xnnpack")
 SETTINGS = settings(max_examples=40, deadline=None)
