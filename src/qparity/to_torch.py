@@ -41,15 +41,31 @@ def to_torch(im: IntegerModel) -> "TorchQuantizedModel":
     return TorchQuantizedModel(im)
 
 
-def _relu_only(node: Node) -> bool:
-    """Whether a fused clamp is absent (False) or a plain ReLU (True); other clamps are refused."""
-    clamp = node.attrs.get("clamp") or (None, None)
-    if clamp == (None, None):
-        return False
-    if tuple(clamp) == (0.0, None):
-        return True
-    raise UnsupportedOpError(f"node '{node.name}' ({node.path}): fused clamp {clamp} has no torch.ao quantized "
-                             "module; only ReLU fuses")
+def _fused_clamp(node: Node):
+    """The clamp fused into a conv, linear or add as (min, max) reals, or None."""
+    clamp = tuple(node.attrs.get("clamp") or (None, None))
+    return None if clamp == (None, None) else clamp
+
+
+def _fuses_relu(node: Node) -> bool:
+    """torch.ao has fused modules for ReLU only; any other fused clamp runs as quantized clamp after the op,
+    which clamps the codes to the same bounds (quantize_val of each bound, as the engine targets compute them)."""
+    return _fused_clamp(node) == (0.0, None)
+
+
+def _clamp_after(node: Node, q: torch.Tensor) -> torch.Tensor:
+    clamp = _fused_clamp(node)
+    return q if clamp is None or _fuses_relu(node) else _quantized_clamp(q, *clamp)
+
+
+def _quantized_clamp(q: torch.Tensor, lo, hi) -> torch.Tensor:
+    # PyTorch's qnnpack_clamp (aten/src/ATen/native/quantized/cpu/qclamp.cpp, 2.13 and 2.14) writes a
+    # channels-last input's NHWC data into a tensor it allocates contiguous, so clamp, hardtanh and relu6 of a
+    # channels-last tensor come back scrambled on that engine (measured). Clamp a contiguous copy, then give
+    # the result the input's layout, as every engine's own clamp does.
+    layout = torch.channels_last if q.dim() == 4 and q.is_contiguous(memory_format=torch.channels_last) \
+        and not q.is_contiguous() else torch.contiguous_format
+    return torch.clamp(q.contiguous(), lo, hi).contiguous(memory_format=layout)
 
 
 def _quantized_weight(layer: IntegerLayer) -> torch.Tensor:
@@ -63,7 +79,7 @@ def _quantized_weight(layer: IntegerLayer) -> torch.Tensor:
 
 def _layer_module(node: Node, layer: IntegerLayer, qp: QParams) -> nn.Module:
     geometry = ConvGeometry.from_dict(node.attrs["geometry"])
-    relu = _relu_only(node)
+    relu = _fuses_relu(node)
     out_features, in_features = layer.weight_codes.shape[0], layer.weight_codes.shape[1]
     if geometry.kind == "conv2d":
         if isinstance(geometry.padding, str):
@@ -97,10 +113,6 @@ class TorchQuantizedModel(nn.Module):
         for node in self.graph.nodes:
             if OPERATORS[node.op].torch_form is None:
                 raise UnsupportedOpError(f"to_torch: operator {node.op!r} at {node.path} has no torch.ao form here")
-            if node.op == "add":
-                _relu_only(node)
-            if node.op == "clamp" and (node.attrs.get("min"), node.attrs.get("max")) != (0.0, None):
-                raise UnsupportedOpError(f"to_torch: clamp {node.attrs} at {node.path}; only ReLU is supported")
 
     def forward(self, *inputs: torch.Tensor):
         if torch.backends.quantized.engine != self.engine:
@@ -120,11 +132,11 @@ class TorchQuantizedModel(nn.Module):
 
     def run_node(self, node: Node, args, kwargs):
         if node.op in ("conv2d", "linear"):
-            return self.layers[node.name](args[0])
+            return _clamp_after(node, self.layers[node.name](args[0]))
         if node.op == "add":
             qp = self.qparams[node.name]
-            op = torch.ops.quantized.add_relu if _relu_only(node) else torch.ops.quantized.add
-            return op(args[0], args[1], float(qp.scale), int(qp.zero_point))
+            op = torch.ops.quantized.add_relu if _fuses_relu(node) else torch.ops.quantized.add
+            return _clamp_after(node, op(args[0], args[1], float(qp.scale), int(qp.zero_point)))
         if node.op == "pad":
             return F.pad(args[0], tuple(node.attrs["pad"]))  # quantized constant_pad_nd pads with the zero point
         if node.op == "upsample_nearest":
@@ -147,8 +159,8 @@ class TorchQuantizedModel(nn.Module):
             return torch.ops.quantized.cat(list(args[0]), node.attrs["dim"], float(qp.scale), int(qp.zero_point))
         if node.op == "hardswish":
             return self.activations[node.name](args[0])
-        if node.op == "clamp":
-            return torch.relu(args[0])
+        if node.op == "clamp":  # quantized clamp quantizes its bounds with quantize_val, as the engine targets do
+            return _quantized_clamp(args[0], node.attrs.get("min"), node.attrs.get("max"))
         if node.op == "max_pool2d":
             a = node.attrs
             return F.max_pool2d(args[0], a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])

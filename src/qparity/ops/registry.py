@@ -103,7 +103,7 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "`F.hardtanh`, `torch.clamp`/`clip`, `Tensor.clamp`/`clip`", False,
              "fused into the output range of the conv/linear/add right before it when that node has no other "
              "user; otherwise a clamp of the codes", "clamp, gradient 1 on the closed interval",
-             "constant bounds (to_torch: ReLU only)", torch_form="torch.relu"),
+             "constant bounds", torch_form="torch.clamp (ReLU: fused modules)"),
     Operator("max_pool2d", "`nn.MaxPool2d`, `F.max_pool2d`, `nn.AdaptiveMaxPool2d` / `F.adaptive_max_pool2d` to "
              "sizes that divide the input, `nn.MaxPool1d` (on [N, C, 1, L])", False, "exact window maximum of the codes",
              "max pool of the codes", "`return_indices=False`", torch_form="F.max_pool2d"),
