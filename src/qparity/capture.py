@@ -22,11 +22,12 @@ from .graph import CODE_PRESERVING_FUNCTIONS, CODE_PRESERVING_METHODS, Graph, No
 from .numerics.accumulate import ConvGeometry
 from .numerics.pooling import adaptive_as_pooling
 from .ops.conv1d import Conv1dAs2d, as_conv2d_arguments
+from .ops.registry import OPERATORS
 from .ops.upsample import float32_rule_is_exact
 
-SUPPORTED = ("Conv2d, Conv1d, Linear, BatchNorm2d after Conv2d, BatchNorm1d after Conv1d, ReLU, ReLU6, Hardtanh, clamp, add of two tensors, cat, "
-             "mul of two tensors (broadcasting), Hardswish, Sigmoid, SiLU, Tanh, Hardsigmoid, LeakyReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean over H and W, flatten/reshape/view/permute, "
-             "Identity, Dropout")
+def supported_operators() -> str:
+    """The operators the registry declares, for error messages; their PyTorch forms are in docs/ops.md."""
+    return ", ".join(name for name in OPERATORS if name != "input")
 
 
 ACTIVATION_MODULES = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Hardsigmoid: "hardsigmoid"}
@@ -155,7 +156,8 @@ class _Builder:
     def unsupported(self, node: fx.Node, why: str = "") -> UnsupportedOpError:
         name = _describe(node, self.modules)
         detail = f": {why}" if why else ""
-        return UnsupportedOpError(f"unsupported operator {name} at {_where(node)}{detail}. Supported: {SUPPORTED}")
+        return UnsupportedOpError(f"unsupported operator {name} at {_where(node)}{detail}. qparity captures: "
+                                  f"{supported_operators()} (their PyTorch forms: docs/ops.md)")
 
     def spatial(self, arg: fx.Node) -> Tuple[int, int]:
         return tuple(self.values[arg.name].shape[-2:])
