@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.ao.quantization as tq
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -242,13 +243,23 @@ def test_to_torch_refuses_other_targets():
         qp.to_torch(qp.convert(qp.freeze(prepared)))
 
 
-def test_from_torch_refuses_modules_it_does_not_emulate():
+def eager_activation(act):
     torch.backends.quantized.engine = "fbgemm"
-    model = nn.Sequential(tq.QuantStub(), nn.Conv2d(3, 4, 1), nn.LeakyReLU(), tq.DeQuantStub()).eval()
+    model = nn.Sequential(tq.QuantStub(), nn.Conv2d(3, 4, 1), act, tq.DeQuantStub()).eval()
     model.qconfig = tq.get_default_qconfig("fbgemm")
     x = torch.randn(2, 3, 4, 4)
-    converted = tq.convert(calibrated(tq.prepare(model), x))
-    with pytest.raises(qp.QParityError, match="LeakyReLU"):
+    return tq.convert(calibrated(tq.prepare(model), x)), x
+
+
+def test_from_torch_reads_eager_quantized_leaky_relu():
+    converted, x = eager_activation(nn.LeakyReLU(0.2))
+    im = qp.from_torch(converted, (x,))
+    assert torch.equal(im(x * 3), converted(x * 3))
+
+
+def test_from_torch_refuses_modules_it_does_not_emulate():
+    converted, x = eager_activation(nn.ELU())
+    with pytest.raises(qp.QParityError, match="ELU"):
         qp.from_torch(converted, (x,))
 
 
@@ -257,3 +268,72 @@ def test_from_torch_model_saves_and_loads_with_its_float_bias(tmp_path):
     im = qp.from_torch(converted, (x,))
     im.save(tmp_path / "model.qp")
     assert torch.equal(qp.load(tmp_path / "model.qp")(x), converted(x))
+
+
+# -- activations, mul and resampling in converted models ------------------------------------------------
+class Gates(nn.Module):
+    """Squeeze-excite style gates (quantized::mul), hardsigmoid, leaky_relu (module and function), nearest
+    upsampling and zero padding; sigmoid and tanh where the engine's kernels are emulated; ReLU6 unfused."""
+
+    def __init__(self, engine):
+        super().__init__()
+        self.engine = engine
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(3, 4, 1)
+        self.gate = nn.Hardsigmoid()
+        self.leaky = nn.LeakyReLU(0.125)
+        self.relu6 = nn.ReLU6()
+        self.sig = nn.Sigmoid()
+
+    def forward(self, x):
+        a, b = self.c1(x), self.c2(x)
+        y = self.leaky(a * self.gate(b) + b)
+        outputs = [y, F.interpolate(y, scale_factor=2, mode="nearest"), F.leaky_relu(b, 0.25), F.pad(a, (1, 1, 1, 1))]
+        if self.engine == "qnnpack":
+            outputs += [torch.tanh(a), b * self.sig(a)]
+        else:  # qnnpack's clamp scrambles channels-last tensors (test below)
+            outputs += [self.relu6(a), F.hardtanh(b, -0.5, 0.5)]
+        return tuple(outputs)
+
+
+def fx_converted_model(model, engine, x):
+    torch.backends.quantized.engine = engine
+    prepared = prepare_fx(model.eval(), tq.get_default_qconfig_mapping(engine), (x,))
+    return convert_fx(calibrated(prepared, x))
+
+
+@settings(max_examples=6, deadline=None)
+@given(engine=st.sampled_from(ENGINES), seed=st.integers(0, 10**6), spread=st.floats(0.2, 6))
+def test_from_torch_reads_gates_activations_and_resampling(engine, seed, spread):
+    torch.manual_seed(seed)
+    x = torch.randn(4, 3, 6, 6) * spread
+    converted = fx_converted_model(Gates(engine), engine, x)
+    im = qp.from_torch(converted, (x,))
+    for batch in (x, torch.randn(3, 3, 6, 6) * spread * 2):
+        for theirs, ours in zip(converted(batch), im(batch)):
+            assert torch.equal(theirs, ours), f"{int((theirs != ours).sum())} of {ours.numel()} differ"
+
+
+class Activation(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+@pytest.mark.parametrize("engine", ["fbgemm", "x86"])
+def test_from_torch_refuses_what_the_registry_says_the_engine_cannot_run(engine):
+    x = torch.randn(2, 3, 6, 6)
+    converted = fx_converted_model(Activation(nn.Sigmoid()), engine, x)
+    with pytest.raises(qp.QParityError, match=rf"sigmoid at module 'act' cannot run on target '{engine}'.*Sleef"):
+        qp.from_torch(converted, (x,))
+
+
+def test_from_torch_refuses_qnnpacks_scrambled_clamp_of_channels_last_tensors():
+    x = torch.randn(2, 3, 6, 6)
+    converted = fx_converted_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Hardtanh(-0.5, 0.5)), "qnnpack", x)
+    with pytest.raises(qp.QParityError, match="channels-last tensor returns its elements in the wrong order"):
+        qp.from_torch(converted, (x,))

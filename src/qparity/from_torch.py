@@ -18,10 +18,11 @@ import torch.ao.nn.quantized as nnq
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .capture import _Builder, _fuse_clamps, _record_values
+from .capture import _Builder, _describe, _fuse_clamps, _record_values, _where
 from .errors import CaptureError, UnsupportedOpError
 from .graph import Graph
 from .numerics.accumulate import ConvGeometry
+from .ops.registry import NEW_GRID_OPS, refuse_if_target_cannot_run
 from .qparams import QParams
 from .runtime import IntegerLayer, IntegerModel
 from .numerics import get_target
@@ -106,9 +107,14 @@ class _ConvertedBuilder(_Builder):
             return self.emit_quantized_add(node)
         if node.op == "call_function" and node.target in (torch.ops.quantized.cat, torch.cat):
             return self.emit_quantized_cat(node)
+        if node.op == "call_function" and node.target is torch.ops.quantized.mul:
+            return self.emit(node, "mul", [self.ref(node.args[0]), self.ref(node.args[1])])
+        if node.op == "call_function" and node.target is torch.ops.quantized.leaky_relu:
+            slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
+            return self.emit(node, "leaky_relu", [self.ref(node.args[0])], attrs={"negative_slope": float(slope)})
         if ((node.op == "call_function" and node.target in HARDSWISH_FUNCTIONS)
                 or (node.op == "call_module" and isinstance(self.modules[node.target], torch.nn.Hardswish))):
-            return self.emit_quantized_hardswish(node)
+            return self.emit(node, "hardswish", [self.ref(node.args[0])], attrs={})
         if (node.op, node.target) in (("call_method", "mean"), ("call_function", torch.mean)):
             raise self.unsupported(node, "quantized mean is not emulated; use AdaptiveAvgPool2d")
         return super().add(node)
@@ -126,19 +132,35 @@ class _ConvertedBuilder(_Builder):
         if self.values[a.name].shape != self.values[b.name].shape:
             raise self.unsupported(node, "add of tensors of different shapes (broadcasting)")
         self.emit(node, "add", [self.ref(a), self.ref(b)], attrs=clamp)
-        self.record_grid(node)
 
     def emit_quantized_cat(self, node: fx.Node) -> None:
         tensors = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         self.emit(node, "cat", [self.ref(list(tensors))], attrs={"dim": dim})
-        self.record_grid(node)
 
-    def emit_quantized_hardswish(self, node: fx.Node) -> None:
-        """nnq.Hardswish and quantized::hardswish carry their output qparams; F.hardswish and a float
-        nn.Hardswish on a quantized tensor keep the input's. Either way the grid is read off the value."""
-        self.emit(node, "hardswish", [self.ref(node.args[0])], attrs={})
-        self.record_grid(node)
+    def emit(self, node: fx.Node, op: str, args=(), kwargs=None, attrs=None) -> None:
+        """Emit a node; an operator with a grid of its own takes the grid PyTorch gave its output (quantized
+        modules and ops carry output qparams; float modules on quantized tensors keep or fix theirs)."""
+        refuse_if_target_cannot_run(op, _where(node), self.target.name)
+        if op == "clamp" and self.target.name == "qnnpack" and (attrs or {}).get("max") is not None:
+            self.refuse_scrambled_clamp(node)
+        super().emit(node, op, args, kwargs, attrs)
+        if op in NEW_GRID_OPS and op != "input":
+            self.record_grid(node)
+
+    def refuse_scrambled_clamp(self, node: fx.Node) -> None:
+        """PyTorch's qnnpack_clamp (clamp, hardtanh, relu6) writes a channels-last input's NHWC data into a
+        tensor it allocates contiguous (aten/src/ATen/native/quantized/cpu/qclamp.cpp; measured on 2.13 and
+        2.14): the converted model's values land in the wrong places. qparity computes the clamp, not the
+        scramble, so it cannot predict that model."""
+        source = self.values.get(node.args[0].name) if isinstance(node.args[0], fx.Node) else None
+        if (isinstance(source, torch.Tensor) and source.dim() == 4 and not source.is_contiguous()
+                and source.is_contiguous(memory_format=torch.channels_last)):
+            raise UnsupportedOpError(
+                f"{_describe(node, self.modules)} at {_where(node)}: on the qnnpack engine PyTorch's quantized "
+                "clamp/hardtanh/relu6 of a channels-last tensor returns its elements in the wrong order (a PyTorch "
+                "bug qparity does not reproduce); fuse the clamp into the conv, use ReLU, or make the tensor "
+                "contiguous first")
 
     def add_module(self, node: fx.Node, module: torch.nn.Module) -> None:
         where = f"module '{node.target}'"
@@ -150,9 +172,10 @@ class _ConvertedBuilder(_Builder):
             self.emit_layer(node, module, geometry, where)
         elif isinstance(module, QUANTIZED_LINEARS):
             self.emit_layer(node, module, ConvGeometry("linear"), where)
+        elif isinstance(module, nnq.LeakyReLU):
+            self.emit(node, "leaky_relu", [self.ref(node.args[0])], attrs={"negative_slope": module.negative_slope})
         elif type(module).__module__.startswith("torch.ao.nn"):
-            raise self.unsupported(node, "a quantized module qparity does not emulate (ReLU6, "
-                                         "LeakyReLU, Sigmoid and others are not pinned down yet)")
+            raise self.unsupported(node, "a quantized module qparity does not read yet")
         else:
             super().add_module(node, module)
 
@@ -162,5 +185,4 @@ class _ConvertedBuilder(_Builder):
         if isinstance(module, RELU_FUSED):
             attrs["clamp"] = (0.0, None)
         self.emit(node, geometry.kind, [self.ref(node.args[0])], attrs=attrs)
-        self.record_grid(node)
         self.integer_layers[node.name] = IntegerLayer(weight_codes, weight_scale, bias)

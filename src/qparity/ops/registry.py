@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Tuple
 
+from ..errors import UnsupportedOpError
 from ..numerics import TARGETS as TARGET_NAMES
 
 FILE_FORMATS = ("onnx", "tflite")
@@ -138,6 +139,15 @@ NEW_GRID_OPS = tuple(name for name, op in OPERATORS.items() if op.new_grid)
 
 def operator(name: str) -> Operator:
     return OPERATORS[name]
+
+
+def refuse_if_target_cannot_run(op_name: str, where: str, target_name: str) -> None:
+    """Raise UnsupportedOpError, naming where the operator is, when the registry says the target refuses it."""
+    op = OPERATORS[op_name]
+    if target_name in op.refused_by:
+        raise UnsupportedOpError(
+            f"{op_name} at {where} cannot run on target {target_name!r}: {op.refused_by[target_name]}; "
+            f"targets that run it: {', '.join(op.targets())}")
 
 
 def ops_markdown() -> str:

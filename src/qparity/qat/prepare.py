@@ -12,7 +12,7 @@ from ..errors import InvalidQParamsError, NotPreparedError, UnsupportedOpError
 from ..graph import Graph
 from ..numerics.accumulate import ConvGeometry
 from ..numerics import Target, get_target
-from ..ops.registry import OPERATORS
+from ..ops.registry import refuse_if_target_cannot_run
 from .layers import QATLayer
 from .model import QATModel
 
@@ -45,11 +45,7 @@ def refuse_what_the_target_cannot_run(graph: Graph, layers, target: Target) -> N
     """Raise UnsupportedOpError, naming the module, for an operator (or a conv configuration) the target's
     runtime cannot run exactly: before any training, not at the first forward."""
     for node in graph.nodes:
-        op = OPERATORS[node.op]
-        if target.name in op.refused_by:
-            raise UnsupportedOpError(
-                f"{node.op} at {node.path} cannot run on target {target.name!r}: {op.refused_by[target.name]}; "
-                f"targets that run it: {', '.join(op.targets())}")
+        refuse_if_target_cannot_run(node.op, node.path, target.name)
         if node.op in ("conv2d", "linear"):
             geometry = ConvGeometry.from_dict(node.attrs["geometry"])
             try:
