@@ -12,7 +12,7 @@ from ..errors import InvalidQParamsError, NotPreparedError, UnsupportedOpError
 from ..graph import Graph
 from ..numerics.accumulate import ConvGeometry
 from ..numerics import Target, get_target
-from ..ops.registry import OPERATORS
+from ..ops.registry import LAYER_OPS, OPERATORS
 from .layers import QATLayer
 from .model import QATModel
 
@@ -31,17 +31,17 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch
                                   f"not {dtype!r}")
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     graph, layers = capture(copy.deepcopy(model), inputs)
-    refuse_what_the_target_cannot_run(graph, layers, spec)
+    refuse_what_the_target_cannot_run(graph, layers, spec, per_channel)
     qat_layers = {}
     for node in graph.nodes:
-        if node.op in ("conv2d", "linear"):
+        if node.op in LAYER_OPS:
             geometry = ConvGeometry.from_dict(node.attrs["geometry"])
             qat_layers[node.name] = QATLayer(layers[node.name], geometry, spec, per_channel, node.path)
     prepared = QATModel(graph, qat_layers, spec, dtype, per_channel)
     return prepared.train(model.training)
 
 
-def refuse_what_the_target_cannot_run(graph: Graph, layers, target: Target) -> None:
+def refuse_what_the_target_cannot_run(graph: Graph, layers, target: Target, per_channel: bool = True) -> None:
     """Raise UnsupportedOpError, naming the module, for an operator (or a conv configuration) the target's
     runtime cannot run exactly: before any training, not at the first forward."""
     for node in graph.nodes:
@@ -50,12 +50,18 @@ def refuse_what_the_target_cannot_run(graph: Graph, layers, target: Target) -> N
             raise UnsupportedOpError(
                 f"{node.op} at {node.path} cannot run on target {target.name!r}: {op.refused_by[target.name]}; "
                 f"targets that run it: {', '.join(op.targets())}")
-        if node.op in ("conv2d", "linear"):
+        if node.op in LAYER_OPS:
             geometry = ConvGeometry.from_dict(node.attrs["geometry"])
             try:
                 target.accumulation(geometry, tuple(layers[node.name].module.weight.shape))
             except UnsupportedOpError as error:
                 raise UnsupportedOpError(f"{node.op} at {node.path}: {error}") from None
+            if node.op == "conv_transpose2d" and per_channel and not target.per_channel_transposed_conv:
+                raise UnsupportedOpError(
+                    f"conv_transpose2d at {node.path} with per-channel weights on target {target.name!r}: PyTorch's "
+                    "quantized ConvTranspose2d takes per-tensor weights (fbgemm, x86: 'Per Channel Quantization is "
+                    "currently disabled for transposed conv'; qnnpack: only without groups); prepare with "
+                    "per_channel=False")
 
 
 def freeze(model: QATModel) -> QATModel:
