@@ -76,6 +76,8 @@ class LinearHead(nn.Module):
 EXAMPLES = {
     "input": (lambda: Around(nn.Identity()), "left"),
     "conv2d": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, groups=1), nn.BatchNorm2d(4)), "0"),
+    "conv_transpose2d": (lambda: nn.Sequential(nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1),
+                                               nn.BatchNorm2d(4)), "0"),
     "linear": (LinearHead, "fc"),
     "add": (lambda: Around(Apply(torch.add), binary=True), "op"),
     "mul": (lambda: Around(Apply(torch.mul), binary=True), "op"),

@@ -22,8 +22,10 @@ from .graph import CODE_PRESERVING_FUNCTIONS, CODE_PRESERVING_METHODS, Graph, No
 from .numerics.accumulate import ConvGeometry
 from .numerics.pooling import adaptive_as_pooling
 from .ops.conv1d import Conv1dAs2d, as_conv2d_arguments
-from .ops.registry import OPERATORS
+from .ops.conv_transpose2d import ConvTransposeAsConv
+from .ops.registry import LAYER_OPS, OPERATORS
 from .ops.upsample import float32_rule_is_exact
+
 
 def supported_operators() -> str:
     """The operators the registry declares, for error messages; their PyTorch forms are in docs/ops.md."""
@@ -189,6 +191,11 @@ class _Builder:
             geometry = ConvGeometry("conv2d", _pair(module.stride), padding, _pair(module.dilation), module.groups)
             self.layers[node.name] = Layer(module)
             self.emit(node, "conv2d", [self.ref(x)], attrs={"geometry": geometry.to_dict(), "module": node.target})
+        elif isinstance(module, nn.ConvTranspose2d):
+            if len(node.args) > 1 or node.kwargs:
+                raise self.unsupported(node, "an output_size argument (set output_padding on the module instead)")
+            self.emit_conv_transpose(node, x, module.weight, module.bias, module.stride, module.padding,
+                                     module.output_padding, module.groups, module.dilation, node.target)
         elif isinstance(module, nn.Conv1d):
             if module.padding_mode != "zeros":
                 raise self.unsupported(node, f"padding_mode={module.padding_mode!r} (only 'zeros')")
@@ -320,6 +327,13 @@ class _Builder:
             padding = padding if isinstance(padding, str) else _pair(padding)
             geometry = ConvGeometry("conv2d", _pair(stride), padding, _pair(dilation), groups)
             self.emit_functional_layer(node, args[0], w, b, geometry)
+        elif fn is F.conv_transpose2d:
+            w, b, stride, padding, output_padding, groups, dilation = _bind(
+                args[1:], kwargs, ("weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
+                (None, None, 1, 0, 0, 1, 1))
+            weight, bias = self.parameter(node, w, "weight"), self.parameter(node, b, "bias")
+            self.emit_conv_transpose(node, args[0], weight, bias, stride, padding, output_padding, groups, dilation,
+                                     w.target)
         elif fn is F.conv1d:
             w, b, stride, padding, dilation, groups = _bind(args[1:], kwargs, ("weight", "bias", "stride", "padding",
                                                                                "dilation", "groups"), (None, None, 1, 0, 1, 1))
@@ -370,7 +384,7 @@ class _Builder:
         output = producer  # what the BatchNorm reads: the layer, or a Conv1d's squeeze after its conv2d
         if isinstance(bn, nn.BatchNorm1d) and producer is not None and producer.op != "linear":
             producer = self.conv1d_outputs.get(producer.name)
-        if (producer is None or producer.op not in ("conv2d", "linear")
+        if (producer is None or producer.op not in LAYER_OPS
                 or output.name != self.alias.get(source.name, source.name) or len(source.users) != 1
                 or self.layers[producer.name].batch_norm is not None):
             self.emit_batch_norm_layer(node, bn)
@@ -432,6 +446,17 @@ class _Builder:
         self.layers[conv.name] = Layer(layer_module)
         self.emit(node, "call", [Ref(conv.name), -2], attrs={"fn": "method:squeeze"})
         self.conv1d_outputs[node.name] = conv
+
+    def emit_conv_transpose(self, node, x, weight, bias, stride, padding, output_padding, groups, dilation,
+                            module_name: str) -> None:
+        """A ConvTranspose2d as the conv of its zero-inserted input (ops/conv_transpose2d.py)."""
+        if self.values[x.name].dim() != 4:
+            raise self.unsupported(node, f"a rank-{self.values[x.name].dim()} input (only NCHW)")
+        geometry = ConvGeometry("conv_transpose2d", _pair(stride), _pair(padding), _pair(dilation), groups,
+                                _pair(output_padding))
+        self.layers[node.name] = Layer(ConvTransposeAsConv(weight, bias, groups))
+        self.emit(node, "conv_transpose2d", [self.ref(x)], attrs={"geometry": geometry.to_dict(),
+                                                                  "module": module_name})
 
     def emit_clamp(self, node, x, args, kwargs) -> None:
         low, high = _bind(args, kwargs, ("min", "max"), (None, None))
@@ -605,7 +630,7 @@ def _fuse_clamps(graph: Graph) -> None:
     for node in graph.nodes:
         node.args, node.kwargs = _rename(node.args, rename), _rename(node.kwargs, rename)
         producer = by_name.get(node.args[0].name) if node.op == "clamp" and node.args else None
-        if (producer is not None and producer.op in ("conv2d", "linear", "add")
+        if (producer is not None and producer.op in LAYER_OPS + ("add",)
                 and uses.get(producer.name) == 1 and producer.name not in output_refs):
             low, high = producer.attrs.get("clamp", (None, None))
             low = node.attrs["min"] if low is None else (low if node.attrs["min"] is None else max(low, node.attrs["min"]))

@@ -10,7 +10,9 @@ A golden directory:
     inputs/<input>.float32.npy  the float inputs, where floats were given (the QUANTIZE step's input)
     tensors/<node>.npy          the codes each node produced (int8/uint8, NCHW); `<node>.<i>.npy` per output
                                 of a node with several
-    params/<node>.weight.npy    int8 weight codes (conv: [out, in / groups, kh, kw]; linear: [out, in])
+    params/<node>.weight.npy    int8 weight codes (conv: [out, in / groups, kh, kw]; linear: [out, in];
+                                conv_transpose2d: the equivalent conv's, kernel flipped, which runs on the
+                                input with stride - 1 zeros inserted (qparity.numerics.accumulate.zero_inserted))
     params/<node>.bias.npy      int32 bias codes at scale s_in * s_w (absent when the layer has no bias)
 
 Each node's entry names its inputs (the tensors of earlier nodes it reads), its output files, and the
@@ -139,6 +141,7 @@ def _table_params(model: IntegerModel, node: Node, inputs, root: Path) -> dict:
 PARAMETERS = {
     "input": lambda model, node, inputs, root: {"qparams": model.qparams[node.name].to_dict()},
     "conv2d": lambda model, node, inputs, root: _layer_params(model, node, model.layers[node.name], root),
+    "conv_transpose2d": lambda model, node, inputs, root: _layer_params(model, node, model.layers[node.name], root),
     "linear": lambda model, node, inputs, root: _layer_params(model, node, model.layers[node.name], root),
     "add": lambda model, node, inputs, root: _add_params(model, node, *inputs),
     "cat": lambda model, node, inputs, root: _cat_params(model, node, inputs),

@@ -6,7 +6,7 @@ The file is written with the object API of the `schema_py_generated` module that
 implementation is exactly qparity's `tflite` target (`qparity.numerics.tflite`), and whose default (XNNPACK)
 implementation is exactly the `xnnpack` target (`qparity.numerics.xnnpack`); the same file serves both:
 
-    QUANTIZE (float32 -> int8) -> CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED / ADD / CONCATENATION /
+    QUANTIZE (float32 -> int8) -> CONV_2D / DEPTHWISE_CONV_2D / TRANSPOSE_CONV / FULLY_CONNECTED / ADD / CONCATENATION /
     MAX_POOL_2D / AVERAGE_POOL_2D / MAXIMUM / MINIMUM / PADV2 / SLICE / RESHAPE / TRANSPOSE / GATHER -> DEQUANTIZE
 
 Layout. The file keeps PyTorch's interface: float32 inputs and outputs with the PyTorch shapes (NCHW for
@@ -423,6 +423,38 @@ class _Exporter(Executor):
         out = self.crop(TFLiteTensor(out, out_shape, grid, NHWC), crop, out_hw, node.name)
         return self.clamp(out, rest, node.name)
 
+    def op_conv_transpose2d(self, node: Node, x: TFLiteTensor):
+        """TRANSPOSE_CONV with VALID padding (no padding), then a SLICE from PyTorch's padding: TFLite's own SAME
+        padding is derived from the output size and cannot express every padding / output_padding pair. VALID
+        needs (O - k) // stride + 1 == H (transpose_conv.cc Prepare), so the file's output O is at least the full
+        (H - 1) * stride + k; PyTorch's outputs lie in [padding, padding + H_out), which ends below O + stride
+        because output_padding < stride. The fused clamp is MAXIMUM / MINIMUM, never the options' activation
+        (the int8 kernel's Prepare reads it through TfLiteConvParams, transpose_conv.cc)."""
+        geometry = ConvGeometry.from_dict(node.attrs["geometry"])
+        layer = self.model.layers[node.name]
+        grid = self.model.qparams[node.name]
+        if geometry.groups != 1 or tuple(geometry.dilation) != (1, 1):
+            raise self.refuse(node, f"groups={geometry.groups}, dilation={tuple(geometry.dilation)}: TFLite's "
+                                    "TRANSPOSE_CONV has neither")
+        cout, cin, kh, kw = layer.weight_codes.shape
+        out_hw = transposed_output_size(geometry, x.shape[2:], (kh, kw))
+        valid_hw = tuple(max(o + p, (h - 1) * s + k) for o, p, h, s, k in
+                         zip(out_hw, geometry.padding, x.shape[2:], geometry.stride, (kh, kw)))
+        x = self.in_layout(x, NHWC)
+        # The layer keeps the equivalent conv's flipped kernel; TRANSPOSE_CONV scatters with the unflipped one, OHWI.
+        filter_codes = layer.weight_codes.flip(-2, -1).permute(0, 2, 3, 1)
+        weights = self.weights(node, x.grid, filter_codes, layer, 0, cout, always_bias=True)
+        out_shape = (x.shape[0], cout) + valid_hw
+        stored = [out_shape[p] for p in NHWC]
+        output_shape = self.fb.constant(f"{node.name}_output_shape", np.asarray(stored), "int32")
+        out = self.activation(node.name, stored, grid)
+        options = self.fb.options("TransposeConvOptions", padding=self.fb.schema.Padding.VALID,
+                                  strideH=geometry.stride[0], strideW=geometry.stride[1],
+                                  fusedActivationFunction=self.fb.schema.ActivationFunctionType.NONE)
+        self.fb.operator("TRANSPOSE_CONV", [output_shape, weights[0], x.index, weights[1]], [out], options)
+        out = self.crop(TFLiteTensor(out, out_shape, grid, NHWC), geometry.padding, out_hw, node.name)
+        return self.clamp(out, fused_clamp_bounds(self.target, node, grid), node.name)
+
     def weights(self, node: Node, input_grid: QParams, filter_codes: torch.Tensor, layer, axis: int, cout: int,
                 always_bias: bool) -> List[int]:
         """The int8 per-channel filter and the int32 bias at scale s_in * s_w (zeros where the layer has none)."""
@@ -639,6 +671,12 @@ def _conv_padding(geometry: ConvGeometry, input_hw, kernel) -> Tuple[Tuple[int, 
         lead.append(before)
         out.append((input_hw[i] + before + after - span) // geometry.stride[i] + 1)
     return tuple(lead), tuple(out)
+
+
+def transposed_output_size(geometry: ConvGeometry, input_hw, kernel) -> Tuple[int, int]:
+    """ConvTranspose2d's output size: (H - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1."""
+    return tuple((input_hw[i] - 1) * geometry.stride[i] - 2 * geometry.padding[i]
+                 + geometry.dilation[i] * (kernel[i] - 1) + geometry.output_padding[i] + 1 for i in range(2))
 
 
 def _leaves(value):

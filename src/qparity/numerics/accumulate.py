@@ -12,6 +12,10 @@ output channel from the real weight codes: `max|q_x - z_x| * sum|q_w| + |bias|`.
 - "float64": float64 throughout with cuDNN off, for grouped layers above the float32 bound and for every
   device other than the CPU (where TF32 or transform-based convolution algorithms could be chosen).
 The result is a float tensor of exact integers: float32 for the "float32" path, float64 otherwise.
+
+A transposed convolution ("conv_transpose2d") is the convolution of the zero-inserted input with the flipped,
+transposed kernel (`zero_inserted`); its weight codes are kept in that conv layout [out, in / groups, kh, kw],
+so every output's taps are a subset of one output channel's weights and the same bound holds.
 """
 from __future__ import annotations
 
@@ -31,25 +35,34 @@ Padding = Union[str, Tuple[int, int]]
 class ConvGeometry:
     """Everything about a conv or linear layer except its numbers."""
 
-    kind: str  # "conv2d" or "linear"
+    kind: str  # "conv2d", "conv_transpose2d" or "linear"
     stride: Tuple[int, int] = (1, 1)
     padding: Padding = (0, 0)
     dilation: Tuple[int, int] = (1, 1)
     groups: int = 1
+    output_padding: Tuple[int, int] = (0, 0)  # conv_transpose2d only
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "stride": list(self.stride),
+        data = {"kind": self.kind, "stride": list(self.stride),
                 "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
                 "dilation": list(self.dilation), "groups": self.groups}
+        if self.kind == "conv_transpose2d":
+            data["output_padding"] = list(self.output_padding)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "ConvGeometry":
         padding = data["padding"] if isinstance(data["padding"], str) else tuple(data["padding"])
-        return cls(data["kind"], tuple(data["stride"]), padding, tuple(data["dilation"]), data["groups"])
+        return cls(data["kind"], tuple(data["stride"]), padding, tuple(data["dilation"]), data["groups"],
+                   tuple(data.get("output_padding", (0, 0))))
+
+    @property
+    def is_conv(self) -> bool:
+        return self.kind != "linear"
 
     @property
     def channel_axis(self) -> int:
-        return 1 if self.kind == "conv2d" else -1
+        return 1 if self.is_conv else -1
 
 
 @dataclass(frozen=True)
@@ -99,7 +112,7 @@ def accumulate(plan: AccumulationPlan, geometry: ConvGeometry, x_centered: torch
         bias = None if bias_codes is None else bias_codes.to(torch.float32)
         return _apply(geometry, x_centered.to(torch.float32), weight_codes.to(torch.float32), bias)
     if plan.path == "chunks":
-        axis = 1 if geometry.kind == "conv2d" else x_centered.dim() - 1
+        axis = 1 if geometry.is_conv else x_centered.dim() - 1
         acc = None
         for start, stop in plan.chunks:
             part = _apply(geometry, x_centered.narrow(axis, start, stop - start).to(torch.float32),
@@ -118,10 +131,28 @@ def accumulate(plan: AccumulationPlan, geometry: ConvGeometry, x_centered: torch
 def _apply(geometry: ConvGeometry, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None):
     if geometry.kind == "linear":
         return F.linear(x, w, bias)
+    stride, padding = geometry.stride, geometry.padding
+    if geometry.kind == "conv_transpose2d":
+        x, stride, padding = zero_inserted(geometry, x, tuple(w.shape[2:])), (1, 1), (0, 0)
     if x.device.type == "cpu" and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
         w = w.contiguous(memory_format=torch.channels_last)
-    return F.conv2d(x, w, bias, geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
+    return F.conv2d(x, w, bias, stride, padding, geometry.dilation, geometry.groups)
+
+
+def zero_inserted(geometry: ConvGeometry, x: torch.Tensor, kernel: Tuple[int, int]) -> torch.Tensor:
+    """The input of the stride-1 conv that equals conv_transpose2d: stride - 1 zeros between neighbours, then
+    dilation * (k - 1) - padding zeros on each side (negative: cropped) and output_padding more at the end.
+
+    With the flipped kernel, output i sums x[j] w[k] over i = j * stride - padding + k * dilation, which is
+    PyTorch's definition of ConvTranspose2d (and TFLite's TRANSPOSE_CONV scatter loop)."""
+    (sh, sw), (ph, pw), (dh, dw) = geometry.stride, geometry.padding, geometry.dilation
+    n, c, h, w = x.shape
+    spread = x.new_zeros((n, c, (h - 1) * sh + 1, (w - 1) * sw + 1))
+    spread[:, :, ::sh, ::sw] = x
+    edge_h, edge_w = dh * (kernel[0] - 1) - ph, dw * (kernel[1] - 1) - pw
+    extra_h, extra_w = geometry.output_padding
+    return F.pad(spread, (edge_w, edge_w + extra_w, edge_h, edge_h + extra_h))
 
 
 def _input_channel_bounds(weight_codes: torch.Tensor, max_abs_input: int) -> torch.Tensor:

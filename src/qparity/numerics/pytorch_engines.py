@@ -123,6 +123,10 @@ class PyTorchEngineTarget(Target):
     activation_dtypes = ("uint8",)
     float_bias = True
     conv_rule = "fbgemm"
+    # ConvTranspose2d: the conv rule on the exact accumulator (measured on torch 2.13 and 2.14,
+    # tests/test_conv_transpose2d.py; x86 is refused, ops/registry.py); per-tensor weights, as PyTorch's prepack requires.
+    conv_transpose_rule = "fbgemm"
+    per_channel_transposed_conv = False
     linear_rule = "fbgemm"
     add_rule = "fbgemm"
     pool_rule = "fbgemm"
@@ -166,7 +170,7 @@ class PyTorchEngineTarget(Target):
 
     # -- conv / linear --------------------------------------------------------------------------------------
     def requantizer(self, op, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim, bias=None):
-        rule = self.conv_rule if op == "conv2d" else self.linear_rule
+        rule = {"conv2d": self.conv_rule, "conv_transpose2d": self.conv_transpose_rule}.get(op, self.linear_rule)
         product = input_qp.scale.to(torch.float32) * weight_scale.to(torch.float32)  # P = f(s_x * s_w)
         zero_point = int(output_qp.zero_point)
         scale_y = output_qp.scale.to(torch.float32)
@@ -520,6 +524,7 @@ class QnnpackTarget(PyTorchEngineTarget):
     name = "qnnpack"
     summary = "PyTorch qnnpack engine: int32 bias, float32 multiplier, fixed-point add"
     conv_rule = "qnnpack"
+    conv_transpose_rule = "qnnpack"
     linear_rule = "qnnpack"
     add_rule = "qnnpack"
     pool_rule = "qnnpack"

@@ -49,6 +49,8 @@ class Target:
     # The file whose runtime computes this target's integers (".tflite", ".onnx"), or None where qparity has no
     # exporter for it; export() and verify() choose by it instead of by target name.
     file_format: str | None = None
+    # Whether the runtime's transposed conv takes per-output-channel weight scales (PyTorch's engines: no).
+    per_channel_transposed_conv: bool = True
 
     # -- quantize / dequantize ------------------------------------------------------------------------------
     def quantize(self, x: torch.Tensor, qp: QParams) -> torch.Tensor:
@@ -92,7 +94,7 @@ class Target:
     # -- operators ------------------------------------------------------------------------------------------
     def requantizer(self, op: str, input_qp: QParams, weight_scale: torch.Tensor, output_qp: QParams,
                     lo: int, hi: int, channel_axis: int, ndim: int) -> Requantizer:
-        """acc -> output codes for a conv ("conv2d") or fully connected ("linear") layer.
+        """acc -> output codes for a conv ("conv2d", "conv_transpose2d") or fully connected ("linear") layer.
 
         acc (bias included) arrives as a float tensor holding exact integers (float32 below 2^24, else
         float64); the requantizer converts it as its runtime does.

@@ -9,7 +9,9 @@ so every multiplier applies gemmlowp's double rounding.
 
 - quantize:    q = clamp(z + std::round(x / s)), float32 division, ties away from zero
 - conv:        M = double(s_x) * double(s_w) / double(s_y) as Q31 m0 and shift;
-               q = clamp(z_y + MultiplyByQuantizedMultiplier(acc + bias, m0, shift))
+               q = clamp(z_y + MultiplyByQuantizedMultiplier(acc + bias, m0, shift));
+               TRANSPOSE_CONV the same (reference/integer_ops/transpose_conv.h: int32 scatter, + bias, MBQM per
+               channel; PopulateConvolutionQuantizationParams), for groups 1 and dilation 1 only
 - linear:      the reference FULLY_CONNECTED requantizes in double since April 2025 (LiteRT commit
                921360770, reference/integer_ops/fully_connected.h): q = clamp(z_y + std::round(double(acc) * M)),
                one IEEE double product, ties away from zero
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UnsupportedOpError
 from ..qparams import QParams
 from .arithmetic import multiply_by_quantized_multiplier, quantize_multiplier, round_half_away, truncating_div
 from .litert_activations import LiteRTActivations, tflite_leaky_relu_table, tflite_table
@@ -32,6 +35,15 @@ ADD_LEFT_SHIFT = 20  # reference int8 ADD: data->left_shift = 20 for 8-bit outpu
 
 def _multiplier(real: torch.Tensor):
     return quantize_multiplier(real.to(torch.float64))
+
+
+def check_transpose_conv(geometry, target: str) -> None:
+    """TFLite's TRANSPOSE_CONV has no groups and no dilation (TransposeConvOptions: padding, strides, activation)."""
+    if geometry.kind == "conv_transpose2d" and (geometry.groups != 1 or tuple(geometry.dilation) != (1, 1)):
+        raise UnsupportedOpError(
+            f"a transposed conv with groups={geometry.groups}, dilation={tuple(geometry.dilation)} on target "
+            f"{target!r}: LiteRT's TRANSPOSE_CONV has neither groups nor dilation; use groups=1, dilation=1, or "
+            "target exact, fbgemm, x86 or qnnpack")
 
 
 def layer_multiplier(input_scale: torch.Tensor, weight_scale: torch.Tensor, output_scale: torch.Tensor):
@@ -62,6 +74,10 @@ class TFLiteTarget(LiteRTActivations, Target):
     def quantize_unclamped(self, x, qp):
         scale, zero_point = grid_views(qp, x)
         return round_half_away(x.to(torch.float32) / scale) + zero_point
+
+    def accumulation(self, geometry, weight_shape):
+        check_transpose_conv(geometry, self.name)
+        return "exact"
 
     def requantizer(self, op, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim):
         real = layer_multiplier(input_qp.scale, weight_scale, output_qp.scale)

@@ -1,11 +1,11 @@
 """Target `xnnpack`: LiteRT's default CPU kernels, the XNNPACK delegate that `Interpreter(model_content=...)` applies.
 
-The delegate takes QUANTIZE, CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, ADD, MAX_POOL_2D and CONCATENATION
-(the op list shows one DELEGATE node); int8 AVERAGE_POOL_2D stays with TFLite's optimized built-in kernel, and
+The delegate takes QUANTIZE, CONV_2D, DEPTHWISE_CONV_2D, TRANSPOSE_CONV, FULLY_CONNECTED, ADD, MAX_POOL_2D and
+CONCATENATION (the op list shows one DELEGATE node); int8 AVERAGE_POOL_2D stays with TFLite's optimized built-in kernel, and
 so does a QUANTIZE whose scale ratio XNNPACK refuses. f() is rounding to float32, rne round half to even:
 
 - quantize (f32-qs8-vcvt):  q = clamp(rne(f(x * f(1 / s))) + z): a float reciprocal, clamped before rounding
-- conv / depthwise / linear (qs8-qc8w gemm and dwconv, fp32 requantization):
+- conv / depthwise / transposed conv / linear (qs8-qc8w gemm, dwconv and deconvolution, fp32 requantization):
                             M = f(f(s_x * s_w) / s_y) per output channel; q = clamp(rne(f(f(acc) * M)) + z_y),
                             the int32 bias inside acc; the delegate refuses M outside [2^-32, 256)
 - fused activation bounds (xnn_qs8_quantize of the float clamp): clamp(rne(f(f(v / s) + z)), -128, 127)
@@ -37,7 +37,7 @@ from ..errors import UnsupportedOpError
 from .arithmetic import float32_requantizer, quantize_multiplier, saturating_rounding_doubling_high_mul
 from .litert_activations import LiteRTActivations, xnnpack_leaky_relu_table, xnnpack_table
 from .target import Target, channel_view, grid_views
-from .tflite import TFLiteTarget
+from .tflite import TFLiteTarget, check_transpose_conv
 
 ADD_MULTIPLIER_BITS = 20          # xnn_init_qs8_add_minmax_scalar_params: the largest multiplier is in [2^20, 2^21)
 ADD_RATIO_RANGE = (2.0**-10, 2.0**8)        # delegated ADD: input/output scale ratios in [lo, hi)
@@ -90,6 +90,10 @@ class XnnpackTarget(LiteRTActivations, Target):
         lo = qp.qmin if min_real is None else bound(min_real)
         hi = qp.qmax if max_real is None else bound(max_real)
         return lo, max(lo, hi)
+
+    def accumulation(self, geometry, weight_shape):
+        check_transpose_conv(geometry, self.name)  # the delegate takes TRANSPOSE_CONV as it is in the file
+        return "exact"
 
     def requantizer(self, op, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim):
         multiplier = _f32_ratio(input_qp.scale * weight_scale.to(torch.float32), output_qp.scale)

@@ -1,4 +1,4 @@
-"""conv2d / linear: exact accumulator plus bias, then the target's requantizer.
+"""conv2d / conv_transpose2d / linear: exact accumulator plus bias, then the target's requantizer.
 
 Both modes of the program call `layer_accumulator` and the target's `requantizer` with the same bias
 handling (`bias_for_target`); they differ only in where the weight codes come from (the prepared model's
@@ -107,14 +107,14 @@ def prepare_integer_layer(target, node: Node, layer: IntegerLayer, input_qp: QPa
     """The IntegerModel's constants for one layer: accumulation plan, weights, int32 bias, requantizer."""
     geometry = ConvGeometry.from_dict(node.attrs["geometry"])
     lo, hi = fused_clamp_bounds(target, node, output_qp)
-    ndim = 4 if geometry.kind == "conv2d" else 2
+    ndim = 4 if geometry.is_conv else 2
     # The stored bias is already what the target takes: int32 codes, or the float32 bias of PyTorch's engines.
     float_bias = {"bias": layer.bias_codes} if target.float_bias else {}
     acc_bias = None if target.float_bias else layer.bias_codes
     requantize = target.requantizer(geometry.kind, input_qp, layer.weight_scale, output_qp, lo, hi,
                                     geometry.channel_axis, ndim, **float_bias)
     weight = layer.weight_codes.to(torch.float32)
-    if geometry.kind == "conv2d":
+    if geometry.is_conv:
         weight = weight.contiguous(memory_format=torch.channels_last)
     plan = plan_layer(geometry, layer.weight_codes, acc_bias, input_qp, target)
     return plan, geometry, weight, acc_bias, requantize

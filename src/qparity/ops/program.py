@@ -26,7 +26,7 @@ from .lookup import CodeTable, PairTable
 from .surrogates import clamp as clamp_surrogate, quantized_output
 
 IMPLEMENTATIONS = {
-    "input": input_op, "conv2d": layer, "linear": layer, "add": add, "cat": cat, "hardswish": hardswish,
+    "input": input_op, "conv2d": layer, "conv_transpose2d": layer, "linear": layer, "add": add, "cat": cat, "hardswish": hardswish,
     "clamp": clamp, "max_pool2d": max_pool, "avg_pool2d": avg_pool, "dropout": dropout, "call": call,
     "mul": mul, "pad": pad, "upsample_nearest": upsample, "sigmoid": activation, "tanh": activation, "hardsigmoid": activation, "leaky_relu": activation,
 }

@@ -58,6 +58,23 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "`padding_mode=\"zeros\"`; any stride, padding (incl. `\"same\"`), dilation, groups (x86: groups "
              "<= 100, checked at prepare_qat); a folded BatchNorm must directly follow the conv, be its only "
              "user, `affine=True`, `track_running_stats=True`", torch_form="torch.ao.nn.quantized.Conv2d"),
+    Operator("conv_transpose2d", "`nn.ConvTranspose2d`, `F.conv_transpose2d` on the model's own parameters; "
+             "`nn.BatchNorm2d` right after it is folded in", True,
+             "exact int32 accumulator (the conv of the zero-inserted input with the flipped, transposed kernel, "
+             "ops/conv_transpose2d.py) + bias, the target's conv requantizer (PyTorch's engines: fbgemm's rule on "
+             "fbgemm, QNNPACK's on qnnpack, as measured)",
+             "float conv of the zero-inserted input on straight-through weight codes, BatchNorm as torch.ao's QAT",
+             "any stride, padding, output_padding, dilation, groups; no `output_size` argument; tflite/xnnpack: "
+             "dilation 1 and groups 1 (TRANSPOSE_CONV has neither); fbgemm/qnnpack: one weight scale "
+             "per tensor, whatever `per_channel` says (PyTorch's quantized ConvTranspose2d takes no other)",
+             refused_by={"x86": "PyTorch's x86 engine gives codes far from ConvTranspose2d's own definition whenever "
+                                "in_channels != out_channels in a fresh process (hundreds of codes off by up to 140 "
+                                "on torch 2.13 and 2.14, measured), and fbgemm's after the fbgemm engine ran: there "
+                                "is no one rule to emulate; fbgemm runs the same layer exactly",
+                         "onnxruntime": "ONNX has no quantized ConvTranspose and ONNX Runtime's CPU provider registers "
+                                        "no com.microsoft QLinearConvTranspose (only its XNNPACK provider has one); "
+                                        "its quantization tool runs ConvTranspose in float"},
+             formats=("tflite",)),
     Operator("linear", "`nn.Linear`, `F.linear` on the model's own parameters; `nn.BatchNorm1d` right after it "
              "folded in; `nn.BatchNorm1d` on [N, C] elsewhere as a diagonal linear with the BatchNorm folded in", True,
              "as conv2d (TFLite: FULLY_CONNECTED's rule)", "float linear on straight-through weight codes",
@@ -135,6 +152,7 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
 )}
 
 NEW_GRID_OPS = tuple(name for name, op in OPERATORS.items() if op.new_grid)
+LAYER_OPS = ("conv2d", "conv_transpose2d", "linear")  # the operators with weights (a QATLayer each)
 
 
 def operator(name: str) -> Operator:

@@ -80,7 +80,10 @@ class QATLayer(nn.Module):
             return
         weight, bias = self.folded()
         if self.batch_norm is not None:
-            self.module.weight.copy_(weight)
+            if hasattr(self.module, "set_weight"):  # a ConvTranspose2d seen as a conv (ops/conv_transpose2d.py)
+                self.module.set_weight(weight)
+            else:
+                self.module.weight.copy_(weight)
             if self.module.bias is None:
                 new_bias = nn.Parameter(bias.detach().clone())
                 if hasattr(self.module, "set_bias"):  # a Conv1d seen as a conv2d (ops/conv1d.py)

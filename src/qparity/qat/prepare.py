@@ -12,7 +12,7 @@ from ..errors import InvalidQParamsError, NotPreparedError, UnsupportedOpError
 from ..graph import Graph
 from ..numerics.accumulate import ConvGeometry
 from ..numerics import Target, get_target
-from ..ops.registry import refuse_if_target_cannot_run
+from ..ops.registry import LAYER_OPS, refuse_if_target_cannot_run
 from .layers import QATLayer
 from .model import QATModel
 
@@ -21,7 +21,8 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch
                 *, per_channel: bool = True, activation_dtype: Optional[str] = None) -> QATModel:
     """Capture `model` (a copy; the original is untouched) and make it quantization-aware for `target`.
 
-    per_channel: one weight scale per output channel (True) or per tensor.
+    per_channel: one weight scale per output channel (True) or per tensor; a layer whose kernel on the target
+        takes per-tensor weights only (ConvTranspose2d on PyTorch's engines) gets one scale per tensor.
     activation_dtype: the activation code dtype where the target allows a choice (`target.activation_dtypes`).
     """
     spec = get_target(target)
@@ -34,9 +35,11 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch
     refuse_what_the_target_cannot_run(graph, layers, spec)
     qat_layers = {}
     for node in graph.nodes:
-        if node.op in ("conv2d", "linear"):
+        if node.op in LAYER_OPS:
             geometry = ConvGeometry.from_dict(node.attrs["geometry"])
-            qat_layers[node.name] = QATLayer(layers[node.name], geometry, spec, per_channel, node.path)
+            qat_layers[node.name] = QATLayer(layers[node.name], geometry, spec,
+                                             per_channel and layer_takes_per_channel_weights(node.op, spec),
+                                             node.path)
     prepared = QATModel(graph, qat_layers, spec, dtype, per_channel)
     return prepared.train(model.training)
 
@@ -46,12 +49,19 @@ def refuse_what_the_target_cannot_run(graph: Graph, layers, target: Target) -> N
     runtime cannot run exactly: before any training, not at the first forward."""
     for node in graph.nodes:
         refuse_if_target_cannot_run(node.op, node.path, target.name)
-        if node.op in ("conv2d", "linear"):
+        if node.op in LAYER_OPS:
             geometry = ConvGeometry.from_dict(node.attrs["geometry"])
             try:
                 target.accumulation(geometry, tuple(layers[node.name].module.weight.shape))
             except UnsupportedOpError as error:
                 raise UnsupportedOpError(f"{node.op} at {node.path}: {error}") from None
+
+
+def layer_takes_per_channel_weights(op: str, target: Target) -> bool:
+    """Whether the target's kernel for this layer takes one weight scale per output channel. PyTorch's quantized
+    ConvTranspose2d takes per-tensor weights only (fbgemm, x86: "Per Channel Quantization is currently disabled
+    for transposed conv"), so there, as in torch.ao's own qconfigs, that layer gets one scale per tensor."""
+    return op != "conv_transpose2d" or target.per_channel_transposed_conv
 
 
 def freeze(model: QATModel) -> QATModel:
