@@ -69,7 +69,7 @@ def train_and_convert(model, x, target):
     return prepared, qp.convert(prepared)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(g=geometries(), seed=st.integers(0, 1000))
 def test_zero_inserted_conv_equals_pytorchs_conv_transpose2d(g, seed):
     """The accumulator's definition: conv of the zero-inserted input with the flipped, transposed kernel."""

@@ -1,7 +1,7 @@
 """A graph fuzzer: random networks assembled from the operators qparity supports, on every target.
 
 Each example draws a chain of blocks (convs with groups and BatchNorm, activations, residual adds,
-squeeze-excite muls, concatenations, pools, upsampling, padding), a target and an activation dtype, then
+squeeze-excite muls, concatenations, pools, upsampling, transposed convs, padding), a target and an activation dtype, then
 checks the whole promise: the target accepts the network exactly when the registry says every operator in it
 runs there; the fake-quant forward equals the integer program; a saved and reloaded model computes the same
 codes; and where the target has a file format, the file either runs in the real runtime with 0 mismatched
@@ -46,6 +46,11 @@ class Block(nn.Module):
             self.bn = nn.BatchNorm2d(out) if bn else nn.Identity()
             self.out_channels = out
             self.ops = {"conv2d"}
+        elif kind == "conv_transpose":
+            k, out = option  # stride 2: k=2, or k=3 with padding 1 and output_padding 1, doubles H and W
+            self.conv = nn.ConvTranspose2d(channels, out, k, stride=2, padding=k - 2, output_padding=k - 2)
+            self.out_channels = out
+            self.ops = {"conv_transpose2d"}
         elif kind == "activation":
             self.act = ACTIVATIONS[option]()
             self.ops = {ACTIVATION_OPS.get(option, option)}
@@ -73,6 +78,8 @@ class Block(nn.Module):
         kind = self.kind
         if kind == "conv":
             return self.bn(self.conv(x))
+        if kind == "conv_transpose":
+            return self.conv(x)
         if kind == "activation":
             return self.act(x)
         if kind == "residual":
@@ -115,12 +122,14 @@ def networks(draw):
     for _ in range(draw(st.integers(1, 5))):
         kinds = ["conv", "activation", "residual", "squeeze_excite", "cat", "pad"]
         kinds += ["max_pool", "avg_pool"] if s >= 4 else []
-        kinds += ["upsample"] if s <= 8 else []
+        kinds += ["upsample", "conv_transpose"] if s <= 8 else []
         kind = draw(st.sampled_from(kinds))
         if kind == "conv":
             groups = draw(st.sampled_from([g for g in (1, 2, c) if c % g == 0]))
             out = groups * draw(st.integers(1, max(1, 8 // groups)))
             option = (draw(st.sampled_from([1, 3])), groups, out, draw(st.booleans()))
+        elif kind == "conv_transpose":
+            option = (draw(st.sampled_from([2, 3])), draw(st.integers(1, 6)))
         elif kind == "activation":
             option = draw(st.sampled_from(sorted(ACTIVATIONS)))
         elif kind == "squeeze_excite":
@@ -132,7 +141,7 @@ def networks(draw):
         block = Block(kind, c, option)
         blocks.append(block)
         c = block.out_channels
-        s = {"max_pool": s // 2, "avg_pool": s // 2, "upsample": s * 2, "pad": s + 2}.get(kind, s)
+        s = {"max_pool": s // 2, "avg_pool": s // 2, "upsample": s * 2, "conv_transpose": s * 2, "pad": s + 2}.get(kind, s)
     return FuzzedNet(channels, blocks), size
 
 
