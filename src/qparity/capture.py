@@ -25,7 +25,7 @@ from .ops.conv1d import Conv1dAs2d, as_conv2d_arguments
 from .ops.upsample import float32_rule_is_exact
 
 SUPPORTED = ("Conv2d, Conv1d, Linear, BatchNorm2d after Conv2d, BatchNorm1d after Conv1d, ReLU, ReLU6, Hardtanh, clamp, add of two tensors, cat, "
-             "mul of two tensors (broadcasting), Hardswish, Sigmoid, SiLU, Tanh, Hardsigmoid, LeakyReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean over H and W, flatten/reshape/view/permute, "
+             "mul of two tensors (broadcasting), Hardswish, Sigmoid, SiLU, Tanh, Hardsigmoid, LeakyReLU, GELU, ELU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean over H and W, flatten/reshape/view/permute, "
              "Identity, Dropout")
 
 
@@ -209,6 +209,10 @@ class _Builder:
             self.emit_silu(node, x)
         elif isinstance(module, nn.LeakyReLU):
             self.emit(node, "leaky_relu", [self.ref(x)], attrs={"negative_slope": float(module.negative_slope)})
+        elif isinstance(module, nn.GELU):
+            self.emit(node, "gelu", [self.ref(x)], attrs={"approximate": module.approximate})
+        elif isinstance(module, nn.ELU):
+            self.emit(node, "elu", [self.ref(x)], attrs={"alpha": float(module.alpha)})
         elif isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ZeroPad1d, nn.ConstantPad1d)):
             self.emit_pad(node, x, module.padding, "constant", getattr(module, "value", 0.0))
         elif isinstance(module, nn.Upsample):
@@ -263,6 +267,12 @@ class _Builder:
         elif fn is F.leaky_relu:
             slope = self.static(_bind(args[1:], kwargs, ("negative_slope",), (0.01,))[0])
             self.emit(node, "leaky_relu", [self.ref(args[0])], attrs={"negative_slope": float(slope)})
+        elif fn is F.gelu:
+            approximate = self.static(_bind(args[1:], kwargs, ("approximate",), ("none",))[0])
+            self.emit(node, "gelu", [self.ref(args[0])], attrs={"approximate": approximate})
+        elif fn is F.elu:
+            alpha = self.static(_bind(args[1:], kwargs, ("alpha",), (1.0,))[0])
+            self.emit(node, "elu", [self.ref(args[0])], attrs={"alpha": float(alpha)})
         elif fn in (operator.add, torch.add):
             self.emit_add(node, args, kwargs)
         elif fn in (operator.mul, torch.mul) and isinstance(self.values.get(node.name), torch.Tensor):

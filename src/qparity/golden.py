@@ -150,6 +150,8 @@ PARAMETERS = {
     "tanh": _table_params,
     "hardsigmoid": _table_params,
     "leaky_relu": _table_params,
+    "gelu": _table_params,
+    "elu": _table_params,
     "clamp": _clamp_params,
     "max_pool2d": _max_pool_params,
     "pad": lambda model, node, inputs, root: {"pad": list(node.attrs["pad"]),

@@ -533,6 +533,13 @@ class _Exporter(Executor):
         options = self.fb.options("LeakyReluOptions", alpha=float(node.attrs["negative_slope"]))
         return self.elementwise(node, x, "LEAKY_RELU", options)
 
+    def op_gelu(self, node: Node, x: TFLiteTensor):
+        options = self.fb.options("GeluOptions", approximate=node.attrs["approximate"] == "tanh")
+        return self.elementwise(node, x, "GELU", options)
+
+    def op_elu(self, node: Node, x: TFLiteTensor):
+        return self.elementwise(node, x, "ELU")
+
     def elementwise(self, node: Node, x: TFLiteTensor, name: str, options=None):
         """A one-input activation onto the node's grid, in whatever layout its input is stored."""
         grid = self.model.qparams[node.name]

@@ -139,7 +139,7 @@ class Target:
 
     # -- elementwise activations (numerics/activations.py) ------------------------------------------------
     def activation(self, kind: str, q: torch.Tensor, source: QParams, out: QParams, attrs: dict) -> torch.Tensor:
-        """An activation (sigmoid, tanh, hardsigmoid, leaky_relu) of the codes q: the target's table, gathered."""
+        """An activation (sigmoid, tanh, hardsigmoid, leaky_relu, gelu, elu) of the codes q: the target's table, gathered."""
         table = self._tables().get(kind, attrs, source, out,
                                    lambda: self.activation_table(kind, source, out, attrs).to(torch.int64))
         return torch.empty_like(q, dtype=torch.int64).copy_(table.to(q.device)[q - source.qmin])  # q's layout
@@ -147,6 +147,10 @@ class Target:
     def activation_table(self, kind: str, source: QParams, out: QParams, attrs: dict) -> torch.Tensor:
         """The output code of every input code of `source`, as the target's runtime computes it."""
         raise UnsupportedOpError(f"{kind} is not emulated for target {self.name!r}")
+
+    def check_activation(self, kind: str, attrs: dict) -> None:
+        """Raise UnsupportedOpError for activation parameters the runtime's kernel cannot take (TFLite's ELU has
+        no alpha); prepare_qat calls it before any training."""
 
     def fixed_output_qparams(self, kind: str, dtype: str) -> QParams | None:
         """The output grid the runtime imposes on an operator (TFLite's int8 LOGISTIC: 1/256, -128), if any."""

@@ -56,7 +56,7 @@ class TFLiteTarget(LiteRTActivations, Target):
     file_format = ".tflite"
     summary = "TFLite int8 reference kernels: Q31 multiplier, gemmlowp double rounding"
     activation_dtypes = ("int8",)
-    transcendental_table = staticmethod(tflite_table)  # LOGISTIC, TANH
+    transcendental_table = staticmethod(tflite_table)  # LOGISTIC, TANH, GELU, ELU
     leaky_relu_table = staticmethod(tflite_leaky_relu_table)
 
     def quantize_unclamped(self, x, qp):

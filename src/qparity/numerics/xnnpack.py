@@ -60,7 +60,7 @@ class XnnpackTarget(LiteRTActivations, Target):
     file_format = ".tflite"
     summary = "LiteRT default kernels (XNNPACK): float32 multiplier, round half to even; fixed-point add"
     activation_dtypes = ("int8",)
-    transcendental_table = staticmethod(xnnpack_table)  # LOGISTIC, TANH
+    transcendental_table = staticmethod(xnnpack_table)  # LOGISTIC, TANH, ELU (GELU: TFLite's)
     leaky_relu_table = staticmethod(xnnpack_leaky_relu_table)
 
     def multiply(self, qa, a, qb, b, out, lo, hi):

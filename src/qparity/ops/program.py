@@ -29,6 +29,7 @@ IMPLEMENTATIONS = {
     "input": input_op, "conv2d": layer, "linear": layer, "add": add, "cat": cat, "hardswish": hardswish,
     "clamp": clamp, "max_pool2d": max_pool, "avg_pool2d": avg_pool, "dropout": dropout, "call": call,
     "mul": mul, "pad": pad, "upsample_nearest": upsample, "sigmoid": activation, "tanh": activation, "hardsigmoid": activation, "leaky_relu": activation,
+    "gelu": activation, "elu": activation,
 }
 
 # Computes an operator's output codes from detached int64 input codes, the output grid and its clamp.

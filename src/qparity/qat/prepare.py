@@ -11,6 +11,7 @@ from ..capture import capture
 from ..errors import InvalidQParamsError, NotPreparedError, UnsupportedOpError
 from ..graph import Graph
 from ..numerics.accumulate import ConvGeometry
+from ..numerics.activations import NAMES as ACTIVATION_NAMES
 from ..numerics import Target, get_target
 from ..ops.registry import OPERATORS
 from .layers import QATLayer
@@ -50,6 +51,11 @@ def refuse_what_the_target_cannot_run(graph: Graph, layers, target: Target) -> N
             raise UnsupportedOpError(
                 f"{node.op} at {node.path} cannot run on target {target.name!r}: {op.refused_by[target.name]}; "
                 f"targets that run it: {', '.join(op.targets())}")
+        if node.op in ACTIVATION_NAMES:
+            try:
+                target.check_activation(node.op, dict(node.attrs))
+            except UnsupportedOpError as error:
+                raise UnsupportedOpError(f"{node.op} at {node.path}: {error}") from None
         if node.op in ("conv2d", "linear"):
             geometry = ConvGeometry.from_dict(node.attrs["geometry"])
             try:
