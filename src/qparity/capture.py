@@ -25,7 +25,7 @@ from .ops.conv1d import Conv1dAs2d, as_conv2d_arguments
 from .ops.upsample import float32_rule_is_exact
 
 SUPPORTED = ("Conv2d, Conv1d, Linear, BatchNorm2d after Conv2d, BatchNorm1d after Conv1d, ReLU, ReLU6, Hardtanh, clamp, add of two tensors, cat, "
-             "mul of two tensors (broadcasting), Hardswish, Sigmoid, SiLU, Tanh, Hardsigmoid, LeakyReLU, GELU, ELU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean over H and W, flatten/reshape/view/permute, "
+             "mul of two tensors (broadcasting), Hardswish, Sigmoid, SiLU, Tanh, Hardsigmoid, LeakyReLU, GELU, ELU, PReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean over H and W, flatten/reshape/view/permute, "
              "Identity, Dropout")
 
 
@@ -213,6 +213,9 @@ class _Builder:
             self.emit(node, "gelu", [self.ref(x)], attrs={"approximate": module.approximate})
         elif isinstance(module, nn.ELU):
             self.emit(node, "elu", [self.ref(x)], attrs={"alpha": float(module.alpha)})
+        elif isinstance(module, nn.PReLU):
+            self.layers[node.name] = Layer(module)
+            self.emit(node, "prelu", [self.ref(x)], attrs={"module": node.target})
         elif isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ZeroPad1d, nn.ConstantPad1d)):
             self.emit_pad(node, x, module.padding, "constant", getattr(module, "value", 0.0))
         elif isinstance(module, nn.Upsample):

@@ -132,6 +132,12 @@ class Target:
         raise UnsupportedOpError(f"hardswish is not emulated for target {self.name!r}: its runtime's kernel was not "
                                  "matched bit for bit; use target exact, fbgemm, x86 or qnnpack")
 
+    def prelu(self, q: torch.Tensor, source: QParams, slope: torch.Tensor, slope_scale: float,
+              out: QParams) -> torch.Tensor:
+        """PReLU of the codes q: slope codes (int64, broadcast along q's channel axis) on the grid
+        slope_scale, zero point 0 (numerics/prelu.py), as codes on the output grid."""
+        raise UnsupportedOpError(f"prelu is not emulated for target {self.name!r}")
+
     def elementwise_hardswish(self, numel: int) -> bool:
         """Whether `hardswish` is a pure function of each code for tensors of `numel` elements (then the integer
         runtime tabulates it once for all codes, ops/lookup.py). False unless a target says so."""

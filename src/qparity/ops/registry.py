@@ -117,6 +117,13 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              refused_by={**{t: _SLEEF_EVERY_ENGINE for t in ("fbgemm", "x86", "qnnpack")},
                          "onnxruntime": _ORT_NO_KERNEL, "tflite": _TFLITE_REFERENCE_NO_ELU},
              formats=("tflite",)),
+    Operator("prelu", "`nn.PReLU` (one slope, or one per channel on dim 1)", True,
+             "x, or x times the slope's code, requantized by the target's rule (numerics/prelu.py: TFLite's two "
+             "multipliers; PyTorch's qprelu in float32); the learned slope on a symmetric int8 grid s_a = f(1/k), "
+             "k = floor(127 / max(1, max|a|)), so 1.0 is on it; convert writes its codes into the node",
+             "F.prelu of the dequantized input with straight-through slope codes (the slope learns)",
+             "|slope| <= 127", refused_by={"onnxruntime": _ORT_NO_KERNEL},
+             formats=("tflite",), torch_form="torch.ops.quantized.prelu (quint8 slope, zero point 128)"),
     Operator("clamp", "`nn.ReLU`, `nn.ReLU6`, `nn.Hardtanh`, `F.relu`, `torch.relu`, `Tensor.relu`, `F.relu6`, "
              "`F.hardtanh`, `torch.clamp`/`clip`, `Tensor.clamp`/`clip`", False,
              "fused into the output range of the conv/linear/add right before it when that node has no other "

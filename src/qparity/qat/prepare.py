@@ -16,6 +16,7 @@ from ..numerics import Target, get_target
 from ..ops.registry import OPERATORS
 from .layers import QATLayer
 from .model import QATModel
+from .slopes import QATSlope
 
 
 def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, target: str = "exact",
@@ -38,7 +39,8 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch
         if node.op in ("conv2d", "linear"):
             geometry = ConvGeometry.from_dict(node.attrs["geometry"])
             qat_layers[node.name] = QATLayer(layers[node.name], geometry, spec, per_channel, node.path)
-    prepared = QATModel(graph, qat_layers, spec, dtype, per_channel)
+    slopes = {node.name: QATSlope(layers[node.name].module, node.path) for node in graph.nodes if node.op == "prelu"}
+    prepared = QATModel(graph, qat_layers, spec, dtype, per_channel, slopes)
     return prepared.train(model.training)
 
 
