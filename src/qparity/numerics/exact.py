@@ -8,7 +8,7 @@ Every result is round-half-even of an exact rational, then clamped:
 - rescale:     q = clamp(z_y + rhe((q - z) * s / s_y))
 - average:     q = z + rhe(sum(q - z) / count)
 - hardswish:   q = clamp(z_y + rhe(h(x) / s_y)), x = (q - z) * s, h(x) = x * clamp(x + 3, 0, 6) / 6 (rational in x)
-- sigmoid, tanh, hardsigmoid, leaky_relu: q = clamp(z_y + rhe(g(x) / s_y)), correctly rounded
+- sigmoid, tanh, hardsigmoid, leaky_relu, gelu, elu: q = clamp(z_y + rhe(g(x) / s_y)), correctly rounded
   (numerics/activations.py: Fractions for the rational ones, mpmath with a proven margin otherwise)
 - prelu:       q = clamp(z_y + rhe(x / s_y or x a / s_y)), a the slope on its int8 grid (numerics/prelu.py)
 The scales are float32 values taken at their exact binary value.
