@@ -102,6 +102,8 @@ def _transformed(transform, values) -> torch.Tensor:
 def _tflite_transform(kind: str, attrs: dict):
     if kind == "gelu":
         return _gelu_tanh if attrs["approximate"] == "tanh" else _gelu
+    if kind == "elu":  # the registry refuses it for target tflite at prepare_qat
+        raise UnsupportedOpError("elu is not emulated for target 'tflite': LiteRT's reference kernel set has no ELU")
     return {"sigmoid": _tflite_sigmoid, "tanh": _tanhf}[kind]
 
 
