@@ -1,4 +1,4 @@
-"""Elementwise activations (sigmoid, tanh, hardsigmoid, leaky_relu, hardswish): fake == integer on every
+"""Elementwise activations (sigmoid, tanh, hardsigmoid, leaky_relu, hardswish, gelu, elu): fake == integer on every
 code for every target that runs them, the exported file's runtime gives the same codes, and the targets that
 cannot run one refuse it at prepare_qat."""
 import math
@@ -19,7 +19,9 @@ from qparity.numerics.activations import exact_table
 from qparity.ops.registry import OPERATORS
 
 ACTIVATIONS = {"sigmoid": lambda: nn.Sigmoid(), "tanh": lambda: nn.Tanh(), "hardsigmoid": lambda: nn.Hardsigmoid(),
-               "leaky_relu": lambda: nn.LeakyReLU(0.15), "hardswish": lambda: nn.Hardswish()}
+               "leaky_relu": lambda: nn.LeakyReLU(0.15), "hardswish": lambda: nn.Hardswish(), "gelu": lambda: nn.GELU(),
+               "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "elu": lambda: nn.ELU()}
+OPERATOR_OF = {"gelu_tanh": "gelu"}  # cases that are another form of a registered operator
 PAIRS = [(op, target) for op in ACTIVATIONS for target in qp.TARGETS]
 
 
@@ -47,8 +49,11 @@ def convert_activation(op: str, target: str, scale: float, offset: float):
 @settings(max_examples=6, deadline=None)
 @given(scale=st.floats(0.05, 12), offset=st.floats(-4, 4))
 def test_activation_fake_equals_integer_on_every_code_or_is_refused_at_prepare(op, target, scale, offset):
-    if target in OPERATORS[op].refused_by:
-        with pytest.raises(UnsupportedOpError, match=rf"{op} at module '0' cannot run on target '{target}'"):
+    name = OPERATOR_OF.get(op, op)
+    if target in OPERATORS[name].refused_by:
+        runs = ", ".join(OPERATORS[name].targets())
+        with pytest.raises(UnsupportedOpError, match=rf"{name} at module '0' cannot run on target '{target}'.*"
+                                                     rf"targets that run it: {runs}$"):
             convert_activation(op, target, scale, offset)
         return
     try:
@@ -66,7 +71,7 @@ def test_activation_fake_equals_integer_on_every_code_or_is_refused_at_prepare(o
 @given(scale=st.floats(0.05, 12), offset=st.floats(-4, 4))
 def test_exported_activation_gives_the_integer_models_codes_in_the_real_runtime(tmp_path_factory, op, target,
                                                                                  scale, offset):
-    if target in OPERATORS[op].refused_by:
+    if target in OPERATORS[OPERATOR_OF.get(op, op)].refused_by:
         return  # test above
     try:
         _, integer, x = convert_activation(op, target, scale, offset)
@@ -88,6 +93,49 @@ def test_exact_transcendental_tables_are_correctly_rounded(op):
             real = (1 / (1 + math.exp(-x)) if op == "sigmoid" else math.tanh(x)) / float(out.scale)
             if abs(real - math.floor(real) - 0.5) > 1e-6:
                 assert value == min(max(round(real) + int(out.zero_point), -128), 127)
+
+
+def _gelu_elu_oracle(op: str, x: float) -> float:
+    if op == "gelu":
+        return x / 2 * math.erfc(-x / math.sqrt(2))
+    if op == "gelu_tanh":
+        return x / 2 * (1 + math.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    return x if x >= 0 else 0.75 * math.expm1(x)
+
+
+@pytest.mark.parametrize("op", ["gelu", "gelu_tanh", "elu"])
+def test_exact_gelu_and_elu_tables_are_correctly_rounded(op):
+    """Against float64 wherever it is far from a tie (an independent formula: erfc, tanh, expm1 of the math
+    module); the rational and tie cases are checked with Fractions below."""
+    attrs = {"alpha": 0.75} if op == "elu" else {"approximate": "tanh" if op == "gelu_tanh" else "none"}
+    rng = np.random.default_rng(1)
+    for _ in range(12):
+        source = qp.QParams(float(np.float32(10 ** rng.uniform(-2, -0.5))), int(rng.integers(-128, 128)), "int8")
+        out = qp.QParams(float(np.float32(10 ** rng.uniform(-3, -1))), int(rng.integers(-128, 128)), "int8")
+        table = exact_table(OPERATOR_OF.get(op, op), attrs, source, out)
+        for code, value in zip(range(-128, 128), table.tolist()):
+            x = float(Fraction(float(source.scale)) * (code - int(source.zero_point)))
+            real = _gelu_elu_oracle(op, x) / float(out.scale)
+            if abs(real - math.floor(real) - 0.5) > 1e-6:
+                assert value == min(max(round(real) + int(out.zero_point), -128), 127)
+
+
+def test_exact_elu_rounds_its_rational_values_half_to_even():
+    """elu(x) = x for x >= 0 and 0 for alpha = 0: exact halves round to even, as Fractions do."""
+    source, out = qp.QParams(0.0625, 0, "int8"), qp.QParams(0.125, 1, "int8")
+    for alpha in (1.0, 0.0):
+        table = exact_table("elu", {"alpha": alpha}, source, out)
+        for i, code in enumerate(range(-128, 128)):
+            x = Fraction(code, 16)
+            if x >= 0 or alpha == 0:
+                expected = round(max(x, Fraction(0)) * 8) + 1  # x / s_y = code / 2: every odd code is a tie
+                assert table[i] == min(max(expected, -128), 127), code
+    assert exact_table("gelu", {"approximate": "none"}, source, out)[128] == 1  # gelu(0) = 0 exactly
+
+
+def test_xnnpack_refuses_elu_with_alpha_other_than_one_at_prepare_naming_the_module():
+    with pytest.raises(UnsupportedOpError, match=r"elu at module '0'.*TFLite's ELU operator has no alpha"):
+        qp.prepare_qat(nn.Sequential(nn.ELU(0.5)), (torch.randn(4, 3),), target="xnnpack")
 
 
 def test_exact_piecewise_linear_tables_match_fractions():
@@ -114,7 +162,9 @@ def test_litert_targets_use_the_output_grids_tflite_requires(target):
 
 @pytest.mark.parametrize("form", [lambda x: torch.sigmoid(x), lambda x: x.sigmoid(), lambda x: torch.tanh(x),
                                   lambda x: x.tanh(), lambda x: torch.nn.functional.hardsigmoid(x),
-                                  lambda x: torch.nn.functional.leaky_relu(x, 0.2)])
+                                  lambda x: torch.nn.functional.leaky_relu(x, 0.2),
+                                  lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+                                  lambda x: torch.nn.functional.elu(x, 0.5)])
 def test_functional_forms_are_captured(form):
     class Model(nn.Module):
         def forward(self, x):
@@ -122,7 +172,7 @@ def test_functional_forms_are_captured(form):
 
     x = torch.randn(8, 5)
     prepared = qp.prepare_qat(Model(), (x,), target="exact")
-    assert prepared.graph.nodes[-1].op in ("sigmoid", "tanh", "hardsigmoid", "leaky_relu")
+    assert prepared.graph.nodes[-1].op in ("sigmoid", "tanh", "hardsigmoid", "leaky_relu", "gelu", "elu")
     qp.calibrate(prepared, [x])
     qp.freeze(prepared)
     assert torch.equal(prepared.eval()(x), qp.convert(prepared)(x))

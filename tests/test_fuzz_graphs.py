@@ -28,7 +28,8 @@ from test_fake_equals_integer import DOCUMENTED_REFUSALS
 
 EXAMPLES = int(os.environ.get("QPARITY_FUZZ_EXAMPLES", "30"))
 ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "sigmoid": nn.Sigmoid,
-               "tanh": nn.Tanh, "hardsigmoid": nn.Hardsigmoid, "leaky_relu": lambda: nn.LeakyReLU(0.1)}
+               "tanh": nn.Tanh, "hardsigmoid": nn.Hardsigmoid, "leaky_relu": lambda: nn.LeakyReLU(0.1),
+               "gelu": nn.GELU, "elu": nn.ELU, "prelu": nn.PReLU}
 # The registry operators each activation becomes (ReLU and ReLU6 are clamps, fused or not).
 ACTIVATION_OPS = {"relu": "clamp", "relu6": "clamp", "leaky_relu": "leaky_relu"}
 

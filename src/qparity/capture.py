@@ -218,6 +218,13 @@ class _Builder:
             self.emit_silu(node, x)
         elif isinstance(module, nn.LeakyReLU):
             self.emit(node, "leaky_relu", [self.ref(x)], attrs={"negative_slope": float(module.negative_slope)})
+        elif isinstance(module, nn.GELU):
+            self.emit(node, "gelu", [self.ref(x)], attrs={"approximate": module.approximate})
+        elif isinstance(module, nn.ELU):
+            self.emit(node, "elu", [self.ref(x)], attrs={"alpha": float(module.alpha)})
+        elif isinstance(module, nn.PReLU):
+            self.layers[node.name] = Layer(module)
+            self.emit(node, "prelu", [self.ref(x)], attrs={"module": node.target})
         elif isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ZeroPad1d, nn.ConstantPad1d)):
             self.emit_pad(node, x, module.padding, "constant", getattr(module, "value", 0.0))
         elif isinstance(module, nn.Upsample):
@@ -272,6 +279,12 @@ class _Builder:
         elif fn is F.leaky_relu:
             slope = self.static(_bind(args[1:], kwargs, ("negative_slope",), (0.01,))[0])
             self.emit(node, "leaky_relu", [self.ref(args[0])], attrs={"negative_slope": float(slope)})
+        elif fn is F.gelu:
+            approximate = self.static(_bind(args[1:], kwargs, ("approximate",), ("none",))[0])
+            self.emit(node, "gelu", [self.ref(args[0])], attrs={"approximate": approximate})
+        elif fn is F.elu:
+            alpha = self.static(_bind(args[1:], kwargs, ("alpha",), (1.0,))[0])
+            self.emit(node, "elu", [self.ref(args[0])], attrs={"alpha": float(alpha)})
         elif fn in (operator.add, torch.add):
             self.emit_add(node, args, kwargs)
         elif fn in (operator.mul, torch.mul) and isinstance(self.values.get(node.name), torch.Tensor):

@@ -5,9 +5,12 @@ integer program is the one the model was trained on. Checks every layer's int32 
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .errors import OverflowRiskError
+from .graph import Graph
 from .ops.layer import check_accumulator_range
 from .qat.model import QATModel
 from .qat.prepare import require_prepared
@@ -38,4 +41,16 @@ def convert(model: QATModel) -> IntegerModel:
                 bias_codes = bias_codes.to(torch.int32)
         check_accumulator_range(layer.where, weight_codes, None if target.float_bias else bias_codes, input_qp)
         layers[name] = IntegerLayer(weight_codes, weight_scale, bias_codes)
-    return IntegerModel(model.graph, target, model.activation_dtype, qparams, layers)
+    return IntegerModel(with_slopes(model), target, model.activation_dtype, qparams, layers)
+
+
+def with_slopes(model: QATModel) -> Graph:
+    """The graph with each prelu's slope codes and scale written into its node: the integer program's constants."""
+    nodes = []
+    for node in model.graph.nodes:
+        if node.op == "prelu":
+            codes, scale = model.slopes[node.name].codes()
+            node = replace(node, attrs={**node.attrs, "slope_codes": [int(c) for c in codes.tolist()],
+                                        "slope_scale": scale})
+        nodes.append(node)
+    return replace(model.graph, nodes=nodes)

@@ -151,6 +151,11 @@ class TorchQuantizedModel(nn.Module):
             qp = self.qparams[node.name]
             return torch.ops.quantized.leaky_relu(args[0], float(node.attrs["negative_slope"]), False,
                                                   float(qp.scale), int(qp.zero_point))
+        if node.op == "prelu":  # quint8 weight (torch.ao's PReLU): the int8 slope codes + 128, zero point 128
+            qp = self.qparams[node.name]
+            codes = torch.tensor(node.attrs["slope_codes"], dtype=torch.int64) + 128
+            slope = torch._make_per_tensor_quantized_tensor(codes.to(torch.uint8), float(node.attrs["slope_scale"]), 128)
+            return torch.ops.quantized.prelu(args[0], slope, float(qp.scale), int(qp.zero_point))
         if node.op == "mul":
             qp = self.qparams[node.name]
             return torch.ops.quantized.mul(args[0], args[1], float(qp.scale), int(qp.zero_point))

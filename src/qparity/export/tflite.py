@@ -565,6 +565,28 @@ class _Exporter(Executor):
         options = self.fb.options("LeakyReluOptions", alpha=float(node.attrs["negative_slope"]))
         return self.elementwise(node, x, "LEAKY_RELU", options)
 
+    def op_gelu(self, node: Node, x: TFLiteTensor):
+        options = self.fb.options("GeluOptions", approximate=node.attrs["approximate"] == "tanh")
+        return self.elementwise(node, x, "GELU", options)
+
+    def op_prelu(self, node: Node, x: TFLiteTensor):
+        """PRELU with the slope codes as an int8 alpha on its own grid, shaped to broadcast along the stored
+        position of the channel axis (reference_ops::BroadcastPrelu4DSlow)."""
+        codes = np.asarray(node.attrs["slope_codes"])
+        shape = [1]
+        if codes.size > 1:
+            position = x.perm.index(1 if len(x.shape) > 1 else 0)
+            shape = [codes.size] + [1] * (len(x.shape) - 1 - position)
+        grid = QParams(node.attrs["slope_scale"], 0, "int8")
+        alpha = self.fb.constant(f"{node.name}_alpha", codes.reshape(shape), "int8", grid)
+        out_grid = self.model.qparams[node.name]
+        out = self.activation(node.name, x.stored_shape, out_grid)
+        self.fb.operator("PRELU", [x.index, alpha], [out])
+        return TFLiteTensor(out, x.shape, out_grid, x.perm)
+
+    def op_elu(self, node: Node, x: TFLiteTensor):
+        return self.elementwise(node, x, "ELU")
+
     def elementwise(self, node: Node, x: TFLiteTensor, name: str, options=None):
         """A one-input activation onto the node's grid, in whatever layout its input is stored."""
         grid = self.model.qparams[node.name]

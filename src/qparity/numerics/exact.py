@@ -8,8 +8,9 @@ Every result is round-half-even of an exact rational, then clamped:
 - rescale:     q = clamp(z_y + rhe((q - z) * s / s_y))
 - average:     q = z + rhe(sum(q - z) / count)
 - hardswish:   q = clamp(z_y + rhe(h(x) / s_y)), x = (q - z) * s, h(x) = x * clamp(x + 3, 0, 6) / 6 (rational in x)
-- sigmoid, tanh, hardsigmoid, leaky_relu: q = clamp(z_y + rhe(g(x) / s_y)), correctly rounded
+- sigmoid, tanh, hardsigmoid, leaky_relu, gelu, elu: q = clamp(z_y + rhe(g(x) / s_y)), correctly rounded
   (numerics/activations.py: Fractions for the rational ones, mpmath with a proven margin otherwise)
+- prelu:       q = clamp(z_y + rhe(x / s_y or x a / s_y)), a the slope on its int8 grid (numerics/prelu.py)
 The scales are float32 values taken at their exact binary value.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from ..qparams import QParams
 from .activations import exact_table
+from .prelu import exact_prelu
 from .arithmetic import ExactRatio, round_half_even_div, round_half_even_exact
 from .target import Target, channel_view, grid_views
 
@@ -75,6 +77,8 @@ class ExactTarget(Target):
 
     def activation_table(self, kind, source, out, attrs):
         return exact_table(kind, attrs, source, out)
+
+    prelu = staticmethod(exact_prelu)
 
     def elementwise_hardswish(self, numel):
         return True

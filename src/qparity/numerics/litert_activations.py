@@ -15,8 +15,16 @@ XNNPACK configurations on x86-64) with 0 mismatched codes on all 256 codes of 80
   convention) and uses 1/128, 0 for TANH.
 - LOGISTIC / TANH, XNNPACK: x = f(f(q - z) * s), t = f(e / (1 + e)) with e = exp(x) in double (0 or 1 past
   |x| > 100) or tanhf(x), q_y = clamp(rne(f(f(t * f(1 / s_y)) + z_y))).
-  expf, tanhf and exp are glibc's; they are computed here in float64 and rounded to float32, which gave
-  identical tables on 3,000 random grids.
+  expf, tanhf, erfcf and expm1f are the C library's own, called through ctypes, since LiteRT's kernels call
+  the host's libm: glibc 2.36's tanhf, erfcf and expm1f are not correctly rounded (1 ulp from float64 rounded
+  to float32 on 5 to 12% of 400,000 random inputs). exp (XNNPACK's sigmoid) is double: Python's math.exp is
+  the same C function.
+- GELU, TFLite (activations.cc GeluPrepare, reference/gelu.h; XNNPACK's delegate takes only float GELU, so
+  both targets): LUTPopulateInt8 with t = f(f(0.5 x) * erfcf(f(x * f(-1/sqrt 2)))), or for approximate=True
+  t = f(f(0.5 x) * f(1 + tanhf(f(f(sqrt(2/pi)) * f(x + f(f(f(0.044715 x) x) x)))))).
+- ELU (alpha 1: TFLite's ELU operator has no alpha), XNNPACK only (the delegate takes int8 ELU; LiteRT's
+  reference kernel set has none): its reference ELUOp, alpha * expm1f(x) for x < 0, in the table above
+  (xnnpack/src/reference/unary-elementwise.cc; the builtin EluPrepare LUT computes the same expm1f).
 - HARD_SWISH (XNNPACK refuses int8 HARD_SWISH, and on x86 the builtin kernel is the reference one, so both
   targets): int16 fixed point, see `hard_swish`.
 - LEAKY_RELU, TFLite: z_y + MBQM(x, QM(f(s / s_y))) for x = q - z >= 0, else +-MBQM(x, QM(|f(f(s * alpha) / s_y)|)).
@@ -25,6 +33,9 @@ XNNPACK configurations on x86-64) with 0 mismatched codes on all 256 codes of 80
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
 
 import numpy as np
@@ -41,15 +52,46 @@ LITERT_FIXED_GRIDS = {"sigmoid": QParams(1.0 / 256.0, -128, "int8"), "tanh": QPa
 INT16_SHIFT_LIMIT = 15  # gemmlowp computes int16 RoundingDivideByPOT's mask in int16: validated below 16
 
 
-def _expf(x: np.float32) -> np.float32:
-    if float(x) >= 88.8:
-        return F32(np.inf)
-    with np.errstate(over="ignore"):  # rounding past float32's largest value gives inf, as expf does
-        return F32(math.exp(float(x)))
+@functools.lru_cache(maxsize=None)
+def _c_math_library() -> ctypes.CDLL:
+    """The host's C math library: libm on Linux and macOS (the one LiteRT's kernels link), the UCRT on Windows."""
+    for name in (ctypes.util.find_library("m"), ctypes.util.find_library("c"), "ucrtbase", "msvcrt"):
+        if name:
+            try:
+                return ctypes.CDLL(name)
+            except OSError:
+                continue
+    raise UnsupportedOpError("LiteRT's activation tables call the C library's expf/tanhf/erfcf/expm1f, and no C math "
+                             "library could be loaded on this host")
 
 
-def _tanhf(x: np.float32) -> np.float32:
-    return F32(math.tanh(float(x)))
+def _libm_function(name: str):
+    """The C library's float32 function `name` (expf, tanhf, erfcf, expm1f): LiteRT's kernels call the host's libm.
+    Loaded on first use, so importing qparity never depends on it."""
+    def call(x):
+        function = getattr(_c_math_library(), name)
+        function.restype, function.argtypes = ctypes.c_float, [ctypes.c_float]
+        return F32(function(float(x)))
+    return call
+
+
+_expf, _tanhf, _erfcf, _expm1f = (_libm_function(name) for name in ("expf", "tanhf", "erfcf", "expm1f"))
+SQRT_2_OVER_PI = F32(math.sqrt(2.0 / math.pi))  # gelu.h kSqrt2dPi = M_2_SQRTPI * M_SQRT1_2, a float constexpr
+
+
+def _gelu(x: np.float32) -> np.float32:
+    """reference_ops::GeluTransform: 0.5f * x * erfcf(x * -M_SQRT1_2), left to right in float32."""
+    return F32(0.5) * x * _erfcf(x * F32(-math.sqrt(0.5)))
+
+
+def _gelu_tanh(x: np.float32) -> np.float32:
+    """reference_ops::GeluTransformApproximate, left to right in float32."""
+    cubic = F32(0.044715) * x * x * x
+    return F32(0.5) * x * (F32(1.0) + _tanhf(SQRT_2_OVER_PI * (x + cubic)))
+
+
+def _elu(x: np.float32) -> np.float32:
+    return _expm1f(x) if x < 0 else x
 
 
 def _tflite_sigmoid(x: np.float32) -> np.float32:
@@ -74,9 +116,23 @@ def _transformed(transform, values) -> torch.Tensor:
     return torch.tensor([float(transform(F32(v))) for v in values], dtype=torch.float32)
 
 
-def tflite_table(kind: str, source: QParams, out: QParams) -> torch.Tensor:
-    """LUTPopulateInt8 with TFLite's transform: LOGISTIC or TANH of every int8 code."""
-    transform = _tflite_sigmoid if kind == "sigmoid" else _tanhf
+def _tflite_transform(kind: str, attrs: dict):
+    if kind == "gelu":
+        return _gelu_tanh if attrs["approximate"] == "tanh" else _gelu
+    if kind == "elu":  # the registry refuses it for target tflite at prepare_qat
+        raise UnsupportedOpError("elu is not emulated for target 'tflite': LiteRT's reference kernel set has no ELU")
+    return {"sigmoid": _tflite_sigmoid, "tanh": _tanhf}[kind]
+
+
+def _require_unit_alpha(kind: str, attrs: dict) -> None:
+    if kind == "elu" and float(F32(attrs["alpha"])) != 1.0:
+        raise UnsupportedOpError(f"ELU with alpha={attrs['alpha']}: TFLite's ELU operator has no alpha (it computes "
+                                 "alpha = 1); use nn.ELU() or target 'exact'")
+
+
+def tflite_table(kind: str, source: QParams, out: QParams, attrs: dict) -> torch.Tensor:
+    """LUTPopulateInt8 with TFLite's transform: LOGISTIC, TANH or GELU of every int8 code."""
+    transform = _tflite_transform(kind, attrs)
     s, z = _grid(source)
     s_y, z_y = _grid(out)
     dequantized = [F32(s * F32(v - z)) for v in range(-128, 128)]
@@ -84,9 +140,12 @@ def tflite_table(kind: str, source: QParams, out: QParams) -> torch.Tensor:
     return (round_half_away(rescaled) + z_y).clamp_(-128, 127).to(torch.int64)
 
 
-def xnnpack_table(kind: str, source: QParams, out: QParams) -> torch.Tensor:
-    """XNNPACK's qs8 sigmoid/tanh table, filled by its reference kernel."""
-    transform = _xnnpack_sigmoid if kind == "sigmoid" else _tanhf
+def xnnpack_table(kind: str, source: QParams, out: QParams, attrs: dict) -> torch.Tensor:
+    """XNNPACK's qs8 sigmoid/tanh/ELU table, filled by its reference kernel (GELU: TFLite's, not delegated)."""
+    if kind == "gelu":
+        return tflite_table(kind, source, out, attrs)
+    _require_unit_alpha(kind, attrs)
+    transform = {"sigmoid": _xnnpack_sigmoid, "tanh": _tanhf, "elu": _elu}[kind]
     s, z = _grid(source)
     s_y, z_y = _grid(out)
     dequantized = [F32(F32(F32(v) - F32(z)) * s) for v in range(-128, 128)]
@@ -177,9 +236,12 @@ class LiteRTActivations:
     """What the `tflite` and `xnnpack` targets share about activations (a mixin of their Target classes); each
     names its own `transcendental_table` and `leaky_relu_table` rules."""
 
+    def check_activation(self, kind: str, attrs: dict) -> None:
+        _require_unit_alpha(kind, attrs)
+
     def activation_table(self, kind, source, out, attrs):
-        if kind in ("sigmoid", "tanh"):
-            return self.transcendental_table(kind, source, out)
+        if kind in ("sigmoid", "tanh", "gelu", "elu"):
+            return self.transcendental_table(kind, source, out, attrs)
         if kind == "leaky_relu":
             return self.leaky_relu_table(source, out, attrs["negative_slope"])
         return super().activation_table(kind, source, out, attrs)

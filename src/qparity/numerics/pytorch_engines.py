@@ -71,6 +71,7 @@ from ..errors import UnsupportedOpError
 from . import pooling
 from ..qparams import QParams
 from .arithmetic import fma_f32
+from .prelu import engine_prelu
 from .pytorch_versions import PyTorchKernels, installed_kernels, kernels_named
 from .target import Target, channel_view, grid_views
 
@@ -130,6 +131,7 @@ class PyTorchEngineTarget(Target):
     linear_rule = "fbgemm"
     add_rule = "fbgemm"
     pool_rule = "fbgemm"
+    prelu = staticmethod(engine_prelu)  # qprelu_out_kernel (numerics/prelu.py)
 
     def __init__(self, kernels: PyTorchKernels | None = None):
         # The PyTorch release whose kernels this target reproduces (pytorch_versions.py): the running one

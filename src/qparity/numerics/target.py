@@ -134,6 +134,12 @@ class Target:
         raise UnsupportedOpError(f"hardswish is not emulated for target {self.name!r}: its runtime's kernel was not "
                                  "matched bit for bit; use target exact, fbgemm, x86 or qnnpack")
 
+    def prelu(self, q: torch.Tensor, source: QParams, slope: torch.Tensor, slope_scale: float,
+              out: QParams) -> torch.Tensor:
+        """PReLU of the codes q: slope codes (int64, broadcast along q's channel axis) on the grid
+        slope_scale, zero point 0 (numerics/prelu.py), as codes on the output grid."""
+        raise UnsupportedOpError(f"prelu is not emulated for target {self.name!r}")
+
     def elementwise_hardswish(self, numel: int) -> bool:
         """Whether `hardswish` is a pure function of each code for tensors of `numel` elements (then the integer
         runtime tabulates it once for all codes, ops/lookup.py). False unless a target says so."""
@@ -141,7 +147,7 @@ class Target:
 
     # -- elementwise activations (numerics/activations.py) ------------------------------------------------
     def activation(self, kind: str, q: torch.Tensor, source: QParams, out: QParams, attrs: dict) -> torch.Tensor:
-        """An activation (sigmoid, tanh, hardsigmoid, leaky_relu) of the codes q: the target's table, gathered."""
+        """An activation (sigmoid, tanh, hardsigmoid, leaky_relu, gelu, elu) of the codes q: the target's table, gathered."""
         table = self._tables().get(kind, attrs, source, out,
                                    lambda: self.activation_table(kind, source, out, attrs).to(torch.int64))
         return torch.empty_like(q, dtype=torch.int64).copy_(table.to(q.device)[q - source.qmin])  # q's layout
@@ -149,6 +155,10 @@ class Target:
     def activation_table(self, kind: str, source: QParams, out: QParams, attrs: dict) -> torch.Tensor:
         """The output code of every input code of `source`, as the target's runtime computes it."""
         raise UnsupportedOpError(f"{kind} is not emulated for target {self.name!r}")
+
+    def check_activation(self, kind: str, attrs: dict) -> None:
+        """Raise UnsupportedOpError for activation parameters the runtime's kernel cannot take (TFLite's ELU has
+        no alpha); prepare_qat calls it before any training."""
 
     def fixed_output_qparams(self, kind: str, dtype: str) -> QParams | None:
         """The output grid the runtime imposes on an operator (TFLite's int8 LOGISTIC: 1/256, -128), if any."""

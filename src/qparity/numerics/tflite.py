@@ -27,6 +27,7 @@ import torch
 from ..errors import UnsupportedOpError
 from ..qparams import QParams
 from .arithmetic import multiply_by_quantized_multiplier, quantize_multiplier, round_half_away, truncating_div
+from .prelu import tflite_prelu
 from .litert_activations import LiteRTActivations, tflite_leaky_relu_table, tflite_table
 from .target import Target, channel_view, grid_views
 
@@ -68,7 +69,8 @@ class TFLiteTarget(LiteRTActivations, Target):
     file_format = ".tflite"
     summary = "TFLite int8 reference kernels: Q31 multiplier, gemmlowp double rounding"
     activation_dtypes = ("int8",)
-    transcendental_table = staticmethod(tflite_table)  # LOGISTIC, TANH
+    transcendental_table = staticmethod(tflite_table)  # LOGISTIC, TANH, GELU, ELU
+    prelu = staticmethod(tflite_prelu)  # PRELU: the reference kernel (XNNPACK takes only float PRELU)
     leaky_relu_table = staticmethod(tflite_leaky_relu_table)
 
     def quantize_unclamped(self, x, qp):

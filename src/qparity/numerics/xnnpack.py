@@ -35,6 +35,7 @@ import torch
 
 from ..errors import UnsupportedOpError
 from .arithmetic import float32_requantizer, quantize_multiplier, saturating_rounding_doubling_high_mul
+from .prelu import tflite_prelu
 from .litert_activations import LiteRTActivations, xnnpack_leaky_relu_table, xnnpack_table
 from .target import Target, channel_view, grid_views
 from .tflite import TFLiteTarget, check_transpose_conv
@@ -60,7 +61,8 @@ class XnnpackTarget(LiteRTActivations, Target):
     file_format = ".tflite"
     summary = "LiteRT default kernels (XNNPACK): float32 multiplier, round half to even; fixed-point add"
     activation_dtypes = ("int8",)
-    transcendental_table = staticmethod(xnnpack_table)  # LOGISTIC, TANH
+    transcendental_table = staticmethod(xnnpack_table)  # LOGISTIC, TANH, ELU (GELU: TFLite's)
+    prelu = staticmethod(tflite_prelu)  # PRELU: the reference kernel (XNNPACK takes only float PRELU)
     leaky_relu_table = staticmethod(xnnpack_leaky_relu_table)
 
     def multiply(self, qa, a, qb, b, out, lo, hi):

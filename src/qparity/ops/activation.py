@@ -1,4 +1,4 @@
-"""Elementwise activations of one code (sigmoid, tanh, hardsigmoid, leaky_relu), onto a new grid.
+"""Elementwise activations of one code (sigmoid, tanh, hardsigmoid, leaky_relu, gelu, elu), onto a new grid.
 
 The integer kernel is the target's table (numerics/activations.py, Target.activation_table), which both
 modes gather from; QAT differentiates the float function of the dequantized input.

@@ -21,7 +21,7 @@ import torch
 from ..errors import UnsupportedOpError
 from ..graph import Executor, Node, QValue, fused_clamp_bounds
 from ..qparams import QParams
-from . import activation, add, avg_pool, call, cat, clamp, dropout, hardswish, input as input_op, layer, max_pool, mul, pad, upsample
+from . import activation, add, avg_pool, call, cat, clamp, dropout, hardswish, input as input_op, layer, max_pool, mul, pad, prelu, upsample
 from .lookup import CodeTable, PairTable
 from .surrogates import clamp as clamp_surrogate, quantized_output
 
@@ -29,6 +29,7 @@ IMPLEMENTATIONS = {
     "input": input_op, "conv2d": layer, "conv_transpose2d": layer, "linear": layer, "add": add, "cat": cat, "hardswish": hardswish,
     "clamp": clamp, "max_pool2d": max_pool, "avg_pool2d": avg_pool, "dropout": dropout, "call": call,
     "mul": mul, "pad": pad, "upsample_nearest": upsample, "sigmoid": activation, "tanh": activation, "hardsigmoid": activation, "leaky_relu": activation,
+    "gelu": activation, "elu": activation, "prelu": prelu,
 }
 
 # Computes an operator's output codes from detached int64 input codes, the output grid and its clamp.
@@ -103,6 +104,10 @@ class FakeQuant:
         observer.observe(real)
         return observer.qparams()
 
+    def slope(self, node: Node):
+        """A prelu's slope codes (straight-through to the user's slope) and the slope grid's scale."""
+        return self.model.slopes[node.name].codes()
+
 
 class Integer:
     """The IntegerModel's mode: frozen grids and layer constants, tables for code-only elementwise ops."""
@@ -113,6 +118,10 @@ class Integer:
     def __init__(self, model):
         self.model = model
         self.qparams = model.qparams
+
+    def slope(self, node: Node):
+        """A prelu's frozen slope codes and scale, which convert wrote into the node."""
+        return torch.tensor(node.attrs["slope_codes"], dtype=torch.float32), float(node.attrs["slope_scale"])
 
     def tabulated(self, node: Node, kind: str, inputs: List[QValue], codes: Callable) -> torch.Tensor:
         grids = [v.qparams for v in inputs]

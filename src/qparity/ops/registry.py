@@ -42,6 +42,11 @@ _SLEEF = ("PyTorch's fbgemm/x86 kernel computes its vector loop with Sleef's vec
 _ORT_NO_KERNEL = ("ONNX Runtime has no quantized (QLinear) CPU kernel for it: its quantization tool runs it in float "
                   "between DequantizeLinear and QuantizeLinear")
 
+_SLEEF_EVERY_ENGINE = ("PyTorch's quantized kernel (QuantizedOpKernels.cpp qgelu_kernel / qelu_kernel, the same on "
+                       "every engine) computes its vector loop with Vectorized<float> erf/tanh/exp, Sleef on AVX2 and "
+                       "AVX-512, which qparity does not emulate bit for bit")
+_TFLITE_REFERENCE_NO_ELU = ("LiteRT's reference kernel set (BUILTIN_REF, the kernels this target follows) has no ELU "
+                            "kernel, so the exported model could not be verified there; target 'xnnpack' runs it")
 _TFLITE_NO_KERNEL = ("LiteRT has no int8 kernel for it (TFLite's converter rewrites it into other operators); "
                      "write it as relu6(x + 3) / 6 once those operators are supported")
 
@@ -117,6 +122,26 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "the target's table of all input codes (PyTorch's engines: their vector and scalar loops); the slope as "
              "float32", "F.leaky_relu of the dequantized input",
              formats=("onnx", "tflite"), torch_form="torch.ops.quantized.leaky_relu"),
+    Operator("gelu", "`nn.GELU`, `F.gelu` (approximate `\"none\"` or `\"tanh\"`)", True,
+             "the target's table of all input codes (LiteRT: GELU's float32 table with the C library's erfcf / "
+             "tanhf; XNNPACK takes only float GELU, so both LiteRT targets run it)", "F.gelu of the dequantized input",
+             refused_by={**{t: _SLEEF_EVERY_ENGINE for t in ("fbgemm", "x86", "qnnpack")},
+                         "onnxruntime": _ORT_NO_KERNEL},
+             formats=("tflite",)),
+    Operator("elu", "`nn.ELU`, `F.elu`", True,
+             "the target's table of all input codes (XNNPACK: its reference ELU table with expm1f); alpha as "
+             "float32", "F.elu of the dequantized input",
+             "xnnpack: alpha = 1 (TFLite's ELU operator has no alpha; checked at prepare_qat)",
+             refused_by={**{t: _SLEEF_EVERY_ENGINE for t in ("fbgemm", "x86", "qnnpack")},
+                         "onnxruntime": _ORT_NO_KERNEL, "tflite": _TFLITE_REFERENCE_NO_ELU},
+             formats=("tflite",)),
+    Operator("prelu", "`nn.PReLU` (one slope, or one per channel on dim 1)", True,
+             "x, or x times the slope's code, requantized by the target's rule (numerics/prelu.py: TFLite's two "
+             "multipliers; PyTorch's qprelu in float32); the learned slope on a symmetric int8 grid s_a = f(1/k), "
+             "k = floor(127 / max(1, max|a|)), so 1.0 is on it; convert writes its codes into the node",
+             "F.prelu of the dequantized input with straight-through slope codes (the slope learns)",
+             "|slope| <= 127", refused_by={"onnxruntime": _ORT_NO_KERNEL},
+             formats=("tflite",), torch_form="torch.ops.quantized.prelu (quint8 slope, zero point 128)"),
     Operator("clamp", "`nn.ReLU`, `nn.ReLU6`, `nn.Hardtanh`, `F.relu`, `torch.relu`, `Tensor.relu`, `F.relu6`, "
              "`F.hardtanh`, `torch.clamp`/`clip`, `Tensor.clamp`/`clip`", False,
              "fused into the output range of the conv/linear/add right before it when that node has no other "

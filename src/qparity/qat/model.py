@@ -18,19 +18,21 @@ from ..ops.program import FakeQuant, ProgramExecutor
 from ..qparams import QParams
 from .layers import QATLayer
 from .observers import ActivationObserver
+from .slopes import QATSlope
 
 
 class QATModel(nn.Module):
     """What `prepare_qat` returns: train it like any module, then `freeze` and `convert` it."""
 
     def __init__(self, graph: Graph, layers: Dict[str, QATLayer], target: Target, activation_dtype: str,
-                 per_channel: bool):
+                 per_channel: bool, slopes: Dict[str, QATSlope] | None = None):
         super().__init__()
         self.graph = graph
         self.target = target
         self.activation_dtype = activation_dtype
         self.per_channel = per_channel
         self.layers = nn.ModuleDict(layers)
+        self.slopes = nn.ModuleDict(slopes or {})  # prelu node -> its learned slope
         self.observers = nn.ModuleDict({n.name: ActivationObserver(activation_dtype, n.path)
                                         for n in graph.nodes if n.new_grid})
         for node in graph.nodes:  # grids the target's runtime imposes (TFLite's LOGISTIC: 1/256, -128)

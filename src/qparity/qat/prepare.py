@@ -11,10 +11,12 @@ from ..capture import capture
 from ..errors import InvalidQParamsError, NotPreparedError, UnsupportedOpError
 from ..graph import Graph
 from ..numerics.accumulate import ConvGeometry
+from ..numerics.activations import NAMES as ACTIVATION_NAMES
 from ..numerics import Target, get_target
 from ..ops.registry import LAYER_OPS, refuse_if_target_cannot_run
 from .layers import QATLayer
 from .model import QATModel
+from .slopes import QATSlope
 
 
 def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, target: str = "exact",
@@ -40,7 +42,8 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch
             qat_layers[node.name] = QATLayer(layers[node.name], geometry, spec,
                                              per_channel and layer_takes_per_channel_weights(node.op, spec),
                                              node.path)
-    prepared = QATModel(graph, qat_layers, spec, dtype, per_channel)
+    slopes = {node.name: QATSlope(layers[node.name].module, node.path) for node in graph.nodes if node.op == "prelu"}
+    prepared = QATModel(graph, qat_layers, spec, dtype, per_channel, slopes)
     return prepared.train(model.training)
 
 
@@ -49,6 +52,11 @@ def refuse_what_the_target_cannot_run(graph: Graph, layers, target: Target) -> N
     runtime cannot run exactly: before any training, not at the first forward."""
     for node in graph.nodes:
         refuse_if_target_cannot_run(node.op, node.path, target.name)
+        if node.op in ACTIVATION_NAMES:
+            try:
+                target.check_activation(node.op, dict(node.attrs))
+            except UnsupportedOpError as error:
+                raise UnsupportedOpError(f"{node.op} at {node.path}: {error}") from None
         if node.op in LAYER_OPS:
             geometry = ConvGeometry.from_dict(node.attrs["geometry"])
             try:
