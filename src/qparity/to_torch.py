@@ -65,6 +65,12 @@ def _quantized_clamp(q: torch.Tensor, lo, hi) -> torch.Tensor:
     # the result the input's layout, as every engine's own clamp does.
     layout = torch.channels_last if q.dim() == 4 and q.is_contiguous(memory_format=torch.channels_last) \
         and not q.is_contiguous() else torch.contiguous_format
+    if hi is None and lo == 0.0:
+        return torch.relu(q)  # quantized relu is its own kernel (not affected), and clamp needs both bounds
+    # Quantized clamp needs both bounds; an open one becomes the end of the grid, which clamps nothing.
+    info = torch.iinfo(q.int_repr().dtype)
+    lo = (info.min - q.q_zero_point()) * q.q_scale() if lo is None else lo
+    hi = (info.max - q.q_zero_point()) * q.q_scale() if hi is None else hi
     return torch.clamp(q.contiguous(), lo, hi).contiguous(memory_format=layout)
 
 
