@@ -4,11 +4,13 @@ For each engine, thread count (torch.set_num_threads 1, 2, 4) and input layout (
 it runs PyTorch's quantized kernels and counts the output codes that differ from the run with 1 thread and
 contiguous inputs:
 
-1. torch.ops.quantized.add, quantized hardswish and leaky_relu on one [4, 16, 31, 29] tensor (57,536
-   elements: over at::internal::GRAIN_SIZE, so 2 or 4 threads cut it into parallel chunks), on random
-   grids and on tie-prone grids (s_a = s_b = s_y / 2, where the vector and scalar loops disagree most);
+1. torch.ops.quantized.add, quantized hardswish and leaky_relu on one [8, 16, 31, 29] tensor (115,072
+   elements: over 3 x at::internal::GRAIN_SIZE, so 2 or 4 threads cut it into 2 or 4 parallel chunks), on
+   random grids and on tie-prone grids (s_a = s_b = s_y / 2, where the vector and scalar loops disagree most);
 2. a torch.ao eager-converted residual block with a spatial mean (conv, relu, conv, add of the input,
-   relu, adaptive_avg_pool2d), calibrated on random data, outputs [5, 16].
+   relu, adaptive_avg_pool2d) on [8, 16, 31, 29] inputs, calibrated on them, outputs [8, 16]; once as
+   calibrated and once with tie-prone grids at the add (input and conv s, add 2 s, s = f(0.0371)); and the
+   same block without the mean (outputs the relu'd sum, [8, 16, 31, 29]).
 
 Each PyTorch run is also computed by qparity's engine target configured with the same thread count and
 layout (`get_target(engine).configured(threads=..., memory_format=...)`), and the mismatches are counted
@@ -34,7 +36,7 @@ warnings.filterwarnings("ignore")
 ENGINES = ("fbgemm", "x86")
 THREADS = (1, 2, 4)
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
-SHAPE = (4, 16, 31, 29)
+SHAPE = (8, 16, 31, 29)
 
 
 def quint8(codes: torch.Tensor, grid: QParams, layout) -> torch.Tensor:
@@ -78,8 +80,9 @@ def op_runs(engine: str, tie_prone: bool, seed: int = 0):
 
 
 class ResidualMean(nn.Module):
-    def __init__(self, channels: int = 16):
+    def __init__(self, channels: int = 16, spatial_mean: bool = True):
         super().__init__()
+        self.spatial_mean = spatial_mean
         self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
         self.relu1 = nn.ReLU()
@@ -92,18 +95,24 @@ class ResidualMean(nn.Module):
         x = self.quant(x)
         y = self.conv2(self.relu1(self.conv1(x)))
         y = self.relu2(self.skip.add(x, y))
-        return self.dequant(self.pool(y).flatten(1))
+        return self.dequant(self.pool(y).flatten(1) if self.spatial_mean else y)
 
 
-def model_runs(engine: str, seed: int = 0):
+def model_runs(engine: str, tie_prone: bool, spatial_mean: bool, seed: int = 0):
     torch.manual_seed(seed)
     torch.backends.quantized.engine = engine
-    x = torch.randn(5, *SHAPE[1:])
-    model = ResidualMean().eval()
+    x = torch.randn(SHAPE)
+    model = ResidualMean(spatial_mean=spatial_mean).eval()
     model.qconfig = tq.get_default_qconfig(engine)
     prepared = tq.prepare(copy.deepcopy(model))
     prepared(x)
     converted = tq.convert(prepared)
+    if tie_prone:
+        half = float(np.float32(0.0371))
+        converted.quant.scale.fill_(half)
+        converted.quant.zero_point.fill_(129)
+        converted.conv2.scale, converted.conv2.zero_point = half, 127
+        converted.skip.scale, converted.skip.zero_point = 2 * half, 131
     runs = {}
     for threads in THREADS:
         for name, layout in LAYOUTS.items():
@@ -129,11 +138,13 @@ def report_ops() -> None:
 
 
 def report_model() -> None:
-    for engine in ENGINES:
-        converted, x, runs = model_runs(engine)
+    cases = [(e, t, m) for e in ENGINES for t in (False, True) for m in (True, False)]
+    for engine, tie_prone, spatial_mean in cases:
+        converted, x, runs = model_runs(engine, tie_prone, spatial_mean)
         im = qp.from_torch(converted, x)
         base = runs[1, "contiguous"]
-        print(f"residual block + spatial mean, {engine}, {base.numel()} output values")
+        print(f"residual block{' + spatial mean' if spatial_mean else ''}, {engine}, {'tie-prone' if tie_prone else 'calibrated'} grids, "
+              f"{base.numel()} output values")
         for (threads, name), theirs in runs.items():
             target = im.target.configured(threads=threads, memory_format=name)
             pinned = qp.IntegerModel(im.graph, target, im.activation_dtype, im.qparams, im.layers)

@@ -241,3 +241,54 @@ def test_configured_elementwise_kernels_ignore_torch_get_num_threads(engine, see
     with threads(recorded):
         expected = (follows.add(qa, grid, qb, grid, out, 0, 255), follows.hardswish(qa, grid, out))
     assert all(torch.equal(a, b) for a, b in zip(ours, expected))
+
+
+class TorchResidual(nn.Module):
+    """A torch.ao eager model: quant, x + conv(x) in a FloatFunctional, dequant."""
+
+    def __init__(self, channels: int = 16):
+        super().__init__()
+        self.quant, self.dequant = torch.ao.quantization.QuantStub(), torch.ao.quantization.DeQuantStub()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.skip = nn.quantized.FloatFunctional()
+
+    def forward(self, x):
+        x = self.quant(x)
+        return self.dequant(self.skip.add(x, self.conv(x)))
+
+
+def torch_ao_residual(engine: str, tie_prone: bool):
+    tq = torch.ao.quantization
+    torch.backends.quantized.engine = engine
+    torch.manual_seed(0)
+    x = torch.randn(SHAPE)
+    model = TorchResidual().train()
+    model.qconfig = tq.get_default_qat_qconfig(engine)
+    prepared = tq.prepare_qat(model)
+    prepared(x)
+    prepared.eval()
+    converted = tq.convert(prepared, inplace=False)
+    if tie_prone:  # half-code sums, as tie_prone_model
+        half = float(np.float32(0.0371))
+        converted.quant.scale.fill_(half)
+        converted.quant.zero_point.fill_(129)
+        converted.conv.scale, converted.conv.zero_point = half, 127
+        converted.skip.scale, converted.skip.zero_point = 2 * half, 131
+    return prepared, converted, x
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_doctor_counts_what_pytorchs_engine_moves_with_threads_and_layout(engine):
+    prepared, converted, x = torch_ao_residual(engine, tie_prone=True)
+    nhwc = converted(x.contiguous(memory_format=torch.channels_last))
+    moved = int((nhwc != converted(x)).sum())
+    assert moved > 0
+    notes = [n for n in qp.doctor(prepared, converted, x).notes if "thread" in n]
+    assert len(notes) == 1 and "computes other output values" in notes[0]
+    assert f"{torch.get_num_threads()} thread(s) with channels_last inputs: {moved}" in notes[0]
+
+
+def test_doctor_says_when_the_engine_did_not_vary_on_these_inputs():
+    prepared, converted, x = torch_ao_residual("fbgemm", tie_prone=False)
+    (note,) = [n for n in qp.doctor(prepared, converted, x[:1]).notes if "thread" in n]
+    assert "gave the same" in note and "qparity models fix both" in note

@@ -10,6 +10,7 @@ from torch import nn
 
 from .causes import diagnose
 from .compare import DoctorInputError, record
+from .engine_variation import variation_notes
 from .report import KINDS, Cause, DoctorReport, LayerResult
 
 
@@ -43,6 +44,7 @@ def doctor(prepared: nn.Module, converted: nn.Module, example_inputs: Any) -> Do
     engine = torch.backends.quantized.engine
     run = record(prepared, converted, example_inputs)
     layers, causes, notes = diagnose(run, engine)
+    notes += variation_notes(converted, example_inputs, engine)
     causes.sort(key=lambda c: (-c.affected, KINDS.index(c.kind)))
     mismatched, total, largest = _compare_outputs(run.prepared_output, run.converted_output)
     first = next((layer.name for layer in layers if layer.mismatched), None)

@@ -9,6 +9,13 @@ Two roundings depend on the PyTorch release (pytorch_versions.py, chosen by torc
 saved models): Q_vec(x) = quantize_vec, rne(fma(x, inv, z)) in 2.13 and rne(f(x * inv)) + z in 2.14; and
 Q_val(x) = the scalar loops' quantize_val, rne(f(f(x * inv) + z)) in 2.13 and rne(f(x * inv)) + z in 2.14.
 
+Two settings of the machine change fbgemm's and x86's codes, so each target records them
+(`configured(threads=, memory_format=)`; docs/determinism.md): the thread count splits add, hardswish,
+leaky_relu and hardsigmoid into parallel chunks (below), and the layout of the model's inputs decides the
+layouts downstream (add's output takes its first input's, the pools choose nhwc or nchw kernels by it).
+prepare_qat fixes both from torch.get_num_threads() and the example inputs; the kernels below read
+`engine_threads()`, and `arrange_input` stores the model's inputs in the recorded layout.
+
 - quantize (quantize_per_tensor / QuantStub), every engine: q = sat(Q_vec(x)) (fbgemm's Quantize, reached
   through at::native::quantize_vec; measured on every element, ties included).
 - conv2d / linear:
