@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import struct
 import warnings
 from contextlib import contextmanager
 

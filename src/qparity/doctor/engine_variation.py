@@ -13,18 +13,10 @@ from typing import Any, List, Tuple
 import torch
 from torch import nn
 
+from .compare import output_tensors
+
 THREAD_COUNTS = (1, 2, 4)
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
-
-
-def _outputs(value: Any) -> List[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value.dequantize() if value.is_quantized else value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _outputs(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _outputs(v)]
-    return []
 
 
 def _in_layout(inputs: Tuple[Any, ...], layout) -> Tuple[Any, ...]:
@@ -37,7 +29,7 @@ def _run(converted: nn.Module, inputs: Tuple[Any, ...], threads: int) -> List[to
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            return _outputs(converted(*inputs))
+            return output_tensors(converted(*inputs))
     finally:
         torch.set_num_threads(before)
 
