@@ -52,3 +52,7 @@ class ExportError(QParityError, ValueError):
 class QParityWarning(UserWarning):
     """Something qparity can do but cannot vouch for (e.g. a PyTorch release its engine targets were not
     checked against)."""
+
+
+class TargetSettingError(QParityError, ValueError):
+    """A target setting outside what its runtime accepts (an engine thread count below 1, an unknown layout)."""

@@ -27,7 +27,9 @@ class IntegerModel:
     def __init__(self, graph: Graph, target: Target | str, activation_dtype: str, qparams: Dict[str, QParams],
                  layers: Dict[str, IntegerLayer]):
         self.graph = graph
-        self.target = get_target(target)
+        # Settings a model from convert or load already carries; any left open are fixed here (no example
+        # inputs: PyTorch's default layout), so the codes never follow the caller's threads or layout.
+        self.target = get_target(target).with_defaults_for(())
         self.activation_dtype = activation_dtype
         self.qparams = qparams
         self.layers = layers
@@ -90,7 +92,7 @@ class IntegerModel:
             ops[n.op] = ops.get(n.op, 0) + 1
         listing = ", ".join(f"{k} x{v}" for k, v in ops.items())
         note = self.target.machine_note()
-        return (f"IntegerModel(target={self.target.name}, activations={self.activation_dtype}, "
+        return (f"IntegerModel(target={self.target.label()}, activations={self.activation_dtype}, "
                 f"{len(self.layers)} layers; {listing}{'; ' + note if note else ''})")
 
 

@@ -20,6 +20,7 @@ from .errors import ModelFileError
 from .graph import Graph
 from .qparams import QParams
 from .numerics import Target, get_target
+from .numerics.pytorch_engines import UNRECORDED_MEMORY_FORMAT, UNRECORDED_THREADS
 from .ops.layer import IntegerLayer
 
 MAGIC = b"QPARITY\n"
@@ -64,7 +65,7 @@ def save_model(model, path) -> None:
         blobs.append(data)
         offset += len(data)
     header = {"format": "qparity-integer-model", "version": VERSION, "target": model.target.name,
-              **_kernels_entry(model.target),
+              **model.target.settings(),
               "activation_dtype": model.activation_dtype, "graph": model.graph.to_dict(),
               "qparams": {k: v.to_dict() for k, v in model.qparams.items()}, "layers": layers, "arrays": table}
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -76,22 +77,25 @@ def save_model(model, path) -> None:
     os.replace(tmp, path)
 
 
-def _kernels_entry(target) -> dict:
-    """The PyTorch release whose kernels an engine target follows, so the model computes the same integers
-    when it is loaded under another PyTorch."""
-    kernels = getattr(target, "kernels", None)
-    return {} if kernels is None else {"pytorch_kernels": kernels.release}
-
-
 def _target(header: dict):
+    """The target with the settings the file records (`Target.settings`: an engine target's PyTorch release,
+    thread count and input layout), so the model computes the same integers wherever it is loaded. Files
+    written before the thread count and layout were recorded get UNRECORDED_THREADS and
+    UNRECORDED_MEMORY_FORMAT (docs/determinism.md)."""
     target = get_target(header["target"])
     release = header.get("pytorch_kernels")
-    if release is None:
-        return target
     if not hasattr(target, "for_release"):
-        raise ValueError(f"target {target.name!r} does not follow PyTorch's kernels, yet the file names "
-                         f"PyTorch release {release!r}")
-    return target.for_release(str(release))
+        if release is not None:
+            raise ValueError(f"target {target.name!r} does not follow PyTorch's kernels, yet the file names "
+                             f"PyTorch release {release!r}")
+        return target
+    if release is not None:
+        target = target.for_release(str(release))
+    threads = header.get("engine_threads", UNRECORDED_THREADS)
+    memory_format = header.get("memory_format", UNRECORDED_MEMORY_FORMAT)
+    if threads is None or memory_format is None:
+        raise ValueError("the file records an engine thread count or memory format of null")
+    return target.configured(threads, memory_format)
 
 
 def read_model(path) -> SavedModel:

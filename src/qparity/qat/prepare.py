@@ -26,13 +26,15 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch
     per_channel: one weight scale per output channel (True) or per tensor; a layer whose kernel on the target
         takes per-tensor weights only (ConvTranspose2d on PyTorch's engines) gets one scale per tensor.
     activation_dtype: the activation code dtype where the target allows a choice (`target.activation_dtypes`).
+    target: a name, or a configured target such as get_target("fbgemm").configured(threads=4,
+    memory_format="channels_last"); settings left open are fixed now (`Target.with_defaults_for`).
     """
-    spec = get_target(target)
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    spec = get_target(target).with_defaults_for(inputs)  # engine threads and input layout (docs/determinism.md)
     dtype = activation_dtype or spec.activation_dtypes[0]
     if dtype not in spec.activation_dtypes:
         raise InvalidQParamsError(f"target {spec.name!r} supports activation dtypes {spec.activation_dtypes}, "
                                   f"not {dtype!r}")
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     graph, layers = capture(copy.deepcopy(model), inputs)
     refuse_what_the_target_cannot_run(graph, layers, spec)
     qat_layers = {}
