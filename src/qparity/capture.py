@@ -24,7 +24,7 @@ from .numerics.pooling import adaptive_as_pooling
 from .ops.conv1d import Conv1dAs2d, as_conv2d_arguments
 from .ops.upsample import float32_rule_is_exact
 
-SUPPORTED = ("Conv2d, Conv1d, Linear, BatchNorm2d after Conv2d, BatchNorm1d after Conv1d, ReLU, ReLU6, Hardtanh, clamp, add of two tensors, cat, "
+SUPPORTED = ("Conv2d, Conv1d, Linear, BatchNorm2d after Conv2d, BatchNorm1d after Conv1d (or SyncBatchNorm), ReLU, ReLU6, Hardtanh, clamp, add of two tensors, cat, "
              "mul of two tensors (broadcasting), Hardswish, Sigmoid, SiLU, Tanh, Hardsigmoid, LeakyReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, mean over H and W, flatten/reshape/view/permute, "
              "Identity, Dropout")
 
@@ -196,7 +196,7 @@ class _Builder:
             self.layers[node.name] = Layer(module)
             self.emit(node, "linear", [self.ref(x)], attrs={"geometry": ConvGeometry("linear").to_dict(),
                                                           "module": node.target})
-        elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
+        elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm)):
             self.fold_batch_norm(node, module)
         elif isinstance(module, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
             low, high = (0.0, None) if isinstance(module, nn.ReLU) else (module.min_val, module.max_val)
@@ -366,7 +366,7 @@ class _Builder:
         source = node.args[0]
         producer = self.nodes[-1] if self.nodes else None
         output = producer  # what the BatchNorm reads: the layer, or a Conv1d's squeeze after its conv2d
-        if isinstance(bn, nn.BatchNorm1d) and producer is not None and producer.op != "linear":
+        if producer is not None and producer.op != "linear" and self.values[source.name].dim() == 3:
             producer = self.conv1d_outputs.get(producer.name)
         if (producer is None or producer.op not in ("conv2d", "linear")
                 or output.name != self.alias.get(source.name, source.name) or len(source.users) != 1
