@@ -38,6 +38,21 @@ def global_min_max(low: torch.Tensor, high: torch.Tensor) -> Tuple[torch.Tensor,
     return -bounds[0], bounds[1]
 
 
+def require_whole_parameters(model: nn.Module, action: str) -> None:
+    """Raise InputError when FSDP has sharded `model`'s parameters: folding BatchNorm and fixing weight scales
+    need whole tensors on every rank."""
+    if not is_initialized():
+        return
+    from torch.distributed.tensor import DTensor
+    sharded = [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
+    if sharded:
+        raise InputError(
+            f"{action} needs whole parameters, but {len(sharded)} are sharded (FSDP), {sharded[0]} first: gather "
+            "them with torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+            "options=StateDictOptions(full_state_dict=True)), load that into a model prepared the same way, "
+            f"and {action} that one")
+
+
 class _SumOverRanks(torch.autograd.Function):
     """A SUM all-reduce that gradients flow through: d(sum over ranks)/d(this rank's term) = 1, so each rank's
     gradient is the sum of every rank's incoming gradient (torch.distributed.nn.functional.all_reduce, which
