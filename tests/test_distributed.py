@@ -5,6 +5,7 @@ tracks on the concatenated batch; a SyncBatchNorm normalizes over both ranks' ba
 the concatenated batch; freeze + convert give byte-identical .qp files on every rank, inside
 DistributedDataParallel with and without its buffer broadcast.
 """
+import os
 import pathlib
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from helpers import assert_bit_exact, calibrate, prepare_and_convert
 
 WORKER = pathlib.Path(__file__).with_name("distributed_worker.py")
 SOURCE = pathlib.Path(__file__).resolve().parents[1] / "src"
-TIMEOUT_S = 90  # the ranks take seconds; a hung collective must fail the test, not the suite
+TIMEOUT_S = 120  # the ranks take seconds; a hung collective must fail the test, not hang the suite
 
 
 def free_port() -> int:
@@ -32,21 +33,33 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """Run both ranks once; kill them both if either outlives TIMEOUT_S. Returns (rank 0, rank 1, single, dir)."""
+    """Run both ranks once; when one fails or TIMEOUT_S passes, kill the other (it would wait on a collective
+    forever). Returns (rank 0's results, rank 1's, the single-process references, the output folder)."""
     out = tmp_path_factory.mktemp("distributed")
+    env = {**os.environ, "PYTHONPATH": str(SOURCE), "OMP_NUM_THREADS": "1"}
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the loopback, whatever the host name resolves to
     port = str(free_port())
-    env = {"PYTHONPATH": str(SOURCE), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    logs = [open(out / f"rank{rank}.log", "w+") for rank in range(2)]
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(rank), "2", port, str(out)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+                              stdout=log, stderr=subprocess.STDOUT) for rank, log in enumerate(logs)]
     deadline = time.monotonic() + TIMEOUT_S
-    try:
-        logs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"the ranks did not finish within {TIMEOUT_S} s: {[p.communicate()[0][-2000:] for p in procs]}")
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
+    while None in (codes := [p.poll() for p in procs]):
+        if time.monotonic() > deadline or any(code not in (None, 0) for code in codes):
+            for p in procs:
+                p.kill()
+                p.wait()
+            break
+        time.sleep(0.05)
+    if any(p.returncode != 0 for p in procs):
+        report = []
+        for rank, (p, log) in enumerate(zip(procs, logs)):
+            log.seek(0)
+            status = "killed" if p.returncode < 0 else f"exit code {p.returncode}"
+            report.append(f"rank {rank} ({status}):\n{log.read()[-3000:]}")
+        pytest.fail("\n".join(report))
+    for log in logs:
+        log.close()
     load = lambda name: torch.load(out / name, weights_only=True)  # noqa: E731
     return load("rank0.pt"), load("rank1.pt"), load("single.pt"), out
 
