@@ -14,6 +14,7 @@ from ..numerics.accumulate import ConvGeometry
 from ..numerics.activations import NAMES as ACTIVATION_NAMES
 from ..numerics import Target, get_target
 from ..ops.registry import LAYER_OPS, refuse_if_target_cannot_run
+from .distributed import require_whole_parameters
 from .layers import QATLayer
 from .model import QATModel
 from .slopes import QATSlope
@@ -81,6 +82,7 @@ def freeze(model: QATModel) -> QATModel:
     `convert` produces.
     """
     require_prepared(model, "freeze")
+    require_whole_parameters(model, "freeze")
     for observer in model.observers.values():
         observer.freeze()
     for layer in model.layers.values():
@@ -90,8 +92,10 @@ def freeze(model: QATModel) -> QATModel:
 
 def require_prepared(model, action: str) -> None:
     if not isinstance(model, QATModel):
+        wrapper = (" (a wrapper such as DistributedDataParallel: pass its .module)" if hasattr(model, "module")
+                   else "")
         raise NotPreparedError(f"{action} expects the model returned by qparity.prepare_qat, got "
-                               f"{type(model).__name__}")
+                               f"{type(model).__name__}{wrapper}")
 
 
 @torch.no_grad()
