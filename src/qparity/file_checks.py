@@ -152,7 +152,7 @@ def check_graph(graph) -> None:
             require(isinstance(node[part], dict) and kind in node[part],
                     f"node {name!r}'s {part} must be an encoded {kind[1:]}")
             check_value(node[part], f"node {name!r}'s {part}")
-        check_references((node["args"], node["kwargs"]), set(names), f"node {name!r}")
+        check_references([node["args"], node["kwargs"]], set(names), f"node {name!r}")
         require(not _references(node["attrs"]), f"node {name!r}'s attrs refer to other nodes")
         names.append(name)
     check_value(graph["output"], "the graph output")
