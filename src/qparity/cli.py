@@ -2,7 +2,7 @@
 `golden` and `doctor`.
 
 Every misuse ends in one line on stderr, "qparity: error: ...", and a non-zero exit status (2 for a bad
-command line, 1 for anything qparity refuses); `--debug` shows the traceback instead.
+command line, 1 for anything qparity refuses, 3 for an unexpected error); `--debug` shows the traceback.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add = lambda name, **options: commands.add_parser(name, parents=[debug], **options)  # noqa: E731
     demo = add("demo", help="QAT of a small CNN on scikit-learn's 8x8 digits, then convert "
-                                            "and compare the fake-quant and integer outputs")
+                            "and compare the fake-quant and integer outputs")
     defaults = DemoConfig()
     demo.add_argument("--target", choices=TARGETS, action="append",
                       help="a target to train for (repeatable; default: every target)")
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("model", help="a model saved with IntegerModel.save")
     export.add_argument("output", help="the file to write: .onnx (target onnxruntime) or .tflite (target tflite)")
     verify = add("verify", help="run an exported file in its real runtime(s) and count the codes "
-                                                "that differ from the saved model's")
+                                "that differ from the saved model's")
     verify.add_argument("model", help="a model saved with IntegerModel.save")
     verify.add_argument("exported", help="the .onnx or .tflite file exported from it")
     verify.add_argument("--inputs", help="a .npy file of float32 inputs (default: random inputs spanning each "
@@ -68,14 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--samples", type=_positive, default=64, help="random inputs to draw (default 64)")
     verify.add_argument("--seed", type=_seed, default=0, help="seed for the random inputs (default 0)")
     golden = add("golden", help="write per-layer integer parameters and input/output codes "
-                                                "(.npy + index.json) for checking kernels on a DSP or MCU")
+                                "(.npy + index.json) for checking kernels on a DSP or MCU")
     golden.add_argument("model", help="a model saved with IntegerModel.save")
     golden.add_argument("directory", help="where to write index.json and the .npy files")
     golden.add_argument("--inputs", help="a .npy file of float32 inputs (default: random inputs on the grid)")
     golden.add_argument("--samples", type=_positive, default=4, help="random inputs to draw (default 4)")
     golden.add_argument("--seed", type=_seed, default=0, help="seed for the random inputs (default 0)")
     doctor = add("doctor", help="explain where and why a torch.ao QAT model and its converted "
-                                                "int8 model disagree")
+                                "int8 model disagree")
     doctor.add_argument("script", help="path/to/script.py[:function] (default function: build) returning "
                                        "(prepared, converted, example_inputs)")
     doctor.add_argument("--html", help="also write the report as a self-contained HTML page")
