@@ -12,12 +12,12 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .errors import InputError, ModelFileError
+from .errors import InputError, QParityError
 from .graph import Graph, Node, QValue, output_structure
-from .ops.layer import IntegerLayer, prepare_integer_layer
+from .ops.layer import IntegerLayer, check_accumulator_range, prepare_integer_layer
 from .ops.program import Integer, ProgramExecutor
 from .qparams import TORCH_DTYPES, QParams
-from .serialize import read_model, save_model
+from .serialize import invalid_content, read_model, save_model
 from .numerics import Target, get_target
 
 
@@ -97,13 +97,23 @@ class IntegerModel:
 
 
 def load(path) -> IntegerModel:
-    """Load a model saved with `IntegerModel.save`; raises ModelFileError for anything but an intact file."""
+    """Load a model saved with `IntegerModel.save`.
+
+    Raises ModelFileError for anything but an intact, well-formed file, including one whose checksum was
+    recomputed after an edit that lets an int32 accumulator overflow (a real runtime would wrap where the
+    file's numbers saturate); FileAccessError when the file cannot be read.
+    """
     saved = read_model(path)
     try:
-        return IntegerModel(saved.graph, saved.target, saved.activation_dtype, saved.qparams, saved.layers)
-    except (KeyError, TypeError, ValueError) as error:
-        raise ModelFileError(f"{saved.where!r} has an intact checksum but content qparity cannot read: "
-                             f"{error}") from error
+        model = IntegerModel(saved.graph, saved.target, saved.activation_dtype, saved.qparams, saved.layers)
+        for name, layer in model.layers.items():
+            node = model.graph.node(name)
+            bias = None if model.target.float_bias else layer.bias_codes
+            check_accumulator_range(f"{name!r} ({node.path})", layer.weight_codes, bias,
+                                    model.grids[node.args[0].name])
+    except (QParityError, KeyError, TypeError, ValueError) as error:
+        raise invalid_content(saved.where, error) from error
+    return model
 
 
 def resolve_grids(graph: Graph, qparams: Dict[str, QParams]) -> Dict[str, QParams]:
