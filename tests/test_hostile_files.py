@@ -259,3 +259,10 @@ def test_saved_files_get_the_usual_permissions(model, tmp_path):
     reference.write_bytes(b"")
     assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(reference.stat().st_mode)
 
+
+
+def test_every_layer_operator_of_the_registry_has_a_weight_rank_here():
+    from qparity.file_checks import WEIGHT_RANKS
+    from qparity.ops.registry import LAYER_OPS
+
+    assert set(WEIGHT_RANKS) == set(LAYER_OPS)

@@ -24,7 +24,7 @@ MAX_ELEMENTS = 2**28
 MAX_DEPTH = 64
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 DTYPES = {"int8": np.int8, "int32": np.int32, "float32": np.float32}
-LAYER_OPS = {"conv2d": 4, "linear": 2}  # the weight's rank
+WEIGHT_RANKS = {"conv2d": 4, "conv_transpose2d": 4, "linear": 2}  # each layer operator's weight rank
 TAGS = ("$ref", "$tuple", "$dict", "$slice", "$ellipsis", "$dtype")
 
 
@@ -174,7 +174,7 @@ def check_nodes(nodes, layers: dict) -> None:
     no arguments, calls a known function."""
     for node in nodes:
         check_clamp(node)
-        if node.op in LAYER_OPS:
+        if node.op in WEIGHT_RANKS:
             require(node.name in layers, f"{node.op} node {node.name!r} has no entry in 'layers'")
             require(len(node.args) == 1 and isinstance(node.args[0], Ref), f"{node.op} node {node.name!r} must take one "
                                                                    "value")
@@ -191,8 +191,8 @@ def check_nodes(nodes, layers: dict) -> None:
             if fn == "function:getattr":  # the attributes capture records (shape, ndim), never private ones
                 require(len(node.args) == 2 and isinstance(node.args[1], str) and not node.args[1].startswith("_"),
                         f"call node {node.name!r} reads attribute {_show(node.args[1:])}")
-    unknown = sorted(set(layers) - {n.name for n in nodes if n.op in LAYER_OPS})
-    require(not unknown, f"'layers' has entries {unknown} that are no conv2d or linear node")
+    unknown = sorted(set(layers) - {n.name for n in nodes if n.op in WEIGHT_RANKS})
+    require(not unknown, f"'layers' has entries {unknown} that are no layer node ({', '.join(WEIGHT_RANKS)})")
 
 
 def check_clamp(node) -> None:
@@ -244,8 +244,8 @@ def check_layer_arrays(name: str, op: str, per_channel: bool, float_bias: bool, 
     """Dtypes, shapes and values of one layer's constants: int8 weights of the op's rank, positive finite
     scales (one per output channel, or one), and an int32 bias (float32 for the targets that add a float bias)."""
     field = f"layer {name!r}"
-    require(weight.dtype == torch.int8 and weight.dim() == LAYER_OPS[op],
-            f"{field}: weight codes must be int8 of rank {LAYER_OPS[op]}, got {weight.dtype} {tuple(weight.shape)}")
+    require(weight.dtype == torch.int8 and weight.dim() == WEIGHT_RANKS[op],
+            f"{field}: weight codes must be int8 of rank {WEIGHT_RANKS[op]}, got {weight.dtype} {tuple(weight.shape)}")
     channels = weight.shape[0]
     require(scale.dtype == torch.float32 and tuple(scale.shape) == ((channels,) if per_channel else (1,)),
             f"{field}: weight scale must be float32 of shape {(channels,) if per_channel else (1,)}, got "
