@@ -81,6 +81,7 @@ EXAMPLES = {
     "linear": (LinearHead, "fc"),
     "add": (lambda: Around(Apply(torch.add), binary=True), "op"),
     "mul": (lambda: Around(Apply(torch.mul), binary=True), "op"),
+    "sub": (lambda: Around(Apply(torch.sub), binary=True), "op"),
     "cat": (lambda: Around(Apply(lambda a, b: torch.cat([a, b], 1)), binary=True), "op"),
     "hardswish": (lambda: Around(nn.Hardswish()), "op"),
     "sigmoid": (lambda: Around(nn.Sigmoid()), "op"),

@@ -485,14 +485,24 @@ class _Exporter(Executor):
         return self.clamp(TFLiteTensor(out, out_shape, grid, tuple(range(len(out_shape)))), rest, node.name)
 
     def op_add(self, node: Node, a: TFLiteTensor, b: TFLiteTensor):
+        return self.binary(node, a, b, "ADD", "AddOptions")
+
+    def op_sub(self, node: Node, a: TFLiteTensor, b: TFLiteTensor):
+        return self.binary(node, a, b, "SUB", "SubOptions")
+
+    def binary(self, node: Node, a: TFLiteTensor, b: TFLiteTensor, code: str, options: str):
+        """ADD / SUB with broadcasting (BroadcastAdd4DSlow: the same arithmetic per element): both operands stored
+        in one layout, so their stored shapes broadcast alike; TFLite's broadcast takes at most 6 dimensions."""
         grid = self.model.qparams[node.name]
-        if a.shape != b.shape:
-            raise self.refuse(node, f"add of shapes {a.shape} and {b.shape}")
+        if len(a.shape) != len(b.shape):
+            raise self.refuse(node, f"{node.op} of ranks {len(a.shape)} and {len(b.shape)} (expand the smaller one "
+                                    "first)")
         b = self.in_layout(b, a.perm)
+        shape = tuple(max(x, y) for x, y in zip(a.shape, b.shape))
         act, rest = self.fused(node, grid)
-        out = self.activation(node.name, a.stored_shape, grid)
-        self.fb.operator("ADD", [a.index, b.index], [out], self.fb.options("AddOptions", fusedActivationFunction=act))
-        return self.clamp(TFLiteTensor(out, a.shape, grid, a.perm), rest, node.name)
+        out = self.activation(node.name, [shape[p] for p in a.perm], grid)
+        self.fb.operator(code, [a.index, b.index], [out], self.fb.options(options, fusedActivationFunction=act))
+        return self.clamp(TFLiteTensor(out, shape, grid, a.perm), rest, node.name)
 
     def op_mul(self, node: Node, a: TFLiteTensor, b: TFLiteTensor):
         """MUL with broadcasting: both operands stored in one layout, so their stored shapes broadcast alike."""
