@@ -30,7 +30,8 @@ class TemporalNet(nn.Module):
 geometries = st.fixed_dictionaries({
     "groups": st.sampled_from([1, 2]), "per_group": st.integers(1, 3), "out_per_group": st.integers(1, 3),
     "kernel": st.integers(1, 5), "stride": st.integers(1, 3), "padding": st.sampled_from([0, 1, 2, "same"]),
-    "dilation": st.integers(1, 2), "bias": st.booleans(), "batch_norm": st.booleans(), "length": st.integers(8, 20)})
+    "dilation": st.integers(1, 2), "bias": st.booleans(), "batch_norm": st.booleans(),
+    "length": st.integers(9, 20)})  # at least the widest dilated kernel, (5 - 1) * 2 + 1
 
 
 def build(g):

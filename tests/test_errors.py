@@ -193,7 +193,8 @@ def test_damaged_files_are_rejected_with_the_reason(converted, tmp_path, mutate,
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(ModelFileError, match="cannot read"):
+    from qparity.errors import FileAccessError
+    with pytest.raises(FileAccessError, match="does not exist"):
         qp.load(tmp_path / "absent.qp")
 
 

@@ -205,7 +205,7 @@ class _Builder:
             self.layers[node.name] = Layer(module)
             self.emit(node, "linear", [self.ref(x)], attrs={"geometry": ConvGeometry("linear").to_dict(),
                                                           "module": node.target})
-        elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
+        elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm)):
             self.fold_batch_norm(node, module)
         elif isinstance(module, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
             low, high = (0.0, None) if isinstance(module, nn.ReLU) else (module.min_val, module.max_val)
@@ -399,7 +399,7 @@ class _Builder:
         source = node.args[0]
         producer = self.nodes[-1] if self.nodes else None
         output = producer  # what the BatchNorm reads: the layer, or a Conv1d's squeeze after its conv2d
-        if isinstance(bn, nn.BatchNorm1d) and producer is not None and producer.op != "linear":
+        if producer is not None and producer.op != "linear" and self.values[source.name].dim() == 3:
             producer = self.conv1d_outputs.get(producer.name)
         if (producer is None or producer.op not in LAYER_OPS
                 or output.name != self.alias.get(source.name, source.name) or len(source.users) != 1

@@ -1,4 +1,9 @@
-"""The `qparity` console script: `qparity demo` (QAT on 8x8 digits, end to end) and `qparity info`."""
+"""The `qparity` console script: `qparity demo` (QAT on 8x8 digits, end to end), `info`, `export`, `verify`,
+`golden` and `doctor`.
+
+Every misuse ends in one line on stderr, "qparity: error: ...", and a non-zero exit status (2 for a bad
+command line, 1 for anything qparity refuses, 3 for an unexpected error); `--debug` shows the traceback.
+"""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +18,8 @@ from rich.table import Table
 
 from . import __version__
 from .demo import DemoConfig, DemoResult, run_demo
-from .errors import QParityError
+from .errors import InputError, QParityError
+from .files import require_file
 from .numerics import TARGETS, get_target
 
 def stage_label(stage: str) -> str:
@@ -22,13 +28,25 @@ def stage_label(stage: str) -> str:
     return f"float {parts[1]}" if parts[0] == "float" else f"QAT {parts[1]} for {parts[2]}"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (argparse prints the usage first); subcommands inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"qparity: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qparity", description="Quantization-aware training whose fake-quantized "
-                                     "forward equals the deployed integer program, bit for bit.")
+    parser = Parser(prog="qparity", description="Quantization-aware training whose fake-quantized "
+                    "forward equals the deployed integer program, bit for bit.")
     parser.add_argument("--version", action="version", version=f"qparity {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    # Also accepted after the subcommand; SUPPRESS keeps a subcommand from resetting the top-level flag.
+    debug = Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="QAT of a small CNN on scikit-learn's 8x8 digits, then convert "
-                                            "and compare the fake-quant and integer outputs")
+    add = lambda name, **options: commands.add_parser(name, parents=[debug], **options)  # noqa: E731
+    demo = add("demo", help="QAT of a small CNN on scikit-learn's 8x8 digits, then convert "
+                            "and compare the fake-quant and integer outputs")
     defaults = DemoConfig()
     demo.add_argument("--target", choices=TARGETS, action="append",
                       help="a target to train for (repeatable; default: every target)")
@@ -36,28 +54,28 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"quantization-aware training epochs (default {defaults.qat_epochs})")
     demo.add_argument("--float-epochs", type=_non_negative, default=defaults.float_epochs,
                       help=f"float training epochs before QAT (default {defaults.float_epochs})")
-    demo.add_argument("--seed", type=int, default=defaults.seed, help=f"random seed (default {defaults.seed})")
-    commands.add_parser("info", help="print the version and the supported targets")
-    export = commands.add_parser("export", help="write a saved model (.qp) as an .onnx or .tflite file")
+    demo.add_argument("--seed", type=_seed, default=defaults.seed, help=f"random seed (default {defaults.seed})")
+    add("info", help="print the version and the supported targets")
+    export = add("export", help="write a saved model (.qp) as an .onnx or .tflite file")
     export.add_argument("model", help="a model saved with IntegerModel.save")
     export.add_argument("output", help="the file to write: .onnx (target onnxruntime) or .tflite (target tflite)")
-    verify = commands.add_parser("verify", help="run an exported file in its real runtime(s) and count the codes "
-                                                "that differ from the saved model's")
+    verify = add("verify", help="run an exported file in its real runtime(s) and count the codes "
+                                "that differ from the saved model's")
     verify.add_argument("model", help="a model saved with IntegerModel.save")
     verify.add_argument("exported", help="the .onnx or .tflite file exported from it")
     verify.add_argument("--inputs", help="a .npy file of float32 inputs (default: random inputs spanning each "
                                          "input's grid and beyond)")
     verify.add_argument("--samples", type=_positive, default=64, help="random inputs to draw (default 64)")
-    verify.add_argument("--seed", type=int, default=0, help="seed for the random inputs (default 0)")
-    golden = commands.add_parser("golden", help="write per-layer integer parameters and input/output codes "
-                                                "(.npy + index.json) for checking kernels on a DSP or MCU")
+    verify.add_argument("--seed", type=_seed, default=0, help="seed for the random inputs (default 0)")
+    golden = add("golden", help="write per-layer integer parameters and input/output codes "
+                                "(.npy + index.json) for checking kernels on a DSP or MCU")
     golden.add_argument("model", help="a model saved with IntegerModel.save")
     golden.add_argument("directory", help="where to write index.json and the .npy files")
     golden.add_argument("--inputs", help="a .npy file of float32 inputs (default: random inputs on the grid)")
     golden.add_argument("--samples", type=_positive, default=4, help="random inputs to draw (default 4)")
-    golden.add_argument("--seed", type=int, default=0, help="seed for the random inputs (default 0)")
-    doctor = commands.add_parser("doctor", help="explain where and why a torch.ao QAT model and its converted "
-                                                "int8 model disagree")
+    golden.add_argument("--seed", type=_seed, default=0, help="seed for the random inputs (default 0)")
+    doctor = add("doctor", help="explain where and why a torch.ao QAT model and its converted "
+                                "int8 model disagree")
     doctor.add_argument("script", help="path/to/script.py[:function] (default function: build) returning "
                                        "(prepared, converted, example_inputs)")
     doctor.add_argument("--html", help="also write the report as a self-contained HTML page")
@@ -65,45 +83,77 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+def _integer(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
 
 
+def _positive(text: str) -> int:
+    return _integer(text, 1)
+
+
 def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return _integer(text, 0)
+
+
+def _seed(text: str) -> int:
+    """A seed torch.Generator takes: 0 <= seed < 2^64."""
+    value = _integer(text, 0)
+    if value >= 2**64:
+        raise argparse.ArgumentTypeError(f"must be below 2^64, got {value}")
     return value
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    console = Console(highlight=False)
     try:
-        if args.command == "info":
-            return info(console)
-        if args.command == "export":
-            return export_command(console, args.model, args.output)
-        if args.command == "verify":
-            return verify_command(console, args)
-        if args.command == "golden":
-            return golden_command(console, args)
-        if args.command == "doctor":
-            from .doctor.command import doctor_command
-            return doctor_command(console, args)
-        config = DemoConfig(targets=tuple(args.target or TARGETS), float_epochs=args.float_epochs,
-                            qat_epochs=args.epochs, seed=args.seed)
-        return demo(console, config)
-    except QParityError as error:
-        Console(stderr=True, highlight=False).print(f"qparity: error: {type(error).__name__}: {error}",
-                                                    markup=False)
-        return 1
-    except ImportError as error:
-        Console(stderr=True, highlight=False).print(f"qparity: error: {error}", markup=False)
-        return 2
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a bad command line (already reported on one line)
+        return done.code if isinstance(done.code, int) else 2
+    try:
+        return run_command(args)
+    except Exception as error:
+        if args.debug:
+            raise
+        return report_error(error)
+
+
+def run_command(args) -> int:
+    console = Console(highlight=False)
+    if args.command == "info":
+        return info(console)
+    if args.command == "export":
+        return export_command(console, args.model, args.output)
+    if args.command == "verify":
+        return verify_command(console, args)
+    if args.command == "golden":
+        return golden_command(console, args)
+    if args.command == "doctor":
+        from .doctor.command import doctor_command
+        return doctor_command(console, args)
+    config = DemoConfig(targets=tuple(args.target or TARGETS), float_epochs=args.float_epochs,
+                        qat_epochs=args.epochs, seed=args.seed)
+    return demo(console, config)
+
+
+def report_error(error: Exception) -> int:
+    """One line on stderr: qparity's refusals and what the system says (a file, a missing package) as they
+    are; anything else is a bug in qparity or in a script the doctor ran, so say where to look."""
+    if isinstance(error, QParityError):
+        message, status = f"{type(error).__name__}: {error}", 1
+    elif isinstance(error, ImportError):
+        message, status = str(error), 2
+    elif isinstance(error, OSError):
+        message, status = str(error), 1
+    else:
+        message, status = (f"unexpected {type(error).__name__}: {error} (run again with --debug for the "
+                           "traceback)"), 3
+    print(f"qparity: error: {' '.join(message.split())}", file=sys.stderr)
+    return status
 
 
 def info(console: Console) -> int:
@@ -158,10 +208,37 @@ def golden_command(console: Console, args) -> int:
 def command_inputs(model, args):
     """The --inputs .npy file, or random inputs spanning the model's input grids."""
     if args.inputs:
-        import numpy as np
-
-        return (torch.from_numpy(np.load(args.inputs, allow_pickle=False)).to(torch.float32),)
+        return (read_float_inputs(args.inputs),)
     return random_inputs(model, args.samples, args.seed)
+
+
+def read_float_inputs(path: str) -> torch.Tensor:
+    """A .npy file of finite float inputs as float32: integer (or bool, complex...) arrays are refused, not
+    cast, since codes and real values are easily confused; float64 only where float32 holds it exactly."""
+    import numpy as np
+
+    path = require_file(path, "the --inputs file")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY" and not magic.startswith(b"PK"):  # .npy, or .npz (a zip file)
+        raise InputError(f"--inputs {path!r} is not a .npy file (it does not start with numpy's magic "
+                         "b'\\x93NUMPY'); save the inputs with numpy.save")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise InputError(f"--inputs {path!r} is not a .npy array file: {error}") from error
+    if not isinstance(array, np.ndarray):
+        raise InputError(f"--inputs {path!r} holds several arrays (.npz); give one array as a .npy file")
+    if array.dtype not in (np.float16, np.float32, np.float64):
+        raise InputError(f"--inputs {path!r} holds {array.dtype} values; it must hold float inputs (real values, "
+                         "not integer codes): save it with .astype(np.float32)")
+    if not np.isfinite(array).all():
+        raise InputError(f"--inputs {path!r} has {int((~np.isfinite(array)).sum())} NaN or infinite value(s); "
+                         "no integer code represents them")
+    if array.dtype == np.float64 and not np.array_equal(array.astype(np.float32), array):
+        raise InputError(f"--inputs {path!r} holds float64 values that float32 cannot hold exactly; the model "
+                         "quantizes float32 inputs: save them with .astype(np.float32)")
+    return torch.from_numpy(array.astype(np.float32))
 
 
 def random_inputs(model, samples: int, seed: int):

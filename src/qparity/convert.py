@@ -13,6 +13,7 @@ from .errors import OverflowRiskError
 from .graph import Graph
 from .ops.layer import check_accumulator_range
 from .qat.model import QATModel
+from .qat.distributed import require_whole_parameters
 from .qat.prepare import require_prepared
 from .runtime import IntegerLayer, IntegerModel, resolve_grids
 from .numerics.arithmetic import INT32_MAX, INT32_MIN
@@ -21,6 +22,7 @@ from .numerics.arithmetic import INT32_MAX, INT32_MIN
 @torch.no_grad()
 def convert(model: QATModel) -> IntegerModel:
     require_prepared(model, "convert")
+    require_whole_parameters(model, "convert")
     qparams = {name: observer.qparams() for name, observer in model.observers.items()}
     grids = resolve_grids(model.graph, qparams)
     target = model.target

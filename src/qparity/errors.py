@@ -42,7 +42,18 @@ class OverflowRiskError(QParityError, ValueError):
 
 
 class ModelFileError(QParityError, ValueError):
-    """A saved model file that is empty, truncated, corrupted or of another format."""
+    """A model file (.qp, or an exported .onnx/.tflite) that is empty, truncated, corrupted, of another format,
+    or whose content is inconsistent (even with a matching checksum)."""
+
+
+class FileAccessError(QParityError, OSError):
+    """A file or directory qparity cannot read or write: missing, a directory where a file is expected, no
+    permission, a full disk."""
+
+
+class ArgumentTypeError(QParityError, TypeError):
+    """A public function was given an argument of the wrong type (e.g. a path that is not a str or
+    os.PathLike, a model that is not an IntegerModel)."""
 
 
 class ExportError(QParityError, ValueError):
@@ -52,3 +63,7 @@ class ExportError(QParityError, ValueError):
 class QParityWarning(UserWarning):
     """Something qparity can do but cannot vouch for (e.g. a PyTorch release its engine targets were not
     checked against)."""
+
+
+class TargetSettingError(QParityError, ValueError):
+    """A target setting outside what its runtime accepts (an engine thread count below 1, an unknown layout)."""

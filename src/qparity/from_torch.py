@@ -48,7 +48,8 @@ def from_torch(converted: torch.nn.Module, example_inputs: Sequence[torch.Tensor
         traced = converted if isinstance(converted, fx.GraphModule) else fx.symbolic_trace(converted)
     except Exception as error:
         raise CaptureError(f"torch.fx could not trace {type(converted).__name__}: {error}") from error
-    builder = _ConvertedBuilder(traced, _record_values(traced, inputs), get_target(engine))
+    # The engine as PyTorch runs these inputs now: this process's thread count, the inputs' layout.
+    builder = _ConvertedBuilder(traced, _record_values(traced, inputs), get_target(engine).with_defaults_for(inputs))
     for node in traced.graph.nodes:
         builder.add(node)
     graph = Graph(builder.nodes, builder.output, [tuple(x.shape) for x in inputs])

@@ -12,12 +12,12 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .errors import InputError, ModelFileError
+from .errors import InputError, QParityError
 from .graph import Graph, Node, QValue, output_structure
-from .ops.layer import IntegerLayer, prepare_integer_layer
+from .ops.layer import IntegerLayer, check_accumulator_range, prepare_integer_layer
 from .ops.program import Integer, ProgramExecutor
 from .qparams import TORCH_DTYPES, QParams
-from .serialize import read_model, save_model
+from .serialize import invalid_content, read_model, save_model
 from .numerics import Target, get_target
 
 
@@ -27,7 +27,9 @@ class IntegerModel:
     def __init__(self, graph: Graph, target: Target | str, activation_dtype: str, qparams: Dict[str, QParams],
                  layers: Dict[str, IntegerLayer]):
         self.graph = graph
-        self.target = get_target(target)
+        # Settings a model from convert or load already carries; any left open are fixed here (no example
+        # inputs: PyTorch's default layout), so the codes never follow the caller's threads or layout.
+        self.target = get_target(target).with_defaults_for(())
         self.activation_dtype = activation_dtype
         self.qparams = qparams
         self.layers = layers
@@ -90,18 +92,28 @@ class IntegerModel:
             ops[n.op] = ops.get(n.op, 0) + 1
         listing = ", ".join(f"{k} x{v}" for k, v in ops.items())
         note = self.target.machine_note()
-        return (f"IntegerModel(target={self.target.name}, activations={self.activation_dtype}, "
+        return (f"IntegerModel(target={self.target.label()}, activations={self.activation_dtype}, "
                 f"{len(self.layers)} layers; {listing}{'; ' + note if note else ''})")
 
 
 def load(path) -> IntegerModel:
-    """Load a model saved with `IntegerModel.save`; raises ModelFileError for anything but an intact file."""
+    """Load a model saved with `IntegerModel.save`.
+
+    Raises ModelFileError for anything but an intact, well-formed file, including one whose checksum was
+    recomputed after an edit that lets an int32 accumulator overflow (a real runtime would wrap where the
+    file's numbers saturate); FileAccessError when the file cannot be read.
+    """
     saved = read_model(path)
     try:
-        return IntegerModel(saved.graph, saved.target, saved.activation_dtype, saved.qparams, saved.layers)
-    except (KeyError, TypeError, ValueError) as error:
-        raise ModelFileError(f"{saved.where!r} has an intact checksum but content qparity cannot read: "
-                             f"{error}") from error
+        model = IntegerModel(saved.graph, saved.target, saved.activation_dtype, saved.qparams, saved.layers)
+        for name, layer in model.layers.items():
+            node = model.graph.node(name)
+            bias = None if model.target.float_bias else layer.bias_codes
+            check_accumulator_range(f"{name!r} ({node.path})", layer.weight_codes, bias,
+                                    model.grids[node.args[0].name])
+    except (QParityError, KeyError, TypeError, ValueError) as error:
+        raise invalid_content(saved.where, error) from error
+    return model
 
 
 def resolve_grids(graph: Graph, qparams: Dict[str, QParams]) -> Dict[str, QParams]:

@@ -3,7 +3,9 @@
 The module runs qparity's graph node by node with torch.ao.nn.quantized modules (conv, linear and their
 fused-ReLU forms, holding the model's int8 weights and float32 bias) and torch.ops.quantized functions
 (add, add_relu, cat) and torch.ao.nn.quantized.Hardswish modules, on quint8 tensors, in the engine the
-target names. Its outputs equal `im(x)`.
+target names. Its outputs equal `im(x)` when it runs with the thread count the model records: the module
+stores its inputs in the model's recorded layout, but PyTorch's kernels read torch.get_num_threads() as they
+run, so it warns (QParityWarning) whenever that differs (docs/determinism.md).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from .ops.registry import OPERATORS
 from .numerics.accumulate import ConvGeometry
 from .qparams import QParams
 from .runtime import IntegerLayer, IntegerModel
+from .numerics.pytorch_engines import PARALLEL_GRAIN
 from .numerics.pytorch_versions import installed_kernels
 
 ENGINE_TARGETS = ("fbgemm", "x86", "qnnpack")
@@ -38,7 +41,9 @@ def to_torch(im: IntegerModel) -> "TorchQuantizedModel":
                       f"process runs PyTorch {torch.__version__} ({installed.release}'s kernels), whose integers "
                       "differ on some codes (qparity.numerics.pytorch_versions); the torch module computes this "
                       "PyTorch's integers, not the model's", QParityWarning, stacklevel=2)
-    return TorchQuantizedModel(im)
+    module = TorchQuantizedModel(im)
+    module.warn_on_other_thread_count(stacklevel=3)
+    return module
 
 
 def _fused_clamp(node: Node):
@@ -65,6 +70,12 @@ def _quantized_clamp(q: torch.Tensor, lo, hi) -> torch.Tensor:
     # the result the input's layout, as every engine's own clamp does.
     layout = torch.channels_last if q.dim() == 4 and q.is_contiguous(memory_format=torch.channels_last) \
         and not q.is_contiguous() else torch.contiguous_format
+    if hi is None and lo == 0.0:
+        return torch.relu(q)  # quantized relu is its own kernel (not affected), and clamp needs both bounds
+    # Quantized clamp needs both bounds; an open one becomes the end of the grid, which clamps nothing.
+    info = torch.iinfo(q.int_repr().dtype)
+    lo = (info.min - q.q_zero_point()) * q.q_scale() if lo is None else lo
+    hi = (info.max - q.q_zero_point()) * q.q_scale() if hi is None else hi
     return torch.clamp(q.contiguous(), lo, hi).contiguous(memory_format=layout)
 
 
@@ -104,6 +115,7 @@ class TorchQuantizedModel(nn.Module):
         super().__init__()
         self.graph: Graph = im.graph
         self.engine = im.target.name
+        self.target = im.target
         self.qparams: Dict[str, QParams] = dict(im.qparams)
         self.layers = nn.ModuleDict({name: _layer_module(im.graph.node(name), layer, im.qparams[name])
                                      for name, layer in im.layers.items()})
@@ -118,17 +130,28 @@ class TorchQuantizedModel(nn.Module):
         if torch.backends.quantized.engine != self.engine:
             raise UnsupportedOpError(f"this module reproduces engine {self.engine!r}; set "
                                      f"torch.backends.quantized.engine = {self.engine!r} before running it")
+        self.warn_on_other_thread_count(stacklevel=3)
         env: Dict[str, object] = {}
         feed = iter(inputs)
         for node in self.graph.nodes:
             if node.op == "input":
                 qp = self.qparams[node.name]
-                env[node.name] = torch.quantize_per_tensor(next(feed), float(qp.scale), int(qp.zero_point),
-                                                           torch.quint8)
+                env[node.name] = torch.quantize_per_tensor(self.target.arrange_input(next(feed)), float(qp.scale),
+                                                           int(qp.zero_point), torch.quint8)
                 continue
             args = resolve(node.args, env)
             env[node.name] = self.run_node(node, args, resolve(node.kwargs, env))
         return _dequantize(resolve(self.graph.output, env))
+
+    def warn_on_other_thread_count(self, stacklevel: int) -> None:
+        """PyTorch splits add, hardswish, leaky_relu and hardsigmoid into one parallel chunk per thread, and the
+        chunks decide which elements its vector loop rounds; a module cannot fix the count, so it says so."""
+        recorded, running = self.target.threads, torch.get_num_threads()
+        if recorded is not None and running != recorded:
+            warnings.warn(f"the model records {recorded} engine thread(s) but PyTorch runs {running} "
+                          f"(torch.get_num_threads()); tensors over {PARALLEL_GRAIN} elements may get other codes in "
+                          f"{self.engine}'s elementwise kernels: call torch.set_num_threads({recorded}) to compute "
+                          "the model's integers (docs/determinism.md)", QParityWarning, stacklevel=stacklevel)
 
     def run_node(self, node: Node, args, kwargs):
         if node.op in ("conv2d", "linear"):

@@ -5,29 +5,32 @@ configurations whose semantics the model's target follows give 0 mismatched code
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 
-from .errors import ExportError
+from .export import file_format
 from .export.report import RuntimeResult, VerifyReport, compare_codes
+from .files import require_file
 from .runtime import IntegerModel
 
 __all__ = ["RuntimeResult", "VerifyReport", "compare_codes", "verify"]
 
 
 def verify(model: IntegerModel, path, inputs: Sequence[torch.Tensor] | torch.Tensor) -> VerifyReport:
-    """Run `path` (.onnx or .tflite) in its runtime(s) on `inputs` and compare codes with `model`."""
+    """Run `path` (.onnx or .tflite) in its runtime(s) on `inputs` and compare codes with `model`.
+
+    A missing file is a FileAccessError, a file its runtime cannot load (or whose inputs are not the model's) a
+    ModelFileError, and a model whose target that runtime does not compute an ExportError: never a report.
+    """
+    suffix = file_format(model, path, "verify")
+    path = require_file(path, "the exported file")
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    suffix = os.path.splitext(os.fspath(path))[1].lower()
-    report = VerifyReport(model.target.name, os.fspath(path))
+    report = VerifyReport(model.target.name, path)
     if suffix == ".onnx":
         from .export.onnx import verify_onnx  # imports onnx and onnxruntime: only when needed
         report.results = verify_onnx(model, path, inputs)
-    elif suffix == ".tflite":
+    else:
         from .export.tflite import verify_tflite  # imports LiteRT: only when needed
         report.results = verify_tflite(model, path, inputs)
-    else:
-        raise ExportError(f"cannot verify {os.fspath(path)!r}: use a .onnx or .tflite file")
     return report

@@ -3,28 +3,19 @@ model disagree. `compare` runs both and records every layer, `causes` explains t
 renders them; `command` is the `qparity doctor` console command."""
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+from typing import Any, Tuple
 
 import torch
 from torch import nn
 
 from .causes import diagnose
-from .compare import DoctorInputError, record
+from .compare import DoctorInputError, output_tensors, record
+from .engine_variation import variation_notes
 from .report import KINDS, Cause, DoctorReport, LayerResult
 
 
-def _tensors(value: Any) -> List[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value.dequantize() if value.is_quantized else value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
-
-
 def _compare_outputs(prepared: Any, converted: Any) -> Tuple[int, int, float]:
-    fake, real = _tensors(prepared), _tensors(converted)
+    fake, real = output_tensors(prepared), output_tensors(converted)
     if len(fake) != len(real) or any(a.shape != b.shape for a, b in zip(fake, real)):
         raise DoctorInputError(f"the prepared model returns {[tuple(t.shape) for t in fake]} but the converted model "
                                f"returns {[tuple(t.shape) for t in real]}: pass a model and its own convert")
@@ -43,6 +34,7 @@ def doctor(prepared: nn.Module, converted: nn.Module, example_inputs: Any) -> Do
     engine = torch.backends.quantized.engine
     run = record(prepared, converted, example_inputs)
     layers, causes, notes = diagnose(run, engine)
+    notes += variation_notes(converted, example_inputs, engine)
     causes.sort(key=lambda c: (-c.affected, KINDS.index(c.kind)))
     mismatched, total, largest = _compare_outputs(run.prepared_output, run.converted_output)
     first = next((layer.name for layer in layers if layer.mismatched), None)

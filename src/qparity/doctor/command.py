@@ -22,11 +22,15 @@ def load_function(spec: str) -> Callable[[], Any]:
     path = Path(path_text)
     if not path.is_file():
         raise DoctorInputError(f"no script at {path_text!r}: give path/to/script.py[:function]")
+    if path.suffix != ".py":
+        raise DoctorInputError(f"{path_text!r} is not a Python script (.py): give path/to/script.py[:function]")
     module_spec = importlib.util.spec_from_file_location(f"qparity_doctor_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     sys.path.insert(0, str(path.parent.resolve()))
     try:
         module_spec.loader.exec_module(module)
+    except Exception as error:  # the user's code: report it as theirs, the traceback stays chained (--debug)
+        raise DoctorInputError(f"running {path} raised {type(error).__name__}: {error}") from error
     finally:
         sys.path.remove(str(path.parent.resolve()))
     function = getattr(module, name, None)
@@ -37,7 +41,11 @@ def load_function(spec: str) -> Callable[[], Any]:
 
 
 def models(spec: str) -> Tuple[Any, Any, Any]:
-    result = load_function(spec)()
+    function = load_function(spec)
+    try:
+        result = function()
+    except Exception as error:  # the user's code, as in load_function
+        raise DoctorInputError(f"{spec} raised {type(error).__name__}: {error}") from error
     if not (isinstance(result, (tuple, list)) and len(result) == 3):
         raise DoctorInputError(f"{spec} returned {type(result).__name__}; it must return (prepared, converted, "
                                "example_inputs)")

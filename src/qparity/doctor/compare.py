@@ -227,6 +227,17 @@ def _fx_converted_layers(model: torch.fx.GraphModule, values: Dict[torch.fx.Node
     return layers
 
 
+def output_tensors(value: Any) -> List[torch.Tensor]:
+    """Every tensor in a model's output (nested tuples, lists, dicts), quantized ones dequantized."""
+    if isinstance(value, torch.Tensor):
+        return [value.dequantize() if value.is_quantized else value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in output_tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in output_tensors(v)]
+    return []
+
+
 def record(prepared: nn.Module, converted: nn.Module, example_inputs: Tuple[Any, ...]) -> Run:
     """Run both models once on `example_inputs` (on copies: the caller's observers and BN stats stay put)."""
     if not isinstance(prepared, nn.Module) or not isinstance(converted, nn.Module):

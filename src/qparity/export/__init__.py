@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 
-from ..errors import ExportError
+from ..errors import ArgumentTypeError, ExportError, ModelFileError
+from ..files import path_of, replacing
 from ..numerics import TARGETS, get_target
 from ..runtime import IntegerModel
 
@@ -17,20 +18,46 @@ FORMATS = {suffix: tuple(t for t in TARGETS if get_target(t).file_format == suff
 
 
 def export(model: IntegerModel, path) -> None:
-    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    """Write `model` to `path` (.onnx or .tflite), atomically: a failed export leaves no file behind."""
+    suffix = file_format(model, path, "export")
+    with replacing(path, "the exported file") as temporary:
+        if suffix == ".onnx":
+            from .onnx import export_onnx
+            export_onnx(model, temporary)
+        else:
+            from .tflite import export_tflite
+            export_tflite(model, temporary)
+
+
+ACTIONS = {"export": ("exported to", "export it to"), "verify": ("verified against", "verify it against")}
+
+
+def file_format(model: IntegerModel, path, action: str) -> str:
+    """The suffix of `path` (.onnx or .tflite) once `model` is known to be a model whose target that file's
+    runtime computes; `action` ("export" or "verify") words the error."""
+    if not isinstance(model, IntegerModel):
+        raise ArgumentTypeError(f"expected an IntegerModel (from qparity.convert or qparity.load), got "
+                                f"{type(model).__name__}")
+    suffix = os.path.splitext(path_of(path, "the file"))[1].lower()
     if suffix not in FORMATS:
         raise ExportError(f"cannot tell the format of {os.fspath(path)!r}: use a .onnx or .tflite file name")
     if model.target.name not in FORMATS[suffix]:
         right = {v: k for k, vs in FORMATS.items() for v in vs}.get(model.target.name)
-        hint = (f"export it to a {right} file instead" if right else
-                "this target has no file format of its own")
+        done, do = ACTIONS[action]
+        hint = (f"{do} a {right} file instead" if right else "this target has no file format of its own")
         raise ExportError(
-            f"a model trained for target {model.target.name!r} cannot be exported to {suffix}: that runtime "
+            f"a model trained for target {model.target.name!r} cannot be {done} {suffix}: that runtime "
             f"rounds differently, so its codes would change; train with target={FORMATS[suffix][0]!r} for "
             f"{suffix} files, or {hint}")
-    if suffix == ".onnx":
-        from .onnx import export_onnx
-        export_onnx(model, path)
-    else:
-        from .tflite import export_tflite
-        export_tflite(model, path)
+    return suffix
+
+
+def require_model_inputs(path, shapes, model: IntegerModel) -> None:
+    """An exported file's input shapes against the model's: their count, and every dimension but the batch
+    (a symbolic dimension, a str or None in ONNX Runtime's listing, matches any size)."""
+    wanted = model.graph.input_shapes
+    if len(shapes) != len(wanted) or any(
+            len(have) != len(want) or any(isinstance(h, int) and h != w for h, w in zip(have[1:], want[1:]))
+            for have, want in zip(shapes, wanted)):
+        raise ModelFileError(f"{os.fspath(path)!r} takes inputs of shape {[list(s) for s in shapes]}; the model's "
+                             f"are {[list(s) for s in wanted]} (any batch): was it exported from another model?")

@@ -34,12 +34,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..errors import ExportError
+from ..errors import ExportError, ModelFileError
 from ..graph import CALLS, Graph, Node, Ref, resolve, fused_clamp_bounds
 from ..numerics import pooling
 from ..numerics.accumulate import ConvGeometry
 from ..qparams import TORCH_DTYPES, QParams
 from ..runtime import IntegerModel
+from . import require_model_inputs
 from .report import RuntimeResult, compare_codes
 
 OPSET = 21
@@ -509,11 +510,27 @@ def verify_onnx(model: IntegerModel, path, inputs: Sequence[torch.Tensor]) -> Li
         options.graph_optimization_level = level
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+        session = _session(ort, path, options)
+        require_model_inputs(path, [tuple(i.shape) for i in session.get_inputs()], model)
         feeds = {i.name: x.detach().to(torch.float32).cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
-        for index, (y, want, qp) in enumerate(zip(session.run(None, feeds), expected, grids)):
+        try:
+            outputs = session.run(None, feeds)
+        except Exception as error:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
+            raise ModelFileError(f"{os.fspath(path)!r} does not run on the model's inputs: {error}") from error
+        if len(outputs) != len(expected):
+            raise ModelFileError(f"{os.fspath(path)!r} has {len(outputs)} output(s); the model has {len(expected)}")
+        for index, (y, want, qp) in enumerate(zip(outputs, expected, grids)):
             results.append(compare_codes(label, index, want, _codes_from_floats(y, qp), binding=binding))
     return results
+
+
+def _session(ort, path, options):
+    """An InferenceSession of `path`, or a ModelFileError saying the file is no model ONNX Runtime loads."""
+    try:
+        return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - onnxruntime's errors derive from Exception only
+        raise ModelFileError(f"{os.fspath(path)!r} is not an ONNX model ONNX Runtime can load: "
+                             f"{str(error).strip()}") from error
 
 
 def _codes_from_floats(y: np.ndarray, qp: QParams) -> torch.Tensor:

@@ -49,12 +49,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..errors import ExportError
+from ..errors import ExportError, ModelFileError
 from ..graph import CALLS, Executor, Node, fused_clamp_bounds
 from ..numerics import pooling
 from ..numerics.accumulate import ConvGeometry
 from ..qparams import QParams
 from ..runtime import IntegerModel
+from . import require_model_inputs
 from .report import RuntimeResult, compare_codes
 
 NHWC = (0, 2, 3, 1)
@@ -738,6 +739,7 @@ def verify_tflite(model: IntegerModel, path, inputs: Sequence[torch.Tensor]) -> 
     inputs = tuple(inputs)
     expected = list(_leaves(model.run(*_as_tuple(model.quantize(*inputs)))))
     grids = list(_leaves(model.output_qparams))
+    _require_loadable(model, path, len(expected))
     results: List[RuntimeResult] = []
     for label, resolver, bound_target, other_note in CONFIGURATIONS:
         binding = model.target.name == bound_target
@@ -752,6 +754,22 @@ def verify_tflite(model: IntegerModel, path, inputs: Sequence[torch.Tensor]) -> 
         for i, (codes, real, grid) in enumerate(zip(expected, outputs, grids)):
             results.append(compare_codes(label, i, codes, codes_from_dequantized(real, grid), binding, note))
     return results
+
+
+def _require_loadable(model: IntegerModel, path, outputs: int) -> None:
+    """A ModelFileError unless LiteRT loads `path` as a model with the model's inputs and output count: the
+    kernel sets that then fail to run it are reported per configuration, a file that is no model is not."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        interpreter = Interpreter(model_path=str(path))
+    except (RuntimeError, ValueError) as error:
+        raise ModelFileError(f"{str(path)!r} is not a TFLite model LiteRT can load: "
+                             f"{str(error).strip().splitlines()[0]}") from error
+    require_model_inputs(path, [tuple(int(d) for d in i["shape"]) for i in interpreter.get_input_details()], model)
+    found = len(interpreter.get_output_details())
+    if found != outputs:
+        raise ModelFileError(f"{str(path)!r} has {found} output(s); the model has {outputs}")
 
 
 def run_tflite(path, inputs: Sequence[torch.Tensor], resolver: str = "BUILTIN_REF") -> List[torch.Tensor]:

@@ -9,6 +9,13 @@ Two roundings depend on the PyTorch release (pytorch_versions.py, chosen by torc
 saved models): Q_vec(x) = quantize_vec, rne(fma(x, inv, z)) in 2.13 and rne(f(x * inv)) + z in 2.14; and
 Q_val(x) = the scalar loops' quantize_val, rne(f(f(x * inv) + z)) in 2.13 and rne(f(x * inv)) + z in 2.14.
 
+Two settings of the machine change fbgemm's and x86's codes, so each target records them
+(`configured(threads=, memory_format=)`; docs/determinism.md): the thread count splits add, hardswish,
+leaky_relu and hardsigmoid into parallel chunks (below), and the layout of the model's inputs decides the
+layouts downstream (add's output takes its first input's, the pools choose nhwc or nchw kernels by it).
+prepare_qat fixes both from torch.get_num_threads() and the example inputs; the kernels below read
+`engine_threads()`, and `arrange_input` stores the model's inputs in the recorded layout.
+
 - quantize (quantize_per_tensor / QuantStub), every engine: q = sat(Q_vec(x)) (fbgemm's Quantize, reached
   through at::native::quantize_vec; measured on every element, ties included).
 - conv2d / linear:
@@ -67,7 +74,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UnsupportedOpError
+from ..errors import TargetSettingError, UnsupportedOpError
 from . import pooling
 from ..qparams import QParams
 from .arithmetic import fma_f32
@@ -118,6 +125,45 @@ def fbgemm_depthwise_path(geometry, weight_shape) -> bool:
             and tuple(padding) == ((kh - 1) // 2, (kw - 1) // 2))
 
 
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+# What a .qp file written before the settings were recorded runs with (docs/determinism.md): one thread (one
+# parallel chunk, PyTorch's sequential semantics) and PyTorch's default layout.
+UNRECORDED_THREADS = 1
+UNRECORDED_MEMORY_FORMAT = "contiguous"
+
+
+def _checked_threads(threads):
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise TargetSettingError(f"engine thread count {threads!r}: give a positive int (what torch.set_num_threads "
+                                 "would be set to on the machine that runs the model)")
+    return threads
+
+
+def _checked_memory_format(memory_format):
+    if memory_format is None or memory_format in MEMORY_FORMATS:
+        return memory_format
+    raise TargetSettingError(f"memory format {memory_format!r}: give one of {', '.join(map(repr, MEMORY_FORMATS))} "
+                             "(the layout of the model's 4-D inputs)")
+
+
+def _layout_name(x: torch.Tensor) -> str:
+    # quantize_per_tensor allocates its output in the input's suggest_memory_format.
+    strictly_channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return "channels_last" if strictly_channels_last else "contiguous"
+
+
+def input_memory_format(example_inputs) -> str:
+    """The layout PyTorch would run the example inputs in: channels_last when the 4-D inputs are stored so."""
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    found = {_layout_name(x) for x in inputs if isinstance(x, torch.Tensor) and x.dim() == 4}
+    if len(found) > 1:
+        raise TargetSettingError("the example inputs mix contiguous and channels_last 4-D tensors; choose one layout "
+                                 "for the model: target=get_target(name).configured(memory_format=...)")
+    return found.pop() if found else "contiguous"
+
+
 class PyTorchEngineTarget(Target):
     """What every PyTorch engine shares; subclasses name the conv, linear and add rules they use."""
 
@@ -133,14 +179,51 @@ class PyTorchEngineTarget(Target):
     pool_rule = "fbgemm"
     prelu = staticmethod(engine_prelu)  # qprelu_out_kernel (numerics/prelu.py)
 
-    def __init__(self, kernels: PyTorchKernels | None = None):
+    def __init__(self, kernels: PyTorchKernels | None = None, threads: int | None = None,
+                 memory_format: str | None = None):
         # The PyTorch release whose kernels this target reproduces (pytorch_versions.py): the running one
         # unless a saved model names another.
         self.kernels = kernels or installed_kernels()
+        # The thread count and input layout the engine is taken to run with (docs/determinism.md). None follows
+        # the calling process as PyTorch does; prepare_qat, IntegerModel and load fix both.
+        self.threads = _checked_threads(threads)
+        self.memory_format = _checked_memory_format(memory_format)
 
     def for_release(self, release: str) -> "PyTorchEngineTarget":
         """This engine as PyTorch `release` ('2.13', '2.14') computes it."""
-        return self if release == self.kernels.release else type(self)(kernels_named(release))
+        if release == self.kernels.release:
+            return self
+        return type(self)(kernels_named(release), self.threads, self.memory_format)
+
+    def configured(self, threads: int | None = None, memory_format: str | None = None) -> "PyTorchEngineTarget":
+        """This engine run by `threads` threads (torch.set_num_threads) on inputs stored `memory_format`
+        ("contiguous" or "channels_last"); a setting left None keeps this target's."""
+        return type(self)(self.kernels, self.threads if threads is None else threads,
+                          self.memory_format if memory_format is None else memory_format)
+
+    def with_defaults_for(self, example_inputs) -> "PyTorchEngineTarget":
+        """Every open setting fixed as PyTorch would run now: this process's thread count, the layout of the
+        example inputs."""
+        return self.configured(self.threads or torch.get_num_threads(),
+                               self.memory_format or input_memory_format(example_inputs))
+
+    def settings(self) -> dict:
+        return {"pytorch_kernels": self.kernels.release, "engine_threads": self.threads,
+                "memory_format": self.memory_format}
+
+    def engine_threads(self) -> int:
+        """The thread count that splits elementwise kernels into parallel chunks (`vector_loop_mask`)."""
+        return self.threads or torch.get_num_threads()
+
+    def arrange_input(self, x: torch.Tensor) -> torch.Tensor:
+        # A 4-D input's layout decides the layout of what follows it (add's output takes its first input's,
+        # mixed layouts run add's scalar loop only, the pools pick nhwc or nchw kernels), so the model's
+        # inputs take the recorded one, whatever the caller's.
+        if self.memory_format is None:
+            return x
+        if x.dim() == 4:
+            return x.contiguous(memory_format=MEMORY_FORMATS[self.memory_format])
+        return x.contiguous()
 
     # -- accumulation -------------------------------------------------------------------------------------
     def accumulation(self, geometry, weight_shape):
@@ -237,7 +320,7 @@ class PyTorchEngineTarget(Target):
             raise UnsupportedOpError(f"{BROADCAST_ADD} (shapes {tuple(qa.shape)} and {tuple(qb.shape)})")
         if self.add_rule == "qnnpack":
             return _qnnpack_add(qa, a, qb, b, out, lo, hi)
-        return _fbgemm_add(qa, a, qb, b, out, lo, hi, self.kernels)
+        return _fbgemm_add(qa, a, qb, b, out, lo, hi, self.kernels, self.engine_threads())
 
     # -- mul ------------------------------------------------------------------------------------------------
     def multiply(self, qa, a, qb, b, out, lo, hi):
@@ -311,13 +394,14 @@ class PyTorchEngineTarget(Target):
             slope = torch.tensor(attrs["negative_slope"], dtype=torch.float32)
             inv_y = _reciprocal(out.scale)
             codes = _vector_and_scalar_loops(
-                kind, q, source,
+                kind, q, source, self.engine_threads(),
                 lambda x: torch.round(x * torch.where(x > 0, 1.0, slope) * inv_y) + float(out.zero_point),
                 lambda x: self.kernels.quantize_scalar_loop(torch.where(x > 0, x, x * slope), inv_y,
                                                             float(out.zero_point)))
             return codes.clamp_(out.qmin, out.qmax).to(torch.int64)
         if kind == "hardsigmoid" and self.name != "qnnpack":  # qhardsigmoid_kernel: the grid is (1/256, 0)
-            codes = _vector_and_scalar_loops(kind, q, source, lambda x: torch.round(_hardsigmoid_real(x) * 256.0),
+            codes = _vector_and_scalar_loops(kind, q, source, self.engine_threads(),
+                                             lambda x: torch.round(_hardsigmoid_real(x) * 256.0),
                                              lambda x: torch.round(_hardsigmoid_real(x) * 256.0))
             return codes.clamp_(out.qmin, out.qmax).to(torch.int64)
         return super().activation(kind, q, source, out, attrs)
@@ -326,7 +410,7 @@ class PyTorchEngineTarget(Target):
     def hardswish(self, q, source, out):
         if self.name == "qnnpack":
             return _qnnpack_hardswish(q, source, out)
-        return _fbgemm_hardswish(q, source, out, self.kernels)
+        return _fbgemm_hardswish(q, source, out, self.kernels, self.engine_threads())
 
     def elementwise_hardswish(self, numel):
         return self.name == "qnnpack"  # QNNPACK itself runs a lookup table; fbgemm's depends on the position
@@ -419,7 +503,7 @@ def vector_loop_mask(n: int, threads: int) -> torch.Tensor:
     return (position - start) < (length // VECTOR_BLOCK) * VECTOR_BLOCK
 
 
-def _fbgemm_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi, kernels: PyTorchKernels):
+def _fbgemm_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi, kernels: PyTorchKernels, threads: int):
     # The output takes the first input's memory format (qadd.cpp: self.suggest_memory_format()); when the two
     # inputs are stored differently TensorIterator has no contiguous inner loop and runs the scalar loop only.
     layout_a, layout_b = _channels_last(qa), _channels_last(qb)
@@ -437,7 +521,7 @@ def _fbgemm_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi, kernels: P
     if mixed:
         codes = scalar
     else:
-        codes = torch.where(vector_loop_mask(fa.numel(), torch.get_num_threads()), vector, scalar)
+        codes = torch.where(vector_loop_mask(fa.numel(), threads), vector, scalar)
     return _from_memory_order(codes.clamp_(lo, hi).to(torch.int64), qa, channels_last)
 
 
@@ -453,17 +537,17 @@ def _qnnpack_hardswish(q, source: QParams, out: QParams) -> torch.Tensor:
     return codes.clamp_(out.qmin, out.qmax).to(torch.int64)
 
 
-def _fbgemm_hardswish(q, source: QParams, out: QParams, kernels: PyTorchKernels) -> torch.Tensor:
+def _fbgemm_hardswish(q, source: QParams, out: QParams, kernels: PyTorchKernels, threads: int) -> torch.Tensor:
     """qhardswish_kernel: dequantize (fma in the vector loop), h(x), quantize (release rule in the scalar loop)."""
     inv_y = _reciprocal(out.scale)
     return _vector_and_scalar_loops(
-        "hardswish", q, source,
+        "hardswish", q, source, threads,
         lambda x: torch.round(_hardswish_real(x) * inv_y) + float(out.zero_point),
         lambda x: kernels.quantize_scalar_loop(_hardswish_real(x), inv_y, float(out.zero_point))
     ).clamp_(out.qmin, out.qmax).to(torch.int64)
 
 
-def _vector_and_scalar_loops(op: str, q, source: QParams, vector, scalar) -> torch.Tensor:
+def _vector_and_scalar_loops(op: str, q, source: QParams, threads: int, vector, scalar) -> torch.Tensor:
     """An elementwise kernel whose vector and scalar loops round differently (cpu_kernel_vec): each element's
     code from the loop that computes it (vector_loop_mask over memory order, which TensorIterator walks for
     any dense layout), as a float tensor with q's strides (the kernels allocate their output like the input).
@@ -476,7 +560,7 @@ def _vector_and_scalar_loops(op: str, q, source: QParams, vector, scalar) -> tor
                                  "the strides; make the input contiguous first")
     flat = stored.reshape(-1).to(torch.float32)
     s, z = source.scale.to(torch.float32), float(source.zero_point)
-    codes = torch.where(vector_loop_mask(flat.numel(), torch.get_num_threads()),
+    codes = torch.where(vector_loop_mask(flat.numel(), threads),
                         vector(fma_f32(flat, s, s * -z)), scalar((flat - z) * s))
     return codes.reshape(stored.shape).permute([order.index(d) for d in range(q.dim())])
 

@@ -196,6 +196,25 @@ class Target:
         """Window sums of centered codes (q - zero_point) over `counts` elements to codes."""
         raise NotImplementedError
 
+    # -- settings a model fixes ---------------------------------------------------------------------------
+    def with_defaults_for(self, example_inputs) -> "Target":
+        """This target with every setting the caller left open fixed as its runtime would choose it for these
+        example inputs (prepare_qat calls it). Most targets have no settings."""
+        return self
+
+    def settings(self) -> dict:
+        """The settings a model records with its target (a .qp file stores them); {} where there are none."""
+        return {}
+
+    def arrange_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A model input as the runtime stores it before the first operator (its memory layout)."""
+        return x
+
+    def label(self) -> str:
+        """The name with the settings: 'fbgemm (pytorch_kernels=2.14, engine_threads=2, ...)'."""
+        settings = ", ".join(f"{k}={v}" for k, v in self.settings().items())
+        return f"{self.name} ({settings})" if settings else self.name
+
     def machine_note(self) -> str:
         """Which of the runtime's machine-dependent code paths this machine takes ("" if none)."""
         return ""

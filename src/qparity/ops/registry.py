@@ -57,8 +57,8 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
     Operator("input", "model inputs", True, "quantize (the target's QUANTIZE rule)",
              "identity inside the grid, 0 outside (torch.ao's fake-quant mask)",
              "float tensors; any batch size, other dimensions as captured", torch_form="quantize_per_tensor"),
-    Operator("conv2d", "`nn.Conv2d`, `F.conv2d` on the model's own parameters; `nn.BatchNorm2d` right after "
-             "it is folded in; `nn.Conv1d`, `F.conv1d` as a height-1 conv2d between an unsqueeze and a squeeze "
+    Operator("conv2d", "`nn.Conv2d`, `F.conv2d` on the model's own parameters; `nn.BatchNorm2d` (or `nn.SyncBatchNorm`) right "
+             "after it is folded in; `nn.Conv1d`, `F.conv1d` as a height-1 conv2d between an unsqueeze and a squeeze "
              "(ops/conv1d.py), with `nn.BatchNorm1d` right after it folded in; `nn.BatchNorm2d` anywhere else as a "
              "depthwise 1x1 conv with the BatchNorm folded in", True,
              "exact int32 accumulator + bias, the target's requantizer (PyTorch engines: float bias as the "

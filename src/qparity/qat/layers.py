@@ -11,6 +11,7 @@ from ..numerics.accumulate import ConvGeometry
 from ..qparams import symmetric_weight_scale
 from ..numerics import Target
 from ..ops.surrogates import clamp, straight_through
+from . import distributed
 
 
 class QATLayer(nn.Module):
@@ -24,7 +25,7 @@ class QATLayer(nn.Module):
     def __init__(self, layer: Layer, geometry: ConvGeometry, target: Target, per_channel: bool, where: str):
         super().__init__()
         self.module = layer.module
-        self.batch_norm = layer.batch_norm
+        self.batch_norm = distributed.without_cuda_requirement(layer.batch_norm)
         self.geometry = geometry
         self.target = target
         self.per_channel = per_channel

@@ -54,4 +54,4 @@ class QATModel(nn.Module):
         return self.observers[name].qparams()
 
     def extra_repr(self) -> str:
-        return f"target={self.target.name}, activations={self.activation_dtype}, {len(self.graph.nodes)} nodes"
+        return f"target={self.target.label()}, activations={self.activation_dtype}, {len(self.graph.nodes)} nodes"

@@ -1,4 +1,7 @@
-"""Activation observers: moving-average min/max in training, frozen quantization parameters after freeze."""
+"""Activation observers: moving-average min/max in training, frozen quantization parameters after freeze.
+
+Under torch.distributed the batch's min/max is the global batch's (qat/distributed.py), reduced before the
+moving-average update, so every rank tracks the same range."""
 from __future__ import annotations
 
 import torch
@@ -6,6 +9,7 @@ from torch import nn
 
 from ..errors import NotCalibratedError
 from ..qparams import QParams, affine_qparams
+from .distributed import global_min_max
 
 
 class ActivationObserver(nn.Module):
@@ -35,6 +39,7 @@ class ActivationObserver(nn.Module):
         if self.frozen or not self.training:
             return
         low, high = torch.aminmax(x.detach().to(torch.float32))
+        low, high = global_min_max(low, high)
         if not self.calibrated:
             self.min_val.copy_(low)
             self.max_val.copy_(high)

@@ -14,6 +14,7 @@ from ..numerics.accumulate import ConvGeometry
 from ..numerics.activations import NAMES as ACTIVATION_NAMES
 from ..numerics import Target, get_target
 from ..ops.registry import LAYER_OPS, refuse_if_target_cannot_run
+from .distributed import require_whole_parameters
 from .layers import QATLayer
 from .model import QATModel
 from .slopes import QATSlope
@@ -26,13 +27,15 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch
     per_channel: one weight scale per output channel (True) or per tensor; a layer whose kernel on the target
         takes per-tensor weights only (ConvTranspose2d on PyTorch's engines) gets one scale per tensor.
     activation_dtype: the activation code dtype where the target allows a choice (`target.activation_dtypes`).
+    target: a name, or a configured target such as get_target("fbgemm").configured(threads=4,
+    memory_format="channels_last"); settings left open are fixed now (`Target.with_defaults_for`).
     """
-    spec = get_target(target)
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    spec = get_target(target).with_defaults_for(inputs)  # engine threads and input layout (docs/determinism.md)
     dtype = activation_dtype or spec.activation_dtypes[0]
     if dtype not in spec.activation_dtypes:
         raise InvalidQParamsError(f"target {spec.name!r} supports activation dtypes {spec.activation_dtypes}, "
                                   f"not {dtype!r}")
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     graph, layers = capture(copy.deepcopy(model), inputs)
     refuse_what_the_target_cannot_run(graph, layers, spec)
     qat_layers = {}
@@ -84,6 +87,7 @@ def freeze(model: QATModel) -> QATModel:
     `convert` produces.
     """
     require_prepared(model, "freeze")
+    require_whole_parameters(model, "freeze")
     for observer in model.observers.values():
         observer.freeze()
     for layer in model.layers.values():
@@ -93,8 +97,10 @@ def freeze(model: QATModel) -> QATModel:
 
 def require_prepared(model, action: str) -> None:
     if not isinstance(model, QATModel):
+        wrapper = (" (a wrapper such as DistributedDataParallel: pass its .module)" if hasattr(model, "module")
+                   else "")
         raise NotPreparedError(f"{action} expects the model returned by qparity.prepare_qat, got "
-                               f"{type(model).__name__}")
+                               f"{type(model).__name__}{wrapper}")
 
 
 @torch.no_grad()
