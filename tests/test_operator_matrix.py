@@ -127,7 +127,7 @@ def test_operator_on_target_runs_exactly_or_is_refused_as_registered(tmp_path_fa
     entry = OPERATORS[op]
     if target in entry.refused_by:
         runs = ", ".join(entry.targets())
-        with pytest.raises(UnsupportedOpError, match=rf"at module '{where}' cannot run on target '{target}'"
+        with pytest.raises(UnsupportedOpError, match=rf"module '{where}' cannot run on target '{target}'"
                                                      rf".*targets that run it: {runs}"):
             qp.prepare_qat(make(), (x,), target=target)
         return
