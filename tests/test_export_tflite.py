@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from models import CatMLP, ResNetish
 from torch import nn
 
+import qparity as qp
 from qparity.errors import ExportError, UnsupportedOpError
 from qparity.export import export
 from qparity.export.tflite import AxisWindow, export_tflite, plan_padding, run_tflite
@@ -272,3 +273,26 @@ def test_inexpressible_pooling_raises_export_error_naming_op_and_module(pool, wh
     _, integer = prepare_and_convert(Pool(pool), (batches[0],), "tflite", batches)
     with pytest.raises(ExportError, match=f"pool2d at module 'pool'.*{why}"):
         export(integer, tmp_path / "model.tflite")
+
+
+class MixesSamples(nn.Module):
+    """Adds the first sample's features to every sample: a .tflite file running one sample at a time cannot."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y + y[:1]
+
+
+@pytest.mark.parametrize("target", ["tflite", "xnnpack"])
+def test_a_model_mixing_samples_of_the_batch_is_refused_at_export_naming_the_node(tmp_path, target):
+    x = torch.randn(3, 4, 5)
+    prepared = qp.prepare_qat(MixesSamples(), (x,), target=target)
+    qp.calibrate(prepared, [x])
+    integer = qp.convert(qp.freeze(prepared))
+    with pytest.raises(qp.QParityError, match=r"node 'getitem'.*combines different samples of the batch"):
+        qp.export(integer, tmp_path / "model.tflite")
+    assert not (tmp_path / "model.tflite").exists()

@@ -81,6 +81,7 @@ EXAMPLES = {
     "linear": (LinearHead, "fc"),
     "add": (lambda: Around(Apply(torch.add), binary=True), "op"),
     "mul": (lambda: Around(Apply(torch.mul), binary=True), "op"),
+    "sub": (lambda: Around(Apply(torch.sub), binary=True), "op"),
     "cat": (lambda: Around(Apply(lambda a, b: torch.cat([a, b], 1)), binary=True), "op"),
     "hardswish": (lambda: Around(nn.Hardswish()), "op"),
     "sigmoid": (lambda: Around(nn.Sigmoid()), "op"),
@@ -126,7 +127,7 @@ def test_operator_on_target_runs_exactly_or_is_refused_as_registered(tmp_path_fa
     entry = OPERATORS[op]
     if target in entry.refused_by:
         runs = ", ".join(entry.targets())
-        with pytest.raises(UnsupportedOpError, match=rf"at module '{where}' cannot run on target '{target}'"
+        with pytest.raises(UnsupportedOpError, match=rf"module '{where}' cannot run on target '{target}'"
                                                      rf".*targets that run it: {runs}"):
             qp.prepare_qat(make(), (x,), target=target)
         return

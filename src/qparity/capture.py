@@ -287,6 +287,8 @@ class _Builder:
             self.emit(node, "elu", [self.ref(args[0])], attrs={"alpha": float(alpha)})
         elif fn in (operator.add, torch.add):
             self.emit_add(node, args, kwargs)
+        elif fn in (operator.sub, torch.sub):
+            self.emit_add(node, args, kwargs, op="sub")
         elif fn in (operator.mul, torch.mul) and isinstance(self.values.get(node.name), torch.Tensor):
             self.emit_mul(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
         elif fn is F.silu:
@@ -374,6 +376,8 @@ class _Builder:
             self.emit_clamp(node, args[0], args[1:], kwargs)
         elif name == "add":
             self.emit_add(node, args, kwargs)
+        elif name == "sub":
+            self.emit_add(node, args, kwargs, op="sub")
         elif name == "mean":
             self.emit_mean(node, args[0], args[1:], kwargs)
         elif name in ("sigmoid", "tanh"):
@@ -478,19 +482,25 @@ class _Builder:
         self.emit(node, "clamp", [self.ref(x)], attrs={"min": None if low is None else float(low),
                                                        "max": None if high is None else float(high)})
 
-    def emit_add(self, node, args, kwargs) -> None:
+    def emit_add(self, node, args, kwargs, op="add") -> None:
+        """add or sub of two tensors; broadcasting is recorded so that prepare_qat can refuse it by name on a
+        target whose kernel does not broadcast."""
         a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
         if not (self.is_tensor(a) and self.is_tensor(b)):
             if not isinstance(self.values.get(node.name), torch.Tensor):
-                self.emit(node, "call", self.ref(args), self.ref(dict(kwargs)), attrs={"fn": "function:operator.add"})
+                self.emit(node, "call", self.ref(args), self.ref(dict(kwargs)), attrs={"fn": f"function:operator.{op}"})
                 return
-            raise self.unsupported(node, "add of a tensor and a constant (only two quantized tensors can be added)")
+            raise self.unsupported(node, f"{op} of a tensor and a constant (only two quantized tensors)")
         if kwargs.get("alpha", 1) != 1:
-            raise self.unsupported(node, "add with alpha != 1")
-        if self.values[a.name].shape != self.values[b.name].shape:
-            raise self.unsupported(node, f"add of tensors of different shapes {tuple(self.values[a.name].shape)} and "
-                                         f"{tuple(self.values[b.name].shape)} (broadcasting)")
-        self.emit(node, "add", [self.ref(a), self.ref(b)], attrs={})
+            raise self.unsupported(node, f"{op} with alpha != 1")
+        shape_a, shape_b = self.values[a.name].shape, self.values[b.name].shape
+        try:
+            torch.broadcast_shapes(shape_a, shape_b)
+        except RuntimeError:
+            raise self.unsupported(node, f"{op} of shapes {tuple(shape_a)} and {tuple(shape_b)}, which do not "
+                                         "broadcast") from None
+        attrs = {"broadcast": True} if shape_a != shape_b else {}
+        self.emit(node, op, [self.ref(a), self.ref(b)], attrs=attrs)
 
     def emit_mul(self, node, a, b) -> None:
         if not (self.is_tensor(a) and self.is_tensor(b)):

@@ -144,6 +144,7 @@ PARAMETERS = {
     "conv_transpose2d": lambda model, node, inputs, root: _layer_params(model, node, model.layers[node.name], root),
     "linear": lambda model, node, inputs, root: _layer_params(model, node, model.layers[node.name], root),
     "add": lambda model, node, inputs, root: _add_params(model, node, *inputs),
+    "sub": lambda model, node, inputs, root: _add_params(model, node, *inputs, sign=-1),
     "cat": lambda model, node, inputs, root: _cat_params(model, node, inputs),
     "mul": lambda model, node, inputs, root: {"input_a": inputs[0].qparams.to_dict(),
                                               "input_b": inputs[1].qparams.to_dict(),
@@ -196,7 +197,8 @@ def _requantization(target: str, input_qp: QParams, weight_scale: torch.Tensor, 
     return {"multiplier_exact": _ratio(ExactRatio.of_scales([input_qp.scale, weight_scale], [output_qp.scale]))}
 
 
-def _add_params(model: IntegerModel, node: Node, a: QValue, b: QValue) -> dict:
+def _add_params(model: IntegerModel, node: Node, a: QValue, b: QValue, sign: int = 1) -> dict:
+    """add's parameters; sub (sign -1) is the same add with input b's multiplier negated (TFLite's kernels)."""
     out = model.qparams[node.name]
     params = {"input_a": a.qparams.to_dict(), "input_b": b.qparams.to_dict(), "output": out.to_dict(),
               "clamp": list(fused_clamp_bounds(model.target, node, out))}
@@ -204,17 +206,19 @@ def _add_params(model: IntegerModel, node: Node, a: QValue, b: QValue) -> dict:
     if target == "tflite":
         (m_a, s_a), (m_b, s_b), (m_y, s_y) = tflite_spec.add_multipliers(a.qparams, b.qparams, out)
         params.update({"left_shift": ADD_LEFT_SHIFT, "input_a_multiplier": int(m_a), "input_a_shift": int(s_a),
-                       "input_b_multiplier": int(m_b), "input_b_shift": int(s_b),
+                       "input_b_multiplier": sign * int(m_b), "input_b_shift": int(s_b),
                        "output_multiplier": int(m_y), "output_shift": int(s_y)})
     elif target == "onnxruntime":
         # ORT's scalar-A kernel swaps the roles of A and B (qparity.numerics.onnxruntime).
-        first, second = (b.qparams, a.qparams) if a.codes.numel() == 1 else (a.qparams, b.qparams)
+        swapped = ort_spec.swaps_operands(a.codes.shape, b.codes.shape)
+        first, second = (b.qparams, a.qparams) if swapped else (a.qparams, b.qparams)
         ratio_first, ratio_second, offset = ort_spec.add_parameters(first, second, out)
-        params.update({"swapped": a.codes.numel() == 1, "ratio_first_f32": float(ratio_first),
+        params.update({"swapped": swapped, "ratio_first_f32": float(ratio_first),
                        "ratio_second_f32": float(ratio_second), "offset_f32": float(offset)})
     else:
         params.update({"ratio_a_exact": _ratio(ExactRatio.of_scales([a.qparams.scale], [out.scale])),
-                       "ratio_b_exact": _ratio(ExactRatio.of_scales([b.qparams.scale], [out.scale]))})
+                       "ratio_b_exact": _ratio(ExactRatio.of_scales([b.qparams.scale], [out.scale])),
+                       "sign_b": sign})
     return params
 
 

@@ -49,13 +49,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..errors import ExportError, ModelFileError
+from ..errors import ExportError, ModelFileError, QParityError
 from ..graph import CALLS, Executor, Node, fused_clamp_bounds
 from ..numerics import pooling
 from ..numerics.accumulate import ConvGeometry
 from ..qparams import QParams
 from ..runtime import IntegerModel
 from . import require_model_inputs
+from .batch import first_node_mixing_samples
 from .report import RuntimeResult, compare_codes
 
 NHWC = (0, 2, 3, 1)
@@ -73,8 +74,22 @@ def export_tflite(model: IntegerModel, path, batch_size: int = 1) -> None:
                           "kernels) to deploy with TFLite")
     if model.activation_dtype != "int8":
         raise ExportError(f"TFLite's int8 kernels need int8 activations, the model has {model.activation_dtype}")
+    _refuse_mixed_samples(model, batch_size)
     with open(path, "wb") as f:
         f.write(_Exporter(model, batch_size).build())
+
+
+def _refuse_mixed_samples(model: IntegerModel, batch_size: int) -> None:
+    """A .tflite file runs fixed batches: refuse a program whose samples are not computed independently."""
+    try:
+        node = first_node_mixing_samples(model)
+    except (QParityError, RuntimeError) as error:
+        raise ExportError(f"the model does not run on batches of other sizes ({error}); a .tflite file runs fixed "
+                          f"batches of {batch_size}") from None
+    if node is not None:
+        raise ExportError(f"{node.op} at {node.path} combines different samples of the batch (or moves the batch "
+                          f"dimension); a .tflite file runs fixed batches of {batch_size} samples, so its codes "
+                          "would differ")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -486,14 +501,24 @@ class _Exporter(Executor):
         return self.clamp(TFLiteTensor(out, out_shape, grid, tuple(range(len(out_shape)))), rest, node.name)
 
     def op_add(self, node: Node, a: TFLiteTensor, b: TFLiteTensor):
+        return self.binary(node, a, b, "ADD", "AddOptions")
+
+    def op_sub(self, node: Node, a: TFLiteTensor, b: TFLiteTensor):
+        return self.binary(node, a, b, "SUB", "SubOptions")
+
+    def binary(self, node: Node, a: TFLiteTensor, b: TFLiteTensor, code: str, options: str):
+        """ADD / SUB with broadcasting (BroadcastAdd4DSlow: the same arithmetic per element): both operands stored
+        in one layout, so their stored shapes broadcast alike; TFLite's broadcast takes at most 6 dimensions."""
         grid = self.model.qparams[node.name]
-        if a.shape != b.shape:
-            raise self.refuse(node, f"add of shapes {a.shape} and {b.shape}")
+        if len(a.shape) != len(b.shape):
+            raise self.refuse(node, f"{node.op} of ranks {len(a.shape)} and {len(b.shape)} (expand the smaller one "
+                                    "first)")
         b = self.in_layout(b, a.perm)
+        shape = tuple(max(x, y) for x, y in zip(a.shape, b.shape))
         act, rest = self.fused(node, grid)
-        out = self.activation(node.name, a.stored_shape, grid)
-        self.fb.operator("ADD", [a.index, b.index], [out], self.fb.options("AddOptions", fusedActivationFunction=act))
-        return self.clamp(TFLiteTensor(out, a.shape, grid, a.perm), rest, node.name)
+        out = self.activation(node.name, [shape[p] for p in a.perm], grid)
+        self.fb.operator(code, [a.index, b.index], [out], self.fb.options(options, fusedActivationFunction=act))
+        return self.clamp(TFLiteTensor(out, shape, grid, a.perm), rest, node.name)
 
     def op_mul(self, node: Node, a: TFLiteTensor, b: TFLiteTensor):
         """MUL with broadcasting: both operands stored in one layout, so their stored shapes broadcast alike."""

@@ -95,7 +95,7 @@ def round_half_even_exact(terms: Sequence[Tuple[torch.Tensor, ExactRatio]], lo: 
     estimate = None
     for k, c in terms:
         part = k.to(torch.float64) * c.estimate.to(k.device)
-        estimate = part if estimate is None else estimate.add_(part)
+        estimate = part if estimate is None else estimate + part  # the terms may broadcast
     rounded = torch.round(estimate)
     near_tie = (estimate - rounded).abs_() >= 0.5 - error_bound
     if bool(near_tie.any()):

@@ -4,6 +4,7 @@ Every result is round-half-even of an exact rational, then clamped:
 - quantize:    q = clamp(z + rhe(x / s))
 - conv/linear: q = clamp(z_y + rhe((acc + bias) * s_x * s_w / s_y))
 - add:         q = clamp(z_y + rhe(((q_a - z_a) * s_a + (q_b - z_b) * s_b) / s_y))
+- sub:         q = clamp(z_y + rhe(((q_a - z_a) * s_a - (q_b - z_b) * s_b) / s_y))
 - mul:         q = clamp(z_y + rhe((q_a - z_a) * (q_b - z_b) * s_a * s_b / s_y))
 - rescale:     q = clamp(z_y + rhe((q - z) * s / s_y))
 - average:     q = z + rhe(sum(q - z) / count)
@@ -50,7 +51,7 @@ class ExactTarget(Target):
 
         return requantize
 
-    def elementwise_add(self, numel):
+    def elementwise_add(self, shape_a, shape_b):
         return True
 
     def add(self, qa, a, qb, b, out, lo, hi):
@@ -59,6 +60,9 @@ class ExactTarget(Target):
                  (qb - zb, ExactRatio.of_scales([b.scale], [out.scale]))]
         k_max = (a.qmax - a.qmin, b.qmax - b.qmin)  # |q - z| never exceeds the dtype's span
         return zy + round_half_even_exact(terms, lo - zy, hi - zy, k_max)
+
+    def subtract(self, qa, a, qb, b, out, lo, hi):
+        return self.add(qa, a, 2 * int(b.zero_point) - qb, b, out, lo, hi)  # q_b - z_b negated, on b's grid
 
     def multiply(self, qa, a, qb, b, out, lo, hi):
         zy = int(out.zero_point)

@@ -7,7 +7,9 @@ f() is rounding to float32, rne round half to even, sat the clamp to the code dt
 - add (com.microsoft QLinearAdd):  r_a = f(s_a / s_y), r_b = f(s_b / s_y),
                                     F = f(z_y) - fma(r_a, z_a, f(r_b * z_b)),
                                     q = sat(rne(fma(q_a, r_a, fma(q_b, r_b, F))));
-                                    a one-element A swaps the roles of A and B (ORT's scalar-A kernel)
+                                    A broadcast along the output's innermost dimension (or a one-element
+                                    A) swaps the roles of A and B: ORT's broadcast loop calls its scalar-A
+                                    functor with B as the span (qlinear_binary_op.cc)
 - rescale (QLinearConcat input):   q = sat(rne(f(f((q - z) * s) / s_y)) + z_y)
 - rescale is an exact copy when the grids are equal (qlinear_concat.cc)
 - average (QLinearAveragePool):    each input dequantized f(s * (q - z)), summed in float32 window order
@@ -49,6 +51,16 @@ def add_parameters(a: QParams, b: QParams, out: QParams):
     offset = out.zero_point.to(torch.float32) - fma_f32(ratio_a, a.zero_point.to(torch.float32),
                                                         ratio_b * b.zero_point.to(torch.float32))
     return ratio_a, ratio_b, offset
+
+
+def swaps_operands(shape_a, shape_b) -> bool:
+    """Whether QLinearAdd's broadcast loop (element_wise_ops.h BroadcastLooper) hands A to its scalar-A functor,
+    which passes B as the span and A as the scalar: A is one element along each span, i.e. A broadcasts along
+    the output's innermost dimension of size > 1 (or A has one element)."""
+    out = torch.broadcast_shapes(tuple(shape_a), tuple(shape_b))
+    aligned_a = (1,) * (len(out) - len(shape_a)) + tuple(shape_a)
+    inner = [d for d in range(len(out)) if out[d] > 1]
+    return aligned_a[inner[-1]] == 1 if inner else True
 
 
 def global_average_multiplier(scale: torch.Tensor, count: int):
@@ -122,13 +134,12 @@ class OnnxRuntimeTarget(Target):
         multiplier = channel_view(layer_multiplier(input_qp.scale, weight_scale, output_qp.scale), ndim, channel_axis)
         return float32_requantizer(multiplier, int(output_qp.zero_point), lo, hi)
 
-    def elementwise_add(self, numel):
-        return numel > 1  # a one-element first input takes the scalar kernel
+    def elementwise_add(self, shape_a, shape_b):
+        # Equal shapes of more than one element: the operands' roles are fixed, whatever the batch size.
+        return tuple(shape_a) == tuple(shape_b) and not swaps_operands(shape_a, shape_b)
 
     def add(self, qa, a, qb, b, out, lo, hi):
-        if qa.numel() == 1:
-            # A one-element first input takes ORT's scalar-A kernel, which swaps the operands' roles
-            # (qladd.cc: the functor is called with B as the span and A as the scalar).
+        if swaps_operands(qa.shape, qb.shape):
             return self._add_spans(qb, b, qa, a, out, lo, hi)
         return self._add_spans(qa, a, qb, b, out, lo, hi)
 

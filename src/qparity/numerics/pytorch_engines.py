@@ -311,7 +311,13 @@ class PyTorchEngineTarget(Target):
         return requantize
 
     # -- add ------------------------------------------------------------------------------------------------
+    def check_broadcast(self, op):
+        if op == "add":
+            raise UnsupportedOpError(BROADCAST_ADD)
+
     def add(self, qa, a, qb, b, out, lo, hi):
+        if qa.shape != qb.shape:
+            raise UnsupportedOpError(f"{BROADCAST_ADD} (shapes {tuple(qa.shape)} and {tuple(qb.shape)})")
         if self.add_rule == "qnnpack":
             return _qnnpack_add(qa, a, qb, b, out, lo, hi)
         return _fbgemm_add(qa, a, qb, b, out, lo, hi, self.kernels, self.engine_threads())
@@ -478,6 +484,13 @@ def _from_memory_order(flat: torch.Tensor, like: torch.Tensor, channels_last: bo
         n, c, h, w = like.shape
         return flat.reshape(n, h, w, c).permute(0, 3, 1, 2)  # a channels-last view, like PyTorch's output
     return flat.reshape(like.shape)
+
+
+BROADCAST_ADD = ("add of tensors of different shapes (broadcasting) on PyTorch's engines: quantized::add then leaves "
+                 "QNNPACK's fixed-point kernel (qadd.cpp takes it only for equal sizes) for TensorIterator's "
+                 "broadcast loop, whose vector/scalar split follows the broadcast's inner dimension, which qparity "
+                 "does not emulate; expand the smaller operand first. Targets that run it: exact, tflite, xnnpack, "
+                 "onnxruntime")
 
 
 def vector_loop_mask(n: int, threads: int) -> torch.Tensor:

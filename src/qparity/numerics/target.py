@@ -106,6 +106,14 @@ class Target:
         """Elementwise sum of two quantized tensors on different grids."""
         raise NotImplementedError
 
+    def subtract(self, qa: torch.Tensor, a: QParams, qb: torch.Tensor, b: QParams, out: QParams,
+                 lo: int, hi: int) -> torch.Tensor:
+        """Elementwise difference a - b of two quantized tensors (broadcasting), onto the output grid."""
+        raise UnsupportedOpError(f"sub is not emulated for target {self.name!r}")
+
+    def check_broadcast(self, op: str) -> None:
+        """Raise UnsupportedOpError when the target's kernel for `op` cannot take operands of different shapes."""
+
     def clamp_codes(self, q: torch.Tensor, lo: int, hi: int, clamp=torch.clamp) -> torch.Tensor:
         """A standalone clamp of codes (ReLU, ReLU6, hardtanh not fused into a layer); `clamp` is the function
         that computes it (the QAT surrogate passes its own). A runtime may store the result in another layout."""
@@ -121,8 +129,8 @@ class Target:
         ("int16_pairs": fbgemm's depthwise kernels). Raises UnsupportedOpError for kernels not emulated."""
         return "exact"
 
-    def elementwise_add(self, numel: int) -> bool:
-        """Whether `add` is a pure function of each element's two codes for tensors of `numel` elements.
+    def elementwise_add(self, shape_a, shape_b) -> bool:
+        """Whether `add` is a pure function of each element's two codes for operands of these shapes.
 
         Then the integer runtime may tabulate it (ops/lookup.py). False unless a target says so: kernels
         whose result depends on the position or the tensor length must not be tabulated.

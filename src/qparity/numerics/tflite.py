@@ -101,11 +101,20 @@ class TFLiteTarget(LiteRTActivations, Target):
 
         return requantize
 
-    def elementwise_add(self, numel):
+    def elementwise_add(self, shape_a, shape_b):
         return True
 
     def add(self, qa, a, qb, b, out, lo, hi):
+        return self._add(qa, a, qb, b, out, lo, hi, sign=1)
+
+    def subtract(self, qa, a, qb, b, out, lo, hi):
+        # kernels/sub.cc: PrepareGeneralSubOp(..., op_sign=-1) negates the Q31 multiplier of input 2, and
+        # EvalQuantized runs int8 SUB as reference_integer_ops::Add / BroadcastAdd4DSlow with it.
+        return self._add(qa, a, qb, b, out, lo, hi, sign=-1)
+
+    def _add(self, qa, a, qb, b, out, lo, hi, sign):
         (m_a, s_a), (m_b, s_b), (m_y, s_y) = add_multipliers(a, b, out)
+        m_b = m_b * sign
         shifted_a = (qa - int(a.zero_point)) * (1 << ADD_LEFT_SHIFT)
         shifted_b = (qb - int(b.zero_point)) * (1 << ADD_LEFT_SHIFT)
         raw_sum = (multiply_by_quantized_multiplier(shifted_a, m_a, s_a)

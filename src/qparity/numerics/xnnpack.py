@@ -108,21 +108,28 @@ class XnnpackTarget(LiteRTActivations, Target):
         multiplier = channel_view(multiplier, ndim, channel_axis)
         return float32_requantizer(multiplier, int(output_qp.zero_point), lo, hi)
 
-    def elementwise_add(self, numel):
+    def elementwise_add(self, shape_a, shape_b):
         return True
 
     def add(self, qa, a, qb, b, out, lo, hi):
+        return self._add("add", qa, a, qb, b, out, lo, hi, sign=1)
+
+    def subtract(self, qa, a, qb, b, out, lo, hi):
+        # XNNPACK's qs8 subtract is its add with the second input's scale negated (the multiplier's sign).
+        return self._add("sub", qa, a, qb, b, out, lo, hi, sign=-1)
+
+    def _add(self, op, qa, a, qb, b, out, lo, hi, sign):
         ratios = torch.stack([_f32_ratio(a.scale, out.scale), _f32_ratio(b.scale, out.scale)]).reshape(2)
         low, high = ADD_RATIO_RANGE
         if bool(((ratios < low) | (ratios >= high)).any()):
             raise UnsupportedOpError(
-                f"add with input/output scale ratios {ratios.tolist()}: XNNPACK takes ratios in [2^-10, 256) "
-                "only, and LiteRT then runs its optimized ADD, whose rounding target 'xnnpack' does not model; "
+                f"{op} with input/output scale ratios {ratios.tolist()}: XNNPACK takes ratios in [2^-10, 256) "
+                f"only, and LiteRT then runs its optimized {op.upper()}, whose rounding target 'xnnpack' does not model; "
                 "use target 'tflite' or keep the add's inputs and output on comparable scales")
         _, exponent = torch.frexp(ratios.max())  # frexp's exponent is the IEEE exponent plus one
         shift = ADD_MULTIPLIER_BITS - (int(exponent) - 1)
         multipliers = torch.round(ratios.to(torch.float64) * 2.0**shift).to(torch.int64).tolist()
-        acc = (qa - int(a.zero_point)) * multipliers[0] + (qb - int(b.zero_point)) * multipliers[1]
+        acc = (qa - int(a.zero_point)) * multipliers[0] + (qb - int(b.zero_point)) * (sign * multipliers[1])
         return _shift_right_half_up(acc, shift).add_(int(out.zero_point)).clamp_(lo, hi)
 
     def rescale(self, q, source, out):

@@ -1,4 +1,4 @@
-"""add: the elementwise sum of two tensors on their own grids, onto a new grid, by the target's add."""
+"""add: the elementwise sum of two tensors on their own grids (broadcasting), onto a new grid, by the target's add."""
 from __future__ import annotations
 
 
@@ -9,5 +9,5 @@ def run(ctx, node, a, b):
         (qa, ga), (qb, gb) = ((v.codes, v.qparams) for v in inputs)
         return target.add(qa, ga, qb, gb, out, lo, hi)
 
-    table = "pair" if target.elementwise_add(a.codes.numel()) else None
+    table = "pair" if target.elementwise_add(a.codes.shape, b.codes.shape) else None
     return ctx.new_grid(node, [a, b], lambda: ctx.dequantize(a) + ctx.dequantize(b), codes, table)

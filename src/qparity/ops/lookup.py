@@ -34,7 +34,7 @@ class PairTable:
         return (a_hi - a_lo + 1) * (b_hi - b_lo + 1) <= MAX_TABLE
 
     def __call__(self, qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
-        index = (qa - self.a_lo).mul_(self.b_span).add_(qb).sub_(self.b_lo)
+        index = (qa - self.a_lo) * self.b_span + (qb - self.b_lo)  # broadcasts
         return torch.take(self.table.to(qa.device), index)
 
 

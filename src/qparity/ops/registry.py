@@ -50,6 +50,9 @@ _TFLITE_REFERENCE_NO_ELU = ("LiteRT's reference kernel set (BUILTIN_REF, the ker
 _TFLITE_NO_KERNEL = ("LiteRT has no int8 kernel for it (TFLite's converter rewrites it into other operators); "
                      "write it as relu6(x + 3) / 6 once those operators are supported")
 
+_TORCH_NO_SUB = ("PyTorch has no quantized sub (no quantized::sub operator; torch.sub raises on quantized tensors), so "
+                 "the engine has no kernel to run it")
+
 OPERATORS: Dict[str, Operator] = {op.name: op for op in (
     Operator("input", "model inputs", True, "quantize (the target's QUANTIZE rule)",
              "identity inside the grid, 0 outside (torch.ao's fake-quant mask)",
@@ -86,8 +89,21 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              torch_form="torch.ao.nn.quantized.Linear"),
     Operator("add", "`a + b`, `torch.add`, `Tensor.add`", True, "the target's add of two grids",
              "float sum of the dequantized inputs",
-             "two tensors of the same shape (no broadcasting, no constants), `alpha=1`",
+             "two tensors (broadcasting, e.g. [N, C, H, W] + [N, C, 1, 1]; no constants), `alpha=1`; fbgemm/x86/"
+             "qnnpack: equal shapes only (checked at prepare_qat: PyTorch's broadcast add runs another loop); "
+             "xnnpack: s_a / s_y and s_b / s_y in [2^-10, 256)",
              torch_form="torch.ops.quantized.add"),
+    Operator("sub", "`a - b`, `torch.sub`, `Tensor.sub` of two tensors (broadcasting)", True,
+             "the target's add with the second input negated (LiteRT reference: SUB runs the ADD kernel with "
+             "input 2's Q31 multiplier negated, kernels/sub.cc; XNNPACK: its add with the second scale negated)",
+             "float difference of the dequantized inputs",
+             "two tensors (no constants), `alpha=1`; never fused with a following ReLU (a separate clamp); "
+             "xnnpack: s_a / s_y and s_b / s_y in [2^-10, 256)",
+             refused_by={**{t: _TORCH_NO_SUB for t in ("fbgemm", "x86", "qnnpack")},
+                         "onnxruntime": "ONNX has no quantized Sub and ONNX Runtime registers no com.microsoft "
+                                        "QLinearSub (only QLinearAdd and QLinearMul); its quantization tool runs Sub "
+                                        "in float"},
+             formats=("tflite",)),
     Operator("mul", "`a * b`, `torch.mul`, `Tensor.mul` of two tensors (broadcasting); `nn.SiLU` / `F.silu` "
              "become sigmoid then mul", True, "the target's product of two grids (LiteRT reference: MBQM; XNNPACK "
              "and ONNX Runtime: float32 multiplier; PyTorch's engines: float32 multiplier)",

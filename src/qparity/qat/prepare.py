@@ -60,6 +60,11 @@ def refuse_what_the_target_cannot_run(graph: Graph, layers, target: Target) -> N
                 target.check_activation(node.op, dict(node.attrs))
             except UnsupportedOpError as error:
                 raise UnsupportedOpError(f"{node.op} at {node.path}: {error}") from None
+        if node.attrs.get("broadcast"):
+            try:
+                target.check_broadcast(node.op)
+            except UnsupportedOpError as error:
+                raise UnsupportedOpError(f"{node.op} at {node.path}: {error}") from None
         if node.op in LAYER_OPS:
             geometry = ConvGeometry.from_dict(node.attrs["geometry"])
             try:

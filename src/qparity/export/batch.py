@@ -1,0 +1,48 @@
+"""Whether the integer program computes each sample of a batch on its own.
+
+A .tflite file has fixed shapes and runs `batch_size` samples at a time (verify feeds larger inputs in chunks),
+so a model whose output for one sample depends on another sample of the batch (`x + x[:1]`, a mean over the
+batch, a reshape that folds the batch into another dimension) would compute something else in the file. The
+check runs the integer program on two random samples together and on each alone and names the first node whose
+values differ, or whose leading dimension is not the batch.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+import torch
+
+from ..graph import Node, QValue
+from ..runtime import IntegerModel
+
+SAMPLES = 2
+
+
+def first_node_mixing_samples(model: IntegerModel, seed: int = 0) -> Optional[Node]:
+    generator = torch.Generator().manual_seed(seed)
+    codes = [torch.randint(qp.qmin, qp.qmax + 1, (SAMPLES,) + tuple(shape[1:]), generator=generator)
+             for qp, shape in zip(model.input_qparams, model.graph.input_shapes)]
+    together = model.executor()
+    together.run(codes)
+    alone = []
+    for i in range(SAMPLES):
+        executor = model.executor()
+        executor.run([c[i:i + 1] for c in codes])
+        alone.append(executor.values)
+    for node in model.graph.nodes:
+        batch = list(_tensors(together.values[node.name]))
+        singles = [list(_tensors(values[node.name])) for values in alone]
+        for k, tensor in enumerate(batch):
+            if tensor.dim() == 0 or tensor.shape[0] != SAMPLES:
+                return node
+            if any(not torch.equal(tensor[i:i + 1], single[k]) for i, single in enumerate(singles)):
+                return node
+    return None
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, QValue):
+        yield value.codes
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
