@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import NotCalibratedError
+from ..errors import InvalidParameterError, InvalidQParamsError, NotCalibratedError
 from ..qparams import QParams, affine_qparams
 
 
@@ -35,6 +35,7 @@ class ActivationObserver(nn.Module):
         if self.frozen or not self.training:
             return
         low, high = torch.aminmax(x.detach().to(torch.float32))
+        self._require_representable(low, high)
         if not self.calibrated:
             self.min_val.copy_(low)
             self.max_val.copy_(high)
@@ -49,7 +50,26 @@ class ActivationObserver(nn.Module):
             raise NotCalibratedError(
                 f"the observer of {self.where} has seen no data: run the model in train mode on some batches "
                 "(training or calibration) before evaluating, freezing or converting it")
-        return affine_qparams(self.min_val, self.max_val, self.dtype)
+        try:
+            return affine_qparams(self.min_val, self.max_val, self.dtype)
+        except InvalidQParamsError as error:
+            raise InvalidParameterError(f"the observer of {self.where} (range [{float(self.min_val):.6g}, "
+                                        f"{float(self.max_val):.6g}]): {error}") from None
+
+    def _require_representable(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        """Refuse a batch whose range no grid holds: NaN or an infinity (which would also read as "no data
+        seen"), or a span beyond float32 (its scale would be infinite)."""
+        span = torch.clamp(high, min=0) - torch.clamp(low, max=0)  # the grid always covers 0
+        if bool(torch.isfinite(span)):
+            return
+        if bool(torch.isnan(low) | torch.isnan(high)):
+            problem = "NaN values"
+        elif not bool(torch.isfinite(low) & torch.isfinite(high)):
+            problem = "infinite values"
+        else:
+            problem = f"values in [{float(low):.6g}, {float(high):.6g}], a span beyond float32's range"
+        raise InvalidParameterError(f"the observer of {self.where} saw {problem}; no {self.dtype} grid represents "
+                                    "them: check the data and the layers before it (their weights, the learning rate)")
 
     def fix(self, qp: QParams) -> None:
         """Use `qp` from now on, whatever the data: an output grid the target's runtime imposes."""
