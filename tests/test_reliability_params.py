@@ -159,7 +159,8 @@ def test_calibration_data_beyond_float32_range_names_the_observer(target):
     x = torch.randn(4, 1, 4, 4)
     prepared = qp.prepare_qat(small_model(), (x,), target=target)
     huge = x.sign() * 3e38  # finite, but its span (and so its scale) is not
-    with pytest.raises(InvalidParameterError, match=r"observer of node 'input_1' .* saw values in .* beyond float32's range"):
+    match = r"observer of node 'input_1' .* saw values in .* beyond float32's range"
+    with pytest.raises(InvalidParameterError, match=match):
         qp.calibrate(prepared, [huge])
 
 

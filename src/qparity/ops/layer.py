@@ -77,18 +77,21 @@ def check_requantization(where: str, weight_scale: torch.Tensor, input_qp: QPara
     scale = weight_scale.detach().cpu().to(torch.float32).reshape(-1)
     product = input_qp.scale.to(torch.float32) * scale
     multiplier = product.to(torch.float64) / output_qp.scale.to(torch.float64)
-    problems = [(~torch.isfinite(scale) | (scale < FLOAT32_TINY), "weight scale", scale,
-                 "is not a finite, positive, normal float32"),
-                (product < FLOAT32_TINY, "s_in * s_w", product, "is not a normal float32"),
-                (~(multiplier < MAX_LAYER_MULTIPLIER), "requantization multiplier s_in * s_w / s_out", multiplier,
-                 f"is not below 2^30 (s_in {float(input_qp.scale):.6g}, s_out {float(output_qp.scale):.6g})")]
-    for bad, name, values, problem in problems:
-        if bool(bad.any()):
-            channel = int(torch.nonzero(bad)[0])
+    valid_scale = torch.isfinite(scale) & (scale >= FLOAT32_TINY)
+    valid_product = product >= FLOAT32_TINY
+    valid_multiplier = multiplier < MAX_LAYER_MULTIPLIER
+    if bool((valid_scale & valid_product & valid_multiplier).all()):  # one test in the common case
+        return
+    for valid, name, values, problem in (
+            (valid_scale, "weight scale", scale, "is not a finite, positive, normal float32"),
+            (valid_product, "s_in * s_w", product, "is not a normal float32"),
+            (valid_multiplier, "requantization multiplier s_in * s_w / s_out", multiplier, "is not below 2^30")):
+        if not bool(valid.all()):
+            channel = int(torch.nonzero(~valid)[0])
             raise InvalidParameterError(
-                f"layer {where}: the {name} of output channel {channel} ({float(values[channel]):.6g}) {problem}; "
-                "no target represents it: look for exploding weights (learning rate, weight decay) or a scale set "
-                "by hand")
+                f"layer {where}: the {name} of output channel {channel} ({float(values[channel]):.6g}) {problem} "
+                f"(s_in {float(input_qp.scale):.6g}, s_out {float(output_qp.scale):.6g}); no target represents "
+                "it: look for exploding weights (learning rate, weight decay) or a scale set by hand")
 
 
 def check_bias_range(where: str, bias: torch.Tensor, input_qp: QParams, weight_scale: torch.Tensor) -> None:

@@ -56,13 +56,14 @@ class QATLayer(nn.Module):
         return weight, bias
 
     def _require_finite(self, name: str, values: torch.Tensor) -> None:
+        if bool(torch.isfinite(values.detach()).all()):
+            return
         finite = torch.isfinite(values.detach()).reshape(values.shape[0], -1).all(dim=1)
-        if not bool(finite.all()):
-            channel = int(torch.nonzero(~finite)[0])
-            folded = " (BatchNorm folded in: check its weight and running statistics)" if self.batch_norm is not None else ""
-            raise InvalidParameterError(
-                f"layer {self.where}: the {name} of output channel {channel} is NaN or infinite{folded}; no integer "
-                "code represents it: look for exploding gradients (learning rate, loss scale)")
+        channel = int(torch.nonzero(~finite)[0])
+        folded = "" if self.batch_norm is None else " (BatchNorm folded in: check its weight and running statistics)"
+        raise InvalidParameterError(
+            f"layer {self.where}: the {name} of output channel {channel} is NaN or infinite{folded}; no integer "
+            "code represents it: look for exploding gradients (learning rate, loss scale)")
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """The BatchNorm in training mode on the layer's (conv2d-shaped) output; a BatchNorm1d after a Conv1d

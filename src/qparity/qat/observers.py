@@ -1,11 +1,15 @@
 """Activation observers: moving-average min/max in training, frozen quantization parameters after freeze."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from ..errors import InvalidParameterError, InvalidQParamsError, NotCalibratedError
 from ..qparams import QParams, affine_qparams
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class ActivationObserver(nn.Module):
@@ -59,15 +63,15 @@ class ActivationObserver(nn.Module):
     def _require_representable(self, low: torch.Tensor, high: torch.Tensor) -> None:
         """Refuse a batch whose range no grid holds: NaN or an infinity (which would also read as "no data
         seen"), or a span beyond float32 (its scale would be infinite)."""
-        span = torch.clamp(high, min=0) - torch.clamp(low, max=0)  # the grid always covers 0
-        if bool(torch.isfinite(span)):
+        low, high = float(low), float(high)
+        if max(high, 0.0) - min(low, 0.0) <= FLOAT32_MAX:  # the grid always covers 0; False for NaN
             return
-        if bool(torch.isnan(low) | torch.isnan(high)):
+        if math.isnan(low) or math.isnan(high):
             problem = "NaN values"
-        elif not bool(torch.isfinite(low) & torch.isfinite(high)):
+        elif math.isinf(low) or math.isinf(high):
             problem = "infinite values"
         else:
-            problem = f"values in [{float(low):.6g}, {float(high):.6g}], a span beyond float32's range"
+            problem = f"values in [{low:.6g}, {high:.6g}], a span beyond float32's range"
         raise InvalidParameterError(f"the observer of {self.where} saw {problem}; no {self.dtype} grid represents "
                                     "them: check the data and the layers before it (their weights, the learning rate)")
 
