@@ -6,6 +6,7 @@ inputs went through the fake forward; NaN or huge calibration data gave "has see
 """
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import qparity as qp
@@ -46,6 +47,17 @@ def test_non_finite_weight_is_refused_by_the_forward_freeze_and_convert(target, 
     with pytest.raises(InvalidParameterError, match=match):
         qp.freeze(prepared)
     assert not prepared.frozen  # refused before anything was fixed
+
+
+@settings(max_examples=20, deadline=None)
+@given(target=st.sampled_from(qp.TARGETS), channel=st.integers(0, 1), position=st.integers(0, 8),
+       value=st.sampled_from([float("nan"), float("inf"), float("-inf"), 3e38]))
+def test_the_refusal_names_the_channel_that_went_bad(target, channel, position, value):
+    prepared, _ = calibrated(target)
+    with torch.no_grad():
+        first_layer(prepared).module.weight[channel].view(-1)[position] = value
+    with pytest.raises(InvalidParameterError, match=LAYER + f": the .* of output channel {channel} "):
+        qp.freeze(prepared)
 
 
 @pytest.mark.parametrize("target", qp.TARGETS)
