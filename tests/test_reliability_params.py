@@ -121,13 +121,22 @@ def test_loaded_integer_model_with_a_broken_weight_scale_is_refused(tmp_path):
         qp.IntegerModel(integer.graph, integer.target, integer.activation_dtype, integer.qparams, integer.layers)
 
 
-@pytest.mark.parametrize("target", ["fbgemm", "x86", "qnnpack"])  # the float-bias targets, unchecked before
-def test_bias_beyond_int32_is_refused_on_the_float_bias_targets_too(target):
+@pytest.mark.parametrize("target", ["exact", "tflite", "onnxruntime", "xnnpack", "qnnpack"])
+def test_bias_beyond_int32_is_refused_where_the_runtime_holds_int32(target):
     prepared, _ = calibrated(target)
     with torch.no_grad():
         first_layer(prepared).module.bias[1] = 1e9
     with pytest.raises(OverflowRiskError, match=LAYER + r": the bias of output channel 1 does not fit int32"):
         qp.freeze(prepared)
+
+
+@pytest.mark.parametrize("target", ["fbgemm", "x86"])
+def test_bias_beyond_int32_is_kept_where_the_engine_adds_it_in_float(target):
+    prepared, x = calibrated(target)
+    with torch.no_grad():
+        first_layer(prepared).module.bias[1] = 1e9
+    integer = qp.convert(qp.freeze(prepared))
+    assert torch.equal(prepared(x), integer(x))
 
 
 def test_requantization_limit_is_exclusive():

@@ -63,10 +63,10 @@ def check_accumulator_range(where: str, weight_codes: torch.Tensor, bias_codes: 
             "(weight decay), split the layer, or narrow the input range")
 
 
-# The largest requantization multiplier s_in * s_w / s_out any target takes: TFLite's QuantizeMultiplier gives
-# it a left shift of at most 30 (`x * (1 << left_shift)` in int32, kernels/internal/common.h; the single-rounding
-# build saturates larger shifts), and far below this bound every accumulator other than 0 already saturates
-# the output (|acc| * M > 255), so only a broken scale (an exploded weight, a hand-set scale) reaches it.
+# The largest requantization multiplier s_in * s_w / s_out any target takes: TFLite applies M's left shift as
+# `x * (1 << left_shift)` in int32 (kernels/internal/common.h), defined for shifts up to 30 (its single-rounding
+# build saturates larger ones). Far below this bound every accumulator other than 0 already saturates the
+# output (|acc| * M > 255), so only a broken scale (an exploded weight, a hand-set scale) reaches it.
 MAX_LAYER_MULTIPLIER = 2.0**30
 
 
@@ -95,8 +95,8 @@ def check_requantization(where: str, weight_scale: torch.Tensor, input_qp: QPara
 
 
 def check_bias_range(where: str, bias: torch.Tensor, input_qp: QParams, weight_scale: torch.Tensor) -> None:
-    """Raise if a bias leaves int32 at scale s_in * s_w, where every runtime but PyTorch's engines stores it (and
-    where, on those too, it would saturate every output of its channel)."""
+    """Raise if a bias leaves int32 at scale s_in * s_w (for the layers whose runtime holds it as int32 codes,
+    `Target.int32_bias`)."""
     codes = torch.round(bias.detach().cpu().to(torch.float64) / bias_scale(input_qp, weight_scale.detach().cpu()))
     if bool((codes.abs() > INT32_MAX).any()):
         channel = int(torch.argmax(codes.abs()))

@@ -101,7 +101,8 @@ class QATLayer(nn.Module):
         weight_codes = target.quantize_weight(weight.detach().cpu(), weight_scale).to(torch.int8)
         bias_codes = None
         if bias is not None:
-            check_bias_range(self.where, bias, input_qp, weight_scale)
+            if target.int32_bias(self.geometry.kind):
+                check_bias_range(self.where, bias, input_qp, weight_scale)
             bias_codes = target.quantize_bias(bias.detach().cpu(), input_qp.scale, weight_scale)
             if not target.float_bias:
                 bias_codes = bias_codes.to(torch.int32)
