@@ -4,6 +4,8 @@ Regression cases for issue 11: a NaN, infinite or huge weight (or weight scale) 
 convert, with the fake forward then giving codes off the grid (INT64_MIN) where the integer model gave 0; NaN
 inputs went through the fake forward; NaN or huge calibration data gave "has seen no data" or a nameless error.
 """
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -194,6 +196,20 @@ def test_layer_output_that_overflows_float32_names_the_layer(target):
         first_layer(prepared).module.weight.fill_(1e30)
     with pytest.raises(InvalidParameterError, match=r"observer of module '0' saw infinite values"):
         qp.calibrate(prepared, [x * 1e10])
+
+
+@pytest.mark.parametrize("target", qp.TARGETS)
+@pytest.mark.parametrize("scale", [float("inf"), float("nan"), 0.0, 1e-40])
+def test_broken_frozen_activation_scale_names_its_node(target, scale):
+    prepared, x = calibrated(target)
+    qp.freeze(prepared)
+    observer = prepared.observers[next(n for n in prepared.observers if n != "input_1")]
+    observer.frozen_scale.fill_(scale)
+    match = re.escape(f"the observer of {observer.where}: scale")
+    with pytest.raises(InvalidParameterError, match=match):
+        qp.convert(prepared)
+    with pytest.raises(InvalidParameterError, match=match):
+        prepared(x)
 
 
 def test_observer_refuses_nan_instead_of_reporting_no_data():

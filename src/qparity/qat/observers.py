@@ -48,17 +48,16 @@ class ActivationObserver(nn.Module):
             self.max_val.add_(self.averaging_constant * (high - self.max_val))
 
     def qparams(self) -> QParams:
-        if self.frozen:
-            return QParams(self.frozen_scale, self.frozen_zero_point, self.dtype)
-        if not self.calibrated:
+        if not self.frozen and not self.calibrated:
             raise NotCalibratedError(
                 f"the observer of {self.where} has seen no data: run the model in train mode on some batches "
                 "(training or calibration) before evaluating, freezing or converting it")
         try:
+            if self.frozen:
+                return QParams(self.frozen_scale, self.frozen_zero_point, self.dtype)
             return affine_qparams(self.min_val, self.max_val, self.dtype)
-        except InvalidQParamsError as error:
-            raise InvalidParameterError(f"the observer of {self.where} (range [{float(self.min_val):.6g}, "
-                                        f"{float(self.max_val):.6g}]): {error}") from None
+        except InvalidQParamsError as error:  # a range beyond float32, or a frozen scale set by hand
+            raise InvalidParameterError(f"the observer of {self.where}: {error}") from None
 
     def _require_representable(self, low: torch.Tensor, high: torch.Tensor) -> None:
         """Refuse a batch whose range no grid holds: NaN or an infinity (which would also read as "no data
