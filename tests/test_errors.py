@@ -115,7 +115,7 @@ def test_per_channel_qparams():
 def test_converting_before_any_data_was_observed():
     prepared = qp.prepare_qat(small_model(), (torch.randn(1, 1, 4, 4),))
     with pytest.raises(NotCalibratedError, match="has seen no data"):
-        qp.convert(prepared)
+        qp.freeze(prepared)
     with pytest.raises(NotCalibratedError):
         prepared.eval()(torch.randn(1, 1, 4, 4))
 
@@ -156,7 +156,7 @@ def test_int32_overflow_risk_is_caught_at_convert():
         model_layer = prepared.layers[next(iter(prepared.layers))].module
         model_layer.weight.fill_(1.0)  # every code 127: 4096 * 127 * 255 > 2^31 - 1... per channel 1.3e8, fine
         model_layer.weight[0].fill_(1.0)
-    prepared.eval()
+    qp.freeze(prepared.eval())
     qp.convert(prepared)  # 4096 * 127 * 255 = 1.3e8 fits int32
     with torch.no_grad():
         model_layer.bias.fill_(3e7)  # bias codes far beyond int32 at scale s_in * s_w
@@ -172,7 +172,7 @@ def test_accumulator_overflow_names_the_layer():
         prepared.layers[next(iter(prepared.layers))].module.weight.fill_(0.5)
     prepared.train()(x)
     with pytest.raises(OverflowRiskError, match=r"module '0'.*overflows the int32 accumulator"):
-        qp.convert(prepared.eval())
+        qp.freeze(prepared.eval())
 
 
 @pytest.mark.parametrize("mutate, match", [

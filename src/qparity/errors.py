@@ -17,12 +17,21 @@ class InvalidQParamsError(QParityError, ValueError):
     """Quantization parameters that no runtime can represent (scale <= 0, NaN, zero point out of range)."""
 
 
+class InvalidParameterError(QParityError, ValueError):
+    """A weight, bias, weight scale or observed range that no runtime can represent (NaN, infinite, or out of
+    the range the target's arithmetic is defined on), named by its layer and channel."""
+
+
 class UnsupportedOpError(QParityError, TypeError):
     """An operator (or an operator configuration) that qparity cannot quantize exactly."""
 
 
 class NotPreparedError(QParityError, TypeError):
     """A function that needs a model from `prepare_qat` was given something else."""
+
+
+class NotFrozenError(QParityError, RuntimeError):
+    """A function that needs fixed quantization parameters was given a model that `freeze` has not fixed."""
 
 
 class CaptureError(QParityError, TypeError):

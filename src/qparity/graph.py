@@ -249,3 +249,16 @@ def optional_grid(values) -> Optional[QParams]:
         if isinstance(v, QValue):
             return v.qparams
     return None
+
+
+def resolve_grids(graph: Graph, qparams: Dict[str, QParams]) -> Dict[str, QParams]:
+    """The grid of every tensor value: its own for grid-creating nodes, else its input's."""
+    grids: Dict[str, QParams] = {}
+    for node in graph.nodes:
+        if node.new_grid:
+            grids[node.name] = qparams[node.name]
+        else:
+            source = next((r for r in node.refs() if r in grids), None)
+            if source is not None:
+                grids[node.name] = grids[source]
+    return grids

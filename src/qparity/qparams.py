@@ -20,6 +20,11 @@ DTYPE_RANGES = {
     "int32": (-(2**31), 2**31 - 1),
 }
 TORCH_DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32}
+DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+
+# The smallest normal float32: a subnormal scale has no float32 reciprocal (1 / s is infinite), which the
+# runtimes that quantize by multiplying with 1 / s (PyTorch's engines) would then use.
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
 
 # The smallest scale an observer produces: a constant input must still give a usable grid.
 MIN_SCALE = float(torch.finfo(torch.float32).eps)
@@ -37,8 +42,7 @@ class QParams:
     axis: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_RANGES:
-            raise InvalidQParamsError(f"unknown code dtype {self.dtype!r}; expected one of {sorted(DTYPE_RANGES)}")
+        self.dtype = code_dtype_name(self.dtype)
         scale = torch.as_tensor(self.scale, dtype=torch.float64).detach().cpu()
         zero_point = torch.as_tensor(self.zero_point).detach().cpu()
         if zero_point.is_floating_point():
@@ -62,6 +66,9 @@ class QParams:
         scale32 = scale.to(torch.float32)
         if not bool((scale32 > 0).all()) or not bool(torch.isfinite(scale32).all()):
             raise InvalidQParamsError(f"scale {scale.tolist()} is not representable as a positive float32")
+        if not bool((scale32 >= FLOAT32_TINY).all()):
+            raise InvalidQParamsError(f"scale {scale.tolist()} is subnormal in float32 (below {FLOAT32_TINY:.6g}): "
+                                      "its reciprocal is infinite")
         qmin, qmax = DTYPE_RANGES[self.dtype]
         if not bool(((zero_point >= qmin) & (zero_point <= qmax)).all()):
             raise InvalidQParamsError(
@@ -97,6 +104,18 @@ class QParams:
         if self.axis is None:
             return f"QParams(scale={self.scale.item():.9g}, zero_point={self.zero_point.item()}, dtype={self.dtype})"
         return f"QParams(per-channel axis={self.axis}, {self.scale.numel()} scales, dtype={self.dtype})"
+
+
+def code_dtype_name(dtype) -> str:
+    """The name of a code dtype given as a name ("int8") or a torch dtype (torch.int8)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPE_NAMES:
+            raise InvalidQParamsError(f"code dtype {dtype} is not one of {sorted(DTYPE_NAMES, key=str)}")
+        return DTYPE_NAMES[dtype]
+    if not isinstance(dtype, str) or dtype not in DTYPE_RANGES:
+        raise InvalidQParamsError(f"unknown code dtype {dtype!r}; expected one of {sorted(DTYPE_RANGES)} "
+                                  "or the matching torch dtype")
+    return dtype
 
 
 def affine_qparams(min_val: torch.Tensor, max_val: torch.Tensor, dtype: str) -> QParams:

@@ -13,7 +13,8 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .errors import InputError, QParityError
-from .graph import Graph, Node, QValue, output_structure
+from .graph import Graph, Node, QValue, output_structure, resolve_grids
+from .ops.input import require_float_input
 from .ops.layer import IntegerLayer, check_accumulator_range, prepare_integer_layer
 from .ops.program import Integer, ProgramExecutor
 from .qparams import TORCH_DTYPES, QParams
@@ -116,19 +117,6 @@ def load(path) -> IntegerModel:
     return model
 
 
-def resolve_grids(graph: Graph, qparams: Dict[str, QParams]) -> Dict[str, QParams]:
-    """The grid of every tensor value: its own for grid-creating nodes, else its input's."""
-    grids: Dict[str, QParams] = {}
-    for node in graph.nodes:
-        if node.new_grid:
-            grids[node.name] = qparams[node.name]
-        else:
-            source = next((r for r in node.refs() if r in grids), None)
-            if source is not None:
-                grids[node.name] = grids[source]
-    return grids
-
-
 def _output_grids(graph: Graph, grids: Dict[str, QParams]):
     from .graph import Ref
 
@@ -163,14 +151,8 @@ def _check_shape(node: Node, x: torch.Tensor, shape: tuple) -> None:
 
 
 def _check_float_input(node: Node, x, shape: tuple) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise InputError(f"input '{node.name}' must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise InputError(f"input '{node.name}' must be a float tensor, got {x.dtype}; integer codes go to run()")
+    require_float_input(node, x)
     _check_shape(node, x, shape)
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise InputError(f"input '{node.name}' has {bad} NaN or infinite value(s); no integer code represents them")
 
 
 def _check_codes(node: Node, q, shape: tuple, qp: QParams) -> None:

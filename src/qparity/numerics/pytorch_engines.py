@@ -253,6 +253,11 @@ class PyTorchEngineTarget(Target):
         """The engines take the float bias as it is (float32); each requantizer folds it its own way."""
         return bias.detach().to(torch.float32)
 
+    def int32_bias(self, op):
+        # QNNPACK quantizes the float bias to qint32 at run time, which clamps it (measured on 2.14: a bias code of
+        # 8.6e9 runs as 2^31 - 1, and the accumulator then wraps); fbgemm and oneDNN add it in float.
+        return (self.conv_rule if op == "conv2d" else self.linear_rule) == "qnnpack"
+
     # -- conv / linear --------------------------------------------------------------------------------------
     def requantizer(self, op, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim, bias=None):
         rule = {"conv2d": self.conv_rule, "conv_transpose2d": self.conv_transpose_rule}.get(op, self.linear_rule)

@@ -91,6 +91,11 @@ class Target:
         bias_scale = input_scale.to(torch.float64) * weight_scale.to(torch.float64)
         return torch.round(bias.detach().to(torch.float64) / bias_scale)
 
+    def int32_bias(self, op: str) -> bool:
+        """Whether the runtime holds a conv ("conv2d") or fully connected ("linear") bias as int32 codes at scale
+        s_in * s_w, so that a bias beyond int32 has no code: every target but PyTorch's float-bias engines."""
+        return not self.float_bias
+
     # -- operators ------------------------------------------------------------------------------------------
     def requantizer(self, op: str, input_qp: QParams, weight_scale: torch.Tensor, output_qp: QParams,
                     lo: int, hi: int, channel_axis: int, ndim: int) -> Requantizer:

@@ -12,9 +12,9 @@ from typing import Optional
 
 import torch
 
-from ..errors import OverflowRiskError
+from ..errors import InvalidParameterError, OverflowRiskError, UnsupportedOpError
 from ..graph import Node, QValue, fused_clamp_bounds
-from ..qparams import QParams
+from ..qparams import FLOAT32_TINY, QParams
 from ..numerics.arithmetic import INT32_MAX
 from ..numerics.accumulate import AccumulationPlan, ConvGeometry, accumulate, accumulator_bounds, plan_accumulation
 from .surrogates import clamp, straight_through
@@ -63,6 +63,47 @@ def check_accumulator_range(where: str, weight_codes: torch.Tensor, bias_codes: 
             "(weight decay), split the layer, or narrow the input range")
 
 
+# The largest requantization multiplier s_in * s_w / s_out any target takes: TFLite applies M's left shift as
+# `x * (1 << left_shift)` in int32 (kernels/internal/common.h), defined for shifts up to 30 (its single-rounding
+# build saturates larger ones). Far below this bound every accumulator other than 0 already saturates the
+# output (|acc| * M > 255), so only a broken scale (an exploded weight, a hand-set scale) reaches it.
+MAX_LAYER_MULTIPLIER = 2.0**30
+
+
+def check_requantization(where: str, weight_scale: torch.Tensor, input_qp: QParams, output_qp: QParams) -> None:
+    """Raise InvalidParameterError, naming the layer and channel, for a weight scale or a layer multiplier that
+    the targets' arithmetic cannot represent: not finite, not a positive normal float32, the product
+    f(s_in * s_w) that PyTorch's engines divide the bias by not normal, or M = s_in * s_w / s_out too large."""
+    scale = weight_scale.detach().cpu().to(torch.float32).reshape(-1)
+    product = input_qp.scale.to(torch.float32) * scale
+    multiplier = product.to(torch.float64) / output_qp.scale.to(torch.float64)
+    valid_scale = torch.isfinite(scale) & (scale >= FLOAT32_TINY)
+    valid_product = product >= FLOAT32_TINY
+    valid_multiplier = multiplier < MAX_LAYER_MULTIPLIER
+    if bool((valid_scale & valid_product & valid_multiplier).all()):  # one test in the common case
+        return
+    for valid, name, values, problem in (
+            (valid_scale, "weight scale", scale, "is not a finite, positive, normal float32"),
+            (valid_product, "s_in * s_w", product, "is not a normal float32"),
+            (valid_multiplier, "requantization multiplier s_in * s_w / s_out", multiplier, "is not below 2^30")):
+        if not bool(valid.all()):
+            channel = int(torch.nonzero(~valid)[0])
+            raise InvalidParameterError(
+                f"layer {where}: the {name} of output channel {channel} ({float(values[channel]):.6g}) {problem} "
+                f"(s_in {float(input_qp.scale):.6g}, s_out {float(output_qp.scale):.6g}); no target represents "
+                "it: look for exploding weights (learning rate, weight decay) or a scale set by hand")
+
+
+def check_bias_range(where: str, bias: torch.Tensor, input_qp: QParams, weight_scale: torch.Tensor) -> None:
+    """Raise if a bias leaves int32 at scale s_in * s_w (for the layers whose runtime holds it as int32 codes,
+    `Target.int32_bias`)."""
+    codes = torch.round(bias.detach().cpu().to(torch.float64) / bias_scale(input_qp, weight_scale.detach().cpu()))
+    if bool((codes.abs() > INT32_MAX).any()):
+        channel = int(torch.argmax(codes.abs()))
+        raise OverflowRiskError(f"layer {where}: the bias of output channel {channel} does not fit int32 at scale "
+                                f"s_in * s_w (|bias code| {float(codes[channel].abs()):.0f})")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The operator in both modes
 # ---------------------------------------------------------------------------------------------------------
@@ -85,6 +126,7 @@ def run(ctx, node: Node, x: QValue) -> QValue:
         real = real + _channel(bias, layer.geometry, acc)
     real = clamp(real, *(node.attrs.get("clamp") or (None, None)))
     qp = ctx.mode.observe(node, real)
+    check_requantization(layer.where, weight_scale, x.qparams, qp)
     lo, hi = fused_clamp_bounds(ctx.target, node, qp)
     requantize = ctx.target.requantizer(layer.geometry.kind, x.qparams, weight_scale, qp, lo, hi,
                                         layer.geometry.channel_axis, acc.dim(), **float_bias)
@@ -106,13 +148,17 @@ def bias_for_target(target, bias: Optional[torch.Tensor], input_qp: QParams, wei
 def prepare_integer_layer(target, node: Node, layer: IntegerLayer, input_qp: QParams, output_qp: QParams):
     """The IntegerModel's constants for one layer: accumulation plan, weights, int32 bias, requantizer."""
     geometry = ConvGeometry.from_dict(node.attrs["geometry"])
+    check_requantization(node.path, layer.weight_scale, input_qp, output_qp)
     lo, hi = fused_clamp_bounds(target, node, output_qp)
     ndim = 4 if geometry.is_conv else 2
     # The stored bias is already what the target takes: int32 codes, or the float32 bias of PyTorch's engines.
     float_bias = {"bias": layer.bias_codes} if target.float_bias else {}
     acc_bias = None if target.float_bias else layer.bias_codes
-    requantize = target.requantizer(geometry.kind, input_qp, layer.weight_scale, output_qp, lo, hi,
-                                    geometry.channel_axis, ndim, **float_bias)
+    try:
+        requantize = target.requantizer(geometry.kind, input_qp, layer.weight_scale, output_qp, lo, hi,
+                                        geometry.channel_axis, ndim, **float_bias)
+    except UnsupportedOpError as error:  # a multiplier this target's runtime refuses (XNNPACK's range)
+        raise UnsupportedOpError(f"layer {node.path}: {error}") from None
     weight = layer.weight_codes.to(torch.float32)
     if geometry.is_conv:
         weight = weight.contiguous(memory_format=torch.channels_last)

@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from ..capture import Layer
+from ..errors import InvalidParameterError
 from ..numerics.accumulate import ConvGeometry
-from ..qparams import symmetric_weight_scale
+from ..ops.layer import IntegerLayer, check_accumulator_range, check_bias_range, check_requantization
+from ..qparams import QParams, symmetric_weight_scale
 from ..numerics import Target
 from ..ops.surrogates import clamp, straight_through
 from . import distributed
@@ -39,15 +41,30 @@ class QATLayer(nn.Module):
         return bool(self.is_frozen)
 
     def folded(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Weight and bias with BatchNorm folded in using its running statistics (how it deploys)."""
+        """Weight and bias with BatchNorm folded in using its running statistics (how it deploys).
+
+        Raises InvalidParameterError for a NaN or infinite value: its codes would leave the grid silently.
+        """
         weight, bias = self.module.weight, self.module.bias
-        if self.batch_norm is None:
-            return weight, bias
-        factor = self.batch_norm_factor()
-        folded_weight = weight * factor.reshape(-1, *([1] * (weight.dim() - 1)))
-        base = bias if bias is not None else torch.zeros_like(self.batch_norm.running_mean)
-        folded_bias = (base - self.batch_norm.running_mean) * factor + self.batch_norm.bias
-        return folded_weight, folded_bias
+        if self.batch_norm is not None:
+            factor = self.batch_norm_factor()
+            base = bias if bias is not None else torch.zeros_like(self.batch_norm.running_mean)
+            weight = weight * factor.reshape(-1, *([1] * (weight.dim() - 1)))
+            bias = (base - self.batch_norm.running_mean) * factor + self.batch_norm.bias
+        self._require_finite("weight", weight)
+        if bias is not None:
+            self._require_finite("bias", bias)
+        return weight, bias
+
+    def _require_finite(self, name: str, values: torch.Tensor) -> None:
+        if bool(torch.isfinite(values.detach()).all()):
+            return
+        finite = torch.isfinite(values.detach()).reshape(values.shape[0], -1).all(dim=1)
+        channel = int(torch.nonzero(~finite)[0])
+        folded = "" if self.batch_norm is None else " (BatchNorm folded in: check its weight and running statistics)"
+        raise InvalidParameterError(
+            f"layer {self.where}: the {name} of output channel {channel} is NaN or infinite{folded}; no integer "
+            "code represents it: look for exploding gradients (learning rate, loss scale)")
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """The BatchNorm in training mode on the layer's (conv2d-shaped) output; a BatchNorm1d after a Conv1d
@@ -73,6 +90,25 @@ class QATLayer(nn.Module):
         shape = [-1] + [1] * (weight.dim() - 1) if scale.dim() else []
         surrogate = weight / scale.reshape(shape) if shape else weight / scale
         return straight_through(codes, clamp(surrogate, -self.target.weight_qmax, self.target.weight_qmax))
+
+    @torch.no_grad()
+    def integer(self, input_qp: QParams, output_qp: QParams) -> IntegerLayer:
+        """The deployed constants (int8 weight codes, weight scale, int32 bias codes or PyTorch's engines' float32
+        bias), computed by the functions the fake forward uses; refuses what no runtime represents."""
+        target = self.target
+        weight, bias = self.folded()
+        weight_scale = self.weight_scale(weight).detach().cpu()
+        check_requantization(self.where, weight_scale, input_qp, output_qp)
+        weight_codes = target.quantize_weight(weight.detach().cpu(), weight_scale).to(torch.int8)
+        bias_codes = None
+        if bias is not None:
+            if target.int32_bias(self.geometry.kind):
+                check_bias_range(self.where, bias, input_qp, weight_scale)
+            bias_codes = target.quantize_bias(bias.detach().cpu(), input_qp.scale, weight_scale)
+            if not target.float_bias:
+                bias_codes = bias_codes.to(torch.int32)
+        check_accumulator_range(self.where, weight_codes, None if target.float_bias else bias_codes, input_qp)
+        return IntegerLayer(weight_codes, weight_scale, bias_codes)
 
     @torch.no_grad()
     def freeze(self) -> None:

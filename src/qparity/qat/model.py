@@ -6,14 +6,15 @@ Train mode with BatchNorm uses batch statistics, as BatchNorm must while it lear
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 
 from ..errors import InputError
-from ..graph import Graph, output_structure
+from ..graph import Graph, output_structure, resolve_grids
 from ..numerics import Target
+from ..ops.layer import IntegerLayer
 from ..ops.program import FakeQuant, ProgramExecutor
 from ..qparams import QParams
 from .layers import QATLayer
@@ -52,6 +53,16 @@ class QATModel(nn.Module):
 
     def qparams(self, name: str) -> QParams:
         return self.observers[name].qparams()
+
+    @torch.no_grad()
+    def integer_program(self) -> Tuple[Dict[str, QParams], Dict[str, IntegerLayer]]:
+        """Every grid's qparams and every layer's integer constants as they stand, read through the functions
+        the forward uses; raises for a parameter no runtime represents, naming the layer and channel."""
+        qparams = {name: observer.qparams() for name, observer in self.observers.items()}
+        grids = resolve_grids(self.graph, qparams)
+        layers = {name: layer.integer(grids[self.graph.node(name).args[0].name], qparams[name])
+                  for name, layer in self.layers.items()}
+        return qparams, layers
 
     def extra_repr(self) -> str:
         return f"target={self.target.label()}, activations={self.activation_dtype}, {len(self.graph.nodes)} nodes"

@@ -4,12 +4,16 @@ Under torch.distributed the batch's min/max is the global batch's (qat/distribut
 moving-average update, so every rank tracks the same range."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from ..errors import NotCalibratedError
+from ..errors import InvalidParameterError, InvalidQParamsError, NotCalibratedError
 from ..qparams import QParams, affine_qparams
 from .distributed import global_min_max
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class ActivationObserver(nn.Module):
@@ -39,6 +43,7 @@ class ActivationObserver(nn.Module):
         if self.frozen or not self.training:
             return
         low, high = torch.aminmax(x.detach().to(torch.float32))
+        self._require_representable(low, high)  # on the rank whose data it is, before any collective
         low, high = global_min_max(low, high)
         if not self.calibrated:
             self.min_val.copy_(low)
@@ -48,13 +53,31 @@ class ActivationObserver(nn.Module):
             self.max_val.add_(self.averaging_constant * (high - self.max_val))
 
     def qparams(self) -> QParams:
-        if self.frozen:
-            return QParams(self.frozen_scale, self.frozen_zero_point, self.dtype)
-        if not self.calibrated:
+        if not self.frozen and not self.calibrated:
             raise NotCalibratedError(
                 f"the observer of {self.where} has seen no data: run the model in train mode on some batches "
                 "(training or calibration) before evaluating, freezing or converting it")
-        return affine_qparams(self.min_val, self.max_val, self.dtype)
+        try:
+            if self.frozen:
+                return QParams(self.frozen_scale, self.frozen_zero_point, self.dtype)
+            return affine_qparams(self.min_val, self.max_val, self.dtype)
+        except InvalidQParamsError as error:  # a range beyond float32, or a frozen scale set by hand
+            raise InvalidParameterError(f"the observer of {self.where}: {error}") from None
+
+    def _require_representable(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        """Refuse a batch whose range no grid holds: NaN or an infinity (which would also read as "no data
+        seen"), or a span beyond float32 (its scale would be infinite)."""
+        low, high = float(low), float(high)
+        if max(high, 0.0) - min(low, 0.0) <= FLOAT32_MAX:  # the grid always covers 0; False for NaN
+            return
+        if math.isnan(low) or math.isnan(high):
+            problem = "NaN values"
+        elif math.isinf(low) or math.isinf(high):
+            problem = "infinite values"
+        else:
+            problem = f"values in [{low:.6g}, {high:.6g}], a span beyond float32's range"
+        raise InvalidParameterError(f"the observer of {self.where} saw {problem}; no {self.dtype} grid represents "
+                                    "them: check the data and the layers before it (their weights, the learning rate)")
 
     def fix(self, qp: QParams) -> None:
         """Use `qp` from now on, whatever the data: an output grid the target's runtime imposes."""

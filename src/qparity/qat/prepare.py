@@ -84,10 +84,12 @@ def freeze(model: QATModel) -> QATModel:
     """Stop observers, fold BatchNorm with its running statistics, fix every scale and zero point.
 
     Idempotent. After freeze the model's forward (in eval mode) is exactly the integer program that
-    `convert` produces.
+    `convert` produces. Refuses, before changing anything, a model whose integer program no runtime can
+    represent (NaN or infinite parameters, out-of-range scales, int32 overflow), naming the layer.
     """
     require_prepared(model, "freeze")
     require_whole_parameters(model, "freeze")
+    model.integer_program()
     for observer in model.observers.values():
         observer.freeze()
     for layer in model.layers.values():
