@@ -247,3 +247,39 @@ def test_qparams_refuse_other_dtypes(dtype):
 def test_qparams_refuse_a_subnormal_scale():
     with pytest.raises(InvalidQParamsError, match="subnormal"):
         qp.QParams(1e-40, 0)
+
+
+def conv_with_output_multiplier(target, multiplier):
+    """A 1x1 conv over 64 channels whose output grid is `multiplier` times finer than its accumulator's step."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 3, 3) * 4
+    prepared = qp.prepare_qat(nn.Conv2d(64, 1, 1, bias=False), (x,), target=target, per_channel=False)
+    qp.calibrate(prepared, [x])
+    (name,) = prepared.layers
+    layer = prepared.layers[name]
+    input_qp = prepared.qparams(prepared.graph.nodes[0].name)
+    step = float(input_qp.scale) * float(layer.weight_scale(layer.folded()[0]))
+    prepared.observers[name].fix(qp.QParams(step / multiplier, 0, "int8"))
+    return prepared
+
+
+@pytest.mark.parametrize("target", ["tflite", "onnxruntime", "exact"])
+def test_an_accumulator_that_tflites_left_shift_overflows_is_refused(target):
+    """TFLite shifts the int32 accumulator left by log2(M) bits for M >= 1 before multiplying; where that can
+    overflow int32 the tflite target refuses the layer. Other targets multiply without the shift."""
+    prepared = conv_with_output_multiplier(target, 2.0**13)
+    if target != "tflite":
+        qp.convert(qp.freeze(prepared))
+        return
+    with pytest.raises(OverflowRiskError, match=r"multiplier s_in \* s_w / s_out is >= 1.*left by 14 bit"):
+        qp.freeze(prepared)
+
+
+def test_a_small_left_shift_that_cannot_overflow_is_accepted_on_tflite(tmp_path):
+    from helpers import assert_runtime_gives_the_same_codes
+
+    prepared = conv_with_output_multiplier("tflite", 4.0)
+    integer = qp.convert(qp.freeze(prepared))
+    x = torch.randn(2, 64, 3, 3) * 4
+    assert torch.equal(prepared.eval()(x), integer(x))
+    assert_runtime_gives_the_same_codes(integer, x, tmp_path)

@@ -110,8 +110,10 @@ def load(path) -> IntegerModel:
         for name, layer in model.layers.items():
             node = model.graph.node(name)
             bias = None if model.target.float_bias else layer.bias_codes
-            check_accumulator_range(f"{name!r} ({node.path})", layer.weight_codes, bias,
-                                    model.grids[node.args[0].name])
+            input_qp = model.grids[node.args[0].name]
+            check_accumulator_range(f"{name!r} ({node.path})", layer.weight_codes, bias, input_qp,
+                                    model.target.accumulator_left_shift(node.op, input_qp, layer.weight_scale,
+                                                                        model.grids[name]))
     except (QParityError, KeyError, TypeError, ValueError) as error:
         raise invalid_content(saved.where, error) from error
     return model

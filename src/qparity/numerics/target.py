@@ -129,6 +129,12 @@ class Target:
         """Elementwise product of two quantized tensors (broadcasting), onto the output grid."""
         raise UnsupportedOpError(f"mul is not emulated for target {self.name!r}")
 
+    def accumulator_left_shift(self, op: str, input_qp: QParams, weight_scale: torch.Tensor,
+                               output_qp: QParams) -> torch.Tensor:
+        """Bits by which the requantizer shifts the int32 accumulator left, per output channel, before its
+        multiply (0 unless the runtime does: TFLite for multipliers M >= 1); the overflow check accounts for it."""
+        return torch.zeros(weight_scale.numel(), dtype=torch.int64)
+
     def accumulation(self, geometry, weight_shape) -> str:
         """How the runtime forms a conv/linear accumulator: "exact" int32, or a named kernel-specific rule
         ("int16_pairs": fbgemm's depthwise kernels). Raises UnsupportedOpError for kernels not emulated."""

@@ -81,6 +81,15 @@ class TFLiteTarget(LiteRTActivations, Target):
         check_transpose_conv(geometry, self.name)
         return "exact"
 
+    def accumulator_left_shift(self, op, input_qp, weight_scale, output_qp):
+        # MultiplyByQuantizedMultiplier (kernels/internal/common.h) computes x * (1 << left_shift) in int32 for
+        # M >= 1 before SaturatingRoundingDoublingHighMul: an accumulator that overflows there wraps (or worse:
+        # signed overflow). FULLY_CONNECTED's reference multiplies in double instead.
+        if op == "linear":
+            return super().accumulator_left_shift(op, input_qp, weight_scale, output_qp)
+        _, shift = _multiplier(layer_multiplier(input_qp.scale, weight_scale, output_qp.scale))
+        return torch.clamp(shift.reshape(-1).to(torch.int64), min=0)
+
     def requantizer(self, op, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim):
         real = layer_multiplier(input_qp.scale, weight_scale, output_qp.scale)
         zero_point = int(output_qp.zero_point)

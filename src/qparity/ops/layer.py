@@ -52,8 +52,9 @@ def plan_layer(geometry: ConvGeometry, weight_codes: torch.Tensor, bias_codes: O
 
 
 def check_accumulator_range(where: str, weight_codes: torch.Tensor, bias_codes: Optional[torch.Tensor],
-                            input_qp: QParams) -> None:
-    """Raise if any input on the grid could take this layer's int32 accumulator out of range."""
+                            input_qp: QParams, left_shift: Optional[torch.Tensor] = None) -> None:
+    """Raise if any input on the grid could take this layer's int32 accumulator out of range, also after the
+    left shift (per output channel) a runtime's requantizer applies to it first (Target.accumulator_left_shift)."""
     bound = accumulator_bounds(weight_codes, max_abs_centered(input_qp), bias_codes)
     worst = int(torch.argmax(bound)) if bound.numel() else 0
     if bound.numel() and float(bound[worst]) > INT32_MAX:
@@ -61,6 +62,17 @@ def check_accumulator_range(where: str, weight_codes: torch.Tensor, bias_codes: 
             f"layer {where}: output channel {worst} can reach |acc + bias| = {float(bound[worst]):.0f} > 2^31 - 1 "
             "for inputs on its grid, which overflows the int32 accumulator of every runtime; reduce the weights "
             "(weight decay), split the layer, or narrow the input range")
+    if left_shift is None or not bool((left_shift > 0).any()):
+        return
+    bits = left_shift.reshape(-1).to(torch.float64).expand_as(bound)
+    shifted = bound.to(torch.float64) * torch.exp2(bits)
+    worst = int(torch.argmax(shifted))
+    if float(shifted[worst]) > INT32_MAX:
+        raise OverflowRiskError(
+            f"layer {where}: output channel {worst}'s requantization multiplier s_in * s_w / s_out is >= 1, so the "
+            f"runtime shifts the int32 accumulator left by {int(bits[worst])} bit(s) first, and |acc + bias| up to "
+            f"{float(bound[worst]):.0f} overflows there; widen the output range (a larger output scale) or narrow "
+            "the weights")
 
 
 # The largest requantization multiplier s_in * s_w / s_out any target takes: TFLite applies M's left shift as

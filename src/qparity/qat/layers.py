@@ -107,7 +107,8 @@ class QATLayer(nn.Module):
             bias_codes = target.quantize_bias(bias.detach().cpu(), input_qp.scale, weight_scale)
             if not target.float_bias:
                 bias_codes = bias_codes.to(torch.int32)
-        check_accumulator_range(self.where, weight_codes, None if target.float_bias else bias_codes, input_qp)
+        check_accumulator_range(self.where, weight_codes, None if target.float_bias else bias_codes, input_qp,
+                                target.accumulator_left_shift(self.geometry.kind, input_qp, weight_scale, output_qp))
         return IntegerLayer(weight_codes, weight_scale, bias_codes)
 
     @torch.no_grad()
