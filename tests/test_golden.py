@@ -327,3 +327,19 @@ def test_golden_files_load_without_pickle(tmp_path):
     assert add["params"]["left_shift"] == 20
     for path in tmp_path.rglob("*.npy"):
         assert np.load(path, allow_pickle=False).dtype != object
+
+
+def test_golden_into_a_path_that_is_a_file_is_a_file_access_error(tmp_path):
+    from qparity.errors import FileAccessError
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    prepared = qp.prepare_qat(torch.nn.Conv2d(3, 4, 3), (x,), target="tflite")
+    qp.calibrate(prepared, [x])
+    integer = qp.convert(qp.freeze(prepared))
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("")
+    with pytest.raises(FileAccessError, match="cannot write golden vectors"):
+        qp.golden(integer, x, blocker)
+    with pytest.raises(qp.QParityError, match="must be a path"):
+        qp.golden(integer, x, 42)

@@ -30,7 +30,8 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 import torch
 
-from .errors import ExportError
+from .errors import ExportError, FileAccessError
+from .files import path_of
 from .graph import Node, QValue, collect_refs, encode, fused_clamp_bounds
 from .numerics import pooling
 from .qparams import QParams
@@ -61,7 +62,14 @@ def golden(model: IntegerModel, inputs: Sequence[torch.Tensor] | torch.Tensor, d
     recorder = model.executor()
     recorder.run([q.to(torch.int64) for q in codes])
 
-    root = Path(directory)
+    root = Path(path_of(directory, "the golden vectors' directory"))
+    try:
+        return _write(model, inputs, floats, recorder, root)
+    except OSError as error:
+        raise FileAccessError(f"cannot write golden vectors to {str(root)!r}: {error.strerror or error}") from error
+
+
+def _write(model: IntegerModel, inputs, floats: bool, recorder, root: Path) -> Path:
     for folder in ("inputs", "tensors", "params"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     files = {name: _save_value(root, name, value) for name, value in recorder.values.items()}
