@@ -117,6 +117,8 @@ def test_every_field_edited_to_garbage_gives_a_model_file_error_or_a_valid_model
     (lambda h: h["graph"]["nodes"].append(copy.deepcopy(h["graph"]["nodes"][1])), "two graph nodes are named '_0'"),
     (lambda h: h["graph"].update(input_shapes=[[200000, 200000, 1000]]), "over qparity's budget"),
     (lambda h: h["graph"].update(input_shapes=[[8, 2, 0, 6]]), "must hold integers >= 1"),
+    (lambda h: h["graph"].update(input_shapes=[[8, 3, 6, 6]]), "fails on its own declared input shapes"),
+    (lambda h: h["graph"].update(input_shapes=[[8, 2, 2]]), "fails on its own declared input shapes"),
     (lambda h: h["graph"].update(input_shapes=[]), "1 input node\\(s\\) but 0 input shape"),
     (lambda h: h["qparams"]["_0"].update(scale=1e300), "not representable as a positive float32"),
     (lambda h: h["qparams"]["_0"].update(scale=0.0), "scale must be finite and > 0"),

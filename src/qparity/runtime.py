@@ -114,9 +114,22 @@ def load(path) -> IntegerModel:
             check_accumulator_range(f"{name!r} ({node.path})", layer.weight_codes, bias, input_qp,
                                     model.target.accumulator_left_shift(node.op, input_qp, layer.weight_scale,
                                                                         model.grids[name]))
-    except (QParityError, KeyError, TypeError, ValueError) as error:
+        _run_once(model)
+    except (QParityError, KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
         raise invalid_content(saved.where, error) from error
     return model
+
+
+def _run_once(model: IntegerModel) -> None:
+    """Run the program once on its declared input shapes (every code at the zero point): arguments the header
+    checks cannot judge alone (a reshape to a size that does not fit, a bad dimension) fail here, at load,
+    instead of at the user's first call."""
+    codes = [torch.full(tuple(shape), int(model.qparams[node.name].zero_point), dtype=torch.int64)
+             for node, shape in zip(model.graph.inputs, model.graph.input_shapes)]
+    try:
+        model.executor().run(codes)
+    except (RuntimeError, IndexError, TypeError, ValueError) as error:
+        raise ValueError(f"the program fails on its own declared input shapes: {error}") from error
 
 
 def _output_grids(graph: Graph, grids: Dict[str, QParams]):
