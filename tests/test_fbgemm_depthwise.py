@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.ao.quantization as tq
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import qparity as qp
@@ -54,7 +54,18 @@ def test_the_saturating_path_is_taken_only_where_pytorch_takes_it():
     assert not fbgemm_depthwise_path(ConvGeometry("conv2d", (1, 1), (0, 0), (1, 1), 8), (8, 1, 3, 3))
 
 
-def test_x86_refuses_convs_it_would_route_to_fbgemm():
-    model = nn.Conv2d(128, 128, 3, padding=1, groups=128)
-    with pytest.raises(UnsupportedOpError, match="more than 100 groups"):
-        qp.prepare_qat(model, (torch.randn(1, 128, 5, 5),), target="x86").train()(torch.randn(1, 128, 5, 5))
+@settings(max_examples=6, deadline=None)
+@given(channels=st.sampled_from([104, 128]), multiplier=st.sampled_from([1, 2]), kernel=st.sampled_from([3, 1]),
+       stride=st.sampled_from([1, 2]), seed=st.integers(0, 1000))
+def test_x86_runs_convs_with_more_than_100_groups_as_pytorch_does_through_fbgemm(channels, multiplier, kernel,
+                                                                                 stride, seed):
+    """PyTorch's x86 engine hands these convs to fbgemm (its depthwise kernels included): from_torch of an x86
+    model equals it, and a qparity x86 model equals PyTorch's x86 engine through to_torch."""
+    converted, x = converted_depthwise("x86", channels, multiplier, kernel, stride, seed)
+    im = qp.from_torch(converted, (x,))
+    assert torch.equal(im(x), converted(x))
+    prepared = qp.prepare_qat(Depthwise(channels, multiplier, kernel, stride), (x,), target="x86")
+    qp.calibrate(prepared, [x, x * 1.5])
+    integer = qp.convert(qp.freeze(prepared))
+    assert torch.equal(prepared.eval()(x), integer(x))
+    assert torch.equal(qp.to_torch(integer)(x), integer(x))

@@ -83,11 +83,18 @@ def test_hardswish_runs_exactly_where_the_registry_says_and_is_refused_at_prepar
     assert torch.equal(prepared.eval()(x), qp.convert(prepared)(x))
 
 
-def test_x86_refuses_convs_with_more_than_100_groups_at_prepare_naming_the_module():
-    x = torch.randn(1, 101, 5, 5)
-    with pytest.raises(UnsupportedOpError, match=r"conv2d at module 'wide'.*101 groups on target 'x86'"):
-        qp.prepare_qat(Grouped(), (x,), target="x86")
-    qp.prepare_qat(Grouped(), (x,), target="fbgemm")  # fbgemm runs them
+def test_x86_runs_convs_with_more_than_100_groups_with_fbgemms_arithmetic():
+    """PyTorch's x86 engine hands such convs to fbgemm (tests/test_fbgemm_depthwise.py checks it against
+    PyTorch); for a model of that one conv, x86 and fbgemm compute the same codes."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 101, 5, 5)
+    outputs = []
+    for target in ("x86", "fbgemm"):
+        torch.manual_seed(1)
+        prepared = qp.prepare_qat(Grouped(), (x,), target=target)
+        qp.calibrate(prepared, [x])
+        outputs.append(qp.convert(qp.freeze(prepared))(x))
+    assert torch.equal(*outputs)
 
 
 def test_golden_writes_the_hardswish_table(tmp_path):

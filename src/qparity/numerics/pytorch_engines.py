@@ -227,18 +227,9 @@ class PyTorchEngineTarget(Target):
 
     # -- accumulation -------------------------------------------------------------------------------------
     def accumulation(self, geometry, weight_shape):
-        """fbgemm's depthwise kernels saturate; x86 sends convs with more than 100 groups to fbgemm.
-
-        PyTorch's x86 engine uses oneDNN only for groups <= 100 (should_use_onednn_quant); above that the
-        layer runs fbgemm's kernels and requantization, which this target's oneDNN rule does not follow.
-        """
+        """fbgemm's depthwise kernels saturate (x86 runs some convs through them too: X86Target.layer_target)."""
         if geometry.kind != "conv2d":
             return "exact"
-        if self.conv_rule == "onednn" and geometry.groups > 100:
-            raise UnsupportedOpError(
-                f"a conv with {geometry.groups} groups on target 'x86': PyTorch runs convs with more than 100 "
-                "groups through fbgemm rather than oneDNN, which qparity's x86 target does not emulate per "
-                "layer; use target 'fbgemm' or fewer groups")
         if self.conv_rule == "fbgemm" and fbgemm_depthwise_path(geometry, weight_shape):
             return "int16_pairs"
         return "exact"
@@ -622,6 +613,14 @@ class X86Target(PyTorchEngineTarget):
     name = "x86"
     summary = "PyTorch x86 engine: conv through oneDNN (scaled float bias), linear through fbgemm"
     conv_rule = "onednn"
+
+    def layer_target(self, geometry) -> Target:
+        # PyTorch's x86 engine runs a conv through oneDNN only with groups <= 100 (should_use_onednn_quant,
+        # aten/src/ATen/native/quantized/cpu/OnednnUtils.h, 2.13 and 2.14); above that the layer is packed and
+        # run by fbgemm: its accumulation (depthwise kernels included) and requantization.
+        if geometry.kind == "conv2d" and geometry.groups > 100:
+            return FbgemmTarget(self.kernels, self.threads, self.memory_format)
+        return self
 
 
 class QnnpackTarget(PyTorchEngineTarget):

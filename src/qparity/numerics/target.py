@@ -129,6 +129,11 @@ class Target:
         """Elementwise product of two quantized tensors (broadcasting), onto the output grid."""
         raise UnsupportedOpError(f"mul is not emulated for target {self.name!r}")
 
+    def layer_target(self, geometry) -> "Target":
+        """The target whose kernels run a layer of this geometry: this one, unless the runtime hands some layers
+        to other kernels (PyTorch's x86 engine: convs with more than 100 groups run in fbgemm)."""
+        return self
+
     def accumulator_left_shift(self, op: str, input_qp: QParams, weight_scale: torch.Tensor,
                                output_qp: QParams) -> torch.Tensor:
         """Bits by which the requantizer shifts the int32 accumulator left, per output channel, before its

@@ -46,7 +46,8 @@ def plan_layer(geometry: ConvGeometry, weight_codes: torch.Tensor, bias_codes: O
                input_qp: QParams, target=None) -> AccumulationPlan:
     """How to compute this layer's accumulator: exactly, or as the target's runtime does when it differs."""
     plan = plan_accumulation(geometry, weight_codes, max_abs_centered(input_qp), bias_codes)
-    if target is not None and target.accumulation(geometry, tuple(weight_codes.shape)) == "int16_pairs":
+    if target is not None and target.layer_target(geometry).accumulation(geometry, tuple(weight_codes.shape)) \
+            == "int16_pairs":
         return AccumulationPlan("int16_pairs", plan.bound, input_zero_point=int(input_qp.zero_point))
     return plan
 
@@ -140,8 +141,8 @@ def run(ctx, node: Node, x: QValue) -> QValue:
     qp = ctx.mode.observe(node, real)
     check_requantization(layer.where, weight_scale, x.qparams, qp)
     lo, hi = fused_clamp_bounds(ctx.target, node, qp)
-    requantize = ctx.target.requantizer(layer.geometry.kind, x.qparams, weight_scale, qp, lo, hi,
-                                        layer.geometry.channel_axis, acc.dim(), **float_bias)
+    requantize = ctx.target.layer_target(layer.geometry).requantizer(
+        layer.geometry.kind, x.qparams, weight_scale, qp, lo, hi, layer.geometry.channel_axis, acc.dim(), **float_bias)
     return ctx.emit(requantize(acc.detach()), real, qp, lo, hi)
 
 
@@ -167,8 +168,9 @@ def prepare_integer_layer(target, node: Node, layer: IntegerLayer, input_qp: QPa
     float_bias = {"bias": layer.bias_codes} if target.float_bias else {}
     acc_bias = None if target.float_bias else layer.bias_codes
     try:
-        requantize = target.requantizer(geometry.kind, input_qp, layer.weight_scale, output_qp, lo, hi,
-                                        geometry.channel_axis, ndim, **float_bias)
+        requantize = target.layer_target(geometry).requantizer(geometry.kind, input_qp, layer.weight_scale,
+                                                               output_qp, lo, hi, geometry.channel_axis, ndim,
+                                                               **float_bias)
     except UnsupportedOpError as error:  # a multiplier this target's runtime refuses (XNNPACK's range)
         raise UnsupportedOpError(f"layer {node.path}: {error}") from None
     weight = layer.weight_codes.to(torch.float32)

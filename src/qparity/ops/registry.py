@@ -63,8 +63,8 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "depthwise 1x1 conv with the BatchNorm folded in", True,
              "exact int32 accumulator + bias, the target's requantizer (PyTorch engines: float bias as the "
              "engine adds it)", "float conv on straight-through weight codes, BatchNorm as torch.ao's QAT",
-             "`padding_mode=\"zeros\"`; any stride, padding (incl. `\"same\"`), dilation, groups (x86: groups "
-             "<= 100, checked at prepare_qat); a folded BatchNorm must directly follow the conv, be its only "
+             "`padding_mode=\"zeros\"`; any stride, padding (incl. `\"same\"`), dilation, groups (x86: more "
+             "than 100 groups run fbgemm's kernels, as PyTorch's x86 engine does); a folded BatchNorm must directly follow the conv, be its only "
              "user, `affine=True`, `track_running_stats=True`", torch_form="torch.ao.nn.quantized.Conv2d"),
     Operator("conv_transpose2d", "`nn.ConvTranspose2d`, `F.conv_transpose2d` on the model's own parameters; "
              "`nn.BatchNorm2d` right after it is folded in", True,
@@ -245,8 +245,7 @@ def ops_markdown() -> str:
             lines.append(f"- {op.name} on `{target}`: {why}.")
     lines += ["", "Per-configuration refusals, raised with the layer's name: `xnnpack` refuses requantization "
               "scales and add ratios outside the ranges where LiteRT's default interpreter stays in XNNPACK; "
-              "`qnnpack` refuses 1x1 `avg_pool2d` and the add ratios PyTorch's qnnpack itself rejects; `x86` "
-              "refuses convs with more than 100 groups (PyTorch routes them to fbgemm). Exporters refuse what "
+              "`qnnpack` refuses 1x1 `avg_pool2d` and the add ratios PyTorch's qnnpack itself rejects. Exporters refuse what "
               "their file format cannot express (see `qparity.export`).", ""]
     return "\n".join(lines)
 

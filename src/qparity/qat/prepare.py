@@ -68,7 +68,7 @@ def refuse_what_the_target_cannot_run(graph: Graph, layers, target: Target) -> N
         if node.op in LAYER_OPS:
             geometry = ConvGeometry.from_dict(node.attrs["geometry"])
             try:
-                target.accumulation(geometry, tuple(layers[node.name].module.weight.shape))
+                target.layer_target(geometry).accumulation(geometry, tuple(layers[node.name].module.weight.shape))
             except UnsupportedOpError as error:
                 raise UnsupportedOpError(f"{node.op} at {node.path}: {error}") from None
 
