@@ -276,3 +276,20 @@ def test_unet_with_transposed_convs_end_to_end(tmp_path, target):
     if target in TFLITE_TARGETS:
         require_runtime("ai_edge_litert")
         assert_runtime_gives_the_same_codes(integer, x, tmp_path)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@settings(max_examples=4, deadline=None)
+@given(g=geometries(), seed=st.integers(0, 1000))
+def test_to_torch_runs_transposed_convs_in_pytorchs_engine(engine, g, seed):
+    torch.manual_seed(seed)
+    model, x = build(g)
+    prepared = qp.prepare_qat(model, (x,), target=engine)
+    qp.calibrate(prepared, [x, x * 1.5])
+    integer = qp.convert(qp.freeze(prepared))
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        assert torch.equal(qp.to_torch(integer)(x), integer(x))
+    finally:
+        torch.backends.quantized.engine = previous

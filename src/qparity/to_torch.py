@@ -20,6 +20,7 @@ from torch import nn
 
 from .errors import QParityWarning, UnsupportedOpError
 from .graph import CALLS, Graph, Node, resolve
+from .ops.conv_transpose2d import as_transposed_weight
 from .ops.registry import OPERATORS
 from .numerics.accumulate import ConvGeometry
 from .qparams import QParams
@@ -79,8 +80,8 @@ def _quantized_clamp(q: torch.Tensor, lo, hi) -> torch.Tensor:
     return torch.clamp(q.contiguous(), lo, hi).contiguous(memory_format=layout)
 
 
-def _quantized_weight(layer: IntegerLayer) -> torch.Tensor:
-    codes = layer.weight_codes.to(torch.int8)
+def _quantized_weight(layer: IntegerLayer, codes: torch.Tensor | None = None) -> torch.Tensor:
+    codes = (layer.weight_codes if codes is None else codes).to(torch.int8)
     scale = layer.weight_scale
     if scale.dim():
         return torch._make_per_channel_quantized_tensor(codes, scale.to(torch.float64),
@@ -88,10 +89,12 @@ def _quantized_weight(layer: IntegerLayer) -> torch.Tensor:
     return torch._make_per_tensor_quantized_tensor(codes, float(scale), 0)
 
 
-def _layer_module(node: Node, layer: IntegerLayer, qp: QParams) -> nn.Module:
+def _layer_module(node: Node, layer: IntegerLayer, qp: QParams, engine: str) -> nn.Module:
     geometry = ConvGeometry.from_dict(node.attrs["geometry"])
     relu = _fuses_relu(node)
     out_features, in_features = layer.weight_codes.shape[0], layer.weight_codes.shape[1]
+    if geometry.kind == "conv_transpose2d":
+        return _transposed_conv_module(geometry, layer, qp, engine)
     if geometry.kind == "conv2d":
         if isinstance(geometry.padding, str):
             raise UnsupportedOpError(f"node '{node.name}': padding={geometry.padding!r}; torch.ao quantized conv "
@@ -108,6 +111,25 @@ def _layer_module(node: Node, layer: IntegerLayer, qp: QParams) -> nn.Module:
     return module
 
 
+def _transposed_conv_module(geometry: ConvGeometry, layer: IntegerLayer, qp: QParams, engine: str) -> nn.Module:
+    """nnq.ConvTranspose2d with the layer's codes in PyTorch's [in, out / groups, kh, kw] layout; it packs its
+    weights for the engine that is current when they are set, so that engine is set meanwhile."""
+    out_channels, in_per_group = layer.weight_codes.shape[:2]
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        module = nnq.ConvTranspose2d(in_per_group * geometry.groups, out_channels, tuple(layer.weight_codes.shape[2:]),
+                                     geometry.stride, geometry.padding, geometry.output_padding, geometry.groups,
+                                     layer.bias_codes is not None, geometry.dilation)
+        codes = as_transposed_weight(layer.weight_codes, geometry.groups)
+        bias = None if layer.bias_codes is None else layer.bias_codes.to(torch.float32)
+        module.set_weight_bias(_quantized_weight(layer, codes), bias)
+    finally:
+        torch.backends.quantized.engine = previous
+    module.scale, module.zero_point = float(qp.scale), int(qp.zero_point)
+    return module
+
+
 class TorchQuantizedModel(nn.Module):
     """qparity's graph executed with torch.ao quantized modules and ops; float in, float out."""
 
@@ -117,7 +139,7 @@ class TorchQuantizedModel(nn.Module):
         self.engine = im.target.name
         self.target = im.target
         self.qparams: Dict[str, QParams] = dict(im.qparams)
-        self.layers = nn.ModuleDict({name: _layer_module(im.graph.node(name), layer, im.qparams[name])
+        self.layers = nn.ModuleDict({name: _layer_module(im.graph.node(name), layer, im.qparams[name], im.target.name)
                                      for name, layer in im.layers.items()})
         self.activations = nn.ModuleDict({n.name: nnq.Hardswish(float(im.qparams[n.name].scale),
                                                                 int(im.qparams[n.name].zero_point))
@@ -156,6 +178,10 @@ class TorchQuantizedModel(nn.Module):
     def run_node(self, node: Node, args, kwargs):
         if node.op in ("conv2d", "linear"):
             return _clamp_after(node, self.layers[node.name](args[0]))
+        if node.op == "conv_transpose2d":  # torch.ao has no fused transposed conv: every clamp runs after it
+            clamp = _fused_clamp(node)
+            out = self.layers[node.name](args[0])
+            return out if clamp is None else _quantized_clamp(out, *clamp)
         if node.op == "add":
             qp = self.qparams[node.name]
             op = torch.ops.quantized.add_relu if _fuses_relu(node) else torch.ops.quantized.add

@@ -82,7 +82,7 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
                          "onnxruntime": "ONNX has no quantized ConvTranspose and ONNX Runtime's CPU provider registers "
                                         "no com.microsoft QLinearConvTranspose (only its XNNPACK provider has one); "
                                         "its quantization tool runs ConvTranspose in float"},
-             formats=("tflite",)),
+             formats=("tflite",), torch_form="torch.ao.nn.quantized.ConvTranspose2d"),
     Operator("linear", "`nn.Linear`, `F.linear` on the model's own parameters; `nn.BatchNorm1d` right after it "
              "folded in; `nn.BatchNorm1d` on [N, C] elsewhere as a diagonal linear with the BatchNorm folded in", True,
              "as conv2d (TFLite: FULLY_CONNECTED's rule)", "float linear on straight-through weight codes",
