@@ -26,6 +26,7 @@ DOCUMENTED_REFUSALS = (
     ("qnnpack", "avg_pool2d"),                 # PyTorch's qnnpack average pool not matched (numerics/pytorch_engines.py)
     ("qnnpack", "PyTorch's qnnpack rejects"),  # add scale ratios / empty ranges qnnpack itself rejects
     ("xnnpack", "XNNPACK"),                    # scale ratios where LiteRT leaves XNNPACK (numerics/xnnpack.py)
+    ("onnxruntime", "QLinearMul wraps"),       # product ratios ORT's QLinearMul wraps (numerics/onnxruntime.py)
 )
 
 

@@ -1,7 +1,7 @@
 """A graph fuzzer: random networks assembled from the operators qparity supports, on every target.
 
 Each example draws a chain of blocks (convs with groups and BatchNorm, activations, residual adds,
-squeeze-excite muls, concatenations, pools, upsampling, transposed convs, padding), a target and an activation dtype, then
+squeeze-excite muls, concatenations, numbers (x * c + d), pools, upsampling, transposed convs, padding), a target and an activation dtype, then
 checks the whole promise: the target accepts the network exactly when the registry says every operator in it
 runs there; the fake-quant forward equals the integer program; a saved and reloaded model computes the same
 codes; and where the target has a file format, the file either runs in the real runtime with 0 mismatched
@@ -66,6 +66,8 @@ class Block(nn.Module):
             self.conv = nn.Conv2d(channels, option, 1)
             self.out_channels = channels + option
             self.ops = {"conv2d", "cat"}
+        elif kind == "numbers":
+            self.ops = {"constant", "mul", "add"}
         elif kind == "max_pool":
             self.ops = {"max_pool2d"}
         elif kind == "avg_pool":
@@ -89,6 +91,9 @@ class Block(nn.Module):
             return x * self.gate(self.conv(x.mean((2, 3), keepdim=True)))
         if kind == "cat":
             return torch.cat([x, self.conv(x)], 1)
+        if kind == "numbers":
+            scale, shift = self.option
+            return x * scale + shift
         if kind == "max_pool":
             return F.max_pool2d(x, 2)
         if kind == "avg_pool":
@@ -121,7 +126,7 @@ def networks(draw):
     size = draw(st.sampled_from([4, 6, 8]))
     blocks, c, s = [], channels, size
     for _ in range(draw(st.integers(1, 5))):
-        kinds = ["conv", "activation", "residual", "squeeze_excite", "cat", "pad"]
+        kinds = ["conv", "activation", "residual", "squeeze_excite", "cat", "pad", "numbers"]
         kinds += ["max_pool", "avg_pool"] if s >= 4 else []
         kinds += ["upsample", "conv_transpose"] if s <= 8 else []
         kind = draw(st.sampled_from(kinds))
@@ -137,6 +142,8 @@ def networks(draw):
             option = draw(st.sampled_from(["sigmoid", "hardsigmoid"]))
         elif kind == "cat":
             option = draw(st.integers(1, 4))
+        elif kind == "numbers":
+            option = (draw(st.sampled_from([0.5, 2.0, -1.0, 1 / 6, 3.0])), draw(st.sampled_from([1.0, -0.5, 3.0])))
         else:
             option = None
         block = Block(kind, c, option)

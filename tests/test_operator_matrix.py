@@ -82,6 +82,7 @@ EXAMPLES = {
     "add": (lambda: Around(Apply(torch.add), binary=True), "op"),
     "mul": (lambda: Around(Apply(torch.mul), binary=True), "op"),
     "sub": (lambda: Around(Apply(torch.sub), binary=True), "op"),
+    "constant": (lambda: Around(Apply(lambda y: y * 0.5 + 1.0)), "op"),
     "cat": (lambda: Around(Apply(lambda a, b: torch.cat([a, b], 1)), binary=True), "op"),
     "hardswish": (lambda: Around(nn.Hardswish()), "op"),
     "sigmoid": (lambda: Around(nn.Sigmoid()), "op"),

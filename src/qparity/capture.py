@@ -25,6 +25,7 @@ from .ops.conv1d import Conv1dAs2d, as_conv2d_arguments
 from .ops.conv_transpose2d import ConvTransposeAsConv
 from .ops.registry import LAYER_OPS, OPERATORS
 from .ops.upsample import float32_rule_is_exact
+from .qparams import LARGEST_CONSTANT, SMALLEST_CONSTANT
 
 
 def supported_operators() -> str:
@@ -291,6 +292,9 @@ class _Builder:
             self.emit_add(node, args, kwargs, op="sub")
         elif fn in (operator.mul, torch.mul) and isinstance(self.values.get(node.name), torch.Tensor):
             self.emit_mul(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
+        elif (fn in (operator.truediv, torch.div, torch.true_divide) and not kwargs.get("rounding_mode")
+              and isinstance(self.values.get(node.name), torch.Tensor)):
+            self.emit_divide(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
         elif fn is F.silu:
             self.emit_silu(node, args[0])
         elif fn in (torch.cat, torch.concat):
@@ -363,8 +367,8 @@ class _Builder:
             if key is None:
                 raise self.unsupported(node)
             if fn in SHAPE_ARITHMETIC and isinstance(self.values.get(node.name), torch.Tensor):
-                raise self.unsupported(node, "arithmetic on a quantized tensor other than adding or multiplying two "
-                                             "tensors")
+                raise self.unsupported(node, "arithmetic on a quantized tensor other than add, sub, mul of tensors "
+                                             "and numbers, or division by a number")
             self.check_code_preserving(node)
             self.emit(node, "call", self.ref(args), self.ref(dict(kwargs)), attrs={"fn": "function:" + key})
 
@@ -384,6 +388,9 @@ class _Builder:
             self.emit(node, name, [self.ref(args[0])], attrs={})
         elif name == "mul" and isinstance(self.values.get(node.name), torch.Tensor):
             self.emit_mul(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
+        elif (name in ("div", "true_divide") and not kwargs.get("rounding_mode")
+              and isinstance(self.values.get(node.name), torch.Tensor)):
+            self.emit_divide(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
         elif name in CODE_PRESERVING_METHODS:
             self.check_code_preserving(node)
             self.emit(node, "call", self.ref(args), self.ref(dict(kwargs)), attrs={"fn": "method:" + name})
@@ -482,15 +489,41 @@ class _Builder:
         self.emit(node, "clamp", [self.ref(x)], attrs={"min": None if low is None else float(low),
                                                        "max": None if high is None else float(high)})
 
+    def constant_operand(self, node, a, b):
+        """(a, b) with a Python number among them emitted as a constant node of shape [1, ..., 1] (the other
+        operand's rank), so that add, sub and mul see two tensors; unchanged when both are tensors."""
+        def number(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        if self.is_tensor(a) and number(b) or self.is_tensor(b) and number(a):
+            tensor, value = (a, b) if self.is_tensor(a) else (b, a)
+            magnitude = abs(float(value))
+            if not (magnitude == 0 or SMALLEST_CONSTANT <= magnitude <= LARGEST_CONSTANT):
+                raise self.unsupported(node, f"a constant {value!r}: a quantization grid holds 0 or magnitudes "
+                                             f"from {SMALLEST_CONSTANT:.3g} to float32's largest")
+            name = f"{node.name}_constant"
+            self.values[name] = torch.full((1,) * self.values[tensor.name].dim(), float(value))
+            self.nodes.append(Node(name, "constant", (), {}, {"value": float(value),
+                                                             "shape": [1] * self.values[tensor.name].dim()},
+                                   _where(node)))
+            return (a, Ref(name)) if tensor is a else (Ref(name), b)
+        return a, b
+
+    def is_operand(self, arg) -> bool:
+        """A tensor of the model, or a constant node `constant_operand` made."""
+        return self.is_tensor(arg) or isinstance(arg, Ref)
+
     def emit_add(self, node, args, kwargs, op="add") -> None:
-        """add or sub of two tensors; broadcasting is recorded so that prepare_qat can refuse it by name on a
-        target whose kernel does not broadcast."""
+        """add or sub of two tensors, or of a tensor and a number (a constant node); broadcasting is recorded so
+        that prepare_qat can refuse it by name on a target whose kernel does not broadcast."""
         a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
-        if not (self.is_tensor(a) and self.is_tensor(b)):
-            if not isinstance(self.values.get(node.name), torch.Tensor):
-                self.emit(node, "call", self.ref(args), self.ref(dict(kwargs)), attrs={"fn": f"function:operator.{op}"})
-                return
-            raise self.unsupported(node, f"{op} of a tensor and a constant (only two quantized tensors)")
+        if not isinstance(self.values.get(node.name), torch.Tensor):
+            self.emit(node, "call", self.ref(args), self.ref(dict(kwargs)), attrs={"fn": f"function:operator.{op}"})
+            return
+        a, b = self.constant_operand(node, a, b)
+        if not (self.is_operand(a) and self.is_operand(b)):
+            raise self.unsupported(node, f"{op} of a tensor and {type(b if self.is_tensor(a) else a).__name__} "
+                                         "(tensors and Python numbers only)")
         if kwargs.get("alpha", 1) != 1:
             raise self.unsupported(node, f"{op} with alpha != 1")
         shape_a, shape_b = self.values[a.name].shape, self.values[b.name].shape
@@ -503,10 +536,16 @@ class _Builder:
         self.emit(node, op, [self.ref(a), self.ref(b)], attrs=attrs)
 
     def emit_mul(self, node, a, b) -> None:
-        if not (self.is_tensor(a) and self.is_tensor(b)):
-            raise self.unsupported(node, "mul of a tensor and a constant (only two quantized tensors can be "
-                                         "multiplied)")
+        a, b = self.constant_operand(node, a, b)
+        if not (self.is_operand(a) and self.is_operand(b)):
+            raise self.unsupported(node, "mul of a tensor and something that is neither a tensor nor a number")
         self.emit(node, "mul", [self.ref(a), self.ref(b)], attrs={})
+
+    def emit_divide(self, node, a, b) -> None:
+        """x / c as x * (1 / c): the runtimes have no quantized division; a tensor divisor is refused."""
+        if not (self.is_tensor(a) and isinstance(b, (int, float)) and not isinstance(b, bool) and b != 0):
+            raise self.unsupported(node, "division other than of a tensor by a nonzero Python number")
+        self.emit_mul(node, a, 1.0 / float(b))
 
     def emit_silu(self, node, x) -> None:
         """SiLU as the runtimes run it: x * sigmoid(x), a sigmoid with its own grid, then a mul."""

@@ -131,3 +131,21 @@ def affine_qparams(min_val: torch.Tensor, max_val: torch.Tensor, dtype: str) -> 
 def symmetric_weight_scale(abs_max: torch.Tensor, qmax: int) -> torch.Tensor:
     """Scale of a symmetric weight grid [-qmax, qmax] covering abs_max (float32, never 0)."""
     return torch.clamp(abs_max.detach().to(torch.float32) / float(qmax), min=MIN_SCALE)
+
+
+# The smallest nonzero magnitude a constant may have: its grid's scale |c| / 255 must stay a normal float32.
+SMALLEST_CONSTANT = 255 * 2.0**-126
+LARGEST_CONSTANT = float(torch.finfo(torch.float32).max)
+
+
+def constant_qparams(value: float, dtype: str) -> QParams:
+    """The grid of a number the program uses (`x * 0.5`, `x + 1`): the number at the end of the range, so its
+    code is exact up to one float32 rounding: int8 (and other signed codes) symmetric, scale |c| / q_max and
+    zero point 0; uint8 with the zero point at the end of the range opposite c. 0 gets scale 1 and code 0."""
+    lo, hi = DTYPE_RANGES[dtype]
+    magnitude = abs(float(value))
+    if magnitude == 0.0:
+        return QParams(1.0, 0 if lo <= 0 else lo, dtype)
+    if lo < 0:
+        return QParams(magnitude / hi, 0, dtype)
+    return QParams(magnitude / (hi - lo), lo if value > 0 else hi, dtype)

@@ -30,6 +30,8 @@ def first_node_mixing_samples(model: IntegerModel, seed: int = 0) -> Optional[No
         executor.run([c[i:i + 1] for c in codes])
         alone.append(executor.values)
     for node in model.graph.nodes:
+        if node.op == "constant":  # the same [1, ..., 1] tensor for every batch, broadcast by its users
+            continue
         batch = list(_tensors(together.values[node.name]))
         singles = [list(_tensors(values[node.name])) for values in alone]
         for k, tensor in enumerate(batch):

@@ -38,6 +38,7 @@ from ..errors import ExportError, ModelFileError
 from ..graph import CALLS, Graph, Node, Ref, resolve, fused_clamp_bounds
 from ..numerics import pooling
 from ..numerics.accumulate import ConvGeometry
+from ..ops import constant
 from ..qparams import TORCH_DTYPES, QParams
 from ..runtime import IntegerModel
 from . import require_model_inputs
@@ -235,6 +236,11 @@ class _OnnxBuilder:
         return [self.constant(f"{node.name}.weight", codes),
                 self.constant(f"{node.name}.weight_scale", scale.astype(np.float32)),
                 self.constant(f"{node.name}.weight_zero_point", np.zeros(scale.shape, np.int8))]
+
+    def op_constant(self, node: Node) -> str:
+        qp = self.model.qparams[node.name]
+        values = constant.codes(self.model.target, node, qp).numpy().astype(_numpy_dtype(qp))
+        return self.constant(f"{node.name}.codes", values)
 
     def op_add(self, node: Node, a: str, b: str) -> str:
         out_qp = self.model.qparams[node.name]

@@ -53,6 +53,7 @@ from ..errors import ExportError, ModelFileError, QParityError
 from ..graph import CALLS, Executor, Node, fused_clamp_bounds
 from ..numerics import pooling
 from ..numerics.accumulate import ConvGeometry
+from ..ops import constant
 from ..qparams import QParams
 from ..runtime import IntegerModel
 from . import require_model_inputs
@@ -314,8 +315,8 @@ class _Exporter(Executor):
 
     def in_layout(self, x: TFLiteTensor, perm: Tuple[int, ...]) -> TFLiteTensor:
         """`x` stored as logical.permute(perm), with one int8 TRANSPOSE if it is stored otherwise."""
-        if x.perm == perm:
-            return x
+        if x.perm == perm or all(size == 1 for size in x.shape):  # no element moves: relabel
+            return TFLiteTensor(x.index, x.shape, x.grid, perm) if x.perm != perm else x
         moved = self.transpose(x, tuple(x.perm.index(p) for p in perm))
         return TFLiteTensor(moved, x.shape, x.grid, perm)
 
@@ -499,6 +500,12 @@ class _Exporter(Executor):
                                   keepNumDims=len(out_shape) != 2)
         self.fb.operator("FULLY_CONNECTED", [x.index, *weights], [out], options)
         return self.clamp(TFLiteTensor(out, out_shape, grid, tuple(range(len(out_shape)))), rest, node.name)
+
+    def op_constant(self, node: Node):
+        grid = self.model.qparams[node.name]
+        values = constant.codes(self.model.target, node, grid).numpy()
+        index = self.fb.constant(f"{node.name}_codes", values, "int8", grid)
+        return TFLiteTensor(index, tuple(values.shape), grid, tuple(range(values.ndim)))
 
     def op_add(self, node: Node, a: TFLiteTensor, b: TFLiteTensor):
         return self.binary(node, a, b, "ADD", "AddOptions")

@@ -109,6 +109,15 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "and ONNX Runtime: float32 multiplier; PyTorch's engines: float32 multiplier)",
              "float product of the dequantized inputs", "two tensors (no constants); xnnpack: s_a s_b / s_y in "
              "[2^-16, 256), where LiteRT's delegate runs it", torch_form="torch.ops.quantized.mul"),
+    Operator("constant", "a Python number combined with a tensor: `x + c`, `c + x`, `x - c`, `c - x`, `x * c`, "
+             "`c * x`, `x / c` (as `x * (1 / c)`), `torch.add`/`sub`/`mul`/`div` and the Tensor methods", True,
+             "a tensor of shape [1, ..., 1] holding the number's code on a grid of its own (int8: scale |c| / 127, "
+             "zero point 0; uint8: zero point at the end opposite c), the second operand of add, sub or mul",
+             "the number itself (no gradient)", "Python int/float constants",
+             refused_by={t: "PyTorch's quantized engines take a number through add_scalar / mul_scalar, which "
+                            "compute their own output grid from the input's; qparity does not emulate them"
+                         for t in ("fbgemm", "x86", "qnnpack")},
+             golden=False),
     Operator("cat", "`torch.cat`, `torch.concat`", True,
              "each input rescaled to the output grid (a copy when the grids are equal)",
              "float concatenation of the dequantized inputs", "every input a tensor computed by the model",

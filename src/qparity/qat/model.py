@@ -16,7 +16,7 @@ from ..graph import Graph, output_structure, resolve_grids
 from ..numerics import Target
 from ..ops.layer import IntegerLayer
 from ..ops.program import FakeQuant, ProgramExecutor
-from ..qparams import QParams
+from ..qparams import QParams, constant_qparams
 from .layers import QATLayer
 from .observers import ActivationObserver
 from .slopes import QATSlope
@@ -36,8 +36,10 @@ class QATModel(nn.Module):
         self.slopes = nn.ModuleDict(slopes or {})  # prelu node -> its learned slope
         self.observers = nn.ModuleDict({n.name: ActivationObserver(activation_dtype, n.path)
                                         for n in graph.nodes if n.new_grid})
-        for node in graph.nodes:  # grids the target's runtime imposes (TFLite's LOGISTIC: 1/256, -128)
+        for node in graph.nodes:  # grids the target's runtime imposes (TFLite's LOGISTIC: 1/256, -128), constants'
             fixed = target.fixed_output_qparams(node.op, activation_dtype) if node.new_grid else None
+            if node.op == "constant":
+                fixed = constant_qparams(node.attrs["value"], activation_dtype)
             if fixed is not None:
                 self.observers[node.name].fix(fixed)
 

@@ -1,0 +1,119 @@
+"""Numbers in the model (`x * 0.5`, `x + 1`, `1 - x`, `x / 6`): a constant node on a grid of its own feeding add,
+sub or mul; fake == integer on every target that runs it, 0 mismatched codes in LiteRT and ONNX Runtime, and a
+named refusal on PyTorch's engines (add_scalar / mul_scalar compute their own grids)."""
+import operator
+
+import pytest
+import torch
+from hypothesis import assume, given, settings, strategies as st
+from torch import nn
+
+import qparity as qp
+from qparity.errors import UnsupportedOpError
+from qparity.ops.registry import OPERATORS
+from qparity.qparams import DTYPE_RANGES, SMALLEST_CONSTANT, constant_qparams
+from helpers import FILE_SUFFIXES, assert_runtime_gives_the_same_codes, calibrate
+
+OPS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}
+# Scale ratios a runtime refuses (e.g. x * 0 makes the output grid collapse): named per-configuration refusals.
+REFUSED_RATIOS = (("xnnpack", "XNNPACK"), ("onnxruntime", "QLinearMul wraps"))
+numbers = st.one_of(st.floats(-50, 50, allow_nan=False, width=32).filter(lambda v: v == 0 or abs(v) >= 1e-30), st.integers(-20, 20),
+                    st.sampled_from([0.0, 1.0, -1.0, 6.0, 1 / 6, 3.0, 1e-3]))
+
+
+class WithNumber(nn.Module):
+    def __init__(self, op, number, first, rank):
+        super().__init__()
+        self.rank = rank
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.op, self.number, self.first = OPS[op], number, first
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.rank == 2:
+            y = torch.flatten(y, 1)
+        return self.op(self.number, y) if self.first else self.op(y, self.number)
+
+
+def build(op, number, first, rank):
+    if op == "div" and (first or number == 0):
+        op = "mul"  # a number divided by a tensor is refused (below); division by zero too
+    return WithNumber(op, number, first and op != "div", rank), op
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8"])
+@given(value=numbers)
+def test_the_constant_grid_holds_the_number_at_the_end_of_its_range(dtype, value):
+    assume(value == 0 or abs(value) >= SMALLEST_CONSTANT)
+    qp_ = constant_qparams(value, dtype)
+    lo, hi = DTYPE_RANGES[dtype]
+    code = qp.numerics.get_target("exact").quantize(torch.tensor([float(value)]), qp_)
+    if value == 0:
+        assert int(code) == int(qp_.zero_point)
+        return
+    assert int(code) in (lo, hi, -hi)
+    real = (float(code) - float(qp_.zero_point)) * float(qp_.scale)
+    assert abs(real - float(value)) <= 1e-6 * abs(float(value))
+
+
+@settings(max_examples=30, deadline=None)
+@given(target=st.sampled_from([t for t in qp.TARGETS if t in OPERATORS["constant"].targets()]),
+       op=st.sampled_from(sorted(OPS)), number=numbers, first=st.booleans(), rank=st.sampled_from([2, 4]),
+       seed=st.integers(0, 10**6), data=st.data())
+def test_numbers_in_the_model_are_exact_on_every_target_and_in_the_runtimes(tmp_path_factory, target, op, number,
+                                                                            first, rank, seed, data):
+    torch.manual_seed(seed)
+    model, op = build(op, number, first, rank)
+    x = torch.randn(4, 3, 5, 5) * data.draw(st.floats(0.2, 5))
+    dtype = data.draw(st.sampled_from(qp.numerics.get_target(target).activation_dtypes))
+    runs = OPERATORS["sub" if op == "sub" else "add" if op == "add" else "mul"].targets()
+    if target not in runs:
+        with pytest.raises(UnsupportedOpError, match="cannot run on target"):
+            qp.prepare_qat(model, (x,), target=target, activation_dtype=dtype)
+        return
+    try:
+        prepared = qp.prepare_qat(model, (x,), target=target, activation_dtype=dtype)
+        calibrate(prepared, [x, x * 0.5 - 0.2], lr=0.01)
+        integer = qp.convert(qp.freeze(prepared))
+    except UnsupportedOpError as error:  # the runtimes' documented ranges for scale ratios, named
+        assert any(target == t and phrase in str(error) for t, phrase in REFUSED_RATIOS), error
+        return
+    test = torch.randn(3, 3, 5, 5) * 2
+    assert torch.equal(prepared.eval()(test), integer(test))
+    if target in FILE_SUFFIXES and (target != "xnnpack" and target != "tflite" or dtype == "int8"):
+        assert_runtime_gives_the_same_codes(integer, test, tmp_path_factory.mktemp("constant"))
+
+
+@pytest.mark.parametrize("engine", ["fbgemm", "x86", "qnnpack"])
+def test_pytorchs_engines_refuse_numbers_naming_the_node(engine):
+    x = torch.randn(2, 3, 5, 5)
+    with pytest.raises(UnsupportedOpError, match=rf"constant at node 'mul' .*cannot run on target '{engine}'.*"
+                                                 "add_scalar"):
+        qp.prepare_qat(WithNumber("mul", 0.5, False, 4), (x,), target=engine)
+
+
+def test_a_number_divided_by_a_tensor_is_refused_by_name():
+    class Reciprocal(nn.Module):
+        def forward(self, x):
+            return 1.0 / x
+
+    with pytest.raises(UnsupportedOpError, match="division other than of a tensor by a nonzero Python number"):
+        qp.prepare_qat(Reciprocal(), (torch.randn(2, 3),))
+
+
+def test_x_over_6_is_x_times_one_sixth():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5)
+    outputs = []
+    for op, number in (("div", 6.0), ("mul", 1.0 / 6.0)):
+        torch.manual_seed(1)
+        prepared = qp.prepare_qat(WithNumber(op, number, False, 4), (x,), target="tflite")
+        calibrate(prepared, [x])
+        outputs.append(qp.convert(qp.freeze(prepared))(x))
+    assert torch.equal(*outputs)
+
+
+@pytest.mark.parametrize("number", [1e-40, 1e300, float("inf"), float("nan")])
+def test_numbers_no_grid_holds_are_refused_by_name(number):
+    with pytest.raises(UnsupportedOpError, match=r"a constant .*a quantization grid holds 0 or magnitudes"):
+        qp.prepare_qat(WithNumber("mul", number, False, 4), (torch.randn(2, 3, 5, 5),), target="tflite")
