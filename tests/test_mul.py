@@ -113,10 +113,10 @@ def test_silu_is_a_sigmoid_then_a_mul():
     assert torch.equal(prepared.eval()(x), qp.convert(prepared)(x))
 
 
-def test_mul_by_a_constant_is_refused_by_name():
+def test_mul_by_a_number_becomes_a_constant_operand():
     class Scale(nn.Module):
         def forward(self, x):
             return x * 3.0
 
-    with pytest.raises(UnsupportedOpError, match="mul of a tensor and a constant"):
-        qp.prepare_qat(Scale(), (torch.randn(2, 3),))
+    prepared = qp.prepare_qat(Scale(), (torch.randn(2, 3),), target="tflite")
+    assert [n.op for n in prepared.graph.nodes] == ["input", "constant", "mul"]
