@@ -66,7 +66,8 @@ def test_numbers_in_the_model_are_exact_on_every_target_and_in_the_runtimes(tmp_
     model, op = build(op, number, first, rank)
     x = torch.randn(4, 3, 5, 5) * data.draw(st.floats(0.2, 5))
     dtype = data.draw(st.sampled_from(qp.numerics.get_target(target).activation_dtypes))
-    runs = OPERATORS["sub" if op == "sub" else "add" if op == "add" else "mul"].targets()
+    kernel = {"add": "add", "mul": "mul", "div": "mul", "sub": "sub" if first else "add"}[op]  # x - c is x + (-c)
+    runs = OPERATORS[kernel].targets()
     if target not in runs:
         with pytest.raises(UnsupportedOpError, match="cannot run on target"):
             qp.prepare_qat(model, (x,), target=target, activation_dtype=dtype)
@@ -117,3 +118,15 @@ def test_x_over_6_is_x_times_one_sixth():
 def test_numbers_no_grid_holds_are_refused_by_name(number):
     with pytest.raises(UnsupportedOpError, match=r"a constant .*a quantization grid holds 0 or magnitudes"):
         qp.prepare_qat(WithNumber("mul", number, False, 4), (torch.randn(2, 3, 5, 5),), target="tflite")
+
+
+def test_x_minus_a_number_is_an_add_of_its_negative_and_runs_on_onnxruntime(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5)
+    prepared = qp.prepare_qat(WithNumber("sub", 1.5, False, 4), (x,), target="onnxruntime")
+    (constant,) = [n for n in prepared.graph.nodes if n.op == "constant"]
+    assert constant.attrs["value"] == -1.5 and [n.op for n in prepared.graph.nodes][-1] == "add"
+    calibrate(prepared, [x])
+    integer = qp.convert(qp.freeze(prepared))
+    assert torch.equal(prepared.eval()(x), integer(x))
+    assert_runtime_gives_the_same_codes(integer, x, tmp_path)

@@ -520,6 +520,8 @@ class _Builder:
         if not isinstance(self.values.get(node.name), torch.Tensor):
             self.emit(node, "call", self.ref(args), self.ref(dict(kwargs)), attrs={"fn": f"function:operator.{op}"})
             return
+        if op == "sub" and isinstance(b, (int, float)) and not isinstance(b, bool) and self.is_tensor(a):
+            op, b = "add", -b  # x - c is x + (-c): an add, which every runtime with constants has (ONNX: no QLinearSub)
         a, b = self.constant_operand(node, a, b)
         if not (self.is_operand(a) and self.is_operand(b)):
             raise self.unsupported(node, f"{op} of a tensor and {type(b if self.is_tensor(a) else a).__name__} "

@@ -110,7 +110,8 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "float product of the dequantized inputs", "two tensors (no constants); xnnpack: s_a s_b / s_y in "
              "[2^-16, 256), where LiteRT's delegate runs it", torch_form="torch.ops.quantized.mul"),
     Operator("constant", "a Python number combined with a tensor: `x + c`, `c + x`, `x - c`, `c - x`, `x * c`, "
-             "`c * x`, `x / c` (as `x * (1 / c)`), `torch.add`/`sub`/`mul`/`div` and the Tensor methods", True,
+             "`c * x`, `x / c` (as `x * (1 / c)`; `x - c` as `x + (-c)`), `torch.add`/`sub`/`mul`/`div` and the Tensor "
+             "methods", True,
              "a tensor of shape [1, ..., 1] holding the number's code on a grid of its own (int8: scale |c| / 127, "
              "zero point 0; uint8: zero point at the end opposite c), the second operand of add, sub or mul",
              "the number itself (no gradient)", "Python int/float constants",
