@@ -268,3 +268,19 @@ def test_every_layer_operator_of_the_registry_has_a_weight_rank_here():
     from qparity.ops.registry import LAYER_OPS
 
     assert set(WEIGHT_RANKS) == set(LAYER_OPS)
+
+
+def test_a_program_tied_to_its_batch_size_still_loads(tmp_path):
+    """load runs one sample first, then the declared batch: a fixed-batch reshape is the user's choice."""
+    class FixedBatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.fc(x.view(4, 12))
+
+    x = torch.randn(4, 3, 4)
+    _, integer = prepare_and_convert(FixedBatch(), (x,), "tflite", [x])
+    integer.save(tmp_path / "fixed.qp")
+    assert torch.equal(qp.load(tmp_path / "fixed.qp")(x), integer(x))

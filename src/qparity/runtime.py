@@ -121,15 +121,21 @@ def load(path) -> IntegerModel:
 
 
 def _run_once(model: IntegerModel) -> None:
-    """Run the program once on its declared input shapes (every code at the zero point): arguments the header
-    checks cannot judge alone (a reshape to a size that does not fit, a bad dimension) fail here, at load,
-    instead of at the user's first call."""
-    codes = [torch.full(tuple(shape), int(model.qparams[node.name].zero_point), dtype=torch.int64)
-             for node, shape in zip(model.graph.inputs, model.graph.input_shapes)]
-    try:
+    """Run the program once (every code at the zero point) on one sample of its declared input shapes, or on the
+    declared shapes themselves for a program tied to its batch size: arguments the header checks cannot judge
+    alone (a reshape to a size that does not fit, a bad dimension) fail here, at load, not at the first call."""
+    def run(batch):
+        codes = [torch.full((batch or shape[0],) + tuple(shape[1:]), int(model.qparams[node.name].zero_point),
+                            dtype=torch.int64) for node, shape in zip(model.graph.inputs, model.graph.input_shapes)]
         model.executor().run(codes)
-    except (RuntimeError, IndexError, TypeError, ValueError) as error:
-        raise ValueError(f"the program fails on its own declared input shapes: {error}") from error
+
+    try:
+        run(1)
+    except (RuntimeError, IndexError, TypeError, ValueError):
+        try:
+            run(None)
+        except (RuntimeError, IndexError, TypeError, ValueError) as error:
+            raise ValueError(f"the program fails on its own declared input shapes: {error}") from error
 
 
 def _output_grids(graph: Graph, grids: Dict[str, QParams]):
