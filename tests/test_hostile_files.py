@@ -284,3 +284,19 @@ def test_a_program_tied_to_its_batch_size_still_loads(tmp_path):
     _, integer = prepare_and_convert(FixedBatch(), (x,), "tflite", [x])
     integer.save(tmp_path / "fixed.qp")
     assert torch.equal(qp.load(tmp_path / "fixed.qp")(x), integer(x))
+
+
+def test_a_file_whose_target_cannot_run_one_of_its_operators_is_refused(tmp_path):
+    """The registry's refusals hold for files too: hardsigmoid saved for 'exact', relabelled 'tflite'."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5)
+    _, integer = prepare_and_convert(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Hardsigmoid()), (x,), "exact", [x],
+                                     activation_dtype="int8")
+    integer.save(tmp_path / "exact.qp")
+    raw = (tmp_path / "exact.qp").read_bytes()
+    _, _, header_len, data_len = PREFIX.unpack_from(raw)
+    header = json.loads(raw[PREFIX.size:PREFIX.size + header_len])
+    header["target"] = "tflite"
+    data = raw[PREFIX.size + header_len:PREFIX.size + header_len + data_len]
+    with pytest.raises(ModelFileError, match="hardsigmoid at .* cannot run on target 'tflite'"):
+        qp.load(write(tmp_path, header, data))

@@ -13,7 +13,7 @@ from torch import nn
 
 import qparity as qp
 from helpers import FILE_SUFFIXES, assert_runtime_gives_the_same_codes
-from qparity.errors import UnsupportedOpError
+from qparity.errors import InvalidParameterError, UnsupportedOpError
 from qparity.numerics import get_target
 from qparity.numerics.prelu import slope_codes, slope_grid
 from qparity.ops.registry import OPERATORS
@@ -117,11 +117,16 @@ def test_save_and_load_keep_the_slope_codes(tmp_path):
 
 
 def test_slopes_beyond_127_are_refused_naming_the_module():
+    """At prepare_qat for the initial slope; in the forward for a slope that grows there during training."""
     model = ConvPReLU(1)
     with torch.no_grad():
         model.act.weight.fill_(200.0)
-    prepared = qp.prepare_qat(model, (torch.randn(2, 3, 5, 5),), target="exact")
-    with pytest.raises(UnsupportedOpError, match=r"prelu at module 'act'.*slope magnitude 200"):
+    with pytest.raises(InvalidParameterError, match=r"prelu at module 'act'.*slope magnitude 200"):
+        qp.prepare_qat(model, (torch.randn(2, 3, 5, 5),), target="exact")
+    prepared = qp.prepare_qat(ConvPReLU(1), (torch.randn(2, 3, 5, 5),), target="exact")
+    with torch.no_grad():
+        prepared.slopes[next(iter(prepared.slopes))].module.weight.fill_(200.0)
+    with pytest.raises(InvalidParameterError, match=r"prelu at module 'act'.*slope magnitude 200"):
         prepared(torch.randn(2, 3, 5, 5))
 
 

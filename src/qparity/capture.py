@@ -28,6 +28,11 @@ from .ops.upsample import float32_rule_is_exact
 from .qparams import LARGEST_CONSTANT, SMALLEST_CONSTANT
 
 
+def _is_number(value) -> bool:
+    """A Python int or float (not a bool): what a constant node holds."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def supported_operators() -> str:
     """The operators the registry declares, for error messages; their PyTorch forms are in docs/ops.md."""
     return ", ".join(name for name in OPERATORS if name != "input")
@@ -492,10 +497,7 @@ class _Builder:
     def constant_operand(self, node, a, b):
         """(a, b) with a Python number among them emitted as a constant node of shape [1, ..., 1] (the other
         operand's rank), so that add, sub and mul see two tensors; unchanged when both are tensors."""
-        def number(x):
-            return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-        if self.is_tensor(a) and number(b) or self.is_tensor(b) and number(a):
+        if self.is_tensor(a) and _is_number(b) or self.is_tensor(b) and _is_number(a):
             tensor, value = (a, b) if self.is_tensor(a) else (b, a)
             magnitude = abs(float(value))
             if not (magnitude == 0 or SMALLEST_CONSTANT <= magnitude <= LARGEST_CONSTANT):
@@ -520,7 +522,7 @@ class _Builder:
         if not isinstance(self.values.get(node.name), torch.Tensor):
             self.emit(node, "call", self.ref(args), self.ref(dict(kwargs)), attrs={"fn": f"function:operator.{op}"})
             return
-        if op == "sub" and isinstance(b, (int, float)) and not isinstance(b, bool) and self.is_tensor(a):
+        if op == "sub" and _is_number(b) and self.is_tensor(a):
             op, b = "add", -b  # x - c is x + (-c): an add, which every runtime with constants has (ONNX: no QLinearSub)
         a, b = self.constant_operand(node, a, b)
         if not (self.is_operand(a) and self.is_operand(b)):
@@ -545,7 +547,7 @@ class _Builder:
 
     def emit_divide(self, node, a, b) -> None:
         """x / c as x * (1 / c): the runtimes have no quantized division; a tensor divisor is refused."""
-        if not (self.is_tensor(a) and isinstance(b, (int, float)) and not isinstance(b, bool) and b != 0):
+        if not (self.is_tensor(a) and _is_number(b) and b != 0):
             raise self.unsupported(node, "division other than of a tensor by a nonzero Python number")
         self.emit_mul(node, a, 1.0 / float(b))
 

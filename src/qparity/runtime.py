@@ -17,6 +17,7 @@ from .graph import Graph, Node, QValue, output_structure, resolve_grids
 from .ops.input import require_float_input
 from .ops.layer import IntegerLayer, check_accumulator_range, prepare_integer_layer
 from .ops.program import Integer, ProgramExecutor
+from .ops.registry import refuse_if_target_cannot_run
 from .qparams import TORCH_DTYPES, QParams
 from .serialize import invalid_content, read_model, save_model
 from .numerics import Target, get_target
@@ -106,6 +107,8 @@ def load(path) -> IntegerModel:
     """
     saved = read_model(path)
     try:
+        for node in saved.graph.nodes:  # an edited file may name an operator its target cannot run
+            refuse_if_target_cannot_run(node.op, node.path, saved.target.name)
         model = IntegerModel(saved.graph, saved.target, saved.activation_dtype, saved.qparams, saved.layers)
         for name, layer in model.layers.items():
             node = model.graph.node(name)

@@ -59,9 +59,10 @@ def _fuses_relu(node: Node) -> bool:
     return _fused_clamp(node) == (0.0, None)
 
 
-def _clamp_after(node: Node, q: torch.Tensor) -> torch.Tensor:
+def _clamp_after(node: Node, q: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """The node's fused clamp, run after the op unless its torch.ao module already fused it (`fused`: ReLU)."""
     clamp = _fused_clamp(node)
-    return q if clamp is None or _fuses_relu(node) else _quantized_clamp(q, *clamp)
+    return q if clamp is None or fused and _fuses_relu(node) else _quantized_clamp(q, *clamp)
 
 
 def _quantized_clamp(q: torch.Tensor, lo, hi) -> torch.Tensor:
@@ -179,9 +180,7 @@ class TorchQuantizedModel(nn.Module):
         if node.op in ("conv2d", "linear"):
             return _clamp_after(node, self.layers[node.name](args[0]))
         if node.op == "conv_transpose2d":  # torch.ao has no fused transposed conv: every clamp runs after it
-            clamp = _fused_clamp(node)
-            out = self.layers[node.name](args[0])
-            return out if clamp is None else _quantized_clamp(out, *clamp)
+            return _clamp_after(node, self.layers[node.name](args[0]), fused=False)
         if node.op == "add":
             qp = self.qparams[node.name]
             op = torch.ops.quantized.add_relu if _fuses_relu(node) else torch.ops.quantized.add

@@ -84,7 +84,7 @@ def _refuse_mixed_samples(model: IntegerModel, batch_size: int) -> None:
     """A .tflite file runs fixed batches: refuse a program whose samples are not computed independently."""
     try:
         node = first_node_mixing_samples(model)
-    except (QParityError, RuntimeError) as error:
+    except (QParityError, RuntimeError, IndexError, TypeError, ValueError) as error:
         raise ExportError(f"the model does not run on batches of other sizes ({error}); a .tflite file runs fixed "
                           f"batches of {batch_size}") from None
     if node is not None:
@@ -450,9 +450,6 @@ class _Exporter(Executor):
         geometry = ConvGeometry.from_dict(node.attrs["geometry"])
         layer = self.model.layers[node.name]
         grid = self.model.qparams[node.name]
-        if geometry.groups != 1 or tuple(geometry.dilation) != (1, 1):
-            raise self.refuse(node, f"groups={geometry.groups}, dilation={tuple(geometry.dilation)}: TFLite's "
-                                    "TRANSPOSE_CONV has neither")
         cout, cin, kh, kw = layer.weight_codes.shape
         out_hw = transposed_output_size(geometry, x.shape[2:], (kh, kw))
         valid_hw = tuple(max(o + p, (h - 1) * s + k) for o, p, h, s, k in

@@ -24,7 +24,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
-from ..errors import UnsupportedOpError
+from ..errors import InvalidParameterError
 from ..qparams import QParams
 from .arithmetic import ExactRatio, multiply_by_quantized_multiplier, quantize_multiplier, round_half_even_exact
 
@@ -35,7 +35,7 @@ def slope_grid(slopes: torch.Tensor, where: str) -> Tuple[int, float]:
     """(k, s_a = f(1 / k)): the slope grid, k = floor(127 / max(1, max|a|))."""
     largest = max(1.0, float(slopes.detach().abs().max()))
     if not math.isfinite(largest) or largest > SLOPE_QMAX:
-        raise UnsupportedOpError(f"prelu at {where}: slope magnitude {largest:g} is outside what an int8 slope grid "
+        raise InvalidParameterError(f"prelu at {where}: slope magnitude {largest:g} is outside what an int8 slope grid "
                                  f"that holds 1.0 can express (at most {SLOPE_QMAX})")
     k = int(SLOPE_QMAX // largest)
     return k, float(np.float32(1.0 / k))

@@ -72,12 +72,14 @@ prepare_qat fixes both from torch.get_num_threads() and the example inputs; the 
 """
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 
 from ..errors import TargetSettingError, UnsupportedOpError
 from . import pooling
 from ..qparams import QParams
-from .arithmetic import fma_f32
+from .arithmetic import fma_f32, rounding_divide_by_pot
 from .prelu import engine_prelu
 from .pytorch_versions import PyTorchKernels, installed_kernels, kernels_named
 from .target import Target, channel_view, grid_views
@@ -596,9 +598,9 @@ def _qnnpack_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi):
     m_a = int(torch.round(ratio_a * scale_multiplier))
     m_b = int(torch.round(ratio_b * scale_multiplier))
     acc = m_a * (qa - int(a.zero_point)) + m_b * (qb - int(b.zero_point))
-    # Round half away from zero: QNNPACK's remainder test (`rem > threshold`, rem less one for negatives).
-    half = 1 << (shift - 1)
-    rounded = torch.where(acc >= 0, (acc + half) >> shift, -((-acc + half) >> shift))
+    # Round half away from zero: QNNPACK's remainder test (`rem > threshold`, rem less one for negatives) is
+    # gemmlowp's RoundingDivideByPOT.
+    rounded = rounding_divide_by_pot(acc, shift)
     # qnnpack_add allocates its output in qa.suggest_memory_format(): channels-last 4-D or contiguous.
     layout = torch.channels_last if (qa.dim() == 4 and _channels_last(qa)) else torch.contiguous_format
     return torch.clamp(rounded + int(out.zero_point), lo, hi).contiguous(memory_format=layout)
@@ -618,9 +620,12 @@ class X86Target(PyTorchEngineTarget):
         # PyTorch's x86 engine runs a conv through oneDNN only with groups <= 100 (should_use_onednn_quant,
         # aten/src/ATen/native/quantized/cpu/OnednnUtils.h, 2.13 and 2.14); above that the layer is packed and
         # run by fbgemm: its accumulation (depthwise kernels included) and requantization.
-        if geometry.kind == "conv2d" and geometry.groups > 100:
-            return FbgemmTarget(self.kernels, self.threads, self.memory_format)
-        return self
+        return self.fbgemm if geometry.kind == "conv2d" and geometry.groups > 100 else self
+
+    @cached_property
+    def fbgemm(self) -> "FbgemmTarget":
+        """fbgemm with this target's release and settings: what runs the layers PyTorch routes to it."""
+        return FbgemmTarget(self.kernels, self.threads, self.memory_format)
 
 
 class QnnpackTarget(PyTorchEngineTarget):

@@ -156,7 +156,7 @@ class Target:
     def hardswish(self, q: torch.Tensor, source: QParams, out: QParams) -> torch.Tensor:
         """Hardswish (x * clamp(x + 3, 0, 6) / 6) of the codes q on `source`, as codes on the output grid `out`."""
         raise UnsupportedOpError(f"hardswish is not emulated for target {self.name!r}: its runtime's kernel was not "
-                                 "matched bit for bit; use target exact, fbgemm, x86 or qnnpack")
+                                 "matched bit for bit (docs/ops.md lists the targets that run hardswish)")
 
     def prelu(self, q: torch.Tensor, source: QParams, slope: torch.Tensor, slope_scale: float,
               out: QParams) -> torch.Tensor:

@@ -44,7 +44,7 @@ def check_transpose_conv(geometry, target: str) -> None:
         raise UnsupportedOpError(
             f"a transposed conv with groups={geometry.groups}, dilation={tuple(geometry.dilation)} on target "
             f"{target!r}: LiteRT's TRANSPOSE_CONV has neither groups nor dilation; use groups=1, dilation=1, or "
-            "target exact, fbgemm, x86 or qnnpack")
+            "another target (docs/ops.md lists the targets that run conv_transpose2d)")
 
 
 def layer_multiplier(input_scale: torch.Tensor, weight_scale: torch.Tensor, output_scale: torch.Tensor):

@@ -43,12 +43,20 @@ from .tflite import TFLiteTarget, check_transpose_conv
 ADD_MULTIPLIER_BITS = 20          # xnn_init_qs8_add_minmax_scalar_params: the largest multiplier is in [2^20, 2^21)
 ADD_RATIO_RANGE = (2.0**-10, 2.0**8)        # delegated ADD: input/output scale ratios in [lo, hi)
 CONVERT_RATIO_RANGE = (2.0**-8, 2.0**7)     # delegated QUANTIZE int8 -> int8: ratio in [lo, hi]
+MUL_RATIO_RANGE = (2.0**-16, 256.0)         # delegated MUL: s_a * s_b / s_y in [lo, hi)
 REQUANTIZATION_RANGE = (2.0**-32, 256.0)    # conv / fully connected: M in [lo, hi), else XNNPACK fails to prepare
 
 
 def _f32_ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """numerator / denominator as one float32 division, as XNNPACK computes every scale ratio."""
     return numerator.to(torch.float32) / denominator.to(torch.float32)
+
+
+def _require_within(values: torch.Tensor, bounds, message) -> None:
+    """Raise UnsupportedOpError(message()) unless every value lies in [low, high): the ranges XNNPACK accepts."""
+    low, high = bounds
+    if bool(((values < low) | (values >= high)).any()):
+        raise UnsupportedOpError(message())
 
 
 def _shift_right_half_up(x: torch.Tensor, shift: int) -> torch.Tensor:
@@ -70,10 +78,10 @@ class XnnpackTarget(LiteRTActivations, Target):
         # must lie in [2^-16, 256), else LiteRT runs its builtin MUL, whose int16 vector loop depends on the
         # element's position): s = f(f(s_a * s_b) / s_y), q = clamp(sat16(rne(f(p * s))) + z_y).
         scale = (a.scale.to(torch.float32) * b.scale.to(torch.float32)) / out.scale.to(torch.float32)
-        if not (2.0**-16 <= float(scale) < 256.0):
-            raise UnsupportedOpError(f"mul with s_a * s_b / s_y = {float(scale):.6g}: LiteRT's XNNPACK delegate takes "
-                                     "MUL only for ratios in [2^-16, 256); outside it the builtin kernel's result "
-                                     "depends on the element's position. Use target 'tflite' or other grids")
+        _require_within(scale, MUL_RATIO_RANGE, lambda: (
+            f"mul with s_a * s_b / s_y = {float(scale):.6g}: LiteRT's XNNPACK delegate takes MUL only for ratios "
+            "in [2^-16, 256); outside it the builtin kernel's result depends on the element's position. Use target "
+            "'tflite' or other grids"))
         product = ((qa - int(a.zero_point)) * (qb - int(b.zero_point))).to(torch.float32)
         rounded = torch.round(product * scale).clamp_(-32768, 32767).to(torch.int64)
         return rounded.add_(int(out.zero_point)).clamp_(lo, hi)
@@ -99,12 +107,10 @@ class XnnpackTarget(LiteRTActivations, Target):
 
     def requantizer(self, op, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim):
         multiplier = _f32_ratio(input_qp.scale * weight_scale.to(torch.float32), output_qp.scale)
-        low, high = REQUANTIZATION_RANGE
-        if bool(((multiplier < low) | (multiplier >= high)).any()):
-            raise UnsupportedOpError(
-                f"{op} requantization scale {multiplier.min().item():.4g}..{multiplier.max().item():.4g} "
-                f"(s_in * s_w / s_out) is outside XNNPACK's [2^-32, 256): LiteRT's default interpreter fails to "
-                "prepare such a model; widen the output range or use target 'tflite'")
+        _require_within(multiplier, REQUANTIZATION_RANGE, lambda: (
+            f"{op} requantization scale {multiplier.min().item():.4g}..{multiplier.max().item():.4g} "
+            f"(s_in * s_w / s_out) is outside XNNPACK's [2^-32, 256): LiteRT's default interpreter fails to "
+            "prepare such a model; widen the output range or use target 'tflite'"))
         multiplier = channel_view(multiplier, ndim, channel_axis)
         return float32_requantizer(multiplier, int(output_qp.zero_point), lo, hi)
 
@@ -120,12 +126,10 @@ class XnnpackTarget(LiteRTActivations, Target):
 
     def _add(self, op, qa, a, qb, b, out, lo, hi, sign):
         ratios = torch.stack([_f32_ratio(a.scale, out.scale), _f32_ratio(b.scale, out.scale)]).reshape(2)
-        low, high = ADD_RATIO_RANGE
-        if bool(((ratios < low) | (ratios >= high)).any()):
-            raise UnsupportedOpError(
-                f"{op} with input/output scale ratios {ratios.tolist()}: XNNPACK takes ratios in [2^-10, 256) "
-                f"only, and LiteRT then runs its optimized {op.upper()}, whose rounding target 'xnnpack' does not model; "
-                "use target 'tflite' or keep the add's inputs and output on comparable scales")
+        _require_within(ratios, ADD_RATIO_RANGE, lambda: (
+            f"{op} with input/output scale ratios {ratios.tolist()}: XNNPACK takes ratios in [2^-10, 256) "
+            f"only, and LiteRT then runs its optimized {op.upper()}, whose rounding target 'xnnpack' does not model; "
+            "use target 'tflite' or keep the add's inputs and output on comparable scales"))
         _, exponent = torch.frexp(ratios.max())  # frexp's exponent is the IEEE exponent plus one
         shift = ADD_MULTIPLIER_BITS - (int(exponent) - 1)
         multipliers = torch.round(ratios.to(torch.float64) * 2.0**shift).to(torch.int64).tolist()

@@ -18,6 +18,7 @@ class QATSlope(nn.Module):
         super().__init__()
         self.module = module
         self.where = where
+        slope_grid(module.weight, where)  # a slope no int8 grid holds is refused at prepare_qat, naming the module
 
     def codes(self) -> Tuple[torch.Tensor, float]:
         """Integer-valued float32 slope codes whose gradient flows to the slope, and the grid's scale."""
