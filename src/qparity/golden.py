@@ -58,7 +58,7 @@ def golden(model: IntegerModel, inputs: Sequence[torch.Tensor] | torch.Tensor, d
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     floats = all(x.is_floating_point() for x in inputs)
     codes = _as_tuple(model.quantize(*inputs)) if floats else inputs
-    model.run(*codes)  # validates the codes, with the messages users know
+    model.check_codes(*codes)  # with the messages users know
     recorder = model.executor()
     recorder.run([q.to(torch.int64) for q in codes])
 

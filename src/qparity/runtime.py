@@ -8,6 +8,7 @@ does not depend on the batch size, the thread count or the machine: all sums are
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from .errors import InputError, QParityError
 from .graph import Graph, Node, QValue, output_structure, resolve_grids
 from .ops.input import require_float_input
-from .ops.layer import IntegerLayer, check_accumulator_range, prepare_integer_layer
+from .ops.layer import IntegerLayer, prepare_integer_layer
 from .ops.program import Integer, ProgramExecutor
 from .ops.registry import refuse_if_target_cannot_run
 from .qparams import TORCH_DTYPES, QParams
@@ -66,15 +67,23 @@ class IntegerModel:
 
     def run(self, *codes: torch.Tensor):
         """Input codes to output codes: the integer program itself."""
-        self._check_count(codes)
-        for node, q, shape in zip(self.graph.inputs, codes, self.graph.input_shapes):
-            _check_codes(node, q, shape, self.qparams[node.name])
+        self.check_codes(*codes)
         result = self.executor().run([q.to(torch.int64) for q in codes])
         return output_structure(result, lambda v: v.codes.to(TORCH_DTYPES[v.qparams.dtype]))
 
+    def check_codes(self, *codes: torch.Tensor) -> None:
+        """Raise InputError unless `codes` are one integer tensor per input, of its shape, within its grid."""
+        self._check_count(codes)
+        for node, q, shape in zip(self.graph.inputs, codes, self.graph.input_shapes):
+            _check_codes(node, q, shape, self.qparams[node.name])
+
     def executor(self) -> ProgramExecutor:
         """The program's executor in integer mode (its `values` keep every node's result of a run)."""
-        return ProgramExecutor(self.graph, self.target, Integer(self))
+        return ProgramExecutor(self.graph, self.target, self._integer_mode)
+
+    @cached_property
+    def _integer_mode(self) -> Integer:
+        return Integer(self)  # its per-node constants are built once, not per run
 
     def dequantize(self, codes):
         """Output codes to float32 real values (`(q - z) * s`)."""
@@ -110,13 +119,6 @@ def load(path) -> IntegerModel:
         for node in saved.graph.nodes:  # an edited file may name an operator its target cannot run
             refuse_if_target_cannot_run(node.op, node.path, saved.target.name)
         model = IntegerModel(saved.graph, saved.target, saved.activation_dtype, saved.qparams, saved.layers)
-        for name, layer in model.layers.items():
-            node = model.graph.node(name)
-            bias = None if model.target.float_bias else layer.bias_codes
-            input_qp = model.grids[node.args[0].name]
-            check_accumulator_range(f"{name!r} ({node.path})", layer.weight_codes, bias, input_qp,
-                                    model.target.accumulator_left_shift(node.op, input_qp, layer.weight_scale,
-                                                                        model.grids[name]))
         _run_once(model)
     except (QParityError, KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
         raise invalid_content(saved.where, error) from error

@@ -145,6 +145,10 @@ class TorchQuantizedModel(nn.Module):
         self.activations = nn.ModuleDict({n.name: nnq.Hardswish(float(im.qparams[n.name].scale),
                                                                 int(im.qparams[n.name].zero_point))
                                           for n in im.graph.nodes if n.op == "hardswish"})
+        # quint8 prelu weights (torch.ao's PReLU): the int8 slope codes + 128, zero point 128
+        self.slopes = {n.name: torch._make_per_tensor_quantized_tensor(
+            (torch.tensor(n.attrs["slope_codes"], dtype=torch.int64) + 128).to(torch.uint8),
+            float(n.attrs["slope_scale"]), 128) for n in self.graph.nodes if n.op == "prelu"}
         for node in self.graph.nodes:
             if OPERATORS[node.op].torch_form is None:
                 raise UnsupportedOpError(f"to_torch: operator {node.op!r} at {node.path} has no torch.ao form here")
@@ -199,11 +203,9 @@ class TorchQuantizedModel(nn.Module):
             qp = self.qparams[node.name]
             return torch.ops.quantized.leaky_relu(args[0], float(node.attrs["negative_slope"]), False,
                                                   float(qp.scale), int(qp.zero_point))
-        if node.op == "prelu":  # quint8 weight (torch.ao's PReLU): the int8 slope codes + 128, zero point 128
+        if node.op == "prelu":
             qp = self.qparams[node.name]
-            codes = torch.tensor(node.attrs["slope_codes"], dtype=torch.int64) + 128
-            slope = torch._make_per_tensor_quantized_tensor(codes.to(torch.uint8), float(node.attrs["slope_scale"]), 128)
-            return torch.ops.quantized.prelu(args[0], slope, float(qp.scale), int(qp.zero_point))
+            return torch.ops.quantized.prelu(args[0], self.slopes[node.name], float(qp.scale), int(qp.zero_point))
         if node.op == "mul":
             qp = self.qparams[node.name]
             return torch.ops.quantized.mul(args[0], args[1], float(qp.scale), int(qp.zero_point))

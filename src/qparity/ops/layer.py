@@ -76,6 +76,14 @@ def check_accumulator_range(where: str, weight_codes: torch.Tensor, bias_codes: 
             "the weights")
 
 
+def check_layer_accumulator(where: str, target, op: str, weight_codes: torch.Tensor, bias,
+                            input_qp: QParams, weight_scale: torch.Tensor, output_qp: QParams) -> None:
+    """check_accumulator_range for a layer on `target`: the int32 bias codes where the target adds them to the
+    accumulator (PyTorch's engines add a float bias after it), and the target's left shift before requantizing."""
+    check_accumulator_range(where, weight_codes, None if target.float_bias else bias, input_qp,
+                            target.accumulator_left_shift(op, input_qp, weight_scale, output_qp))
+
+
 # The largest requantization multiplier s_in * s_w / s_out any target takes: TFLite applies M's left shift as
 # `x * (1 << left_shift)` in int32 (kernels/internal/common.h), defined for shifts up to 30 (its single-rounding
 # build saturates larger ones). Far below this bound every accumulator other than 0 already saturates the
@@ -162,6 +170,8 @@ def prepare_integer_layer(target, node: Node, layer: IntegerLayer, input_qp: QPa
     """The IntegerModel's constants for one layer: accumulation plan, weights, int32 bias, requantizer."""
     geometry = ConvGeometry.from_dict(node.attrs["geometry"])
     check_requantization(node.path, layer.weight_scale, input_qp, output_qp)
+    check_layer_accumulator(f"{node.name!r} ({node.path})", target, node.op, layer.weight_codes, layer.bias_codes,
+                            input_qp, layer.weight_scale, output_qp)
     lo, hi = fused_clamp_bounds(target, node, output_qp)
     ndim = 4 if geometry.is_conv else 2
     # The stored bias is already what the target takes: int32 codes, or the float32 bias of PyTorch's engines.

@@ -118,10 +118,13 @@ class Integer:
     def __init__(self, model):
         self.model = model
         self.qparams = model.qparams
+        # Each prelu's frozen slope codes and scale, which convert wrote into the node: tensors built once.
+        self.slopes = {node.name: (torch.tensor(node.attrs["slope_codes"], dtype=torch.float32),
+                                   float(node.attrs["slope_scale"]))
+                       for node in model.graph.nodes if node.op == "prelu"}
 
     def slope(self, node: Node):
-        """A prelu's frozen slope codes and scale, which convert wrote into the node."""
-        return torch.tensor(node.attrs["slope_codes"], dtype=torch.float32), float(node.attrs["slope_scale"])
+        return self.slopes[node.name]
 
     def tabulated(self, node: Node, kind: str, inputs: List[QValue], codes: Callable) -> torch.Tensor:
         grids = [v.qparams for v in inputs]

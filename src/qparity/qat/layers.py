@@ -9,7 +9,7 @@ from torch import nn
 from ..capture import Layer
 from ..errors import InvalidParameterError
 from ..numerics.accumulate import ConvGeometry
-from ..ops.layer import IntegerLayer, check_accumulator_range, check_bias_range, check_requantization
+from ..ops.layer import IntegerLayer, check_bias_range, check_layer_accumulator, check_requantization
 from ..qparams import QParams, symmetric_weight_scale
 from ..numerics import Target
 from ..ops.surrogates import clamp, straight_through
@@ -107,8 +107,8 @@ class QATLayer(nn.Module):
             bias_codes = target.quantize_bias(bias.detach().cpu(), input_qp.scale, weight_scale)
             if not target.float_bias:
                 bias_codes = bias_codes.to(torch.int32)
-        check_accumulator_range(self.where, weight_codes, None if target.float_bias else bias_codes, input_qp,
-                                target.accumulator_left_shift(self.geometry.kind, input_qp, weight_scale, output_qp))
+        check_layer_accumulator(self.where, target, self.geometry.kind, weight_codes, bias_codes, input_qp,
+                                weight_scale, output_qp)
         return IntegerLayer(weight_codes, weight_scale, bias_codes)
 
     @torch.no_grad()
