@@ -149,6 +149,13 @@ CALLS: Dict[str, Callable] = {**{f"method:{m}": _method(m) for m in CODE_PRESERV
 # ---------------------------------------------------------------------------------------------------------
 # Execution
 # ---------------------------------------------------------------------------------------------------------
+def leaves(value) -> list:
+    """The values of a nested tuple/list structure (a program's outputs, a chunk's results), depth first."""
+    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+        return [leaf for v in value for leaf in leaves(v)]
+    return [value]
+
+
 @dataclass
 class QValue:
     """A quantized tensor on its grid: integer codes (any dtype holding integers) and their QParams."""

@@ -8,11 +8,11 @@ values differ, or whose leading dimension is not the batch.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, List, Optional
 
 import torch
 
-from ..graph import Node, QValue
+from ..graph import Node, QValue, leaves
 from ..runtime import IntegerModel
 
 SAMPLES = 2
@@ -32,8 +32,8 @@ def first_node_mixing_samples(model: IntegerModel, seed: int = 0) -> Optional[No
     for node in model.graph.nodes:
         if node.op == "constant":  # the same [1, ..., 1] tensor for every batch, broadcast by its users
             continue
-        batch = list(_tensors(together.values[node.name]))
-        singles = [list(_tensors(values[node.name])) for values in alone]
+        batch = _codes(together.values[node.name])
+        singles = [_codes(values[node.name]) for values in alone]
         for k, tensor in enumerate(batch):
             if tensor.dim() == 0 or tensor.shape[0] != SAMPLES:
                 return node
@@ -42,9 +42,5 @@ def first_node_mixing_samples(model: IntegerModel, seed: int = 0) -> Optional[No
     return None
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, QValue):
-        yield value.codes
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _tensors(v)
+def _codes(value: Any) -> List[torch.Tensor]:
+    return [v.codes for v in leaves(value) if isinstance(v, QValue)]

@@ -35,10 +35,11 @@ import numpy as np
 import torch
 
 from ..errors import ExportError, ModelFileError
-from ..graph import CALLS, Graph, Node, Ref, resolve, fused_clamp_bounds
+from ..graph import CALLS, Graph, Node, Ref, fused_clamp_bounds, leaves, resolve
 from ..numerics import pooling
 from ..numerics.accumulate import ConvGeometry
 from ..ops import constant
+from ..ops.pad import padding_per_dimension
 from ..qparams import TORCH_DTYPES, QParams
 from ..runtime import IntegerModel
 from . import require_model_inputs
@@ -83,13 +84,6 @@ def _probe(model: IntegerModel, batch: int) -> Dict[str, Any]:
         raise ExportError(f"the model does not run with batch size {batch} ({error}); the ONNX file has a "
                           "symbolic batch dimension, so every layout op must follow the batch size") from error
     return {n.name: v for n, v in zip(model.graph.nodes, values)}
-
-
-def _leaves(value) -> list:
-    """Tensors (or ONNX names) of a nested output structure, depth first."""
-    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
-        return [leaf for v in value for leaf in _leaves(v)]
-    return [value]
 
 
 class _OnnxBuilder:
@@ -172,10 +166,10 @@ class _OnnxBuilder:
     def outputs(self) -> list:
         from onnx import TensorProto, helper
 
-        names = _leaves(resolve(self.model.graph.output, self.names))
-        small = _leaves(resolve(self.model.graph.output, self.small))
-        large = _leaves(resolve(self.model.graph.output, self.large))
-        grids = _leaves(self.model.output_qparams)
+        names = leaves(resolve(self.model.graph.output, self.names))
+        small = leaves(resolve(self.model.graph.output, self.small))
+        large = leaves(resolve(self.model.graph.output, self.large))
+        grids = leaves(self.model.output_qparams)
         if not all(isinstance(n, str) for n in names):
             raise ExportError("the model returns values that are not tensors; an ONNX graph can only return the "
                               "model's quantized tensors")
@@ -281,9 +275,8 @@ class _OnnxBuilder:
     def op_pad(self, node: Node, x: str) -> str:
         """Pad (constant) with the zero point's code; ONNX orders pads as all begins, then all ends."""
         rank = self.small[node.refs()[0]].dim()
-        pad = list(node.attrs["pad"]) + [0] * (2 * rank - len(node.attrs["pad"]))
-        begins = [pad[2 * (rank - 1 - d)] for d in range(rank)]
-        ends = [pad[2 * (rank - 1 - d) + 1] for d in range(rank)]
+        per_dimension = padding_per_dimension(node.attrs["pad"], rank)
+        begins, ends = [b for b, _ in per_dimension], [e for _, e in per_dimension]
         grid = self.input_grid(node)
         pads = self.constant(f"{node.name}.pads", np.asarray(begins + ends, np.int64))
         value = self.constant(f"{node.name}.value", np.asarray(int(grid.zero_point), _numpy_dtype(grid)))
@@ -348,7 +341,7 @@ class _OnnxBuilder:
 
     def op_call(self, node: Node, *operands):
         value = self.small[node.name]
-        if not any(isinstance(v, torch.Tensor) for v in _leaves(value)):
+        if not any(isinstance(v, torch.Tensor) for v in leaves(value)):
             return None  # shapes, sizes and arithmetic on them: evaluated here, not in the file
         source = node.refs()[0]
         name = resolve(Ref(source), self.names)
@@ -507,8 +500,8 @@ def verify_onnx(model: IntegerModel, path, inputs: Sequence[torch.Tensor]) -> Li
 
     inputs = tuple(inputs)
     codes = model.quantize(*inputs)
-    expected = _leaves(model.run(*(codes if isinstance(codes, tuple) else (codes,))))
-    grids = _leaves(model.output_qparams)
+    expected = leaves(model.run(*(codes if isinstance(codes, tuple) else (codes,))))
+    grids = leaves(model.output_qparams)
     binding = model.target.name == "onnxruntime"  # the target whose semantics are ONNX Runtime's
     results = []
     for label, level, threads in _configurations():

@@ -50,10 +50,11 @@ import numpy as np
 import torch
 
 from ..errors import ExportError, ModelFileError, QParityError
-from ..graph import CALLS, Executor, Node, fused_clamp_bounds
+from ..graph import CALLS, Executor, Node, fused_clamp_bounds, leaves
 from ..numerics import pooling
 from ..numerics.accumulate import ConvGeometry
 from ..ops import constant
+from ..ops.pad import padding_per_dimension
 from ..qparams import QParams
 from ..runtime import IntegerModel
 from . import require_model_inputs
@@ -296,7 +297,7 @@ class _Exporter(Executor):
                                   "kernel implements it")
         result = self.run([None] * len(self.graph.inputs))
         outputs = []
-        for i, value in enumerate(_leaves(result)):
+        for i, value in enumerate(leaves(result)):
             if not isinstance(value, TFLiteTensor):
                 raise ExportError(f"model output {i} is {type(value).__name__}, not a tensor; a .tflite file returns "
                                   "tensors only")
@@ -511,8 +512,9 @@ class _Exporter(Executor):
         return self.binary(node, a, b, "SUB", "SubOptions")
 
     def binary(self, node: Node, a: TFLiteTensor, b: TFLiteTensor, code: str, options: str):
-        """ADD / SUB with broadcasting (BroadcastAdd4DSlow: the same arithmetic per element): both operands stored
-        in one layout, so their stored shapes broadcast alike; TFLite's broadcast takes at most 6 dimensions."""
+        """ADD / SUB / MUL with broadcasting (BroadcastAdd4DSlow, BroadcastMul6DSlow: the same arithmetic per
+        element): both operands stored in one layout, so their stored shapes broadcast alike; TFLite's broadcast
+        takes at most 6 dimensions."""
         grid = self.model.qparams[node.name]
         if len(a.shape) != len(b.shape):
             raise self.refuse(node, f"{node.op} of ranks {len(a.shape)} and {len(b.shape)} (expand the smaller one "
@@ -525,15 +527,7 @@ class _Exporter(Executor):
         return self.clamp(TFLiteTensor(out, shape, grid, a.perm), rest, node.name)
 
     def op_mul(self, node: Node, a: TFLiteTensor, b: TFLiteTensor):
-        """MUL with broadcasting: both operands stored in one layout, so their stored shapes broadcast alike."""
-        grid = self.model.qparams[node.name]
-        if len(a.shape) != len(b.shape):
-            raise self.refuse(node, f"mul of ranks {len(a.shape)} and {len(b.shape)} (expand the smaller one first)")
-        b = self.in_layout(b, a.perm)
-        shape = tuple(max(x, y) for x, y in zip(a.shape, b.shape))
-        out = self.activation(node.name, [shape[p] for p in a.perm], grid)
-        self.fb.operator("MUL", [a.index, b.index], [out], self.fb.options("MulOptions"))
-        return TFLiteTensor(out, shape, grid, a.perm)
+        return self.binary(node, a, b, "MUL", "MulOptions")
 
     def op_cat(self, node: Node, tensors):
         grid = self.model.qparams[node.name]
@@ -627,8 +621,7 @@ class _Exporter(Executor):
     def op_pad(self, node: Node, x: TFLiteTensor):
         """PAD: int8 padding is the output zero point (kernels/pad.cc), the code of real 0."""
         rank = len(x.shape)
-        pad = list(node.attrs["pad"]) + [0] * (2 * rank - len(node.attrs["pad"]))
-        logical = [(pad[2 * (rank - 1 - d)], pad[2 * (rank - 1 - d) + 1]) for d in range(rank)]
+        logical = padding_per_dimension(node.attrs["pad"], rank)
         shape = tuple(size + before + after for size, (before, after) in zip(x.shape, logical))
         paddings = self.fb.constant(f"{node.name}_paddings", np.asarray([logical[p] for p in x.perm]), "int32")
         out = self.activation(node.name, [shape[p] for p in x.perm], x.grid)
@@ -731,14 +724,6 @@ def transposed_output_size(geometry: ConvGeometry, input_hw, kernel) -> Tuple[in
                  + geometry.dilation[i] * (kernel[i] - 1) + geometry.output_padding[i] + 1 for i in range(2))
 
 
-def _leaves(value):
-    if isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _leaves(v)
-    else:
-        yield value
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Verify: run the file with LiteRT's three kernel sets
 # ---------------------------------------------------------------------------------------------------------
@@ -756,8 +741,8 @@ CONFIGURATIONS = (
 def verify_tflite(model: IntegerModel, path, inputs: Sequence[torch.Tensor]) -> List[RuntimeResult]:
     """Run the .tflite file on `inputs` with each kernel set and compare its output codes with `model`'s."""
     inputs = tuple(inputs)
-    expected = list(_leaves(model.run(*_as_tuple(model.quantize(*inputs)))))
-    grids = list(_leaves(model.output_qparams))
+    expected = list(leaves(model.run(*_as_tuple(model.quantize(*inputs)))))
+    grids = list(leaves(model.output_qparams))
     _require_loadable(model, path, len(expected))
     results: List[RuntimeResult] = []
     for label, resolver, bound_target, other_note in CONFIGURATIONS:

@@ -28,6 +28,12 @@ def average_sums(centered: torch.Tensor, attrs: dict, max_abs: int) -> torch.Ten
                         attrs["ceil_mode"], True, 1)
 
 
+def window_sums_and_counts(codes: torch.Tensor, zero_point, attrs: dict):
+    """(window sums of the centered codes q - z, exact; PyTorch's divisor at each output position)."""
+    sums = average_sums(codes - zero_point, attrs, 255)
+    return sums, average_counts(tuple(codes.shape[-2:]), tuple(sums.shape[-2:]), attrs, codes.device)
+
+
 def average_counts(input_hw: Pair, output_hw: Pair, attrs: dict, device=None) -> torch.Tensor:
     """The divisor PyTorch's avg_pool2d uses at each output position, shape [1, 1, OH, OW], int64.
 

@@ -346,9 +346,8 @@ class PyTorchEngineTarget(Target):
         return super().concatenate(codes, grids, out, dim)
 
     def average_pool(self, codes, qp, attrs):
-        centered = codes - qp.zero_point.to(codes.device)
-        sums = pooling.average_sums(centered, attrs, 255).to(torch.float32)  # exact: |sum| < 2^24
-        counts = pooling.average_counts(tuple(codes.shape[-2:]), tuple(sums.shape[-2:]), attrs, codes.device)
+        sums, counts = pooling.window_sums_and_counts(codes, qp.zero_point.to(codes.device), attrs)
+        sums = sums.to(torch.float32)  # exact: |sum| < 2^24
         if self.pool_rule == "qnnpack" and (attrs.get("adaptive") or not attrs.get("ceil_mode")):
             if not attrs.get("adaptive"):
                 # AveragePool2d.cpp avg_pool2d_quantized_cpu: quint8 without ceil_mode runs QNNPACK

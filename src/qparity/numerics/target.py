@@ -203,10 +203,8 @@ class Target:
 
     def average_pool(self, codes: torch.Tensor, qp: QParams, attrs: dict) -> torch.Tensor:
         """2-D average pooling on one grid (input and output share qparams), PyTorch's windows and divisors."""
-        centered = codes - qp.zero_point.to(codes.device)
-        sums = pooling.average_sums(centered, attrs, 255).to(torch.int64)
-        counts = pooling.average_counts(tuple(codes.shape[-2:]), tuple(sums.shape[-2:]), attrs, codes.device)
-        return self.average(sums, counts, qp)
+        sums, counts = pooling.window_sums_and_counts(codes, qp.zero_point.to(codes.device), attrs)
+        return self.average(sums.to(torch.int64), counts, qp)
 
     def average(self, sums: torch.Tensor, counts: torch.Tensor, qp: QParams) -> torch.Tensor:
         """Window sums of centered codes (q - zero_point) over `counts` elements to codes."""

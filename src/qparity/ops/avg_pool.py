@@ -13,8 +13,6 @@ def run(ctx, node, x):
     codes = ctx.target.average_pool(x.codes.detach().to(torch.int64), x.qparams, attrs)
     if not ctx.fake:
         return QValue(codes, x.qparams)
-    centered = x.codes - float(x.qparams.zero_point)
-    sums = pooling.average_sums(centered, attrs, 255)
-    counts = pooling.average_counts(tuple(x.codes.shape[-2:]), tuple(sums.shape[-2:]), attrs, sums.device)
+    sums, counts = pooling.window_sums_and_counts(x.codes, float(x.qparams.zero_point), attrs)
     surrogate = (sums / counts + float(x.qparams.zero_point)).to(torch.float32)
     return QValue(straight_through(codes, surrogate), x.qparams)

@@ -3,10 +3,19 @@ are padded with the input's zero point, on the input's grid (TFLite's PAD and ON
 PyTorch's quantized constant_pad_nd do the same)."""
 from __future__ import annotations
 
+from typing import List, Tuple
+
 import torch
 import torch.nn.functional as F
 
 from ..graph import QValue
+
+
+def padding_per_dimension(pad, rank: int) -> List[Tuple[int, int]]:
+    """F.pad's flat list (last dimension first: left, right, top, bottom, ...) as (before, after) per dimension,
+    first dimension first: what the exporters write."""
+    pad = list(pad) + [0] * (2 * rank - len(pad))
+    return [(pad[2 * (rank - 1 - d)], pad[2 * (rank - 1 - d) + 1]) for d in range(rank)]
 
 
 def run(ctx, node, x):
