@@ -124,3 +124,9 @@ def test_file_formats_come_from_the_targets_declarations():
     for suffix, targets in FORMATS.items():
         assert targets and all(get_target(t).file_format == suffix for t in targets)
     assert {t for ts in FORMATS.values() for t in ts} == {t for t in qp.TARGETS if get_target(t).file_format}
+
+
+def test_the_operators_that_take_a_fused_clamp_are_the_layers_and_add():
+    from qparity.ops.registry import CLAMP_FUSING_OPS, LAYER_OPS
+
+    assert set(CLAMP_FUSING_OPS) == set(LAYER_OPS) | {"add"}

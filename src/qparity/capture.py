@@ -23,7 +23,7 @@ from .numerics.accumulate import ConvGeometry
 from .numerics.pooling import adaptive_as_pooling
 from .ops.conv1d import Conv1dAs2d, as_conv2d_arguments
 from .ops.conv_transpose2d import ConvTransposeAsConv
-from .ops.registry import LAYER_OPS, OPERATORS
+from .ops.registry import CLAMP_FUSING_OPS, LAYER_OPS, OPERATORS
 from .ops.upsample import float32_rule_is_exact
 from .qparams import LARGEST_CONSTANT, SMALLEST_CONSTANT
 
@@ -696,7 +696,7 @@ def _fuse_clamps(graph: Graph) -> None:
     for node in graph.nodes:
         node.args, node.kwargs = _rename(node.args, rename), _rename(node.kwargs, rename)
         producer = by_name.get(node.args[0].name) if node.op == "clamp" and node.args else None
-        if (producer is not None and producer.op in LAYER_OPS + ("add",)
+        if (producer is not None and producer.op in CLAMP_FUSING_OPS
                 and uses.get(producer.name) == 1 and producer.name not in output_refs):
             low, high = producer.attrs.get("clamp", (None, None))
             low = node.attrs["min"] if low is None else (low if node.attrs["min"] is None else max(low, node.attrs["min"]))

@@ -30,6 +30,7 @@ class Operator:
     formats: Tuple[str, ...] = FILE_FORMATS  # file formats whose emitter writes it
     golden: bool = True                 # golden() writes its integer parameters
     torch_form: Optional[str] = None    # the torch.ao quantized form to_torch uses (None: not convertible)
+    fuses_clamp: bool = False           # a clamp right after it (its only user) becomes its output range
 
     def targets(self) -> Tuple[str, ...]:
         """The targets that run this operator."""
@@ -65,7 +66,7 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "engine adds it)", "float conv on straight-through weight codes, BatchNorm as torch.ao's QAT",
              "`padding_mode=\"zeros\"`; any stride, padding (incl. `\"same\"`), dilation, groups (x86: more "
              "than 100 groups run fbgemm's kernels, as PyTorch's x86 engine does); a folded BatchNorm must directly follow the conv, be its only "
-             "user, `affine=True`, `track_running_stats=True`", torch_form="torch.ao.nn.quantized.Conv2d"),
+             "user, `affine=True`, `track_running_stats=True`", torch_form="torch.ao.nn.quantized.Conv2d", fuses_clamp=True),
     Operator("conv_transpose2d", "`nn.ConvTranspose2d`, `F.conv_transpose2d` on the model's own parameters; "
              "`nn.BatchNorm2d` right after it is folded in", True,
              "exact int32 accumulator (the conv of the zero-inserted input with the flipped, transposed kernel, "
@@ -82,17 +83,17 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
                          "onnxruntime": "ONNX has no quantized ConvTranspose and ONNX Runtime's CPU provider registers "
                                         "no com.microsoft QLinearConvTranspose (only its XNNPACK provider has one); "
                                         "its quantization tool runs ConvTranspose in float"},
-             formats=("tflite",), torch_form="torch.ao.nn.quantized.ConvTranspose2d"),
+             formats=("tflite",), torch_form="torch.ao.nn.quantized.ConvTranspose2d", fuses_clamp=True),
     Operator("linear", "`nn.Linear`, `F.linear` on the model's own parameters; `nn.BatchNorm1d` right after it "
              "folded in; `nn.BatchNorm1d` on [N, C] elsewhere as a diagonal linear with the BatchNorm folded in", True,
              "as conv2d (TFLite: FULLY_CONNECTED's rule)", "float linear on straight-through weight codes",
-             torch_form="torch.ao.nn.quantized.Linear"),
+             torch_form="torch.ao.nn.quantized.Linear", fuses_clamp=True),
     Operator("add", "`a + b`, `torch.add`, `Tensor.add`", True, "the target's add of two grids",
              "float sum of the dequantized inputs",
              "two tensors (broadcasting, e.g. [N, C, H, W] + [N, C, 1, 1]; no constants), `alpha=1`; fbgemm/x86/"
              "qnnpack: equal shapes only (checked at prepare_qat: PyTorch's broadcast add runs another loop); "
              "xnnpack: s_a / s_y and s_b / s_y in [2^-10, 256)",
-             torch_form="torch.ops.quantized.add"),
+             torch_form="torch.ops.quantized.add", fuses_clamp=True),
     Operator("sub", "`a - b`, `torch.sub`, `Tensor.sub` of two tensors (broadcasting)", True,
              "the target's add with the second input negated (LiteRT reference: SUB runs the ADD kernel with "
              "input 2's Q31 multiplier negated, kernels/sub.cc; XNNPACK: its add with the second scale negated)",
@@ -204,6 +205,7 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
 
 NEW_GRID_OPS = tuple(name for name, op in OPERATORS.items() if op.new_grid)
 LAYER_OPS = ("conv2d", "conv_transpose2d", "linear")  # the operators with weights (a QATLayer each)
+CLAMP_FUSING_OPS = tuple(name for name, op in OPERATORS.items() if op.fuses_clamp)
 
 
 def operator(name: str) -> Operator:
