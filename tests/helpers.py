@@ -60,3 +60,21 @@ def require_runtime(module: str):
     except ImportError as error:
         pytest.fail(f"the runtime {module!r} is a test oracle and is not installed ({error}); "
                     f"install the test dependencies with pip install -e \".[dev]\"", pytrace=False)
+
+
+def require_optional_runtime(module: str, extra: str):
+    """Import a runtime from an optional extra. Without it the test is skipped with the reason, unless
+    QPARITY_REQUIRE_OPTIONAL_RUNTIMES=1 (set by CI, which installs every extra): there a missing one fails."""
+    import importlib
+    import os
+
+    import pytest
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        message = (f"the runtime {module!r} comes with the optional extra {extra!r} and is not installed ({error}); "
+                   f"pip install -e \".[{extra}]\"")
+        if os.environ.get("QPARITY_REQUIRE_OPTIONAL_RUNTIMES") == "1":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
