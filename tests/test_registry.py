@@ -10,12 +10,13 @@ import qparity as qp
 from qparity.errors import UnsupportedOpError
 from qparity.export.onnx import _OnnxBuilder
 from qparity.export.tflite import _Exporter as TFLiteExporter
+from qparity.export.tosa import _Exporter as TosaExporter
 from qparity.golden import PARAMETERS
 from qparity.ops.registry import FILE_FORMATS, OPERATORS, TARGET_NAMES, ops_markdown
 from qparity.ops.program import IMPLEMENTATIONS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-EMITTERS = {"onnx": _OnnxBuilder, "tflite": TFLiteExporter}
+EMITTERS = {"onnx": _OnnxBuilder, "tflite": TFLiteExporter, "tosa": TosaExporter}
 
 
 def handled(cls) -> set:

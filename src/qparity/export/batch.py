@@ -12,6 +12,7 @@ from typing import Any, List, Optional
 
 import torch
 
+from ..errors import ExportError, QParityError
 from ..graph import Node, QValue, leaves
 from ..runtime import IntegerModel
 
@@ -44,3 +45,17 @@ def first_node_mixing_samples(model: IntegerModel, seed: int = 0) -> Optional[No
 
 def _codes(value: Any) -> List[torch.Tensor]:
     return [v.codes for v in leaves(value) if isinstance(v, QValue)]
+
+
+def refuse_mixed_samples(model: IntegerModel, batch_size: int, file: str) -> None:
+    """A file with fixed shapes (`file`: "a .tflite file") runs fixed batches: refuse a program whose samples
+    are not computed independently."""
+    try:
+        node = first_node_mixing_samples(model)
+    except (QParityError, RuntimeError, IndexError, TypeError, ValueError) as error:
+        raise ExportError(f"the model does not run on batches of other sizes ({error}); {file} runs fixed "
+                          f"batches of {batch_size}") from None
+    if node is not None:
+        raise ExportError(f"{node.op} at {node.path} combines different samples of the batch (or moves the batch "
+                          f"dimension); {file} runs fixed batches of {batch_size} samples, so its codes "
+                          "would differ")
