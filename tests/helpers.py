@@ -35,14 +35,19 @@ def prepare_and_convert(model, example, target, batches, lr=0.0, **options):
     return prepared, qp.convert(prepared)
 
 
-FILE_SUFFIXES = {"tflite": ".tflite", "xnnpack": ".tflite", "onnxruntime": ".onnx"}
+FILE_SUFFIXES = {"tflite": ".tflite", "xnnpack": ".tflite", "onnxruntime": ".onnx", "tosa": ".tosa"}
+# The file formats whose runtime comes with an optional extra: (module, extra).
+OPTIONAL_RUNTIMES = {".tosa": ("tosa_reference_model", "tosa")}
 
 
 def assert_runtime_gives_the_same_codes(integer_model, inputs, directory) -> None:
     """Export to the target's file, run it in the real runtime(s): 0 mismatched codes where the target binds."""
     import os
 
-    path = os.path.join(str(directory), "model" + FILE_SUFFIXES[integer_model.target.name])
+    suffix = FILE_SUFFIXES[integer_model.target.name]
+    if suffix in OPTIONAL_RUNTIMES:
+        require_optional_runtime(*OPTIONAL_RUNTIMES[suffix])
+    path = os.path.join(str(directory), "model" + suffix)
     qp.export(integer_model, path)
     report = qp.verify(integer_model, path, inputs)
     assert report.ok and report.mismatched == 0, str(report)

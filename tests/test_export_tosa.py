@@ -1,0 +1,269 @@
+"""Export to .tosa and run the file in TOSA's reference model: 0 mismatched codes, for every operator the
+`tosa` target runs.
+
+Whole models and random single-op models (hypothesis) are trained a little, converted for target `tosa`,
+exported and run by `tosa_reference_model` (the optional extra `tosa`); its int8 output codes must equal the
+IntegerModel's. RESCALE itself is checked against the reference model over random values and scales, and
+the multipliers and shifts against ExecuTorch's Arm backend, which qparity follows.
+"""
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+from helpers import prepare_and_convert, require_optional_runtime
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from models import CatMLP, ResNetish
+from op_models import Conv, Dense, Pool, random_batches
+from test_export_tflite import Layout, TwoBranches, pools
+from torch import nn
+
+import qparity as qp
+from qparity.errors import ExportError, InvalidParameterError, UnsupportedOpError
+from qparity.export.tosa import _Graph, export_tosa, run_tosa
+from qparity.numerics.tosa import apply_scale_32, reciprocal_scale, rescale_parameters
+
+reference = require_optional_runtime("tosa_reference_model", "tosa")
+
+single_ops = settings(max_examples=8, deadline=None)
+activations = st.sampled_from([None, nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-0.5, 0.5)])
+
+
+def export_and_verify(integer, inputs, directory, batch_size=1):
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    path = os.path.join(directory, "model.tosa")
+    export_tosa(integer, path, batch_size=batch_size)
+    report = qp.verify(integer, path, inputs)
+    assert report.ok and report.mismatched == 0, str(report)
+    codes = integer.quantize(*inputs)
+    outputs = run_tosa(path, codes if isinstance(codes, tuple) else (codes,), integer)
+    expected = integer.run(*(codes if isinstance(codes, tuple) else (codes,)))
+    for runtime_codes, model_codes in zip(outputs, expected if isinstance(expected, tuple) else (expected,)):
+        assert torch.equal(runtime_codes, model_codes)
+    return report
+
+
+def check_single_op(model, shape, seed, lr=0.01, per_channel=True):
+    batches = random_batches(seed, shape)
+    _, integer = prepare_and_convert(model, (batches[0],), "tosa", batches, lr=lr, per_channel=per_channel)
+    x = random_batches(seed + 1, (5,) + tuple(shape[1:]), count=1)[0]
+    with tempfile.TemporaryDirectory() as directory:
+        return export_and_verify(integer, x, directory)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RESCALE: qparity's emulation against the reference model, and the constants against ExecuTorch's
+# ---------------------------------------------------------------------------------------------------------
+def run_rescale(values: np.ndarray, scales: torch.Tensor, input_zp: int, output_zp: int, in_dtype: str,
+                out_dtype: str) -> np.ndarray:
+    """One RESCALE (per channel along the last axis when several scales) in the reference model."""
+    g = _Graph()
+    ts = g.ts
+    g.serializer.addInputTensor(ts.TosaSerializerTensor("x", list(values.shape), g.dtype(in_dtype), data=None))
+    out = g.rescale("x", values.shape, scales, input_zp, output_zp, in_dtype, out_dtype)
+    g.serializer.addOutputTensor(g.serializer.currRegion.currBasicBlock.tensors[out])
+    (result,), status = reference.run(g.serialize(), [values])
+    assert status == reference.GraphStatus.TOSA_VALID
+    return result
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 4), st.floats(-40, 12), st.integers(-128, 127), st.integers(-128, 127),
+       st.integers(0, 2**31 - 1))
+def test_rescale_equals_the_reference_model_for_int32_and_int8_inputs(channels, log2_scale, input_zp, output_zp, seed):
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.exp2(log2_scale + torch.rand(channels, generator=g, dtype=torch.float64))
+    _, shift = rescale_parameters(scales)
+    # int32 accumulators within apply_scale_32's REQUIRE range, and every int8 code
+    bound = min(2**31 - 1, 2 ** int(shift.min() - 1) - 1)
+    wide = torch.randint(-bound, bound + 1, (64, channels), generator=g)
+    codes = torch.arange(-128, 128).reshape(-1, 1).expand(256, channels)
+    for values, zp, dtype in ((wide, 0, "int32"), (codes, input_zp, "int8")):
+        if dtype == "int8" and bool(((codes - zp).abs() >= 2 ** (shift.min() - 1)).any()):
+            continue  # outside apply_scale_32's range: the reference model refuses such a graph
+        expected = qp_rescale(values, scales, zp, output_zp)
+        actual = run_rescale(values.numpy().astype(dtype), scales, zp, output_zp, dtype, "int8")
+        assert torch.equal(torch.from_numpy(actual.astype(np.int64)), expected)
+
+
+def qp_rescale(values, scales, input_zp, output_zp):
+    from qparity.numerics.tosa import rescale
+
+    return rescale(values, scales, input_zp, output_zp, -128, 127, channel_axis=1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(2.0**-70, 2.0**28, allow_nan=False, allow_infinity=False))
+def test_multiplier_and_shift_are_executorchs(scale):
+    require_optional_runtime("executorch", "executorch")
+    from executorch.backends.arm.operators.op_tosa_rescale import _compute_multiplier_and_shift
+
+    multiplier, shift = rescale_parameters(torch.tensor([scale], dtype=torch.float64))
+    assert ([int(multiplier)], [int(shift)]) == tuple(_compute_multiplier_and_shift([scale], 32))
+
+
+def test_rescale_single_rounds_ties_up():
+    """(v * m + 2^(s - 1)) >> s: -2.5 rounds to -2 and 2.5 to 3 (round half up), one rounding."""
+    multiplier, shift = rescale_parameters(torch.tensor([0.5], dtype=torch.float64))
+    assert apply_scale_32(torch.tensor([-5, -3, 3, 5]), multiplier, shift).tolist() == [-2, -1, 2, 3]
+
+
+def test_reciprocal_scale_is_the_specifications():
+    counts = torch.arange(1, 4097)
+    multiplier, shift = reciprocal_scale(counts)
+    for c, m, s in zip(counts.tolist(), multiplier.tolist(), shift.tolist()):
+        k = (c - 1).bit_length()
+        assert (m, s) == ((((1 << 30) + 1) << k) // c, 30 + k)
+
+
+def test_a_value_outside_rescales_range_raises_instead_of_computing():
+    multiplier, shift = rescale_parameters(torch.tensor([2.0**20], dtype=torch.float64))
+    with pytest.raises(InvalidParameterError, match="apply_scale_32"):
+        apply_scale_32(torch.tensor([2**12]), multiplier, shift)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Whole models and single operators
+# ---------------------------------------------------------------------------------------------------------
+def test_resnet_with_batchnorm_residual_adds_and_pooling_matches_the_reference_model(tmp_path):
+    torch.manual_seed(0)
+    batches = random_batches(0, (8, 1, 8, 8), spread=1.0)
+    _, integer = prepare_and_convert(ResNetish(), (batches[0],), "tosa", batches, lr=0.01)
+    export_and_verify(integer, torch.randn(16, 1, 8, 8), str(tmp_path), batch_size=4)
+
+
+def test_mlp_with_cat_clamp_relu6_and_dropout_matches_the_reference_model(tmp_path):
+    torch.manual_seed(0)
+    batches = random_batches(1, (8, 20), spread=2.0)
+    _, integer = prepare_and_convert(CatMLP(), (batches[0],), "tosa", batches, lr=0.01)
+    export_and_verify(integer, torch.randn(6, 20) * 2, str(tmp_path))
+
+
+@single_ops
+@given(st.data())
+def test_random_conv_and_depthwise_conv_match_the_reference_model(data):
+    depthwise = data.draw(st.booleans())
+    cin = data.draw(st.integers(1, 3))
+    cout, groups = (cin * data.draw(st.integers(1, 2)), cin) if depthwise else (data.draw(st.integers(1, 4)), 1)
+    k, dilation, stride = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3))
+    padding = data.draw(st.one_of(st.integers(0, 2), st.sampled_from(["same", "valid"]))) if stride == 1 \
+        else data.draw(st.integers(0, 2))
+    size = data.draw(st.integers(k * dilation + 1, 9))
+    model = Conv(cin, cout, k, stride, padding, dilation, groups, data.draw(st.booleans()), data.draw(st.booleans()),
+                 data.draw(activations))
+    check_single_op(model, (4, cin, size, size), data.draw(st.integers(0, 10**6)),
+                    per_channel=data.draw(st.booleans()))
+
+
+@single_ops
+@given(st.data())
+def test_random_linear_matches_the_reference_model(data):
+    features = data.draw(st.integers(1, 48))
+    model = Dense(features, data.draw(st.integers(1, 16)), data.draw(st.booleans()), data.draw(activations))
+    extra = data.draw(st.sampled_from([(), (3,)]))
+    check_single_op(model, (4, *extra, features), data.draw(st.integers(0, 10**6)),
+                    per_channel=data.draw(st.booleans()))
+
+
+@single_ops
+@given(st.data())
+def test_random_add_and_cat_match_the_reference_model(data):
+    channels = data.draw(st.integers(1, 4))
+    model = TwoBranches(channels, data.draw(st.sampled_from(["add", "add_input", "cat"])), data.draw(activations))
+    check_single_op(model, (3, channels, 5, 5), data.draw(st.integers(0, 10**6)))
+
+
+class Arithmetic(nn.Module):
+    """sub, mul (a broadcast gate), and constants, on two grids."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, 3, padding=1)
+        self.b = nn.Conv2d(2, 3, 1)
+        self.op = op
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        if self.op == "sub":
+            return a - b
+        if self.op == "mul":
+            return a * b.mean((2, 3), keepdim=True)
+        return (a + 0.5) * 2.0 - b
+
+
+@single_ops
+@given(st.sampled_from(["sub", "mul", "constants"]), st.integers(0, 10**6))
+def test_sub_mul_and_constants_match_the_reference_model(op, seed):
+    check_single_op(Arithmetic(op), (3, 2, 5, 5), seed)
+
+
+@single_ops
+@given(st.data())
+def test_random_pooling_matches_the_reference_model(data):
+    pool = data.draw(pools())
+    size = 8 if isinstance(pool, nn.AdaptiveAvgPool2d) else data.draw(st.integers(5, 9))
+    check_single_op(Pool(pool), (3, 2, size, size), data.draw(st.integers(0, 10**6)))
+
+
+@single_ops
+@given(st.data())
+def test_layout_ops_pad_and_standalone_clamps_match_the_reference_model(data):
+    check_single_op(Layout(data.draw(activations)), (3, 2, 5, 5), data.draw(st.integers(0, 10**6)))
+
+
+class Padded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+
+    def forward(self, x):
+        return torch.nn.functional.pad(self.conv(x), (1, 2, 0, 1))
+
+
+def test_pad_matches_the_reference_model():
+    check_single_op(Padded(), (3, 2, 6, 6), 7)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Refusals
+# ---------------------------------------------------------------------------------------------------------
+def test_grouped_conv_is_refused_at_prepare_qat_naming_tosas_convs():
+    with pytest.raises(UnsupportedOpError, match="DEPTHWISE_CONV2D"):
+        qp.prepare_qat(nn.Conv2d(4, 4, 3, groups=2), (torch.randn(1, 4, 6, 6),), target="tosa")
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x):
+        return self.gate(self.conv(x))
+
+
+def test_sigmoid_is_refused_for_tosa_at_prepare_qat_naming_the_module():
+    with pytest.raises(UnsupportedOpError, match=r"sigmoid at module 'gate' cannot run on target 'tosa'"):
+        qp.prepare_qat(Gated(), (torch.randn(1, 1, 4, 4),), target="tosa")
+
+
+@pytest.mark.parametrize("target", ["tflite", "exact"])
+def test_exporting_another_target_to_tosa_is_refused(target, tmp_path):
+    batches = random_batches(0, (4, 1, 4, 4))
+    _, integer = prepare_and_convert(nn.Conv2d(1, 2, 3), (batches[0],), target, batches)
+    with pytest.raises(ExportError, match="cannot be exported to .tosa"):
+        qp.export(integer, tmp_path / "model.tosa")
+    assert not (tmp_path / "model.tosa").exists()
+
+
+def test_a_file_that_is_no_tosa_graph_is_a_model_file_error(tmp_path):
+    from qparity.errors import ModelFileError
+
+    batches = random_batches(0, (4, 1, 4, 4))
+    _, integer = prepare_and_convert(nn.Conv2d(1, 2, 3), (batches[0],), "tosa", batches)
+    path = tmp_path / "model.tosa"
+    path.write_bytes(b"not a flatbuffer at all")
+    with pytest.raises(ModelFileError):
+        qp.verify(integer, path, batches[0])
