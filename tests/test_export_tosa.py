@@ -226,6 +226,51 @@ def test_pad_matches_the_reference_model():
     check_single_op(Padded(), (3, 2, 6, 6), 7)
 
 
+ACTIVATIONS = {"sigmoid": nn.Sigmoid(), "tanh": nn.Tanh(), "hardsigmoid": nn.Hardsigmoid(),
+               "hardswish": nn.Hardswish(), "leaky_relu": nn.LeakyReLU(0.1), "gelu": nn.GELU(approximate="tanh"),
+               "elu": nn.ELU(0.7)}
+
+
+class Activated(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+@pytest.mark.parametrize("kind", list(ACTIVATIONS))
+def test_activations_run_as_tables_that_match_the_reference_model(kind):
+    check_single_op(Activated(ACTIVATIONS[kind]), (3, 2, 5, 5), 11)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.sampled_from(["sigmoid", "tanh", "hardsigmoid", "hardswish", "gelu"]),
+       st.floats(2.0**-8, 2.0**-2), st.integers(-128, 127), st.floats(2.0**-9, 2.0**-3), st.integers(-128, 127))
+def test_tables_are_executorchs(kind, in_scale, in_zp, out_scale, out_zp):
+    """Each entry as ExecuTorch's Arm backend computes its TABLE (InsertTableOpsPass.generate_8bit_table_values)."""
+    require_optional_runtime("executorch", "executorch")
+    from executorch.backends.arm._passes.insert_table_ops import InsertTableOpsPass
+    from executorch.backends.arm._passes.quant_args import QuantArgs
+
+    from qparity.numerics import get_target
+
+    source, out = qp.QParams(in_scale, in_zp, "int8"), qp.QParams(out_scale, out_zp, "int8")
+    functions = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "hardsigmoid": nn.functional.hardsigmoid,
+                 "hardswish": nn.functional.hardswish, "gelu": nn.functional.gelu}
+    expected, _ = InsertTableOpsPass.generate_8bit_table_values(
+        InsertTableOpsPass, functions[kind], QuantArgs(float(source.scale), in_zp, -128, 127, torch.int8),
+        QuantArgs(float(out.scale), out_zp, -128, 127, torch.int8))
+    target = get_target("tosa")
+    if kind == "hardswish":
+        actual = target.hardswish(torch.arange(-128, 128), source, out)
+    else:
+        actual = target.activation_table(kind, source, out, {"approximate": "none"})
+    assert torch.equal(actual, expected.to(torch.int64))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Refusals
 # ---------------------------------------------------------------------------------------------------------
@@ -234,19 +279,19 @@ def test_grouped_conv_is_refused_at_prepare_qat_naming_tosas_convs():
         qp.prepare_qat(nn.Conv2d(4, 4, 3, groups=2), (torch.randn(1, 4, 6, 6),), target="tosa")
 
 
-class Gated(nn.Module):
+class Sloped(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(1, 2, 1)
-        self.gate = nn.Sigmoid()
+        self.slope = nn.PReLU()
 
     def forward(self, x):
-        return self.gate(self.conv(x))
+        return self.slope(self.conv(x))
 
 
-def test_sigmoid_is_refused_for_tosa_at_prepare_qat_naming_the_module():
-    with pytest.raises(UnsupportedOpError, match=r"sigmoid at module 'gate' cannot run on target 'tosa'"):
-        qp.prepare_qat(Gated(), (torch.randn(1, 1, 4, 4),), target="tosa")
+def test_prelu_is_refused_for_tosa_at_prepare_qat_naming_the_module():
+    with pytest.raises(UnsupportedOpError, match=r"prelu at module 'slope' cannot run on target 'tosa'"):
+        qp.prepare_qat(Sloped(), (torch.randn(1, 1, 4, 4),), target="tosa")
 
 
 @pytest.mark.parametrize("target", ["tflite", "exact"])

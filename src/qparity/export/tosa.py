@@ -7,6 +7,7 @@ backend lowers them:
 
     CONV2D / DEPTHWISE_CONV2D (int32) -> RESCALE;  linear as a 1x1 CONV2D;  RESCALE x2 -> ADD / SUB / MUL (int32)
     -> RESCALE;  CONCAT (inputs on other grids RESCALEd first);  MAX_POOL2D / AVG_POOL2D;  CLAMP;  PAD;
+    TABLE for the activations (sigmoid, tanh, hardsigmoid, hardswish, leaky_relu, gelu, elu);
     RESHAPE / TRANSPOSE / SLICE / GATHER for layout calls and padding TOSA cannot express.
 
 Interface. The graph takes and returns int8 codes with PyTorch's shapes (NCHW for images): quantizing the
@@ -390,6 +391,23 @@ class _Exporter(Executor):
                                                                                              "int8")],
                               [shape[p] for p in x.perm], "int8", "PadAttribute")
         return TosaTensor(out, shape, x.grid, x.perm)
+
+    def table(self, node: Node, x: TosaTensor, entries: torch.Tensor) -> TosaTensor:
+        """TABLE: the target's int8 output code for each of the 256 input codes, in any layout."""
+        grid = self.model.qparams[node.name]
+        out = self.g.operator("TABLE", [x.name, self.g.const("table", entries.numpy(), "int8")], x.stored_shape,
+                              "int8", "TableAttribute")
+        return TosaTensor(out, x.shape, grid, x.perm)
+
+    def activation(self, node: Node, x: TosaTensor) -> TosaTensor:
+        grid = self.model.qparams[node.name]
+        return self.table(node, x, self.target.activation_table(node.op, x.grid, grid, node.attrs))
+
+    op_sigmoid = op_tanh = op_hardsigmoid = op_leaky_relu = op_gelu = op_elu = activation
+
+    def op_hardswish(self, node: Node, x: TosaTensor):
+        codes = torch.arange(x.grid.qmin, x.grid.qmax + 1)
+        return self.table(node, x, self.target.hardswish(codes, x.grid, self.model.qparams[node.name]))
 
     def op_pad(self, node: Node, x: TosaTensor):
         """PAD with the zero point's code (real 0)."""

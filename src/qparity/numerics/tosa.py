@@ -21,6 +21,11 @@ below are those of ExecuTorch's Arm backend (executorch 1.5.1, backends/arm/):
 - average:     AVG_POOL2D: apply_scale_32(sum(q - z), reciprocal_scale(count)) + z, clamped, where
                reciprocal_scale(c) = (((2^30 + 1) << k) // c, 30 + k), k = ceil(log2(c))
 - clamp, max pool, pad, reshapes: exact on codes (CLAMP, MAX_POOL2D, PAD with the zero point)
+- sigmoid, tanh, hardsigmoid, hardswish, leaky_relu, gelu, elu: a TABLE of 256 int8 codes, each
+  quantize(f(dequantize(code))) with torch's float32 f and the decomposed quantized ops' formulas:
+  (q - z) * s, then clamp(round_half_even(y * (1 / s)) + z) (_passes/insert_table_ops.py
+  generate_8bit_table_values; torch/ao/quantization/fx/_decomposed.py). The table is data in the file, so
+  the integer program is a lookup whatever the host's libm gives
 
 apply_scale_32 REQUIREs -2^(shift - 1) <= v < 2^(shift - 1); a value outside that range makes the TOSA
 program invalid (the reference model refuses it), so qparity raises instead of computing it.
@@ -31,9 +36,11 @@ import math
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import InvalidParameterError, UnsupportedOpError
 from ..qparams import QParams
+from .activations import codes, real_function
 from .arithmetic import INT32_MAX, INT32_MIN
 from .target import Target, channel_view, grid_views
 
@@ -108,6 +115,15 @@ def add_scales(a: QParams, b: QParams, out: QParams):
     return (torch.tensor(float(a.scale) / common, dtype=torch.float64),
             torch.tensor(float(b.scale) / common, dtype=torch.float64),
             torch.tensor(common / float(out.scale), dtype=torch.float64))
+
+
+def table(function, source: QParams, out: QParams) -> torch.Tensor:
+    """TABLE's int8 entries for every code of `source` (ExecuTorch's generate_8bit_table_values)."""
+    scale, zero_point = float(source.scale), int(source.zero_point)
+    real = (codes(source).to(torch.float32) - zero_point) * scale
+    result = function(real)
+    quantized = torch.round(result * (1.0 / float(out.scale))) + int(out.zero_point)
+    return torch.clamp(quantized, out.qmin, out.qmax).to(torch.int64)
 
 
 def layer_scale(input_scale: torch.Tensor, weight_scale: torch.Tensor, output_scale: torch.Tensor) -> torch.Tensor:
@@ -190,3 +206,12 @@ class TosaTarget(Target):
         multiplier, shift = reciprocal_scale(counts)
         scaled = apply_scale_32(sums, multiplier, shift)
         return scaled.add_(int(qp.zero_point)).clamp_(qp.qmin, qp.qmax)
+
+    def activation_table(self, kind, source, out, attrs):
+        return table(real_function(kind, attrs), source, out)
+
+    def elementwise_hardswish(self, numel):
+        return True
+
+    def hardswish(self, q, source, out):
+        return table(F.hardswish, source, out).to(q.device)[q - source.qmin]

@@ -51,9 +51,6 @@ _TFLITE_REFERENCE_NO_ELU = ("LiteRT's reference kernel set (BUILTIN_REF, the ker
 _TFLITE_NO_KERNEL = ("LiteRT has no int8 kernel for it (TFLite's converter rewrites it into other operators); "
                      "write it as relu6(x + 3) / 6 once those operators are supported")
 
-_TOSA_NO_TABLE = ("not lowered for target 'tosa' yet: TOSA runs it as a TABLE whose 256 entries ExecuTorch's Arm backend "
-                  "computes in float on the host (insert_table_ops.py), and qparity has not matched that computation")
-
 _TORCH_NO_SUB = ("PyTorch has no quantized sub (no quantized::sub operator; torch.sub raises on quantized tensors), so "
                  "the engine has no kernel to run it")
 
@@ -133,43 +130,40 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "the target's hardswish of one code (a table of all codes where the result depends only on the code; "
              "LiteRT: TFLite's int16 fixed-point HARD_SWISH)",
              "F.hardswish of the dequantized input", "never fused into the layer before it",
-             refused_by={"onnxruntime": _ORT_NO_KERNEL, "tosa": _TOSA_NO_TABLE},
-             formats=("tflite",), torch_form="torch.ao.nn.quantized.Hardswish"),
+             refused_by={"onnxruntime": _ORT_NO_KERNEL},
+             formats=("tflite", "tosa"), torch_form="torch.ao.nn.quantized.Hardswish"),
     Operator("sigmoid", "`nn.Sigmoid`, `torch.sigmoid`, `F.sigmoid`, `Tensor.sigmoid`", True,
              "the target's table of all input codes (numerics/activations.py); LiteRT: output grid 1/256, -128; "
              "PyTorch's engines: 1/256, 0",
              "torch.sigmoid of the dequantized input",
-             refused_by={**{t: _SLEEF for t in ("fbgemm", "x86")}, "tosa": _TOSA_NO_TABLE},
-             formats=("onnx", "tflite"), torch_form="torch.sigmoid (fixed grid 1/256, 0)"),
+             refused_by={t: _SLEEF for t in ("fbgemm", "x86")},
+             formats=("onnx", "tflite", "tosa"), torch_form="torch.sigmoid (fixed grid 1/256, 0)"),
     Operator("tanh", "`nn.Tanh`, `torch.tanh`, `F.tanh`, `Tensor.tanh`", True,
              "the target's table of all input codes; LiteRT: output grid 1/128, 0; PyTorch's engines: 2/256, 128", "torch.tanh of the dequantized input",
-             refused_by={**{t: _SLEEF for t in ("fbgemm", "x86")}, "onnxruntime": _ORT_NO_KERNEL,
-                         "tosa": _TOSA_NO_TABLE},
-             formats=("tflite",), torch_form="torch.tanh (fixed grid 2/256, 128)"),
+             refused_by={**{t: _SLEEF for t in ("fbgemm", "x86")}, "onnxruntime": _ORT_NO_KERNEL},
+             formats=("tflite", "tosa"), torch_form="torch.tanh (fixed grid 2/256, 128)"),
     Operator("hardsigmoid", "`nn.Hardsigmoid`, `F.hardsigmoid`", True,
              "the target's table of all input codes (fbgemm/x86: vector and scalar loops); PyTorch's engines: "
              "output grid 1/256, 0", "F.hardsigmoid of the dequantized input",
-             refused_by={"onnxruntime": _ORT_NO_KERNEL, "tflite": _TFLITE_NO_KERNEL, "xnnpack": _TFLITE_NO_KERNEL,
-                         "tosa": _TOSA_NO_TABLE},
-             formats=(), torch_form="F.hardsigmoid (fixed grid 1/256, 0)"),
+             refused_by={"onnxruntime": _ORT_NO_KERNEL, "tflite": _TFLITE_NO_KERNEL, "xnnpack": _TFLITE_NO_KERNEL},
+             formats=("tosa",), torch_form="F.hardsigmoid (fixed grid 1/256, 0)"),
     Operator("leaky_relu", "`nn.LeakyReLU`, `F.leaky_relu`", True,
              "the target's table of all input codes (PyTorch's engines: their vector and scalar loops); the slope as "
              "float32", "F.leaky_relu of the dequantized input",
-             refused_by={"tosa": _TOSA_NO_TABLE},
-             formats=("onnx", "tflite"), torch_form="torch.ops.quantized.leaky_relu"),
+             formats=("onnx", "tflite", "tosa"), torch_form="torch.ops.quantized.leaky_relu"),
     Operator("gelu", "`nn.GELU`, `F.gelu` (approximate `\"none\"` or `\"tanh\"`)", True,
              "the target's table of all input codes (LiteRT: GELU's float32 table with the C library's erfcf / "
              "tanhf; XNNPACK takes only float GELU, so both LiteRT targets run it)", "F.gelu of the dequantized input",
              refused_by={**{t: _SLEEF_EVERY_ENGINE for t in ("fbgemm", "x86", "qnnpack")},
-                         "onnxruntime": _ORT_NO_KERNEL, "tosa": _TOSA_NO_TABLE},
-             formats=("tflite",)),
+                         "onnxruntime": _ORT_NO_KERNEL},
+             formats=("tflite", "tosa")),
     Operator("elu", "`nn.ELU`, `F.elu`", True,
              "the target's table of all input codes (XNNPACK: its reference ELU table with expm1f); alpha as "
              "float32", "F.elu of the dequantized input",
              "xnnpack: alpha = 1 (TFLite's ELU operator has no alpha; checked at prepare_qat)",
              refused_by={**{t: _SLEEF_EVERY_ENGINE for t in ("fbgemm", "x86", "qnnpack")},
-                         "onnxruntime": _ORT_NO_KERNEL, "tflite": _TFLITE_REFERENCE_NO_ELU, "tosa": _TOSA_NO_TABLE},
-             formats=("tflite",)),
+                         "onnxruntime": _ORT_NO_KERNEL, "tflite": _TFLITE_REFERENCE_NO_ELU},
+             formats=("tflite", "tosa")),
     Operator("prelu", "`nn.PReLU` (one slope, or one per channel on dim 1)", True,
              "x, or x times the slope's code, requantized by the target's rule (numerics/prelu.py: TFLite's two "
              "multipliers; PyTorch's qprelu in float32); the learned slope on a symmetric int8 grid s_a = f(1/k), "
