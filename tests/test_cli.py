@@ -11,7 +11,7 @@ import qparity
 from qparity import cli
 from qparity.demo import DemoConfig, DemoResult, ModelResult, TargetResult, run_demo
 from qparity.errors import NotCalibratedError
-from helpers import require_runtime
+from helpers import require_optional_runtime, require_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 MISMATCH_LINE = re.compile(r"^fake-quant vs integer vs runtimes: (\d+) mismatched of (\d+) output codes \((.+)\)$",
@@ -62,6 +62,15 @@ def test_demo_runs_the_exported_file_in_the_real_runtime(demo_result, target, mo
     assert t.runtime is not None, t.skipped
     assert t.runtime.mismatched == 0 and t.runtime.compared >= 3600
     assert t.runtime.accuracy == t.integer_accuracy
+
+
+def test_demo_runs_both_networks_tosa_files_in_tosas_reference_model(demo_result):
+    require_optional_runtime("tosa_reference_model", "tosa")
+    for model in demo_result.models:
+        (t,) = [t for t in model.targets if t.target == "tosa"]
+        assert t.runtime is not None, t.skipped
+        assert t.runtime.mismatched == 0 and t.runtime.compared >= 3600
+        assert t.runtime.accuracy == t.integer_accuracy
 
 
 def test_demo_command_ends_with_the_zero_mismatch_line(capsys):
