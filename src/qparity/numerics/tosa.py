@@ -132,6 +132,7 @@ def layer_scale(input_scale: torch.Tensor, weight_scale: torch.Tensor, output_sc
 
 
 def multiply_scale(a: QParams, b: QParams, out: QParams) -> torch.Tensor:
+    """The RESCALE scale of an int32 product: math.prod(s_a, s_b) / s_y in double (InsertRescaleInt32Pass)."""
     return torch.tensor(float(a.scale) * float(b.scale) / float(out.scale), dtype=torch.float64)
 
 
