@@ -315,8 +315,11 @@ class _Builder:
             pad, mode, value = self.static(_bind(args[1:], kwargs, ("pad", "mode", "value"), (None, "constant", None)))
             self.emit_pad(node, args[0], pad, mode, value)
         elif fn is F.interpolate:
-            size, scale, mode, align = self.static(_bind(args[1:], kwargs, ("size", "scale_factor", "mode",
-                                                                            "align_corners"), (None, None, "nearest", None)))
+            size, scale, mode, align, _, antialias = self.static(_bind(
+                args[1:], kwargs, ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias"),
+                (None, None, "nearest", None, None, False)))
+            if antialias:
+                raise self.unsupported(node, "antialias=True (no runtime's integer resize filters first)")
             self.emit_upsample(node, args[0], size, scale, mode, align)
         elif fn is F.adaptive_max_pool2d:
             size, indices = self.static(_bind(args[1:], kwargs, ("output_size", "return_indices"), (None, False)))
@@ -574,11 +577,15 @@ class _Builder:
         self.emit(node, "pad", [self.ref(x)], attrs={"pad": pad})
 
     def emit_upsample(self, node, x, size, scale_factor, mode, align_corners) -> None:
-        """Nearest upsampling of an NCHW tensor by integer factors (ops/upsample.py)."""
-        if mode != "nearest":
-            raise self.unsupported(node, f"interpolation mode {mode!r} (only 'nearest' by integer factors)")
+        """Nearest upsampling of an NCHW tensor by integer factors, or bilinear resizing to any size (ops/upsample.py)."""
+        if mode not in ("nearest", "bilinear"):
+            raise self.unsupported(node, f"interpolation mode {mode!r} (only 'nearest' by integer factors and "
+                                         "'bilinear')")
         input_hw = self.spatial(x)
         output_hw = tuple(self.values[node.name].shape[-2:])
+        if mode == "bilinear":
+            self.emit_bilinear(node, x, scale_factor, input_hw, output_hw, bool(align_corners))
+            return
         if self.values[x.name].dim() != 4 or any(o % i for i, o in zip(input_hw, output_hw)):
             raise self.unsupported(node, f"upsampling {tuple(input_hw)} to {output_hw}: only 4-D inputs and integer "
                                          "factors copy codes exactly in every runtime")
@@ -587,6 +594,18 @@ class _Builder:
             raise self.unsupported(node, f"upsampling {tuple(input_hw)} by {factors}: the runtimes' float32 index "
                                          "rule does not give y // k for every output row or column")
         self.emit(node, "upsample_nearest", [self.ref(x)], attrs={"scale_factor": factors})
+
+    def emit_bilinear(self, node, x, scale_factor, input_hw, output_hw, align_corners) -> None:
+        """Bilinear resizing to the output size: the runtimes take sizes, and PyTorch's own position rule uses
+        1 / scale_factor where one is given, which equals in / out in float32 only for integer factors."""
+        if self.values[x.name].dim() != 4:
+            raise self.unsupported(node, "bilinear interpolation of a tensor that is not 4-D (N, C, H, W)")
+        factors = scale_factor if isinstance(scale_factor, (tuple, list)) else (scale_factor, scale_factor)
+        if scale_factor is not None and not all(float(f).is_integer() for f in factors):
+            raise self.unsupported(node, f"bilinear interpolation by scale_factor={scale_factor} (not an integer): "
+                                         f"pass size={output_hw} instead")
+        self.emit(node, "upsample_bilinear", [self.ref(x)],
+                  attrs={"size": output_hw, "align_corners": align_corners})
 
     def emit_adaptive_max(self, node, x, output_size) -> None:
         """AdaptiveMaxPool2d to a size that divides the input: a max pool with uniform windows."""

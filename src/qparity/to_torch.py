@@ -193,6 +193,9 @@ class TorchQuantizedModel(nn.Module):
             return F.pad(args[0], tuple(node.attrs["pad"]))  # quantized constant_pad_nd pads with the zero point
         if node.op == "upsample_nearest":
             return F.interpolate(args[0], scale_factor=tuple(node.attrs["scale_factor"]), mode="nearest")
+        if node.op == "upsample_bilinear":  # the NCHW kernel, the one qparity emulates (numerics/resampling.py)
+            return F.interpolate(args[0].contiguous(), size=tuple(node.attrs["size"]), mode="bilinear",
+                                 align_corners=node.attrs["align_corners"])
         if node.op == "sigmoid":
             return torch.sigmoid(args[0])  # quantized sigmoid: PyTorch's fixed grid (1/256, 0), as the model's
         if node.op == "tanh":

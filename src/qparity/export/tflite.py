@@ -640,6 +640,17 @@ class _Exporter(Executor):
                          self.fb.options("ResizeNearestNeighborOptions", alignCorners=False, halfPixelCenters=False))
         return TFLiteTensor(out, shape, x.grid, NHWC)
 
+    def op_upsample_bilinear(self, node: Node, x: TFLiteTensor):
+        """RESIZE_BILINEAR on the NHWC codes: PyTorch's align_corners=False is TFLite's half_pixel_centers."""
+        x = self.in_layout(x, NHWC)
+        align = node.attrs["align_corners"]
+        shape = (x.shape[0], x.shape[1], *node.attrs["size"])
+        size = self.fb.constant(f"{node.name}_size", np.asarray(node.attrs["size"]), "int32")
+        out = self.activation(node.name, [shape[p] for p in NHWC], x.grid)
+        self.fb.operator("RESIZE_BILINEAR", [x.index, size], [out],
+                         self.fb.options("ResizeBilinearOptions", alignCorners=align, halfPixelCenters=not align))
+        return TFLiteTensor(out, shape, x.grid, NHWC)
+
     def op_clamp(self, node: Node, x: TFLiteTensor):
         bounds = self.target.activation_bounds(node.attrs.get("min"), node.attrs.get("max"), x.grid)
         return self.clamp(x, None if bounds == (x.grid.qmin, x.grid.qmax) else bounds, node.name)

@@ -77,7 +77,7 @@ from functools import cached_property
 import torch
 
 from ..errors import TargetSettingError, UnsupportedOpError
-from . import pooling
+from . import pooling, resampling
 from ..qparams import QParams
 from .arithmetic import fma_f32, rounding_divide_by_pot
 from .prelu import engine_prelu
@@ -344,6 +344,11 @@ class PyTorchEngineTarget(Target):
             return torch.cat([_rescale_channels_last(q, grid, out, self.kernels) for q, grid in zip(codes, grids)],
                              dim=1)
         return super().concatenate(codes, grids, out, dim)
+
+    def bilinear(self, codes, qp, out_hw, align_corners):
+        # to_torch calls upsample on an NCHW tensor (.contiguous()), the kernel emulated; the result is NCHW too.
+        return resampling.pytorch_bilinear(codes.contiguous(), int(qp.zero_point), qp.qmin, qp.qmax, out_hw,
+                                           align_corners).contiguous()
 
     def average_pool(self, codes, qp, attrs):
         sums, counts = pooling.window_sums_and_counts(codes, qp.zero_point.to(codes.device), attrs)

@@ -201,6 +201,10 @@ class Target:
         """Concatenation onto the output grid: each input rescaled on its own (a target may look at all)."""
         return torch.cat([self.rescale(q, grid, out) for q, grid in zip(codes, grids)], dim=dim)
 
+    def bilinear(self, codes: torch.Tensor, qp: QParams, out_hw: Tuple[int, int], align_corners: bool) -> torch.Tensor:
+        """Bilinear resizing of NCHW codes to out_hw on their own grid (numerics/resampling.py)."""
+        raise UnsupportedOpError(f"upsample_bilinear is not emulated for target {self.name!r}")
+
     def average_pool(self, codes: torch.Tensor, qp: QParams, attrs: dict) -> torch.Tensor:
         """2-D average pooling on one grid (input and output share qparams), PyTorch's windows and divisors."""
         sums, counts = pooling.window_sums_and_counts(codes, qp.zero_point.to(codes.device), attrs)

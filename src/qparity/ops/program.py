@@ -28,7 +28,7 @@ from .surrogates import clamp as clamp_surrogate, quantized_output
 IMPLEMENTATIONS = {
     "input": input_op, "conv2d": layer, "conv_transpose2d": layer, "linear": layer, "add": add, "cat": cat, "hardswish": hardswish,
     "clamp": clamp, "max_pool2d": max_pool, "avg_pool2d": avg_pool, "dropout": dropout, "call": call,
-    "mul": mul, "sub": sub, "pad": pad, "upsample_nearest": upsample, "sigmoid": activation, "tanh": activation, "hardsigmoid": activation, "leaky_relu": activation,
+    "mul": mul, "sub": sub, "pad": pad, "upsample_nearest": upsample, "upsample_bilinear": upsample, "sigmoid": activation, "tanh": activation, "hardsigmoid": activation, "leaky_relu": activation,
     "gelu": activation, "elu": activation, "prelu": prelu, "constant": constant,
 }
 

@@ -188,6 +188,19 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "copies codes: output[y, x] = input[y // k_h, x // k_w]", "nearest upsampling of the codes",
              "4-D inputs; integer factors where the runtimes' float32 index rule is exact (checked at capture)",
              golden=False, torch_form="F.interpolate(mode='nearest')"),
+    Operator("upsample_bilinear", "`nn.Upsample`, `F.interpolate` with mode='bilinear' (align_corners False or "
+             "True) to any size or by integer factors", False,
+             "the target's interpolation of the four neighbouring codes (numerics/resampling.py; LiteRT reference: "
+             "10-bit fixed point, rounding half away; XNNPACK: 11-bit weights; PyTorch's engines: float32, round "
+             "half even on NCHW tensors; exact: correctly rounded)",
+             "bilinear interpolation of the codes",
+             "4-D inputs; `antialias=False`; a non-integer scale_factor only as a size",
+             refused_by={"onnxruntime": "ONNX Runtime runs Resize (linear) on 8-bit codes with two kernels that round "
+                                        "differently, chosen by session options: float32 weights truncated "
+                                        "(UpsampleBilinear, NCHW, graph optimizations off) and 10-bit integer weights "
+                                        "(NhwcUpsampleBilinearInteger, after its NHWC transformer with optimizations "
+                                        "on; 1-4% of codes 1 apart, measured), so no one rule gives a file's codes"},
+             formats=("tflite",), golden=False, torch_form="F.interpolate(mode='bilinear') on NCHW (contiguous) tensors"),
     Operator("pad", "`F.pad` (constant 0), `nn.ZeroPad2d`, `nn.ConstantPad2d(value=0)`, `nn.ZeroPad1d`, "
              "`nn.ConstantPad1d(value=0)`", False, "pads the codes with the zero point's code (real 0)",
              "the same padding of the codes", "zeros only; no negative padding", torch_form="F.pad"),
