@@ -97,6 +97,7 @@ EXAMPLES = {
     "avg_pool2d": (lambda: Around(nn.AvgPool2d(2)), "op"),
     "upsample_nearest": (lambda: Around(nn.Upsample(scale_factor=2, mode="nearest")), "op"),
     "upsample_bilinear": (lambda: Around(Apply(lambda y: F.interpolate(y, size=(9, 5), mode="bilinear"))), "op"),
+    "amax": (lambda: Around(Apply(lambda y: torch.amax(y, (1, 3), keepdim=True))), "op"),
     "pad": (lambda: Around(nn.ZeroPad2d(1)), "op"),
     "dropout": (lambda: Around(nn.Dropout(0.25)), "op"),
     "call": (lambda: Around(Apply(lambda y: y.permute(0, 2, 3, 1))), "op"),

@@ -321,6 +321,8 @@ class _Builder:
             if antialias:
                 raise self.unsupported(node, "antialias=True (no runtime's integer resize filters first)")
             self.emit_upsample(node, args[0], size, scale, mode, align)
+        elif fn is torch.amax:
+            self.emit_amax(node, args[0], args[1:], kwargs)
         elif fn is F.adaptive_max_pool2d:
             size, indices = self.static(_bind(args[1:], kwargs, ("output_size", "return_indices"), (None, False)))
             if indices:
@@ -394,6 +396,8 @@ class _Builder:
             self.emit_mean(node, args[0], args[1:], kwargs)
         elif name in ("sigmoid", "tanh"):
             self.emit(node, name, [self.ref(args[0])], attrs={})
+        elif name == "amax":
+            self.emit_amax(node, args[0], args[1:], kwargs)
         elif name == "mul" and isinstance(self.values.get(node.name), torch.Tensor):
             self.emit_mul(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
         elif (name in ("div", "true_divide") and not kwargs.get("rounding_mode")
@@ -594,6 +598,16 @@ class _Builder:
             raise self.unsupported(node, f"upsampling {tuple(input_hw)} by {factors}: the runtimes' float32 index "
                                          "rule does not give y // k for every output row or column")
         self.emit(node, "upsample_nearest", [self.ref(x)], attrs={"scale_factor": factors})
+
+    def emit_amax(self, node, x, args, kwargs) -> None:
+        """The maximum over dimensions other than the batch (an exported file runs any batch size), same grid."""
+        dim, keepdim = self.static(_bind(args, kwargs, ("dim", "keepdim"), ((), False)))
+        rank = self.values[x.name].dim()
+        dims = (dim,) if isinstance(dim, int) else tuple(dim)
+        dims = tuple(sorted({d % rank for d in dims})) if dims else tuple(range(rank))
+        if 0 in dims:
+            raise self.unsupported(node, f"amax over dims {dims}, which include the batch dimension 0")
+        self.emit(node, "amax", [self.ref(x)], attrs={"dim": dims, "keepdim": bool(keepdim)})
 
     def emit_bilinear(self, node, x, scale_factor, input_hw, output_hw, align_corners) -> None:
         """Bilinear resizing to the output size: the runtimes take sizes, and PyTorch's own position rule uses

@@ -193,6 +193,11 @@ class TorchQuantizedModel(nn.Module):
             return F.pad(args[0], tuple(node.attrs["pad"]))  # quantized constant_pad_nd pads with the zero point
         if node.op == "upsample_nearest":
             return F.interpolate(args[0], scale_factor=tuple(node.attrs["scale_factor"]), mode="nearest")
+        if node.op == "amax":  # torch.amax has no quantized kernel; quantized max over a dim keeps the grid
+            value = args[0]
+            for dim in sorted(node.attrs["dim"], reverse=True):  # the highest first: lower dims keep their index
+                value = torch.max(value, dim, keepdim=node.attrs["keepdim"]).values
+            return value
         if node.op == "upsample_bilinear":  # the NCHW kernel, the one qparity emulates (numerics/resampling.py)
             return F.interpolate(args[0].contiguous(), size=tuple(node.attrs["size"]), mode="bilinear",
                                  align_corners=node.attrs["align_corners"])

@@ -13,6 +13,7 @@ Each operator of the integer program becomes the ONNX Runtime kernel whose arith
     sigmoid        com.microsoft QLinearSigmoid
     leaky_relu     com.microsoft QLinearLeakyRelu (alpha as float32)
     max_pool2d     MaxPool on the codes
+    amax           ReduceMax on the codes
     upsample       Resize (nearest, asymmetric, floor) on the codes
     pad            Pad (constant) with the zero point's code
     avg_pool2d     com.microsoft QLinearAveragePool, or QLinearGlobalAveragePool where the window covers the
@@ -287,6 +288,11 @@ class _OnnxBuilder:
         scales = self.constant(f"{node.name}.scales", np.asarray([1, 1, *node.attrs["scale_factor"]], np.float32))
         return self.emit("Resize", [x, "", scales], node.name, mode="nearest",
                          coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+
+    def op_amax(self, node: Node, x: str) -> str:
+        """ReduceMax on the codes (axes as an input since opset 18)."""
+        axes = self.constant(f"{node.name}.axes", np.asarray(node.attrs["dim"], np.int64))
+        return self.emit("ReduceMax", [x, axes], node.name, keepdims=int(node.attrs["keepdim"]))
 
     def op_max_pool2d(self, node: Node, x: str) -> str:
         a = node.attrs

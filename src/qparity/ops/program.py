@@ -21,14 +21,14 @@ import torch
 from ..errors import UnsupportedOpError
 from ..graph import Executor, Node, QValue, fused_clamp_bounds
 from ..qparams import QParams
-from . import activation, add, avg_pool, call, cat, clamp, constant, dropout, hardswish, input as input_op, layer, max_pool, mul, pad, prelu, sub, upsample
+from . import activation, add, amax, avg_pool, call, cat, clamp, constant, dropout, hardswish, input as input_op, layer, max_pool, mul, pad, prelu, sub, upsample
 from .lookup import CodeTable, PairTable
 from .surrogates import clamp as clamp_surrogate, quantized_output
 
 IMPLEMENTATIONS = {
     "input": input_op, "conv2d": layer, "conv_transpose2d": layer, "linear": layer, "add": add, "cat": cat, "hardswish": hardswish,
     "clamp": clamp, "max_pool2d": max_pool, "avg_pool2d": avg_pool, "dropout": dropout, "call": call,
-    "mul": mul, "sub": sub, "pad": pad, "upsample_nearest": upsample, "upsample_bilinear": upsample, "sigmoid": activation, "tanh": activation, "hardsigmoid": activation, "leaky_relu": activation,
+    "mul": mul, "sub": sub, "pad": pad, "upsample_nearest": upsample, "upsample_bilinear": upsample, "amax": amax, "sigmoid": activation, "tanh": activation, "hardsigmoid": activation, "leaky_relu": activation,
     "gelu": activation, "elu": activation, "prelu": prelu, "constant": constant,
 }
 

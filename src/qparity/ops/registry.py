@@ -177,6 +177,11 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
     Operator("max_pool2d", "`nn.MaxPool2d`, `F.max_pool2d`, `nn.AdaptiveMaxPool2d` / `F.adaptive_max_pool2d` to "
              "sizes that divide the input, `nn.MaxPool1d` (on [N, C, 1, L])", False, "exact window maximum of the codes",
              "max pool of the codes", "`return_indices=False`", torch_form="F.max_pool2d"),
+    Operator("amax", "`torch.amax`, `Tensor.amax` over any dims but the batch (keepdim either way)", False,
+             "the maximum of the codes (LiteRT: REDUCE_MAX; ONNX Runtime: ReduceMax on the codes; PyTorch's engines: "
+             "quantized max over one dim at a time)", "amax of the codes (gradient to the maxima)",
+             "not over dim 0 (an exported file runs any batch size)", golden=False,
+             torch_form="torch.max(x, dim).values, one dim at a time"),
     Operator("avg_pool2d", "`nn.AvgPool2d`, `F.avg_pool2d`, `nn.AdaptiveAvgPool2d`, `F.adaptive_avg_pool2d`, "
              "`torch.mean`/`Tensor.mean` over (H, W) or over L of an [N, C, L] tensor, `nn.AdaptiveAvgPool1d`, "
              "`F.adaptive_avg_pool1d`, `nn.AvgPool1d` (on [N, C, 1, L])", False,
