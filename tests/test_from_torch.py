@@ -365,3 +365,12 @@ def test_from_torch_reads_bilinear_resizing_of_nchw_tensors_and_refuses_channels
         assert torch.equal(theirs, ours)
     with pytest.raises(UnsupportedOpError, match="channels-last quantized tensor"):
         qp.from_torch(fx_converted_model(Resized(contiguous=False), engine, x), (x,))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_from_torch_reads_adaptive_average_pools_with_uneven_windows(engine):
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 7, 9) * 2
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.AdaptiveAvgPool2d((4, 5)))
+    converted = fx_converted_model(model, engine, x)
+    assert torch.equal(converted(x), qp.from_torch(converted, (x,))(x))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .errors import CaptureError, UnsupportedOpError
 from .graph import CODE_PRESERVING_FUNCTIONS, CODE_PRESERVING_METHODS, Graph, Node, Ref, collect_refs
 from .numerics.accumulate import ConvGeometry
-from .numerics.pooling import adaptive_as_pooling
+from .numerics.pooling import adaptive_as_pooling, adaptive_average_attrs
 from .ops.conv1d import Conv1dAs2d, as_conv2d_arguments
 from .ops.conv_transpose2d import ConvTransposeAsConv
 from .ops.registry import CLAMP_FUSING_OPS, LAYER_OPS, OPERATORS
@@ -656,7 +656,7 @@ class _Builder:
         self.emit(node, "avg_pool2d", [self.ref(x)], attrs=attrs)
 
     def emit_adaptive(self, node, x, output_size) -> None:
-        attrs = adaptive_as_pooling(self.spatial(x), output_size, _where(node))
+        attrs = adaptive_average_attrs(self.spatial(x), output_size, _where(node))
         attrs["adaptive_output_size"] = list(_pair(output_size)) if output_size is not None else None
         self.emit(node, "avg_pool2d", [self.ref(x)], attrs=attrs)
 
@@ -665,7 +665,7 @@ class _Builder:
         where = _where(node)
         length = self.values[x.name].shape[-1]
         size = output_size[0] if isinstance(output_size, (tuple, list)) else output_size
-        attrs = adaptive_as_pooling((1, length), (1, size), where)
+        attrs = adaptive_average_attrs((1, length), (1, size), where)
         attrs["adaptive_output_size"] = [1, size]
         widened = Node(node.name + "_as_2d", "call", (self.ref(x), -2), {}, {"fn": "method:unsqueeze"}, where)
         pooled = Node(node.name + "_pool", "avg_pool2d", (Ref(widened.name),), {}, attrs, where)

@@ -33,6 +33,7 @@ class ExactTarget(Target):
     name = "exact"
     summary = "round half to even of the exact rational value; no float error"
     activation_dtypes = ("int8", "uint8")
+    uneven_adaptive_pool = True
 
     def quantize_unclamped(self, x: torch.Tensor, qp: QParams) -> torch.Tensor:
         # x / s in float64 for float32 x and s decides rounding exactly: the exact quotient of two 24-bit

@@ -170,6 +170,7 @@ class PyTorchEngineTarget(Target):
     """What every PyTorch engine shares; subclasses name the conv, linear and add rules they use."""
 
     activation_dtypes = ("uint8",)
+    uneven_adaptive_pool = True  # quantized adaptive_avg_pool2d (AdaptiveAveragePooling.cpp)
     float_bias = True
     conv_rule = "fbgemm"
     # ConvTranspose2d: the conv rule on the exact accumulator (measured on torch 2.13 and 2.14,
@@ -353,7 +354,10 @@ class PyTorchEngineTarget(Target):
     def average_pool(self, codes, qp, attrs):
         sums, counts = pooling.window_sums_and_counts(codes, qp.zero_point.to(codes.device), attrs)
         sums = sums.to(torch.float32)  # exact: |sum| < 2^24
-        if self.pool_rule == "qnnpack" and (attrs.get("adaptive") or not attrs.get("ceil_mode")):
+        # qnnpack's adaptive_avg_pool2d runs QNNPACK only for output sizes that divide the input, else the
+        # generic kernels, as fbgemm (AdaptiveAveragePooling.cpp enable_qnnpack_for_ada_avgpool; measured).
+        uneven = "uneven_output_size" in attrs
+        if self.pool_rule == "qnnpack" and not uneven and (attrs.get("adaptive") or not attrs.get("ceil_mode")):
             if not attrs.get("adaptive"):
                 # AveragePool2d.cpp avg_pool2d_quantized_cpu: quint8 without ceil_mode runs QNNPACK
                 # (qnnpack/src/average-pooling.c): padding reads the input zero point and the divisor is always

@@ -49,6 +49,9 @@ class Target:
     # The file whose runtime computes this target's integers (".tflite", ".onnx"), or None where qparity has no
     # exporter for it; export() and verify() choose by it instead of by target name.
     file_format: str | None = None
+    # Whether the runtime has a kernel for adaptive average pools whose output size does not divide the input
+    # (windows of differing sizes, PyTorch's start/end rule): PyTorch's engines do, LiteRT and ONNX Runtime do not.
+    uneven_adaptive_pool: bool = False
     # Whether the runtime's transposed conv takes per-output-channel weight scales (PyTorch's engines: no).
     per_channel_transposed_conv: bool = True
 

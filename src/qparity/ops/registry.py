@@ -186,8 +186,10 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "`torch.mean`/`Tensor.mean` over (H, W) or over L of an [N, C, L] tensor, `nn.AdaptiveAvgPool1d`, "
              "`F.adaptive_avg_pool1d`, `nn.AvgPool1d` (on [N, C, 1, L])", False,
              "the target's average of exact window sums, PyTorch's divisors",
-             "window mean of the codes", "no `divisor_override`; adaptive output sizes must divide the input; "
-             "a mean only over H and W (qnnpack: no 1x1 avg_pool2d, as PyTorch's qnnpack)",
+             "window mean of the codes", "no `divisor_override`; adaptive output sizes that do not divide the input "
+             "(windows of differing sizes, PyTorch's start/end rule) only where the runtime has that kernel: exact, "
+             "fbgemm, x86, qnnpack (refused at prepare_qat elsewhere); a mean only over H and W (qnnpack: no 1x1 "
+             "avg_pool2d, as PyTorch's qnnpack)",
              torch_form="F.avg_pool2d / F.adaptive_avg_pool2d"),
     Operator("upsample_nearest", "`nn.Upsample`, `F.interpolate` with mode='nearest' by integer factors", False,
              "copies codes: output[y, x] = input[y // k_h, x // k_w]", "nearest upsampling of the codes",
@@ -275,7 +277,8 @@ def ops_markdown() -> str:
             lines.append(f"- {op.name} on `{target}`: {why}.")
     lines += ["", "Per-configuration refusals, raised with the layer's name: `xnnpack` refuses requantization "
               "scales and add ratios outside the ranges where LiteRT's default interpreter stays in XNNPACK; "
-              "`qnnpack` refuses 1x1 `avg_pool2d` and the add ratios PyTorch's qnnpack itself rejects. Exporters refuse what "
+              "LiteRT and ONNX Runtime targets refuse adaptive average pools whose output size does not divide the "
+              "input; `qnnpack` refuses 1x1 `avg_pool2d` and the add ratios PyTorch's qnnpack itself rejects. Exporters refuse what "
               "their file format cannot express (see `qparity.export`).", ""]
     return "\n".join(lines)
 
