@@ -543,7 +543,9 @@ class _Builder:
         except RuntimeError:
             raise self.unsupported(node, f"{op} of shapes {tuple(shape_a)} and {tuple(shape_b)}, which do not "
                                          "broadcast") from None
-        attrs = {"broadcast": True} if shape_a != shape_b else {}
+        # A number's [1, ..., 1] tensor is no broadcast: PyTorch's engines take it as a scalar (add_scalar).
+        constant = isinstance(a, Ref) or isinstance(b, Ref)
+        attrs = {"broadcast": True} if shape_a != shape_b and not constant else {}
         self.emit(node, op, [self.ref(a), self.ref(b)], attrs=attrs)
 
     def emit_mul(self, node, a, b) -> None:

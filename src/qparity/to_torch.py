@@ -185,6 +185,14 @@ class TorchQuantizedModel(nn.Module):
             return _clamp_after(node, self.layers[node.name](args[0]))
         if node.op == "conv_transpose2d":  # torch.ao has no fused transposed conv: every clamp runs after it
             return _clamp_after(node, self.layers[node.name](args[0]), fused=False)
+        if node.op == "constant":  # the number itself: the engines take it through add_scalar / mul_scalar
+            return float(node.attrs["value"])
+        if node.op in ("add", "mul") and any(isinstance(a, float) for a in args):
+            x, value = (args[1], args[0]) if isinstance(args[0], float) else args
+            if node.op == "mul":
+                return torch.ops.quantized.mul_scalar(x, value)
+            op = torch.ops.quantized.add_scalar_relu if _fuses_relu(node) else torch.ops.quantized.add_scalar
+            return _clamp_after(node, op(x, value))
         if node.op == "add":
             qp = self.qparams[node.name]
             op = torch.ops.quantized.add_relu if _fuses_relu(node) else torch.ops.quantized.add

@@ -351,6 +351,12 @@ class PyTorchEngineTarget(Target):
         return resampling.pytorch_bilinear(codes.contiguous(), int(qp.zero_point), qp.qmin, qp.qmax, out_hw,
                                            align_corners).contiguous()
 
+    def scalar_grid(self, op, value, source):
+        return scalar_grid(op, value, source)
+
+    def scalar_arithmetic(self, op, value, q, source, out, lo, hi):
+        return scalar_arithmetic(op, value, q, source, out, lo, hi)
+
     def average_pool(self, codes, qp, attrs):
         sums, counts = pooling.window_sums_and_counts(codes, qp.zero_point.to(codes.device), attrs)
         sums = sums.to(torch.float32)  # exact: |sum| < 2^24
@@ -644,3 +650,55 @@ class QnnpackTarget(PyTorchEngineTarget):
     linear_rule = "qnnpack"
     add_rule = "qnnpack"
     pool_rule = "qnnpack"
+
+
+# -- a tensor and a Python number: quantized::add_scalar / mul_scalar ------------------------------------------
+def _add_scalar_shift(value: float, source: QParams) -> int:
+    """c_q = nearbyint(c / s) in double (BinaryOps.cpp _add_scalar_out): the number in codes of x's grid."""
+    return round(value / float(source.scale))  # Python's round of a float is half to even, as nearbyint
+
+
+def scalar_grid(op: str, value: float, source: QParams) -> QParams:
+    """The output grid BinaryOps.cpp gives x + c (_add_scalar_out) or x * c (_mul_scalar_out), in double; the
+    engine's kernels then read its scale as float32, as QParams holds it.
+
+    add: z' = z - c_q with the same scale while that is a code; else the zero point at the range end the shift
+    left and the scale widened to keep the range: s' = (q_max - (z - c_q)) / (q_max - q_min) s (or
+    ((z - c_q) - q_min) / (q_max - q_min) s). mul: (c s, z) for c > 0, (1, 0) for c = 0, (|c| s, q_max + q_min - z)
+    for c < 0."""
+    s, z, qmin, qmax = float(source.scale), int(source.zero_point), source.qmin, source.qmax
+    if op == "mul":
+        if value > 0:
+            return QParams(value * s, z, source.dtype)
+        if value == 0:
+            return QParams(1.0, 0, source.dtype)
+        return QParams(abs(value) * s, qmax - (z - qmin), source.dtype)
+    shifted = z - _add_scalar_shift(value, source)
+    if qmin > shifted:
+        return QParams((float(qmax) - shifted) / (float(qmax) - qmin) * s, qmin, source.dtype)
+    if qmax < shifted:
+        return QParams((float(shifted) - qmin) / (float(qmax) - qmin) * s, qmax, source.dtype)
+    return QParams(s, shifted, source.dtype)
+
+
+def scalar_arithmetic(op: str, value: float, q: torch.Tensor, source: QParams, out: QParams,
+                      lo: int, hi: int) -> torch.Tensor:
+    """The codes of x + c / x * c on `scalar_grid`'s grid. mul and an in-range add copy or mirror the codes;
+    an add whose zero point left the range requantizes q - z + c_q with qadd_scalar_kernel's float32 multiplier
+    f(s * f(1 / s')) (QuantizedOpKernels.cpp, requantize_from_int: z' + lrintf(acc * multiplier))."""
+    if op == "mul":
+        if value > 0:
+            codes = q
+        elif value == 0:
+            codes = torch.zeros_like(q)
+        else:
+            codes = source.qmax + source.qmin - q
+    else:
+        shift = _add_scalar_shift(value, source)
+        if out.scale == source.scale and int(out.zero_point) == int(source.zero_point) - shift:
+            codes = q
+        else:
+            multiplier = source.scale * (torch.ones(()) / out.scale)
+            acc = (q - int(source.zero_point) + shift).to(torch.float32)
+            codes = torch.round(acc * multiplier) + int(out.zero_point)
+    return torch.clamp(codes, lo, hi).to(torch.int64)

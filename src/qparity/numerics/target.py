@@ -119,6 +119,17 @@ class Target:
         """Elementwise difference a - b of two quantized tensors (broadcasting), onto the output grid."""
         raise UnsupportedOpError(f"sub is not emulated for target {self.name!r}")
 
+    def scalar_grid(self, op: str, value: float, source: QParams) -> QParams | None:
+        """The output grid of `x + c` ("add") or `x * c` ("mul") with a Python number c, where the runtime
+        derives it from x's grid (PyTorch's add_scalar / mul_scalar); None where the runtime takes the number
+        as a constant tensor on a grid of its own (operator constant) and the output grid is observed."""
+        return None
+
+    def scalar_arithmetic(self, op: str, value: float, q: torch.Tensor, source: QParams, out: QParams,
+                          lo: int, hi: int) -> torch.Tensor:
+        """The codes of `x + c` / `x * c` on the grid `scalar_grid` gave."""
+        raise UnsupportedOpError(f"{op} with a number is not emulated for target {self.name!r}")
+
     def check_broadcast(self, op: str) -> None:
         """Raise UnsupportedOpError when the target's kernel for `op` cannot take operands of different shapes."""
 

@@ -115,11 +115,12 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "methods", True,
              "a tensor of shape [1, ..., 1] holding the number's code on a grid of its own (int8: scale |c| / 127, "
              "zero point 0; uint8: zero point at the end opposite c), the second operand of add, sub or mul",
-             "the number itself (no gradient)", "Python int/float constants",
-             refused_by={t: "PyTorch's quantized engines take a number through add_scalar / mul_scalar, which "
-                            "compute their own output grid from the input's; qparity does not emulate them"
-                         for t in ("fbgemm", "x86", "qnnpack")},
-             golden=False),
+             "the number itself (no gradient)", "Python int/float constants; fbgemm/x86/qnnpack: the number itself "
+             "to quantized::add_scalar / mul_scalar (BinaryOps.cpp), whose output grid the engine derives from the "
+             "input's (add: zero point z - rne(c / s), or at the range's end with a widened scale and the codes "
+             "requantized; mul: scale |c| s, codes mirrored for c < 0), as qparity's output grid; `c - x` refused "
+             "there (no quantized rsub)",
+             golden=False, torch_form="the number, to torch.ops.quantized.add_scalar / mul_scalar"),
     Operator("cat", "`torch.cat`, `torch.concat`", True,
              "each input rescaled to the output grid (a copy when the grids are equal)",
              "float concatenation of the dequantized inputs", "every input a tensor computed by the model",
