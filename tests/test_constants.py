@@ -145,3 +145,15 @@ def test_x_minus_a_number_is_an_add_of_its_negative_and_runs_on_onnxruntime(tmp_
     integer = qp.convert(qp.freeze(prepared))
     assert torch.equal(prepared.eval()(x), integer(x))
     assert_runtime_gives_the_same_codes(integer, x, tmp_path)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+def test_a_number_minus_x_runs_on_onnxruntime_as_an_add_of_the_mirrored_codes(tmp_path, dtype):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5)
+    prepared = qp.prepare_qat(WithNumber("sub", 1.5, True, 4), (x,), target="onnxruntime", activation_dtype=dtype)
+    assert [n.op for n in prepared.graph.nodes][-1] == "sub"
+    calibrate(prepared, [x])
+    integer = qp.convert(qp.freeze(prepared))
+    assert torch.equal(prepared.eval()(x), integer(x))
+    assert_runtime_gives_the_same_codes(integer, x, tmp_path)

@@ -8,6 +8,7 @@ Each operator of the integer program becomes the ONNX Runtime kernel whose arith
     linear         com.microsoft QGemm (transB=1, per-column b_scale, int32 bias as C); inputs of rank > 2
                    are reshaped to [-1, K] and back
     add            com.microsoft QLinearAdd
+    sub            BitwiseNot of the second operand's codes (its negation on the mirrored grid), QLinearAdd
     mul            com.microsoft QLinearMul (numpy broadcasting)
     cat            com.microsoft QLinearConcat
     sigmoid        com.microsoft QLinearSigmoid
@@ -39,6 +40,7 @@ from ..errors import ExportError, ModelFileError
 from ..graph import CALLS, Graph, Node, Ref, fused_clamp_bounds, leaves, resolve
 from ..numerics import pooling
 from ..numerics.accumulate import ConvGeometry
+from ..numerics.onnxruntime import negated
 from ..ops import constant
 from ..ops.pad import padding_per_dimension
 from ..qparams import TORCH_DTYPES, QParams
@@ -244,6 +246,17 @@ class _OnnxBuilder:
                                      *self.grid(self.model.grids[second], second), *self.grid(out_qp, node.name)],
                       f"{node.name}.add", domain=MICROSOFT)
         return self.clip(y, node, fused_clamp_bounds(self.model.target, node, out_qp), out_qp)
+
+    def op_sub(self, node: Node, a: str, b: str) -> str:
+        """a - b as QLinearAdd of a and b's codes mirrored (BitwiseNot) on the mirrored grid: ONNX has no
+        quantized Sub (numerics/onnxruntime.py subtract)."""
+        out_qp = self.model.qparams[node.name]
+        first, second = node.refs()
+        _, negated_grid = negated(torch.zeros(()), self.model.grids[second])
+        mirrored = self.emit("BitwiseNot", [b], f"{node.name}.negated")
+        return self.emit("QLinearAdd", [a, *self.grid(self.model.grids[first], first), mirrored,
+                                        *self.grid(negated_grid, f"{node.name}.negated"), *self.grid(out_qp, node.name)],
+                         node.name, domain=MICROSOFT)
 
     def op_mul(self, node: Node, a: str, b: str) -> str:
         out_qp = self.model.qparams[node.name]

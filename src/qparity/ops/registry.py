@@ -96,15 +96,14 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              torch_form="torch.ops.quantized.add", fuses_clamp=True),
     Operator("sub", "`a - b`, `torch.sub`, `Tensor.sub` of two tensors (broadcasting)", True,
              "the target's add with the second input negated (LiteRT reference: SUB runs the ADD kernel with "
-             "input 2's Q31 multiplier negated, kernels/sub.cc; XNNPACK: its add with the second scale negated)",
+             "input 2's Q31 multiplier negated, kernels/sub.cc; XNNPACK: its add with the second scale negated; "
+             "ONNX Runtime: QLinearAdd of the second input's codes mirrored, q_max + q_min - q by BitwiseNot, on "
+             "the mirrored grid, which holds -b exactly; `c - x` so too)",
              "float difference of the dequantized inputs",
              "two tensors (no constants), `alpha=1`; never fused with a following ReLU (a separate clamp); "
              "xnnpack: s_a / s_y and s_b / s_y in [2^-10, 256)",
-             refused_by={**{t: _TORCH_NO_SUB for t in ("fbgemm", "x86", "qnnpack")},
-                         "onnxruntime": "ONNX has no quantized Sub and ONNX Runtime registers no com.microsoft "
-                                        "QLinearSub (only QLinearAdd and QLinearMul); its quantization tool runs Sub "
-                                        "in float"},
-             formats=("tflite",)),
+             refused_by={t: _TORCH_NO_SUB for t in ("fbgemm", "x86", "qnnpack")},
+             formats=("onnx", "tflite")),
     Operator("mul", "`a * b`, `torch.mul`, `Tensor.mul` of two tensors (broadcasting); `nn.SiLU` / `F.silu` "
              "become sigmoid then mul", True, "the target's product of two grids (LiteRT reference: MBQM; XNNPACK "
              "and ONNX Runtime: float32 multiplier; PyTorch's engines: float32 multiplier)",
