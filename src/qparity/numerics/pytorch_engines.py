@@ -348,8 +348,9 @@ class PyTorchEngineTarget(Target):
 
     def bilinear(self, codes, qp, out_hw, align_corners):
         # to_torch calls upsample on an NCHW tensor (.contiguous()), the kernel emulated; the result is NCHW too.
-        return resampling.pytorch_bilinear(codes.contiguous(), int(qp.zero_point), qp.qmin, qp.qmax, out_hw,
-                                           align_corners).contiguous()
+        value = resampling.pytorch_bilinear(codes.contiguous(), int(qp.zero_point), out_hw, align_corners)
+        codes = self.kernels.quantize_scalar_loop(value, torch.ones(()), float(qp.zero_point))  # quantize_val
+        return torch.clamp(codes, qp.qmin, qp.qmax).to(torch.int64).contiguous()
 
     def scalar_grid(self, op, value, source):
         return scalar_grid(op, value, source)

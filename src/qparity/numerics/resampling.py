@@ -124,16 +124,15 @@ def _pytorch_axis(size: int, out: int, align_corners: bool, device):
     return (low, high), 1.0 - upper, upper
 
 
-def pytorch_bilinear(codes: torch.Tensor, zero_point: int, qmin: int, qmax: int, out_hw: Pair,
-                     align_corners: bool) -> torch.Tensor:
+def pytorch_bilinear(codes: torch.Tensor, zero_point: int, out_hw: Pair, align_corners: bool) -> torch.Tensor:
     """quantized upsample_bilinear2d on an NCHW tensor (aten/src/ATen/native/quantized/cpu/UpSampleBilinear2d.cpp
-    upsample_bilinear2d_out_frame): h0 (w0 q00 + w1 q01) + h1 (w0 q10 + w1 q11) - z in float32, then quantize_val
-    onto the same grid: z + nearbyint, clamped. (A channels-last tensor runs QuantizedOpKernels.cpp's
+    upsample_bilinear2d_out_frame): h0 (w0 q00 + w1 q01) + h1 (w0 q10 + w1 q11) - z in float32, which the caller
+    quantizes onto the same grid with the release's quantize_val (scale 1). (A channels-last tensor runs
+    QuantizedOpKernels.cpp's
     qupsample_bilinear2d_nhwc_kernel instead, built per CPU capability, whose float rounding differs on
     about 1 output in 500, measured; to_torch hands the kernel NCHW tensors.)"""
     rows, h0, h1 = _pytorch_axis(codes.shape[-2], out_hw[0], align_corners, codes.device)
     columns, w0, w1 = _pytorch_axis(codes.shape[-1], out_hw[1], align_corners, codes.device)
     q00, q01, q10, q11 = (c.to(torch.float32) for c in _corners(codes, rows, columns))
     h0, h1 = _rows(h0), _rows(h1)
-    value = h0 * (w0 * q00 + w1 * q01) + h1 * (w0 * q10 + w1 * q11) - float(zero_point)
-    return torch.clamp(torch.round(value) + zero_point, qmin, qmax).to(torch.int64)
+    return h0 * (w0 * q00 + w1 * q01) + h1 * (w0 * q10 + w1 * q11) - float(zero_point)
