@@ -1,6 +1,7 @@
 """Numbers in the model (`x * 0.5`, `x + 1`, `1 - x`, `x / 6`): a constant node on a grid of its own feeding add,
-sub or mul; fake == integer on every target that runs it, 0 mismatched codes in LiteRT and ONNX Runtime, and a
-named refusal on PyTorch's engines (add_scalar / mul_scalar compute their own grids)."""
+sub or mul; fake == integer on every target that runs it, 0 mismatched codes in LiteRT and ONNX Runtime; on
+PyTorch's engines the number goes to quantized::add_scalar / mul_scalar, whose own output grid qparity derives
+the same way (the same grid and codes as the kernels, and as to_torch)."""
 import operator
 
 import pytest
@@ -11,9 +12,11 @@ from torch import nn
 import qparity as qp
 from qparity.errors import UnsupportedOpError
 from qparity.ops.registry import OPERATORS
-from qparity.qparams import DTYPE_RANGES, SMALLEST_CONSTANT, constant_qparams
+from qparity.numerics.pytorch_engines import scalar_arithmetic, scalar_grid
+from qparity.qparams import DTYPE_RANGES, SMALLEST_CONSTANT, QParams, constant_qparams
 from helpers import FILE_SUFFIXES, assert_runtime_gives_the_same_codes, calibrate
 
+ENGINES = ("fbgemm", "x86", "qnnpack")
 OPS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}
 # Scale ratios a runtime refuses (e.g. x * 0 makes the output grid collapse): named per-configuration refusals.
 REFUSED_RATIOS = (("xnnpack", "XNNPACK"), ("onnxruntime", "QLinearMul wraps"))
@@ -83,14 +86,26 @@ def test_numbers_in_the_model_are_exact_on_every_target_and_in_the_runtimes(tmp_
     assert torch.equal(prepared.eval()(test), integer(test))
     if target in FILE_SUFFIXES and (target != "xnnpack" and target != "tflite" or dtype == "int8"):
         assert_runtime_gives_the_same_codes(integer, test, tmp_path_factory.mktemp("constant"))
+    elif target in ENGINES:
+        torch.backends.quantized.engine = target
+        assert torch.equal(qp.to_torch(integer)(test), integer(test))
 
 
-@pytest.mark.parametrize("engine", ["fbgemm", "x86", "qnnpack"])
-def test_pytorchs_engines_refuse_numbers_naming_the_node(engine):
-    x = torch.randn(2, 3, 5, 5)
-    with pytest.raises(UnsupportedOpError, match=rf"constant at node 'mul' .*cannot run on target '{engine}'.*"
-                                                 "add_scalar"):
-        qp.prepare_qat(WithNumber("mul", 0.5, False, 4), (x,), target=engine)
+@settings(max_examples=60, deadline=None)
+@given(op=st.sampled_from(["add", "mul"]), number=numbers, scale=st.floats(1e-3, 2.0),
+       zero_point=st.integers(0, 255), engine=st.sampled_from(ENGINES))
+def test_add_scalar_and_mul_scalar_grids_and_codes_are_the_engines(op, number, scale, zero_point, engine):
+    torch.backends.quantized.engine = engine
+    source = QParams(scale, zero_point, "uint8")
+    codes = torch.arange(256, dtype=torch.int64)
+    x = torch._make_per_tensor_quantized_tensor(codes.to(torch.uint8), float(source.scale), zero_point)
+    kernel = torch.ops.quantized.add_scalar if op == "add" else torch.ops.quantized.mul_scalar
+    theirs = kernel(x, float(number))
+    grid = scalar_grid(op, float(number), source)
+    assert float(grid.scale) == float(torch.tensor(theirs.q_scale(), dtype=torch.float32))
+    assert int(grid.zero_point) == theirs.q_zero_point()
+    ours = scalar_arithmetic(op, float(number), codes, source, grid, 0, 255)
+    assert torch.equal(ours, theirs.int_repr().to(torch.int64))
 
 
 def test_a_number_divided_by_a_tensor_is_refused_by_name():
@@ -126,6 +141,18 @@ def test_x_minus_a_number_is_an_add_of_its_negative_and_runs_on_onnxruntime(tmp_
     prepared = qp.prepare_qat(WithNumber("sub", 1.5, False, 4), (x,), target="onnxruntime")
     (constant,) = [n for n in prepared.graph.nodes if n.op == "constant"]
     assert constant.attrs["value"] == -1.5 and [n.op for n in prepared.graph.nodes][-1] == "add"
+    calibrate(prepared, [x])
+    integer = qp.convert(qp.freeze(prepared))
+    assert torch.equal(prepared.eval()(x), integer(x))
+    assert_runtime_gives_the_same_codes(integer, x, tmp_path)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+def test_a_number_minus_x_runs_on_onnxruntime_as_an_add_of_the_mirrored_codes(tmp_path, dtype):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5)
+    prepared = qp.prepare_qat(WithNumber("sub", 1.5, True, 4), (x,), target="onnxruntime", activation_dtype=dtype)
+    assert [n.op for n in prepared.graph.nodes][-1] == "sub"
     calibrate(prepared, [x])
     integer = qp.convert(qp.freeze(prepared))
     assert torch.equal(prepared.eval()(x), integer(x))

@@ -15,6 +15,7 @@ from torch import nn
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 import qparity as qp
+from qparity.errors import UnsupportedOpError
 from seed_case import build_seed
 from qparity.numerics.pytorch_engines import fbgemm_path
 
@@ -337,3 +338,39 @@ def test_from_torch_refuses_qnnpacks_scrambled_clamp_of_channels_last_tensors():
     converted = fx_converted_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Hardtanh(-0.5, 0.5)), "qnnpack", x)
     with pytest.raises(qp.QParityError, match="channels-last tensor returns its elements in the wrong order"):
         qp.from_torch(converted, (x,))
+
+
+class Resized(nn.Module):
+    """Bilinear resizing of a conv's output: after .contiguous() (the NCHW kernel), or channels-last as it comes."""
+
+    def __init__(self, contiguous):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.contiguous = contiguous
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = y.contiguous() if self.contiguous else y
+        return F.interpolate(y, size=(11, 9), mode="bilinear"), F.interpolate(y, scale_factor=2, mode="bilinear",
+                                                                               align_corners=True)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_from_torch_reads_bilinear_resizing_of_nchw_tensors_and_refuses_channels_last(engine):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 6, 6) * 2
+    converted = fx_converted_model(Resized(contiguous=True), engine, x)
+    im = qp.from_torch(converted, (x,))
+    for theirs, ours in zip(converted(x), im(x)):
+        assert torch.equal(theirs, ours)
+    with pytest.raises(UnsupportedOpError, match="channels-last quantized tensor"):
+        qp.from_torch(fx_converted_model(Resized(contiguous=False), engine, x), (x,))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_from_torch_reads_adaptive_average_pools_with_uneven_windows(engine):
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 7, 9) * 2
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.AdaptiveAvgPool2d((4, 5)))
+    converted = fx_converted_model(model, engine, x)
+    assert torch.equal(converted(x), qp.from_torch(converted, (x,))(x))

@@ -19,7 +19,7 @@ import qparity as qp
 from qparity.errors import UnsupportedOpError
 from qparity.numerics import TARGETS, get_target
 from qparity.ops.registry import OPERATORS
-from helpers import FILE_SUFFIXES, calibrate
+from helpers import FILE_SUFFIXES, OPTIONAL_RUNTIMES, calibrate, require_optional_runtime
 
 ENGINES = ("fbgemm", "x86", "qnnpack")
 # Random qparams and inputs per pair and run; QPARITY_MATRIX_EXAMPLES=20 explores longer.
@@ -96,6 +96,8 @@ EXAMPLES = {
     "max_pool2d": (lambda: Around(nn.MaxPool2d(2)), "op"),
     "avg_pool2d": (lambda: Around(nn.AvgPool2d(2)), "op"),
     "upsample_nearest": (lambda: Around(nn.Upsample(scale_factor=2, mode="nearest")), "op"),
+    "upsample_bilinear": (lambda: Around(Apply(lambda y: F.interpolate(y, size=(9, 5), mode="bilinear"))), "op"),
+    "amax": (lambda: Around(Apply(lambda y: torch.amax(y, (1, 3), keepdim=True))), "op"),
     "pad": (lambda: Around(nn.ZeroPad2d(1)), "op"),
     "dropout": (lambda: Around(nn.Dropout(0.25)), "op"),
     "call": (lambda: Around(Apply(lambda y: y.permute(0, 2, 3, 1))), "op"),
@@ -154,6 +156,8 @@ def test_operator_on_target_runs_exactly_or_is_refused_as_registered(tmp_path_fa
             torch.backends.quantized.engine = previous
     suffix = FILE_SUFFIXES.get(target)
     if suffix is not None and suffix.lstrip(".") in entry.formats:
+        if suffix in OPTIONAL_RUNTIMES:
+            require_optional_runtime(*OPTIONAL_RUNTIMES[suffix])
         qp.export(integer, directory / f"model{suffix}")
         report = qp.verify(integer, directory / f"model{suffix}", test)
         assert report.ok and report.mismatched == 0, str(report)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .errors import CaptureError, UnsupportedOpError
 from .graph import CODE_PRESERVING_FUNCTIONS, CODE_PRESERVING_METHODS, Graph, Node, Ref, collect_refs
 from .numerics.accumulate import ConvGeometry
-from .numerics.pooling import adaptive_as_pooling
+from .numerics.pooling import adaptive_as_pooling, adaptive_average_attrs
 from .ops.conv1d import Conv1dAs2d, as_conv2d_arguments
 from .ops.conv_transpose2d import ConvTransposeAsConv
 from .ops.registry import CLAMP_FUSING_OPS, LAYER_OPS, OPERATORS
@@ -315,9 +315,14 @@ class _Builder:
             pad, mode, value = self.static(_bind(args[1:], kwargs, ("pad", "mode", "value"), (None, "constant", None)))
             self.emit_pad(node, args[0], pad, mode, value)
         elif fn is F.interpolate:
-            size, scale, mode, align = self.static(_bind(args[1:], kwargs, ("size", "scale_factor", "mode",
-                                                                            "align_corners"), (None, None, "nearest", None)))
+            size, scale, mode, align, _, antialias = self.static(_bind(
+                args[1:], kwargs, ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias"),
+                (None, None, "nearest", None, None, False)))
+            if antialias:
+                raise self.unsupported(node, "antialias=True (no runtime's integer resize filters first)")
             self.emit_upsample(node, args[0], size, scale, mode, align)
+        elif fn is torch.amax:
+            self.emit_amax(node, args[0], args[1:], kwargs)
         elif fn is F.adaptive_max_pool2d:
             size, indices = self.static(_bind(args[1:], kwargs, ("output_size", "return_indices"), (None, False)))
             if indices:
@@ -391,6 +396,8 @@ class _Builder:
             self.emit_mean(node, args[0], args[1:], kwargs)
         elif name in ("sigmoid", "tanh"):
             self.emit(node, name, [self.ref(args[0])], attrs={})
+        elif name == "amax":
+            self.emit_amax(node, args[0], args[1:], kwargs)
         elif name == "mul" and isinstance(self.values.get(node.name), torch.Tensor):
             self.emit_mul(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
         elif (name in ("div", "true_divide") and not kwargs.get("rounding_mode")
@@ -536,7 +543,9 @@ class _Builder:
         except RuntimeError:
             raise self.unsupported(node, f"{op} of shapes {tuple(shape_a)} and {tuple(shape_b)}, which do not "
                                          "broadcast") from None
-        attrs = {"broadcast": True} if shape_a != shape_b else {}
+        # A number's [1, ..., 1] tensor is no broadcast: PyTorch's engines take it as a scalar (add_scalar).
+        constant = isinstance(a, Ref) or isinstance(b, Ref)
+        attrs = {"broadcast": True} if shape_a != shape_b and not constant else {}
         self.emit(node, op, [self.ref(a), self.ref(b)], attrs=attrs)
 
     def emit_mul(self, node, a, b) -> None:
@@ -574,11 +583,15 @@ class _Builder:
         self.emit(node, "pad", [self.ref(x)], attrs={"pad": pad})
 
     def emit_upsample(self, node, x, size, scale_factor, mode, align_corners) -> None:
-        """Nearest upsampling of an NCHW tensor by integer factors (ops/upsample.py)."""
-        if mode != "nearest":
-            raise self.unsupported(node, f"interpolation mode {mode!r} (only 'nearest' by integer factors)")
+        """Nearest upsampling of an NCHW tensor by integer factors, or bilinear resizing to any size (ops/upsample.py)."""
+        if mode not in ("nearest", "bilinear"):
+            raise self.unsupported(node, f"interpolation mode {mode!r} (only 'nearest' by integer factors and "
+                                         "'bilinear')")
         input_hw = self.spatial(x)
         output_hw = tuple(self.values[node.name].shape[-2:])
+        if mode == "bilinear":
+            self.emit_bilinear(node, x, scale_factor, input_hw, output_hw, bool(align_corners))
+            return
         if self.values[x.name].dim() != 4 or any(o % i for i, o in zip(input_hw, output_hw)):
             raise self.unsupported(node, f"upsampling {tuple(input_hw)} to {output_hw}: only 4-D inputs and integer "
                                          "factors copy codes exactly in every runtime")
@@ -587,6 +600,28 @@ class _Builder:
             raise self.unsupported(node, f"upsampling {tuple(input_hw)} by {factors}: the runtimes' float32 index "
                                          "rule does not give y // k for every output row or column")
         self.emit(node, "upsample_nearest", [self.ref(x)], attrs={"scale_factor": factors})
+
+    def emit_amax(self, node, x, args, kwargs) -> None:
+        """The maximum over dimensions other than the batch (an exported file runs any batch size), same grid."""
+        dim, keepdim = self.static(_bind(args, kwargs, ("dim", "keepdim"), ((), False)))
+        rank = self.values[x.name].dim()
+        dims = (dim,) if isinstance(dim, int) else tuple(dim)
+        dims = tuple(sorted({d % rank for d in dims})) if dims else tuple(range(rank))
+        if 0 in dims:
+            raise self.unsupported(node, f"amax over dims {dims}, which include the batch dimension 0")
+        self.emit(node, "amax", [self.ref(x)], attrs={"dim": dims, "keepdim": bool(keepdim)})
+
+    def emit_bilinear(self, node, x, scale_factor, input_hw, output_hw, align_corners) -> None:
+        """Bilinear resizing to the output size: the runtimes take sizes, and PyTorch's own position rule uses
+        1 / scale_factor where one is given, which equals in / out in float32 only for integer factors."""
+        if self.values[x.name].dim() != 4:
+            raise self.unsupported(node, "bilinear interpolation of a tensor that is not 4-D (N, C, H, W)")
+        factors = scale_factor if isinstance(scale_factor, (tuple, list)) else (scale_factor, scale_factor)
+        if scale_factor is not None and not all(float(f).is_integer() for f in factors):
+            raise self.unsupported(node, f"bilinear interpolation by scale_factor={scale_factor} (not an integer): "
+                                         f"pass size={output_hw} instead")
+        self.emit(node, "upsample_bilinear", [self.ref(x)],
+                  attrs={"size": output_hw, "align_corners": align_corners})
 
     def emit_adaptive_max(self, node, x, output_size) -> None:
         """AdaptiveMaxPool2d to a size that divides the input: a max pool with uniform windows."""
@@ -623,7 +658,7 @@ class _Builder:
         self.emit(node, "avg_pool2d", [self.ref(x)], attrs=attrs)
 
     def emit_adaptive(self, node, x, output_size) -> None:
-        attrs = adaptive_as_pooling(self.spatial(x), output_size, _where(node))
+        attrs = adaptive_average_attrs(self.spatial(x), output_size, _where(node))
         attrs["adaptive_output_size"] = list(_pair(output_size)) if output_size is not None else None
         self.emit(node, "avg_pool2d", [self.ref(x)], attrs=attrs)
 
@@ -632,7 +667,7 @@ class _Builder:
         where = _where(node)
         length = self.values[x.name].shape[-1]
         size = output_size[0] if isinstance(output_size, (tuple, list)) else output_size
-        attrs = adaptive_as_pooling((1, length), (1, size), where)
+        attrs = adaptive_average_attrs((1, length), (1, size), where)
         attrs["adaptive_output_size"] = [1, size]
         widened = Node(node.name + "_as_2d", "call", (self.ref(x), -2), {}, {"fn": "method:unsqueeze"}, where)
         pooled = Node(node.name + "_pool", "avg_pool2d", (Ref(widened.name),), {}, attrs, where)

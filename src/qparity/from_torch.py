@@ -120,6 +120,20 @@ class _ConvertedBuilder(_Builder):
             raise self.unsupported(node, "quantized mean is not emulated; use AdaptiveAvgPool2d")
         return super().add(node)
 
+    def constant_operand(self, node, a, b):
+        if isinstance(a, (int, float)) or isinstance(b, (int, float)):
+            raise self.unsupported(node, "a Python number in a converted model (quantized add_scalar / mul_scalar) "
+                                         "is not read yet; prepare the float model with qparity instead")
+        return a, b
+
+    def emit_bilinear(self, node, x, *args) -> None:
+        if not self.values[x.name].is_contiguous():
+            raise self.unsupported(node, "bilinear interpolation of a channels-last quantized tensor (a conv's "
+                                         "output): PyTorch runs it with qupsample_bilinear2d_nhwc_kernel "
+                                         "(QuantizedOpKernels.cpp), whose float32 rounding qparity does not emulate; "
+                                         "call .contiguous() before F.interpolate, which runs the NCHW kernel")
+        super().emit_bilinear(node, x, *args)
+
     def emit_input(self, node: fx.Node) -> None:
         source = node.args[0]
         if not (isinstance(source, fx.Node) and source.op == "placeholder"):

@@ -249,6 +249,8 @@ def _average_params(model: IntegerModel, node: Node, x: QValue) -> dict:
     """The window (an adaptive pool's, resolved for this input size) and the grid input and output share."""
     input_hw = tuple(x.codes.shape[-2:])
     attrs = pooling.window_attrs(node.attrs, input_hw, node.path)
+    if "uneven_output_size" in attrs:  # windows [floor(o in / out), ceil((o + 1) in / out)) on each axis
+        return {"adaptive_output_size": list(attrs["uneven_output_size"]), "qparams": x.qparams.to_dict()}
     params = {key: _plain(attrs[key]) for key in ("kernel_size", "stride", "padding", "ceil_mode",
                                                   "count_include_pad")}
     params["qparams"] = x.qparams.to_dict()

@@ -185,6 +185,14 @@ class TorchQuantizedModel(nn.Module):
             return _clamp_after(node, self.layers[node.name](args[0]))
         if node.op == "conv_transpose2d":  # torch.ao has no fused transposed conv: every clamp runs after it
             return _clamp_after(node, self.layers[node.name](args[0]), fused=False)
+        if node.op == "constant":  # the number itself: the engines take it through add_scalar / mul_scalar
+            return float(node.attrs["value"])
+        if node.op in ("add", "mul") and any(isinstance(a, float) for a in args):
+            x, value = (args[1], args[0]) if isinstance(args[0], float) else args
+            if node.op == "mul":
+                return torch.ops.quantized.mul_scalar(x, value)
+            op = torch.ops.quantized.add_scalar_relu if _fuses_relu(node) else torch.ops.quantized.add_scalar
+            return _clamp_after(node, op(x, value))
         if node.op == "add":
             qp = self.qparams[node.name]
             op = torch.ops.quantized.add_relu if _fuses_relu(node) else torch.ops.quantized.add
@@ -193,6 +201,14 @@ class TorchQuantizedModel(nn.Module):
             return F.pad(args[0], tuple(node.attrs["pad"]))  # quantized constant_pad_nd pads with the zero point
         if node.op == "upsample_nearest":
             return F.interpolate(args[0], scale_factor=tuple(node.attrs["scale_factor"]), mode="nearest")
+        if node.op == "amax":  # torch.amax has no quantized kernel; quantized max over a dim keeps the grid
+            value = args[0]
+            for dim in sorted(node.attrs["dim"], reverse=True):  # the highest first: lower dims keep their index
+                value = torch.max(value, dim, keepdim=node.attrs["keepdim"]).values
+            return value
+        if node.op == "upsample_bilinear":  # the NCHW kernel, the one qparity emulates (numerics/resampling.py)
+            return F.interpolate(args[0].contiguous(), size=tuple(node.attrs["size"]), mode="bilinear",
+                                 align_corners=node.attrs["align_corners"])
         if node.op == "sigmoid":
             return torch.sigmoid(args[0])  # quantized sigmoid: PyTorch's fixed grid (1/256, 0), as the model's
         if node.op == "tanh":

@@ -8,11 +8,13 @@ Each operator of the integer program becomes the ONNX Runtime kernel whose arith
     linear         com.microsoft QGemm (transB=1, per-column b_scale, int32 bias as C); inputs of rank > 2
                    are reshaped to [-1, K] and back
     add            com.microsoft QLinearAdd
+    sub            BitwiseNot of the second operand's codes (its negation on the mirrored grid), QLinearAdd
     mul            com.microsoft QLinearMul (numpy broadcasting)
     cat            com.microsoft QLinearConcat
     sigmoid        com.microsoft QLinearSigmoid
     leaky_relu     com.microsoft QLinearLeakyRelu (alpha as float32)
     max_pool2d     MaxPool on the codes
+    amax           ReduceMax on the codes
     upsample       Resize (nearest, asymmetric, floor) on the codes
     pad            Pad (constant) with the zero point's code
     avg_pool2d     com.microsoft QLinearAveragePool, or QLinearGlobalAveragePool where the window covers the
@@ -38,6 +40,7 @@ from ..errors import ExportError, ModelFileError
 from ..graph import CALLS, Graph, Node, Ref, fused_clamp_bounds, leaves, resolve
 from ..numerics import pooling
 from ..numerics.accumulate import ConvGeometry
+from ..numerics.onnxruntime import negated
 from ..ops import constant
 from ..ops.pad import padding_per_dimension
 from ..qparams import TORCH_DTYPES, QParams
@@ -244,6 +247,17 @@ class _OnnxBuilder:
                       f"{node.name}.add", domain=MICROSOFT)
         return self.clip(y, node, fused_clamp_bounds(self.model.target, node, out_qp), out_qp)
 
+    def op_sub(self, node: Node, a: str, b: str) -> str:
+        """a - b as QLinearAdd of a and b's codes mirrored (BitwiseNot) on the mirrored grid: ONNX has no
+        quantized Sub (numerics/onnxruntime.py subtract)."""
+        out_qp = self.model.qparams[node.name]
+        first, second = node.refs()
+        _, negated_grid = negated(torch.zeros(()), self.model.grids[second])
+        mirrored = self.emit("BitwiseNot", [b], f"{node.name}.negated")
+        return self.emit("QLinearAdd", [a, *self.grid(self.model.grids[first], first), mirrored,
+                                        *self.grid(negated_grid, f"{node.name}.negated"), *self.grid(out_qp, node.name)],
+                         node.name, domain=MICROSOFT)
+
     def op_mul(self, node: Node, a: str, b: str) -> str:
         out_qp = self.model.qparams[node.name]
         first, second = node.refs()
@@ -287,6 +301,11 @@ class _OnnxBuilder:
         scales = self.constant(f"{node.name}.scales", np.asarray([1, 1, *node.attrs["scale_factor"]], np.float32))
         return self.emit("Resize", [x, "", scales], node.name, mode="nearest",
                          coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+
+    def op_amax(self, node: Node, x: str) -> str:
+        """ReduceMax on the codes (axes as an input since opset 18)."""
+        axes = self.constant(f"{node.name}.axes", np.asarray(node.attrs["dim"], np.int64))
+        return self.emit("ReduceMax", [x, axes], node.name, keepdims=int(node.attrs["keepdim"]))
 
     def op_max_pool2d(self, node: Node, x: str) -> str:
         a = node.attrs

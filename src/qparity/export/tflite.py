@@ -627,6 +627,30 @@ class _Exporter(Executor):
                          self.fb.options("ResizeNearestNeighborOptions", alignCorners=False, halfPixelCenters=False))
         return TFLiteTensor(out, shape, x.grid, NHWC)
 
+    def op_upsample_bilinear(self, node: Node, x: TFLiteTensor):
+        """RESIZE_BILINEAR on the NHWC codes: PyTorch's align_corners=False is TFLite's half_pixel_centers."""
+        x = self.in_layout(x, NHWC)
+        align = node.attrs["align_corners"]
+        shape = (x.shape[0], x.shape[1], *node.attrs["size"])
+        size = self.fb.constant(f"{node.name}_size", np.asarray(node.attrs["size"]), "int32")
+        out = self.activation(node.name, [shape[p] for p in NHWC], x.grid)
+        self.fb.operator("RESIZE_BILINEAR", [x.index, size], [out],
+                         self.fb.options("ResizeBilinearOptions", alignCorners=align, halfPixelCenters=not align))
+        return TFLiteTensor(out, shape, x.grid, NHWC)
+
+    def op_amax(self, node: Node, x: TFLiteTensor):
+        """REDUCE_MAX over the stored axes of the reduced dims; the kept dims stay in their stored order."""
+        dims, keepdim = tuple(node.attrs["dim"]), node.attrs["keepdim"]
+        axes = self.fb.constant(f"{node.name}_axes", np.asarray([x.perm.index(d) for d in dims]), "int32")
+        if keepdim:
+            shape, perm = tuple(1 if d in dims else n for d, n in enumerate(x.shape)), x.perm
+        else:
+            shape = tuple(n for d, n in enumerate(x.shape) if d not in dims)
+            perm = tuple(p - sum(d < p for d in dims) for p in x.perm if p not in dims)
+        out = self.activation(node.name, [shape[p] for p in perm], x.grid)
+        self.fb.operator("REDUCE_MAX", [x.index, axes], [out], self.fb.options("ReducerOptions", keepDims=keepdim))
+        return TFLiteTensor(out, shape, x.grid, perm)
+
     def op_clamp(self, node: Node, x: TFLiteTensor):
         bounds = self.target.activation_bounds(node.attrs.get("min"), node.attrs.get("max"), x.grid)
         return self.clamp(x, None if bounds == (x.grid.qmin, x.grid.qmax) else bounds, node.name)

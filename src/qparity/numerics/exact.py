@@ -8,6 +8,7 @@ Every result is round-half-even of an exact rational, then clamped:
 - mul:         q = clamp(z_y + rhe((q_a - z_a) * (q_b - z_b) * s_a * s_b / s_y))
 - rescale:     q = clamp(z_y + rhe((q - z) * s / s_y))
 - average:     q = z + rhe(sum(q - z) / count)
+- bilinear:    q = z + rhe(sum of w (q - z)), w PyTorch's interpolation weights as exact rationals
 - hardswish:   q = clamp(z_y + rhe(h(x) / s_y)), x = (q - z) * s, h(x) = x * clamp(x + 3, 0, 6) / 6 (rational in x)
 - sigmoid, tanh, hardsigmoid, leaky_relu, gelu, elu: q = clamp(z_y + rhe(g(x) / s_y)), correctly rounded
   (numerics/activations.py: Fractions for the rational ones, mpmath with a proven margin otherwise)
@@ -21,6 +22,7 @@ from fractions import Fraction
 import torch
 
 from ..qparams import QParams
+from . import resampling
 from .activations import exact_table
 from .prelu import exact_prelu
 from .arithmetic import ExactRatio, round_half_even_div, round_half_even_exact
@@ -31,6 +33,7 @@ class ExactTarget(Target):
     name = "exact"
     summary = "round half to even of the exact rational value; no float error"
     activation_dtypes = ("int8", "uint8")
+    uneven_adaptive_pool = True
 
     def quantize_unclamped(self, x: torch.Tensor, qp: QParams) -> torch.Tensor:
         # x / s in float64 for float32 x and s decides rounding exactly: the exact quotient of two 24-bit
@@ -75,6 +78,9 @@ class ExactTarget(Target):
         zy = int(out.zero_point)
         ratio = ExactRatio.of_scales([source.scale], [out.scale])
         return zy + round_half_even_exact([(q - int(source.zero_point), ratio)], out.qmin - zy, out.qmax - zy)
+
+    def bilinear(self, codes, qp, out_hw, align_corners):
+        return resampling.exact_bilinear(codes, int(qp.zero_point), out_hw, align_corners)
 
     def average(self, sums, counts, qp):
         return int(qp.zero_point) + round_half_even_div(sums, counts)

@@ -143,6 +143,12 @@ class OnnxRuntimeTarget(Target):
             return self._add_spans(qb, b, qa, a, out, lo, hi)
         return self._add_spans(qa, a, qb, b, out, lo, hi)
 
+    def subtract(self, qa, a, qb, b, out, lo, hi):
+        # ONNX has no quantized Sub: the file mirrors b's codes (BitwiseNot: q_max + q_min - q) onto the mirrored
+        # grid, which holds -b exactly, and adds them (QLinearAdd).
+        mirrored, grid = negated(qb, b)
+        return self.add(qa, a, mirrored, grid, out, lo, hi)
+
     def _add_spans(self, qa, a, qb, b, out, lo, hi):
         ratio_a, ratio_b, offset = add_parameters(a, b, out)
         inner = fma_f32(qb.to(torch.float32), ratio_b, offset)
@@ -184,3 +190,8 @@ class OnnxRuntimeTarget(Target):
         mean = total / counts
         value = torch.round(mean / qp.scale.to(codes.device) + qp.zero_point.to(torch.float32).to(codes.device))
         return torch.clamp(value.to(torch.int64), qp.qmin, qp.qmax)
+
+
+def negated(q: torch.Tensor, qp: QParams):
+    """-x exactly, as codes and grid: q_max + q_min - q (BitwiseNot of uint8 or int8 codes) on (s, q_max + q_min - z)."""
+    return qp.qmax + qp.qmin - q, QParams(qp.scale, qp.qmax + qp.qmin - int(qp.zero_point), qp.dtype)

@@ -30,6 +30,8 @@ def average_sums(centered: torch.Tensor, attrs: dict, max_abs: int) -> torch.Ten
 
 def window_sums_and_counts(codes: torch.Tensor, zero_point, attrs: dict):
     """(window sums of the centered codes q - z, exact; PyTorch's divisor at each output position)."""
+    if "uneven_output_size" in attrs:
+        return uneven_sums_and_counts(codes - zero_point, attrs["uneven_output_size"])
     sums = average_sums(codes - zero_point, attrs, 255)
     return sums, average_counts(tuple(codes.shape[-2:]), tuple(sums.shape[-2:]), attrs, codes.device)
 
@@ -54,16 +56,48 @@ def _axis_counts(size, out, kernel, stride, pad, include_pad, device):
     return torch.clamp(end, max=size) - torch.clamp(start, min=0)
 
 
+def _adaptive_windows(size: int, out: int, device=None):
+    """PyTorch's adaptive pooling windows along one axis (aten/src/ATen/native/AdaptivePooling.h start_index /
+    end_index): [floor(o * in / out), ceil((o + 1) * in / out)), as an [out, in] 0/1 membership matrix."""
+    o = torch.arange(out, device=device, dtype=torch.int64)
+    start, end = (o * size) // out, -((-(o + 1) * size) // out)
+    i = torch.arange(size, device=device, dtype=torch.int64)
+    return ((i >= start[:, None]) & (i < end[:, None])), end - start
+
+
+def uneven_sums_and_counts(centered: torch.Tensor, out_hw: Pair):
+    """Window sums and sizes of an adaptive average pool whose output size does not divide the input: the
+    windows of PyTorch's rule, as products with membership matrices (exact: |sums| < 2^24 in float32)."""
+    rows, heights = _adaptive_windows(centered.shape[-2], out_hw[0], centered.device)
+    columns, widths = _adaptive_windows(centered.shape[-1], out_hw[1], centered.device)
+    dtype = centered.dtype if centered.is_floating_point() else torch.float64
+    sums = rows.to(dtype) @ centered.to(dtype) @ columns.to(dtype).T
+    return sums, (heights[:, None] * widths[None, :]).reshape(1, 1, *out_hw)
+
+
+def adaptive_output_size(input_hw: Pair, output_size) -> Pair:
+    out = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    return tuple(i if o is None else o for i, o in zip(input_hw, out))
+
+
+def adaptive_average_attrs(input_hw: Pair, output_size, where: str) -> dict:
+    """An adaptive average pool's windows: an average pool where the output size divides the input, else
+    PyTorch's windows of differing sizes ("uneven_output_size"), which only some runtimes have a kernel for."""
+    out = adaptive_output_size(input_hw, output_size)
+    if any(i % o for i, o in zip(input_hw, out)):
+        return {"uneven_output_size": out}
+    return adaptive_as_pooling(input_hw, out, where)
+
+
 def adaptive_as_pooling(input_hw: Pair, output_size, where: str) -> dict:
-    """AdaptiveAvgPool2d as an average pool with uniform windows (its only exactly deployable form)."""
+    """An adaptive pool as a pool with uniform windows (its only form some runtimes can run)."""
     from ..errors import UnsupportedOpError
 
-    out = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    out = tuple(i if o is None else o for i, o in zip(input_hw, out))
+    out = adaptive_output_size(input_hw, output_size)
     if any(i % o for i, o in zip(input_hw, out)):
         raise UnsupportedOpError(
-            f"adaptive_avg_pool2d at {where}: output size {out} does not divide the input size {tuple(input_hw)}, "
-            "so its windows are not uniform; use an output size that divides the input or an AvgPool2d")
+            f"adaptive_max_pool2d at {where}: output size {out} does not divide the input size {tuple(input_hw)}, "
+            "so its windows are not uniform; use an output size that divides the input or a MaxPool2d")
     kernel = tuple(i // o for i, o in zip(input_hw, out))
     return {"kernel_size": kernel, "stride": kernel, "padding": (0, 0), "ceil_mode": False,
             "count_include_pad": True}
@@ -99,4 +133,4 @@ def window_attrs(attrs: dict, input_hw: Pair, where: str) -> dict:
     size = attrs.get("adaptive_output_size")
     if size is None:
         return attrs
-    return adaptive_as_pooling(input_hw, size, where)
+    return adaptive_average_attrs(input_hw, size, where)

@@ -77,7 +77,7 @@ from functools import cached_property
 import torch
 
 from ..errors import TargetSettingError, UnsupportedOpError
-from . import pooling
+from . import pooling, resampling
 from ..qparams import QParams
 from .arithmetic import fma_f32, rounding_divide_by_pot
 from .prelu import engine_prelu
@@ -170,6 +170,7 @@ class PyTorchEngineTarget(Target):
     """What every PyTorch engine shares; subclasses name the conv, linear and add rules they use."""
 
     activation_dtypes = ("uint8",)
+    uneven_adaptive_pool = True  # quantized adaptive_avg_pool2d (AdaptiveAveragePooling.cpp)
     float_bias = True
     conv_rule = "fbgemm"
     # ConvTranspose2d: the conv rule on the exact accumulator (measured on torch 2.13 and 2.14,
@@ -345,10 +346,25 @@ class PyTorchEngineTarget(Target):
                              dim=1)
         return super().concatenate(codes, grids, out, dim)
 
+    def bilinear(self, codes, qp, out_hw, align_corners):
+        # to_torch calls upsample on an NCHW tensor (.contiguous()), the kernel emulated; the result is NCHW too.
+        value = resampling.pytorch_bilinear(codes.contiguous(), int(qp.zero_point), out_hw, align_corners)
+        codes = self.kernels.quantize_scalar_loop(value, torch.ones(()), float(qp.zero_point))  # quantize_val
+        return torch.clamp(codes, qp.qmin, qp.qmax).to(torch.int64).contiguous()
+
+    def scalar_grid(self, op, value, source):
+        return scalar_grid(op, value, source)
+
+    def scalar_arithmetic(self, op, value, q, source, out, lo, hi):
+        return scalar_arithmetic(op, value, q, source, out, lo, hi)
+
     def average_pool(self, codes, qp, attrs):
         sums, counts = pooling.window_sums_and_counts(codes, qp.zero_point.to(codes.device), attrs)
         sums = sums.to(torch.float32)  # exact: |sum| < 2^24
-        if self.pool_rule == "qnnpack" and (attrs.get("adaptive") or not attrs.get("ceil_mode")):
+        # qnnpack's adaptive_avg_pool2d runs QNNPACK only for output sizes that divide the input, else the
+        # generic kernels, as fbgemm (AdaptiveAveragePooling.cpp enable_qnnpack_for_ada_avgpool; measured).
+        uneven = "uneven_output_size" in attrs
+        if self.pool_rule == "qnnpack" and not uneven and (attrs.get("adaptive") or not attrs.get("ceil_mode")):
             if not attrs.get("adaptive"):
                 # AveragePool2d.cpp avg_pool2d_quantized_cpu: quint8 without ceil_mode runs QNNPACK
                 # (qnnpack/src/average-pooling.c): padding reads the input zero point and the divisor is always
@@ -635,3 +651,55 @@ class QnnpackTarget(PyTorchEngineTarget):
     linear_rule = "qnnpack"
     add_rule = "qnnpack"
     pool_rule = "qnnpack"
+
+
+# -- a tensor and a Python number: quantized::add_scalar / mul_scalar ------------------------------------------
+def _add_scalar_shift(value: float, source: QParams) -> int:
+    """c_q = nearbyint(c / s) in double (BinaryOps.cpp _add_scalar_out): the number in codes of x's grid."""
+    return round(value / float(source.scale))  # Python's round of a float is half to even, as nearbyint
+
+
+def scalar_grid(op: str, value: float, source: QParams) -> QParams:
+    """The output grid BinaryOps.cpp gives x + c (_add_scalar_out) or x * c (_mul_scalar_out), in double; the
+    engine's kernels then read its scale as float32, as QParams holds it.
+
+    add: z' = z - c_q with the same scale while that is a code; else the zero point at the range end the shift
+    left and the scale widened to keep the range: s' = (q_max - (z - c_q)) / (q_max - q_min) s (or
+    ((z - c_q) - q_min) / (q_max - q_min) s). mul: (c s, z) for c > 0, (1, 0) for c = 0, (|c| s, q_max + q_min - z)
+    for c < 0."""
+    s, z, qmin, qmax = float(source.scale), int(source.zero_point), source.qmin, source.qmax
+    if op == "mul":
+        if value > 0:
+            return QParams(value * s, z, source.dtype)
+        if value == 0:
+            return QParams(1.0, 0, source.dtype)
+        return QParams(abs(value) * s, qmax - (z - qmin), source.dtype)
+    shifted = z - _add_scalar_shift(value, source)
+    if qmin > shifted:
+        return QParams((float(qmax) - shifted) / (float(qmax) - qmin) * s, qmin, source.dtype)
+    if qmax < shifted:
+        return QParams((float(shifted) - qmin) / (float(qmax) - qmin) * s, qmax, source.dtype)
+    return QParams(s, shifted, source.dtype)
+
+
+def scalar_arithmetic(op: str, value: float, q: torch.Tensor, source: QParams, out: QParams,
+                      lo: int, hi: int) -> torch.Tensor:
+    """The codes of x + c / x * c on `scalar_grid`'s grid. mul and an in-range add copy or mirror the codes;
+    an add whose zero point left the range requantizes q - z + c_q with qadd_scalar_kernel's float32 multiplier
+    f(s * f(1 / s')) (QuantizedOpKernels.cpp, requantize_from_int: z' + lrintf(acc * multiplier))."""
+    if op == "mul":
+        if value > 0:
+            codes = q
+        elif value == 0:
+            codes = torch.zeros_like(q)
+        else:
+            codes = source.qmax + source.qmin - q
+    else:
+        shift = _add_scalar_shift(value, source)
+        if out.scale == source.scale and int(out.zero_point) == int(source.zero_point) - shift:
+            codes = q
+        else:
+            multiplier = source.scale * (torch.ones(()) / out.scale)
+            acc = (q - int(source.zero_point) + shift).to(torch.float32)
+            codes = torch.round(acc * multiplier) + int(out.zero_point)
+    return torch.clamp(codes, lo, hi).to(torch.int64)

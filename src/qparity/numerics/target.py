@@ -49,6 +49,9 @@ class Target:
     # The file whose runtime computes this target's integers (".tflite", ".onnx"), or None where qparity has no
     # exporter for it; export() and verify() choose by it instead of by target name.
     file_format: str | None = None
+    # Whether the runtime has a kernel for adaptive average pools whose output size does not divide the input
+    # (windows of differing sizes, PyTorch's start/end rule): PyTorch's engines do, LiteRT and ONNX Runtime do not.
+    uneven_adaptive_pool: bool = False
     # Whether the runtime's transposed conv takes per-output-channel weight scales (PyTorch's engines: no).
     per_channel_transposed_conv: bool = True
 
@@ -115,6 +118,17 @@ class Target:
                  lo: int, hi: int) -> torch.Tensor:
         """Elementwise difference a - b of two quantized tensors (broadcasting), onto the output grid."""
         raise UnsupportedOpError(f"sub is not emulated for target {self.name!r}")
+
+    def scalar_grid(self, op: str, value: float, source: QParams) -> QParams | None:
+        """The output grid of `x + c` ("add") or `x * c` ("mul") with a Python number c, where the runtime
+        derives it from x's grid (PyTorch's add_scalar / mul_scalar); None where the runtime takes the number
+        as a constant tensor on a grid of its own (operator constant) and the output grid is observed."""
+        return None
+
+    def scalar_arithmetic(self, op: str, value: float, q: torch.Tensor, source: QParams, out: QParams,
+                          lo: int, hi: int) -> torch.Tensor:
+        """The codes of `x + c` / `x * c` on the grid `scalar_grid` gave."""
+        raise UnsupportedOpError(f"{op} with a number is not emulated for target {self.name!r}")
 
     def check_broadcast(self, op: str) -> None:
         """Raise UnsupportedOpError when the target's kernel for `op` cannot take operands of different shapes."""
@@ -200,6 +214,10 @@ class Target:
     def concatenate(self, codes: List[torch.Tensor], grids: List[QParams], out: QParams, dim: int) -> torch.Tensor:
         """Concatenation onto the output grid: each input rescaled on its own (a target may look at all)."""
         return torch.cat([self.rescale(q, grid, out) for q, grid in zip(codes, grids)], dim=dim)
+
+    def bilinear(self, codes: torch.Tensor, qp: QParams, out_hw: Tuple[int, int], align_corners: bool) -> torch.Tensor:
+        """Bilinear resizing of NCHW codes to out_hw on their own grid (numerics/resampling.py)."""
+        raise UnsupportedOpError(f"upsample_bilinear is not emulated for target {self.name!r}")
 
     def average_pool(self, codes: torch.Tensor, qp: QParams, attrs: dict) -> torch.Tensor:
         """2-D average pooling on one grid (input and output share qparams), PyTorch's windows and divisors."""

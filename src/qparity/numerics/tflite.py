@@ -27,6 +27,7 @@ import torch
 from ..errors import UnsupportedOpError
 from ..qparams import QParams
 from .arithmetic import multiply_by_quantized_multiplier, quantize_multiplier, round_half_away, truncating_div
+from . import resampling
 from .prelu import tflite_prelu
 from .litert_activations import LiteRTActivations, tflite_leaky_relu_table, tflite_table
 from .target import Target, channel_view, grid_views
@@ -145,6 +146,9 @@ class TFLiteTarget(LiteRTActivations, Target):
         m0, shift = rescale_multiplier(source, out)
         scaled = multiply_by_quantized_multiplier(q - int(source.zero_point), m0, shift)
         return scaled.add_(int(out.zero_point)).clamp_(out.qmin, out.qmax)
+
+    def bilinear(self, codes, qp, out_hw, align_corners):
+        return resampling.tflite_bilinear(codes, out_hw, align_corners)
 
     def average(self, sums, counts, qp):
         raw = sums + int(qp.zero_point) * counts

@@ -35,6 +35,7 @@ import torch
 
 from ..errors import UnsupportedOpError
 from .arithmetic import float32_requantizer, quantize_multiplier, saturating_rounding_doubling_high_mul
+from . import resampling
 from .prelu import tflite_prelu
 from .litert_activations import LiteRTActivations, xnnpack_leaky_relu_table, xnnpack_table
 from .target import Target, channel_view, grid_views
@@ -148,6 +149,9 @@ class XnnpackTarget(LiteRTActivations, Target):
         else:
             scaled = _optimized_requantize(centered, source.scale.to(torch.float64) / out.scale.to(torch.float64))
         return scaled.add_(int(out.zero_point)).clamp_(out.qmin, out.qmax)
+
+    def bilinear(self, codes, qp, out_hw, align_corners):
+        return resampling.xnnpack_bilinear(codes, out_hw, align_corners)
 
     # int8 AVERAGE_POOL_2D is not delegated; TFLite's optimized kernel rounds as the reference one does.
     average = TFLiteTarget.average

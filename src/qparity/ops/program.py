@@ -21,14 +21,14 @@ import torch
 from ..errors import UnsupportedOpError
 from ..graph import Executor, Node, QValue, fused_clamp_bounds
 from ..qparams import QParams
-from . import activation, add, avg_pool, call, cat, clamp, constant, dropout, hardswish, input as input_op, layer, max_pool, mul, pad, prelu, sub, upsample
+from . import activation, add, amax, avg_pool, call, cat, clamp, constant, dropout, hardswish, input as input_op, layer, max_pool, mul, pad, prelu, sub, upsample
 from .lookup import CodeTable, PairTable
 from .surrogates import clamp as clamp_surrogate, quantized_output
 
 IMPLEMENTATIONS = {
     "input": input_op, "conv2d": layer, "conv_transpose2d": layer, "linear": layer, "add": add, "cat": cat, "hardswish": hardswish,
     "clamp": clamp, "max_pool2d": max_pool, "avg_pool2d": avg_pool, "dropout": dropout, "call": call,
-    "mul": mul, "sub": sub, "pad": pad, "upsample_nearest": upsample, "sigmoid": activation, "tanh": activation, "hardsigmoid": activation, "leaky_relu": activation,
+    "mul": mul, "sub": sub, "pad": pad, "upsample_nearest": upsample, "upsample_bilinear": upsample, "amax": amax, "sigmoid": activation, "tanh": activation, "hardsigmoid": activation, "leaky_relu": activation,
     "gelu": activation, "elu": activation, "prelu": prelu, "constant": constant,
 }
 
@@ -55,20 +55,21 @@ class ProgramExecutor(Executor):
 
     # -- what operator modules call -------------------------------------------------------------------------
     def new_grid(self, node: Node, inputs: List[QValue], real: Optional[Callable[[], torch.Tensor]],
-                 codes: CodeFunction, table: Optional[str] = None) -> QValue:
+                 codes: CodeFunction, table: Optional[str] = None, grid: Optional[QParams] = None) -> QValue:
         """An operator whose output gets its own grid.
 
         real: the float surrogate of the dequantized inputs (fake mode only; the observer watches it, and the
         gradient flows through it). codes: the integer kernel, the same call in both modes. table: "code" or
         "pair" where the target declares the result a function of the input code(s) only; the integer mode
-        then tabulates `codes` once per node.
+        then tabulates `codes` once per node. grid: the output grid where the target derives it from the inputs'
+        (PyTorch's add_scalar); the observer then holds it instead of watching.
         """
         value = None
         if self.fake:
             value = clamp_surrogate(real(), *(node.attrs.get("clamp") or (None, None)))
-            qp = self.mode.observe(node, value)
+            qp = self.mode.observe(node, value) if grid is None else self.mode.impose(node, grid)
         else:
-            qp = self.mode.qparams[node.name]
+            qp = self.mode.qparams[node.name] if grid is None else grid
         lo, hi = fused_clamp_bounds(self.target, node, qp)
         detached = [QValue(v.codes.detach().to(torch.int64), v.qparams) for v in inputs]
         if table is not None and not self.fake:
@@ -103,6 +104,11 @@ class FakeQuant:
         observer = self.model.observers[node.name]
         observer.observe(real)
         return observer.qparams()
+
+    def impose(self, node: Node, qp: QParams) -> QParams:
+        """Hold a grid the target derives (so freeze and convert record it), and use it."""
+        self.model.observers[node.name].fix(qp)
+        return qp
 
     def slope(self, node: Node):
         """A prelu's slope codes (straight-through to the user's slope) and the slope grid's scale."""

@@ -51,6 +51,7 @@ _TFLITE_REFERENCE_NO_ELU = ("LiteRT's reference kernel set (BUILTIN_REF, the ker
 _TFLITE_NO_KERNEL = ("LiteRT has no int8 kernel for it (TFLite's converter rewrites it into other operators); "
                      "write it as relu6(x + 3) / 6 once those operators are supported")
 
+_TOSA_NO_RESIZE = "not lowered for target 'tosa' yet (no emitter for TOSA's RESIZE)"
 _TORCH_NO_SUB = ("PyTorch has no quantized sub (no quantized::sub operator; torch.sub raises on quantized tensors), so "
                  "the engine has no kernel to run it")
 
@@ -98,15 +99,14 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              torch_form="torch.ops.quantized.add", fuses_clamp=True),
     Operator("sub", "`a - b`, `torch.sub`, `Tensor.sub` of two tensors (broadcasting)", True,
              "the target's add with the second input negated (LiteRT reference: SUB runs the ADD kernel with "
-             "input 2's Q31 multiplier negated, kernels/sub.cc; XNNPACK: its add with the second scale negated)",
+             "input 2's Q31 multiplier negated, kernels/sub.cc; XNNPACK: its add with the second scale negated; "
+             "ONNX Runtime: QLinearAdd of the second input's codes mirrored, q_max + q_min - q by BitwiseNot, on "
+             "the mirrored grid, which holds -b exactly; `c - x` so too)",
              "float difference of the dequantized inputs",
              "two tensors (no constants), `alpha=1`; never fused with a following ReLU (a separate clamp); "
              "xnnpack: s_a / s_y and s_b / s_y in [2^-10, 256)",
-             refused_by={**{t: _TORCH_NO_SUB for t in ("fbgemm", "x86", "qnnpack")},
-                         "onnxruntime": "ONNX has no quantized Sub and ONNX Runtime registers no com.microsoft "
-                                        "QLinearSub (only QLinearAdd and QLinearMul); its quantization tool runs Sub "
-                                        "in float"},
-             formats=("tflite", "tosa")),
+             refused_by={t: _TORCH_NO_SUB for t in ("fbgemm", "x86", "qnnpack")},
+             formats=("onnx", "tflite", "tosa")),
     Operator("mul", "`a * b`, `torch.mul`, `Tensor.mul` of two tensors (broadcasting); `nn.SiLU` / `F.silu` "
              "become sigmoid then mul", True, "the target's product of two grids (LiteRT reference: MBQM; XNNPACK "
              "and ONNX Runtime: float32 multiplier; PyTorch's engines: float32 multiplier)",
@@ -117,11 +117,12 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "methods", True,
              "a tensor of shape [1, ..., 1] holding the number's code on a grid of its own (int8: scale |c| / 127, "
              "zero point 0; uint8: zero point at the end opposite c), the second operand of add, sub or mul",
-             "the number itself (no gradient)", "Python int/float constants",
-             refused_by={t: "PyTorch's quantized engines take a number through add_scalar / mul_scalar, which "
-                            "compute their own output grid from the input's; qparity does not emulate them"
-                         for t in ("fbgemm", "x86", "qnnpack")},
-             golden=False),
+             "the number itself (no gradient)", "Python int/float constants; fbgemm/x86/qnnpack: the number itself "
+             "to quantized::add_scalar / mul_scalar (BinaryOps.cpp), whose output grid the engine derives from the "
+             "input's (add: zero point z - rne(c / s), or at the range's end with a widened scale and the codes "
+             "requantized; mul: scale |c| s, codes mirrored for c < 0), as qparity's output grid; `c - x` refused "
+             "there (no quantized rsub)",
+             golden=False, torch_form="the number, to torch.ops.quantized.add_scalar / mul_scalar"),
     Operator("cat", "`torch.cat`, `torch.concat`", True,
              "each input rescaled to the output grid (a copy when the grids are equal)",
              "float concatenation of the dequantized inputs", "every input a tensor computed by the model",
@@ -182,18 +183,40 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
     Operator("max_pool2d", "`nn.MaxPool2d`, `F.max_pool2d`, `nn.AdaptiveMaxPool2d` / `F.adaptive_max_pool2d` to "
              "sizes that divide the input, `nn.MaxPool1d` (on [N, C, 1, L])", False, "exact window maximum of the codes",
              "max pool of the codes", "`return_indices=False`", torch_form="F.max_pool2d"),
+    Operator("amax", "`torch.amax`, `Tensor.amax` over any dims but the batch (keepdim either way)", False,
+             "the maximum of the codes (LiteRT: REDUCE_MAX; ONNX Runtime: ReduceMax on the codes; PyTorch's engines: "
+             "quantized max over one dim at a time)", "amax of the codes (gradient to the maxima)",
+             "not over dim 0 (an exported file runs any batch size)",
+             refused_by={"tosa": "not lowered for target 'tosa' yet (no emitter for TOSA's REDUCE_MAX)"},
+             formats=("onnx", "tflite"), golden=False, torch_form="torch.max(x, dim).values, one dim at a time"),
     Operator("avg_pool2d", "`nn.AvgPool2d`, `F.avg_pool2d`, `nn.AdaptiveAvgPool2d`, `F.adaptive_avg_pool2d`, "
              "`torch.mean`/`Tensor.mean` over (H, W) or over L of an [N, C, L] tensor, `nn.AdaptiveAvgPool1d`, "
              "`F.adaptive_avg_pool1d`, `nn.AvgPool1d` (on [N, C, 1, L])", False,
              "the target's average of exact window sums, PyTorch's divisors",
-             "window mean of the codes", "no `divisor_override`; adaptive output sizes must divide the input; "
-             "a mean only over H and W (qnnpack: no 1x1 avg_pool2d, as PyTorch's qnnpack)",
+             "window mean of the codes", "no `divisor_override`; adaptive output sizes that do not divide the input "
+             "(windows of differing sizes, PyTorch's start/end rule) only where the runtime has that kernel: exact, "
+             "fbgemm, x86, qnnpack (refused at prepare_qat elsewhere); a mean only over H and W (qnnpack: no 1x1 "
+             "avg_pool2d, as PyTorch's qnnpack)",
              torch_form="F.avg_pool2d / F.adaptive_avg_pool2d"),
     Operator("upsample_nearest", "`nn.Upsample`, `F.interpolate` with mode='nearest' by integer factors", False,
              "copies codes: output[y, x] = input[y // k_h, x // k_w]", "nearest upsampling of the codes",
              "4-D inputs; integer factors where the runtimes' float32 index rule is exact (checked at capture)",
-             refused_by={"tosa": "not lowered for target 'tosa' yet (no emitter for TOSA's RESIZE)"},
+             refused_by={"tosa": _TOSA_NO_RESIZE},
              formats=("onnx", "tflite"), golden=False, torch_form="F.interpolate(mode='nearest')"),
+    Operator("upsample_bilinear", "`nn.Upsample`, `F.interpolate` with mode='bilinear' (align_corners False or "
+             "True) to any size or by integer factors", False,
+             "the target's interpolation of the four neighbouring codes (numerics/resampling.py; LiteRT reference: "
+             "10-bit fixed point, rounding half away; XNNPACK: 11-bit weights; PyTorch's engines: float32, round "
+             "half even on NCHW tensors; exact: correctly rounded)",
+             "bilinear interpolation of the codes",
+             "4-D inputs; `antialias=False`; a non-integer scale_factor only as a size",
+             refused_by={"onnxruntime": "ONNX Runtime runs Resize (linear) on 8-bit codes with two kernels that round "
+                                        "differently, chosen by session options: float32 weights truncated "
+                                        "(UpsampleBilinear, NCHW, graph optimizations off) and 10-bit integer weights "
+                                        "(NhwcUpsampleBilinearInteger, after its NHWC transformer with optimizations "
+                                        "on; 1-4% of codes 1 apart, measured), so no one rule gives a file's codes",
+                         "tosa": _TOSA_NO_RESIZE},
+             formats=("tflite",), golden=False, torch_form="F.interpolate(mode='bilinear') on NCHW (contiguous) tensors"),
     Operator("pad", "`F.pad` (constant 0), `nn.ZeroPad2d`, `nn.ConstantPad2d(value=0)`, `nn.ZeroPad1d`, "
              "`nn.ConstantPad1d(value=0)`", False, "pads the codes with the zero point's code (real 0)",
              "the same padding of the codes", "zeros only; no negative padding", torch_form="F.pad"),
@@ -264,7 +287,8 @@ def ops_markdown() -> str:
             lines.append(f"- {op.name} on `{target}`: {why}.")
     lines += ["", "Per-configuration refusals, raised with the layer's name: `xnnpack` refuses requantization "
               "scales and add ratios outside the ranges where LiteRT's default interpreter stays in XNNPACK; "
-              "`qnnpack` refuses 1x1 `avg_pool2d` and the add ratios PyTorch's qnnpack itself rejects. Exporters refuse what "
+              "LiteRT and ONNX Runtime targets refuse adaptive average pools whose output size does not divide the "
+              "input; `qnnpack` refuses 1x1 `avg_pool2d` and the add ratios PyTorch's qnnpack itself rejects. Exporters refuse what "
               "their file format cannot express (see `qparity.export`).", ""]
     return "\n".join(lines)
 

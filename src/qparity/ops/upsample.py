@@ -1,5 +1,7 @@
-"""upsample_nearest: nearest-neighbour upsampling by integer factors (nn.Upsample, F.interpolate), which copies
-codes: output[y, x] = input[y // k_h, x // k_w], on the input's grid.
+"""upsample_nearest and upsample_bilinear (nn.Upsample, F.interpolate), on the input's grid.
+
+upsample_nearest upsamples by integer factors, which copies codes: output[y, x] = input[y // k_h, x // k_w].
+upsample_bilinear resizes to any size with the target's integer interpolation (numerics/resampling.py).
 
 Runtimes compute the source index in float32 (TFLite: floor(y * f(in / out)); PyTorch: likewise; ONNX
 Runtime's asymmetric/floor Resize: floor(y / k)); capture accepts a factor only where every output index
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..graph import QValue
+from .surrogates import straight_through
 
 
 def float32_rule_is_exact(input_size: int, factor: int) -> bool:
@@ -22,7 +25,18 @@ def float32_rule_is_exact(input_size: int, factor: int) -> bool:
 
 
 def run(ctx, node, x):
+    if node.op == "upsample_bilinear":
+        return bilinear(ctx, node, x)
     factors = tuple(node.attrs["scale_factor"])
     codes = x.codes if ctx.fake else x.codes.to(torch.float32)  # exact: codes are small integers
     upsampled = F.interpolate(codes, scale_factor=factors, mode="nearest")  # keeps channels-last, like PyTorch
     return QValue(upsampled if ctx.fake else upsampled.to(torch.int64), x.qparams)
+
+
+def bilinear(ctx, node, x):
+    out_hw, align_corners = tuple(node.attrs["size"]), node.attrs["align_corners"]
+    codes = ctx.target.bilinear(x.codes.detach().to(torch.int64), x.qparams, out_hw, align_corners)
+    if not ctx.fake:
+        return QValue(codes, x.qparams)
+    surrogate = F.interpolate(x.codes, size=out_hw, mode="bilinear", align_corners=align_corners)
+    return QValue(straight_through(codes, surrogate), x.qparams)

@@ -13,6 +13,7 @@ from ..graph import Graph
 from ..numerics.accumulate import ConvGeometry
 from ..numerics.activations import NAMES as ACTIVATION_NAMES
 from ..numerics import Target, get_target
+from ..ops.avg_pool import refuse_uneven_windows
 from ..ops.registry import LAYER_OPS, refuse_if_target_cannot_run
 from .distributed import require_whole_parameters
 from .layers import QATLayer
@@ -58,6 +59,11 @@ def refuse_what_the_target_cannot_run(graph: Graph, layers, target: Target) -> N
         if node.op in ACTIVATION_NAMES:
             try:
                 target.check_activation(node.op, dict(node.attrs))
+            except UnsupportedOpError as error:
+                raise UnsupportedOpError(f"{node.op} at {node.path}: {error}") from None
+        if node.op == "avg_pool2d":
+            try:
+                refuse_uneven_windows(target, node.attrs)
             except UnsupportedOpError as error:
                 raise UnsupportedOpError(f"{node.op} at {node.path}: {error}") from None
         if node.attrs.get("broadcast"):
