@@ -648,8 +648,8 @@ class _Builder:
             self.emit_adaptive1d(node, x, 1, squeeze_length=not keepdim)
             return
         if rank != 4 or sorted(d % rank for d in dims) != [2, 3]:
-            raise self.unsupported(node, f"mean over dims {dims} (only the mean over H and W of an NCHW tensor, or "
-                                         "over L of an NCL tensor)")
+            self.emit_reduce_mean(node, x, dims, keepdim)
+            return
         attrs = adaptive_as_pooling(self.spatial(x), 1, _where(node))
         attrs["adaptive_output_size"] = [1, 1]
         pooled = Node(node.name + "_pool", "avg_pool2d", (self.ref(x),), {}, attrs, _where(node))
@@ -658,6 +658,15 @@ class _Builder:
             self.alias[node.name] = pooled.name
         else:
             self.emit(node, "call", [Ref(pooled.name), (-1, -2)], attrs={"fn": "method:squeeze"})
+
+    def emit_reduce_mean(self, node, x, dims, keepdim) -> None:
+        """A mean over other dimensions (tokens, features): the mean operator, never over the batch."""
+        rank = self.values[x.name].dim()
+        resolved = sorted({d % rank for d in dims}) if dims else list(range(rank))
+        if 0 in resolved:
+            raise self.unsupported(node, f"mean over dims {tuple(dims) or 'all'}, which include the batch dimension "
+                                         "(each sample's outputs must depend on that sample only)")
+        self.emit(node, "mean", [self.ref(x)], attrs={"dims": resolved, "keepdim": bool(keepdim)})
 
     # -- code-preserving calls ------------------------------------------------------------------------------
     def code_preserving_function(self, fn) -> Optional[str]:

@@ -173,6 +173,9 @@ PARAMETERS = {
     "pad": lambda model, node, inputs, root: {"pad": list(node.attrs["pad"]),
                                               "value": int(inputs[0].qparams.zero_point)},
     "avg_pool2d": lambda model, node, inputs, root: _average_params(model, node, inputs[0]),
+    "mean": lambda model, node, inputs, root: {"input_qparams": inputs[0].qparams.to_dict(),
+                                               "output_qparams": model.qparams[node.name].to_dict(),
+                                               "dims": list(node.attrs["dims"]), "keepdim": node.attrs["keepdim"]},
     "call": lambda model, node, inputs, root: {"function": node.attrs["fn"], "args": encode(node.args),
                                                "kwargs": encode(node.kwargs)},
 }

@@ -8,6 +8,7 @@ Every result is round-half-even of an exact rational, then clamped:
 - mul:         q = clamp(z_y + rhe((q_a - z_a) * (q_b - z_b) * s_a * s_b / s_y))
 - rescale:     q = clamp(z_y + rhe((q - z) * s / s_y))
 - average:     q = z + rhe(sum(q - z) / count)
+- mean:        q = clamp(z_y + rhe(sum(q - z) * s / (n * s_y))), n the number of elements averaged
 - hardswish:   q = clamp(z_y + rhe(h(x) / s_y)), x = (q - z) * s, h(x) = x * clamp(x + 3, 0, 6) / 6 (rational in x)
 - sigmoid, tanh, hardsigmoid, leaky_relu, gelu, elu: q = clamp(z_y + rhe(g(x) / s_y)), correctly rounded
   (numerics/activations.py: Fractions for the rational ones, mpmath with a proven margin otherwise)
@@ -16,6 +17,7 @@ The scales are float32 values taken at their exact binary value.
 """
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import torch
@@ -75,6 +77,13 @@ class ExactTarget(Target):
         zy = int(out.zero_point)
         ratio = ExactRatio.of_scales([source.scale], [out.scale])
         return zy + round_half_even_exact([(q - int(source.zero_point), ratio)], out.qmin - zy, out.qmax - zy)
+
+    def mean(self, q, source, out, dims, keepdim):
+        count = math.prod(q.shape[d] for d in dims)
+        sums = (q - int(source.zero_point)).sum(dims, keepdim=keepdim)
+        ratio = ExactRatio.of_scales([source.scale], [out.scale], divisor=count)
+        zy = int(out.zero_point)
+        return zy + round_half_even_exact([(sums, ratio)], out.qmin - zy, out.qmax - zy)
 
     def average(self, sums, counts, qp):
         return int(qp.zero_point) + round_half_even_div(sums, counts)

@@ -54,6 +54,11 @@ _TFLITE_NO_KERNEL = ("LiteRT has no int8 kernel for it (TFLite's converter rewri
 _TORCH_NO_SUB = ("PyTorch has no quantized sub (no quantized::sub operator; torch.sub raises on quantized tensors), so "
                  "the engine has no kernel to run it")
 
+_TORCH_MEAN = ("PyTorch's quantized mean (ReduceOps.cpp mean_quantized_cpu) averages the dequantized values in float "
+               "and quantizes onto the input's own grid; qparity does not emulate its float summation order")
+_XNNPACK_MEAN = ("LiteRT's default interpreter hands int8 MEAN to XNNPACK's mean operator (xnn_define_static_mean), "
+                 "whose rounding qparity does not emulate; target 'tflite' runs it")
+
 OPERATORS: Dict[str, Operator] = {op.name: op for op in (
     Operator("input", "model inputs", True, "quantize (the target's QUANTIZE rule)",
              "identity inside the grid, 0 outside (torch.ao's fake-quant mask)",
@@ -184,6 +189,16 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "window mean of the codes", "no `divisor_override`; adaptive output sizes must divide the input; "
              "a mean only over H and W (qnnpack: no 1x1 avg_pool2d, as PyTorch's qnnpack)",
              torch_form="F.avg_pool2d / F.adaptive_avg_pool2d"),
+    Operator("mean", "`torch.mean`, `Tensor.mean` over any dimensions but the batch (`keepdim` or not), except the "
+             "means over (H, W) and over L that avg_pool2d runs", True,
+             "the target's mean of the exact centered sums sum(q - z) (LiteRT: MEAN's reference kernel, "
+             "QuantizedMeanOrSum)", "mean of the dequantized input", "not over the batch dimension",
+             refused_by={**{t: _TORCH_MEAN for t in ("fbgemm", "x86", "qnnpack")},
+                         "onnxruntime": "ONNX Runtime's CPU provider registers no kernel for com.microsoft "
+                                        "QLinearReduceMean (its schema exists; a session fails with NOT_IMPLEMENTED, "
+                                        "measured with onnxruntime 1.32)",
+                         "xnnpack": _XNNPACK_MEAN},
+             formats=("tflite",)),
     Operator("upsample_nearest", "`nn.Upsample`, `F.interpolate` with mode='nearest' by integer factors", False,
              "copies codes: output[y, x] = input[y // k_h, x // k_w]", "nearest upsampling of the codes",
              "4-D inputs; integer factors where the runtimes' float32 index rule is exact (checked at capture)",
