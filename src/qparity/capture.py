@@ -40,7 +40,7 @@ def supported_operators() -> str:
 
 ACTIVATION_MODULES = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Hardsigmoid: "hardsigmoid"}
 ACTIVATION_FUNCTIONS = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh",
-                        F.hardsigmoid: "hardsigmoid"}
+                        F.hardsigmoid: "hardsigmoid", torch.rsqrt: "rsqrt"}
 SHAPE_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv)
 
 
@@ -389,7 +389,7 @@ class _Builder:
             self.emit_add(node, args, kwargs, op="sub")
         elif name == "mean":
             self.emit_mean(node, args[0], args[1:], kwargs)
-        elif name in ("sigmoid", "tanh"):
+        elif name in ("sigmoid", "tanh", "rsqrt"):
             self.emit(node, name, [self.ref(args[0])], attrs={})
         elif name == "mul" and isinstance(self.values.get(node.name), torch.Tensor):
             self.emit_mul(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))

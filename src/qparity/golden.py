@@ -168,6 +168,7 @@ PARAMETERS = {
                                                 "slope_scale": node.attrs["slope_scale"]},
     "gelu": _table_params,
     "elu": _table_params,
+    "rsqrt": _table_params,
     "clamp": _clamp_params,
     "max_pool2d": _max_pool_params,
     "pad": lambda model, node, inputs, root: {"pad": list(node.attrs["pad"]),

@@ -625,6 +625,9 @@ class _Exporter(Executor):
         self.fb.operator("PRELU", [x.index, alpha], [out])
         return TFLiteTensor(out, x.shape, out_grid, x.perm)
 
+    def op_rsqrt(self, node: Node, x: TFLiteTensor):
+        return self.elementwise(node, x, "RSQRT")
+
     def op_elu(self, node: Node, x: TFLiteTensor):
         return self.elementwise(node, x, "ELU")
 

@@ -8,6 +8,7 @@ Every result is round-half-even of an exact rational, then clamped:
 - mul:         q = clamp(z_y + rhe((q_a - z_a) * (q_b - z_b) * s_a * s_b / s_y))
 - rescale:     q = clamp(z_y + rhe((q - z) * s / s_y))
 - average:     q = z + rhe(sum(q - z) / count)
+- rsqrt:       q = clamp(z_y + rhe(1 / (s_y sqrt(x)))), decided on the rational square; x = 0 gives qmax
 - mean:        q = clamp(z_y + rhe(sum(q - z) * s / (n * s_y))), n the number of elements averaged
 - hardswish:   q = clamp(z_y + rhe(h(x) / s_y)), x = (q - z) * s, h(x) = x * clamp(x + 3, 0, 6) / 6 (rational in x)
 - sigmoid, tanh, hardsigmoid, leaky_relu, gelu, elu: q = clamp(z_y + rhe(g(x) / s_y)), correctly rounded
@@ -25,6 +26,7 @@ import torch
 from ..qparams import QParams
 from .activations import exact_table
 from .prelu import exact_prelu
+from .rsqrt import exact_rsqrt_table
 from .arithmetic import ExactRatio, round_half_even_div, round_half_even_exact
 from .target import Target, channel_view, grid_views
 
@@ -89,6 +91,8 @@ class ExactTarget(Target):
         return int(qp.zero_point) + round_half_even_div(sums, counts)
 
     def activation_table(self, kind, source, out, attrs):
+        if kind == "rsqrt":
+            return exact_rsqrt_table(source, out)
         return exact_table(kind, attrs, source, out)
 
     prelu = staticmethod(exact_prelu)

@@ -19,6 +19,7 @@ so every multiplier applies gemmlowp's double rounding.
                2 max(s_a, s_b) / (2^20 s_y); each step MultiplyByQuantizedMultiplier
 - rescale:     Requantize: q = clamp(z_y + MultiplyByQuantizedMultiplier(q - z, M(s / s_y)))
 - average:     on raw codes: (sum ± count / 2) / count with C division (ties away from zero)
+- rsqrt:       RSQRT's Newton-Raphson inverse square root in gemmlowp fixed point (numerics/rsqrt.py)
 - mean:        MEAN (kernels/reduce.cc PrepareMeanOrSum, reference/reduce.h QuantizedMeanOrSum; LiteRT 2.3 and
                main at f6745779): M = double(s_x) / double(s_y) as m0, e; k = min(floor(log2 n), 32, 31 + e);
                q = clamp(z_y + MBQM(sum(q - z), (m0 << k) / n, e - k)), the division C's (truncating)
@@ -33,6 +34,7 @@ from ..errors import UnsupportedOpError
 from ..qparams import QParams
 from .arithmetic import multiply_by_quantized_multiplier, quantize_multiplier, round_half_away, truncating_div
 from .prelu import tflite_prelu
+from .rsqrt import tflite_rsqrt_table
 from .litert_activations import LiteRTActivations, tflite_leaky_relu_table, tflite_table
 from .target import Target, channel_view, grid_views
 
@@ -169,6 +171,11 @@ class TFLiteTarget(LiteRTActivations, Target):
         count = math.prod(q.shape[d] for d in dims)
         sums = (q - int(source.zero_point)).sum(dims, keepdim=keepdim)
         return mean_requantize(sums, count, source, out).add_(int(out.zero_point)).clamp_(out.qmin, out.qmax)
+
+    def activation_table(self, kind, source, out, attrs):
+        if kind == "rsqrt":
+            return tflite_rsqrt_table(source, out)
+        return super().activation_table(kind, source, out, attrs)
 
     def average(self, sums, counts, qp):
         raw = sums + int(qp.zero_point) * counts

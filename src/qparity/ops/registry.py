@@ -199,6 +199,16 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
                                         "measured with onnxruntime 1.32)",
                          "xnnpack": _XNNPACK_MEAN},
              formats=("tflite",)),
+    Operator("rsqrt", "`torch.rsqrt`, `Tensor.rsqrt`; inside `nn.LayerNorm` / `F.layer_norm`", True,
+             "the target's table of all input codes (LiteRT: RSQRT's fixed-point Newton-Raphson, numerics/rsqrt.py; "
+             "exact: decided on the rational square); the code of real 0 gives the top code",
+             "torch.rsqrt of the dequantized input, floored at half a step",
+             "a nonnegative input: its grid's zero point is the lowest code (checked once the grids are known)",
+             refused_by={**{t: "PyTorch has no quantized rsqrt kernel" for t in ("fbgemm", "x86", "qnnpack")},
+                         "onnxruntime": _ORT_NO_KERNEL,
+                         "xnnpack": "LiteRT's XNNPACK delegate takes only float RSQRT, and qparity does not "
+                                    "emulate the reference kernel inside the xnnpack target; target 'tflite' runs it"},
+             formats=("tflite",)),
     Operator("upsample_nearest", "`nn.Upsample`, `F.interpolate` with mode='nearest' by integer factors", False,
              "copies codes: output[y, x] = input[y // k_h, x // k_w]", "nearest upsampling of the codes",
              "4-D inputs; integer factors where the runtimes' float32 index rule is exact (checked at capture)",
