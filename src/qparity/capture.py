@@ -211,6 +211,8 @@ class _Builder:
             self.layers[node.name] = Layer(module)
             self.emit(node, "linear", [self.ref(x)], attrs={"geometry": ConvGeometry("linear").to_dict(),
                                                           "module": node.target})
+        elif isinstance(module, nn.LayerNorm):
+            self.emit_layer_norm(node, x, module.normalized_shape, module.weight, module.bias, module.eps)
         elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm)):
             self.fold_batch_norm(node, module)
         elif isinstance(module, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
@@ -295,6 +297,8 @@ class _Builder:
             self.emit_add(node, args, kwargs)
         elif fn in (operator.sub, torch.sub):
             self.emit_add(node, args, kwargs, op="sub")
+        elif fn in (operator.pow, torch.pow) and self.is_tensor(args[0]) and args[1] == 2:
+            self.emit_mul(node, args[0], args[0])  # a square is the product of two tensors on one grid
         elif fn in (operator.mul, torch.mul) and isinstance(self.values.get(node.name), torch.Tensor):
             self.emit_mul(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
         elif (fn in (operator.truediv, torch.div, torch.true_divide) and not kwargs.get("rounding_mode")
@@ -343,6 +347,11 @@ class _Builder:
         elif fn is F.dropout:
             p = _bind(args[1:], kwargs, ("p",), (0.5,))[0]
             self.emit(node, "dropout", [self.ref(args[0])], attrs={"p": float(p)})
+        elif fn is F.layer_norm:
+            shape, weight, bias, eps = _bind(args[1:], kwargs, ("normalized_shape", "weight", "bias", "eps"),
+                                             (None, None, None, 1e-5))
+            self.emit_layer_norm(node, args[0], self.static(shape), self.parameter(node, weight, "weight"),
+                                 self.parameter(node, bias, "bias"), eps)
         elif fn is torch.mean:
             self.emit_mean(node, args[0], args[1:], kwargs)
         elif fn is F.conv2d:
@@ -391,6 +400,8 @@ class _Builder:
             self.emit_mean(node, args[0], args[1:], kwargs)
         elif name in ("sigmoid", "tanh", "rsqrt"):
             self.emit(node, name, [self.ref(args[0])], attrs={})
+        elif name == "pow" and args[1:] == (2,):
+            self.emit_mul(node, args[0], args[0])
         elif name == "mul" and isinstance(self.values.get(node.name), torch.Tensor):
             self.emit_mul(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
         elif (name in ("div", "true_divide") and not kwargs.get("rounding_mode")
@@ -511,6 +522,23 @@ class _Builder:
             return (a, Ref(name)) if tensor is a else (Ref(name), b)
         return a, b
 
+    def parameter_operand(self, node, arg, other):
+        """A parameter of the model multiplied with a tensor (RMSNorm's `* self.weight`) as a parameter node shaped
+        to broadcast against it; any other argument unchanged."""
+        value = self.parameters.get(arg.name, (None, None))[1] if isinstance(arg, fx.Node) else None
+        if not isinstance(value, nn.Parameter) or not self.is_tensor(other):
+            return arg
+        rank = self.values[other.name].dim()
+        if value.dim() > rank:
+            raise self.unsupported(node, f"a parameter of shape {tuple(value.shape)} times a rank-{rank} tensor")
+        holder = nn.Module()
+        holder.register_parameter("weight", value)
+        name = f"{node.name}_{arg.name}"
+        self.layers[name] = Layer(holder)
+        self.values[name] = value.detach().reshape((1,) * (rank - value.dim()) + tuple(value.shape))
+        self.nodes.append(Node(name, "parameter", (), {}, {"shape": list(self.values[name].shape)}, _where(node)))
+        return Ref(name)
+
     def is_operand(self, arg) -> bool:
         """A tensor of the model, or a constant node `constant_operand` made."""
         return self.is_tensor(arg) or isinstance(arg, Ref)
@@ -540,7 +568,7 @@ class _Builder:
         self.emit(node, op, [self.ref(a), self.ref(b)], attrs=attrs)
 
     def emit_mul(self, node, a, b) -> None:
-        a, b = self.constant_operand(node, a, b)
+        a, b = self.constant_operand(node, self.parameter_operand(node, a, b), self.parameter_operand(node, b, a))
         if not (self.is_operand(a) and self.is_operand(b)):
             raise self.unsupported(node, "mul of a tensor and something that is neither a tensor nor a number")
         self.emit(node, "mul", [self.ref(a), self.ref(b)], attrs={})
@@ -658,6 +686,39 @@ class _Builder:
             self.alias[node.name] = pooled.name
         else:
             self.emit(node, "call", [Ref(pooled.name), (-1, -2)], attrs={"fn": "method:squeeze"})
+
+    def emit_layer_norm(self, node, x, normalized_shape, weight, bias, eps) -> None:
+        """LayerNorm over the last dimension as the program of int8 operators LiteRT's converter emits for it, each
+        step on a grid of its own: m = mean(x), d = x - m, v = mean(d * d), r = rsqrt(v + eps), d * r; then the
+        affine as a mul by the weight and an add of the bias, learned tensors on grids of their own."""
+        rank = self.values[x.name].dim()
+        if len(tuple(normalized_shape)) != 1:
+            raise self.unsupported(node, f"normalized_shape {tuple(normalized_shape)} (only the last dimension)")
+        where, prefix = _where(node), node.name
+        shape = [1] * (rank - 1) + [int(normalized_shape[0])]
+
+        def step(name, op, args, attrs=None):
+            self.nodes.append(Node(f"{prefix}_{name}", op, tuple(args), {}, attrs or {}, where))
+            return Ref(f"{prefix}_{name}")
+
+        def tensor(name, value):
+            holder = nn.Module()
+            holder.register_parameter("weight", value)
+            self.layers[f"{prefix}_{name}"] = Layer(holder)
+            return step(name, "parameter", [], {"shape": shape})
+
+        mean = step("mean", "mean", [self.ref(x)], {"dims": [rank - 1], "keepdim": True})
+        centered = step("centered", "sub", [self.ref(x), mean], {"broadcast": True})
+        variance = step("variance", "mean", [step("squared", "mul", [centered, centered])],
+                        {"dims": [rank - 1], "keepdim": True})
+        self.nodes.append(Node(f"{prefix}_eps", "constant", (), {}, {"value": float(eps), "shape": [1] * rank}, where))
+        scale = step("rsqrt", "rsqrt", [step("plus_eps", "add", [variance, Ref(f"{prefix}_eps")], {"broadcast": True})])
+        result = step("normalized", "mul", [centered, scale])
+        if weight is not None:
+            result = step("scaled", "mul", [result, tensor("weight", weight)])
+        if bias is not None:
+            result = step("shifted", "add", [result, tensor("bias", bias)], {"broadcast": True})
+        self.alias[node.name] = result.name
 
     def emit_reduce_mean(self, node, x, dims, keepdim) -> None:
         """A mean over other dimensions (tokens, features): the mean operator, never over the batch."""

@@ -38,7 +38,7 @@ from ..errors import ExportError, ModelFileError
 from ..graph import CALLS, Graph, Node, Ref, fused_clamp_bounds, leaves, resolve
 from ..numerics import pooling
 from ..numerics.accumulate import ConvGeometry
-from ..ops import constant
+from ..ops import constant, parameter
 from ..ops.pad import padding_per_dimension
 from ..qparams import TORCH_DTYPES, QParams
 from ..runtime import IntegerModel
@@ -235,6 +235,10 @@ class _OnnxBuilder:
         qp = self.model.qparams[node.name]
         values = constant.codes(self.model.target, node, qp).numpy().astype(_numpy_dtype(qp))
         return self.constant(f"{node.name}.codes", values)
+
+    def op_parameter(self, node: Node) -> str:
+        qp = self.model.qparams[node.name]
+        return self.constant(f"{node.name}.codes", parameter.stored_codes(node).numpy().astype(_numpy_dtype(qp)))
 
     def op_add(self, node: Node, a: str, b: str) -> str:
         out_qp = self.model.qparams[node.name]

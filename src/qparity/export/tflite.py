@@ -53,7 +53,7 @@ from ..errors import ExportError, ModelFileError, QParityError
 from ..graph import CALLS, Executor, Node, fused_clamp_bounds, leaves
 from ..numerics import pooling
 from ..numerics.accumulate import ConvGeometry
-from ..ops import constant
+from ..ops import constant, parameter
 from ..ops.pad import padding_per_dimension
 from ..qparams import QParams
 from ..runtime import IntegerModel
@@ -502,6 +502,12 @@ class _Exporter(Executor):
     def op_constant(self, node: Node):
         grid = self.model.qparams[node.name]
         values = constant.codes(self.model.target, node, grid).numpy()
+        index = self.fb.constant(f"{node.name}_codes", values, "int8", grid)
+        return TFLiteTensor(index, tuple(values.shape), grid, tuple(range(values.ndim)))
+
+    def op_parameter(self, node: Node):
+        grid = self.model.qparams[node.name]
+        values = parameter.stored_codes(node).numpy()
         index = self.fb.constant(f"{node.name}_codes", values, "int8", grid)
         return TFLiteTensor(index, tuple(values.shape), grid, tuple(range(values.ndim)))
 

@@ -125,6 +125,10 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
                             "compute their own output grid from the input's; qparity does not emulate them"
                          for t in ("fbgemm", "x86", "qnnpack")},
              golden=False),
+    Operator("parameter", "the weight and bias of `nn.LayerNorm` / `F.layer_norm` (`elementwise_affine=True`)", True,
+             "a tensor of the parameter's codes on a grid of its own (the target's QUANTIZE rule; convert writes "
+             "them into the node), the second operand of mul or add", "the parameter itself, straight-through (it "
+             "learns)", "broadcasts along the last dimension", formats=("onnx", "tflite")),
     Operator("cat", "`torch.cat`, `torch.concat`", True,
              "each input rescaled to the output grid (a copy when the grids are equal)",
              "float concatenation of the dequantized inputs", "every input a tensor computed by the model",
