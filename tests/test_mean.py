@@ -15,8 +15,8 @@ from qparity.errors import UnsupportedOpError
 from qparity.ops.registry import OPERATORS
 
 warnings.filterwarnings("ignore", message=".*quantiz.*deprecated.*")
-CASES = [((2, 7, 6), (1,), False), ((2, 7, 6), (1,), True), ((2, 5, 3, 6), (1, 2), False),
-         ((2, 3, 4, 5), (1,), True), ((2, 50, 4), (-2,), False), ((2, 3, 4, 5), (1, 2, 3), False)]
+CASES = [((2, 7, 6), (1,), False), ((2, 5, 3, 6), (1, 2), False), ((2, 3, 4, 5), (1,), True),
+         ((2, 50, 4), (-2,), False)]
 
 
 class LinearThenMean(nn.Module):
@@ -41,7 +41,7 @@ def convert(target, case, seed):
 
 @pytest.mark.parametrize("target", OPERATORS["mean"].targets())
 @pytest.mark.parametrize("case", CASES)
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=2, deadline=None)
 @given(seed=st.integers(0, 2**31))
 def test_mean_fake_equals_integer(target, case, seed):
     prepared, integer, x = convert(target, case, seed)
@@ -50,7 +50,7 @@ def test_mean_fake_equals_integer(target, case, seed):
 
 
 @pytest.mark.parametrize("case", CASES)
-@settings(max_examples=3, deadline=None)
+@settings(max_examples=2, deadline=None)
 @given(seed=st.integers(0, 2**31))
 def test_exported_mean_gives_the_integer_models_codes_in_litert(tmp_path_factory, case, seed):
     _, integer, x = convert("tflite", case, seed)
