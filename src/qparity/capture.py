@@ -523,8 +523,8 @@ class _Builder:
         return a, b
 
     def parameter_operand(self, node, arg, other):
-        """A parameter of the model multiplied with a tensor (RMSNorm's `* self.weight`) as a parameter node shaped
-        to broadcast against it; any other argument unchanged."""
+        """A parameter of the model added to or multiplied with a tensor (a position embedding, RMSNorm's
+        `* self.weight`) as a parameter node shaped to broadcast against it; any other argument unchanged."""
         value = self.parameters.get(arg.name, (None, None))[1] if isinstance(arg, fx.Node) else None
         if not isinstance(value, nn.Parameter) or not self.is_tensor(other):
             return arg
@@ -552,7 +552,7 @@ class _Builder:
             return
         if op == "sub" and _is_number(b) and self.is_tensor(a):
             op, b = "add", -b  # x - c is x + (-c): an add, which every runtime with constants has (ONNX: no QLinearSub)
-        a, b = self.constant_operand(node, a, b)
+        a, b = self.constant_operand(node, self.parameter_operand(node, a, b), self.parameter_operand(node, b, a))
         if not (self.is_operand(a) and self.is_operand(b)):
             raise self.unsupported(node, f"{op} of a tensor and {type(b if self.is_tensor(a) else a).__name__} "
                                          "(tensors and Python numbers only)")

@@ -125,10 +125,11 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
                             "compute their own output grid from the input's; qparity does not emulate them"
                          for t in ("fbgemm", "x86", "qnnpack")},
              golden=False),
-    Operator("parameter", "the weight and bias of `nn.LayerNorm` / `F.layer_norm` (`elementwise_affine=True`)", True,
+    Operator("parameter", "the weight and bias of `nn.LayerNorm` / `F.layer_norm` (`elementwise_affine=True`); a "
+             "parameter of the model added to or multiplied with a tensor (a position embedding, RMSNorm's weight)", True,
              "a tensor of the parameter's codes on a grid of its own (the target's QUANTIZE rule; convert writes "
              "them into the node), the second operand of mul or add", "the parameter itself, straight-through (it "
-             "learns)", "broadcasts along the last dimension", formats=("onnx", "tflite")),
+             "learns)", "broadcasts against the other operand", formats=("onnx", "tflite")),
     Operator("cat", "`torch.cat`, `torch.concat`", True,
              "each input rescaled to the output grid (a copy when the grids are equal)",
              "float concatenation of the dequantized inputs", "every input a tensor computed by the model",
@@ -203,7 +204,8 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
                                         "measured with onnxruntime 1.32)",
                          "xnnpack": _XNNPACK_MEAN},
              formats=("tflite",)),
-    Operator("rsqrt", "`torch.rsqrt`, `Tensor.rsqrt`; inside `nn.LayerNorm` / `F.layer_norm`", True,
+    Operator("rsqrt", "`torch.rsqrt`, `Tensor.rsqrt`; `nn.LayerNorm` / `F.layer_norm` over the last dimension become "
+             "mean, sub, mul (the square), mean, add (eps), rsqrt, mul, then mul and add by their parameter tensors", True,
              "the target's table of all input codes (LiteRT: RSQRT's fixed-point Newton-Raphson, numerics/rsqrt.py; "
              "exact: decided on the rational square); the code of real 0 gives the top code",
              "torch.rsqrt of the dequantized input, floored at half a step",
