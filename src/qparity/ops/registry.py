@@ -110,7 +110,8 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
                                         "QLinearSub (only QLinearAdd and QLinearMul); its quantization tool runs Sub "
                                         "in float"},
              formats=("tflite",)),
-    Operator("mul", "`a * b`, `torch.mul`, `Tensor.mul` of two tensors (broadcasting); `nn.SiLU` / `F.silu` "
+    Operator("mul", "`a * b`, `torch.mul`, `Tensor.mul` of two tensors (broadcasting); `x ** 2`, `torch.pow(x, 2)`, "
+             "`Tensor.pow(2)` as `x * x`; `nn.SiLU` / `F.silu` "
              "become sigmoid then mul", True, "the target's product of two grids (LiteRT reference: MBQM; XNNPACK "
              "and ONNX Runtime: float32 multiplier; PyTorch's engines: float32 multiplier)",
              "float product of the dequantized inputs", "two tensors (no constants); xnnpack: s_a s_b / s_y in "
