@@ -55,7 +55,10 @@ _TORCH_NO_SUB = ("PyTorch has no quantized sub (no quantized::sub operator; torc
                  "the engine has no kernel to run it")
 
 _TORCH_MEAN = ("PyTorch's quantized mean (ReduceOps.cpp mean_quantized_cpu) averages the dequantized values in float "
-               "and quantizes onto the input's own grid; qparity does not emulate its float summation order")
+               "and quantizes onto the input's own grid; qparity does not emulate its float summation order. A "
+               "LayerNorm there is quantized::layer_norm (QuantizedOpKernels.cpp quantized_normalize_kernel: exact "
+               "integer sums, then float32 mean, variance, sqrt and float gamma/beta in Vectorized lanes, quantized "
+               "once), one kernel qparity does not emulate; qparity's LayerNorm is LiteRT's program of int8 operators")
 _XNNPACK_MEAN = ("LiteRT's default interpreter hands int8 MEAN to XNNPACK's mean operator (xnn_define_static_mean), "
                  "whose rounding qparity does not emulate; target 'tflite' runs it")
 
