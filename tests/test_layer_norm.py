@@ -86,8 +86,10 @@ def test_layer_norm_without_affine_has_no_parameter_tensors():
     assert [n.op for n in prepared.graph.nodes][-2:] == ["rsqrt", "mul"]
 
 
-def test_layer_norm_is_litert_s_program_with_learned_affine_tensors():
-    _, prepared, _, x = convert("tflite", "layer_norm", (4, 6), 0)
+def test_layer_norm_is_litert_s_program_with_learned_affine_tensors(tmp_path):
+    _, prepared, integer, x = convert("tflite", "layer_norm", (4, 6), 0)
+    integer.save(tmp_path / "norm.qp")  # the parameter codes convert wrote travel in the .qp file
+    assert torch.equal(qp.load(tmp_path / "norm.qp")(x), integer(x))
     assert [n.op for n in prepared.graph.nodes] == ["input", "linear", "mean", "sub", "mul", "mean", "constant", "add",
                                                     "rsqrt", "mul", "parameter", "mul", "parameter", "add"]
     prepared.train()

@@ -692,8 +692,9 @@ class _Builder:
         step on a grid of its own: m = mean(x), d = x - m, v = mean(d * d), r = rsqrt(v + eps), d * r; then the
         affine as a mul by the weight and an add of the bias, learned tensors on grids of their own."""
         rank = self.values[x.name].dim()
-        if len(tuple(normalized_shape)) != 1:
-            raise self.unsupported(node, f"normalized_shape {tuple(normalized_shape)} (only the last dimension)")
+        if len(tuple(normalized_shape)) != 1 or rank < 2:
+            raise self.unsupported(node, f"normalized_shape {tuple(normalized_shape)} of a rank-{rank} input (only the "
+                                         "last dimension of a batch of samples)")
         where, prefix = _where(node), node.name
         shape = [1] * (rank - 1) + [int(normalized_shape[0])]
 
