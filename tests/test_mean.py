@@ -94,3 +94,23 @@ def test_mean_is_refused_at_prepare_naming_the_targets_that_run_it(target):
 def test_a_mean_over_the_batch_is_refused_at_capture():
     with pytest.raises(UnsupportedOpError, match="include the batch dimension"):
         qp.prepare_qat(LinearThenMean(6, (0, 1), False), (torch.randn(2, 7, 6),), target="tflite")
+
+
+class ConvThenMean(nn.Module):
+    def __init__(self, dims):
+        super().__init__()
+        self.conv, self.dims = nn.Conv2d(3, 4, 3, padding=1), dims
+
+    def forward(self, x):
+        return self.conv(x).mean(self.dims)
+
+
+@pytest.mark.parametrize("dims", [(1,), (2,)])
+def test_mean_of_a_tensor_stored_channels_last_reduces_the_right_axes_in_litert(tmp_path, dims):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 6)
+    prepared = qp.prepare_qat(ConvThenMean(dims), (x,), target="tflite")
+    qp.calibrate(prepared, [x])
+    integer = qp.convert(qp.freeze(prepared))
+    assert torch.equal(prepared.eval()(x), integer(x))
+    assert_runtime_gives_the_same_codes(integer, x, tmp_path)
