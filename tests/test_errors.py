@@ -47,7 +47,7 @@ class WithPow(nn.Module):
         self.conv = nn.Conv2d(1, 2, 1)
 
     def forward(self, x):
-        return self.conv(x) ** 2
+        return self.conv(x) ** 3  # a square is captured (as x * x); other powers are not
 
 
 def test_unsupported_module_names_the_op_and_its_path():

@@ -72,6 +72,17 @@ class LinearHead(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+class Gain(nn.Module):
+    """A learned per-channel gain: a parameter tensor times the activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.rand(4, 1, 1) + 0.5)
+
+    def forward(self, y):
+        return y * self.gain
+
+
 # operator -> (model factory, the module path a refusal names)
 EXAMPLES = {
     "input": (lambda: Around(nn.Identity()), "left"),
@@ -101,6 +112,9 @@ EXAMPLES = {
     "pad": (lambda: Around(nn.ZeroPad2d(1)), "op"),
     "dropout": (lambda: Around(nn.Dropout(0.25)), "op"),
     "call": (lambda: Around(Apply(lambda y: y.permute(0, 2, 3, 1))), "op"),
+    "mean": (lambda: Around(Apply(lambda y: y.mean(1))), "op"),
+    "rsqrt": (lambda: Around(Apply(lambda y: torch.rsqrt(F.relu(y)))), "op"),  # the ReLU fuses into the conv
+    "parameter": (lambda: Around(Gain()), "op"),
 }
 
 

@@ -40,7 +40,7 @@ def supported_operators() -> str:
 
 ACTIVATION_MODULES = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Hardsigmoid: "hardsigmoid"}
 ACTIVATION_FUNCTIONS = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh",
-                        F.hardsigmoid: "hardsigmoid"}
+                        F.hardsigmoid: "hardsigmoid", torch.rsqrt: "rsqrt"}
 SHAPE_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv)
 
 
@@ -211,6 +211,8 @@ class _Builder:
             self.layers[node.name] = Layer(module)
             self.emit(node, "linear", [self.ref(x)], attrs={"geometry": ConvGeometry("linear").to_dict(),
                                                           "module": node.target})
+        elif isinstance(module, nn.LayerNorm):
+            self.emit_layer_norm(node, x, module.normalized_shape, module.weight, module.bias, module.eps)
         elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d, nn.SyncBatchNorm)):
             self.fold_batch_norm(node, module)
         elif isinstance(module, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
@@ -295,6 +297,8 @@ class _Builder:
             self.emit_add(node, args, kwargs)
         elif fn in (operator.sub, torch.sub):
             self.emit_add(node, args, kwargs, op="sub")
+        elif fn in (operator.pow, torch.pow) and self.is_tensor(args[0]) and args[1] == 2:
+            self.emit_mul(node, args[0], args[0])  # a square is the product of two tensors on one grid
         elif fn in (operator.mul, torch.mul) and isinstance(self.values.get(node.name), torch.Tensor):
             self.emit_mul(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
         elif (fn in (operator.truediv, torch.div, torch.true_divide) and not kwargs.get("rounding_mode")
@@ -348,6 +352,11 @@ class _Builder:
         elif fn is F.dropout:
             p = _bind(args[1:], kwargs, ("p",), (0.5,))[0]
             self.emit(node, "dropout", [self.ref(args[0])], attrs={"p": float(p)})
+        elif fn is F.layer_norm:
+            shape, weight, bias, eps = _bind(args[1:], kwargs, ("normalized_shape", "weight", "bias", "eps"),
+                                             (None, None, None, 1e-5))
+            self.emit_layer_norm(node, args[0], self.static(shape), self.parameter(node, weight, "weight"),
+                                 self.parameter(node, bias, "bias"), eps)
         elif fn is torch.mean:
             self.emit_mean(node, args[0], args[1:], kwargs)
         elif fn is F.conv2d:
@@ -394,10 +403,12 @@ class _Builder:
             self.emit_add(node, args, kwargs, op="sub")
         elif name == "mean":
             self.emit_mean(node, args[0], args[1:], kwargs)
-        elif name in ("sigmoid", "tanh"):
+        elif name in ("sigmoid", "tanh", "rsqrt"):
             self.emit(node, name, [self.ref(args[0])], attrs={})
         elif name == "amax":
             self.emit_amax(node, args[0], args[1:], kwargs)
+        elif name == "pow" and args[1:] == (2,):
+            self.emit_mul(node, args[0], args[0])
         elif name == "mul" and isinstance(self.values.get(node.name), torch.Tensor):
             self.emit_mul(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
         elif (name in ("div", "true_divide") and not kwargs.get("rounding_mode")
@@ -518,6 +529,23 @@ class _Builder:
             return (a, Ref(name)) if tensor is a else (Ref(name), b)
         return a, b
 
+    def parameter_operand(self, node, arg, other):
+        """A parameter of the model added to or multiplied with a tensor (a position embedding, RMSNorm's
+        `* self.weight`) as a parameter node shaped to broadcast against it; any other argument unchanged."""
+        value = self.parameters.get(arg.name, (None, None))[1] if isinstance(arg, fx.Node) else None
+        if not isinstance(value, nn.Parameter) or not self.is_tensor(other):
+            return arg
+        rank = self.values[other.name].dim()
+        if value.dim() > rank:
+            raise self.unsupported(node, f"a parameter of shape {tuple(value.shape)} times a rank-{rank} tensor")
+        holder = nn.Module()
+        holder.register_parameter("weight", value)
+        name = f"{node.name}_{arg.name}"
+        self.layers[name] = Layer(holder)
+        self.values[name] = value.detach().reshape((1,) * (rank - value.dim()) + tuple(value.shape))
+        self.nodes.append(Node(name, "parameter", (), {}, {"shape": list(self.values[name].shape)}, _where(node)))
+        return Ref(name)
+
     def is_operand(self, arg) -> bool:
         """A tensor of the model, or a constant node `constant_operand` made."""
         return self.is_tensor(arg) or isinstance(arg, Ref)
@@ -531,7 +559,7 @@ class _Builder:
             return
         if op == "sub" and _is_number(b) and self.is_tensor(a):
             op, b = "add", -b  # x - c is x + (-c): an add, which every runtime with constants has (ONNX: no QLinearSub)
-        a, b = self.constant_operand(node, a, b)
+        a, b = self.constant_operand(node, self.parameter_operand(node, a, b), self.parameter_operand(node, b, a))
         if not (self.is_operand(a) and self.is_operand(b)):
             raise self.unsupported(node, f"{op} of a tensor and {type(b if self.is_tensor(a) else a).__name__} "
                                          "(tensors and Python numbers only)")
@@ -549,7 +577,7 @@ class _Builder:
         self.emit(node, op, [self.ref(a), self.ref(b)], attrs=attrs)
 
     def emit_mul(self, node, a, b) -> None:
-        a, b = self.constant_operand(node, a, b)
+        a, b = self.constant_operand(node, self.parameter_operand(node, a, b), self.parameter_operand(node, b, a))
         if not (self.is_operand(a) and self.is_operand(b)):
             raise self.unsupported(node, "mul of a tensor and something that is neither a tensor nor a number")
         self.emit(node, "mul", [self.ref(a), self.ref(b)], attrs={})
@@ -683,8 +711,8 @@ class _Builder:
             self.emit_adaptive1d(node, x, 1, squeeze_length=not keepdim)
             return
         if rank != 4 or sorted(d % rank for d in dims) != [2, 3]:
-            raise self.unsupported(node, f"mean over dims {dims} (only the mean over H and W of an NCHW tensor, or "
-                                         "over L of an NCL tensor)")
+            self.emit_reduce_mean(node, x, dims, keepdim)
+            return
         attrs = adaptive_as_pooling(self.spatial(x), 1, _where(node))
         attrs["adaptive_output_size"] = [1, 1]
         pooled = Node(node.name + "_pool", "avg_pool2d", (self.ref(x),), {}, attrs, _where(node))
@@ -693,6 +721,49 @@ class _Builder:
             self.alias[node.name] = pooled.name
         else:
             self.emit(node, "call", [Ref(pooled.name), (-1, -2)], attrs={"fn": "method:squeeze"})
+
+    def emit_layer_norm(self, node, x, normalized_shape, weight, bias, eps) -> None:
+        """LayerNorm over the last dimension as the program of int8 operators LiteRT's converter emits for it, each
+        step on a grid of its own: m = mean(x), d = x - m, v = mean(d * d), r = rsqrt(v + eps), d * r; then the
+        affine as a mul by the weight and an add of the bias, learned tensors on grids of their own."""
+        rank = self.values[x.name].dim()
+        if len(tuple(normalized_shape)) != 1 or rank < 2:
+            raise self.unsupported(node, f"normalized_shape {tuple(normalized_shape)} of a rank-{rank} input (only the "
+                                         "last dimension of a batch of samples)")
+        where, prefix = _where(node), node.name
+        shape = [1] * (rank - 1) + [int(normalized_shape[0])]
+
+        def step(name, op, args, attrs=None):
+            self.nodes.append(Node(f"{prefix}_{name}", op, tuple(args), {}, attrs or {}, where))
+            return Ref(f"{prefix}_{name}")
+
+        def tensor(name, value):
+            holder = nn.Module()
+            holder.register_parameter("weight", value)
+            self.layers[f"{prefix}_{name}"] = Layer(holder)
+            return step(name, "parameter", [], {"shape": shape})
+
+        mean = step("mean", "mean", [self.ref(x)], {"dims": [rank - 1], "keepdim": True})
+        centered = step("centered", "sub", [self.ref(x), mean], {"broadcast": True})
+        variance = step("variance", "mean", [step("squared", "mul", [centered, centered])],
+                        {"dims": [rank - 1], "keepdim": True})
+        self.nodes.append(Node(f"{prefix}_eps", "constant", (), {}, {"value": float(eps), "shape": [1] * rank}, where))
+        scale = step("rsqrt", "rsqrt", [step("plus_eps", "add", [variance, Ref(f"{prefix}_eps")], {"broadcast": True})])
+        result = step("normalized", "mul", [centered, scale])
+        if weight is not None:
+            result = step("scaled", "mul", [result, tensor("weight", weight)])
+        if bias is not None:
+            result = step("shifted", "add", [result, tensor("bias", bias)], {"broadcast": True})
+        self.alias[node.name] = result.name
+
+    def emit_reduce_mean(self, node, x, dims, keepdim) -> None:
+        """A mean over other dimensions (tokens, features): the mean operator, never over the batch."""
+        rank = self.values[x.name].dim()
+        resolved = sorted({d % rank for d in dims}) if dims else list(range(rank))
+        if 0 in resolved:
+            raise self.unsupported(node, f"mean over dims {tuple(dims) or 'all'}, which include the batch dimension "
+                                         "(each sample's outputs must depend on that sample only)")
+        self.emit(node, "mean", [self.ref(x)], attrs={"dims": resolved, "keepdim": bool(keepdim)})
 
     # -- code-preserving calls ------------------------------------------------------------------------------
     def code_preserving_function(self, fn) -> Optional[str]:

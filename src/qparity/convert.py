@@ -29,9 +29,14 @@ def convert(model: QATModel) -> IntegerModel:
 
 
 def with_slopes(model: QATModel) -> Graph:
-    """The graph with each prelu's slope codes and scale written into its node: the integer program's constants."""
+    """The graph with each prelu's slope codes and scale, and each parameter's codes, written into its node: the
+    integer program's constants."""
     nodes = []
     for node in model.graph.nodes:
+        if node.op == "parameter":
+            value = model.tensors[node.name].weight.detach()
+            codes = model.target.quantize(value, model.qparams(node.name))
+            node = replace(node, attrs={**node.attrs, "codes": [int(c) for c in codes.reshape(-1).tolist()]})
         if node.op == "prelu":
             codes, scale = model.slopes[node.name].codes()
             node = replace(node, attrs={**node.attrs, "slope_codes": [int(c) for c in codes.tolist()],

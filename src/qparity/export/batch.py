@@ -31,7 +31,7 @@ def first_node_mixing_samples(model: IntegerModel, seed: int = 0) -> Optional[No
         executor.run([c[i:i + 1] for c in codes])
         alone.append(executor.values)
     for node in model.graph.nodes:
-        if node.op == "constant":  # the same [1, ..., 1] tensor for every batch, broadcast by its users
+        if node.op in ("constant", "parameter"):  # the same tensor for every batch, broadcast by its users
             continue
         batch = _codes(together.values[node.name])
         singles = [_codes(values[node.name]) for values in alone]

@@ -41,7 +41,7 @@ from ..graph import CALLS, Graph, Node, Ref, fused_clamp_bounds, leaves, resolve
 from ..numerics import pooling
 from ..numerics.accumulate import ConvGeometry
 from ..numerics.onnxruntime import negated
-from ..ops import constant
+from ..ops import constant, parameter
 from ..ops.pad import padding_per_dimension
 from ..qparams import TORCH_DTYPES, QParams
 from ..runtime import IntegerModel
@@ -238,6 +238,10 @@ class _OnnxBuilder:
         qp = self.model.qparams[node.name]
         values = constant.codes(self.model.target, node, qp).numpy().astype(_numpy_dtype(qp))
         return self.constant(f"{node.name}.codes", values)
+
+    def op_parameter(self, node: Node) -> str:
+        qp = self.model.qparams[node.name]
+        return self.constant(f"{node.name}.codes", parameter.stored_codes(node).numpy().astype(_numpy_dtype(qp)))
 
     def op_add(self, node: Node, a: str, b: str) -> str:
         out_qp = self.model.qparams[node.name]

@@ -53,7 +53,7 @@ from ..errors import ExportError, ModelFileError
 from ..graph import CALLS, Executor, Node, fused_clamp_bounds, leaves
 from ..numerics import pooling
 from ..numerics.accumulate import ConvGeometry
-from ..ops import constant
+from ..ops import constant, parameter
 from ..ops.pad import padding_per_dimension
 from ..qparams import QParams
 from ..runtime import IntegerModel
@@ -492,6 +492,12 @@ class _Exporter(Executor):
         index = self.fb.constant(f"{node.name}_codes", values, "int8", grid)
         return TFLiteTensor(index, tuple(values.shape), grid, tuple(range(values.ndim)))
 
+    def op_parameter(self, node: Node):
+        grid = self.model.qparams[node.name]
+        values = parameter.stored_codes(node).numpy()
+        index = self.fb.constant(f"{node.name}_codes", values, "int8", grid)
+        return TFLiteTensor(index, tuple(values.shape), grid, tuple(range(values.ndim)))
+
     def op_add(self, node: Node, a: TFLiteTensor, b: TFLiteTensor):
         return self.binary(node, a, b, "ADD", "AddOptions")
 
@@ -548,6 +554,23 @@ class _Exporter(Executor):
         return self.pool(node, x, "AVERAGE_POOL_2D", attrs,
                          "avg_include" if attrs["count_include_pad"] else "avg_exclude")
 
+    def op_mean(self, node: Node, x: TFLiteTensor):
+        """MEAN over the stored positions of the averaged dimensions (reference/reduce.h QuantizedMeanOrSum); without
+        keepdim the kept dimensions stay in their stored order."""
+        grid = self.model.qparams[node.name]
+        dims, keepdim = list(node.attrs["dims"]), bool(node.attrs["keepdim"])
+        axes = sorted(x.perm.index(d) for d in dims)
+        shape = tuple(1 if d in dims else n for d, n in enumerate(x.shape))
+        perm = x.perm
+        if not keepdim:
+            kept = [p for p in x.perm if p not in dims]
+            perm = tuple(int(r) for r in np.argsort(np.argsort(kept)))
+            shape = tuple(n for d, n in enumerate(x.shape) if d not in dims)
+        axis = self.fb.constant(f"{node.name}_axis", np.asarray(axes, np.int32), "int32")
+        out = self.activation(node.name, [shape[p] for p in perm], grid)
+        self.fb.operator("MEAN", [x.index, axis], [out], self.fb.options("ReducerOptions", keepDims=keepdim))
+        return TFLiteTensor(out, shape, grid, perm)
+
     def pool(self, node: Node, x: TFLiteTensor, name: str, attrs: dict, rule: str):
         if len(x.shape) != 4:
             raise self.refuse(node, f"pooling of a rank-{len(x.shape)} input")
@@ -594,6 +617,9 @@ class _Exporter(Executor):
         out = self.activation(node.name, x.stored_shape, out_grid)
         self.fb.operator("PRELU", [x.index, alpha], [out])
         return TFLiteTensor(out, x.shape, out_grid, x.perm)
+
+    def op_rsqrt(self, node: Node, x: TFLiteTensor):
+        return self.elementwise(node, x, "RSQRT")
 
     def op_elu(self, node: Node, x: TFLiteTensor):
         return self.elementwise(node, x, "ELU")

@@ -9,6 +9,8 @@ Every result is round-half-even of an exact rational, then clamped:
 - rescale:     q = clamp(z_y + rhe((q - z) * s / s_y))
 - average:     q = z + rhe(sum(q - z) / count)
 - bilinear:    q = z + rhe(sum of w (q - z)), w PyTorch's interpolation weights as exact rationals
+- rsqrt:       q = clamp(z_y + rhe(1 / (s_y sqrt(x)))), decided on the rational square; x = 0 gives qmax
+- mean:        q = clamp(z_y + rhe(sum(q - z) * s / (n * s_y))), n the number of elements averaged
 - hardswish:   q = clamp(z_y + rhe(h(x) / s_y)), x = (q - z) * s, h(x) = x * clamp(x + 3, 0, 6) / 6 (rational in x)
 - sigmoid, tanh, hardsigmoid, leaky_relu, gelu, elu: q = clamp(z_y + rhe(g(x) / s_y)), correctly rounded
   (numerics/activations.py: Fractions for the rational ones, mpmath with a proven margin otherwise)
@@ -17,6 +19,7 @@ The scales are float32 values taken at their exact binary value.
 """
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import torch
@@ -25,6 +28,7 @@ from ..qparams import QParams
 from . import resampling
 from .activations import exact_table
 from .prelu import exact_prelu
+from .rsqrt import exact_rsqrt_table
 from .arithmetic import ExactRatio, round_half_even_div, round_half_even_exact
 from .target import Target, channel_view, grid_views
 
@@ -81,11 +85,19 @@ class ExactTarget(Target):
 
     def bilinear(self, codes, qp, out_hw, align_corners):
         return resampling.exact_bilinear(codes, int(qp.zero_point), out_hw, align_corners)
+    def mean(self, q, source, out, dims, keepdim):
+        count = math.prod(q.shape[d] for d in dims)
+        sums = (q - int(source.zero_point)).sum(dims, keepdim=keepdim)
+        ratio = ExactRatio.of_scales([source.scale], [out.scale], divisor=count)
+        zy = int(out.zero_point)
+        return zy + round_half_even_exact([(sums, ratio)], out.qmin - zy, out.qmax - zy)
 
     def average(self, sums, counts, qp):
         return int(qp.zero_point) + round_half_even_div(sums, counts)
 
     def activation_table(self, kind, source, out, attrs):
+        if kind == "rsqrt":
+            return exact_rsqrt_table(source, out)
         return exact_table(kind, attrs, source, out)
 
     prelu = staticmethod(exact_prelu)

@@ -224,6 +224,11 @@ class Target:
         sums, counts = pooling.window_sums_and_counts(codes, qp.zero_point.to(codes.device), attrs)
         return self.average(sums.to(torch.int64), counts, qp)
 
+    def mean(self, q: torch.Tensor, source: QParams, out: QParams, dims: Tuple[int, ...],
+             keepdim: bool) -> torch.Tensor:
+        """The mean of the codes q over `dims` (the runtime's MEAN / ReduceMean), as codes on the output grid."""
+        raise UnsupportedOpError(f"mean is not emulated for target {self.name!r}")
+
     def average(self, sums: torch.Tensor, counts: torch.Tensor, qp: QParams) -> torch.Tensor:
         """Window sums of centered codes (q - zero_point) over `counts` elements to codes."""
         raise NotImplementedError

@@ -19,8 +19,14 @@ so every multiplier applies gemmlowp's double rounding.
                2 max(s_a, s_b) / (2^20 s_y); each step MultiplyByQuantizedMultiplier
 - rescale:     Requantize: q = clamp(z_y + MultiplyByQuantizedMultiplier(q - z, M(s / s_y)))
 - average:     on raw codes: (sum ± count / 2) / count with C division (ties away from zero)
+- rsqrt:       RSQRT's Newton-Raphson inverse square root in gemmlowp fixed point (numerics/rsqrt.py)
+- mean:        MEAN (kernels/reduce.cc PrepareMeanOrSum, reference/reduce.h QuantizedMeanOrSum; LiteRT 2.3 and
+               main at f6745779): M = double(s_x) / double(s_y) as m0, e; k = min(floor(log2 n), 32, 31 + e);
+               q = clamp(z_y + MBQM(sum(q - z), (m0 << k) / n, e - k)), the division C's (truncating)
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -29,6 +35,7 @@ from ..qparams import QParams
 from .arithmetic import multiply_by_quantized_multiplier, quantize_multiplier, round_half_away, truncating_div
 from . import resampling
 from .prelu import tflite_prelu
+from .rsqrt import tflite_rsqrt_table
 from .litert_activations import LiteRTActivations, tflite_leaky_relu_table, tflite_table
 from .target import Target, channel_view, grid_views
 
@@ -63,6 +70,20 @@ def add_multipliers(a: QParams, b: QParams, out: QParams):
 def rescale_multiplier(source: QParams, out: QParams):
     """Requantize's (Q31 multiplier, shift) from double(s_in) / double(s_out) (kernels/quantize.cc)."""
     return _multiplier(source.scale.to(torch.float64) / out.scale.to(torch.float64))
+
+
+def mean_multiplier(count: int, source: QParams, out: QParams):
+    """QuantizedMeanOrSum's (multiplier, shift) folding 1 / count into Q31(s_x / s_y) (reference/reduce.h)."""
+    m0, exponent = (int(v) for v in rescale_multiplier(source, out))
+    # shift <= 32 avoids overflow, shift <= 31 + e keeps MBQM's right shift within 31 (the kernel's comment)
+    shift = min(count.bit_length() - 1, 32, 31 + exponent)
+    return (m0 << shift) // count, exponent - shift
+
+
+def mean_requantize(sums: torch.Tensor, count: int, source: QParams, out: QParams) -> torch.Tensor:
+    """MultiplyByQuantizedMultiplier of the centered int32 sums by MEAN's multiplier (no zero point, no clamp)."""
+    multiplier, shift = mean_multiplier(count, source, out)
+    return multiply_by_quantized_multiplier(sums, torch.tensor(multiplier), torch.tensor(shift))
 
 
 class TFLiteTarget(LiteRTActivations, Target):
@@ -149,6 +170,15 @@ class TFLiteTarget(LiteRTActivations, Target):
 
     def bilinear(self, codes, qp, out_hw, align_corners):
         return resampling.tflite_bilinear(codes, out_hw, align_corners)
+    def mean(self, q, source, out, dims, keepdim):
+        count = math.prod(q.shape[d] for d in dims)
+        sums = (q - int(source.zero_point)).sum(dims, keepdim=keepdim)
+        return mean_requantize(sums, count, source, out).add_(int(out.zero_point)).clamp_(out.qmin, out.qmax)
+
+    def activation_table(self, kind, source, out, attrs):
+        if kind == "rsqrt":
+            return tflite_rsqrt_table(source, out)
+        return super().activation_table(kind, source, out, attrs)
 
     def average(self, sums, counts, qp):
         raw = sums + int(qp.zero_point) * counts

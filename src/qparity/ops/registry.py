@@ -55,6 +55,14 @@ _TOSA_NO_RESIZE = "not lowered for target 'tosa' yet (no emitter for TOSA's RESI
 _TORCH_NO_SUB = ("PyTorch has no quantized sub (no quantized::sub operator; torch.sub raises on quantized tensors), so "
                  "the engine has no kernel to run it")
 
+_TORCH_MEAN = ("PyTorch's quantized mean (ReduceOps.cpp mean_quantized_cpu) averages the dequantized values in float "
+               "and quantizes onto the input's own grid; qparity does not emulate its float summation order. A "
+               "LayerNorm there is quantized::layer_norm (QuantizedOpKernels.cpp quantized_normalize_kernel: exact "
+               "integer sums, then float32 mean, variance, sqrt and float gamma/beta in Vectorized lanes, quantized "
+               "once), one kernel qparity does not emulate; qparity's LayerNorm is LiteRT's program of int8 operators")
+_XNNPACK_MEAN = ("LiteRT's default interpreter hands int8 MEAN to XNNPACK's mean operator (xnn_define_static_mean), "
+                 "whose rounding qparity does not emulate; target 'tflite' runs it")
+
 OPERATORS: Dict[str, Operator] = {op.name: op for op in (
     Operator("input", "model inputs", True, "quantize (the target's QUANTIZE rule)",
              "identity inside the grid, 0 outside (torch.ao's fake-quant mask)",
@@ -107,7 +115,8 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "xnnpack: s_a / s_y and s_b / s_y in [2^-10, 256)",
              refused_by={t: _TORCH_NO_SUB for t in ("fbgemm", "x86", "qnnpack")},
              formats=("onnx", "tflite", "tosa")),
-    Operator("mul", "`a * b`, `torch.mul`, `Tensor.mul` of two tensors (broadcasting); `nn.SiLU` / `F.silu` "
+    Operator("mul", "`a * b`, `torch.mul`, `Tensor.mul` of two tensors (broadcasting); `x ** 2`, `torch.pow(x, 2)`, "
+             "`Tensor.pow(2)` as `x * x`; `nn.SiLU` / `F.silu` "
              "become sigmoid then mul", True, "the target's product of two grids (LiteRT reference: MBQM; XNNPACK "
              "and ONNX Runtime: float32 multiplier; PyTorch's engines: float32 multiplier)",
              "float product of the dequantized inputs", "two tensors (no constants); xnnpack: s_a s_b / s_y in "
@@ -123,6 +132,13 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "requantized; mul: scale |c| s, codes mirrored for c < 0), as qparity's output grid; `c - x` refused "
              "there (no quantized rsub)",
              golden=False, torch_form="the number, to torch.ops.quantized.add_scalar / mul_scalar"),
+    Operator("parameter", "the weight and bias of `nn.LayerNorm` / `F.layer_norm` (`elementwise_affine=True`); a "
+             "parameter of the model added to or multiplied with a tensor (a position embedding, RMSNorm's weight)", True,
+             "a tensor of the parameter's codes on a grid of its own (the target's QUANTIZE rule; convert writes "
+             "them into the node), the second operand of mul or add", "the parameter itself, straight-through (it "
+             "learns)", "broadcasts against the other operand",
+             refused_by={"tosa": "not lowered for target 'tosa' yet (no emitter for a parameter tensor)"},
+             formats=("onnx", "tflite")),
     Operator("cat", "`torch.cat`, `torch.concat`", True,
              "each input rescaled to the output grid (a copy when the grids are equal)",
              "float concatenation of the dequantized inputs", "every input a tensor computed by the model",
@@ -198,6 +214,29 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "fbgemm, x86, qnnpack (refused at prepare_qat elsewhere); a mean only over H and W (qnnpack: no 1x1 "
              "avg_pool2d, as PyTorch's qnnpack)",
              torch_form="F.avg_pool2d / F.adaptive_avg_pool2d"),
+    Operator("mean", "`torch.mean`, `Tensor.mean` over any dimensions but the batch (`keepdim` or not), except the "
+             "means over (H, W) and over L that avg_pool2d runs", True,
+             "the target's mean of the exact centered sums sum(q - z) (LiteRT: MEAN's reference kernel, "
+             "QuantizedMeanOrSum)", "mean of the dequantized input", "not over the batch dimension",
+             refused_by={**{t: _TORCH_MEAN for t in ("fbgemm", "x86", "qnnpack")},
+                         "onnxruntime": "ONNX Runtime's CPU provider registers no kernel for com.microsoft "
+                                        "QLinearReduceMean (its schema exists; a session fails with NOT_IMPLEMENTED, "
+                                        "measured with onnxruntime 1.32)",
+                         "xnnpack": _XNNPACK_MEAN,
+                         "tosa": "not lowered for target 'tosa' yet (no emitter for TOSA's REDUCE_SUM and RESCALE)"},
+             formats=("tflite",)),
+    Operator("rsqrt", "`torch.rsqrt`, `Tensor.rsqrt`; `nn.LayerNorm` / `F.layer_norm` over the last dimension become "
+             "mean, sub, mul (the square), mean, add (eps), rsqrt, mul, then mul and add by their parameter tensors", True,
+             "the target's table of all input codes (LiteRT: RSQRT's fixed-point Newton-Raphson, numerics/rsqrt.py; "
+             "exact: decided on the rational square); the code of real 0 gives the top code",
+             "torch.rsqrt of the dequantized input, floored at half a step",
+             "a nonnegative input: its grid's zero point is the lowest code (checked once the grids are known)",
+             refused_by={**{t: "PyTorch has no quantized rsqrt kernel" for t in ("fbgemm", "x86", "qnnpack")},
+                         "onnxruntime": _ORT_NO_KERNEL,
+                         "xnnpack": "LiteRT's XNNPACK delegate takes only float RSQRT, and qparity does not "
+                                    "emulate the reference kernel inside the xnnpack target; target 'tflite' runs it",
+                         "tosa": "not lowered for target 'tosa' yet (a TABLE emitter for rsqrt)"},
+             formats=("tflite",)),
     Operator("upsample_nearest", "`nn.Upsample`, `F.interpolate` with mode='nearest' by integer factors", False,
              "copies codes: output[y, x] = input[y // k_h, x // k_w]", "nearest upsampling of the codes",
              "4-D inputs; integer factors where the runtimes' float32 index rule is exact (checked at capture)",

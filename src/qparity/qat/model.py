@@ -26,7 +26,8 @@ class QATModel(nn.Module):
     """What `prepare_qat` returns: train it like any module, then `freeze` and `convert` it."""
 
     def __init__(self, graph: Graph, layers: Dict[str, QATLayer], target: Target, activation_dtype: str,
-                 per_channel: bool, slopes: Dict[str, QATSlope] | None = None):
+                 per_channel: bool, slopes: Dict[str, QATSlope] | None = None,
+                 tensors: Dict[str, nn.Module] | None = None):
         super().__init__()
         self.graph = graph
         self.target = target
@@ -34,6 +35,7 @@ class QATModel(nn.Module):
         self.per_channel = per_channel
         self.layers = nn.ModuleDict(layers)
         self.slopes = nn.ModuleDict(slopes or {})  # prelu node -> its learned slope
+        self.tensors = nn.ModuleDict(tensors or {})  # parameter node -> the module holding it as `weight`
         self.observers = nn.ModuleDict({n.name: ActivationObserver(activation_dtype, n.path)
                                         for n in graph.nodes if n.new_grid})
         for node in graph.nodes:  # grids the target's runtime imposes (TFLite's LOGISTIC: 1/256, -128), constants'

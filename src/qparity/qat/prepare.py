@@ -47,7 +47,8 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch
                                              per_channel and layer_takes_per_channel_weights(node.op, spec),
                                              node.path)
     slopes = {node.name: QATSlope(layers[node.name].module, node.path) for node in graph.nodes if node.op == "prelu"}
-    prepared = QATModel(graph, qat_layers, spec, dtype, per_channel, slopes)
+    tensors = {node.name: layers[node.name].module for node in graph.nodes if node.op == "parameter"}
+    prepared = QATModel(graph, qat_layers, spec, dtype, per_channel, slopes, tensors)
     return prepared.train(model.training)
 
 

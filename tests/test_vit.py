@@ -1,0 +1,84 @@
+"""A ViT-tiny-style classifier learns sklearn's digits through the integer program: 2x2 patches by a conv, a learned
+position embedding, two pre-norm encoder blocks (LayerNorm, token mixing, LayerNorm, GELU MLP, residual adds),
+LayerNorm, token mean pooling, a linear head. Token mixing is MLP-Mixer's linear over the tokens: attention
+(softmax, matmul) is not an operator of this branch. Fake == integer bit for bit, and the .tflite file gives the
+same codes in LiteRT's reference kernels."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import qparity as qp
+from helpers import assert_runtime_gives_the_same_codes
+
+warnings.filterwarnings("ignore", message=".*quantiz.*deprecated.*")
+DIM, TOKENS = 16, 16
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.mix = nn.LayerNorm(DIM), nn.Linear(TOKENS, TOKENS)
+        self.norm2, self.fc1, self.act, self.fc2 = nn.LayerNorm(DIM), nn.Linear(DIM, 2 * DIM), nn.GELU(), \
+            nn.Linear(2 * DIM, DIM)
+
+    def forward(self, x):
+        x = x + self.mix(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class TinyViT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(1, DIM, 2, stride=2)
+        self.position = nn.Parameter(torch.randn(TOKENS, DIM) * 0.1)
+        self.blocks = nn.Sequential(Block(), Block())
+        self.norm, self.head = nn.LayerNorm(DIM), nn.Linear(DIM, 10)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.position
+        return self.head(self.norm(self.blocks(tokens)).mean(1))
+
+
+def digits():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    return x[order[:1400]], y[order[:1400]], x[order[1400:]], y[order[1400:]]
+
+
+def train(model, x, y, epochs, lr):
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for start in range(0, len(y), 100):
+            loss = nn.functional.cross_entropy(model(x[start:start + 100]), y[start:start + 100])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+
+def accuracy(logits, y) -> float:
+    return float((logits.argmax(1) == y).float().mean())
+
+
+def test_tiny_vit_learns_digits_and_its_integer_program_is_the_fake_one(tmp_path):
+    torch.manual_seed(0)
+    x, y, x_test, y_test = digits()
+    model = TinyViT()
+    train(model, x, y, epochs=5, lr=8e-3)
+    float_accuracy = accuracy(model.eval()(x_test).detach(), y_test)
+    prepared = qp.prepare_qat(model, (x[:8],), target="tflite")
+    train(prepared, x[:400], y[:400], epochs=1, lr=5e-4)
+    qp.freeze(prepared)
+    integer = qp.convert(prepared)
+    fake = prepared.eval()(x_test)
+    assert torch.equal(fake, integer(x_test))
+    fake_accuracy, integer_accuracy = accuracy(fake, y_test), accuracy(integer(x_test), y_test)
+    print(f"TinyViT digits: float {float_accuracy:.3f}, fake {fake_accuracy:.3f}, integer {integer_accuracy:.3f}")
+    assert float_accuracy > 0.85 and integer_accuracy > float_accuracy - 0.05
+    assert_runtime_gives_the_same_codes(integer, x_test[:32], tmp_path)
