@@ -8,6 +8,7 @@ where it is.
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -41,7 +42,7 @@ def supported_operators() -> str:
 ACTIVATION_MODULES = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Hardsigmoid: "hardsigmoid"}
 ACTIVATION_FUNCTIONS = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh",
                         F.hardsigmoid: "hardsigmoid"}
-SHAPE_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv)
+SHAPE_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.pow)
 
 
 @dataclass
@@ -264,6 +265,12 @@ class _Builder:
             self.alias[node.name] = self.ref(x).name
         elif isinstance(module, nn.Dropout):
             self.emit(node, "dropout", [self.ref(x)], attrs={"p": float(module.p)})
+        elif isinstance(module, nn.Softmax):
+            self.emit_softmax(node, x, module.dim, None)
+        elif isinstance(module, nn.MultiheadAttention):
+            raise self.unsupported(node, "torch.fx keeps nn.MultiheadAttention as one opaque module (its forward "
+                                         "branches on its arguments); write the block out with nn.Linear, matmul "
+                                         "and softmax, or F.scaled_dot_product_attention")
         else:
             raise self.unsupported(node)
 
@@ -302,6 +309,16 @@ class _Builder:
             self.emit_divide(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
         elif fn is F.silu:
             self.emit_silu(node, args[0])
+        elif fn in (operator.matmul, torch.matmul, torch.bmm):
+            self.emit_matmul(node, args[0], args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2")))
+        elif fn is F.softmax:
+            dim, _, dtype = self.static(_bind(args[1:], kwargs, ("dim", "_stacklevel", "dtype"), (None, 3, None)))
+            self.emit_softmax(node, args[0], dim, dtype)
+        elif fn is torch.softmax:
+            dim, dtype = self.static(_bind(args[1:], kwargs, ("dim", "dtype"), (None, None)))
+            self.emit_softmax(node, args[0], dim, dtype)
+        elif fn is F.scaled_dot_product_attention:
+            self.emit_attention(node, args, kwargs)
         elif fn in (torch.cat, torch.concat):
             dim = _bind(args[1:], kwargs, ("dim",), (0,))[0]
             tensors = args[0]
@@ -396,6 +413,11 @@ class _Builder:
         elif (name in ("div", "true_divide") and not kwargs.get("rounding_mode")
               and isinstance(self.values.get(node.name), torch.Tensor)):
             self.emit_divide(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
+        elif name in ("matmul", "bmm"):
+            self.emit_matmul(node, args[0], args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2")))
+        elif name == "softmax":
+            dim, dtype = self.static(_bind(args[1:], kwargs, ("dim", "dtype"), (None, None)))
+            self.emit_softmax(node, args[0], dim, dtype)
         elif name in CODE_PRESERVING_METHODS:
             self.check_code_preserving(node)
             self.emit(node, "call", self.ref(args), self.ref(dict(kwargs)), attrs={"fn": "method:" + name})
@@ -497,6 +519,7 @@ class _Builder:
     def constant_operand(self, node, a, b):
         """(a, b) with a Python number among them emitted as a constant node of shape [1, ..., 1] (the other
         operand's rank), so that add, sub and mul see two tensors; unchanged when both are tensors."""
+        a, b = self.static(a), self.static(b)  # a number computed from shapes, e.g. x.shape[-1] ** -0.5
         if self.is_tensor(a) and _is_number(b) or self.is_tensor(b) and _is_number(a):
             tensor, value = (a, b) if self.is_tensor(a) else (b, a)
             magnitude = abs(float(value))
@@ -545,8 +568,48 @@ class _Builder:
             raise self.unsupported(node, "mul of a tensor and something that is neither a tensor nor a number")
         self.emit(node, "mul", [self.ref(a), self.ref(b)], attrs={})
 
+    def emit_matmul(self, node, a, b) -> None:
+        """The product of two tensors of the model, each of rank >= 2 (a vector's matmul drops a dimension)."""
+        if not (self.is_tensor(a) and self.is_tensor(b)):
+            raise self.unsupported(node, "matmul of something other than two tensors computed by the model "
+                                         "(a weight matrix belongs in nn.Linear)")
+        ranks = (self.values[a.name].dim(), self.values[b.name].dim())
+        if min(ranks) < 2:
+            raise self.unsupported(node, f"matmul of ranks {ranks}: both operands need rank >= 2 (unsqueeze a "
+                                         "vector first)")
+        self.emit(node, "matmul", [self.ref(a), self.ref(b)], attrs={})
+
+    def emit_softmax(self, node, x, dim, dtype) -> None:
+        rank = self.values[x.name].dim()
+        if dim is None or dim % rank != rank - 1:
+            raise self.unsupported(node, f"softmax over dim={dim} of a rank-{rank} tensor (only the last dimension, "
+                                         "which every runtime's kernel reduces; transpose first)")
+        if dtype is not None:
+            raise self.unsupported(node, f"softmax with dtype={dtype}")
+        self.emit(node, "softmax", [self.ref(x)], attrs={})
+
+    def emit_attention(self, node, args, kwargs) -> None:
+        """F.scaled_dot_product_attention written out as the runtimes run it: matmul(q, k^T), mul by the scale
+        (a constant), softmax, matmul with v."""
+        q, k, v, mask, dropout, causal, scale, gqa = self.static(_bind(
+            args, kwargs, ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+            (None, None, None, None, 0.0, False, None, False)))
+        if mask is not None or dropout or causal or gqa:
+            raise self.unsupported(node, "scaled_dot_product_attention with attn_mask, dropout_p, is_causal or "
+                                         "enable_gqa (only the plain form is decomposed)")
+        where, rank = _where(node), self.values[q.name].dim()
+        scale = 1.0 / math.sqrt(self.values[q.name].shape[-1]) if scale is None else float(scale)
+        steps = [Node(node.name + "_key_t", "call", (self.ref(k), -2, -1), {}, {"fn": "method:transpose"}, where)]
+        steps.append(Node(node.name + "_scores", "matmul", (self.ref(q), Ref(steps[0].name)), {}, {}, where))
+        steps.append(Node(node.name + "_scale", "constant", (), {}, {"value": scale, "shape": [1] * rank}, where))
+        steps.append(Node(node.name + "_scaled", "mul", (Ref(steps[1].name), Ref(steps[2].name)), {}, {}, where))
+        steps.append(Node(node.name + "_weights", "softmax", (Ref(steps[3].name),), {}, {}, where))
+        self.nodes += steps
+        self.emit(node, "matmul", [Ref(steps[-1].name), self.ref(v)], attrs={})
+
     def emit_divide(self, node, a, b) -> None:
         """x / c as x * (1 / c): the runtimes have no quantized division; a tensor divisor is refused."""
+        b = self.static(b)
         if not (self.is_tensor(a) and _is_number(b) and b != 0):
             raise self.unsupported(node, "division other than of a tensor by a nonzero Python number")
         self.emit_mul(node, a, 1.0 / float(b))

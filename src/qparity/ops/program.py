@@ -21,7 +21,7 @@ import torch
 from ..errors import UnsupportedOpError
 from ..graph import Executor, Node, QValue, fused_clamp_bounds
 from ..qparams import QParams
-from . import activation, add, avg_pool, call, cat, clamp, constant, dropout, hardswish, input as input_op, layer, max_pool, mul, pad, prelu, sub, upsample
+from . import activation, add, avg_pool, call, cat, clamp, constant, dropout, hardswish, input as input_op, layer, matmul, max_pool, mul, pad, prelu, softmax, sub, upsample
 from .lookup import CodeTable, PairTable
 from .surrogates import clamp as clamp_surrogate, quantized_output
 
@@ -30,6 +30,7 @@ IMPLEMENTATIONS = {
     "clamp": clamp, "max_pool2d": max_pool, "avg_pool2d": avg_pool, "dropout": dropout, "call": call,
     "mul": mul, "sub": sub, "pad": pad, "upsample_nearest": upsample, "sigmoid": activation, "tanh": activation, "hardsigmoid": activation, "leaky_relu": activation,
     "gelu": activation, "elu": activation, "prelu": prelu, "constant": constant,
+    "matmul": matmul, "softmax": softmax,
 }
 
 # Computes an operator's output codes from detached int64 input codes, the output grid and its clamp.
