@@ -191,6 +191,12 @@ def onnxruntime_exp_table(scale: float, depth: int) -> torch.Tensor:
 
 
 def onnxruntime_softmax(q: torch.Tensor, source: QParams, out: QParams) -> torch.Tensor:
+    if q.shape[-1] == 1:
+        # The table is sized so that the row sum stays below FLT_MAX / e^5; for one element e * Y (Y >= 254)
+        # still overflows float32 and the kernel converts infinity to an integer (undefined behavior).
+        raise UnsupportedOpError("softmax over a dimension of size 1 on target 'onnxruntime': QLinearSoftmax "
+                                 "overflows float32 there (e * floor(1 / s_y) > FLT_MAX); the result is the constant "
+                                 "1, so drop the softmax")
     table = onnxruntime_exp_table(float(source.scale), q.shape[-1])
     e = table[row_differences(q) + 255]
     total = torch.zeros_like(e[..., :1])
