@@ -22,6 +22,7 @@ from .errors import CaptureError, UnsupportedOpError
 from .graph import CODE_PRESERVING_FUNCTIONS, CODE_PRESERVING_METHODS, Graph, Node, Ref, collect_refs
 from .numerics.accumulate import ConvGeometry
 from .numerics.pooling import adaptive_as_pooling
+from .ops.attention import InProjection, attention_nodes, multihead_attention_nodes
 from .ops.conv1d import Conv1dAs2d, as_conv2d_arguments
 from .ops.conv_transpose2d import ConvTransposeAsConv
 from .ops.registry import CLAMP_FUSING_OPS, LAYER_OPS, OPERATORS
@@ -132,6 +133,7 @@ class _Builder:
         self.alias: Dict[str, str] = {}
         self.parameters: Dict[str, Tuple[fx.Node, Any]] = {}
         self.conv1d_outputs: Dict[str, Node] = {}  # a Conv1d's squeeze node -> its conv2d node
+        self.attention_outputs: Dict[str, str] = {}  # an nn.MultiheadAttention's node -> its output node
         self.output: Any = None
 
     # -- helpers --------------------------------------------------------------------------------------------
@@ -268,15 +270,15 @@ class _Builder:
         elif isinstance(module, nn.Softmax):
             self.emit_softmax(node, x, module.dim, None)
         elif isinstance(module, nn.MultiheadAttention):
-            raise self.unsupported(node, "torch.fx keeps nn.MultiheadAttention as one opaque module (its forward "
-                                         "branches on its arguments); write the block out with nn.Linear, matmul "
-                                         "and softmax, or F.scaled_dot_product_attention")
+            self.emit_multihead_attention(node, module)
         else:
             raise self.unsupported(node)
 
     def add_function(self, node: fx.Node) -> None:
         fn, args, kwargs = node.target, node.args, node.kwargs
-        if fn in (F.relu, torch.relu):
+        if fn is operator.getitem and getattr(args[0], "name", None) in self.attention_outputs:
+            self.alias[node.name] = self.attention_outputs[args[0].name]  # nn.MultiheadAttention(...)[0]
+        elif fn in (F.relu, torch.relu):
             self.emit(node, "clamp", [self.ref(args[0])], attrs={"min": 0.0, "max": None})
         elif fn is F.relu6:
             self.emit(node, "clamp", [self.ref(args[0])], attrs={"min": 0.0, "max": 6.0})
@@ -597,15 +599,36 @@ class _Builder:
         if mask is not None or dropout or causal or gqa:
             raise self.unsupported(node, "scaled_dot_product_attention with attn_mask, dropout_p, is_causal or "
                                          "enable_gqa (only the plain form is decomposed)")
-        where, rank = _where(node), self.values[q.name].dim()
         scale = 1.0 / math.sqrt(self.values[q.name].shape[-1]) if scale is None else float(scale)
-        steps = [Node(node.name + "_key_t", "call", (self.ref(k), -2, -1), {}, {"fn": "method:transpose"}, where)]
-        steps.append(Node(node.name + "_scores", "matmul", (self.ref(q), Ref(steps[0].name)), {}, {}, where))
-        steps.append(Node(node.name + "_scale", "constant", (), {}, {"value": scale, "shape": [1] * rank}, where))
-        steps.append(Node(node.name + "_scaled", "mul", (Ref(steps[1].name), Ref(steps[2].name)), {}, {}, where))
-        steps.append(Node(node.name + "_weights", "softmax", (Ref(steps[3].name),), {}, {}, where))
+        steps = attention_nodes(node.name, self.ref(q), self.ref(k), self.ref(v), scale, self.values[q.name].dim(),
+                                _where(node))
+        self.nodes += steps[:-1]
+        self.emit(node, "matmul", steps[-1].args, attrs={})
+
+    def emit_multihead_attention(self, node, module: nn.MultiheadAttention) -> None:
+        """nn.MultiheadAttention(x, x, x) (self-attention, batch_first, no masks, dropout or extra biases) as
+        ops/attention.py writes it out; its outputs are read only through `[0]` (the attention weights would
+        need another program)."""
+        q, k, v, padding_mask, need_weights, mask, average, causal = _bind(
+            node.args, node.kwargs, ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+                                     "average_attn_weights", "is_causal"), (None, None, None, None, True, None, True,
+                                                                            False))
+        if not (q is k is v and self.is_tensor(q)):
+            raise self.unsupported(node, "nn.MultiheadAttention other than self-attention (query, key and value the "
+                                         "same tensor)")
+        if (padding_mask is not None or mask is not None or causal or not module.batch_first or module.dropout
+                or module.bias_k is not None or module.add_zero_attn or not module._qkv_same_embed_dim):
+            raise self.unsupported(node, "nn.MultiheadAttention with masks, is_causal, dropout, add_bias_kv, "
+                                         "add_zero_attn, kdim/vdim or batch_first=False (only plain batch-first "
+                                         "self-attention is written out)")
+        if any(user.target is not operator.getitem or user.args[1] != 0 for user in node.users):
+            raise self.unsupported(node, "nn.MultiheadAttention's attention weights (use only its output [0])")
+        steps = multihead_attention_nodes(node.name + "_output", self.ref(q), node.target, module,
+                                          self.values[q.name].shape[1], _where(node))
+        self.layers[steps[0].name] = Layer(InProjection(module))
+        self.layers[steps[-1].name] = Layer(module.out_proj)
         self.nodes += steps
-        self.emit(node, "matmul", [Ref(steps[-1].name), self.ref(v)], attrs={})
+        self.attention_outputs[node.name] = steps[-1].name
 
     def emit_divide(self, node, a, b) -> None:
         """x / c as x * (1 / c): the runtimes have no quantized division; a tensor divisor is refused."""

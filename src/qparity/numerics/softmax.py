@@ -14,6 +14,11 @@ Every rule sees one row of codes q_1..q_D on the input grid (s, z) and returns c
                 exp_on_negative_values to Q0.31, the sum in Q12.19, GetReciprocal's Newton-Raphson
                 1 / (1 + x), then RoundingDivideByPOT to the output grid 1/256, -128 (which SoftmaxPrepare
                 requires). Differences below diff_min = -floor(31 * 2^26 / 2^left_shift) give -128.
+- xnnpack:      LiteRT's default interpreter runs int8 SOFTMAX with its optimized built-in kernel (the XNNPACK
+                delegate takes only float SOFTMAX, xnnpack_delegate.cc VisitSoftmaxNode): optimized_ops::Softmax
+                (kernels/internal/optimized/optimized_ops.h) on PopulateSoftmaxLookupTable's e(d) = expf(f(-s * -d)),
+                the row sum in float32 from the first element, q_y = rha(f(e * f(1 / f(sum * s_y)))) + z_y (std::round),
+                clamped; output grid 1/256, -128.
 - onnxruntime:  com.microsoft QLinearSoftmax (contrib_ops/cpu/quantization/qlinear_softmax.cc, ORT 1.32): a
                 float32 table e(v) = f(exp((v + b) s)) in double for v = q - max(q) in [-255, 0], with
                 b = max(0, log(f(FLT_MAX / D)) - 5) / s; the row sum accumulated in float32 from the first
@@ -24,6 +29,7 @@ Every rule sees one row of codes q_1..q_D on the input grid (s, z) and returns c
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import functools
 import math
 from fractions import Fraction
@@ -34,7 +40,8 @@ import torch
 
 from ..errors import UnsupportedOpError
 from ..qparams import QParams
-from .arithmetic import quantize_multiplier, rounding_divide_by_pot, saturating_rounding_doubling_high_mul
+from .arithmetic import (quantize_multiplier, round_half_away, rounding_divide_by_pot,
+                         saturating_rounding_doubling_high_mul)
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 
@@ -171,19 +178,46 @@ def tflite_softmax(q: torch.Tensor, source: QParams, out: QParams) -> torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------------------
-# onnxruntime: QLinearSoftmax
+# The C library the runtimes' kernels call (glibc on Linux)
 # ---------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def _libm_double(name: str):
+def _libm(name: str, c_type=ctypes.c_double):
     library = ctypes.CDLL(ctypes.util.find_library("m") or ctypes.util.find_library("c"))
     function = getattr(library, name)
-    function.restype, function.argtypes = ctypes.c_double, [ctypes.c_double]
+    function.restype, function.argtypes = c_type, [c_type]
     return function
+
+
+def _row_sum_float32(e: torch.Tensor) -> torch.Tensor:
+    """sum over the last dimension in float32, element by element from the first (the kernels' loops)."""
+    total = torch.zeros_like(e[..., :1])
+    for j in range(e.shape[-1]):
+        total = total + e[..., j:j + 1]
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# xnnpack: LiteRT's optimized built-in int8 SOFTMAX
+# ---------------------------------------------------------------------------------------------------------
+def litert_optimized_softmax(q: torch.Tensor, source: QParams, out: QParams) -> torch.Tensor:
+    expf = _libm("expf", ctypes.c_float)
+    scale = -np.float32(source.scale)  # PopulateSoftmaxLookupTable: -input_scale * beta, beta = 1
+    table = torch.tensor([expf(float(scale * np.float32(v))) for v in range(256)], dtype=torch.float32)
+    e = table[-row_differences(q)]
+    total = _row_sum_float32(e)
+    inverse = torch.tensor(1.0, dtype=torch.float32) / (total * out.scale.to(torch.float32))
+    codes = round_half_away(e * inverse).to(torch.int64) + int(out.zero_point)
+    return codes.clamp_(out.qmin, out.qmax)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# onnxruntime: QLinearSoftmax
+# ---------------------------------------------------------------------------------------------------------
 
 
 def onnxruntime_exp_table(scale: float, depth: int) -> torch.Tensor:
     """QlinearBuildLookupTableUint32's float32 e(v) for v = q - max(q) = -255..0 (index v + 255)."""
-    exp, log = _libm_double("exp"), _libm_double("log")
+    exp, log = _libm("exp"), _libm("log")
     largest_over_depth = float(np.float32(np.finfo(np.float32).max) / np.float32(depth))
     bit_shift = max(0.0, log(largest_over_depth) - 5.0) / scale
     values = [np.float32(exp((float(i) - 255 + bit_shift) * scale)) for i in range(256)]
@@ -199,9 +233,7 @@ def onnxruntime_softmax(q: torch.Tensor, source: QParams, out: QParams) -> torch
                                  "1, so drop the softmax")
     table = onnxruntime_exp_table(float(source.scale), q.shape[-1])
     e = table[row_differences(q) + 255]
-    total = torch.zeros_like(e[..., :1])
-    for j in range(e.shape[-1]):  # float32, element by element from the first, as the kernel's loop
-        total = total + e[..., j:j + 1]
+    total = _row_sum_float32(e)
     y_scale = torch.floor(torch.tensor(1.0, dtype=torch.float32) / out.scale.to(torch.float32))
     stored = torch.round((e * y_scale) / total).to(torch.int64) + int(out.zero_point)
     stored = torch.where(stored > 255, torch.full_like(stored, 255), stored)
