@@ -99,6 +99,8 @@ EXAMPLES = {
     "pad": (lambda: Around(nn.ZeroPad2d(1)), "op"),
     "dropout": (lambda: Around(nn.Dropout(0.25)), "op"),
     "call": (lambda: Around(Apply(lambda y: y.permute(0, 2, 3, 1))), "op"),
+    "matmul": (lambda: Around(Apply(lambda a, b: a @ b.transpose(-2, -1)), binary=True), "op"),
+    "softmax": (lambda: Around(nn.Softmax(dim=-1)), "op"),
 }
 
 
