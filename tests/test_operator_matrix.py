@@ -115,6 +115,8 @@ EXAMPLES = {
     "mean": (lambda: Around(Apply(lambda y: y.mean(1))), "op"),
     "rsqrt": (lambda: Around(Apply(lambda y: torch.rsqrt(F.relu(y)))), "op"),  # the ReLU fuses into the conv
     "parameter": (lambda: Around(Gain()), "op"),
+    "matmul": (lambda: Around(Apply(lambda a, b: a @ b.transpose(-2, -1)), binary=True), "op"),
+    "softmax": (lambda: Around(nn.Softmax(dim=-1)), "op"),
 }
 
 

@@ -8,6 +8,7 @@ where it is.
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -21,6 +22,7 @@ from .errors import CaptureError, UnsupportedOpError
 from .graph import CODE_PRESERVING_FUNCTIONS, CODE_PRESERVING_METHODS, Graph, Node, Ref, collect_refs
 from .numerics.accumulate import ConvGeometry
 from .numerics.pooling import adaptive_as_pooling, adaptive_average_attrs
+from .ops.attention import InProjection, attention_nodes, multihead_attention_nodes
 from .ops.conv1d import Conv1dAs2d, as_conv2d_arguments
 from .ops.conv_transpose2d import ConvTransposeAsConv
 from .ops.registry import CLAMP_FUSING_OPS, LAYER_OPS, OPERATORS
@@ -41,7 +43,7 @@ def supported_operators() -> str:
 ACTIVATION_MODULES = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Hardsigmoid: "hardsigmoid"}
 ACTIVATION_FUNCTIONS = {torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh",
                         F.hardsigmoid: "hardsigmoid", torch.rsqrt: "rsqrt"}
-SHAPE_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv)
+SHAPE_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.pow)
 
 
 @dataclass
@@ -131,6 +133,7 @@ class _Builder:
         self.alias: Dict[str, str] = {}
         self.parameters: Dict[str, Tuple[fx.Node, Any]] = {}
         self.conv1d_outputs: Dict[str, Node] = {}  # a Conv1d's squeeze node -> its conv2d node
+        self.attention_outputs: Dict[str, str] = {}  # an nn.MultiheadAttention's node -> its output node
         self.output: Any = None
 
     # -- helpers --------------------------------------------------------------------------------------------
@@ -266,12 +269,18 @@ class _Builder:
             self.alias[node.name] = self.ref(x).name
         elif isinstance(module, nn.Dropout):
             self.emit(node, "dropout", [self.ref(x)], attrs={"p": float(module.p)})
+        elif isinstance(module, nn.Softmax):
+            self.emit_softmax(node, x, module.dim, None)
+        elif isinstance(module, nn.MultiheadAttention):
+            self.emit_multihead_attention(node, module)
         else:
             raise self.unsupported(node)
 
     def add_function(self, node: fx.Node) -> None:
         fn, args, kwargs = node.target, node.args, node.kwargs
-        if fn in (F.relu, torch.relu):
+        if fn is operator.getitem and getattr(args[0], "name", None) in self.attention_outputs:
+            self.alias[node.name] = self.attention_outputs[args[0].name]  # nn.MultiheadAttention(...)[0]
+        elif fn in (F.relu, torch.relu):
             self.emit(node, "clamp", [self.ref(args[0])], attrs={"min": 0.0, "max": None})
         elif fn is F.relu6:
             self.emit(node, "clamp", [self.ref(args[0])], attrs={"min": 0.0, "max": 6.0})
@@ -306,6 +315,16 @@ class _Builder:
             self.emit_divide(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
         elif fn is F.silu:
             self.emit_silu(node, args[0])
+        elif fn in (operator.matmul, torch.matmul, torch.bmm):
+            self.emit_matmul(node, args[0], args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2")))
+        elif fn is F.softmax:
+            dim, _, dtype = self.static(_bind(args[1:], kwargs, ("dim", "_stacklevel", "dtype"), (None, 3, None)))
+            self.emit_softmax(node, args[0], dim, dtype)
+        elif fn is torch.softmax:
+            dim, dtype = self.static(_bind(args[1:], kwargs, ("dim", "dtype"), (None, None)))
+            self.emit_softmax(node, args[0], dim, dtype)
+        elif fn is F.scaled_dot_product_attention:
+            self.emit_attention(node, args, kwargs)
         elif fn in (torch.cat, torch.concat):
             dim = _bind(args[1:], kwargs, ("dim",), (0,))[0]
             tensors = args[0]
@@ -414,6 +433,11 @@ class _Builder:
         elif (name in ("div", "true_divide") and not kwargs.get("rounding_mode")
               and isinstance(self.values.get(node.name), torch.Tensor)):
             self.emit_divide(node, args[0], args[1] if len(args) > 1 else kwargs.get("other"))
+        elif name in ("matmul", "bmm"):
+            self.emit_matmul(node, args[0], args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2")))
+        elif name == "softmax":
+            dim, dtype = self.static(_bind(args[1:], kwargs, ("dim", "dtype"), (None, None)))
+            self.emit_softmax(node, args[0], dim, dtype)
         elif name in CODE_PRESERVING_METHODS:
             self.check_code_preserving(node)
             self.emit(node, "call", self.ref(args), self.ref(dict(kwargs)), attrs={"fn": "method:" + name})
@@ -515,6 +539,7 @@ class _Builder:
     def constant_operand(self, node, a, b):
         """(a, b) with a Python number among them emitted as a constant node of shape [1, ..., 1] (the other
         operand's rank), so that add, sub and mul see two tensors; unchanged when both are tensors."""
+        a, b = self.static(a), self.static(b)  # a number computed from shapes, e.g. x.shape[-1] ** -0.5
         if self.is_tensor(a) and _is_number(b) or self.is_tensor(b) and _is_number(a):
             tensor, value = (a, b) if self.is_tensor(a) else (b, a)
             magnitude = abs(float(value))
@@ -582,8 +607,69 @@ class _Builder:
             raise self.unsupported(node, "mul of a tensor and something that is neither a tensor nor a number")
         self.emit(node, "mul", [self.ref(a), self.ref(b)], attrs={})
 
+    def emit_matmul(self, node, a, b) -> None:
+        """The product of two tensors of the model, each of rank >= 2 (a vector's matmul drops a dimension)."""
+        if not (self.is_tensor(a) and self.is_tensor(b)):
+            raise self.unsupported(node, "matmul of something other than two tensors computed by the model "
+                                         "(a weight matrix belongs in nn.Linear)")
+        ranks = (self.values[a.name].dim(), self.values[b.name].dim())
+        if min(ranks) < 2:
+            raise self.unsupported(node, f"matmul of ranks {ranks}: both operands need rank >= 2 (unsqueeze a "
+                                         "vector first)")
+        self.emit(node, "matmul", [self.ref(a), self.ref(b)], attrs={})
+
+    def emit_softmax(self, node, x, dim, dtype) -> None:
+        rank = self.values[x.name].dim()
+        if dim is None or dim % rank != rank - 1:
+            raise self.unsupported(node, f"softmax over dim={dim} of a rank-{rank} tensor (only the last dimension, "
+                                         "which every runtime's kernel reduces; transpose first)")
+        if dtype is not None:
+            raise self.unsupported(node, f"softmax with dtype={dtype}")
+        self.emit(node, "softmax", [self.ref(x)], attrs={})
+
+    def emit_attention(self, node, args, kwargs) -> None:
+        """F.scaled_dot_product_attention written out as the runtimes run it: matmul(q, k^T), mul by the scale
+        (a constant), softmax, matmul with v."""
+        q, k, v, mask, dropout, causal, scale, gqa = self.static(_bind(
+            args, kwargs, ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+            (None, None, None, None, 0.0, False, None, False)))
+        if mask is not None or dropout or causal or gqa:
+            raise self.unsupported(node, "scaled_dot_product_attention with attn_mask, dropout_p, is_causal or "
+                                         "enable_gqa (only the plain form is decomposed)")
+        scale = 1.0 / math.sqrt(self.values[q.name].shape[-1]) if scale is None else float(scale)
+        steps = attention_nodes(node.name, self.ref(q), self.ref(k), self.ref(v), scale, self.values[q.name].dim(),
+                                _where(node))
+        self.nodes += steps[:-1]
+        self.emit(node, "matmul", steps[-1].args, attrs={})
+
+    def emit_multihead_attention(self, node, module: nn.MultiheadAttention) -> None:
+        """nn.MultiheadAttention(x, x, x) (self-attention, batch_first, no masks, dropout or extra biases) as
+        ops/attention.py writes it out; its outputs are read only through `[0]` (the attention weights would
+        need another program)."""
+        q, k, v, padding_mask, need_weights, mask, average, causal = _bind(
+            node.args, node.kwargs, ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+                                     "average_attn_weights", "is_causal"), (None, None, None, None, True, None, True,
+                                                                            False))
+        if not (q is k is v and self.is_tensor(q)):
+            raise self.unsupported(node, "nn.MultiheadAttention other than self-attention (query, key and value the "
+                                         "same tensor)")
+        if (padding_mask is not None or mask is not None or causal or not module.batch_first or module.dropout
+                or module.bias_k is not None or module.add_zero_attn or not module._qkv_same_embed_dim):
+            raise self.unsupported(node, "nn.MultiheadAttention with masks, is_causal, dropout, add_bias_kv, "
+                                         "add_zero_attn, kdim/vdim or batch_first=False (only plain batch-first "
+                                         "self-attention is written out)")
+        if any(user.target is not operator.getitem or user.args[1] != 0 for user in node.users):
+            raise self.unsupported(node, "nn.MultiheadAttention's attention weights (use only its output [0])")
+        steps = multihead_attention_nodes(node.name + "_output", self.ref(q), node.target, module,
+                                          self.values[q.name].shape[1], _where(node))
+        self.layers[steps[0].name] = Layer(InProjection(module))
+        self.layers[steps[-1].name] = Layer(module.out_proj)
+        self.nodes += steps
+        self.attention_outputs[node.name] = steps[-1].name
+
     def emit_divide(self, node, a, b) -> None:
         """x / c as x * (1 / c): the runtimes have no quantized division; a tensor divisor is refused."""
+        b = self.static(b)
         if not (self.is_tensor(a) and _is_number(b) and b != 0):
             raise self.unsupported(node, "division other than of a tensor by a nonzero Python number")
         self.emit_mul(node, a, 1.0 / float(b))

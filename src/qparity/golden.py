@@ -40,6 +40,7 @@ from .numerics import onnxruntime as ort_spec
 from .numerics import tflite as tflite_spec
 from .numerics.arithmetic import ExactRatio, quantize_multiplier
 from .numerics.tflite import ADD_LEFT_SHIFT
+from .numerics.softmax import tflite_softmax_parameters
 
 FORMAT = "qparity-golden"
 VERSION = 1
@@ -157,6 +158,11 @@ PARAMETERS = {
     "mul": lambda model, node, inputs, root: {"input_a": inputs[0].qparams.to_dict(),
                                               "input_b": inputs[1].qparams.to_dict(),
                                               "output": model.qparams[node.name].to_dict()},
+    "matmul": lambda model, node, inputs, root: {
+        "input_a": inputs[0].qparams.to_dict(), "input_b": inputs[1].qparams.to_dict(),
+        "output": model.qparams[node.name].to_dict(),
+        **_requantization(model.target.name, inputs[0].qparams, inputs[1].qparams.scale, model.qparams[node.name])},
+    "softmax": lambda model, node, inputs, root: _softmax_params(model, node, inputs[0]),
     "hardswish": _table_params,
     "sigmoid": _table_params,
     "tanh": _table_params,
@@ -210,6 +216,15 @@ def _requantization(target: str, input_qp: QParams, weight_scale: torch.Tensor, 
     if target == "onnxruntime":
         return {"multiplier_f32": _list(ort_spec.layer_multiplier(input_qp.scale, weight_scale, output_qp.scale))}
     return {"multiplier_exact": _ratio(ExactRatio.of_scales([input_qp.scale, weight_scale], [output_qp.scale]))}
+
+
+def _softmax_params(model: IntegerModel, node: Node, x: QValue) -> dict:
+    """softmax's grids; for tflite also SoftmaxPrepare's input multiplier, left shift and diff_min."""
+    params = {"input_qparams": x.qparams.to_dict(), "output_qparams": model.qparams[node.name].to_dict()}
+    if model.target.name == "tflite":
+        multiplier, left_shift, diff_min = tflite_softmax_parameters(x.qparams)
+        params.update(input_multiplier=multiplier, input_left_shift=left_shift, diff_min=diff_min)
+    return params
 
 
 def _add_params(model: IntegerModel, node: Node, a: QValue, b: QValue, sign: int = 1) -> dict:

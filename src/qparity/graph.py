@@ -140,7 +140,7 @@ CODE_PRESERVING_FUNCTIONS: Dict[str, Callable] = {
     "torch.chunk": torch.chunk, "torch.split": torch.split, "operator.getitem": operator.getitem,
     "torch.pixel_shuffle": torch.pixel_shuffle, "torch.pixel_unshuffle": torch.pixel_unshuffle,
     "getattr": getattr, "operator.add": operator.add, "operator.sub": operator.sub, "operator.mul": operator.mul,
-    "operator.floordiv": operator.floordiv, "operator.truediv": operator.truediv,
+    "operator.floordiv": operator.floordiv, "operator.truediv": operator.truediv, "operator.pow": operator.pow,
 }
 CALLS: Dict[str, Callable] = {**{f"method:{m}": _method(m) for m in CODE_PRESERVING_METHODS},
                               **{f"function:{k}": v for k, v in CODE_PRESERVING_FUNCTIONS.items()}}

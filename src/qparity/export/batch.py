@@ -4,7 +4,8 @@ A .tflite file has fixed shapes and runs `batch_size` samples at a time (verify 
 so a model whose output for one sample depends on another sample of the batch (`x + x[:1]`, a mean over the
 batch, a reshape that folds the batch into another dimension) would compute something else in the file. The
 check runs the integer program on two random samples together and on each alone and names the first node whose
-values differ, or whose leading dimension is not the batch.
+values differ. Inside the program the batch may sit in another dimension (attention's heads split as
+[3, N, heads, T, d]) as long as the samples stay apart there; the model's outputs must lead with it.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any, List, Optional
 import torch
 
 from ..errors import ExportError, QParityError
-from ..graph import Node, QValue, leaves
+from ..graph import Node, QValue, Ref, leaves
 from ..runtime import IntegerModel
 
 SAMPLES = 2
@@ -30,17 +31,24 @@ def first_node_mixing_samples(model: IntegerModel, seed: int = 0) -> Optional[No
         executor = model.executor()
         executor.run([c[i:i + 1] for c in codes])
         alone.append(executor.values)
+    outputs = {ref.name for ref in leaves(model.graph.output) if isinstance(ref, Ref)}
     for node in model.graph.nodes:
         if node.op in ("constant", "parameter"):  # the same tensor for every batch, broadcast by its users
             continue
         batch = _codes(together.values[node.name])
         singles = [_codes(values[node.name]) for values in alone]
         for k, tensor in enumerate(batch):
-            if tensor.dim() == 0 or tensor.shape[0] != SAMPLES:
-                return node
-            if any(not torch.equal(tensor[i:i + 1], single[k]) for i, single in enumerate(singles)):
+            dims = (0,) if node.name in outputs else range(tensor.dim())
+            if not any(_stacks_along(tensor, [single[k] for single in singles], d) for d in dims):
                 return node
     return None
+
+
+def _stacks_along(tensor: torch.Tensor, pieces: List[torch.Tensor], dim: int) -> bool:
+    """Whether `tensor` is the one-sample `pieces` concatenated along `dim`."""
+    if any(p.dim() != tensor.dim() or p.shape[dim] != 1 for p in pieces):
+        return False
+    return torch.equal(tensor, torch.cat(pieces, dim=dim))
 
 
 def _codes(value: Any) -> List[torch.Tensor]:

@@ -10,6 +10,8 @@ Each operator of the integer program becomes the ONNX Runtime kernel whose arith
     add            com.microsoft QLinearAdd
     sub            BitwiseNot of the second operand's codes (its negation on the mirrored grid), QLinearAdd
     mul            com.microsoft QLinearMul (numpy broadcasting)
+    matmul         QLinearMatMul (numpy matmul broadcasting)
+    softmax        com.microsoft QLinearSoftmax (axis -1, opset 13)
     cat            com.microsoft QLinearConcat
     sigmoid        com.microsoft QLinearSigmoid
     leaky_relu     com.microsoft QLinearLeakyRelu (alpha as float32)
@@ -268,6 +270,17 @@ class _OnnxBuilder:
         return self.emit("QLinearMul", [a, *self.grid(self.model.grids[first], first), b,
                                         *self.grid(self.model.grids[second], second), *self.grid(out_qp, node.name)],
                          node.name, domain=MICROSOFT)
+
+    def op_matmul(self, node: Node, a: str, b: str) -> str:
+        out_qp = self.model.qparams[node.name]
+        first, second = node.refs()
+        return self.emit("QLinearMatMul", [a, *self.grid(self.model.grids[first], first), b,
+                                           *self.grid(self.model.grids[second], second), *self.grid(out_qp, node.name)],
+                         node.name)
+
+    def op_softmax(self, node: Node, x: str) -> str:
+        """com.microsoft QLinearSoftmax with opset 13 semantics: one softmax per row of the last axis."""
+        return self.lookup_activation("QLinearSoftmax", node, x, axis=-1, opset=13)
 
     def op_cat(self, node: Node, tensors: List[str]) -> str:
         out_qp = self.model.qparams[node.name]

@@ -522,6 +522,31 @@ class _Exporter(Executor):
     def op_mul(self, node: Node, a: TFLiteTensor, b: TFLiteTensor):
         return self.binary(node, a, b, "MUL", "MulOptions")
 
+    def op_matmul(self, node: Node, a: TFLiteTensor, b: TFLiteTensor):
+        """BATCH_MATMUL of both operands in their logical layout (ranks 2 to 5, batch dimensions broadcast); b
+        stored with its last two dimensions swapped (k^T of a transpose) is read in place with adj_y."""
+        if not 2 <= max(len(a.shape), len(b.shape)) <= 5:
+            raise self.refuse(node, f"a matmul of ranks {len(a.shape)} and {len(b.shape)}: BATCH_MATMUL takes ranks "
+                                    "2 to 5")
+        grid = self.model.qparams[node.name]
+        a = self.in_layout(a, tuple(range(len(a.shape))))
+        swapped = tuple(range(len(b.shape) - 2)) + (len(b.shape) - 1, len(b.shape) - 2)
+        adj_y = b.perm == swapped
+        b = b if adj_y else self.in_layout(b, tuple(range(len(b.shape))))
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        shape = tuple(batch) + (a.shape[-2], b.shape[-1])
+        out = self.activation(node.name, shape, grid)
+        self.fb.operator("BATCH_MATMUL", [a.index, b.index], [out],
+                         self.fb.options("BatchMatMulOptions", adjX=False, adjY=adj_y))
+        return TFLiteTensor(out, shape, grid, tuple(range(len(shape))))
+
+    def op_softmax(self, node: Node, x: TFLiteTensor):
+        """SOFTMAX (beta 1) over the stored tensor's last dimension, which must be the logical last one."""
+        rank = len(x.shape)
+        if x.perm[-1] != rank - 1:
+            x = self.in_layout(x, tuple(range(rank)))
+        return self.elementwise(node, x, "SOFTMAX", self.fb.options("SoftmaxOptions", beta=1.0))
+
     def op_cat(self, node: Node, tensors):
         grid = self.model.qparams[node.name]
         rank = len(tensors[0].shape)

@@ -15,6 +15,9 @@ Every result is round-half-even of an exact rational, then clamped:
 - sigmoid, tanh, hardsigmoid, leaky_relu, gelu, elu: q = clamp(z_y + rhe(g(x) / s_y)), correctly rounded
   (numerics/activations.py: Fractions for the rational ones, mpmath with a proven margin otherwise)
 - prelu:       q = clamp(z_y + rhe(x / s_y or x a / s_y)), a the slope on its int8 grid (numerics/prelu.py)
+- matmul:      q = clamp(z_y + rhe(sum_k (q_a - z_a)(q_b - z_b) * s_a * s_b / s_y)), as conv/linear
+- softmax:     q = clamp(z_y + rhe(y_i / s_y)), y_i = 1 / sum_j exp((q_j - q_i) s), correctly rounded
+  (numerics/softmax.py: a tie only where the row is constant, decided with Fractions; mpmath near ties)
 The scales are float32 values taken at their exact binary value.
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ from . import resampling
 from .activations import exact_table
 from .prelu import exact_prelu
 from .rsqrt import exact_rsqrt_table
+from .softmax import exact_softmax
 from .arithmetic import ExactRatio, round_half_even_div, round_half_even_exact
 from .target import Target, channel_view, grid_views
 
@@ -101,6 +105,10 @@ class ExactTarget(Target):
         return exact_table(kind, attrs, source, out)
 
     prelu = staticmethod(exact_prelu)
+    softmax = staticmethod(exact_softmax)
+
+    def matmul_requantizer(self, a, b, out, lo, hi, ndim):
+        return self.requantizer("matmul", a, b.scale, out, lo, hi, 0, ndim)
 
     def elementwise_hardswish(self, numel):
         return True

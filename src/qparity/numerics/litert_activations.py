@@ -48,7 +48,8 @@ from .arithmetic import (multiply_by_quantized_multiplier, quantize_multiplier, 
 
 F32 = np.float32
 CODES = torch.arange(-128, 128, dtype=torch.int64)
-LITERT_FIXED_GRIDS = {"sigmoid": QParams(1.0 / 256.0, -128, "int8"), "tanh": QParams(1.0 / 128.0, 0, "int8")}
+LITERT_FIXED_GRIDS = {"sigmoid": QParams(1.0 / 256.0, -128, "int8"), "tanh": QParams(1.0 / 128.0, 0, "int8"),
+                      "softmax": QParams(1.0 / 256.0, -128, "int8")}  # SoftmaxPrepare requires it for int8
 INT16_SHIFT_LIMIT = 15  # gemmlowp computes int16 RoundingDivideByPOT's mask in int16: validated below 16
 
 

@@ -24,6 +24,11 @@ f() is rounding to float32, rne round half to even, sat the clamp to the code dt
                                     g = MLAS's FMA3 logistic (logistic.cpp, MlasLogisticKernelFma3: a rational
                                     polynomial in fma steps on clamp(x, -18, 18), then f(p / q) + 0.5, max 0),
                                     or x >= 0 ? x : f(alpha * x)
+- matmul (QLinearMatMul):          as conv/linear: M = f(f(s_a * s_b) / s_y), q = sat(rne(f(f(acc) * M)) + z_y)
+                                    (quantize_linear_matmul.cc, MlasRequantizeOutput)
+- softmax (com.microsoft QLinearSoftmax): a float32 exp table and a float32 row sum (numerics/softmax.py);
+                                    output grids 1/256, 0 (uint8) and 1/255, -128 (int8), whose largest code the
+                                    kernel's int8 cast never wraps
 Sources: onnxruntime/core/mlas/lib/quantize.cpp, providers/cpu/quantization/qlinearconv.cc,
 contrib_ops/cpu/quantization/{qladd.cc, qlinear_concat.cc, qlinear_pool.cc, qlinear_global_average_pool.cc}.
 Each formula matched ORT 1.32 (CPU EP, x86-64) with zero mismatches on random and tie-seeking cases.
@@ -36,6 +41,7 @@ from . import pooling
 from ..errors import UnsupportedOpError
 from ..qparams import QParams
 from .arithmetic import float32_requantizer, fma_f32
+from .softmax import ONNXRUNTIME_GRIDS, onnxruntime_softmax
 from .target import Target, channel_view, grid_views
 
 
@@ -100,6 +106,14 @@ class OnnxRuntimeTarget(Target):
     def quantize_unclamped(self, x, qp):
         scale, zero_point = grid_views(qp, x)
         return torch.round(x.to(torch.float32) / scale).to(torch.float64) + zero_point
+
+    softmax = staticmethod(onnxruntime_softmax)
+
+    def fixed_output_qparams(self, kind, dtype):
+        return ONNXRUNTIME_GRIDS[dtype] if kind == "softmax" else None
+
+    def matmul_requantizer(self, a, b, out, lo, hi, ndim):
+        return self.requantizer("matmul", a, b.scale, out, lo, hi, 0, ndim)
 
     def multiply(self, qa, a, qb, b, out, lo, hi):
         # com.microsoft QLinearMul (mlas/lib/qlmul.cpp, MlasQLinearMulKernel): M = f(f(s_a * s_b) / s_y),

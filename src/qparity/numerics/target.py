@@ -143,6 +143,14 @@ class Target:
         """Elementwise product of two quantized tensors (broadcasting), onto the output grid."""
         raise UnsupportedOpError(f"mul is not emulated for target {self.name!r}")
 
+    def matmul_requantizer(self, a: QParams, b: QParams, out: QParams, lo: int, hi: int, ndim: int) -> Requantizer:
+        """acc -> output codes for the product of two activations (acc = sum (q_a - z_a)(q_b - z_b), exact)."""
+        raise UnsupportedOpError(f"matmul is not emulated for target {self.name!r}")
+
+    def softmax(self, q: torch.Tensor, source: QParams, out: QParams) -> torch.Tensor:
+        """Softmax of the codes q along the last dimension, as codes on the output grid (numerics/softmax.py)."""
+        raise UnsupportedOpError(f"softmax is not emulated for target {self.name!r}")
+
     def layer_target(self, geometry) -> "Target":
         """The target whose kernels run a layer of this geometry: this one, unless the runtime hands some layers
         to other kernels (PyTorch's x86 engine: convs with more than 100 groups run in fbgemm)."""

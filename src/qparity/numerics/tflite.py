@@ -17,6 +17,10 @@ so every multiplier applies gemmlowp's double rounding.
                one IEEE double product, ties away from zero
 - add:         both inputs scaled by s / (2 max(s_a, s_b)) after a left shift of 20, summed, scaled by
                2 max(s_a, s_b) / (2^20 s_y); each step MultiplyByQuantizedMultiplier
+- matmul:      BATCH_MATMUL (kernels/batch_matmul.cc EvalInt8Int8, reference_ops::BatchMatMul): the exact int32
+               accumulator of (q_a - z_a)(q_b - z_b), M = double(s_a) * double(s_b) / double(s_y)
+               (GetQuantizedConvolutionMultipler) as Q31 m0 and shift; q = clamp(z_y + MBQM(acc, m0, shift))
+- softmax:     the reference SOFTMAX's gemmlowp fixed point (numerics/softmax.py), output grid 1/256, -128
 - rescale:     Requantize: q = clamp(z_y + MultiplyByQuantizedMultiplier(q - z, M(s / s_y)))
 - average:     on raw codes: (sum ± count / 2) / count with C division (ties away from zero)
 - rsqrt:       RSQRT's Newton-Raphson inverse square root in gemmlowp fixed point (numerics/rsqrt.py)
@@ -36,6 +40,7 @@ from .arithmetic import multiply_by_quantized_multiplier, quantize_multiplier, r
 from . import resampling
 from .prelu import tflite_prelu
 from .rsqrt import tflite_rsqrt_table
+from .softmax import tflite_softmax
 from .litert_activations import LiteRTActivations, tflite_leaky_relu_table, tflite_table
 from .target import Target, channel_view, grid_views
 
@@ -94,6 +99,10 @@ class TFLiteTarget(LiteRTActivations, Target):
     transcendental_table = staticmethod(tflite_table)  # LOGISTIC, TANH, GELU, ELU
     prelu = staticmethod(tflite_prelu)  # PRELU: the reference kernel (XNNPACK takes only float PRELU)
     leaky_relu_table = staticmethod(tflite_leaky_relu_table)
+    softmax = staticmethod(tflite_softmax)  # the reference kernel: the one BUILTIN_REF runs
+
+    def matmul_requantizer(self, a, b, out, lo, hi, ndim):
+        return self.requantizer("matmul", a, b.scale, out, lo, hi, 0, ndim)  # conv's rule (no "linear" double path)
 
     def quantize_unclamped(self, x, qp):
         scale, zero_point = grid_views(qp, x)

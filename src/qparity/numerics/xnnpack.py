@@ -18,6 +18,8 @@ so does a QUANTIZE whose scale ratio XNNPACK refuses. f() is rounding to float32
                             Requantize: Q31 multiplier of the double ratio, SRDHM, then a right shift that
                             rounds halves up
 - average (AVERAGE_POOL_2D, TFLite's optimized int8 kernel): as the reference, ties away from zero
+- softmax (SOFTMAX int8, LiteRT's optimized kernel: the delegate takes only float SOFTMAX): a float32 expf table,
+                            float32 row sum, rha(f(e * f(1 / f(sum * s_y)))) + z_y (numerics/softmax.py)
 - MAX_POOL_2D, CONCATENATION of equal grids, MAXIMUM/MINIMUM, PADV2, SLICE, TRANSPOSE, RESHAPE, GATHER move
   codes without arithmetic.
 
@@ -37,6 +39,7 @@ from ..errors import UnsupportedOpError
 from .arithmetic import float32_requantizer, quantize_multiplier, saturating_rounding_doubling_high_mul
 from . import resampling
 from .prelu import tflite_prelu
+from .softmax import litert_optimized_softmax
 from .litert_activations import LiteRTActivations, xnnpack_leaky_relu_table, xnnpack_table
 from .target import Target, channel_view, grid_views
 from .tflite import TFLiteTarget, check_transpose_conv
@@ -73,6 +76,7 @@ class XnnpackTarget(LiteRTActivations, Target):
     transcendental_table = staticmethod(xnnpack_table)  # LOGISTIC, TANH, ELU (GELU: TFLite's)
     prelu = staticmethod(tflite_prelu)  # PRELU: the reference kernel (XNNPACK takes only float PRELU)
     leaky_relu_table = staticmethod(xnnpack_leaky_relu_table)
+    softmax = staticmethod(litert_optimized_softmax)  # SOFTMAX int8: LiteRT's optimized kernel (float-only delegate)
 
     def multiply(self, qa, a, qb, b, out, lo, hi):
         # XNNPACK qs8 vmul (src/microparams-init.c, xnn_init_qs8_mul_minmax_scalar_params; delegate: the scale

@@ -52,6 +52,13 @@ _TFLITE_NO_KERNEL = ("LiteRT has no int8 kernel for it (TFLite's converter rewri
                      "write it as relu6(x + 3) / 6 once those operators are supported")
 
 _TOSA_NO_RESIZE = "not lowered for target 'tosa' yet (no emitter for TOSA's RESIZE)"
+_TORCH_FLOAT_FALLBACK = ("PyTorch's quantized kernel for it (ATen quantized/cpu qmatmul.cpp, qsoftmax.cpp) dequantizes, runs "
+                         "the float operator (vectorized BLAS / Sleef exp) and quantizes again outside its ruy and "
+                         "QNNPACK special cases, which qparity does not emulate bit for bit")
+_XNNPACK_MATMUL = ("LiteRT's XNNPACK delegate takes an int8 BATCH_MATMUL only where input 2's zero point is 0 "
+                   "(xnnpack_delegate.cc VisitBatchMatMulNode) and LiteRT's optimized (ruy) kernel runs the rest; "
+                   "neither is emulated yet, while target 'tflite' runs the reference kernel")
+
 _TORCH_NO_SUB = ("PyTorch has no quantized sub (no quantized::sub operator; torch.sub raises on quantized tensors), so "
                  "the engine has no kernel to run it")
 
@@ -121,6 +128,32 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "and ONNX Runtime: float32 multiplier; PyTorch's engines: float32 multiplier)",
              "float product of the dequantized inputs", "two tensors (no constants); xnnpack: s_a s_b / s_y in "
              "[2^-16, 256), where LiteRT's delegate runs it", torch_form="torch.ops.quantized.mul"),
+    Operator("matmul", "`a @ b`, `torch.matmul`, `torch.bmm`, `Tensor.matmul`/`bmm` of two tensors of rank >= 2 "
+             "(batch dimensions broadcast); `F.scaled_dot_product_attention` as matmul(q, k^T), mul by its scale, "
+             "softmax, matmul with v; `nn.MultiheadAttention` self-attention as that between its in_proj and "
+             "out_proj linear layers (ops/attention.py)", True,
+             "exact int32 accumulator of (q_a - z_a)(q_b - z_b), the target's requantizer (LiteRT reference: "
+             "BATCH_MATMUL's MBQM, as conv; ONNX Runtime: QLinearMatMul's float32 multiplier)",
+             "float matmul of the dequantized inputs",
+             "two tensors computed by the model; an inner dimension whose int32 accumulator cannot overflow; "
+             "TFLite: ranks 2 to 5 (BATCH_MATMUL); scaled_dot_product_attention without mask, causal flag, "
+             "dropout or GQA; nn.MultiheadAttention batch-first self-attention without masks, dropout, "
+             "add_bias_kv, add_zero_attn or kdim/vdim, read only through [0]",
+             refused_by={**{t: _TORCH_FLOAT_FALLBACK for t in ("fbgemm", "x86", "qnnpack")},
+                         "xnnpack": _XNNPACK_MATMUL,
+                         "tosa": "not lowered for target 'tosa' yet (no emitter for TOSA's MATMUL)"},
+             formats=("onnx", "tflite")),
+    Operator("softmax", "`nn.Softmax`, `F.softmax`, `torch.softmax`, `Tensor.softmax` over the last dimension", True,
+             "the target's softmax of each row of codes (numerics/softmax.py; LiteRT reference: gemmlowp fixed-point "
+             "exp and reciprocal, output grid 1/256, -128; xnnpack: LiteRT's optimized kernel, a float32 expf table, "
+             "same grid; ONNX Runtime: QLinearSoftmax's float32 exp table and sum, output grid 1/256, 0 (uint8) or "
+             "1/255, -128 (int8))",
+             "torch.softmax of the dequantized input", "the last dimension only; no `dtype` argument; onnxruntime: "
+             "more than one element",
+             refused_by={**{t: _TORCH_FLOAT_FALLBACK for t in ("fbgemm", "x86", "qnnpack")},
+                         "tosa": "not lowered for target 'tosa' yet (TOSA has no softmax operator: Arm's backend "
+                                 "decomposes it into TABLE, REDUCE_SUM and RESCALE steps, not emulated)"},
+             formats=("onnx", "tflite")),
     Operator("constant", "a Python number combined with a tensor: `x + c`, `c + x`, `x - c`, `c - x`, `x * c`, "
              "`c * x`, `x / c` (as `x * (1 / c)`; `x - c` as `x + (-c)`), `torch.add`/`sub`/`mul`/`div` and the Tensor "
              "methods", True,
