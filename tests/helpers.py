@@ -35,7 +35,7 @@ def prepare_and_convert(model, example, target, batches, lr=0.0, **options):
     return prepared, qp.convert(prepared)
 
 
-FILE_SUFFIXES = {"tflite": ".tflite", "xnnpack": ".tflite", "onnxruntime": ".onnx"}
+FILE_SUFFIXES = {"tflite": ".tflite", "xnnpack": ".tflite", "tflite-micro": ".tflite", "onnxruntime": ".onnx"}
 
 
 def assert_runtime_gives_the_same_codes(integer_model, inputs, directory) -> None:
