@@ -152,6 +152,53 @@ def test_fixed_point_logistic_and_tanh_tables_match_tflm_for_every_code(kind, sc
     assert_codes_equal(as_codes(y), TARGET.activation(kind, as_codes(q), source, out, {}))
 
 
+def every_code_model(op: str, source, out, options=None, extra_inputs=()):
+    """One unary int8 operator over a [1, 256] tensor of every code; extra inputs are constant tensors."""
+    model = TFLiteModel()
+    t_x = model.tensor((1, 256), "int8", *source)
+    t_y = model.tensor((1, 256), "int8", *out)
+    model.operator(op, [t_x, *[model.tensor(**extra) for extra in extra_inputs]], [t_y], options)
+    return model.build([t_x], [t_y])
+
+
+EVERY_CODE = np.arange(-128, 128, dtype=np.int8).reshape(1, -1)
+unary_grids = dict(scale=scales(-3.0, 0.5), zp=zero_points, out_scale=scales(-3.0, 0.5), out_zp=zero_points)
+
+
+@SETTINGS
+@given(alpha=st.sampled_from([0.01, 0.1, 0.15, 0.2, 0.3, -0.5, 1.5]), tie_prone=st.booleans(), **unary_grids)
+def test_leaky_relu_table_matches_tflm_for_every_code(alpha, tie_prone, scale, zp, out_scale, out_zp):
+    if tie_prone:  # an output scale a simple fraction of the input's: s * alpha / s_y near exact halves
+        out_scale = f32(scale * 0.3)
+    y = run_tflm(every_code_model("LEAKY_RELU", (scale, zp), (out_scale, out_zp),
+                                  tflite_options("LeakyReluOptions", alpha=alpha)), EVERY_CODE)
+    spec = TARGET.activation("leaky_relu", as_codes(EVERY_CODE), QParams(scale, zp, "int8"),
+                             QParams(out_scale, out_zp, "int8"), {"negative_slope": alpha})
+    assert_codes_equal(as_codes(y), spec)
+
+
+@SETTINGS
+@given(**unary_grids)
+def test_hardswish_table_matches_tflm_for_every_code(scale, zp, out_scale, out_zp):
+    source, out = QParams(scale, zp, "int8"), QParams(out_scale, out_zp, "int8")
+    try:
+        spec = TARGET.hardswish(as_codes(EVERY_CODE), source, out)
+    except UnsupportedOpError:  # grids TFLite's HARD_SWISH itself refuses
+        return
+    y = run_tflm(every_code_model("HARD_SWISH", (scale, zp), (out_scale, out_zp)), EVERY_CODE)
+    assert_codes_equal(as_codes(y), spec)
+
+
+@SETTINGS
+@given(slope=st.integers(-127, 127), slope_scale=st.sampled_from([1 / 127, 1 / 63, 1 / 25, 1 / 3]), **unary_grids)
+def test_prelu_matches_tflm_prelu_for_every_code(slope, slope_scale, scale, zp, out_scale, out_zp):
+    alpha = dict(shape=(1,), dtype="int8", scale=f32(slope_scale), zero_point=0, data=np.array([slope], np.int8))
+    y = run_tflm(every_code_model("PRELU", (scale, zp), (out_scale, out_zp), extra_inputs=[alpha]), EVERY_CODE)
+    spec = TARGET.prelu(as_codes(EVERY_CODE), QParams(scale, zp, "int8"), torch.tensor(slope), f32(slope_scale),
+                        QParams(out_scale, out_zp, "int8"))
+    assert_codes_equal(as_codes(y), spec)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Every operator of the tflite target, exported for tflite-micro and verified in TFLM
 # ---------------------------------------------------------------------------------------------------------

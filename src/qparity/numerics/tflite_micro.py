@@ -7,65 +7,57 @@ a micro kernel computes its constants or its loop otherwise. Read from tensorflo
 against that wheel's interpreter (tests/test_tflite_micro.py). MBQM is MultiplyByQuantizedMultiplier (gemmlowp
 double rounding: the wheel is not built with TFLITE_SINGLE_ROUNDING), QM QuantizeMultiplier, f() float32.
 
-- linear:    FULLY_CONNECTED runs reference_integer_ops::FullyConnectedPerChannel with MBQM, like a conv
-             (LiteRT's reference requantizes in double instead). Multiplier (fully_connected_common.cc):
-             per channel QM(double(s_x) double(s_w) / double(s_y)); with one filter scale (one output
-             channel: the file stores a scale per channel) GetQuantizedConvolutionMultipler's
-             QM(double(f(s_x s_w)) / double(s_y)), the product rounded to float32 first.
-- sub:       SUB (sub_common.cc, reference_ops::Sub / BroadcastQuantSubSlow) forms the ADD kernel's three
-             ratios in float32, r = double(f(s / f(2 max(s_a, s_b)))) and double(f(f(2 max) / f(2^20 s_y))),
-             and subtracts the scaled inputs: MBQM(a') - MBQM(b'), where LiteRT negates input 2's multiplier.
+- linear:    FULLY_CONNECTED runs reference_integer_ops::FullyConnectedPerChannel with MBQM and
+             QM(double(s_x) double(s_w) / double(s_y)) per channel, like a conv (LiteRT's reference FC
+             requantizes in double instead). A one-unit layer (one filter scale: per tensor) too: the wheel
+             multiplies the scales in double, where the snapshot's GetQuantizedConvolutionMultipler rounds the
+             product to float32 (measured: the float32 form misses 10 of 10 grids where the two differ).
+- sub:       SUB (reference_ops::Sub / BroadcastQuantSubSlow) subtracts the scaled inputs, MBQM(a') - MBQM(b'),
+             where LiteRT negates input 2's multiplier and adds; the ratios are ADD's, in double. (The snapshot's
+             sub_common.cc rounds them to float32 first; the wheel does not: measured, the float32 form misses 14
+             of 14 grids where the two differ, the double one none.)
 - mul:       MUL (mul_common.cc) takes QM(double(s_a) double(s_b) / double(s_y)); LiteRT's float32 quotient.
 - prelu:     PRELU's two multipliers in double (numerics/prelu.py).
+- leaky_relu: LEAKY_RELU's two multipliers in double: double(s) double(alpha) / double(s_y) and
+             double(s) / double(s_y), as tflite-micro commit 3bede66 wrote them. The snapshot's
+             leaky_relu_common.cc rounds both to float32 first (the commit was reverted in 2023), but the wheel
+             computes in double: measured, the float32 form misses 40 of 40 tie-prone grids, the double one none.
+- hardswish: HARD_SWISH's two multipliers in double, double(s / 128) / double(s_y) and / double(3 / 32768); the
+             snapshot's hard_swish_common.cc (and LiteRT) round them to float32 (measured: 8 of 8 grids where the
+             two differ follow double).
 - sigmoid, tanh: LOGISTIC and TANH (logistic_common.cc, tanh.cc; reference_integer_ops::Logistic / Tanh) are
              gemmlowp fixed point, not LiteRT's float table: x = q - z; |x| at or past the input radius
              floor(15 * 2^27 / 2^shift) saturates, else gemmlowp::logistic / tanh (numerics/fixedpoint.py) of
              MBQM(x, m, shift) in Q4.27, with (m, shift) from frexp(double(s) * 2^27); out RoundingDivideByPOT
              by 23 (+ -128, LOGISTIC) or 24 (TANH).
 - Everything else (QUANTIZE, CONV_2D, DEPTHWISE_CONV_2D, TRANSPOSE_CONV, ADD, AVERAGE_POOL_2D, MAX_POOL_2D,
-  CONCATENATION after QUANTIZE, HARD_SWISH, LEAKY_RELU, PADV2, ...) is target `tflite`'s rule: the micro
-  Prepare functions compute the same constants (conv_common.cc and transpose_conv.cc call
-  PopulateConvolutionQuantizationParams, add_common.cc forms its ratios in double, leaky_relu_common.cc
-  and hard_swish_common.cc in float32 as LiteRT does).
+  CONCATENATION after QUANTIZE, PADV2, ...) is target `tflite`'s rule: the micro Prepare functions compute the
+  same constants (conv_common.cc and transpose_conv.cc call PopulateConvolutionQuantizationParams,
+  add_common.cc and quantize_common.cc form their ratios in double; QUANTIZE divides in float32, measured).
+The wheel is newer than the snapshot, and where the two disagree this file follows the wheel, which the tests
+measure; each such place says so.
 TFLM registers no GELU kernel (the registry refuses gelu for this target), and its ELU is not emulated.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..errors import UnsupportedOpError
 from ..qparams import QParams
 from . import fixedpoint
 from .arithmetic import multiply_by_quantized_multiplier, quantize_multiplier
-from .litert_activations import CODES
+from .litert_activations import (CODES, HARD_SWISH_HIRES, HARD_SWISH_RELUISH_SCALE, gemmlowp_hard_swish_table,
+                                 gemmlowp_leaky_relu_table)
 from .prelu import tflite_micro_prelu
-from .target import channel_view
-from .tflite import ADD_LEFT_SHIFT, TFLiteTarget, layer_multiplier
+from .tflite import ADD_LEFT_SHIFT, TFLiteTarget, add_multipliers
 
+CONV_RULE = "conv2d"  # FULLY_CONNECTED requantizes as target tflite's convs do (MBQM, double multiplier)
 INPUT_INTEGER_BITS = 4  # LOGISTIC and TANH take their input in Q4.27 (kInputIntegerBits)
 # (right shift of gemmlowp's Q0.31 result, output zero point) per activation: reference_integer_ops
 FIXED_POINT_OUTPUTS = {"sigmoid": (31 - 8, -128), "tanh": (31 - 7, 0)}
-
-
-def fully_connected_multiplier(input_scale: torch.Tensor, weight_scale: torch.Tensor, output_scale: torch.Tensor,
-                               channels: int) -> torch.Tensor:
-    """FULLY_CONNECTED's real multiplier (per output channel where the weight scale is), as
-    CalculateOpDataFullyConnected forms it for a layer of `channels` outputs."""
-    if channels > 1:
-        return layer_multiplier(input_scale, weight_scale, output_scale)
-    product = (input_scale.to(torch.float32) * weight_scale.to(torch.float32)).to(torch.float64)
-    return product / output_scale.to(torch.float64)
-
-
-def subtract_multipliers(a: QParams, b: QParams, out: QParams):
-    """SUB's three (Q31 multiplier, shift) pairs, the ratios in float32 (micro/kernels/sub_common.cc)."""
-    s_a, s_b, s_y = (grid.scale.to(torch.float32) for grid in (a, b, out))
-    twice_max = 2 * torch.maximum(s_a, s_b)
-    return (quantize_multiplier((s_a / twice_max).to(torch.float64)),
-            quantize_multiplier((s_b / twice_max).to(torch.float64)),
-            quantize_multiplier((twice_max / ((1 << ADD_LEFT_SHIFT) * s_y)).to(torch.float64)))
 
 
 def _multiply_by_quantized_multiplier(x: int, m0: int, shift: int) -> int:
@@ -101,33 +93,25 @@ class TFLiteMicroTarget(TFLiteTarget):
                "gemmlowp fixed-point LOGISTIC/TANH")
     prelu = staticmethod(tflite_micro_prelu)
 
+    @staticmethod
+    def leaky_relu_table(source: QParams, out: QParams, alpha: float) -> torch.Tensor:
+        s, s_y = float(source.scale), float(out.scale)
+        return gemmlowp_leaky_relu_table(source, out, s / s_y, s * float(np.float32(alpha)) / s_y)
+
+    def hardswish(self, q: torch.Tensor, source: QParams, out: QParams) -> torch.Tensor:
+        hires = float(HARD_SWISH_HIRES) * float(source.scale)  # exact: a power of two times a float32
+        table = gemmlowp_hard_swish_table(source, out, hires / float(out.scale),
+                                          hires / float(HARD_SWISH_RELUISH_SCALE))
+        return table.to(q.device)[q - source.qmin]
+
     def accumulator_left_shift(self, op, input_qp, weight_scale, output_qp):
-        # FULLY_CONNECTED uses MBQM, which shifts left for M >= 1, like every conv. Its multiplier depends on the
-        # channel count; a weight scale shared by all channels does not tell it, so take the larger shift.
-        if op != "linear":
-            return super().accumulator_left_shift(op, input_qp, weight_scale, output_qp)
-        counts = (1, 2) if weight_scale.numel() == 1 else (weight_scale.numel(),)
-        shifts = [quantize_multiplier(fully_connected_multiplier(input_qp.scale, weight_scale, output_qp.scale,
-                                                                 channels))[1].reshape(-1) for channels in counts]
-        return torch.clamp(torch.stack(shifts).amax(0), min=0)
+        return super().accumulator_left_shift(CONV_RULE, input_qp, weight_scale, output_qp)
 
     def requantizer(self, op, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim):
-        if op != "linear":
-            return super().requantizer(op, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim)
-        zero_point = int(output_qp.zero_point)
-
-        def requantize(acc: torch.Tensor) -> torch.Tensor:
-            channels = acc.shape[channel_axis]
-            m0, shift = quantize_multiplier(fully_connected_multiplier(input_qp.scale, weight_scale,
-                                                                       output_qp.scale, channels))
-            m0, shift = channel_view(m0, ndim, channel_axis), channel_view(shift, ndim, channel_axis)
-            scaled = multiply_by_quantized_multiplier(acc.to(torch.int64), m0.to(acc.device), shift.to(acc.device))
-            return scaled.add_(zero_point).clamp_(lo, hi)
-
-        return requantize
+        return super().requantizer(CONV_RULE, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim)
 
     def subtract(self, qa, a, qb, b, out, lo, hi):
-        (m_a, s_a), (m_b, s_b), (m_y, s_y) = subtract_multipliers(a, b, out)
+        (m_a, s_a), (m_b, s_b), (m_y, s_y) = add_multipliers(a, b, out)
         scaled_a = multiply_by_quantized_multiplier((qa - int(a.zero_point)) * (1 << ADD_LEFT_SHIFT), m_a, s_a)
         scaled_b = multiply_by_quantized_multiplier((qb - int(b.zero_point)) * (1 << ADD_LEFT_SHIFT), m_b, s_b)
         raw = multiply_by_quantized_multiplier(scaled_a - scaled_b, m_y, s_y)
