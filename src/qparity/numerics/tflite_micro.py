@@ -90,8 +90,8 @@ def fixed_point_table(kind: str, source: QParams) -> torch.Tensor:
 
 class TFLiteMicroTarget(TFLiteTarget):
     name = "tflite-micro"
-    summary = ("TFLite Micro int8 kernels: target tflite's rules, but FULLY_CONNECTED requantized like a conv and "
-               "gemmlowp fixed-point LOGISTIC/TANH")
+    summary = ("TFLite Micro int8 kernels: target tflite's rules, but FULLY_CONNECTED requantized like a conv, "
+               "gemmlowp fixed-point LOGISTIC/TANH, multipliers in double")
     prelu = staticmethod(tflite_micro_prelu)
 
     @staticmethod
