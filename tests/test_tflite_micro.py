@@ -221,7 +221,8 @@ class OneOp(nn.Module):
         unary = {
             "conv": lambda: y, "depthwise": lambda: self.depthwise(y), "transposed": lambda: self.transposed(y),
             "linear": lambda: self.fc(torch.flatten(y, 1)), "linear_one_unit": lambda: self.fc_one(torch.flatten(y, 1)),
-            "add": lambda: F.relu(y + z), "sub": lambda: y - z, "mul": lambda: y * z, "cat": lambda: torch.cat([y, z], 1),
+            "add": lambda: F.relu(y + z), "sub": lambda: y - z, "mul": lambda: y * z,
+            "cat": lambda: torch.cat([y, z], 1),
             "constants": lambda: (y + 0.5) * 0.3 - 0.1, "hardswish": lambda: F.hardswish(y),
             "sigmoid": lambda: torch.sigmoid(y), "silu": lambda: F.silu(y), "tanh": lambda: torch.tanh(y),
             "leaky_relu": lambda: F.leaky_relu(y, 0.1), "prelu": lambda: self.prelu(y),
