@@ -35,7 +35,8 @@ def prepare_and_convert(model, example, target, batches, lr=0.0, **options):
     return prepared, qp.convert(prepared)
 
 
-FILE_SUFFIXES = {"tflite": ".tflite", "xnnpack": ".tflite", "onnxruntime": ".onnx", "tosa": ".tosa"}
+FILE_SUFFIXES = {"tflite": ".tflite", "xnnpack": ".tflite", "tflite-micro": ".tflite", "onnxruntime": ".onnx",
+                 "tosa": ".tosa"}
 # The file formats whose runtime comes with an optional extra: (module, extra).
 OPTIONAL_RUNTIMES = {".tosa": ("tosa_reference_model", "tosa")}
 

@@ -6,7 +6,8 @@ is plumbing; the arithmetic under test lives in qparity.numerics.
 
 Graph builders follow the research scripts in /tmp/research (ort/common.py, tflref.py): ONNX opset 21
 plus com.microsoft v1; the .tflite flatbuffer is written with LiteRT's own schema object API and run on
-the reference kernels (OpResolverType.BUILTIN_REF), the behaviour the `tflite` target follows.
+the reference kernels (OpResolverType.BUILTIN_REF), the behaviour the `tflite` target follows, or in TFLite
+Micro's interpreter (`tflite-micro`).
 """
 from __future__ import annotations
 
@@ -150,6 +151,19 @@ def run_tflite(model: bytes, *inputs: np.ndarray) -> np.ndarray:
         interpreter.set_tensor(detail["index"], value)
     interpreter.invoke()
     return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).copy()
+
+
+def run_tflm(model: bytes, *inputs: np.ndarray) -> np.ndarray:
+    """Run a model in TFLite Micro's interpreter and return its first output."""
+    from qparity.export.tflite_micro import arena_size, require_tflite_micro
+
+    runtime = require_tflite_micro()
+    subgraph = runtime.convert_bytearray_to_object(bytearray(model)).subgraphs[0]
+    interpreter = runtime.Interpreter.from_bytes(model, arena_size=arena_size(model, subgraph))
+    for index, value in enumerate(inputs):
+        interpreter.set_input(value, index)
+    interpreter.invoke()
+    return np.array(interpreter.get_output(0))
 
 
 def tflite_options(name: str, **fields):

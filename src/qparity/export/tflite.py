@@ -1,10 +1,11 @@
-"""Export a `tflite` or `xnnpack` IntegerModel to a .tflite flatbuffer, and verify the file in LiteRT's three
-kernel sets.
+"""Export a `tflite`, `xnnpack` or `tflite-micro` IntegerModel to a .tflite flatbuffer, and verify the file in
+LiteRT's three kernel sets and in TFLite Micro.
 
 The file is written with the object API of the `schema_py_generated` module that ships in ai-edge-litert
 (no TensorFlow). Every integer the model computes maps to one int8 TFLite kernel whose reference
-implementation is exactly qparity's `tflite` target (`qparity.numerics.tflite`), and whose default (XNNPACK)
-implementation is exactly the `xnnpack` target (`qparity.numerics.xnnpack`); the same file serves both:
+implementation is exactly qparity's `tflite` target (`qparity.numerics.tflite`), whose default (XNNPACK)
+implementation is exactly the `xnnpack` target (`qparity.numerics.xnnpack`), and whose TFLite Micro kernel is
+exactly the `tflite-micro` target (`qparity.numerics.tflite_micro`); the same file serves all three:
 
     QUANTIZE (float32 -> int8) -> CONV_2D / DEPTHWISE_CONV_2D / TRANSPOSE_CONV / FULLY_CONNECTED / ADD / CONCATENATION /
     MAX_POOL_2D / AVERAGE_POOL_2D / MAXIMUM / MINIMUM / PADV2 / SLICE / RESHAPE / TRANSPOSE / GATHER -> DEQUANTIZE
@@ -41,6 +42,7 @@ already clamps to [-128, 127] and the bounds lie inside it.
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 from dataclasses import dataclass
@@ -60,20 +62,23 @@ from ..runtime import IntegerModel
 from . import require_model_inputs
 from .batch import refuse_mixed_samples
 from .report import RuntimeResult, compare_codes
+from .tflite_micro import require_tflite_micro, run_tflite_micro
 
 NHWC = (0, 2, 3, 1)
 # TFLite fused activations and the real interval each clamps to (kernel_util.cc CalculateActivationRangeQuantized).
 FUSED_ACTIVATIONS = (("NONE", None, None), ("RELU", 0.0, None), ("RELU6", 0.0, 6.0), ("RELU_N1_TO_1", -1.0, 1.0))
 # The targets whose integers a .tflite file carries, and the kernel set each promises to match.
-TFLITE_TARGETS = {"tflite": "LiteRT int8 reference kernels", "xnnpack": "LiteRT default kernels (XNNPACK)"}
+TFLITE_TARGETS = {"tflite": "LiteRT int8 reference kernels", "xnnpack": "LiteRT default kernels (XNNPACK)",
+                  "tflite-micro": "TFLite Micro kernels"}
 
 
 def export_tflite(model: IntegerModel, path, batch_size: int = 1) -> None:
-    """Write `model` (target `tflite` or `xnnpack`) as a .tflite file taking `batch_size` samples of float32 input."""
+    """Write `model` (target `tflite`, `xnnpack` or `tflite-micro`) as a .tflite file taking `batch_size` samples
+    of float32 input."""
     if model.target.name not in TFLITE_TARGETS:
-        raise ExportError(f"export_tflite needs a model of target 'tflite' or 'xnnpack', got {model.target.name!r}; "
-                          "train with target='tflite' (reference kernels) or target='xnnpack' (LiteRT's default "
-                          "kernels) to deploy with TFLite")
+        raise ExportError(f"export_tflite needs a model of target 'tflite', 'xnnpack' or 'tflite-micro', got "
+                          f"{model.target.name!r}; train with target='tflite' (reference kernels), target='xnnpack' "
+                          "(LiteRT's default kernels) or target='tflite-micro' (TFLite Micro) to deploy with TFLite")
     if model.activation_dtype != "int8":
         raise ExportError(f"TFLite's int8 kernels need int8 activations, the model has {model.activation_dtype}")
     refuse_mixed_samples(model, batch_size, "a .tflite file")
@@ -787,9 +792,11 @@ def transposed_output_size(geometry: ConvGeometry, input_hw, kernel) -> Tuple[in
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Verify: run the file with LiteRT's three kernel sets
+# Verify: run the file with LiteRT's three kernel sets and with TFLite Micro
 # ---------------------------------------------------------------------------------------------------------
-# (label, OpResolverType name, the target it binds, note when it does not bind)
+TFLITE_MICRO_TARGET = "tflite-micro"
+TFLM = "TFLM"  # the kernels of TFLite Micro's interpreter (export/tflite_micro.py), not a LiteRT resolver
+# (label, LiteRT OpResolverType name or TFLM, the target it binds, note when it does not bind)
 CONFIGURATIONS = (
     ("LiteRT default kernels (XNNPACK)", "AUTO", "xnnpack",
      "XNNPACK requantizes in float32 with its own rounding; target 'xnnpack' follows these kernels"),
@@ -797,6 +804,9 @@ CONFIGURATIONS = (
      "optimized kernels round differently from the reference and from XNNPACK; no target follows them"),
     ("LiteRT reference kernels", "BUILTIN_REF", "tflite",
      "the reference kernels use gemmlowp fixed point; target 'tflite' follows these kernels"),
+    ("TFLite Micro kernels", TFLM, TFLITE_MICRO_TARGET,
+     "information: TFLite Micro requantizes FULLY_CONNECTED with MBQM, computes LOGISTIC/TANH in fixed point and "
+     "SUB/MUL/PRELU multipliers its own way, and has no GELU (docs/runtimes.md); target 'tflite-micro' follows it"),
 )
 
 
@@ -806,13 +816,15 @@ def verify_tflite(model: IntegerModel, path, inputs: Sequence[torch.Tensor]) -> 
     expected = list(leaves(model.run(*_as_tuple(model.quantize(*inputs)))))
     grids = list(leaves(model.output_qparams))
     _require_loadable(model, path, len(expected))
+    if model.target.name == TFLITE_MICRO_TARGET:
+        require_tflite_micro()  # the runtime the model binds: an optional extra, but verify needs it
     results: List[RuntimeResult] = []
-    for label, resolver, bound_target, other_note in CONFIGURATIONS:
+    for label, kernels, bound_target, other_note in CONFIGURATIONS:
         binding = model.target.name == bound_target
         note = "" if binding else other_note
         try:
-            outputs = run_tflite(path, inputs, resolver)
-        except (RuntimeError, ValueError) as error:  # what the interpreter raises for a kernel it cannot run
+            outputs = _run_kernels(path, inputs, kernels)
+        except (RuntimeError, ValueError) as error:  # a kernel the interpreter lacks, or TFLM not installed
             for i, codes in enumerate(expected):
                 results.append(RuntimeResult(label, i, codes.numel(), codes.numel(), binding,
                                              note=f"could not run: {str(error).strip().splitlines()[0]}"))
@@ -820,6 +832,16 @@ def verify_tflite(model: IntegerModel, path, inputs: Sequence[torch.Tensor]) -> 
         for i, (codes, real, grid) in enumerate(zip(expected, outputs, grids)):
             results.append(compare_codes(label, i, codes, codes_from_dequantized(real, grid), binding, note))
     return results
+
+
+def _run_kernels(path, inputs: Sequence[torch.Tensor], kernels: str) -> List[torch.Tensor]:
+    """The file's outputs with one kernel set; a RuntimeError where TFLite Micro (an optional extra) is missing,
+    which verify reports for models that do not bind it."""
+    if kernels != TFLM:
+        return run_tflite(path, inputs, kernels)
+    if importlib.util.find_spec("tflite_micro") is None:
+        raise RuntimeError("TFLite Micro is not installed (pip install \"qparity[tflm]\")")
+    return run_tflite_micro(path, inputs)
 
 
 def _require_loadable(model: IntegerModel, path, outputs: int) -> None:

@@ -13,12 +13,13 @@ from .onnxruntime import OnnxRuntimeTarget
 from .pytorch_engines import FbgemmTarget, QnnpackTarget, X86Target
 from .target import Target
 from .tflite import TFLiteTarget
+from .tflite_micro import TFLiteMicroTarget
 from .tosa import TosaTarget
 from .xnnpack import XnnpackTarget
 
 _REGISTRY: Dict[str, Target] = {t.name: t for t in (ExactTarget(), TFLiteTarget(), OnnxRuntimeTarget(),
                                                     XnnpackTarget(), FbgemmTarget(), X86Target(),
-                                                    QnnpackTarget(), TosaTarget())}
+                                                    QnnpackTarget(), TFLiteMicroTarget(), TosaTarget())}
 TARGETS = tuple(_REGISTRY)
 
 

@@ -162,12 +162,25 @@ def _multiplier(real: float):
 # ---------------------------------------------------------------------------------------------------------
 # HARD_SWISH: reference_ops::HardSwish (reference/hard_swish.h), int16 fixed point
 # ---------------------------------------------------------------------------------------------------------
+HARD_SWISH_HIRES = F32(1.0 / 128.0)           # HardSwishPrepare: hires_input_scale = s / 128
+HARD_SWISH_RELUISH_SCALE = F32(3.0) / F32(32768.0)
+
+
 def hard_swish_table(source: QParams, out: QParams) -> torch.Tensor:
+    """HARD_SWISH with LiteRT's HardSwishPrepare: both real multipliers rounded to float32."""
+    s, _ = _grid(source)
+    s_y, _ = _grid(out)
+    hires_scale = HARD_SWISH_HIRES * s
+    return gemmlowp_hard_swish_table(source, out, float(F32(hires_scale / s_y)),
+                                     float(F32(hires_scale / HARD_SWISH_RELUISH_SCALE)))
+
+
+def gemmlowp_hard_swish_table(source: QParams, out: QParams, output_real: float, reluish_real: float):
+    """reference_ops::HardSwish of every int8 code, given the output and "reluish" real multipliers."""
     s, z = _grid(source)
     s_y, z_y = _grid(out)
-    hires_scale = F32(1.0 / 128.0) * s
-    out_m32, out_exp = (int(v) for v in _multiplier(float(F32(hires_scale / s_y))))
-    relu_m32, relu_exp = (int(v) for v in _multiplier(float(F32(hires_scale / (F32(3.0) / F32(32768.0))))))
+    out_m32, out_exp = (int(v) for v in _multiplier(output_real))
+    relu_m32, relu_exp = (int(v) for v in _multiplier(reluish_real))
     if out_exp > 0:
         raise UnsupportedOpError(f"hardswish from scale {float(s):.6g} to {float(s_y):.6g}: TFLite's HARD_SWISH "
                                  "refuses input/output scale ratios that need an output exponent > 0 (about 128 "
@@ -204,13 +217,19 @@ def hard_swish_table(source: QParams, out: QParams) -> torch.Tensor:
 # LEAKY_RELU
 # ---------------------------------------------------------------------------------------------------------
 def tflite_leaky_relu_table(source: QParams, out: QParams, alpha: float) -> torch.Tensor:
-    """reference_ops::QuantizeLeakyRelu with LeakyReluPrepare's multipliers (QuantizeMultiplier is odd in its
-    argument, so a negative slope's multiplier is the negated one of |real|)."""
-    s, z = _grid(source)
-    s_y, z_y = _grid(out)
-    negative_real = float(F32(F32(s * F32(alpha)) / s_y))
+    """reference_ops::QuantizeLeakyRelu with LeakyReluPrepare's multipliers, in float32."""
+    s, _ = _grid(source)
+    s_y, _ = _grid(out)
+    return gemmlowp_leaky_relu_table(source, out, float(F32(s / s_y)), float(F32(F32(s * F32(alpha)) / s_y)))
+
+
+def gemmlowp_leaky_relu_table(source: QParams, out: QParams, positive_real: float, negative_real: float):
+    """reference_ops::QuantizeLeakyRelu: z_y + MBQM(x, QM(positive_real)) for x = q - z >= 0, else
+    MBQM(x, QM(|negative_real|)) negated for a negative slope (QuantizeMultiplier is odd in its argument)."""
+    _, z = _grid(source)
+    _, z_y = _grid(out)
     x = CODES - z
-    positive = multiply_by_quantized_multiplier(x, *_multiplier(float(F32(s / s_y))))
+    positive = multiply_by_quantized_multiplier(x, *_multiplier(positive_real))
     negative = multiply_by_quantized_multiplier(x, *_multiplier(abs(negative_real)))
     negative = -negative if negative_real < 0 else negative
     return (z_y + torch.where(x >= 0, positive, negative)).clamp_(-128, 127)

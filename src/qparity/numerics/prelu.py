@@ -12,6 +12,7 @@ Rules (x = q - z; the slope codes broadcast along the channel axis; sat clamps t
   XNNPACK delegate takes only float PRELU, so the default interpreter runs the builtin kernel, which calls
   the same reference functions): M1 = QM(f(s / s_y)), M2 = QM(f(f(s * s_a) / s_y)),
   q_y = sat(z_y + MBQM(x, M1)) for x >= 0, sat(z_y + MBQM(x * a_q, M2)) for x < 0.
+- tflite-micro (micro/kernels/prelu_common.cc): the same with M1 = QM(s / s_y), M2 = QM(s s_a / s_y) in double.
 - fbgemm, x86, qnnpack (QuantizedOpKernels.cpp qprelu_out_kernel, every engine; vector and scalar loops
   compute the same integers): p = max(x, 0) * k + min(x, 0) * a_q, M = f(f(s * s_a) * f(1 / s_y)),
   q_y = sat(z_y + rne(f(p * M))) (requantize_from_int).
@@ -65,10 +66,23 @@ def exact_prelu(q, source: QParams, slope: torch.Tensor, slope_scale: float, out
 
 
 def tflite_prelu(q, source: QParams, slope: torch.Tensor, slope_scale: float, out: QParams) -> torch.Tensor:
-    positive, negative = _split(q, source)
     s, s_y = source.scale.to(torch.float32), out.scale.to(torch.float32)
-    m1 = quantize_multiplier((s / s_y).to(torch.float64))
-    m2 = quantize_multiplier(((s * _scale(slope_scale)) / s_y).to(torch.float64))
+    return _gemmlowp_prelu(q, source, slope, out, (s / s_y).to(torch.float64),
+                           ((s * _scale(slope_scale)) / s_y).to(torch.float64))
+
+
+def tflite_micro_prelu(q, source: QParams, slope: torch.Tensor, slope_scale: float, out: QParams) -> torch.Tensor:
+    # TFLite Micro's PreluPrepare (micro/kernels/prelu_common.cc) forms both multipliers in double.
+    s, s_y = source.scale.to(torch.float64), out.scale.to(torch.float64)
+    return _gemmlowp_prelu(q, source, slope, out, s / s_y, s * _scale(slope_scale).to(torch.float64) / s_y)
+
+
+def _gemmlowp_prelu(q, source: QParams, slope: torch.Tensor, out: QParams, positive_real: torch.Tensor,
+                    negative_real: torch.Tensor) -> torch.Tensor:
+    """The reference PRELU: z_y + MBQM(x, QM(positive_real)), or MBQM(x * a_q, QM(negative_real)) below zero."""
+    positive, negative = _split(q, source)
+    m1 = quantize_multiplier(positive_real)
+    m2 = quantize_multiplier(negative_real)
     value = torch.where(positive > 0, multiply_by_quantized_multiplier(positive, *m1),
                         multiply_by_quantized_multiplier(negative * slope, *m2))
     return (value + int(out.zero_point)).clamp_(out.qmin, out.qmax)

@@ -1,4 +1,5 @@
-"""Target `tflite`: TFLite's int8 reference kernels (what TFLite Micro and MCU/DSP kernel libraries follow).
+"""Target `tflite`: TFLite's int8 reference kernels (what MCU/DSP kernel libraries follow; TFLite
+Micro's kernels differ in a few places, target `tflite-micro`).
 
 Sources (tensorflow/lite/kernels/internal/): reference/quantize.h (AffineQuantize, Requantize),
 reference/integer_ops/conv.h and depthwise_conv.h (ConvPerChannel), reference/integer_ops/add.h,

@@ -58,6 +58,10 @@ _TORCH_FLOAT_FALLBACK = ("PyTorch's quantized kernel for it (ATen quantized/cpu 
 _XNNPACK_MATMUL = ("LiteRT's XNNPACK delegate takes an int8 BATCH_MATMUL only where input 2's zero point is 0 "
                    "(xnnpack_delegate.cc VisitBatchMatMulNode) and LiteRT's optimized (ruy) kernel runs the rest; "
                    "neither is emulated yet, while target 'tflite' runs the reference kernel")
+_TFLM_NO_GELU = ("TFLite Micro registers no GELU kernel (its interpreter fails to allocate the model); target 'tflite' "
+                 "runs it on LiteRT's reference kernels")
+_TFLM_ELU = ("TFLite Micro's int8 ELU table has not been matched bit for bit with its interpreter yet; target "
+             "'xnnpack' runs ELU")
 
 _TORCH_NO_SUB = ("PyTorch has no quantized sub (no quantized::sub operator; torch.sub raises on quantized tensors), so "
                  "the engine has no kernel to run it")
@@ -89,7 +93,7 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "ops/conv_transpose2d.py) + bias, the target's conv requantizer (PyTorch's engines: fbgemm's rule on "
              "fbgemm, QNNPACK's on qnnpack, as measured)",
              "float conv of the zero-inserted input on straight-through weight codes, BatchNorm as torch.ao's QAT",
-             "any stride, padding, output_padding, dilation, groups; no `output_size` argument; tflite/xnnpack: "
+             "any stride, padding, output_padding, dilation, groups; no `output_size` argument; tflite/xnnpack/tflite-micro: "
              "dilation 1 and groups 1 (TRANSPOSE_CONV has neither); fbgemm/qnnpack: one weight scale "
              "per tensor, whatever `per_channel` says (PyTorch's quantized ConvTranspose2d takes no other)",
              refused_by={"x86": "PyTorch's x86 engine gives codes far from ConvTranspose2d's own definition whenever "
@@ -195,7 +199,8 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
     Operator("hardsigmoid", "`nn.Hardsigmoid`, `F.hardsigmoid`", True,
              "the target's table of all input codes (fbgemm/x86: vector and scalar loops); PyTorch's engines: "
              "output grid 1/256, 0", "F.hardsigmoid of the dequantized input",
-             refused_by={"onnxruntime": _ORT_NO_KERNEL, "tflite": _TFLITE_NO_KERNEL, "xnnpack": _TFLITE_NO_KERNEL},
+             refused_by={"onnxruntime": _ORT_NO_KERNEL, "tflite": _TFLITE_NO_KERNEL, "xnnpack": _TFLITE_NO_KERNEL,
+                         "tflite-micro": _TFLITE_NO_KERNEL},
              formats=("tosa",), torch_form="F.hardsigmoid (fixed grid 1/256, 0)"),
     Operator("leaky_relu", "`nn.LeakyReLU`, `F.leaky_relu`", True,
              "the target's table of all input codes (PyTorch's engines: their vector and scalar loops); the slope as "
@@ -205,14 +210,15 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "the target's table of all input codes (LiteRT: GELU's float32 table with the C library's erfcf / "
              "tanhf; XNNPACK takes only float GELU, so both LiteRT targets run it)", "F.gelu of the dequantized input",
              refused_by={**{t: _SLEEF_EVERY_ENGINE for t in ("fbgemm", "x86", "qnnpack")},
-                         "onnxruntime": _ORT_NO_KERNEL},
+                         "onnxruntime": _ORT_NO_KERNEL, "tflite-micro": _TFLM_NO_GELU},
              formats=("tflite", "tosa")),
     Operator("elu", "`nn.ELU`, `F.elu`", True,
              "the target's table of all input codes (XNNPACK: its reference ELU table with expm1f); alpha as "
              "float32", "F.elu of the dequantized input",
              "xnnpack: alpha = 1 (TFLite's ELU operator has no alpha; checked at prepare_qat)",
              refused_by={**{t: _SLEEF_EVERY_ENGINE for t in ("fbgemm", "x86", "qnnpack")},
-                         "onnxruntime": _ORT_NO_KERNEL, "tflite": _TFLITE_REFERENCE_NO_ELU},
+                         "onnxruntime": _ORT_NO_KERNEL, "tflite": _TFLITE_REFERENCE_NO_ELU,
+                         "tflite-micro": _TFLM_ELU},
              formats=("tflite", "tosa")),
     Operator("prelu", "`nn.PReLU` (one slope, or one per channel on dim 1)", True,
              "x, or x times the slope's code, requantized by the target's rule (numerics/prelu.py: TFLite's two "
