@@ -9,13 +9,14 @@ from torch import nn
 import qparity as qp
 from qparity.errors import UnsupportedOpError
 from qparity.export.onnx import _OnnxBuilder
+from qparity.export.pte import QDQProgram
 from qparity.export.tflite import _Exporter as TFLiteExporter
 from qparity.golden import PARAMETERS
 from qparity.ops.registry import FILE_FORMATS, OPERATORS, TARGET_NAMES, ops_markdown
 from qparity.ops.program import IMPLEMENTATIONS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-EMITTERS = {"onnx": _OnnxBuilder, "tflite": TFLiteExporter}
+EMITTERS = {"onnx": _OnnxBuilder, "tflite": TFLiteExporter, "pte": QDQProgram}
 
 
 def handled(cls) -> set:

@@ -18,7 +18,7 @@ __all__ = ["RuntimeResult", "VerifyReport", "compare_codes", "verify"]
 
 
 def verify(model: IntegerModel, path, inputs: Sequence[torch.Tensor] | torch.Tensor) -> VerifyReport:
-    """Run `path` (.onnx or .tflite) in its runtime(s) on `inputs` and compare codes with `model`.
+    """Run `path` (.onnx, .tflite or .pte) in its runtime(s) on `inputs` and compare codes with `model`.
 
     A missing file is a FileAccessError, a file its runtime cannot load (or whose inputs are not the model's) a
     ModelFileError, and a model whose target that runtime does not compute an ExportError: never a report.
@@ -30,6 +30,9 @@ def verify(model: IntegerModel, path, inputs: Sequence[torch.Tensor] | torch.Ten
     if suffix == ".onnx":
         from .export.onnx import verify_onnx  # imports onnx and onnxruntime: only when needed
         report.results = verify_onnx(model, path, inputs)
+    elif suffix == ".pte":
+        from .export.pte import verify_pte  # imports ExecuTorch's runtime: only when needed
+        report.results = verify_pte(model, path, inputs)
     else:
         from .export.tflite import verify_tflite  # imports LiteRT: only when needed
         report.results = verify_tflite(model, path, inputs)

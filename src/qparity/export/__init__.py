@@ -1,7 +1,8 @@
 """Export an IntegerModel to a runtime's file format, and verify the file in the real runtime.
 
 `export(model, path)` picks the format from the suffix: `.onnx` (ONNX QOperator graph, target
-`onnxruntime`) or `.tflite` (TFLite flatbuffer, targets `tflite` and `xnnpack`). A model whose target has
+`onnxruntime`), `.tflite` (TFLite flatbuffer, targets `tflite` and `xnnpack`) or `.pte` (ExecuTorch program
+lowered to the XNNPACK delegate, target `executorch-xnnpack`). A model whose target has
 other integer semantics than the file's runtime is refused: its codes would silently change.
 """
 from __future__ import annotations
@@ -14,16 +15,19 @@ from ..numerics import TARGETS, get_target
 from ..runtime import IntegerModel
 
 # Each file suffix and the targets whose integers its runtime computes, from the targets' own declarations.
-FORMATS = {suffix: tuple(t for t in TARGETS if get_target(t).file_format == suffix) for suffix in (".onnx", ".tflite")}
+FORMATS = {suffix: tuple(t for t in TARGETS if get_target(t).file_format == suffix) for suffix in (".onnx", ".tflite", ".pte")}
 
 
 def export(model: IntegerModel, path) -> None:
-    """Write `model` to `path` (.onnx or .tflite), atomically: a failed export leaves no file behind."""
+    """Write `model` to `path` (.onnx, .tflite or .pte), atomically: a failed export leaves no file behind."""
     suffix = file_format(model, path, "export")
     with replacing(path, "the exported file") as temporary:
         if suffix == ".onnx":
             from .onnx import export_onnx
             export_onnx(model, temporary)
+        elif suffix == ".pte":
+            from .pte import export_pte  # imports executorch: only when needed
+            export_pte(model, temporary)
         else:
             from .tflite import export_tflite
             export_tflite(model, temporary)
@@ -33,14 +37,14 @@ ACTIONS = {"export": ("exported to", "export it to"), "verify": ("verified again
 
 
 def file_format(model: IntegerModel, path, action: str) -> str:
-    """The suffix of `path` (.onnx or .tflite) once `model` is known to be a model whose target that file's
+    """The suffix of `path` (.onnx, .tflite or .pte) once `model` is known to be a model whose target that file's
     runtime computes; `action` ("export" or "verify") words the error."""
     if not isinstance(model, IntegerModel):
         raise ArgumentTypeError(f"expected an IntegerModel (from qparity.convert or qparity.load), got "
                                 f"{type(model).__name__}")
     suffix = os.path.splitext(path_of(path, "the file"))[1].lower()
     if suffix not in FORMATS:
-        raise ExportError(f"cannot tell the format of {os.fspath(path)!r}: use a .onnx or .tflite file name")
+        raise ExportError(f"cannot tell the format of {os.fspath(path)!r}: use a .onnx, .tflite or .pte file name")
     if model.target.name not in FORMATS[suffix]:
         right = {v: k for k, vs in FORMATS.items() for v in vs}.get(model.target.name)
         done, do = ACTIONS[action]

@@ -1,6 +1,6 @@
 """Whether the integer program computes each sample of a batch on its own.
 
-A .tflite file has fixed shapes and runs `batch_size` samples at a time (verify feeds larger inputs in chunks),
+A .tflite or .pte file has fixed shapes and runs `batch_size` samples at a time (verify feeds larger inputs in chunks),
 so a model whose output for one sample depends on another sample of the batch (`x + x[:1]`, a mean over the
 batch, a reshape that folds the batch into another dimension) would compute something else in the file. The
 check runs the integer program on two random samples together and on each alone and names the first node whose
@@ -12,6 +12,7 @@ from typing import Any, List, Optional
 
 import torch
 
+from ..errors import ExportError, QParityError
 from ..graph import Node, QValue, leaves
 from ..runtime import IntegerModel
 
@@ -40,6 +41,20 @@ def first_node_mixing_samples(model: IntegerModel, seed: int = 0) -> Optional[No
             if any(not torch.equal(tensor[i:i + 1], single[k]) for i, single in enumerate(singles)):
                 return node
     return None
+
+
+def refuse_mixed_samples(model: IntegerModel, batch_size: int, suffix: str) -> None:
+    """A file of fixed shapes (`suffix`) runs fixed batches: refuse a program whose samples are not computed
+    independently."""
+    try:
+        node = first_node_mixing_samples(model)
+    except (QParityError, RuntimeError, IndexError, TypeError, ValueError) as error:
+        raise ExportError(f"the model does not run on batches of other sizes ({error}); a {suffix} file runs fixed "
+                          f"batches of {batch_size}") from None
+    if node is not None:
+        raise ExportError(f"{node.op} at {node.path} combines different samples of the batch (or moves the batch "
+                          f"dimension); a {suffix} file runs fixed batches of {batch_size} samples, so its codes "
+                          "would differ")
 
 
 def _codes(value: Any) -> List[torch.Tensor]:

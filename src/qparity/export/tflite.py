@@ -49,7 +49,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..errors import ExportError, ModelFileError, QParityError
+from ..errors import ExportError, ModelFileError
 from ..graph import CALLS, Executor, Node, fused_clamp_bounds, leaves
 from ..numerics import pooling
 from ..numerics.accumulate import ConvGeometry
@@ -58,7 +58,7 @@ from ..ops.pad import padding_per_dimension
 from ..qparams import QParams
 from ..runtime import IntegerModel
 from . import require_model_inputs
-from .batch import first_node_mixing_samples
+from .batch import refuse_mixed_samples
 from .report import RuntimeResult, compare_codes
 
 NHWC = (0, 2, 3, 1)
@@ -76,22 +76,9 @@ def export_tflite(model: IntegerModel, path, batch_size: int = 1) -> None:
                           "kernels) to deploy with TFLite")
     if model.activation_dtype != "int8":
         raise ExportError(f"TFLite's int8 kernels need int8 activations, the model has {model.activation_dtype}")
-    _refuse_mixed_samples(model, batch_size)
+    refuse_mixed_samples(model, batch_size, ".tflite")
     with open(path, "wb") as f:
         f.write(_Exporter(model, batch_size).build())
-
-
-def _refuse_mixed_samples(model: IntegerModel, batch_size: int) -> None:
-    """A .tflite file runs fixed batches: refuse a program whose samples are not computed independently."""
-    try:
-        node = first_node_mixing_samples(model)
-    except (QParityError, RuntimeError, IndexError, TypeError, ValueError) as error:
-        raise ExportError(f"the model does not run on batches of other sizes ({error}); a .tflite file runs fixed "
-                          f"batches of {batch_size}") from None
-    if node is not None:
-        raise ExportError(f"{node.op} at {node.path} combines different samples of the batch (or moves the batch "
-                          f"dimension); a .tflite file runs fixed batches of {batch_size} samples, so its codes "
-                          "would differ")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Dict, Mapping, Optional, Tuple
 from ..errors import UnsupportedOpError
 from ..numerics import TARGETS as TARGET_NAMES
 
-FILE_FORMATS = ("onnx", "tflite")
+FILE_FORMATS = ("onnx", "tflite", "pte")
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ _TFLITE_REFERENCE_NO_ELU = ("LiteRT's reference kernel set (BUILTIN_REF, the ker
 _TFLITE_NO_KERNEL = ("LiteRT has no int8 kernel for it (TFLite's converter rewrites it into other operators); "
                      "write it as relu6(x + 3) / 6 once those operators are supported")
 
+_PTE_UNCHECKED = ("the .pte exporter does not write it yet, so what ExecuTorch's XNNPACK delegate computes for it is not "
+                  "checked; target 'xnnpack' (LiteRT) runs it")
 _TORCH_NO_SUB = ("PyTorch has no quantized sub (no quantized::sub operator; torch.sub raises on quantized tensors), so "
                  "the engine has no kernel to run it")
 
@@ -82,7 +84,8 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
                                 "is no one rule to emulate; fbgemm runs the same layer exactly",
                          "onnxruntime": "ONNX has no quantized ConvTranspose and ONNX Runtime's CPU provider registers "
                                         "no com.microsoft QLinearConvTranspose (only its XNNPACK provider has one); "
-                                        "its quantization tool runs ConvTranspose in float"},
+                                        "its quantization tool runs ConvTranspose in float",
+                         "executorch-xnnpack": _PTE_UNCHECKED},
              formats=("tflite",), torch_form="torch.ao.nn.quantized.ConvTranspose2d", fuses_clamp=True),
     Operator("linear", "`nn.Linear`, `F.linear` on the model's own parameters; `nn.BatchNorm1d` right after it "
              "folded in; `nn.BatchNorm1d` on [N, C] elsewhere as a diagonal linear with the BatchNorm folded in", True,
@@ -103,7 +106,8 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              refused_by={**{t: _TORCH_NO_SUB for t in ("fbgemm", "x86", "qnnpack")},
                          "onnxruntime": "ONNX has no quantized Sub and ONNX Runtime registers no com.microsoft "
                                         "QLinearSub (only QLinearAdd and QLinearMul); its quantization tool runs Sub "
-                                        "in float"},
+                                        "in float",
+                         "executorch-xnnpack": _PTE_UNCHECKED},
              formats=("tflite",)),
     Operator("mul", "`a * b`, `torch.mul`, `Tensor.mul` of two tensors (broadcasting); `nn.SiLU` / `F.silu` "
              "become sigmoid then mul", True, "the target's product of two grids (LiteRT reference: MBQM; XNNPACK "
@@ -118,8 +122,8 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "the number itself (no gradient)", "Python int/float constants",
              refused_by={t: "PyTorch's quantized engines take a number through add_scalar / mul_scalar, which "
                             "compute their own output grid from the input's; qparity does not emulate them"
-                         for t in ("fbgemm", "x86", "qnnpack")},
-             golden=False),
+                         for t in ("fbgemm", "x86", "qnnpack")} | {"executorch-xnnpack": _PTE_UNCHECKED},
+             formats=("onnx", "tflite"), golden=False),
     Operator("cat", "`torch.cat`, `torch.concat`", True,
              "each input rescaled to the output grid (a copy when the grids are equal)",
              "float concatenation of the dequantized inputs", "every input a tensor computed by the model",
@@ -129,45 +133,49 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "LiteRT: TFLite's int16 fixed-point HARD_SWISH)",
              "F.hardswish of the dequantized input", "never fused into the layer before it",
              refused_by={"onnxruntime": _ORT_NO_KERNEL},
-             formats=("tflite",), torch_form="torch.ao.nn.quantized.Hardswish"),
+             formats=("tflite", "pte"), torch_form="torch.ao.nn.quantized.Hardswish"),
     Operator("sigmoid", "`nn.Sigmoid`, `torch.sigmoid`, `F.sigmoid`, `Tensor.sigmoid`", True,
              "the target's table of all input codes (numerics/activations.py); LiteRT: output grid 1/256, -128; "
              "PyTorch's engines: 1/256, 0",
              "torch.sigmoid of the dequantized input",
              refused_by={t: _SLEEF for t in ("fbgemm", "x86")},
-             formats=("onnx", "tflite"), torch_form="torch.sigmoid (fixed grid 1/256, 0)"),
+             formats=("onnx", "tflite", "pte"), torch_form="torch.sigmoid (fixed grid 1/256, 0)"),
     Operator("tanh", "`nn.Tanh`, `torch.tanh`, `F.tanh`, `Tensor.tanh`", True,
              "the target's table of all input codes; LiteRT: output grid 1/128, 0; PyTorch's engines: 2/256, 128", "torch.tanh of the dequantized input",
-             refused_by={**{t: _SLEEF for t in ("fbgemm", "x86")}, "onnxruntime": _ORT_NO_KERNEL},
+             refused_by={**{t: _SLEEF for t in ("fbgemm", "x86")}, "onnxruntime": _ORT_NO_KERNEL,
+                         "executorch-xnnpack": _PTE_UNCHECKED},
              formats=("tflite",), torch_form="torch.tanh (fixed grid 2/256, 128)"),
     Operator("hardsigmoid", "`nn.Hardsigmoid`, `F.hardsigmoid`", True,
              "the target's table of all input codes (fbgemm/x86: vector and scalar loops); PyTorch's engines: "
              "output grid 1/256, 0", "F.hardsigmoid of the dequantized input",
-             refused_by={"onnxruntime": _ORT_NO_KERNEL, "tflite": _TFLITE_NO_KERNEL, "xnnpack": _TFLITE_NO_KERNEL},
+             refused_by={"onnxruntime": _ORT_NO_KERNEL, "tflite": _TFLITE_NO_KERNEL, "xnnpack": _TFLITE_NO_KERNEL,
+                         "executorch-xnnpack": _PTE_UNCHECKED},
              formats=(), torch_form="F.hardsigmoid (fixed grid 1/256, 0)"),
     Operator("leaky_relu", "`nn.LeakyReLU`, `F.leaky_relu`", True,
              "the target's table of all input codes (PyTorch's engines: their vector and scalar loops); the slope as "
              "float32", "F.leaky_relu of the dequantized input",
+             refused_by={"executorch-xnnpack": _PTE_UNCHECKED},
              formats=("onnx", "tflite"), torch_form="torch.ops.quantized.leaky_relu"),
     Operator("gelu", "`nn.GELU`, `F.gelu` (approximate `\"none\"` or `\"tanh\"`)", True,
              "the target's table of all input codes (LiteRT: GELU's float32 table with the C library's erfcf / "
              "tanhf; XNNPACK takes only float GELU, so both LiteRT targets run it)", "F.gelu of the dequantized input",
              refused_by={**{t: _SLEEF_EVERY_ENGINE for t in ("fbgemm", "x86", "qnnpack")},
-                         "onnxruntime": _ORT_NO_KERNEL},
+                         "onnxruntime": _ORT_NO_KERNEL, "executorch-xnnpack": _PTE_UNCHECKED},
              formats=("tflite",)),
     Operator("elu", "`nn.ELU`, `F.elu`", True,
              "the target's table of all input codes (XNNPACK: its reference ELU table with expm1f); alpha as "
              "float32", "F.elu of the dequantized input",
              "xnnpack: alpha = 1 (TFLite's ELU operator has no alpha; checked at prepare_qat)",
              refused_by={**{t: _SLEEF_EVERY_ENGINE for t in ("fbgemm", "x86", "qnnpack")},
-                         "onnxruntime": _ORT_NO_KERNEL, "tflite": _TFLITE_REFERENCE_NO_ELU},
+                         "onnxruntime": _ORT_NO_KERNEL, "tflite": _TFLITE_REFERENCE_NO_ELU,
+                         "executorch-xnnpack": _PTE_UNCHECKED},
              formats=("tflite",)),
     Operator("prelu", "`nn.PReLU` (one slope, or one per channel on dim 1)", True,
              "x, or x times the slope's code, requantized by the target's rule (numerics/prelu.py: TFLite's two "
              "multipliers; PyTorch's qprelu in float32); the learned slope on a symmetric int8 grid s_a = f(1/k), "
              "k = floor(127 / max(1, max|a|)), so 1.0 is on it; convert writes its codes into the node",
              "F.prelu of the dequantized input with straight-through slope codes (the slope learns)",
-             "|slope| <= 127", refused_by={"onnxruntime": _ORT_NO_KERNEL},
+             "|slope| <= 127", refused_by={"onnxruntime": _ORT_NO_KERNEL, "executorch-xnnpack": _PTE_UNCHECKED},
              formats=("tflite",), torch_form="torch.ops.quantized.prelu (quint8 slope, zero point 128)"),
     Operator("clamp", "`nn.ReLU`, `nn.ReLU6`, `nn.Hardtanh`, `F.relu`, `torch.relu`, `Tensor.relu`, `F.relu6`, "
              "`F.hardtanh`, `torch.clamp`/`clip`, `Tensor.clamp`/`clip`", False,
@@ -182,12 +190,14 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "`F.adaptive_avg_pool1d`, `nn.AvgPool1d` (on [N, C, 1, L])", False,
              "the target's average of exact window sums, PyTorch's divisors",
              "window mean of the codes", "no `divisor_override`; adaptive output sizes must divide the input; "
-             "a mean only over H and W (qnnpack: no 1x1 avg_pool2d, as PyTorch's qnnpack)",
+             "a mean only over H and W (qnnpack: no 1x1 avg_pool2d, as PyTorch's qnnpack; executorch-xnnpack: only the mean "
+             "over the whole image)",
              torch_form="F.avg_pool2d / F.adaptive_avg_pool2d"),
     Operator("upsample_nearest", "`nn.Upsample`, `F.interpolate` with mode='nearest' by integer factors", False,
              "copies codes: output[y, x] = input[y // k_h, x // k_w]", "nearest upsampling of the codes",
              "4-D inputs; integer factors where the runtimes' float32 index rule is exact (checked at capture)",
-             golden=False, torch_form="F.interpolate(mode='nearest')"),
+             refused_by={"executorch-xnnpack": _PTE_UNCHECKED},
+             formats=("onnx", "tflite"), golden=False, torch_form="F.interpolate(mode='nearest')"),
     Operator("pad", "`F.pad` (constant 0), `nn.ZeroPad2d`, `nn.ConstantPad2d(value=0)`, `nn.ZeroPad1d`, "
              "`nn.ConstantPad1d(value=0)`", False, "pads the codes with the zero point's code (real 0)",
              "the same padding of the codes", "zeros only; no negative padding", torch_form="F.pad"),
@@ -242,8 +252,8 @@ def ops_markdown() -> str:
         lines.append(f"| {op.name} | {op.forms} | {'yes' if op.new_grid else 'no'} | {op.integer} | "
                      f"{op.surrogate} | {op.restrictions} |")
     lines += ["", "## Operators x targets", "",
-              "| operator | " + " | ".join(TARGET_NAMES) + " | .onnx | .tflite | golden | to_torch |",
-              "|---|" + "---|" * (len(TARGET_NAMES) + 4)]
+              "| operator | " + " | ".join(TARGET_NAMES) + " | " + " | ".join("." + f for f in FILE_FORMATS) + " | golden | to_torch |",
+              "|---|" + "---|" * (len(TARGET_NAMES) + len(FILE_FORMATS) + 2)]
     for op in OPERATORS.values():
         cells = ["yes" if t in op.targets() else "refused" for t in TARGET_NAMES]
         cells += ["yes" if f in op.formats else "no" for f in FILE_FORMATS]
