@@ -16,6 +16,7 @@ verify feeds larger inputs in chunks, as for .tflite.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
@@ -168,13 +169,14 @@ class QDQProgram(nn.Module):
                                                  getattr(self, f"{name}_weight_zero_point"), 0, -127, 127, torch.int8)
 
     def _clamped(self, node: Node, value: torch.Tensor) -> torch.Tensor:
-        """The node's fused clamp, in reals: the partitioner fuses it into the operator's output range."""
+        """The node's fused clamp, in reals, as the activations the partitioner fuses into the operator's output
+        range (relu, hardtanh: partition/config/gemm_configs.py fused_acts); an open bound is infinite."""
         low, high = tuple(node.attrs.get("clamp") or (None, None))
         if low is None and high is None:
             return value
         if low == 0.0 and high is None:
             return torch.relu(value)
-        return torch.clamp(value, low, high)
+        return F.hardtanh(value, -math.inf if low is None else low, math.inf if high is None else high)
 
     # One method per operator (tests/test_registry.py reads the names against the registry's formats).
     def op_input(self, node, x, kwargs):
@@ -197,6 +199,13 @@ class QDQProgram(nn.Module):
         return args[0] * args[1]
 
     def op_cat(self, node, args, kwargs):
+        # XNNPACK's qs8 concatenate takes only inputs on the output's grid (xnn_define_concatenate fails to
+        # create the node otherwise); rescaling inputs first is not checked against the runtime yet.
+        out = self.grids[node.name]
+        if any(not self.grids[ref.name].same_grid(out) for ref in node.args[0]):
+            raise ExportError(f"cat at {node.path} joins tensors on other grids than its output's: XNNPACK's "
+                              "concatenate takes only inputs on the output grid, and the .pte exporter does not "
+                              "write the rescaling yet")
         return torch.cat(list(args[0]), node.attrs["dim"])
 
     def op_hardswish(self, node, args, kwargs):
