@@ -264,7 +264,10 @@ def input_shapes(method) -> List[tuple]:
 
 def run_pte(path, inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """The file's float outputs for `inputs`, fed in chunks of the file's batch size."""
-    method = load_method(path)
+    return _run(load_method(path), inputs)
+
+
+def _run(method, inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     batch = input_shapes(method)[0][0]
     total = inputs[0].shape[0]
     chunks = []
@@ -278,14 +281,13 @@ def run_pte(path, inputs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
 
 def verify_pte(model: IntegerModel, path, inputs: Sequence[torch.Tensor]) -> List[RuntimeResult]:
     """Run the file in ExecuTorch (XNNPACK delegate) and compare its output codes with the model's."""
-    require_model_inputs(path, input_shapes(load_method(path)), model)
+    method = load_method(path)
+    require_model_inputs(path, input_shapes(method), model)
     codes = model.quantize(*inputs)
     expected = leaves(model.run(*(codes if isinstance(codes, tuple) else (codes,))))
-    outputs = run_pte(path, inputs)
-    grids = leaves(model.output_qparams)
+    outputs = _run(method, inputs)
     if len(outputs) != len(expected):
         raise ModelFileError(f"{os.fspath(path)!r} has {len(outputs)} outputs; the model has {len(expected)}: was it "
                              "exported from another model?")
-    results = []
     return [compare_codes("ExecuTorch XNNPACK delegate", i, want, codes_from_dequantized(real, grid), binding=True)
-            for i, (want, real, grid) in enumerate(zip(expected, outputs, grids))]
+            for i, (want, real, grid) in enumerate(zip(expected, outputs, leaves(model.output_qparams)))]
