@@ -9,6 +9,7 @@ from torch import nn
 import qparity as qp
 from qparity.errors import UnsupportedOpError
 from qparity.export.onnx import _OnnxBuilder
+from qparity.export.pte import QDQProgram
 from qparity.export.tflite import _Exporter as TFLiteExporter
 from qparity.export.tosa import _Exporter as TosaExporter
 from qparity.golden import PARAMETERS
@@ -16,7 +17,7 @@ from qparity.ops.registry import FILE_FORMATS, OPERATORS, TARGET_NAMES, ops_mark
 from qparity.ops.program import IMPLEMENTATIONS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-EMITTERS = {"onnx": _OnnxBuilder, "tflite": TFLiteExporter, "tosa": TosaExporter}
+EMITTERS = {"onnx": _OnnxBuilder, "tflite": TFLiteExporter, "tosa": TosaExporter, "pte": QDQProgram}
 
 
 def handled(cls) -> set:

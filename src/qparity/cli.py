@@ -56,14 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"float training epochs before QAT (default {defaults.float_epochs})")
     demo.add_argument("--seed", type=_seed, default=defaults.seed, help=f"random seed (default {defaults.seed})")
     add("info", help="print the version and the supported targets")
-    export = add("export", help="write a saved model (.qp) as an .onnx, .tflite or .tosa file")
+    export = add("export", help="write a saved model (.qp) as an .onnx, .tflite, .tosa or .pte file")
     export.add_argument("model", help="a model saved with IntegerModel.save")
-    export.add_argument("output", help="the file to write: .onnx (target onnxruntime), .tflite (target tflite or "
-                        "xnnpack) or .tosa (target tosa)")
+    export.add_argument("output", help="the file to write: .onnx (target onnxruntime), .tflite (target tflite, "
+                        "xnnpack or tflite-micro), .tosa (target tosa) or .pte (target executorch-xnnpack)")
     verify = add("verify", help="run an exported file in its real runtime(s) and count the codes "
                                 "that differ from the saved model's")
     verify.add_argument("model", help="a model saved with IntegerModel.save")
-    verify.add_argument("exported", help="the .onnx, .tflite or .tosa file exported from it")
+    verify.add_argument("exported", help="the .onnx, .tflite, .tosa or .pte file exported from it")
     verify.add_argument("--inputs", help="a .npy file of float32 inputs (default: random inputs spanning each "
                                          "input's grid and beyond)")
     verify.add_argument("--samples", type=_positive, default=64, help="random inputs to draw (default 64)")

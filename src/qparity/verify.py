@@ -18,7 +18,7 @@ __all__ = ["RuntimeResult", "VerifyReport", "compare_codes", "verify"]
 
 
 def verify(model: IntegerModel, path, inputs: Sequence[torch.Tensor] | torch.Tensor) -> VerifyReport:
-    """Run `path` (.onnx, .tflite or .tosa) in its runtime(s) on `inputs` and compare codes with `model`.
+    """Run `path` (.onnx, .tflite, .tosa or .pte) in its runtime(s) on `inputs` and compare codes with `model`.
 
     A missing file is a FileAccessError, a file its runtime cannot load (or whose inputs are not the model's) a
     ModelFileError, and a model whose target that runtime does not compute an ExportError: never a report.
@@ -33,6 +33,9 @@ def verify(model: IntegerModel, path, inputs: Sequence[torch.Tensor] | torch.Ten
     elif suffix == ".tosa":
         from .export.tosa import verify_tosa  # imports TOSA's reference model: only when needed
         report.results = verify_tosa(model, path, inputs)
+    elif suffix == ".pte":
+        from .export.pte import verify_pte  # imports ExecuTorch's runtime: only when needed
+        report.results = verify_pte(model, path, inputs)
     else:
         from .export.tflite import verify_tflite  # imports LiteRT: only when needed
         report.results = verify_tflite(model, path, inputs)

@@ -1,8 +1,9 @@
 """Export an IntegerModel to a runtime's file format, and verify the file in the real runtime.
 
 `export(model, path)` picks the format from the suffix: `.onnx` (ONNX QOperator graph, target
-`onnxruntime`), `.tflite` (TFLite flatbuffer, targets `tflite` and `xnnpack`) or `.tosa` (TOSA 1.0
-flatbuffer, target `tosa`). A model whose target has
+`onnxruntime`), `.tflite` (TFLite flatbuffer, targets `tflite`, `xnnpack` and `tflite-micro`), `.tosa` (TOSA 1.0
+flatbuffer, target `tosa`) or `.pte` (ExecuTorch program lowered to the XNNPACK delegate, target
+`executorch-xnnpack`). A model whose target has
 other integer semantics than the file's runtime is refused: its codes would silently change.
 """
 from __future__ import annotations
@@ -16,11 +17,11 @@ from ..runtime import IntegerModel
 
 # Each file suffix and the targets whose integers its runtime computes, from the targets' own declarations.
 FORMATS = {suffix: tuple(t for t in TARGETS if get_target(t).file_format == suffix)
-           for suffix in (".onnx", ".tflite", ".tosa")}
+           for suffix in (".onnx", ".tflite", ".tosa", ".pte")}
 
 
 def export(model: IntegerModel, path) -> None:
-    """Write `model` to `path` (.onnx, .tflite or .tosa), atomically: a failed export leaves no file behind."""
+    """Write `model` to `path` (.onnx, .tflite, .tosa or .pte), atomically: a failed export leaves no file behind."""
     suffix = file_format(model, path, "export")
     with replacing(path, "the exported file") as temporary:
         if suffix == ".onnx":
@@ -29,6 +30,9 @@ def export(model: IntegerModel, path) -> None:
         elif suffix == ".tosa":
             from .tosa import export_tosa
             export_tosa(model, temporary)
+        elif suffix == ".pte":
+            from .pte import export_pte  # imports executorch: only when needed
+            export_pte(model, temporary)
         else:
             from .tflite import export_tflite
             export_tflite(model, temporary)
@@ -38,14 +42,14 @@ ACTIONS = {"export": ("exported to", "export it to"), "verify": ("verified again
 
 
 def file_format(model: IntegerModel, path, action: str) -> str:
-    """The suffix of `path` (.onnx, .tflite or .tosa) once `model` is known to be a model whose target that file's
+    """The suffix of `path` (.onnx, .tflite, .tosa or .pte) once `model` is known to be a model whose target that file's
     runtime computes; `action` ("export" or "verify") words the error."""
     if not isinstance(model, IntegerModel):
         raise ArgumentTypeError(f"expected an IntegerModel (from qparity.convert or qparity.load), got "
                                 f"{type(model).__name__}")
     suffix = os.path.splitext(path_of(path, "the file"))[1].lower()
     if suffix not in FORMATS:
-        raise ExportError(f"cannot tell the format of {os.fspath(path)!r}: use a .onnx, .tflite or .tosa file name")
+        raise ExportError(f"cannot tell the format of {os.fspath(path)!r}: use a .onnx, .tflite, .tosa or .pte file name")
     if model.target.name not in FORMATS[suffix]:
         right = {v: k for k, vs in FORMATS.items() for v in vs}.get(model.target.name)
         done, do = ACTIONS[action]

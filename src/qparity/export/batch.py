@@ -1,6 +1,6 @@
 """Whether the integer program computes each sample of a batch on its own.
 
-A .tflite file has fixed shapes and runs `batch_size` samples at a time (verify feeds larger inputs in chunks),
+A .tflite or .pte file has fixed shapes and runs `batch_size` samples at a time (verify feeds larger inputs in chunks),
 so a model whose output for one sample depends on another sample of the batch (`x + x[:1]`, a mean over the
 batch, a reshape that folds the batch into another dimension) would compute something else in the file. The
 check runs the integer program on two random samples together and on each alone and names the first node whose

@@ -9,6 +9,7 @@ from typing import Dict
 
 from ..errors import UnknownTargetError
 from .exact import ExactTarget
+from .executorch_xnnpack import ExecutorchXnnpackTarget
 from .onnxruntime import OnnxRuntimeTarget
 from .pytorch_engines import FbgemmTarget, QnnpackTarget, X86Target
 from .target import Target
@@ -19,7 +20,8 @@ from .xnnpack import XnnpackTarget
 
 _REGISTRY: Dict[str, Target] = {t.name: t for t in (ExactTarget(), TFLiteTarget(), OnnxRuntimeTarget(),
                                                     XnnpackTarget(), FbgemmTarget(), X86Target(),
-                                                    QnnpackTarget(), TFLiteMicroTarget(), TosaTarget())}
+                                                    QnnpackTarget(), TFLiteMicroTarget(), TosaTarget(),
+                                                    ExecutorchXnnpackTarget())}
 TARGETS = tuple(_REGISTRY)
 
 

@@ -1,0 +1,156 @@
+"""Export to ExecuTorch .pte (XNNPACK delegate) and run the file in ExecuTorch's runtime: 0 mismatched codes.
+
+Lowering takes seconds per model, so the property test draws few models, each holding every operator the .pte
+exporter writes (conv, depthwise conv, linear, add, mul, hardswish, sigmoid, clamps, pad, max pool, global mean,
+flatten, dropout) on random grids; the demo models are checked whole. Target `executorch-xnnpack` is
+what the file computes: where it differs from target `xnnpack` (LiteRT), this shows it.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import prepare_and_convert, require_optional_runtime
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+from op_models import random_batches
+from torch import nn
+
+import qparity as qp
+from qparity.cli import main
+from qparity.demo import DigitsNet, MobileDigitsNet
+from qparity.errors import ExportError, ModelFileError, UnsupportedOpError
+
+require_optional_runtime("executorch", "executorch")
+
+TARGET = "executorch-xnnpack"
+
+
+def export_and_verify(im, inputs, path):
+    qp.export(im, path)
+    report = qp.verify(im, path, inputs)
+    assert report.ok and report.mismatched == 0, str(report)
+    return report
+
+
+class EveryWrittenOperator(nn.Module):
+    def __init__(self, groups: int, stride: int, low: float, high: float):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=stride, padding=1)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=groups, bias=False)
+        self.side = nn.Conv2d(3, 8, 1, stride=stride)
+        self.gate = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 5)
+        self.low, self.high = low, high
+
+    def forward(self, x):
+        y = F.hardswish(self.stem(x))
+        y = torch.clamp(self.depthwise(y), self.low, self.high) + y
+        y = F.dropout(y + F.relu(self.side(x)), 0.1, self.training)
+        y = y * torch.sigmoid(self.gate(y.mean((2, 3), keepdim=True)))
+        y = torch.clamp(F.max_pool2d(F.pad(y, (1, 1, 1, 1)), 2), self.low, self.high)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+@settings(max_examples=2, deadline=None, phases=[Phase.generate])  # no shrinking: each example lowers a model
+@given(seed=st.integers(0, 2**16), groups=st.sampled_from([1, 8]), stride=st.sampled_from([1, 2]),
+       bounds=st.sampled_from([(-1.0, 1.0), (0.0, 6.0), (-0.5, 3.0)]))
+def test_every_operator_the_pte_exporter_writes_gives_the_runtimes_codes(tmp_path_factory, seed, groups, stride,
+                                                                         bounds):
+    torch.manual_seed(seed)
+    batches = random_batches(seed, (8, 3, 8, 8))
+    _, im = prepare_and_convert(EveryWrittenOperator(groups, stride, *bounds), batches[0], TARGET, batches, lr=1e-3)
+    inputs = torch.cat(random_batches(seed + 1, (16, 3, 8, 8), count=4, spread=float(batches[0].std()) * 1.5))
+    export_and_verify(im, inputs, tmp_path_factory.mktemp("pte") / "model.pte")
+
+
+@pytest.mark.parametrize("build", [DigitsNet, MobileDigitsNet])
+def test_the_demo_models_export_to_pte_and_verify_with_zero_mismatches(tmp_path, build):
+    torch.manual_seed(0)
+    batches = [torch.randn(16, 1, 8, 8) * 2 for _ in range(3)]
+    _, im = prepare_and_convert(build(), batches[0], TARGET, batches, lr=1e-2)
+    report = export_and_verify(im, torch.randn(100, 1, 8, 8) * 2, tmp_path / "model.pte")
+    assert sum(r.total for r in report.results) == 1000
+
+
+def test_qparity_export_and_verify_commands_take_pte_files(tmp_path, capsys):
+    torch.manual_seed(0)
+    x = torch.randn(8, 2, 6, 6)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3))
+    _, im = prepare_and_convert(model, x, TARGET, [x, x * 2])
+    im.save(tmp_path / "model.qp")
+    exported = tmp_path / "model.pte"
+    assert main(["export", str(tmp_path / "model.qp"), str(exported)]) == 0
+    assert main(["verify", str(tmp_path / "model.qp"), str(exported), "--samples", "16"]) == 0
+    assert "OK: 0 mismatched codes" in capsys.readouterr().out
+
+
+def test_a_model_xnnpack_does_not_take_whole_is_refused_with_the_nodes_left_out(tmp_path):
+    class Strided(nn.Module):
+        def forward(self, x):
+            return x[:, :, ::2] + x[:, :, 1::2]
+
+    x = torch.randn(4, 2, 6, 4)
+    _, im = prepare_and_convert(Strided(), x, TARGET, [x])
+    with pytest.raises(ExportError, match="outside the delegate: .*slice"):
+        qp.export(im, tmp_path / "model.pte")
+    assert not (tmp_path / "model.pte").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a program at all", b"\x00" * 64, b"PTE0" + bytes(range(256)) * 8])
+def test_a_corrupt_or_hostile_pte_file_is_a_model_file_error(tmp_path, content):
+    x = torch.randn(4, 2, 6, 6)
+    _, im = prepare_and_convert(nn.Conv2d(2, 3, 3), x, TARGET, [x])
+    path = tmp_path / "model.pte"
+    path.write_bytes(content)
+    with pytest.raises(ModelFileError, match="ExecuTorch cannot load"):
+        qp.verify(im, path, x)
+
+
+def test_other_targets_are_refused_for_pte_and_executorch_xnnpack_for_tflite(tmp_path):
+    x = torch.randn(4, 2, 6, 6)
+    _, xnnpack = prepare_and_convert(nn.Conv2d(2, 3, 3), x, "xnnpack", [x])
+    with pytest.raises(ExportError, match="train with target='executorch-xnnpack'"):
+        qp.export(xnnpack, tmp_path / "model.pte")
+    _, executorch = prepare_and_convert(nn.Conv2d(2, 3, 3), x, TARGET, [x])
+    with pytest.raises(ExportError, match="export it to a .pte file instead"):
+        qp.export(executorch, tmp_path / "model.tflite")
+
+
+def test_cat_of_other_grids_is_refused_by_the_pte_exporter(tmp_path):
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(2, 3, 1), nn.Conv2d(2, 3, 1)
+
+        def forward(self, x):
+            return torch.cat([self.a(x), self.b(x)], 1)
+
+    x = torch.randn(4, 2, 6, 6)
+    _, im = prepare_and_convert(Cat(), x, TARGET, [x])
+    with pytest.raises(ExportError, match="cat at .* joins tensors on other grids"):
+        qp.export(im, tmp_path / "model.pte")
+
+
+@pytest.mark.parametrize("model, match", [
+    (nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh()), "the .pte exporter does not write it yet"),
+    (nn.Sequential(nn.Conv2d(2, 3, 3), nn.AvgPool2d(2)), "only the mean|mean over the whole image"),
+])
+def test_operators_executorch_is_not_checked_for_are_refused_at_prepare_qat(model, match):
+    with pytest.raises(UnsupportedOpError, match=match):
+        x = torch.randn(4, 2, 6, 6)
+        prepare_and_convert(model, x, TARGET, [x])
+
+
+def test_global_mean_and_hardswish_follow_xnnpack_not_litert():
+    """The two rules where ExecuTorch's XNNPACK and LiteRT's differ, pinned on ties and on a whole table."""
+    from qparity.numerics import get_target
+    from qparity.numerics.executorch_xnnpack import hardswish_table
+    from qparity.numerics.litert_activations import hard_swish_table
+
+    grid = qp.QParams(torch.tensor(0.05), torch.tensor(-128), "int8")
+    sums, counts = torch.tensor([[[[408]]]]), torch.tensor([[[[16]]]])  # codes summing to -1640: mean -102.5
+    assert int(get_target(TARGET).average(sums, counts, grid)) == -102  # XNNPACK: nearbyint, ties to even
+    assert int(get_target("xnnpack").average(sums, counts, grid)) == -103  # TFLite: ties away from zero
+    source = qp.QParams(torch.tensor(0.0345365629), torch.tensor(13), "int8")
+    out = qp.QParams(torch.tensor(0.0169263799), torch.tensor(-106), "int8")
+    assert not torch.equal(hardswish_table(source, out), hard_swish_table(source, out))
