@@ -283,13 +283,13 @@ class PyTorchEngineTarget(Target):
             zero_point_f = _f32(zero_point)
 
             def requantize_onednn(acc: torch.Tensor) -> torch.Tensor:
-                real = acc.to(torch.float32) * scale_x.to(acc.device)
-                real = real * view(scale_w).to(acc.device)
+                # One float32 rounding per step, each in place on one copy of acc (the caller keeps acc).
+                real = acc.to(torch.float32, copy=True).mul_(scale_x.to(acc.device))
+                real.mul_(view(scale_w).to(acc.device))
                 if bias is not None:
-                    real = real + view(bias).to(acc.device)
-                real = real * inv_y.to(acc.device)
-                value = torch.round(real + zero_point_f.to(acc.device))
-                return value.clamp_(lo, hi).to(torch.int64)
+                    real.add_(view(bias).to(acc.device))
+                real.mul_(inv_y.to(acc.device)).add_(zero_point_f.to(acc.device)).round_()
+                return real.clamp_(lo, hi).to(torch.int64)
 
             return requantize_onednn
 
@@ -304,10 +304,10 @@ class PyTorchEngineTarget(Target):
                 total = acc.to(torch.float64) if offset is None else acc.to(torch.float64) + offset.to(acc.device)
                 total = total.to(torch.float32)  # int32 to float, as QNNPACK's fp32 requantization
             else:
-                total = acc.to(torch.float32)
+                total = acc.to(torch.float32, copy=True)  # the caller keeps acc; the steps below run in place
                 if offset is not None:
-                    total = total + offset.to(acc.device)
-            value = torch.round(total * multiplier.to(acc.device))
+                    total.add_(offset.to(acc.device))
+            value = total.mul_(multiplier.to(acc.device)).round_()
             return value.add_(zero_point).clamp_(lo, hi).to(torch.int64)
 
         return requantize
