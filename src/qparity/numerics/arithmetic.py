@@ -224,7 +224,7 @@ def float32_requantizer(multiplier: torch.Tensor, zero_point: int, lo: int, hi: 
     broadcast along the output channels.
     """
     def requantize(acc: torch.Tensor) -> torch.Tensor:
-        scaled = acc.to(torch.float32, copy=True).mul_(multiplier.to(acc.device)).round_()
+        scaled = (acc.to(torch.float32) * multiplier.to(acc.device)).round_()
         return scaled.add_(zero_point).clamp_(lo, hi).to(torch.int64)  # exact: small integers in float32
 
     return requantize

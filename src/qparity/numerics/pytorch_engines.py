@@ -283,8 +283,9 @@ class PyTorchEngineTarget(Target):
             zero_point_f = _f32(zero_point)
 
             def requantize_onednn(acc: torch.Tensor) -> torch.Tensor:
-                # One float32 rounding per step, each in place on one copy of acc (the caller keeps acc).
-                real = acc.to(torch.float32, copy=True).mul_(scale_x.to(acc.device))
+                # One float32 rounding per step; the first makes a new tensor (the caller keeps acc), the rest
+                # run in place on it.
+                real = acc.to(torch.float32) * scale_x.to(acc.device)
                 real.mul_(view(scale_w).to(acc.device))
                 if bias is not None:
                     real.add_(view(bias).to(acc.device))
@@ -304,10 +305,10 @@ class PyTorchEngineTarget(Target):
                 total = acc.to(torch.float64) if offset is None else acc.to(torch.float64) + offset.to(acc.device)
                 total = total.to(torch.float32)  # int32 to float, as QNNPACK's fp32 requantization
             else:
-                total = acc.to(torch.float32, copy=True)  # the caller keeps acc; the steps below run in place
+                total = acc.to(torch.float32)
                 if offset is not None:
-                    total.add_(offset.to(acc.device))
-            value = total.mul_(multiplier.to(acc.device)).round_()
+                    total = total + offset.to(acc.device)  # a new tensor: the caller keeps acc
+            value = torch.mul(total, multiplier.to(acc.device)).round_()
             return value.add_(zero_point).clamp_(lo, hi).to(torch.int64)
 
         return requantize
