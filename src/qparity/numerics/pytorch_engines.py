@@ -80,9 +80,9 @@ from ..errors import TargetSettingError, UnsupportedOpError
 from . import pooling
 from ..qparams import QParams
 from .arithmetic import fma_f32, rounding_divide_by_pot
+from .activations import TableCache
 from .prelu import engine_prelu
 from .pytorch_versions import PyTorchKernels, installed_kernels, kernels_named
-from .activations import TableCache
 from .target import Target, channel_view, grid_views
 
 ENGINE_FIXED_GRIDS = {"sigmoid": QParams(1.0 / 256.0, 0, "uint8"), "tanh": QParams(2.0 / 256.0, 128, "uint8"),
@@ -501,7 +501,7 @@ BROADCAST_ADD = ("add of tensors of different shapes (broadcasting) on PyTorch's
                  "onnxruntime")
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=16)  # a model has a few tensor sizes (and a last, smaller batch)
 def vector_loop_mask(n: int, threads: int) -> torch.Tensor:
     """Which of n elements (in memory order) qadd's vector loop computes: whole 64-blocks of each chunk.
     Cached per size (the same tensor each call: read it, never write to it)."""
@@ -573,10 +573,10 @@ class FbgemmAddTable:
         return torch.take(self.table.to(ia.device), index)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=8)
 def _loop_offsets(n: int, threads: int | None, pairs: int) -> torch.Tensor:
     """Per element, where its loop's half of an FbgemmAddTable starts: 0 (vector loop) or `pairs` (scalar)."""
-    return torch.where(loop_mask(n, threads), 0, pairs)
+    return torch.where(loop_mask(n, threads), 0, pairs).to(torch.int32)
 
 
 def _hardswish_real(x: torch.Tensor) -> torch.Tensor:
