@@ -294,3 +294,45 @@ def test_every_kernel_path_matches_pytorch_on_exact_ties(engine, seed, exponent,
     nhwc = pooled.contiguous(memory_format=torch.channels_last)
     expected = codes_of(torch.ops.quantized.cat([quint8(nhwc, grid)], 1, float(coarse.scale), int(coarse.zero_point)))
     assert torch.equal(target.concatenate([nhwc], [grid], coarse, 1), expected)
+
+
+@settings(max_examples=4, deadline=None)
+@given(engine=st.sampled_from(["fbgemm", "x86"]), seed=seeds, relu=st.booleans(), channels_last=st.booleans(),
+       ties=st.booleans())
+def test_add_of_tensors_larger_than_its_table_matches_quantized_add(engine, seed, relu, channels_last, ties):
+    """Above ADD_TABLE_MIN_ELEMENTS add answers from FbgemmAddTable: still PyTorch's codes, parallel chunks too."""
+    torch.backends.quantized.engine = engine
+    rng = np.random.default_rng(seed)
+    a, b, out = random_qparams(rng), random_qparams(rng), random_qparams(rng)
+    if ties:
+        a = b = QParams(float(out.scale) / 2, a.zero_point, "uint8")
+    shape = (2, 64, 33, 33)  # 139392 elements: above the table threshold, several 64-blocks per chunk, a tail
+    qa, qb = random_codes(rng, shape), random_codes(rng, shape)
+    if channels_last:
+        qa, qb = (q.contiguous(memory_format=torch.channels_last) for q in (qa, qb))
+    target = get_target(engine).configured(threads=torch.get_num_threads())
+    lo, hi = target.activation_bounds(0.0 if relu else None, None, out)
+    op = torch.ops.quantized.add_relu if relu else torch.ops.quantized.add
+    expected = op(quint8(qa, a), quint8(qb, b), float(out.scale), int(out.zero_point))
+    got = target.add(qa, a, qb, b, out, lo, hi)
+    assert torch.equal(got, codes_of(expected))
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@settings(max_examples=5, deadline=None)
+@given(seed=seeds, n=st.integers(1, 3000), threads=st.sampled_from([None, 1, 2, 3]),
+       release=st.sampled_from(["2.13", "2.14"]))
+def test_fbgemm_add_table_equals_the_loops_it_tabulates(seed, n, threads, release):
+    from qparity.numerics.pytorch_engines import FbgemmAddTable, fbgemm_add_loops, loop_mask
+    from qparity.numerics.pytorch_versions import kernels_named
+
+    rng = np.random.default_rng(seed)
+    a, b, out = random_qparams(rng), random_qparams(rng), random_qparams(rng)
+    if rng.integers(2):
+        a = b = QParams(float(out.scale) / 2, a.zero_point, "uint8")
+    lo, hi = sorted(int(v) for v in rng.integers(0, 256, size=2))
+    kernels = kernels_named(release)
+    ia, ib = random_codes(rng, (n,)), random_codes(rng, (n,))
+    table = FbgemmAddTable(a, b, out, lo, hi, kernels)
+    expected = fbgemm_add_loops(ia, a, ib, b, out, lo, hi, kernels, loop_mask(n, threads))
+    assert torch.equal(table(ia, ib, threads), expected)

@@ -1,5 +1,5 @@
 """The `qparity` console script: `qparity demo` (QAT on 8x8 digits, end to end), `info`, `export`, `verify`,
-`golden` and `doctor`.
+`golden`, `doctor` and `bench`.
 
 Every misuse ends in one line on stderr, "qparity: error: ...", and a non-zero exit status (2 for a bad
 command line, 1 for anything qparity refuses, 3 for an unexpected error); `--debug` shows the traceback.
@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
+from .bench import add_arguments as add_bench_arguments
 from .demo import DemoConfig, DemoResult, run_demo
 from .errors import InputError, QParityError
 from .files import require_file
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(prepared, converted, example_inputs)")
     doctor.add_argument("--html", help="also write the report as a self-contained HTML page")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    bench = add("bench", help="time QAT steps and integer inference against torch.ao on this machine, side by side, "
+                              "and print the ratios")
+    add_bench_arguments(bench)
     return parser
 
 
@@ -136,6 +140,8 @@ def run_command(args) -> int:
     if args.command == "doctor":
         from .doctor.command import doctor_command
         return doctor_command(console, args)
+    if args.command == "bench":
+        return bench_command(console, args)
     config = DemoConfig(targets=tuple(args.target or TARGETS), float_epochs=args.float_epochs,
                         qat_epochs=args.epochs, seed=args.seed)
     return demo(console, config)
@@ -175,6 +181,14 @@ def info(console: Console) -> int:
         target = get_target(name)
         table.add_row(name, ", ".join(target.activation_dtypes), target.summary)
     console.print(table)
+    return 0
+
+
+def bench_command(console: Console, args) -> int:
+    from .bench import config_from, format_report, run_bench
+
+    report = run_bench(config_from(args), progress=lambda stage: console.print(f"... {stage}", style="dim"))
+    console.print(format_report(report), markup=False, soft_wrap=True)
     return 0
 
 

@@ -97,9 +97,9 @@ def round_half_even_exact(terms: Sequence[Tuple[torch.Tensor, ExactRatio]], lo: 
         part = k.to(torch.float64) * c.estimate.to(k.device)
         estimate = part if estimate is None else estimate + part  # the terms may broadcast
     rounded = torch.round(estimate)
-    near_tie = (estimate - rounded).abs_() >= 0.5 - error_bound
+    near_tie = estimate.sub_(rounded).abs_() >= 0.5 - error_bound  # estimate (a new tensor) is used up here
     if bool(near_tie.any()):
-        near_tie &= estimate.abs() <= reach
+        near_tie &= rounded.abs() <= reach + 1  # holds wherever |estimate| <= reach: recomputing more is exact too
         if bool(near_tie.any()):
             rounded[near_tie] = _round_exact_at(terms, near_tie).to(rounded)
     return rounded.clamp_(lo, hi).to(torch.int64)

@@ -58,7 +58,7 @@ class ExactTarget(Target):
         zero_point = int(output_qp.zero_point)
 
         def requantize(acc: torch.Tensor) -> torch.Tensor:
-            return zero_point + round_half_even_exact([(acc, ratio)], lo - zero_point, hi - zero_point)
+            return round_half_even_exact([(acc, ratio)], lo - zero_point, hi - zero_point).add_(zero_point)
 
         return requantize
 

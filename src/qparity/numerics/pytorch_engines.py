@@ -72,7 +72,7 @@ prepare_qat fixes both from torch.get_num_threads() and the example inputs; the 
 """
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -80,6 +80,7 @@ from ..errors import TargetSettingError, UnsupportedOpError
 from . import pooling, resampling
 from ..qparams import QParams
 from .arithmetic import fma_f32, rounding_divide_by_pot
+from .activations import TableCache
 from .prelu import engine_prelu
 from .pytorch_versions import PyTorchKernels, installed_kernels, kernels_named
 from .target import Target, channel_view, grid_views
@@ -90,6 +91,9 @@ VECTOR_BLOCK = 64          # qadd's vector loop covers whole 64-element blocks (
 PARALLEL_GRAIN = 32768     # at::internal::GRAIN_SIZE
 CAT_BLOCK = 8              # qcat_nhwc_kernel's vector loops (AVX2 dispatch: 32 and 8 lanes) cover 8-channel blocks
 POOL_BLOCK = 16            # the average pools' AVX512 loops cover 16-channel blocks
+# add answers from a table of every code pair (FbgemmAddTable) once a tensor is larger than the table.
+ADD_TABLE_MAX_PAIRS = 256 * 256
+ADD_TABLE_MIN_ELEMENTS = 2 * ADD_TABLE_MAX_PAIRS
 
 
 def _f32(value) -> torch.Tensor:
@@ -280,13 +284,14 @@ class PyTorchEngineTarget(Target):
             zero_point_f = _f32(zero_point)
 
             def requantize_onednn(acc: torch.Tensor) -> torch.Tensor:
+                # One float32 rounding per step; the first makes a new tensor (the caller keeps acc), the rest
+                # run in place on it.
                 real = acc.to(torch.float32) * scale_x.to(acc.device)
-                real = real * view(scale_w).to(acc.device)
+                real.mul_(view(scale_w).to(acc.device))
                 if bias is not None:
-                    real = real + view(bias).to(acc.device)
-                real = real * inv_y.to(acc.device)
-                value = torch.round(real + zero_point_f.to(acc.device))
-                return value.clamp_(lo, hi).to(torch.int64)
+                    real.add_(view(bias).to(acc.device))
+                real.mul_(inv_y.to(acc.device)).add_(zero_point_f.to(acc.device)).round_()
+                return real.clamp_(lo, hi).to(torch.int64)
 
             return requantize_onednn
 
@@ -303,13 +308,18 @@ class PyTorchEngineTarget(Target):
             else:
                 total = acc.to(torch.float32)
                 if offset is not None:
-                    total = total + offset.to(acc.device)
-            value = torch.round(total * multiplier.to(acc.device))
+                    total = total + offset.to(acc.device)  # a new tensor: the caller keeps acc
+            value = torch.mul(total, multiplier.to(acc.device)).round_()
             return value.add_(zero_point).clamp_(lo, hi).to(torch.int64)
 
         return requantize
 
     # -- add ------------------------------------------------------------------------------------------------
+    @cached_property
+    def add_tables(self) -> TableCache:
+        """FbgemmAddTables by grids (1 MiB each; training makes new grids every step, so only a few are kept)."""
+        return TableCache(size=16)
+
     def check_broadcast(self, op):
         if op == "add":
             raise UnsupportedOpError(BROADCAST_ADD)
@@ -319,7 +329,8 @@ class PyTorchEngineTarget(Target):
             raise UnsupportedOpError(f"{BROADCAST_ADD} (shapes {tuple(qa.shape)} and {tuple(qb.shape)})")
         if self.add_rule == "qnnpack":
             return _qnnpack_add(qa, a, qb, b, out, lo, hi)
-        return _fbgemm_add(qa, a, qb, b, out, lo, hi, self.kernels, self.engine_threads())
+        return _fbgemm_add(qa, a, qb, b, out, lo, hi, self.kernels, self.engine_threads(),
+                           self.add_tables)
 
     # -- mul ------------------------------------------------------------------------------------------------
     def multiply(self, qa, a, qb, b, out, lo, hi):
@@ -506,8 +517,10 @@ BROADCAST_ADD = ("add of tensors of different shapes (broadcasting) on PyTorch's
                  "onnxruntime")
 
 
+@lru_cache(maxsize=16)  # a model has a few tensor sizes (and a last, smaller batch)
 def vector_loop_mask(n: int, threads: int) -> torch.Tensor:
-    """Which of n elements (in memory order) qadd's vector loop computes: whole 64-blocks of each chunk."""
+    """Which of n elements (in memory order) qadd's vector loop computes: whole 64-blocks of each chunk.
+    Cached per size (the same tensor each call: read it, never write to it)."""
     chunks = max(1, min(threads, -(-n // PARALLEL_GRAIN)))
     chunk = max(1, -(-n // chunks))
     position = torch.arange(n)
@@ -516,14 +529,34 @@ def vector_loop_mask(n: int, threads: int) -> torch.Tensor:
     return (position - start) < (length // VECTOR_BLOCK) * VECTOR_BLOCK
 
 
-def _fbgemm_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi, kernels: PyTorchKernels, threads: int):
+def _fbgemm_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi, kernels: PyTorchKernels, threads: int,
+                tables: TableCache):
     # The output takes the first input's memory format (qadd.cpp: self.suggest_memory_format()); when the two
     # inputs are stored differently TensorIterator has no contiguous inner loop and runs the scalar loop only.
     layout_a, layout_b = _channels_last(qa), _channels_last(qb)
     mixed = None not in (layout_a, layout_b) and layout_a != layout_b
     channels_last = bool(layout_a if layout_a is not None else layout_b)
-    fa = _memory_order(qa, channels_last).to(torch.float32)
-    fb = _memory_order(qb, channels_last).to(torch.float32)
+    ia, ib = _memory_order(qa, channels_last), _memory_order(qb, channels_last)
+    threads = None if mixed else threads  # None: no element in the vector loop
+    if ia.numel() >= ADD_TABLE_MIN_ELEMENTS and (a.qmax - a.qmin + 1) * (b.qmax - b.qmin + 1) <= ADD_TABLE_MAX_PAIRS:
+        table = tables.get("add", {"b": (float(b.scale), int(b.zero_point)), "clamp": (lo, hi)}, a, out,
+                           lambda: FbgemmAddTable(a, b, out, lo, hi, kernels))
+        codes = table(ia, ib, threads)
+    else:
+        codes = fbgemm_add_loops(ia, a, ib, b, out, lo, hi, kernels, loop_mask(ia.numel(), threads).to(ia.device))
+    return _from_memory_order(codes, qa, channels_last)
+
+
+def loop_mask(n: int, threads: int | None) -> torch.Tensor:
+    """vector_loop_mask, or no element in the vector loop for threads None (inputs in mixed layouts)."""
+    return torch.zeros(n, dtype=torch.bool) if threads is None else vector_loop_mask(n, threads)
+
+
+def fbgemm_add_loops(ia, a: QParams, ib, b: QParams, out: QParams, lo, hi, kernels: PyTorchKernels,
+                     in_vector_loop: torch.Tensor) -> torch.Tensor:
+    """qadd_kernel on flat codes: each element from the loop that computes it (the definition; FbgemmAddTable
+    tabulates this very function)."""
+    fa, fb = ia.to(torch.float32), ib.to(torch.float32)
     sa, sb = a.scale.to(torch.float32), b.scale.to(torch.float32)
     za, zb, zy = float(a.zero_point), float(b.zero_point), float(out.zero_point)
     inv_y = _reciprocal(out.scale)
@@ -531,11 +564,35 @@ def _fbgemm_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi, kernels: P
     scalar_sum = (fa - za) * sa + (fb - zb) * sb
     vector = torch.round(vector_sum * inv_y) + zy
     scalar = kernels.quantize_scalar_loop(scalar_sum, inv_y, zy)
-    if mixed:
-        codes = scalar
-    else:
-        codes = torch.where(vector_loop_mask(fa.numel(), threads), vector, scalar)
-    return _from_memory_order(codes.clamp_(lo, hi).to(torch.int64), qa, channels_last)
+    return torch.where(in_vector_loop, vector, scalar).clamp_(lo, hi).to(torch.int64)
+
+
+class FbgemmAddTable:
+    """fbgemm_add_loops evaluated once on every pair of codes in each loop, answered by one gather per element.
+
+    qadd's result is a function of the two codes and of which loop computes the element, so a table indexed
+    by (loop, q_a, q_b) holds every answer the kernel can give for these grids (2 x 256 x 256 codes for uint8).
+    """
+
+    def __init__(self, a: QParams, b: QParams, out: QParams, lo: int, hi: int, kernels: PyTorchKernels):
+        self.a_lo, self.b_lo, self.b_span = a.qmin, b.qmin, b.qmax - b.qmin + 1
+        self.pairs = (a.qmax - a.qmin + 1) * self.b_span
+        qa = torch.arange(a.qmin, a.qmax + 1).repeat_interleave(self.b_span).repeat(2)
+        qb = torch.arange(b.qmin, b.qmax + 1).repeat(2 * (a.qmax - a.qmin + 1))
+        in_vector_loop = torch.arange(2 * self.pairs) < self.pairs  # entries [pairs, 2 pairs): the scalar loop
+        self.table = fbgemm_add_loops(qa, a, qb, b, out, lo, hi, kernels, in_vector_loop)
+
+    def __call__(self, ia: torch.Tensor, ib: torch.Tensor, threads: int | None) -> torch.Tensor:
+        """Codes for flat inputs in memory order, each from its loop (loop_mask(n, threads))."""
+        index = (ia - self.a_lo if self.a_lo else ia) * self.b_span
+        index.add_(ib - self.b_lo if self.b_lo else ib).add_(_loop_offsets(ia.numel(), threads, self.pairs).to(ia.device))
+        return torch.take(self.table.to(ia.device), index)
+
+
+@lru_cache(maxsize=8)
+def _loop_offsets(n: int, threads: int | None, pairs: int) -> torch.Tensor:
+    """Per element, where its loop's half of an FbgemmAddTable starts: 0 (vector loop) or `pairs` (scalar)."""
+    return torch.where(loop_mask(n, threads), 0, pairs).to(torch.int32)
 
 
 def _hardswish_real(x: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,8 @@ def max_abs_centered(qp: QParams) -> int:
 def layer_accumulator(plan: AccumulationPlan, geometry: ConvGeometry, x_codes: torch.Tensor, input_qp: QParams,
                       weight_codes: torch.Tensor, bias_codes: Optional[torch.Tensor]) -> torch.Tensor:
     """acc + bias as a float tensor of exact integers (differentiable in the codes)."""
-    centered = x_codes.to(torch.float32) - float(input_qp.zero_point)
+    # One pass: int64 codes minus a float promote to float32 (exact for codes below 2^24).
+    centered = (x_codes - float(input_qp.zero_point)).to(torch.float32)
     return accumulate(plan, geometry, centered, weight_codes, bias_codes)
 
 

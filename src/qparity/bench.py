@@ -1,0 +1,324 @@
+"""Speed of qparity against torch.ao, measured side by side in one process, as ratios (`qparity bench`).
+
+Three tables, each a median of interleaved runs (every contender runs once per round, so a machine that
+slows down mid-run slows all of them alike):
+
+1. QAT training step (forward, backward, SGD step) of a ResNet-style CNN, each target, as a ratio to
+   torch.ao FX QAT with the default x86 qconfig (fused, inexact fake quant) and to the float model's step.
+2. Integer inference, `IntegerModel.run` of each target, as a ratio to torch.ao's `convert_fx` model on the
+   x86 engine, at each inference batch size.
+3. Scale: integer inference time of one target and of torch.ao as the batch (1, 8, 32, 128) and the width
+   (channels x1, x2, x4) grow, and a plot of time against batch.
+
+No test asserts a timing; docs/benchmarks.md records measured tables and the machine they came from.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .convert import convert
+from .numerics import TARGETS
+from .qat.prepare import freeze, prepare_qat
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + self.shortcut(x))
+
+
+class ResNetish(nn.Module):
+    """The benchmark's (and the tests') ResNet-style CNN: stem conv-BN-ReLU, two basic blocks per width
+    (residual adds, 1x1 projection shortcuts), adaptive average pool, linear."""
+
+    def __init__(self, channels=(16, 32), classes=10, in_channels=1):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, channels[0], 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(channels[0]), nn.ReLU())
+        blocks, cin = [], channels[0]
+        for i, c in enumerate(channels):
+            blocks += [BasicBlock(cin, c, 1 if i == 0 else 2), BasicBlock(c, c)]
+            cin = c
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+@dataclass
+class BenchConfig:
+    targets: Tuple[str, ...] = TARGETS
+    threads: int = 0                       # 0: the process's torch.get_num_threads()
+    qat_batch: int = 32
+    inference_batches: Tuple[int, ...] = (1, 32)
+    scale_target: str = "x86"
+    scale_batches: Tuple[int, ...] = (1, 8, 32, 128)
+    widths: Tuple[int, ...] = (1, 2, 4)
+    channels: Tuple[int, ...] = (16, 32, 64)
+    size: int = 32
+    repeats: int = 7
+    warmup: int = 2
+
+    @classmethod
+    def quick(cls, **overrides) -> "BenchConfig":
+        """A run of about a minute on a quiet 2-core machine: fewer rounds, a smaller scale table."""
+        return cls(**{"repeats": 3, "warmup": 1, "scale_batches": (1, 8, 32), "widths": (1, 2), **overrides})
+
+
+@dataclass
+class Timing:
+    name: str
+    seconds: float
+    reference: float  # the seconds of what the ratio divides by
+
+    @property
+    def ratio(self) -> float:
+        return self.seconds / self.reference
+
+
+@dataclass
+class BenchReport:
+    machine: str
+    threads: int
+    torch_version: str
+    config: BenchConfig
+    qat: List[Timing] = field(default_factory=list)            # ratio to torch.ao's step
+    qat_to_float: List[Timing] = field(default_factory=list)   # ratio to the float model's step
+    inference: Dict[int, List[Timing]] = field(default_factory=dict)  # batch -> ratio to torch.ao int8
+    scale: Dict[Tuple[int, int], Tuple[float, float]] = field(default_factory=dict)  # (width, batch) -> (qparity, ao)
+
+
+def side_by_side(contenders: Dict[str, Callable[[], object]], repeats: int, warmup: int) -> Dict[str, float]:
+    """Median seconds of each contender over `repeats` rounds in which every contender runs once."""
+    for run in contenders.values():
+        for _ in range(warmup):
+            run()
+    samples: Dict[str, List[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, run in contenders.items():
+            start = time.perf_counter()
+            run()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def machine_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} of {os.cpu_count()} CPUs used"
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}".strip()
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def torch_ao_qat(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    torch.backends.quantized.engine = "x86"
+    return prepare_qat_fx(copy.deepcopy(model).train(), get_default_qat_qconfig_mapping("x86"), (x,))
+
+
+def torch_ao_int8(prepared: nn.Module) -> nn.Module:
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    return convert_fx(copy.deepcopy(prepared).eval())
+
+
+def integer_model(base: nn.Module, target: str, x: torch.Tensor):
+    """qparity's IntegerModel of `base` for `target`, its grids observed on a few training forwards of x."""
+    prepared = prepare_qat(copy.deepcopy(base), (x,), target=target).train()
+    with torch.no_grad():
+        for _ in range(2):
+            prepared(x)
+    freeze(prepared)
+    return convert(prepared.eval())
+
+
+def run_bench(config: BenchConfig, progress: Optional[Callable[[str], None]] = None) -> BenchReport:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation warnings
+        return _measure(config, progress or (lambda message: None))
+
+
+def _measure(config: BenchConfig, say: Callable[[str], None]) -> BenchReport:
+    report = BenchReport(machine_name(), torch.get_num_threads(), torch.__version__, config)
+    torch.manual_seed(0)
+    base = ResNetish(config.channels, in_channels=3)
+    x = torch.randn(config.qat_batch, 3, config.size, config.size)
+    y = torch.randint(0, 10, (config.qat_batch,))
+
+    say("QAT steps")
+    ao = torch_ao_qat(base, x)
+    float_model = copy.deepcopy(base).train()
+    prepared = {t: prepare_qat(copy.deepcopy(base), (x,), target=t).train() for t in config.targets}
+    steps = {"torch.ao": train_step(ao, x, y), "float": train_step(float_model, x, y)}
+    steps.update({t: train_step(model, x, y) for t, model in prepared.items()})
+    seconds = side_by_side(steps, config.repeats, config.warmup)
+    report.qat = [Timing(t, seconds[t], seconds["torch.ao"]) for t in config.targets]
+    report.qat_to_float = [Timing(t, seconds[t], seconds["float"]) for t in ("torch.ao",) + config.targets]
+
+    say("integer inference")
+    ao_int8 = torch_ao_int8(ao)
+    integer = {}
+    for target, model in prepared.items():
+        freeze(model)
+        integer[target] = convert(model.eval())
+    for batch in config.inference_batches:
+        xb = torch.randn(batch, 3, config.size, config.size)
+        runs = {"torch.ao": lambda xb=xb: ao_int8(xb)}
+        runs.update({t: _integer_run(model, xb) for t, model in integer.items()})
+        with torch.no_grad():
+            seconds = side_by_side(runs, config.repeats, config.warmup)
+        report.inference[batch] = [Timing(t, seconds[t], seconds["torch.ao"]) for t in config.targets]
+
+    for width in config.widths:
+        say(f"scale: width x{width}")
+        wide = ResNetish(tuple(c * width for c in config.channels), in_channels=3)
+        xw = torch.randn(config.scale_batches[0], 3, config.size, config.size)
+        ao_wide = torch_ao_int8(_observed(torch_ao_qat(wide, xw), xw))
+        ours = integer_model(wide, config.scale_target, xw)
+        for batch in config.scale_batches:
+            xb = torch.randn(batch, 3, config.size, config.size)
+            with torch.no_grad():
+                seconds = side_by_side({"qparity": _integer_run(ours, xb), "torch.ao": lambda xb=xb: ao_wide(xb)},
+                                       config.repeats, config.warmup)
+            report.scale[(width, batch)] = (seconds["qparity"], seconds["torch.ao"])
+    return report
+
+
+def _integer_run(model, x: torch.Tensor) -> Callable[[], object]:
+    codes = model.quantize(x)
+    return lambda: model.run(codes)
+
+
+def _observed(prepared: nn.Module, x: torch.Tensor) -> nn.Module:
+    with torch.no_grad():
+        prepared(x)
+    return prepared
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report as markdown (the CLI prints it; docs/benchmarks.md pastes it)
+# ---------------------------------------------------------------------------------------------------------
+def format_report(report: BenchReport) -> str:
+    config = report.config
+    lines = [f"Machine: {report.machine}; {report.threads} thread(s); torch {report.torch_version}; "
+             f"medians of {config.repeats} interleaved rounds after {config.warmup} warm-up.",
+             f"Model: ResNet-style CNN, channels {list(config.channels)}, inputs 3x{config.size}x{config.size}.",
+             "", f"QAT training step, batch {config.qat_batch} (goal: <= 1.1 x torch.ao):", "",
+             "| target | seconds | / torch.ao | / float step |", "|---|---|---|---|"]
+    to_float = {t.name: t for t in report.qat_to_float}
+    reference = report.qat[0].reference if report.qat else 0.0
+    lines.append(f"| torch.ao (x86) | {reference:.4f} | 1.00 | {to_float['torch.ao'].ratio:.2f} |")
+    for timing in report.qat:
+        lines.append(f"| {timing.name} | {timing.seconds:.4f} | {timing.ratio:.2f} | {to_float[timing.name].ratio:.2f} |")
+    batches = list(report.inference)
+    lines += ["", "Integer inference, IntegerModel.run / torch.ao convert_fx (x86 engine) (goal: <= 1.0):", "",
+              "| target | " + " | ".join(f"batch {b}" for b in batches) + " |",
+              "|---|" + "---|" * len(batches)]
+    if batches:
+        lines.append("| torch.ao (x86) | " + " | ".join(
+            f"1.00 ({report.inference[b][0].reference * 1e3:.1f} ms)" for b in batches) + " |")
+        for i, timing in enumerate(report.inference[batches[0]]):
+            lines.append(f"| {timing.name} | " + " | ".join(f"{report.inference[b][i].ratio:.2f}" for b in batches) + " |")
+    if report.scale:
+        lines += ["", scale_table(report), "", scale_plot(report)]
+    return "\n".join(lines)
+
+
+def scale_table(report: BenchReport) -> str:
+    config = report.config
+    widths = sorted({w for w, _ in report.scale})
+    batches = sorted({b for _, b in report.scale})
+    lines = [f"Scale: integer inference ms, qparity {config.scale_target} / torch.ao (ratio)", "",
+             "| batch | " + " | ".join(f"width x{w}" for w in widths) + " |", "|---|" + "---|" * len(widths)]
+    for batch in batches:
+        cells = []
+        for width in widths:
+            ours, theirs = report.scale[(width, batch)]
+            cells.append(f"{ours * 1e3:.1f} / {theirs * 1e3:.1f} ({ours / theirs:.1f})")
+        lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def scale_plot(report: BenchReport, columns: int = 50) -> str:
+    """Milliseconds per batch against the batch size (width x1), as text bars: q = qparity, a = torch.ao."""
+    width = min(w for w, _ in report.scale)
+    batches = sorted(b for w, b in report.scale if w == width)
+    longest = max(max(report.scale[(width, b)]) for b in batches)
+    lines = ["```", f"time vs batch, width x{width} (q: qparity {report.config.scale_target}, a: torch.ao)"]
+    for batch in batches:
+        for label, seconds in zip("qa", report.scale[(width, batch)]):
+            bar = label * max(1, round(columns * seconds / longest))
+            lines.append(f"batch {batch:>4} {bar} {seconds * 1e3:.1f} ms")
+    lines.append("```")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line (shared by `qparity bench` and benchmarks/bench_speed.py)
+# ---------------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and a smaller scale table (about a "
+                                                            "minute on a quiet 2-core machine)")
+    parser.add_argument("--threads", type=_count, default=0, help="torch threads (default: the process's)")
+    parser.add_argument("--target", choices=TARGETS, action="append", help="a target to time (repeatable; "
+                                                                           "default: every target)")
+    parser.add_argument("--repeats", type=_count, help="interleaved rounds per measurement")
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return int(text)
+
+
+def config_from(args: argparse.Namespace) -> BenchConfig:
+    overrides = {"threads": args.threads}
+    if args.target:
+        overrides["targets"] = tuple(args.target)
+    if args.repeats:
+        overrides["repeats"] = args.repeats
+    return BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
