@@ -17,11 +17,12 @@ from .runtime import IntegerModel, load
 from .numerics import TARGETS
 from .verify import VerifyReport, verify
 from .doctor import doctor
+from .device_parity import CompareReport, compare
 
 __version__ = "0.1.0"
 
-__all__ = ["TARGETS", "IntegerModel", "QATModel", "QParams", "QParityError", "VerifyReport", "calibrate", "convert",
-           "doctor", "export", "freeze", "golden", "load", "prepare_qat", "verify"]
+__all__ = ["TARGETS", "CompareReport", "IntegerModel", "QATModel", "QParams", "QParityError", "VerifyReport",
+           "calibrate", "compare", "convert", "doctor", "export", "freeze", "golden", "load", "prepare_qat", "verify"]
 from .from_torch import from_torch  # noqa: E402
 from .to_torch import to_torch  # noqa: E402
 __all__ += ["from_torch", "to_torch"]

@@ -1,5 +1,5 @@
 """The `qparity` console script: `qparity demo` (QAT on 8x8 digits, end to end), `info`, `export`, `verify`,
-`golden`, `doctor` and `bench`.
+`golden`, `compare`, `doctor` and `bench`.
 
 Every misuse ends in one line on stderr, "qparity: error: ...", and a non-zero exit status (2 for a bad
 command line, 1 for anything qparity refuses, 3 for an unexpected error); `--debug` shows the traceback.
@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     golden.add_argument("--inputs", help="a .npy file of float32 inputs (default: random inputs on the grid)")
     golden.add_argument("--samples", type=_positive, default=4, help="random inputs to draw (default 4)")
     golden.add_argument("--seed", type=_seed, default=0, help="seed for the random inputs (default 0)")
+    compare = add("compare", help="compare a device's per-layer codes with golden vectors and name the "
+                                  "arithmetic rule (target) that reproduces them")
+    compare.add_argument("golden", help="a directory written by `qparity golden`")
+    compare.add_argument("device", help="a directory of the device's dumps: <node>.npy or <node>.bin per tensor "
+                                        "(docs/runtimes.md, 'Checking a device')")
+    compare.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw",
+                         help="the order of raw .bin dumps, and of .npy dumps whose shape fits both (default nchw)")
     doctor = add("doctor", help="explain where and why a torch.ao QAT model and its converted "
                                 "int8 model disagree")
     doctor.add_argument("script", help="path/to/script.py[:function] (default function: build) returning "
@@ -137,6 +144,8 @@ def run_command(args) -> int:
         return verify_command(console, args)
     if args.command == "golden":
         return golden_command(console, args)
+    if args.command == "compare":
+        return compare_command(console, args)
     if args.command == "doctor":
         from .doctor.command import doctor_command
         return doctor_command(console, args)
@@ -218,6 +227,15 @@ def golden_command(console: Console, args) -> int:
     index = golden(model, command_inputs(model, args), args.directory)
     console.print(f"wrote {index}", markup=False)
     return 0
+
+
+def compare_command(console: Console, args) -> int:
+    """Exit status 0 when the device computes the golden codes on every dumped tensor, 1 otherwise."""
+    from .device_parity import compare
+
+    report = compare(args.golden, args.device, layout=args.layout)
+    console.print(str(report), markup=False)
+    return 0 if report.ok else 1
 
 
 def command_inputs(model, args):

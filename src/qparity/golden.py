@@ -6,7 +6,9 @@ nothing that needs qparity to read: `np.load(..., allow_pickle=False)` and `json
 
 A golden directory:
 
-    index.json                  format, version, target, inputs, outputs, nodes in execution order
+    index.json                  format, version, target, model, inputs, outputs, nodes in execution order
+    model.qp                    the model itself (IntegerModel.save), so `qparity compare` can run each
+                                target's rule on a device's dumps
     inputs/<input>.float32.npy  the float inputs, where floats were given (the QUANTIZE step's input)
     tensors/<node>.npy          the codes each node produced (int8/uint8, NCHW); `<node>.<i>.npy` per output
                                 of a node with several
@@ -84,9 +86,10 @@ def _write(model: IntegerModel, inputs, floats: bool, recorder, root: Path) -> P
     found: List[str] = []
     collect_refs(model.graph.output, found)
     index = {"format": FORMAT, "version": VERSION, "target": model.target.name,
-             "activation_dtype": model.activation_dtype, "layout": "NCHW",
+             "activation_dtype": model.activation_dtype, "layout": "NCHW", "model": "model.qp",
              "inputs": model_inputs, "outputs": [{"name": name, "file": files[name]} for name in found],
              "output_structure": encode(model.graph.output), "nodes": nodes}
+    model.save(root / "model.qp")
     path = root / "index.json"
     path.write_text(json.dumps(index, indent=1))
     return path

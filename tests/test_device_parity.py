@@ -1,0 +1,177 @@
+"""`qparity compare`: real runtimes stand in for devices; compare must name the rule each one follows."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import qparity as qp
+from qparity.cli import main
+from qparity.errors import InputError, ModelFileError
+
+from helpers import prepare_and_convert, require_runtime
+from models import ResNetish
+
+SAMPLES = 6
+
+
+@pytest.fixture(scope="module")
+def tflite_model():
+    torch.manual_seed(0)
+    batches = [torch.randn(8, 1, 8, 8) for _ in range(3)]
+    _, model = prepare_and_convert(ResNetish(channels=(4, 8)), (batches[0],), "tflite", batches)
+    return model
+
+
+@pytest.fixture(scope="module")
+def golden_inputs():
+    return torch.randn(SAMPLES, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 1.5
+
+
+def litert_dumps(path, inputs, resolver, names):
+    """Every integer tensor LiteRT computed that carries a golden node's name, batch by batch (the file's batch
+    is 1), in its own NHWC layout: what a device dump looks like."""
+    interpreter_module = require_runtime("ai_edge_litert.interpreter")
+    interpreter = interpreter_module.Interpreter(
+        model_path=str(path), experimental_preserve_all_tensors=True,
+        experimental_op_resolver_type=getattr(interpreter_module.OpResolverType, resolver))
+    interpreter.allocate_tensors()
+    index = {t["name"]: t["index"] for t in interpreter.get_tensor_details()}
+    feed = interpreter.get_input_details()[0]["index"]
+    dumps = {}
+    for sample in inputs:
+        interpreter.set_tensor(feed, sample[None].numpy())
+        interpreter.invoke()
+        for name in names:
+            if name in index and interpreter.get_tensor(index[name]).dtype.kind in "iu":
+                dumps.setdefault(name, []).append(interpreter.get_tensor(index[name]).copy())
+    return {name: np.concatenate(parts) for name, parts in dumps.items()}
+
+
+def write_golden_and_dumps(model, inputs, tmp_path, resolver):
+    index = json.loads(qp.golden(model, inputs, tmp_path / "golden").read_text())
+    qp.export(model, tmp_path / "model.tflite")
+    dumps = litert_dumps(tmp_path / "model.tflite", inputs, resolver, [n["name"] for n in index["nodes"]])
+    device = tmp_path / f"device_{resolver}"
+    device.mkdir()
+    for name, codes in dumps.items():
+        np.save(device / f"{name}.npy", codes)
+    return index, device
+
+
+def test_litert_reference_kernels_are_the_tflite_rule(tflite_model, golden_inputs, tmp_path):
+    index, device = write_golden_and_dumps(tflite_model, golden_inputs, tmp_path, "BUILTIN_REF")
+    report = qp.compare(tmp_path / "golden", device)
+    assert report.ok and report.mismatched == 0 and report.first_divergence is None, str(report)
+    assert len(report.layers) >= 10  # every conv, add, pool and the linear layer were dumped and compared
+    assert report.reproducing_rules == ["tflite"], str(report)
+
+
+def test_litert_xnnpack_kernels_are_named_and_placed(tflite_model, golden_inputs, tmp_path):
+    index, device = write_golden_and_dumps(tflite_model, golden_inputs, tmp_path, "BUILTIN")
+    report = qp.compare(tmp_path / "golden", device)
+    assert not report.ok and report.mismatched > 0
+    assert report.reproducing_rules == ["xnnpack"], str(report)
+    assert report.first_divergence is not None and report.first_divergence.op == "conv2d"
+    first = report.layers.index(report.first_divergence)
+    assert all(layer.mismatched == 0 for layer in report.layers[:first])
+    assert "train and convert for 'xnnpack'" in str(report)
+
+
+def test_raw_nhwc_dumps_of_outputs_only(tflite_model, golden_inputs, tmp_path):
+    """A device that dumps raw bytes of its outputs alone: the rules then run the whole program."""
+    index, device = write_golden_and_dumps(tflite_model, golden_inputs, tmp_path, "BUILTIN_REF")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for output in index["outputs"]:
+        np.load(device / f"{output['name']}.npy").astype(np.int8).tofile(raw / f"{output['name']}.bin")
+    report = qp.compare(tmp_path / "golden", raw, layout="nhwc")
+    assert report.ok and len(report.layers) == len(index["outputs"])
+    assert "tflite" in report.reproducing_rules
+    assert len(report.missing) == len(index["nodes"]) - len(index["outputs"])
+
+
+def test_onnx_runtime_outputs_are_the_onnxruntime_rule(golden_inputs, tmp_path):
+    ort = require_runtime("onnxruntime")
+    torch.manual_seed(0)
+    batches = [torch.randn(8, 1, 8, 8) for _ in range(3)]
+    _, model = prepare_and_convert(ResNetish(channels=(4, 8)), (batches[0],), "onnxruntime", batches)
+    index = json.loads(qp.golden(model, golden_inputs, tmp_path / "golden").read_text())
+    qp.export(model, tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    (real,) = session.run(None, {session.get_inputs()[0].name: golden_inputs.numpy()})
+    grid = model.output_qparams
+    codes = np.round(real.astype(np.float64) / float(grid.scale)).astype(np.int64) + int(grid.zero_point)
+    device = tmp_path / "device"
+    device.mkdir()
+    np.save(device / f"{index['outputs'][0]['name']}.npy", codes.astype(np.uint8))
+    report = qp.compare(tmp_path / "golden", device)
+    assert report.ok, str(report)
+    assert "onnxruntime" in report.reproducing_rules
+
+
+def test_a_layer_off_by_one_is_found_and_no_rule_claims_it(tflite_model, golden_inputs, tmp_path):
+    index, device = write_golden_and_dumps(tflite_model, golden_inputs, tmp_path, "BUILTIN_REF")
+    victim = next(n["name"] for n in index["nodes"] if n["op"] == "conv2d")
+    codes = np.load(device / f"{victim}.npy").astype(np.int16)
+    codes[0, 0, 0, 0] = codes[0, 0, 0, 0] + (1 if codes[0, 0, 0, 0] < 127 else -1)
+    np.save(device / f"{victim}.npy", codes.astype(np.int8))
+    report = qp.compare(tmp_path / "golden", device)
+    assert report.first_divergence.node == victim and report.first_divergence.mismatched == 1
+    assert report.reproducing_rules == []
+    # the next layer is judged on the device's own inputs: its arithmetic is still the tflite rule
+    following = report.layers[report.layers.index(report.first_divergence) + 1]
+    assert following.rules["tflite"] == 0
+
+
+def test_cli_compare(tflite_model, golden_inputs, tmp_path, capsys):
+    index, device = write_golden_and_dumps(tflite_model, golden_inputs, tmp_path, "BUILTIN")
+    assert main(["compare", str(tmp_path / "golden"), str(device)]) == 1
+    out = capsys.readouterr().out
+    assert "first diverging layer" in out and "xnnpack" in out
+    again = tmp_path / "again"
+    again.mkdir()
+    index, device = write_golden_and_dumps(tflite_model, golden_inputs, again, "BUILTIN_REF")
+    assert main(["compare", str(again / "golden"), str(device)]) == 0
+
+
+def test_bad_dumps_are_refused_with_the_reason(tflite_model, golden_inputs, tmp_path):
+    index = json.loads(qp.golden(tflite_model, golden_inputs, tmp_path / "golden").read_text())
+    golden = tmp_path / "golden"
+    name = index["outputs"][0]["name"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no dump of any golden tensor"):
+        qp.compare(golden, empty)
+    for values, message in ((np.zeros((SAMPLES, 3), np.int8), "has shape"),
+                            (np.zeros((SAMPLES, 10), np.float32), "integer codes"),
+                            (np.full((SAMPLES, 10), 300, np.int16), "outside int8")):
+        bad = tmp_path / f"bad_{message.replace(' ', '_')}"
+        bad.mkdir()
+        np.save(bad / f"{name}.npy", values)
+        with pytest.raises(InputError, match=message):
+            qp.compare(golden, bad)
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / f"{name}.bin").write_bytes(b"\x00" * 7)
+    with pytest.raises(InputError, match="bytes"):
+        qp.compare(golden, short)
+    with pytest.raises(InputError, match="layout"):
+        qp.compare(golden, short, layout="chw")
+
+
+def test_hostile_golden_index_is_refused(tflite_model, golden_inputs, tmp_path):
+    path = qp.golden(tflite_model, golden_inputs, tmp_path / "golden")
+    index = json.loads(path.read_text())
+    device = tmp_path / "device"
+    device.mkdir()
+    np.save(device / f"{index['outputs'][0]['name']}.npy", np.zeros((SAMPLES, 10), np.int8))
+    index["model"] = "../../outside.qp"
+    path.write_text(json.dumps(index))
+    with pytest.raises(ModelFileError, match="outside its directory"):
+        qp.compare(tmp_path / "golden", device)
+    path.write_text("{not json")
+    with pytest.raises(ModelFileError, match="not valid JSON"):
+        qp.compare(tmp_path / "golden", device)
+    with pytest.raises(InputError, match="not a golden directory"):
+        qp.compare(tmp_path / "nowhere", device)
