@@ -1,6 +1,8 @@
 """The doctor on torchao's PT2E flow (prepare_qat_pt2e / convert_pt2e): every number it states is checked
 against the two graphs directly, and every differing conv/linear code is explained."""
+import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +10,8 @@ from hypothesis import given, settings, strategies as st
 
 import qparity
 from helpers import require_optional_runtime
-from pt2e_case import build_pt2e, x86_quantizer, xnnpack_quantizer
+from pt2e_case import build_pt2e, xnnpack_quantizer
+from qparity.cli import main
 from qparity.doctor.pt2e import reference_codes
 from qparity.errors import QParityError
 
@@ -126,12 +129,30 @@ def test_unfrozen_flow_names_observers_and_batch_norm(default_flow):
     assert "disable_observer" in observer.fix
 
 
-def test_x86_inductor_quantizer_flow_is_diagnosed_without_unexplained_codes():
-    prepared, converted, x = build_pt2e(x86_quantizer(), batch_norm=False)
-    report = qparity.doctor(prepared, converted, x)
-    assert report.mismatched == int((prepared(*x) != converted(*x)).sum())
-    assert [layer.name for layer in report.layers] == ["x", "conv", "mean"]  # conv2 feeds the add in float
-    assert all(layer.unexplained in (None, 0) for layer in report.layers)
+SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from pt2e_case import build_pt2e, x86_quantizer
+
+def build():
+    return build_pt2e(x86_quantizer(), batch_norm=False)
+"""
+
+
+def test_cli_doctor_reads_an_x86_inductor_quantizer_flow_without_unexplained_codes(tmp_path, capsys):
+    script = tmp_path / "flow.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
+    code = main(["doctor", f"{script}:build", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["flow"] == "pt2e" and code == (0 if data["ok"] else 1)
+    assert [layer["name"] for layer in data["layers"]] == ["x", "conv", "mean"]  # conv2 feeds the add in float
+    assert all(layer["unexplained"] in (None, 0) for layer in data["layers"])
+
+
+def test_from_torch_refuses_a_pt2e_model_saying_why(default_flow):
+    _, converted, x, _ = default_flow
+    with pytest.raises(QParityError, match="float32 on the dequantized values"):
+        qparity.from_torch(converted, x)
 
 
 def test_pt2e_converted_model_needs_its_prepared_graph(default_flow):
