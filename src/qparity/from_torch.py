@@ -41,8 +41,11 @@ def from_torch(converted: torch.nn.Module, example_inputs: Sequence[torch.Tensor
         raise UnsupportedOpError(f"quantized engine {engine!r} has no qparity target; use one of {ENGINES}")
     if isinstance(converted, fx.GraphModule) and any("quantized_decomposed" in str(n.target)
                                                      for n in converted.graph.nodes):
-        raise UnsupportedOpError("PT2E models (convert_pt2e, quantized_decomposed ops) are not read yet; "
-                                 "use an eager or FX (convert_fx) converted model")
+        raise UnsupportedOpError(
+            "PT2E models (convert_pt2e, quantized_decomposed ops) are not read yet: between dequantize and quantize "
+            "they compute conv/linear in float32 on the dequantized values and quantize with round(y * (1/scale)), "
+            "a rounding no qparity target models bit for bit; compare a PT2E model with its prepare_qat_pt2e model "
+            "through qparity.doctor, or read an eager or FX (convert_fx) converted model")
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     try:
         traced = converted if isinstance(converted, fx.GraphModule) else fx.symbolic_trace(converted)

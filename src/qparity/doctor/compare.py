@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -23,6 +24,17 @@ from ..errors import QParityError
 
 class DoctorInputError(QParityError, TypeError):
     """`doctor` was given something that is not a torch.ao prepared model and its converted model."""
+
+
+def fake_quant_classes() -> Tuple[tuple, tuple, tuple]:
+    """(any fake quant, observer-then-calculate_qparams FakeQuantize, fused) classes of torch.ao and, once a
+    PT2E user has imported it, of torchao (torchao.quantization.pt2e keeps its own copies of these classes)."""
+    bases, plain, fused = [FakeQuantizeBase], [FakeQuantize], [FusedMovingAvgObsFakeQuantize]
+    if "torchao.quantization.pt2e.fake_quantize" in sys.modules:
+        ao = sys.modules["torchao.quantization.pt2e.fake_quantize"]
+        bases, plain, fused = bases + [ao.FakeQuantizeBase], plain + [ao.FakeQuantize], \
+            fused + [ao.FusedMovingAvgObsFakeQuantize]
+    return tuple(bases), tuple(plain), tuple(fused)
 
 
 @dataclass
@@ -73,7 +85,7 @@ def _observer_range(observer: nn.Module) -> Optional[Tuple[float, float]]:
     return float(lo.min()), float(hi.max())
 
 
-def _snapshot(module: FakeQuantizeBase) -> Dict[str, Any]:
+def snapshot(module: FakeQuantizeBase) -> Dict[str, Any]:
     return {"state": {k: v.detach().clone() for k, v in module.state_dict().items()},
             "observer": copy.deepcopy(module.activation_post_process),
             "observer_enabled": bool(module.observer_enabled[0]),
@@ -95,7 +107,8 @@ def _recompute_fused(module: FusedMovingAvgObsFakeQuantize, before: Dict[str, An
 
 def _recompute_plain(module: FakeQuantizeBase, before: Dict[str, Any], x: torch.Tensor):
     """FakeQuantize: the observer (when enabled) sees x first, then calculate_qparams gives the grid."""
-    if before["observer_enabled"] and isinstance(module, FakeQuantize):
+    plain = fake_quant_classes()[1]
+    if before["observer_enabled"] and isinstance(module, plain):
         observer = before["observer"]
         observer(x.detach())
         scale, zero_point = observer.calculate_qparams()
@@ -112,15 +125,16 @@ def _recompute_plain(module: FakeQuantizeBase, before: Dict[str, Any], x: torch.
     return out, scale, zero_point, source
 
 
-def _fake_quant_call(path: str, module: FakeQuantizeBase, before: Dict[str, Any], x: torch.Tensor,
-                     output: torch.Tensor) -> FakeQuantCall:
+def fake_quant_call(path: str, module: FakeQuantizeBase, before: Dict[str, Any], x: torch.Tensor,
+                    output: torch.Tensor) -> FakeQuantCall:
+    """What one call of a fake-quant module did, from `snapshot(module)` taken just before it."""
     observer = module.activation_post_process
     qmin, qmax = observer.quant_min, observer.quant_max
     if not before["fake_quant_enabled"]:
         scale = zero_point = None
         on_grid, source = torch.equal(x, output), "fake quant disabled: the output is the input"
     else:
-        replay = _recompute_fused if isinstance(module, FusedMovingAvgObsFakeQuantize) else _recompute_plain
+        replay = _recompute_fused if isinstance(module, fake_quant_classes()[2]) else _recompute_plain
         out, scale, zero_point, source = replay(module, before, x)
         on_grid = torch.equal(out, output.detach())
         scale = scale.detach().reshape(-1).to(torch.float64)
@@ -148,12 +162,12 @@ def _hook_fake_quant(path: str, module: FakeQuantizeBase, run: Run) -> List[Any]
 
     def pre(mod, args):
         if path not in run.fake_quants:
-            pending["before"] = _snapshot(mod)
+            pending["before"] = snapshot(mod)
 
     def post(mod, args, output):
         if path in run.fake_quants or not isinstance(args[0], torch.Tensor):
             return
-        run.fake_quants[path] = _fake_quant_call(path, mod, pending.pop("before"), args[0], output)
+        run.fake_quants[path] = fake_quant_call(path, mod, pending.pop("before"), args[0], output)
         if not path.endswith("weight_fake_quant"):
             run.order.append(path)
 
