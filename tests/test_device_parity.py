@@ -9,7 +9,7 @@ import qparity as qp
 from qparity.cli import main
 from qparity.errors import InputError, ModelFileError
 
-from helpers import prepare_and_convert, require_runtime
+from helpers import prepare_and_convert, require_optional_runtime, require_runtime
 from models import ResNetish
 
 SAMPLES = 6
@@ -177,3 +177,43 @@ def test_hostile_golden_index_is_refused(tflite_model, golden_inputs, tmp_path):
         qp.compare(tmp_path / "golden", device)
     with pytest.raises(InputError, match="not a golden directory"):
         qp.compare(tmp_path / "nowhere", device)
+
+
+def test_tflite_micro_outputs_are_the_tflite_micro_rule(tflite_model, tmp_path):
+    """An MCU running a model trained for `tflite`: TFLite Micro's double-rounded FULLY_CONNECTED is told apart."""
+    from qparity.export.tflite import codes_from_dequantized
+    from qparity.export.tflite_micro import run_tflite_micro
+
+    require_optional_runtime("tflite_micro", "tflm")
+    inputs = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 1.5
+    index = json.loads(qp.golden(tflite_model, inputs, tmp_path / "golden").read_text())
+    qp.export(tflite_model, tmp_path / "model.tflite")
+    (real,) = run_tflite_micro(tmp_path / "model.tflite", (inputs,))
+    device = tmp_path / "device"
+    device.mkdir()
+    codes = codes_from_dequantized(real, tflite_model.output_qparams)
+    np.save(device / f"{index['outputs'][0]['name']}.npy", codes.numpy().astype(np.int8))
+    report = qp.compare(tmp_path / "golden", device)
+    rules = report.reproducing_rules
+    assert "tflite-micro" in rules and not {"xnnpack", "onnxruntime", "exact", "tosa"} & set(rules), str(report)
+    if not report.ok:  # the FC's second rounding showed on these inputs: the golden's own rule cannot claim them
+        assert "tflite" not in rules
+
+
+def test_tosa_reference_model_is_the_tosa_rule(tflite_model, golden_inputs, tmp_path):
+    """The same integers (weights, grids) compiled for an Arm NPU as ExecuTorch's Arm backend lowers them."""
+    from qparity.device_parity import _as_target
+    from qparity.export.tosa import run_tosa
+
+    require_optional_runtime("tosa_reference_model", "tosa")
+    index = json.loads(qp.golden(tflite_model, golden_inputs, tmp_path / "golden").read_text())
+    on_tosa = _as_target(tflite_model, "tosa")
+    qp.export(on_tosa, tmp_path / "model.tosa")
+    codes = on_tosa.quantize(golden_inputs)
+    (outputs,) = run_tosa(tmp_path / "model.tosa", (codes,), on_tosa)
+    device = tmp_path / "device"
+    device.mkdir()
+    np.save(device / f"{index['outputs'][0]['name']}.npy", outputs.numpy().astype(np.int8))
+    report = qp.compare(tmp_path / "golden", device)
+    rules = report.reproducing_rules
+    assert "tosa" in rules and not {"xnnpack", "onnxruntime"} & set(rules), str(report)
