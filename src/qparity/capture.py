@@ -596,8 +596,10 @@ class _Builder:
         except RuntimeError:
             raise self.unsupported(node, f"{op} of shapes {tuple(shape_a)} and {tuple(shape_b)}, which do not "
                                          "broadcast") from None
-        # A number's [1, ..., 1] tensor is no broadcast: PyTorch's engines take it as a scalar (add_scalar).
-        constant = isinstance(a, Ref) or isinstance(b, Ref)
+        # A number's [1, ..., 1] tensor is no broadcast: PyTorch's engines take it as a scalar (add_scalar). A
+        # parameter tensor (a position embedding) is one, so the targets that cannot broadcast refuse it here.
+        numbers = {n.name for n in self.nodes if n.op == "constant"}
+        constant = any(isinstance(v, Ref) and v.name in numbers for v in (a, b))
         attrs = {"broadcast": True} if shape_a != shape_b and not constant else {}
         self.emit(node, op, [self.ref(a), self.ref(b)], attrs=attrs)
 

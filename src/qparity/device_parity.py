@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .errors import InputError, ModelFileError, QParityError
+from .errors import FileAccessError, InputError, ModelFileError, QParityError
 from .files import path_of
 from .graph import QValue
 from .numerics import TARGETS, get_target
@@ -272,7 +272,10 @@ def _from_npy(path: Path, golden: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def _from_raw(path: Path, golden: torch.Tensor, layout: str) -> torch.Tensor:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise FileAccessError(f"cannot read device dump {str(path)!r}: {error.strerror or error}") from error
     if len(data) != golden.numel():
         raise InputError(f"device dump {str(path)!r} has {len(data)} bytes; the golden tensor has "
                          f"{golden.numel()} codes of one byte")
