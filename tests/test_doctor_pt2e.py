@@ -12,7 +12,7 @@ import qparity
 from helpers import require_optional_runtime
 from pt2e_case import build_pt2e, xnnpack_quantizer
 from qparity.cli import main
-from qparity.doctor.pt2e import reference_codes
+from qparity.numerics.pt2e_reference import reference_codes
 from qparity.errors import QParityError
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..numerics.pt2e_reference import reference_codes
 from .causes import Grid, activation_causes, compare_codes, fake_codes, int_codes, observer_cause, weight_causes
 from .compare import DoctorInputError, FakeQuantCall, Run, fake_quant_call, fake_quant_classes, snapshot
 from .report import Cause, LayerResult
@@ -55,12 +56,6 @@ def is_pt2e(model: Any) -> bool:
     """A convert_pt2e result: a GraphModule calling quantized_decomposed ops."""
     return isinstance(model, fx.GraphModule) and any(op_name(n).startswith("quantized_decomposed::")
                                                      for n in model.graph.nodes)
-
-
-def reference_codes(y: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
-    """quantized_decomposed.quantize_per_tensor: clamp(round(y * (1.0 / scale)) + zero_point) with y float32
-    (torch/ao/quantization/fx/_decomposed.py, torch 2.13 and 2.14: it multiplies by the reciprocal)."""
-    return torch.clamp(torch.round(y * (1.0 / scale)) + zero_point, qmin, qmax).to(torch.int64)
 
 
 class _Recorder(fx.Interpreter):
