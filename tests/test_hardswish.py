@@ -95,7 +95,7 @@ class ConvHardswish(nn.Module):
 
 
 def test_capture_keeps_hardswish_as_its_own_node():
-    graph, _ = capture(ConvHardswish(False), (torch.randn(1, 3, 6, 6),))
+    graph, _, _ = capture(ConvHardswish(False), (torch.randn(1, 3, 6, 6),))
     assert [n.op for n in graph.nodes if n.op in ("conv2d", "linear", "hardswish")] == [
         "conv2d", "hardswish", "conv2d", "hardswish", "linear", "hardswish"]
     assert all(n.new_grid for n in graph.nodes if n.op == "hardswish")

@@ -1,4 +1,5 @@
-"""Capture: an nn.Module (any graph torch.fx can trace) to qparity's operator `Graph`.
+"""Capture: an nn.Module to qparity's operator `Graph`, traced by torch.fx or, where tracing fails, exported by
+torch.export and rewritten into the same torch-level fx forms (capture_export.py).
 
 Modules and their functional forms map to the same operators. Conv2d followed by BatchNorm2d becomes one
 conv node (BN folded the way it deploys); a clamp (ReLU, ReLU6, Hardtanh, clamp) right after a conv, linear
@@ -18,6 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .capture_export import export_as_fx, is_leaf_module
 from .errors import CaptureError, UnsupportedOpError
 from .graph import CODE_PRESERVING_FUNCTIONS, CODE_PRESERVING_METHODS, Graph, Node, Ref, collect_refs
 from .numerics.accumulate import ConvGeometry
@@ -54,30 +56,38 @@ class Layer:
     batch_norm: Optional[nn.BatchNorm2d] = None
 
 
-def capture(model: nn.Module, example_inputs: Tuple[torch.Tensor, ...]) -> Tuple[Graph, Dict[str, Layer]]:
+CAPTURE_METHODS = ("torch.fx", "torch.export")
+
+
+def capture(model: nn.Module, example_inputs: Tuple[torch.Tensor, ...]) -> Tuple[Graph, Dict[str, Layer], str]:
+    """The model's graph, the modules holding its layers' parameters, and the capture used (`CAPTURE_METHODS`)."""
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     for i, x in enumerate(example_inputs):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise CaptureError(f"example input {i} must be a float tensor, got {type(x).__name__}"
                                + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else ""))
-    if _is_leaf(model):
+    if is_leaf_module(model):
         model = nn.Sequential(model)  # fx inlines a leaf root into F.conv2d/F.linear on its parameters
-    try:
-        traced = fx.symbolic_trace(model)
-    except Exception as error:  # fx raises many kinds; all mean the same thing to the user
-        raise CaptureError(f"torch.fx could not trace {type(model).__name__}: {error}. qparity needs a forward "
-                           "without data-dependent Python control flow") from error
+    traced, method = _trace(model, example_inputs)
     values = _record_values(traced, example_inputs)
     builder = _Builder(traced, values)
     for node in traced.graph.nodes:
         builder.add(node)
     graph = Graph(builder.nodes, builder.output, [tuple(x.shape) for x in example_inputs])
     _fuse_clamps(graph)
-    return graph, builder.layers
+    return graph, builder.layers, method
 
 
-def _is_leaf(module: nn.Module) -> bool:
-    return module.__module__.startswith("torch.nn") and not isinstance(module, (nn.Sequential, nn.ModuleList))
+def _trace(model: nn.Module, example_inputs) -> Tuple[fx.GraphModule, str]:
+    """torch.fx's symbolic trace; where it fails (Python control flow on shapes, len(x), asserts), the graph
+    torch.export records running the forward on the example inputs."""
+    try:
+        return fx.symbolic_trace(model), "torch.fx"
+    except Exception as fx_error:  # fx raises many kinds; all mean the same thing to the user
+        try:
+            return export_as_fx(model, example_inputs), "torch.export"
+        except CaptureError as error:
+            raise CaptureError(f"torch.fx could not trace {type(model).__name__} ({fx_error}), and {error}") from error
 
 
 def _record_values(traced: fx.GraphModule, inputs) -> Dict[str, Any]:

@@ -27,8 +27,9 @@ class QATModel(nn.Module):
 
     def __init__(self, graph: Graph, layers: Dict[str, QATLayer], target: Target, activation_dtype: str,
                  per_channel: bool, slopes: Dict[str, QATSlope] | None = None,
-                 tensors: Dict[str, nn.Module] | None = None):
+                 tensors: Dict[str, nn.Module] | None = None, capture_method: str = "torch.fx"):
         super().__init__()
+        self.capture_method = capture_method  # how prepare_qat captured the model: "torch.fx" or "torch.export"
         self.graph = graph
         self.target = target
         self.activation_dtype = activation_dtype
@@ -69,4 +70,4 @@ class QATModel(nn.Module):
         return qparams, layers
 
     def extra_repr(self) -> str:
-        return f"target={self.target.label()}, activations={self.activation_dtype}, {len(self.graph.nodes)} nodes"
+        return f"target={self.target.label()}, activations={self.activation_dtype}, {len(self.graph.nodes)} nodes, captured with {self.capture_method}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -20,10 +21,15 @@ from .layers import QATLayer
 from .model import QATModel
 from .slopes import QATSlope
 
+logger = logging.getLogger(__name__)
+
 
 def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, target: str = "exact",
                 *, per_channel: bool = True, activation_dtype: Optional[str] = None) -> QATModel:
     """Capture `model` (a copy; the original is untouched) and make it quantization-aware for `target`.
+
+    The capture is torch.fx's symbolic trace, or torch.export where tracing fails (control flow on shapes);
+    the result's `capture_method` says which ("torch.fx" or "torch.export").
 
     per_channel: one weight scale per output channel (True) or per tensor; a layer whose kernel on the target
         takes per-tensor weights only (ConvTranspose2d on PyTorch's engines) gets one scale per tensor.
@@ -37,7 +43,8 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch
     if dtype not in spec.activation_dtypes:
         raise InvalidQParamsError(f"target {spec.name!r} supports activation dtypes {spec.activation_dtypes}, "
                                   f"not {dtype!r}")
-    graph, layers = capture(copy.deepcopy(model), inputs)
+    graph, layers, capture_method = capture(copy.deepcopy(model), inputs)
+    logger.info("prepare_qat captured %s with %s", type(model).__name__, capture_method)
     refuse_what_the_target_cannot_run(graph, layers, spec)
     qat_layers = {}
     for node in graph.nodes:
@@ -48,7 +55,7 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch
                                              node.path)
     slopes = {node.name: QATSlope(layers[node.name].module, node.path) for node in graph.nodes if node.op == "prelu"}
     tensors = {node.name: layers[node.name].module for node in graph.nodes if node.op == "parameter"}
-    prepared = QATModel(graph, qat_layers, spec, dtype, per_channel, slopes, tensors)
+    prepared = QATModel(graph, qat_layers, spec, dtype, per_channel, slopes, tensors, capture_method)
     return prepared.train(model.training)
 
 
