@@ -154,10 +154,17 @@ def _export(model: nn.Module, inputs: Tuple[torch.Tensor, ...]) -> torch.export.
     try:
         return torch.export.export(model, exported_inputs, dynamic_shapes=tuple({0: batch} for _ in inputs),
                                    strict=False)
-    except Exception as error:  # export raises many kinds; all mean the same thing to the user
-        raise CaptureError(f"torch.export could not export {type(model).__name__} with a dynamic batch "
-                           f"dimension: {error}. A forward that reads the batch size as a Python int (len(x), "
-                           "int(x.shape[0])) fixes it; read it as x.shape[0] or x.size(0)") from error
+    except Exception as error:  # export raises many kinds; the first line says which
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        advice = (BATCH_ADVICE if "Constraints violated (batch)" in first_line else
+                  "qparity needs a forward whose Python control flow depends on shapes, not on tensor values")
+        raise CaptureError(f"torch.export could not export {type(model).__name__} with a dynamic batch dimension "
+                           f"({first_line}). {advice}") from error
+
+
+BATCH_ADVICE = ("The forward fixes the batch size (it reads it as a Python int: len(x), int(x.shape[0]), a branch "
+                "on it), but the program runs any batch size: read it as x.shape[0] or x.size(0), or use -1 in "
+                "reshapes")
 
 
 def _stack_path(node: fx.Node) -> Tuple[str, str]:
