@@ -10,6 +10,7 @@ from torch import nn
 import qparity as qp
 from helpers import assert_bit_exact, assert_runtime_gives_the_same_codes, calibrate
 from networks import NETWORKS
+from qparity.capture_export import export_as_fx
 from qparity.errors import CaptureError, UnsupportedOpError
 from test_vit import TinyViT
 
@@ -71,6 +72,35 @@ class WithCumulativeSum(nn.Module):
 
     def forward(self, x):
         return self.scan(self.conv(x))
+
+
+class InPlace(nn.Module):
+    """In-place ops, `c - x` and split, behind an assert: export reads each mutated tensor through its in-place node."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        assert x.dim() == 4
+        y = self.conv(x)
+        y += 1
+        z = F.relu(y, inplace=True)
+        return (1 - z) * 2 + y + x.split([1, 1], 1)[0]
+
+
+class MutatedView(InPlace):
+    def forward(self, x):
+        assert x.dim() == 4
+        y = self.conv(x)
+        y[:, :1] += 1
+        return y
+
+
+class TensorConstant(InPlace):
+    def forward(self, x):
+        assert x.dim() == 4
+        return self.conv(x) + torch.tensor(3.0)
 
 
 class BatchFromLen(nn.Module):
@@ -137,6 +167,14 @@ def test_export_captured_model_verifies_in_the_runtime_with_no_mismatches(tmp_pa
     assert_runtime_gives_the_same_codes(integer, torch.randn(3, 3, 8, 8), tmp_path)
 
 
+@pytest.mark.parametrize("build, shape", [(ShapeDependent, (3, 8, 8)), (SelfAttention, (5, 4)), (InPlace, (2, 4, 4))],
+                         ids=["shape_dependent", "self_attention", "in_place"])
+def test_the_rewritten_graph_computes_the_models_forward(build, shape):
+    torch.manual_seed(0)
+    model, x = build().eval(), torch.randn(3, *shape)
+    assert torch.equal(export_as_fx(model, (x[:1],))(x), model(x))
+
+
 def test_a_traceable_model_still_uses_torch_fx():
     prepared = qp.prepare_qat(NETWORKS["small_unet"][0](), (torch.randn(1, 3, 16, 16),))
     assert prepared.capture_method == "torch.fx"
@@ -147,6 +185,14 @@ def test_an_unmapped_aten_op_names_the_op_and_the_module():
     with pytest.raises(UnsupportedOpError, match=r"aten\.cumsum\.default at node 'cumsum' in module 'scan' "
                                                  r"\(CumulativeSum\).*torch\.export"):
         qp.prepare_qat(WithCumulativeSum(), (torch.randn(1, 1, 3, 3),))
+
+
+@pytest.mark.parametrize("build, phrase", [(MutatedView, r"aten\.add_\.Tensor .*in-place op on a tensor that is a view"),
+                                           (TensorConstant, r"a tensor created in the forward")],
+                         ids=["mutated_view", "tensor_constant"])
+def test_what_the_export_capture_cannot_read_is_refused_by_name(build, phrase):
+    with pytest.raises(UnsupportedOpError, match=phrase):
+        qp.prepare_qat(build(), (torch.randn(1, 2, 3, 3),))
 
 
 def test_a_forward_that_fixes_the_batch_size_is_refused():

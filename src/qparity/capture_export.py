@@ -63,6 +63,11 @@ def _constant_pad(args, kwargs) -> Form:
     return "call_function", F.pad, (args[0], args[1], "constant", args[2] if len(args) > 2 else 0.0), {}
 
 
+def _reversed_sub(args, kwargs) -> Form:
+    """`c - x` (rsub(x, c)) as capture reads `c - x`."""
+    return "call_function", torch.sub, (args[1], args[0]), kwargs
+
+
 def _upsample(mode: str) -> Callable[[tuple, dict], Form]:
     def form(args, kwargs) -> Form:
         if mode == "nearest":
@@ -77,7 +82,7 @@ def _upsample(mode: str) -> Callable[[tuple, dict], Form]:
 ATEN_FORMS: Dict[Any, Callable[[tuple, dict], Form]] = {
     aten.conv2d: _function(F.conv2d), aten.conv1d: _function(F.conv1d),
     aten.conv_transpose2d: _function(F.conv_transpose2d), aten.linear: _function(F.linear),
-    aten.relu: _function(F.relu), aten.relu_: _function(F.relu), aten.relu6: _function(F.relu6),
+    aten.relu: _function(F.relu), aten.relu6: _function(F.relu6),
     aten.hardtanh: _function(F.hardtanh), aten.clamp: _function(torch.clamp), aten.sigmoid: _function(torch.sigmoid),
     aten.tanh: _function(torch.tanh), aten.hardsigmoid: _function(F.hardsigmoid), aten.hardswish: _function(F.hardswish),
     aten.silu: _function(F.silu), aten.gelu: _function(F.gelu), aten.leaky_relu: _function(F.leaky_relu),
@@ -98,7 +103,14 @@ ATEN_FORMS: Dict[Any, Callable[[tuple, dict], Form]] = {
     aten.permute: _method("permute"), aten.transpose: _method("transpose"), aten.unsqueeze: _method("unsqueeze"),
     aten.squeeze: _method("squeeze"), aten.chunk: _method("chunk"), aten.split: _method("split"),
     aten.t: _method("t"), aten.contiguous: _method("contiguous"), aten.sym_size: _method("size"),
+    aten.split_with_sizes: _method("split"), aten.rsub: _reversed_sub,
 }
+# In-place ops: export reads the mutated tensor through the in-place node afterwards, so the out-of-place form
+# computes the same wherever nothing reads the tensor's old value or a view of it (checked in `_Rewriter`).
+IN_PLACE = {aten.add_: aten.add, aten.sub_: aten.sub, aten.mul_: aten.mul, aten.div_: aten.div,
+            aten.hardtanh_: aten.hardtanh, aten.clamp_: aten.clamp, aten.sigmoid_: aten.sigmoid, aten.tanh_: aten.tanh,
+            aten.hardswish_: aten.hardswish, aten.hardsigmoid_: aten.hardsigmoid, aten.silu_: aten.silu,
+            aten.leaky_relu_: aten.leaky_relu}
 
 
 def _values_only(form: Callable[[tuple, dict], Form]) -> Callable[[tuple, dict, int], Optional[Form]]:
@@ -117,7 +129,11 @@ TUPLE_FORMS: Dict[Any, Callable[[tuple, dict, int], Optional[Form]]] = {
     aten.adaptive_max_pool2d: _values_only(_function(F.adaptive_max_pool2d)),
     aten.max_pool2d_with_indices: _values_only(_function(F.max_pool2d, 6)), aten.unbind: _unbind_item,
 }
-IDENTITIES = {aten.detach, aten.alias, aten.clone, aten.lift_fresh_copy}
+# Ops whose output may share memory with their input.
+VIEWS = {aten.view, aten._unsafe_view, aten.reshape, aten.permute, aten.transpose, aten.unsqueeze, aten.squeeze,
+         aten.chunk, aten.split, aten.split_with_sizes, aten.unbind, aten.t, aten.contiguous, aten.slice, aten.select,
+         aten.flatten, aten.alias, aten.detach, aten.expand}
+IDENTITIES = {aten.detach, aten.detach_, aten.alias, aten.clone, aten.lift_fresh_copy}
 # Export's runtime checks of shapes and symbols: the captured shapes are those the checks passed for.
 CHECKS = {aten._assert_scalar, aten.sym_constrain_range_for_size, aten._assert_tensor_metadata,
           aten.sym_constrain_range}
@@ -183,8 +199,10 @@ class _Rewriter:
         self.env: Dict[str, Any] = {}
         self.state = {spec.arg.name: spec.target for spec in program.graph_signature.input_specs
                       if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER)}
+        self.user_inputs = set(program.graph_signature.user_inputs)
         self.user_outputs = [spec.kind == OutputKind.USER_OUTPUT for spec in program.graph_signature.output_specs]
         self.out_spec = program.call_spec.out_spec
+        self.order = {n: i for i, n in enumerate(program.graph.nodes)}
         self.group: List[fx.Node] = []  # the nodes of the leaf module call being read
         self.group_key: Optional[str] = None
         self.group_path = ""
@@ -203,6 +221,9 @@ class _Rewriter:
         if node.op == "placeholder":
             if node.name in self.state:
                 self.env[node.name] = self.graph.get_attr(self.state[node.name])
+            elif node.name not in self.user_inputs:
+                self.env[node.name] = _Refused("a tensor created in the forward (e.g. torch.tensor(...)); register "
+                                               "it as a parameter of a module, or use a Python number")
             elif node.meta.get("val") is not None and not isinstance(node.meta["val"], torch.Tensor):
                 raise CaptureError(f"model input '{node.name}' is not a tensor; qparity quantizes tensor inputs only")
             else:
@@ -231,10 +252,13 @@ class _Rewriter:
     def add_function(self, node: fx.Node) -> None:
         target = node.target
         packet = getattr(target, "overloadpacket", None)
+        if packet in IN_PLACE or packet is aten.relu_:
+            self.refuse_unsafe_mutation(node)
+            packet = IN_PLACE.get(packet, aten.relu)
         if packet in CHECKS:
             return
         if packet in IDENTITIES:
-            self.env[node.name] = self.map(node.args[0])
+            self.env[node.name] = self.map(node.args[0], node)
         elif packet in TUPLE_FORMS:
             self.env[node.name] = _Tuple(node, TUPLE_FORMS[packet])
         elif target is operator.getitem and isinstance(self.env.get(getattr(node.args[0], "name", None)), _Tuple):
@@ -249,6 +273,16 @@ class _Rewriter:
             self.emit(node, ("call_function", target, node.args, dict(node.kwargs)))
         else:
             raise self.unsupported(node)
+
+    def refuse_unsafe_mutation(self, node: fx.Node) -> None:
+        """An in-place op is its out-of-place form unless its input is a view (the base would change too) or is
+        read after it (that read sees the old value in the graph, the new one in PyTorch)."""
+        mutated = node.args[0]
+        later = [u for u in mutated.users if u is not node and self.order[u] > self.order[node]]
+        view = mutated.target is operator.getitem or getattr(mutated.target, "overloadpacket", None) in VIEWS
+        if later or view:
+            raise self.unsupported(node, "an in-place op on a tensor that is a view or is read again afterwards "
+                                         "(write it out of place: y = y + z)")
 
     def flush(self) -> None:
         """The nodes of one leaf module call as one call_module of the model's module on its one tensor input."""
@@ -282,7 +316,7 @@ class _Rewriter:
             self.env[results[0].name] = self.graph.call_module(path, (x,))
 
     # -- writing the fx graph ---------------------------------------------------------------------------------
-    def map(self, value):
+    def map(self, value, user: Optional[fx.Node] = None):
         def lookup(n: fx.Node):
             mapped = self.env.get(n.name)
             if mapped is None:
@@ -290,12 +324,15 @@ class _Rewriter:
                                          "has no value for it (inside a torch.nn module's call)")
             if isinstance(mapped, _Tuple):
                 raise self.unsupported(mapped.node, "its outputs read other than one by one ([i])")
+            if isinstance(mapped, _Refused):
+                raise self.unsupported(user if user is not None else n, f"it reads {mapped.why}")
             return mapped
         return fx.node.map_arg(value, lookup)
 
     def emit(self, node: fx.Node, form: Form) -> None:
         op, target, args, kwargs = form
-        created = self.graph.create_node(op, target, self.map(tuple(args)), self.map(kwargs), name=node.name)
+        created = self.graph.create_node(op, target, self.map(tuple(args), node), self.map(kwargs, node),
+                                         name=node.name)
         path, kind = _stack_path(node)
         if path:
             created.meta["nn_module_stack"] = {path: (path, kind)}
@@ -315,3 +352,10 @@ class _Tuple:
 
     def __init__(self, node: fx.Node, form: Callable[[tuple, dict, int], Optional[Form]]):
         self.node, self.form = node, form
+
+
+class _Refused:
+    """An input of the exported graph qparity cannot quantize, refused (by name) where a node reads it."""
+
+    def __init__(self, why: str):
+        self.why = why
