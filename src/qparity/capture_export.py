@@ -275,13 +275,14 @@ class _Rewriter:
             raise self.unsupported(node)
 
     def refuse_unsafe_mutation(self, node: fx.Node) -> None:
-        """An in-place op is its out-of-place form unless its input is a view (the base would change too) or is
-        read after it (that read sees the old value in the graph, the new one in PyTorch)."""
+        """An in-place op is its out-of-place form unless its input is a view or has views (they would change too),
+        or is read after it (that read sees the old value in the graph, the new one in PyTorch)."""
         mutated = node.args[0]
         later = [u for u in mutated.users if u is not node and self.order[u] > self.order[node]]
-        view = mutated.target is operator.getitem or getattr(mutated.target, "overloadpacket", None) in VIEWS
-        if later or view:
-            raise self.unsupported(node, "an in-place op on a tensor that is a view or is read again afterwards "
+        is_view = lambda n: n.target is operator.getitem or getattr(n.target, "overloadpacket", None) in VIEWS  # noqa: E731
+        if later or is_view(mutated) or any(is_view(u) for u in mutated.users):
+            raise self.unsupported(node, "an in-place op on a tensor that is a view, has views, or is read again "
+                                         "afterwards "
                                          "(write it out of place: y = y + z)")
 
     def flush(self) -> None:
