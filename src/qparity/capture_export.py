@@ -69,12 +69,12 @@ def _reversed_sub(args, kwargs) -> Form:
 
 
 def _upsample(mode: str) -> Callable[[tuple, dict], Form]:
+    """upsample_*2d.vec (x, size, [align_corners,] scale_factors) as F.interpolate; the .default overloads give
+    the output size, which capture reads from the output anyway."""
     def form(args, kwargs) -> Form:
-        if mode == "nearest":
-            x, size, scale = args
-            align = None
-        else:
-            x, size, align, scale = args
+        fixed = 2 if mode == "nearest" else 3
+        x, size, align = args[0], args[1], (args[2] if mode == "bilinear" else None)
+        scale = args[fixed] if len(args) == fixed + 1 else None
         return "call_function", F.interpolate, (x, size, scale, mode, align), {}
     return form
 
@@ -268,7 +268,12 @@ class _Rewriter:
                 raise self.unsupported(source.node, f"its output [{node.args[1]}] (the indices of return_indices=True)")
             self.emit(node, form)
         elif packet in ATEN_FORMS:
-            self.emit(node, ATEN_FORMS[packet](node.args, dict(node.kwargs)))
+            try:
+                form = ATEN_FORMS[packet](node.args, dict(node.kwargs))
+            except (TypeError, ValueError, IndexError, KeyError, AttributeError) as error:
+                raise self.unsupported(node, f"its arguments {node.args} are not in the form qparity reads "
+                                             f"({error})") from error
+            self.emit(node, form)
         elif target in SYMBOL_ARITHMETIC:
             self.emit(node, ("call_function", target, node.args, dict(node.kwargs)))
         else:
