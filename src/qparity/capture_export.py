@@ -224,15 +224,11 @@ class _Rewriter:
             elif node.name not in self.user_inputs:
                 self.env[node.name] = _Refused("a tensor created in the forward (e.g. torch.tensor(...)); register "
                                                "it as a parameter of a module, or use a Python number")
-            elif node.meta.get("val") is not None and not isinstance(node.meta["val"], torch.Tensor):
-                raise CaptureError(f"model input '{node.name}' is not a tensor; qparity quantizes tensor inputs only")
             else:
                 self.env[node.name] = self.graph.placeholder(node.name)
         elif node.op == "output":
             outputs = [v for v, user in zip(node.args[0], self.user_outputs) if user]
             self.graph.output(self.map(_pytree.tree_unflatten(outputs, self.out_spec)))
-        elif node.op == "get_attr":
-            raise self.unsupported(node, f"a tensor constant '{node.target}' created in the forward")
         elif node.op == "call_function":
             self.add_function(node)
         else:
@@ -287,8 +283,7 @@ class _Rewriter:
         is_view = lambda n: n.target is operator.getitem or getattr(n.target, "overloadpacket", None) in VIEWS  # noqa: E731
         if later or is_view(mutated) or any(is_view(u) for u in mutated.users):
             raise self.unsupported(node, "an in-place op on a tensor that is a view, has views, or is read again "
-                                         "afterwards "
-                                         "(write it out of place: y = y + z)")
+                                         "afterwards (write it out of place: y = y + z)")
 
     def flush(self) -> None:
         """The nodes of one leaf module call as one call_module of the model's module on its one tensor input."""
@@ -310,6 +305,8 @@ class _Rewriter:
                         and isinstance(arg.meta.get("val"), torch.Tensor)):
                     inputs.append(arg)
         results = [n for n in group if any(u.name not in members for u in n.users)]
+        if not results:  # a call whose result nothing reads
+            return
         if len(inputs) != 1 or len(results) != 1:
             raise UnsupportedOpError(f"{where} takes {len(inputs)} tensor input(s) and gives {len(results)} "
                                      "tensor output(s) in the exported graph; capture through torch.export maps a "
