@@ -1,5 +1,8 @@
 import os
 
+import warnings
+
+import pytest
 import torch
 from hypothesis import settings
 
@@ -8,3 +11,20 @@ settings.register_profile("qparity", max_examples=int(os.environ.get("QPARITY_EX
                           print_blob=True)
 settings.load_profile("qparity")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def default_flow():
+    """The PT2E QAT flow of tests/pt2e_case.py (XNNPACKQuantizer, conv+BN+ReLU, residual add, mean, linear) and
+    the doctor's report on it, built once: convert_pt2e's BN folding costs about 20 s of CPU."""
+    import qparity
+    from helpers import require_optional_runtime
+
+    require_optional_runtime("torchao", "executorch")
+    require_optional_runtime("executorch", "executorch")
+    from pt2e_case import build_pt2e
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared, converted, x = build_pt2e()
+        return prepared, converted, x, qparity.doctor(prepared, converted, x)

@@ -23,7 +23,21 @@ class ResidualNet(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
-def xnnpack_quantizer(fused: bool = True):
+class PoolNet(nn.Module):
+    """conv+ReLU -> max pool -> conv+ReLU -> max pool: XNNPACKQuantizer quantizes every edge of it;
+    X86InductorQuantizer quantizes only the first pool's output (the second conv's input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2)
+
+    def forward(self, x):
+        y = torch.max_pool2d(torch.relu(self.conv(x)), 2)
+        return torch.max_pool2d(torch.relu(self.conv2(y)), 2)
+
+
+def xnnpack_quantizer(fused: bool = True, per_channel: bool = True):
     """The default per-channel QAT config; fused=False swaps every FusedMovingAvgObsFakeQuantize for a
     FakeQuantize with the same moving-average observer (the doctor's fix)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
@@ -31,7 +45,7 @@ def xnnpack_quantizer(fused: bool = True):
     from torchao.quantization.pt2e import (FakeQuantize, MovingAverageMinMaxObserver,
                                            MovingAveragePerChannelMinMaxObserver)
 
-    config = get_symmetric_quantization_config(is_per_channel=True, is_qat=True)
+    config = get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=True)
     if not fused:
         act = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=FakeQuantize.with_args(
             observer=MovingAverageMinMaxObserver, eps=2 ** -12))
@@ -47,7 +61,7 @@ def x86_quantizer():
     return x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config(is_qat=True))
 
 
-def build_pt2e(quantizer=None, seed: int = 0, batch_norm: bool = True):
+def build_pt2e(quantizer=None, seed: int = 0, batch_norm: bool = True, model: nn.Module = None):
     """(prepared, converted, example_inputs), observers disabled and BN in eval mode before convert_pt2e.
     convert_pt2e's conv+BN folding costs about 20 s of CPU (it exports its patterns), so use BN sparingly."""
     import torchao.quantization.pt2e as pt2e
@@ -55,7 +69,7 @@ def build_pt2e(quantizer=None, seed: int = 0, batch_norm: bool = True):
 
     torch.manual_seed(seed)
     x = torch.randn(2, 3, 12, 12)
-    model = ResidualNet(batch_norm)
+    model = model or ResidualNet(batch_norm)
     prepared = prepare_qat_pt2e(torch.export.export(model, (x,)).module(), quantizer or xnnpack_quantizer())
     optimizer = torch.optim.SGD(prepared.parameters(), lr=0.01)
     for _ in range(2):

@@ -25,16 +25,6 @@ def _runtimes():
         yield
 
 
-@pytest.fixture(scope="module")
-def default_flow():
-    require_optional_runtime("torchao", "executorch")
-    require_optional_runtime("executorch", "executorch")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared, converted, x = build_pt2e()
-        return prepared, converted, x, qparity.doctor(prepared, converted, x)
-
-
 def _values(graph_module, x, keep):
     """The outputs of the nodes `keep` selects, in graph order, from one node-by-node run."""
     from torch.fx import Interpreter
@@ -147,12 +137,6 @@ def test_cli_doctor_reads_an_x86_inductor_quantizer_flow_without_unexplained_cod
     assert data["flow"] == "pt2e" and code == (0 if data["ok"] else 1)
     assert [layer["name"] for layer in data["layers"]] == ["x", "conv", "mean"]  # conv2 feeds the add in float
     assert all(layer["unexplained"] in (None, 0) for layer in data["layers"])
-
-
-def test_from_torch_refuses_a_pt2e_model_saying_why(default_flow):
-    _, converted, x, _ = default_flow
-    with pytest.raises(QParityError, match="float32 on the dequantized values"):
-        qparity.from_torch(converted, x)
 
 
 def test_pt2e_converted_model_needs_its_prepared_graph(default_flow):

@@ -16,7 +16,7 @@ from .qparams import QParams
 from .runtime import IntegerModel, load
 from .numerics import TARGETS
 from .verify import VerifyReport, verify
-from .doctor import doctor
+from .doctor import doctor, doctor_pte
 from .device_parity import CompareReport, compare
 
 __version__ = "0.1.0"
@@ -25,4 +25,4 @@ __all__ = ["TARGETS", "CompareReport", "IntegerModel", "QATModel", "QParams", "Q
            "calibrate", "compare", "convert", "doctor", "export", "freeze", "golden", "load", "prepare_qat", "verify"]
 from .from_torch import from_torch  # noqa: E402
 from .to_torch import to_torch  # noqa: E402
-__all__ += ["from_torch", "to_torch"]
+__all__ += ["doctor_pte", "from_torch", "to_torch"]

@@ -86,7 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = add("doctor", help="explain where and why a torch.ao QAT model and its converted "
                                 "int8 model disagree")
     doctor.add_argument("script", help="path/to/script.py[:function] (default function: build) returning "
-                                       "(prepared, converted, example_inputs)")
+                                       "(prepared, converted, example_inputs); or an ExecuTorch .pte file lowered "
+                                       "from a PT2E model, with --reference")
+    doctor.add_argument("--reference", help="for a .pte: the converted PT2E model it was lowered from, as "
+                                            "script.py[:function] returning (converted, example_inputs) or a .qp "
+                                            "saved from qparity.from_torch of it")
+    doctor.add_argument("--inputs", help="for a .pte: a .npy file of float32 inputs (default: random inputs "
+                                         "spanning the input grid and beyond)")
+    doctor.add_argument("--samples", type=_positive, default=64, help="for a .pte: random inputs (default 64)")
+    doctor.add_argument("--seed", type=_seed, default=0, help="for a .pte: seed of the random inputs (default 0)")
     doctor.add_argument("--html", help="also write the report as a self-contained HTML page")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     bench = add("bench", help="time QAT steps and integer inference against torch.ao on this machine, side by side, "
@@ -148,7 +156,7 @@ def run_command(args) -> int:
         return compare_command(console, args)
     if args.command == "doctor":
         from .doctor.command import doctor_command
-        return doctor_command(console, args)
+        return doctor_command(console, args, lambda model: command_inputs(model, args))
     if args.command == "bench":
         return bench_command(console, args)
     config = DemoConfig(targets=tuple(args.target or TARGETS), float_epochs=args.float_epochs,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .capture import _Builder, _describe, _fuse_clamps, _record_values, _where
 from .errors import CaptureError, UnsupportedOpError
+from .from_pt2e import from_pt2e, is_pt2e
 from .graph import Graph
 from .numerics.accumulate import ConvGeometry
 from .ops.registry import NEW_GRID_OPS, refuse_if_target_cannot_run
@@ -35,18 +36,14 @@ HARDSWISH_FUNCTIONS = (torch.ops.quantized.hardswish, F.hardswish)
 
 
 def from_torch(converted: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor) -> IntegerModel:
-    """The integer program `converted` runs in torch.backends.quantized.engine, as a qparity IntegerModel."""
+    """The integer program `converted` runs in torch.backends.quantized.engine, as a qparity IntegerModel; for a
+    torchao convert_pt2e model, its reference Q/DQ graph as target 'pt2e-reference' (from_pt2e.py)."""
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if is_pt2e(converted):  # convert_pt2e's reference Q/DQ graph: the engine plays no part in it
+        return from_pt2e(converted, inputs)
     engine = torch.backends.quantized.engine
     if engine not in ENGINES:
         raise UnsupportedOpError(f"quantized engine {engine!r} has no qparity target; use one of {ENGINES}")
-    if isinstance(converted, fx.GraphModule) and any("quantized_decomposed" in str(n.target)
-                                                     for n in converted.graph.nodes):
-        raise UnsupportedOpError(
-            "PT2E models (convert_pt2e, quantized_decomposed ops) are not read yet: between dequantize and quantize "
-            "they compute conv/linear in float32 on the dequantized values and quantize with round(y * (1/scale)), "
-            "a rounding no qparity target models bit for bit; compare a PT2E model with its prepare_qat_pt2e model "
-            "through qparity.doctor, or read an eager or FX (convert_fx) converted model")
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     try:
         traced = converted if isinstance(converted, fx.GraphModule) else fx.symbolic_trace(converted)
     except Exception as error:

@@ -1,5 +1,6 @@
 """The doctor: where and why a torch.ao QAT model (after prepare_qat / prepare_qat_fx, or torchao's
-prepare_qat_pt2e) and its converted int8 model disagree. `compare` runs both and records every layer, `causes` explains the differences, `report`
+prepare_qat_pt2e) and its converted int8 model disagree; `pte` does the same for an ExecuTorch .pte file
+against the convert_pt2e model it was lowered from. `compare` runs both and records every layer, `causes` explains the differences, `report`
 renders them; `command` is the `qparity doctor` console command."""
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 from .causes import diagnose
 from .compare import DoctorInputError, output_tensors, record
 from . import pt2e
+from .pte import doctor_pte
 from .engine_variation import variation_notes
 from .report import KINDS, Cause, DoctorReport, LayerResult
 
@@ -61,4 +63,4 @@ def _doctor_pt2e(prepared: nn.Module, converted: nn.Module, example_inputs: Any)
                         first_divergence=first, causes=causes, notes=notes)
 
 
-__all__ = ["KINDS", "Cause", "DoctorInputError", "DoctorReport", "LayerResult", "doctor"]
+__all__ = ["KINDS", "Cause", "DoctorInputError", "DoctorReport", "LayerResult", "doctor", "doctor_pte"]

@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..from_pt2e import is_pt2e, module_path, op_name
 from ..numerics.pt2e_reference import reference_codes
 from .causes import Grid, activation_causes, compare_codes, fake_codes, int_codes, observer_cause, weight_causes
 from .compare import DoctorInputError, FakeQuantCall, Run, fake_quant_call, fake_quant_classes, snapshot
@@ -43,19 +44,6 @@ FIX_FUSED = (
     "(activations), eps=2**-12) instead of FusedMovingAvgObsFakeQuantize, whose kernel derives its own scale: "
     "FakeQuantize's forward uses calculate_qparams(), the grid convert_pt2e quantizes with; then disable the "
     "observers before convert_pt2e. Or train with qparity (qparity.prepare_qat) for your deployment target")
-
-
-def op_name(node: fx.Node) -> str:
-    """'namespace::op' of a call_function node on an OpOverload ('' otherwise)."""
-    if node.op != "call_function" or not hasattr(node.target, "name"):
-        return ""
-    return node.target.name().split(".")[0]
-
-
-def is_pt2e(model: Any) -> bool:
-    """A convert_pt2e result: a GraphModule calling quantized_decomposed ops."""
-    return isinstance(model, fx.GraphModule) and any(op_name(n).startswith("quantized_decomposed::")
-                                                     for n in model.graph.nodes)
 
 
 class _Recorder(fx.Interpreter):
@@ -85,11 +73,6 @@ def _from_input(graph: fx.Graph) -> set:
         if node.op == "placeholder" or any(a in found for a in node.all_input_nodes):
             found.add(node)
     return found
-
-
-def _module_path(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
 
 
 def _producer(node: fx.Node) -> Tuple[Optional[fx.Node], bool]:
@@ -152,7 +135,7 @@ def _weight_tensor(dequantize: fx.Node, values: Dict[fx.Node, Any]) -> Optional[
 
 
 def _layer_name(node: fx.Node, used: set) -> str:
-    name = (node.op != "placeholder" and _module_path(node)) or node.name
+    name = (node.op != "placeholder" and module_path(node)) or node.name
     name = name if name not in used else f"{name} ({node.name})"
     used.add(name)
     return name

@@ -11,6 +11,7 @@ from ..errors import UnknownTargetError
 from .exact import ExactTarget
 from .executorch_xnnpack import ExecutorchXnnpackTarget
 from .onnxruntime import OnnxRuntimeTarget
+from .pt2e_reference import Pt2eReferenceTarget
 from .pytorch_engines import FbgemmTarget, QnnpackTarget, X86Target
 from .target import Target
 from .tflite import TFLiteTarget
@@ -21,8 +22,8 @@ from .xnnpack import XnnpackTarget
 _REGISTRY: Dict[str, Target] = {t.name: t for t in (ExactTarget(), TFLiteTarget(), OnnxRuntimeTarget(),
                                                     XnnpackTarget(), FbgemmTarget(), X86Target(),
                                                     QnnpackTarget(), TFLiteMicroTarget(), TosaTarget(),
-                                                    ExecutorchXnnpackTarget())}
-TARGETS = tuple(_REGISTRY)
+                                                    ExecutorchXnnpackTarget(), Pt2eReferenceTarget())}
+TARGETS = tuple(name for name, target in _REGISTRY.items() if target.trainable)
 
 
 def get_target(name: str) -> Target:

@@ -65,3 +65,20 @@ class ExecutorchXnnpackTarget(XnnpackTarget):
         shifted_zero_point = _f32(zero_point) - _f32(n * zero_point) * scale
         raw = (sums + zero_point * counts).to(torch.float32)  # the int32 sum of codes as XNNPACK converts it
         return torch.round(raw * scale + shifted_zero_point).to(torch.int64).clamp_(qp.qmin, qp.qmax)
+
+
+def delegate_bias_codes(bias: torch.Tensor, weight_scale: torch.Tensor, input_scale: float) -> torch.Tensor:
+    """The int32 codes ExecuTorch's XNNPACK partitioner makes of a float32 conv/linear bias: quantized at
+    s_w * s_in by quantized_decomposed's quantize (executorch 1.5.1 backends/xnnpack/operators/quant_params.py
+    QuantParams.from_bias and quantize_tensor): a per-tensor weight scale is a Python float there, so the
+    product is a double; per-channel scales are a float32 tensor times the input's float."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_decomposed
+
+    qd = torch.ops.quantized_decomposed
+    bias = bias.to(torch.float32)
+    if weight_scale.dim() == 0:
+        return qd.quantize_per_tensor(bias, float(weight_scale) * float(input_scale), 0, -(2**31), 2**31 - 1,
+                                      torch.int32)
+    scale = weight_scale.to(torch.float32) * float(input_scale)
+    return qd.quantize_per_channel(bias, scale, torch.zeros_like(scale, dtype=torch.int64), 0, -(2**31),
+                                   2**31 - 1, torch.int32)

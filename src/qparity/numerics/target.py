@@ -54,6 +54,9 @@ class Target:
     uneven_adaptive_pool: bool = False
     # Whether the runtime's transposed conv takes per-output-channel weight scales (PyTorch's engines: no).
     per_channel_transposed_conv: bool = True
+    # False for a target that describes a converted model qparity reads (from_torch) rather than a runtime to
+    # train for: prepare_qat refuses it and TARGETS leaves it out.
+    trainable: bool = True
 
     # -- quantize / dequantize ------------------------------------------------------------------------------
     def quantize(self, x: torch.Tensor, qp: QParams) -> torch.Tensor:
@@ -108,6 +111,12 @@ class Target:
         float64); the requantizer converts it as its runtime does.
         """
         raise NotImplementedError
+
+    def layer_kernel(self, geometry, weight_codes: torch.Tensor, weight_scale: torch.Tensor, bias,
+                     input_qp: QParams, output_qp: QParams, lo: int, hi: int):
+        """input codes -> output codes for a conv/linear layer whose runtime forms no integer accumulator (PT2E's
+        reference graph runs PyTorch's float32 conv); None for the accumulator + requantizer path."""
+        return None
 
     def add(self, qa: torch.Tensor, a: QParams, qb: torch.Tensor, b: QParams, out: QParams,
             lo: int, hi: int) -> torch.Tensor:

@@ -131,7 +131,10 @@ def check_bias_range(where: str, bias: torch.Tensor, input_qp: QParams, weight_s
 # ---------------------------------------------------------------------------------------------------------
 def run(ctx, node: Node, x: QValue) -> QValue:
     if not ctx.fake:
-        plan, geometry, weight, bias, requantize = ctx.mode.model.layer_kernels[node.name]
+        kernel = ctx.mode.model.layer_kernels[node.name]
+        if callable(kernel):  # a runtime without an integer accumulator (Target.layer_kernel)
+            return QValue(kernel(x.codes), ctx.mode.qparams[node.name])
+        plan, geometry, weight, bias, requantize = kernel
         acc = layer_accumulator(plan, geometry, x.codes, x.qparams, weight, bias)
         return QValue(requantize(acc), ctx.mode.qparams[node.name])
     layer = ctx.mode.model.layers[node.name]
@@ -168,12 +171,17 @@ def bias_for_target(target, bias: Optional[torch.Tensor], input_qp: QParams, wei
 
 
 def prepare_integer_layer(target, node: Node, layer: IntegerLayer, input_qp: QParams, output_qp: QParams):
-    """The IntegerModel's constants for one layer: accumulation plan, weights, int32 bias, requantizer."""
+    """The IntegerModel's constants for one layer: accumulation plan, weights, int32 bias, requantizer; or the
+    target's own codes -> codes kernel where its runtime forms no integer accumulator."""
     geometry = ConvGeometry.from_dict(node.attrs["geometry"])
+    lo, hi = fused_clamp_bounds(target, node, output_qp)
+    kernel = target.layer_kernel(geometry, layer.weight_codes, layer.weight_scale, layer.bias_codes, input_qp,
+                                 output_qp, lo, hi)
+    if kernel is not None:
+        return kernel
     check_requantization(node.path, layer.weight_scale, input_qp, output_qp)
     check_layer_accumulator(f"{node.name!r} ({node.path})", target, node.op, layer.weight_codes, layer.bias_codes,
                             input_qp, layer.weight_scale, output_qp)
-    lo, hi = fused_clamp_bounds(target, node, output_qp)
     ndim = 4 if geometry.is_conv else 2
     # The stored bias is already what the target takes: int32 codes, or the float32 bias of PyTorch's engines.
     float_bias = {"bias": layer.bias_codes} if target.float_bias else {}

@@ -13,7 +13,7 @@ from ..errors import InvalidQParamsError, NotPreparedError, UnsupportedOpError
 from ..graph import Graph
 from ..numerics.accumulate import ConvGeometry
 from ..numerics.activations import NAMES as ACTIVATION_NAMES
-from ..numerics import Target, get_target
+from ..numerics import TARGETS, Target, get_target
 from ..ops.avg_pool import refuse_uneven_windows
 from ..ops.registry import LAYER_OPS, refuse_if_target_cannot_run
 from .distributed import require_whole_parameters
@@ -39,6 +39,9 @@ def prepare_qat(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch
     """
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     spec = get_target(target).with_defaults_for(inputs)  # engine threads and input layout (docs/determinism.md)
+    if not spec.trainable:
+        raise UnsupportedOpError(f"target {spec.name!r} describes converted models qparity reads (from_torch), not a "
+                                 f"runtime to train for; choose one of {', '.join(TARGETS)}")
     dtype = activation_dtype or spec.activation_dtypes[0]
     if dtype not in spec.activation_dtypes:
         raise InvalidQParamsError(f"target {spec.name!r} supports activation dtypes {spec.activation_dtypes}, "
