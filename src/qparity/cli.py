@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(docs/runtimes.md, 'Checking a device')")
     compare.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw",
                          help="the order of raw .bin dumps, and of .npy dumps whose shape fits both (default nchw)")
+    compare.add_argument("--dtype", choices=("int8", "uint8"),
+                         help="the type of raw .bin dumps (default: the .npy dumps' type, else the golden's)")
     doctor = add("doctor", help="explain where and why a torch.ao QAT model and its converted "
                                 "int8 model disagree")
     doctor.add_argument("script", help="path/to/script.py[:function] (default function: build) returning "
@@ -233,7 +235,7 @@ def compare_command(console: Console, args) -> int:
     """Exit status 0 when the device computes the golden codes on every dumped tensor, 1 otherwise."""
     from .device_parity import compare
 
-    report = compare(args.golden, args.device, layout=args.layout)
+    report = compare(args.golden, args.device, layout=args.layout, dtype=args.dtype)
     console.print(str(report), markup=False)
     return 0 if report.ok else 1
 
