@@ -37,7 +37,7 @@ from ..numerics.accumulate import ConvGeometry
 from ..ops import constant, parameter
 from ..qparams import QParams
 from ..runtime import IntegerModel
-from .onnx import IR_VERSION, OPSET, _conv_pads, _OnnxBuilder
+from .onnx import IR_VERSION, _conv_pads, _OnnxBuilder
 
 VERSIONS = ("1.0.0", "0.6.1")
 # The operators written as float ONNX (the QOperator builder's layout ops move floats as they move codes).
