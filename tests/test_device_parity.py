@@ -217,3 +217,102 @@ def test_tosa_reference_model_is_the_tosa_rule(tflite_model, golden_inputs, tmp_
     report = qp.compare(tmp_path / "golden", device)
     rules = report.reproducing_rules
     assert "tosa" in rules and not {"xnnpack", "onnxruntime"} & set(rules), str(report)
+
+
+def test_a_uint8_device_running_an_int8_model_is_named_with_the_shift(tflite_model, golden_inputs, tmp_path):
+    """ONNX Runtime running the int8 model's integers on uint8 (every zero point + 128): its codes are the
+    golden's + 128 where the arithmetic agrees, and its rule is named as running on uint8."""
+    from qparity.device_parity import _as_target, _shifted
+
+    ort = require_runtime("onnxruntime")
+    index = json.loads(qp.golden(tflite_model, golden_inputs, tmp_path / "golden").read_text())
+    on_uint8 = _as_target(_shifted(tflite_model, "uint8"), "onnxruntime")
+    qp.export(on_uint8, tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    (real,) = session.run(None, {session.get_inputs()[0].name: golden_inputs.numpy()})
+    grid = on_uint8.output_qparams
+    codes = np.round(real.astype(np.float64) / float(grid.scale)).astype(np.int64) + int(grid.zero_point)
+    device = tmp_path / "device"
+    device.mkdir()
+    name = index["outputs"][0]["name"]
+    np.save(device / f"{name}.npy", codes.astype(np.uint8))
+    report = qp.compare(tmp_path / "golden", device)
+    assert report.device_dtype == "uint8" and report.golden_dtype == "int8"
+    rules = report.reproducing_rules
+    assert "onnxruntime" in rules and not {"tflite", "xnnpack", "tosa"} & set(rules), str(report)
+    assert report.shifted["onnxruntime"] == "uint8" and "on uint8" in str(report)
+    # the same codes as raw bytes: the type comes from `dtype`, and a dump that says otherwise is refused
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    codes.astype(np.uint8).tofile(raw / f"{name}.bin")
+    assert qp.compare(tmp_path / "golden", raw, dtype="uint8").reproducing_rules == rules
+    with pytest.raises(InputError, match="mix code types"):
+        qp.compare(tmp_path / "golden", device, dtype="int8")
+
+
+def test_an_int8_device_matching_the_golden_runs_uint8_only_rules_shifted(tflite_model, golden_inputs, tmp_path):
+    """PyTorch's engines (uint8 only) are tried on an int8 model too, moved to uint8, instead of skipped."""
+    index, device = write_golden_and_dumps(tflite_model, golden_inputs, tmp_path, "BUILTIN_REF")
+    report = qp.compare(tmp_path / "golden", device)
+    assert report.device_dtype == "int8" and report.ok
+    for engine in ("fbgemm", "x86", "qnnpack"):
+        assert engine not in report.not_applicable, report.not_applicable.get(engine)
+        assert report.shifted[engine] == "uint8"
+
+
+def _demo_model(target):
+    from qparity.demo import DigitsNet
+
+    torch.manual_seed(0)
+    batches = [torch.randn(8, 1, 8, 8) for _ in range(3)]
+    return prepare_and_convert(DigitsNet(channels=4), (batches[0],), target, batches)[1]
+
+
+def _run_file(target, model, path, inputs):
+    """The output codes of the target's own runtime running the exported file: what a device dumps."""
+    from qparity.export.tflite import codes_from_dequantized
+
+    if target == "tflite-micro":
+        from qparity.export.tflite_micro import run_tflite_micro
+
+        require_optional_runtime("tflite_micro", "tflm")
+        (real,) = run_tflite_micro(path, (inputs,))
+    elif target == "tosa":
+        from qparity.export.tosa import run_tosa
+
+        require_optional_runtime("tosa_reference_model", "tosa")
+        (codes,) = run_tosa(path, (model.quantize(inputs),), model)
+        return codes.to(torch.int64)
+    else:
+        from qparity.export.pte import run_pte
+
+        require_optional_runtime("executorch", "executorch")
+        (real,) = run_pte(path, (inputs,))
+    return codes_from_dequantized(real, model.output_qparams)
+
+
+@pytest.mark.parametrize("target, suffix", [("tflite-micro", ".tflite"), ("tosa", ".tosa"),
+                                            ("executorch-xnnpack", ".pte")])
+def test_golden_of_the_demo_network_on_each_runtime_target_is_met_by_its_runtime(target, suffix, tmp_path):
+    """Golden vectors of the demo network for each target, the file run in that target's own runtime: 0 codes
+    differ, and the rule named is the target's (alone, where the outputs tell the rules apart)."""
+    golden_inputs = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3)) * 1.5
+    model = _demo_model(target)
+    index = json.loads(qp.golden(model, golden_inputs, tmp_path / "golden").read_text())
+    assert index["target"] == target
+    layers = [n for n in index["nodes"] if n["op"] in ("conv2d", "linear")]
+    assert layers and all("multiplier_f32" in n["params"] or ("multiplier" in n["params"] and "shift" in n["params"])
+                          for n in layers)
+    (add,) = [n for n in index["nodes"] if n["op"] == "add"]
+    assert "input_b_multiplier" in add["params"]
+    path = tmp_path / f"model{suffix}"
+    qp.export(model, path)
+    device = tmp_path / "device"
+    device.mkdir()
+    codes = _run_file(target, model, path, golden_inputs)
+    np.save(device / f"{index['outputs'][0]['name']}.npy", codes.numpy().astype(np.int8))
+    report = qp.compare(tmp_path / "golden", device)
+    assert report.ok and report.mismatched == 0, str(report)
+    assert target in report.reproducing_rules, str(report)
+    if target != "executorch-xnnpack":  # its float32 multipliers give these outputs under exact's rule too
+        assert report.reproducing_rules == [target], str(report)

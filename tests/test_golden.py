@@ -48,6 +48,11 @@ def multiply_by_quantized_multiplier(x: int, multiplier: int, shift: int) -> int
     return rounding_divide_by_pot(srdhm(x * (1 << left), multiplier), right)
 
 
+def apply_scale_32(value: int, multiplier: int, shift: int) -> int:
+    """TOSA's apply_scale_32, SINGLE_ROUND: (value * multiplier + 2^(shift - 1)) >> shift (floor shift)."""
+    return (value * multiplier + (1 << (shift - 1))) >> shift
+
+
 def round_half_away(value: float) -> int:
     whole = math.trunc(value)
     fraction = value - whole  # exact in binary floating point
@@ -149,12 +154,14 @@ class GoldenInterpreter:
         def per_channel(key):
             return np.asarray(p[key]).reshape(channel_shape)
 
-        if self.target == "tflite" and geometry["kind"] == "conv2d":
+        if self.target == "tflite-micro" or (self.target == "tflite" and geometry["kind"] == "conv2d"):
             scaled = elementwise(multiply_by_quantized_multiplier, acc, per_channel("multiplier"),
                                  per_channel("shift"))
         elif self.target == "tflite":
             scaled = elementwise(lambda a, m: round_half_away(float(a) * m), acc, per_channel("real_multiplier"))
-        elif self.target == "onnxruntime":
+        elif self.target == "tosa":
+            scaled = elementwise(apply_scale_32, acc, per_channel("multiplier"), per_channel("shift"))
+        elif self.target in ("onnxruntime", "xnnpack", "executorch-xnnpack"):
             product = acc.astype(np.float32) * per_channel("multiplier_f32").astype(np.float32)
             scaled = np.rint(product).astype(np.int64)
         else:
@@ -166,14 +173,25 @@ class GoldenInterpreter:
 
     def add(self, a: np.ndarray, b: np.ndarray, p: dict) -> np.ndarray:
         za, zb, zy = p["input_a"]["zero_point"], p["input_b"]["zero_point"], p["output"]["zero_point"]
-        if self.target == "tflite":
+        sign = -1 if p.get("subtract") else 1
+        if self.target in ("tflite", "tflite-micro"):
             def one(qa, qb):
                 sa = multiply_by_quantized_multiplier((qa - za) << p["left_shift"], p["input_a_multiplier"],
                                                       p["input_a_shift"])
                 sb = multiply_by_quantized_multiplier((qb - zb) << p["left_shift"], p["input_b_multiplier"],
                                                       p["input_b_shift"])
-                return multiply_by_quantized_multiplier(sa + sb, p["output_multiplier"], p["output_shift"]) + zy
+                return multiply_by_quantized_multiplier(sa + sign * sb, p["output_multiplier"],
+                                                        p["output_shift"]) + zy
             raw = elementwise(one, a, b)
+        elif self.target == "tosa":  # RESCALE both to int32, ADD / SUB, RESCALE the sum
+            def one(qa, qb):
+                wide_a = apply_scale_32(qa - za, p["input_a_multiplier"], p["input_a_shift"])
+                wide_b = apply_scale_32(qb - zb, p["input_b_multiplier"], p["input_b_shift"])
+                return apply_scale_32(wide_a + sign * wide_b, p["output_multiplier"], p["output_shift"]) + zy
+            raw = elementwise(one, a, b)
+        elif self.target in ("xnnpack", "executorch-xnnpack"):  # qs8-vadd: >> shift, halves up
+            total = (a - za) * p["input_a_multiplier"] + (b - zb) * p["input_b_multiplier"]
+            raw = ((total + (1 << (p["shift"] - 1))) >> p["shift"]) + zy
         elif self.target == "onnxruntime":
             assert not p["swapped"]
             ra, rb, offset = (np.float32(p[k]) for k in ("ratio_first_f32", "ratio_second_f32", "offset_f32"))
@@ -343,3 +361,29 @@ def test_golden_into_a_path_that_is_a_file_is_a_file_access_error(tmp_path):
         qp.golden(integer, x, blocker)
     with pytest.raises(qp.QParityError, match="must be a path"):
         qp.golden(integer, x, 42)
+
+
+@pytest.mark.parametrize("target", ["tflite-micro", "tosa", "xnnpack", "executorch-xnnpack"])
+def test_layer_and_add_parameters_of_the_newer_targets_rebuild_their_codes(tmp_path, target):
+    """Each conv, linear and add node, from its recorded input codes and the parameters index.json gives alone
+    (Q31 / RESCALE / float32 / XNNPACK fixed-point multipliers), gives the recorded output codes."""
+    from qparity.demo import DigitsNet
+
+    torch.manual_seed(0)
+    batches = [torch.randn(8, 1, 8, 8) for _ in range(3)]
+    prepared = qp.prepare_qat(DigitsNet(channels=4), batches[0], target=target)
+    qp.calibrate(prepared, batches)
+    qp.freeze(prepared)
+    interpreter = GoldenInterpreter(golden(qp.convert(prepared), torch.randn(16, 1, 8, 8) * 1.5, tmp_path).parent)
+    checked = 0
+    for node in interpreter.index["nodes"]:
+        if node["op"] not in ("conv2d", "linear", "add"):
+            continue
+        inputs = [interpreter.load(i["file"]).astype(np.int64) for i in node["inputs"]]
+        if node["op"] == "add":
+            mine = interpreter.add(*inputs, node["params"])
+        else:
+            mine = interpreter.layer(inputs[0], node["params"])
+        np.testing.assert_array_equal(mine, interpreter.load(node["output"]), err_msg=node["name"])
+        checked += 1
+    assert checked == 6  # 4 convs, the residual add, the linear layer

@@ -26,3 +26,5 @@ __all__ = ["TARGETS", "CompareReport", "IntegerModel", "QATModel", "QParams", "Q
 from .from_torch import from_torch  # noqa: E402
 from .to_torch import to_torch  # noqa: E402
 __all__ += ["doctor_pte", "from_torch", "to_torch"]
+from .export.aimet import export_aimet  # noqa: E402  (Qualcomm QNN: float ONNX + AIMET encodings)
+__all__ += ["export_aimet"]

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("model", help="a model saved with IntegerModel.save")
     export.add_argument("output", help="the file to write: .onnx (target onnxruntime), .tflite (target tflite, "
                         "xnnpack or tflite-micro), .tosa (target tosa) or .pte (target executorch-xnnpack)")
+    export.add_argument("--aimet-encodings", nargs="?", const="1.0.0", choices=("1.0.0", "0.6.1"),
+                        help="for Qualcomm QNN/SNPE: write OUTPUT (.onnx) as a float model plus OUTPUT's .encodings "
+                             "(AIMET's format, version 1.0.0 by default), any target (docs/runtimes.md)")
     verify = add("verify", help="run an exported file in its real runtime(s) and count the codes "
                                 "that differ from the saved model's")
     verify.add_argument("model", help="a model saved with IntegerModel.save")
@@ -83,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(docs/runtimes.md, 'Checking a device')")
     compare.add_argument("--layout", choices=("nchw", "nhwc"), default="nchw",
                          help="the order of raw .bin dumps, and of .npy dumps whose shape fits both (default nchw)")
+    compare.add_argument("--dtype", choices=("int8", "uint8"),
+                         help="the type of raw .bin dumps (default: the .npy dumps' type, else the golden's)")
     doctor = add("doctor", help="explain where and why a torch.ao QAT model and its converted "
                                 "int8 model disagree")
     doctor.add_argument("script", help="path/to/script.py[:function] (default function: build) returning "
@@ -147,7 +152,7 @@ def run_command(args) -> int:
     if args.command == "info":
         return info(console)
     if args.command == "export":
-        return export_command(console, args.model, args.output)
+        return export_command(console, args.model, args.output, args.aimet_encodings)
     if args.command == "verify":
         return verify_command(console, args)
     if args.command == "golden":
@@ -209,9 +214,15 @@ def bench_command(console: Console, args) -> int:
     return 0
 
 
-def export_command(console: Console, model_path: str, output: str) -> int:
+def export_command(console: Console, model_path: str, output: str, aimet_encodings=None) -> int:
     from . import export, load
 
+    if aimet_encodings:
+        from .export.aimet import export_aimet
+
+        written = export_aimet(load(model_path), output, version=aimet_encodings)
+        console.print(f"wrote {' and '.join(written)}", markup=False)
+        return 0
     export(load(model_path), output)
     console.print(f"wrote {output}", markup=False)
     return 0
@@ -241,7 +252,7 @@ def compare_command(console: Console, args) -> int:
     """Exit status 0 when the device computes the golden codes on every dumped tensor, 1 otherwise."""
     from .device_parity import compare
 
-    report = compare(args.golden, args.device, layout=args.layout)
+    report = compare(args.golden, args.device, layout=args.layout, dtype=args.dtype)
     console.print(str(report), markup=False)
     return 0 if report.ok else 1
 

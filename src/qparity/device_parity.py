@@ -18,6 +18,13 @@ The device directory holds one file per dumped tensor, named after the golden no
 
 A `tensors/` folder inside the device directory is read too (a copy of the golden layout). Any subset of the
 nodes may be dumped: at least the model's outputs; the more layers, the more precisely a divergence is placed.
+
+A device may run the other 8-bit type: uint8 where qparity ran int8 (or the reverse), every zero point moved by
+128, so every code is the golden's plus 128 and every real value is the same. The .npy dtype says so (`dtype`
+does for raw .bin files); its codes are compared after the shift, and each rule runs the program on the type it
+supports, the device's first (a uint8-only rule such as fbgemm's then judges an int8 model too). Integer kernels
+subtract zero points before they accumulate and add the output's after rounding, so the shift changes no
+arithmetic: a rule that reproduces the device on one type does on the other.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ from .runtime import IntegerModel, load
 
 LAYOUTS = ("nchw", "nhwc")
 NUMPY_DTYPES = {"int8": np.int8, "uint8": np.uint8}
+CODE_OFFSET = {("int8", "uint8"): 128, ("uint8", "int8"): -128, ("int8", "int8"): 0, ("uint8", "uint8"): 0}
 
 
 @dataclass
@@ -61,6 +69,9 @@ class CompareReport:
     layers: List[LayerComparison]
     not_applicable: Dict[str, str]   # target -> why its rule cannot run this model's grids
     missing: List[str]               # golden nodes the device directory has no dump for
+    golden_dtype: str = "int8"       # the type of the golden's activation codes
+    device_dtype: str = "int8"       # the type of the device's codes
+    shifted: Dict[str, str] = field(default_factory=dict)  # target -> the other 8-bit type its rule ran on
 
     @property
     def mismatched(self) -> int:
@@ -81,9 +92,18 @@ class CompareReport:
         candidates = [t for t in TARGETS if t not in self.not_applicable]
         return [t for t in candidates if all(layer.rules.get(t, 1) == 0 for layer in self.layers)]
 
+    def label(self, target: str) -> str:
+        """A rule's name, with the type it ran on where that is not the golden's."""
+        on = self.shifted.get(target)
+        return get_target(target).label() + (f" on {on} (zero points moved by 128)" if on else "")
+
     def __str__(self) -> str:
         lines = [f"device vs golden vectors (target {self.golden_target}): {self.mismatched} mismatched codes "
                  f"over {len(self.layers)} dumped tensor(s)"]
+        if self.device_dtype != self.golden_dtype:
+            lines.append(f"the device's codes are {self.device_dtype}, the golden's {self.golden_dtype}: compared "
+                         f"after moving them by {-CODE_OFFSET[(self.golden_dtype, self.device_dtype)]} (the same "
+                         "real values)")
         for layer in self.layers:
             exact = [t for t, n in layer.rules.items() if n == 0]
             status = "equal" if not layer.mismatched else \
@@ -96,7 +116,7 @@ class CompareReport:
         rules = self.reproducing_rules
         if rules:
             lines.append("rules that reproduce the device on every dumped layer: " + "; ".join(
-                get_target(t).label() for t in rules))
+                self.label(t) for t in rules))
             if self.golden_target not in rules:
                 lines.append(f"the device does not follow target {self.golden_target!r}: train and convert for "
                              f"{rules[0]!r} to deploy to it bit for bit")
@@ -110,24 +130,32 @@ class CompareReport:
         return "\n".join(lines)
 
 
-def compare(golden_dir, device_dir, layout: str = "nchw") -> CompareReport:
-    """Compare a device's dumped codes (`device_dir`) with golden vectors written by `qparity.golden`."""
+def compare(golden_dir, device_dir, layout: str = "nchw", dtype: Optional[str] = None) -> CompareReport:
+    """Compare a device's dumped codes (`device_dir`) with golden vectors written by `qparity.golden`.
+
+    `dtype` (int8/uint8) is the type of raw .bin dumps; by default the .npy dumps' type, else the golden's.
+    """
     if layout not in LAYOUTS:
         raise InputError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if dtype is not None and dtype not in NUMPY_DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(NUMPY_DTYPES)}, got {dtype!r}")
     golden_root = Path(path_of(golden_dir, "the golden vectors' directory"))
     device_root = Path(path_of(device_dir, "the device's directory"))
     index = _read_index(golden_root)
     model = load(golden_root / index["model"])
     golden_codes = {node["name"]: _read_golden_tensor(golden_root, node) for node in index["nodes"]
                     if isinstance(node.get("output"), str)}
-    device = {}
+    dumps = {}
     for name, expected in golden_codes.items():
-        found = _read_device_tensor(device_root, name, expected, layout)
+        found = _read_device_tensor(device_root, name, expected, layout, dtype)
         if found is not None:
-            device[name] = found
-    if not device:
+            dumps[name] = found
+    if not dumps:
         raise InputError(f"{str(device_root)!r} holds no dump of any golden tensor (expected files named "
                          f"<node>.npy or <node>.bin, e.g. {next(iter(golden_codes))}.npy)")
+    device_dtype = _device_dtype(dumps, dtype, model.activation_dtype)
+    device = {name: _in_golden_type(codes, golden_codes[name], model.activation_dtype, device_dtype, path)
+              for name, (codes, _, path) in dumps.items()}
     inputs = [golden_codes[node.name] for node in model.graph.inputs]
     ops = {node.name: node for node in model.graph.nodes}
     layers = [LayerComparison(name, ops[name].op, ops[name].path or "", codes.numel(),
@@ -136,16 +164,79 @@ def compare(golden_dir, device_dir, layout: str = "nchw") -> CompareReport:
                               if codes.numel() else 0)
               for name, codes in device.items()]
     not_applicable: Dict[str, str] = {}
+    shifted: Dict[str, str] = {}
     for target in TARGETS:
+        run_dtype = _run_dtype(get_target(target), device_dtype, model.activation_dtype)
         try:
-            predicted = _teacher_forced(_as_target(model, target), inputs, device)
+            program = _as_target(_shifted(model, run_dtype), target)
+            offset = CODE_OFFSET[(model.activation_dtype, run_dtype)]
+            moved = {name: _moved(codes, golden_codes[name], model.activation_dtype, offset)
+                     for name, codes in device.items()}
+            predicted = _teacher_forced(program, [q.to(torch.int64) + offset for q in inputs], moved)
         except QParityError as error:
             not_applicable[target] = str(error)
             continue
+        if run_dtype != model.activation_dtype:
+            shifted[target] = run_dtype
         for layer in layers:
-            layer.rules[target] = int((predicted[layer.node] != device[layer.node]).sum())
+            predicted_codes = _moved(predicted[layer.node], golden_codes[layer.node], model.activation_dtype,
+                                     -offset)
+            layer.rules[target] = int((predicted_codes != device[layer.node]).sum())
     missing = [name for name in golden_codes if name not in device]
-    return CompareReport(model.target.name, layers, not_applicable, missing)
+    return CompareReport(model.target.name, layers, not_applicable, missing, model.activation_dtype,
+                         device_dtype, shifted)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The other 8-bit type: int8 <-> uint8, zero points and codes moved by 128
+# ---------------------------------------------------------------------------------------------------------
+def _device_dtype(dumps, dtype: Optional[str], golden_dtype: str) -> str:
+    """The one type of the device's codes: what its .npy files and `dtype` say, else the golden's."""
+    declared = {found[1] for found in dumps.values() if found[1] is not None} | ({dtype} if dtype else set())
+    if len(declared) > 1:
+        files = ", ".join(f"{found[2].name} ({found[1]})" for found in dumps.values() if found[1] is not None)
+        raise InputError(f"the device's dumps mix code types ({', '.join(sorted(declared))}): {files}; a device "
+                         "runs one 8-bit type")
+    return declared.pop() if declared else golden_dtype
+
+
+def _run_dtype(target, device_dtype: str, golden_dtype: str) -> str:
+    """The type a rule runs the program on: the device's when the target supports it, else the golden's."""
+    for dtype in (device_dtype, golden_dtype):
+        if dtype in target.activation_dtypes:
+            return dtype
+    return target.activation_dtypes[0]
+
+
+def _in_golden_type(codes: torch.Tensor, golden: torch.Tensor, golden_dtype: str, device_dtype: str,
+                    path: Path) -> torch.Tensor:
+    """A dump's codes checked against the device's type, then moved onto the golden's grid."""
+    own = device_dtype if _dtype_name(golden) == golden_dtype else _dtype_name(golden)
+    _checked(codes, own, path)
+    return _moved(codes, golden, golden_dtype, -CODE_OFFSET[(golden_dtype, device_dtype)])
+
+
+def _moved(codes: torch.Tensor, golden: torch.Tensor, golden_dtype: str, offset: int) -> torch.Tensor:
+    """Activation codes moved by `offset` (the zero points' move); other tensors (int32...) stay."""
+    return codes + offset if _dtype_name(golden) == golden_dtype else codes
+
+
+def _shifted(model: IntegerModel, dtype: str) -> IntegerModel:
+    """The same program with its activations on `dtype`: every activation zero point moved by 128."""
+    if dtype == model.activation_dtype:
+        return model
+    stored = [node.path or node.name for node in model.graph.nodes if node.op == "parameter"]
+    if stored:
+        raise InputError(f"its activations are {dtype} and this model's are {model.activation_dtype}; the codes "
+                         f"stored in parameter tensors ({', '.join(stored)}) are not moved to the other type")
+    offset = CODE_OFFSET[(model.activation_dtype, dtype)]
+    qparams = {name: QParams(qp.scale, qp.zero_point + offset, dtype, qp.axis)
+               if qp.dtype == model.activation_dtype else qp for name, qp in model.qparams.items()}
+    return IntegerModel(model.graph, model.target, dtype, qparams, model.layers)
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return np.dtype(tensor.numpy().dtype).name
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -242,14 +333,15 @@ def _read_golden_tensor(root: Path, node: dict) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def _read_device_tensor(root: Path, name: str, golden: torch.Tensor, layout: str) -> Optional[torch.Tensor]:
-    """The device's codes for one golden tensor, in the golden's layout, or None when it was not dumped."""
+def _read_device_tensor(root: Path, name: str, golden: torch.Tensor, layout: str, dtype: Optional[str]):
+    """The device's codes for one golden tensor in the golden's layout, the code type its file declares (None:
+    not said) and the file; None when it was not dumped."""
     for folder in (root, root / "tensors"):
         npy, raw = folder / f"{name}.npy", folder / f"{name}.bin"
         if npy.is_file():
-            return _checked(_from_npy(npy, golden, layout), golden, npy)
+            return (*_from_npy(npy, golden, layout), npy)
         if raw.is_file():
-            return _checked(_from_raw(raw, golden, layout), golden, raw)
+            return _from_raw(raw, golden, layout, dtype), dtype, raw
     return None
 
 
@@ -268,10 +360,11 @@ def _from_npy(path: Path, golden: torch.Tensor, layout: str) -> torch.Tensor:
                          f"{nchw} (NCHW){f' or {nhwc} in NHWC' if nhwc else ''}")
     codes = torch.from_numpy(np.ascontiguousarray(array).astype(np.int64))
     channels_last = nhwc is not None and tuple(array.shape) == nhwc and (tuple(array.shape) != nchw or layout == "nhwc")
-    return codes.permute(0, 3, 1, 2).contiguous() if channels_last else codes
+    declared = array.dtype.name if array.dtype.name in NUMPY_DTYPES else None
+    return (codes.permute(0, 3, 1, 2).contiguous() if channels_last else codes), declared
 
 
-def _from_raw(path: Path, golden: torch.Tensor, layout: str) -> torch.Tensor:
+def _from_raw(path: Path, golden: torch.Tensor, layout: str, dtype: Optional[str]) -> torch.Tensor:
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -279,7 +372,7 @@ def _from_raw(path: Path, golden: torch.Tensor, layout: str) -> torch.Tensor:
     if len(data) != golden.numel():
         raise InputError(f"device dump {str(path)!r} has {len(data)} bytes; the golden tensor has "
                          f"{golden.numel()} codes of one byte")
-    array = np.frombuffer(data, dtype=golden.numpy().dtype).astype(np.int64)
+    array = np.frombuffer(data, dtype=NUMPY_DTYPES.get(dtype) or golden.numpy().dtype).astype(np.int64)
     if layout == "nhwc" and _nhwc_shape(golden) is not None:
         return torch.from_numpy(array.reshape(_nhwc_shape(golden)).copy()).permute(0, 3, 1, 2).contiguous()
     return torch.from_numpy(array.reshape(tuple(golden.shape)).copy())
@@ -292,9 +385,8 @@ def _nhwc_shape(golden: torch.Tensor) -> Optional[Tuple[int, ...]]:
     return (n, h, w, c)
 
 
-def _checked(codes: torch.Tensor, golden: torch.Tensor, path: Path) -> torch.Tensor:
-    info = np.iinfo(golden.numpy().dtype)
+def _checked(codes: torch.Tensor, dtype: str, path: Path) -> None:
+    info = np.iinfo(dtype)
     if codes.numel() and (int(codes.min()) < info.min or int(codes.max()) > info.max):
-        raise InputError(f"device dump {str(path)!r} holds codes outside {golden.numpy().dtype} "
+        raise InputError(f"device dump {str(path)!r} holds codes outside {dtype} "
                          f"[{info.min}, {info.max}]: not this tensor's codes")
-    return codes

@@ -19,9 +19,12 @@ A golden directory:
 
 Each node's entry names its inputs (the tensors of earlier nodes it reads), its output files, and the
 constants of its arithmetic in the target's own terms (docs/numerics.md and `qparity.numerics` define them):
-tflite gives Q31 multipliers and shifts (QuantizeMultiplier of double(s_in) * double(s_w) / double(s_out)),
-onnxruntime float32 multipliers, exact the rational multipliers as decimal numerator/denominator strings.
-Clamp ranges are in codes, with any fused activation already applied.
+tflite and tflite-micro give Q31 multipliers and shifts (QuantizeMultiplier of double(s_in) * double(s_w) /
+double(s_out)), tosa RESCALE's int32 multipliers and shifts (ExecuTorch's Arm backend, single rounding),
+onnxruntime, xnnpack and executorch-xnnpack float32 multipliers (XNNPACK's add: its fixed-point multipliers and
+shift), exact the rational multipliers as decimal numerator/denominator strings; `rule` names how a layer's
+accumulator is rounded where a target's layers differ. Clamp ranges are in codes, with any fused activation
+already applied.
 """
 from __future__ import annotations
 
@@ -40,13 +43,18 @@ from .qparams import QParams
 from .runtime import IntegerLayer, IntegerModel
 from .numerics import onnxruntime as ort_spec
 from .numerics import tflite as tflite_spec
+from .numerics import tosa as tosa_spec
+from .numerics import xnnpack as xnnpack_spec
 from .numerics.arithmetic import ExactRatio, quantize_multiplier
 from .numerics.tflite import ADD_LEFT_SHIFT
 from .numerics.softmax import tflite_softmax_parameters
 
 FORMAT = "qparity-golden"
 VERSION = 1
-TARGETS = ("tflite", "onnxruntime", "exact")  # the targets whose parameters golden() knows how to write
+# the targets whose parameters golden() knows how to write
+TARGETS = ("tflite", "tflite-micro", "onnxruntime", "exact", "tosa", "xnnpack", "executorch-xnnpack")
+Q31 = ("tflite", "tflite-micro")                 # QuantizeMultiplier's Q31 multipliers and shifts
+XNNPACK = ("xnnpack", "executorch-xnnpack")      # XNNPACK's float32 multipliers
 NUMPY_DTYPES = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "int32": np.int32}
 
 
@@ -186,6 +194,11 @@ PARAMETERS = {
     "pad": lambda model, node, inputs, root: {"pad": list(node.attrs["pad"]),
                                               "value": int(inputs[0].qparams.zero_point)},
     "avg_pool2d": lambda model, node, inputs, root: _average_params(model, node, inputs[0]),
+    "amax": lambda model, node, inputs, root: {"dims": list(node.attrs["dim"]), "keepdim": node.attrs["keepdim"],
+                                               "qparams": inputs[0].qparams.to_dict()},
+    "upsample_nearest": lambda model, node, inputs, root: {"scale_factor": list(node.attrs["scale_factor"]),
+                                                           "qparams": inputs[0].qparams.to_dict()},
+    "upsample_bilinear": lambda model, node, inputs, root: _bilinear_params(model, node, inputs[0]),
     "mean": lambda model, node, inputs, root: {"input_qparams": inputs[0].qparams.to_dict(),
                                                "output_qparams": model.qparams[node.name].to_dict(),
                                                "dims": list(node.attrs["dims"]), "keepdim": node.attrs["keepdim"]},
@@ -210,12 +223,23 @@ def _layer_params(model: IntegerModel, node: Node, layer: IntegerLayer, root: Pa
 
 def _requantization(target: str, input_qp: QParams, weight_scale: torch.Tensor, output_qp: QParams) -> dict:
     """The multiplier acc -> output codes, as each target's requantizer builds it (qparity.numerics)."""
-    if target == "tflite":
+    if target in Q31:
         real = tflite_spec.layer_multiplier(input_qp.scale, weight_scale, output_qp.scale)
         m0, shift = quantize_multiplier(real)
-        # conv: MultiplyByQuantizedMultiplier(acc, multiplier, shift); linear: the reference FULLY_CONNECTED
-        # rounds double(acc) * real_multiplier half away from zero (qparity.numerics.tflite).
-        return {"multiplier": _list(m0), "shift": _list(shift), "real_multiplier": _list(real)}
+        # tflite: conv MultiplyByQuantizedMultiplier(acc, multiplier, shift), but the reference FULLY_CONNECTED
+        # rounds double(acc) * real_multiplier half away from zero (qparity.numerics.tflite); tflite-micro:
+        # MultiplyByQuantizedMultiplier (gemmlowp's double rounding) for every layer.
+        rule = ("MultiplyByQuantizedMultiplier (conv); double(acc) * real_multiplier rounded half away (linear)"
+                if target == "tflite" else "MultiplyByQuantizedMultiplier")
+        return {"multiplier": _list(m0), "shift": _list(shift), "real_multiplier": _list(real), "rule": rule}
+    if target == "tosa":
+        multiplier, shift = tosa_spec.rescale_parameters(
+            tosa_spec.layer_scale(input_qp.scale, weight_scale, output_qp.scale))
+        return {"multiplier": _list(multiplier), "shift": _list(shift),
+                "rule": "RESCALE SINGLE_ROUND: (acc * multiplier + 2^(shift - 1)) >> shift"}
+    if target in XNNPACK:
+        multiplier = xnnpack_spec.layer_multiplier(input_qp.scale, weight_scale, output_qp.scale)
+        return {"multiplier_f32": _list(multiplier), "rule": "rne(f32(acc) * multiplier_f32)"}
     if target == "onnxruntime":
         return {"multiplier_f32": _list(ort_spec.layer_multiplier(input_qp.scale, weight_scale, output_qp.scale))}
     return {"multiplier_exact": _ratio(ExactRatio.of_scales([input_qp.scale, weight_scale], [output_qp.scale]))}
@@ -224,7 +248,7 @@ def _requantization(target: str, input_qp: QParams, weight_scale: torch.Tensor, 
 def _softmax_params(model: IntegerModel, node: Node, x: QValue) -> dict:
     """softmax's grids; for tflite also SoftmaxPrepare's input multiplier, left shift and diff_min."""
     params = {"input_qparams": x.qparams.to_dict(), "output_qparams": model.qparams[node.name].to_dict()}
-    if model.target.name == "tflite":
+    if model.target.name in Q31:
         multiplier, left_shift, diff_min = tflite_softmax_parameters(x.qparams)
         params.update(input_multiplier=multiplier, input_left_shift=left_shift, diff_min=diff_min)
     return params
@@ -236,11 +260,23 @@ def _add_params(model: IntegerModel, node: Node, a: QValue, b: QValue, sign: int
     params = {"input_a": a.qparams.to_dict(), "input_b": b.qparams.to_dict(), "output": out.to_dict(),
               "clamp": list(fused_clamp_bounds(model.target, node, out))}
     target = model.target.name
-    if target == "tflite":
+    if target in Q31:
         (m_a, s_a), (m_b, s_b), (m_y, s_y) = tflite_spec.add_multipliers(a.qparams, b.qparams, out)
+        # LiteRT's SUB is its ADD with input b's multiplier negated; TFLite Micro's subtracts the scaled inputs
+        # (numerics/tflite_micro.py): the same numbers, and `subtract` says which
+        negated = sign < 0 and target == "tflite"
         params.update({"left_shift": ADD_LEFT_SHIFT, "input_a_multiplier": int(m_a), "input_a_shift": int(s_a),
-                       "input_b_multiplier": sign * int(m_b), "input_b_shift": int(s_b),
-                       "output_multiplier": int(m_y), "output_shift": int(s_y)})
+                       "input_b_multiplier": -int(m_b) if negated else int(m_b), "input_b_shift": int(s_b),
+                       "output_multiplier": int(m_y), "output_shift": int(s_y),
+                       "subtract": sign < 0 and not negated})
+    elif target == "tosa":  # RESCALE a and b to int32 at 2 max(s_a, s_b) / 2^20, ADD / SUB, RESCALE the sum
+        for key, scale in zip(("input_a", "input_b", "output"), tosa_spec.add_scales(a.qparams, b.qparams, out)):
+            multiplier, shift = tosa_spec.rescale_parameters(scale)
+            params.update({f"{key}_multiplier": int(multiplier), f"{key}_shift": int(shift)})
+        params["subtract"] = sign < 0
+    elif target in XNNPACK:  # qs8-vadd: (q_a - z_a) m_a + (q_b - z_b) m_b, >> shift rounding half up
+        (m_a, m_b), shift = xnnpack_spec.add_parameters(node.op, a.qparams, b.qparams, out)
+        params.update({"input_a_multiplier": int(m_a), "input_b_multiplier": sign * int(m_b), "shift": int(shift)})
     elif target == "onnxruntime":
         # ORT's scalar-A kernel swaps the roles of A and B (qparity.numerics.onnxruntime).
         swapped = ort_spec.swaps_operands(a.codes.shape, b.codes.shape)
@@ -261,13 +297,26 @@ def _cat_params(model: IntegerModel, node: Node, tensors: List[QValue]) -> dict:
     rescales = []
     for t in tensors:
         entry = {"qparams": t.qparams.to_dict(), "copy": t.qparams.same_grid(out)}
-        if model.target.name == "tflite" and not entry["copy"]:
+        if model.target.name in Q31 and not entry["copy"]:
             m0, shift = tflite_spec.rescale_multiplier(t.qparams, out)
             entry.update({"multiplier": int(m0), "shift": int(shift)})
+        elif model.target.name == "tosa" and not entry["copy"]:
+            multiplier, shift = tosa_spec.rescale_parameters(
+                torch.tensor(float(t.qparams.scale) / float(out.scale), dtype=torch.float64))
+            entry.update({"multiplier": int(multiplier), "shift": int(shift)})
         elif model.target.name == "exact":
             entry["ratio_exact"] = _ratio(ExactRatio.of_scales([t.qparams.scale], [out.scale]))
         rescales.append(entry)
     return {"dim": node.attrs["dim"], "inputs": rescales, "output": out.to_dict()}
+
+
+def _bilinear_params(model: IntegerModel, node: Node, x: QValue) -> dict:
+    """The output size and corner rule; the interpolation's rounding is the target's (numerics/resampling.py)."""
+    rules = {"tflite": "LiteRT reference: 10-bit fixed-point positions and weights, rounding half away",
+             "tflite-micro": "LiteRT reference: 10-bit fixed-point positions and weights, rounding half away",
+             "xnnpack": "XNNPACK qs8 ibilinear: 11-bit weights", "exact": "correctly rounded, half to even"}
+    return {"size": list(node.attrs["size"]), "align_corners": node.attrs["align_corners"],
+            "qparams": x.qparams.to_dict(), "rule": rules.get(model.target.name, model.target.name)}
 
 
 def _average_params(model: IntegerModel, node: Node, x: QValue) -> dict:

@@ -63,6 +63,23 @@ def _require_within(values: torch.Tensor, bounds, message) -> None:
         raise UnsupportedOpError(message())
 
 
+def layer_multiplier(input_scale: torch.Tensor, weight_scale: torch.Tensor, output_scale: torch.Tensor) -> torch.Tensor:
+    """M = f(f(s_x * s_w) / s_y) per output channel (xnn_init_qs8_qc8w_conv_minmax_fp32_scalar_params)."""
+    return _f32_ratio(input_scale * weight_scale.to(torch.float32), output_scale)
+
+
+def add_parameters(op: str, a, b, out):
+    """qs8-vadd's (m_a, m_b) and shift: r = f(s / s_y), shift = 20 - exponent(max r), m = rne(r * 2^shift)."""
+    ratios = torch.stack([_f32_ratio(a.scale, out.scale), _f32_ratio(b.scale, out.scale)]).reshape(2)
+    _require_within(ratios, ADD_RATIO_RANGE, lambda: (
+        f"{op} with input/output scale ratios {ratios.tolist()}: XNNPACK takes ratios in [2^-10, 256) "
+        f"only, and LiteRT then runs its optimized {op.upper()}, whose rounding target 'xnnpack' does not model; "
+        "use target 'tflite' or keep the add's inputs and output on comparable scales"))
+    _, exponent = torch.frexp(ratios.max())  # frexp's exponent is the IEEE exponent plus one
+    shift = ADD_MULTIPLIER_BITS - (int(exponent) - 1)
+    return torch.round(ratios.to(torch.float64) * 2.0**shift).to(torch.int64).tolist(), shift
+
+
 def _shift_right_half_up(x: torch.Tensor, shift: int) -> torch.Tensor:
     """(x + 2^(shift-1)) >> shift: ties toward +infinity, the rounding of XNNPACK's fixed-point kernels."""
     return (x + ((1 << shift) >> 1)) >> shift
@@ -111,7 +128,7 @@ class XnnpackTarget(LiteRTActivations, Target):
         return "exact"
 
     def requantizer(self, op, input_qp, weight_scale, output_qp, lo, hi, channel_axis, ndim):
-        multiplier = _f32_ratio(input_qp.scale * weight_scale.to(torch.float32), output_qp.scale)
+        multiplier = layer_multiplier(input_qp.scale, weight_scale, output_qp.scale)
         _require_within(multiplier, REQUANTIZATION_RANGE, lambda: (
             f"{op} requantization scale {multiplier.min().item():.4g}..{multiplier.max().item():.4g} "
             f"(s_in * s_w / s_out) is outside XNNPACK's [2^-32, 256): LiteRT's default interpreter fails to "
@@ -130,14 +147,7 @@ class XnnpackTarget(LiteRTActivations, Target):
         return self._add("sub", qa, a, qb, b, out, lo, hi, sign=-1)
 
     def _add(self, op, qa, a, qb, b, out, lo, hi, sign):
-        ratios = torch.stack([_f32_ratio(a.scale, out.scale), _f32_ratio(b.scale, out.scale)]).reshape(2)
-        _require_within(ratios, ADD_RATIO_RANGE, lambda: (
-            f"{op} with input/output scale ratios {ratios.tolist()}: XNNPACK takes ratios in [2^-10, 256) "
-            f"only, and LiteRT then runs its optimized {op.upper()}, whose rounding target 'xnnpack' does not model; "
-            "use target 'tflite' or keep the add's inputs and output on comparable scales"))
-        _, exponent = torch.frexp(ratios.max())  # frexp's exponent is the IEEE exponent plus one
-        shift = ADD_MULTIPLIER_BITS - (int(exponent) - 1)
-        multipliers = torch.round(ratios.to(torch.float64) * 2.0**shift).to(torch.int64).tolist()
+        multipliers, shift = add_parameters(op, a, b, out)
         acc = (qa - int(a.zero_point)) * multipliers[0] + (qb - int(b.zero_point)) * (sign * multipliers[1])
         return _shift_right_half_up(acc, shift).add_(int(out.zero_point)).clamp_(lo, hi)
 

@@ -251,7 +251,7 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "quantized max over one dim at a time)", "amax of the codes (gradient to the maxima)",
              "not over dim 0 (an exported file runs any batch size)",
              refused_by={"executorch-xnnpack": _PTE_UNCHECKED, "tosa": "not lowered for target 'tosa' yet (no emitter for TOSA's REDUCE_MAX)"},
-             formats=("onnx", "tflite"), golden=False, torch_form="torch.max(x, dim).values, one dim at a time"),
+             formats=("onnx", "tflite"), torch_form="torch.max(x, dim).values, one dim at a time"),
     Operator("avg_pool2d", "`nn.AvgPool2d`, `F.avg_pool2d`, `nn.AdaptiveAvgPool2d`, `F.adaptive_avg_pool2d`, "
              "`torch.mean`/`Tensor.mean` over (H, W) or over L of an [N, C, L] tensor, `nn.AdaptiveAvgPool1d`, "
              "`F.adaptive_avg_pool1d`, `nn.AvgPool1d` (on [N, C, 1, L])", False,
@@ -288,7 +288,7 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "copies codes: output[y, x] = input[y // k_h, x // k_w]", "nearest upsampling of the codes",
              "4-D inputs; integer factors where the runtimes' float32 index rule is exact (checked at capture)",
              refused_by={"tosa": _TOSA_NO_RESIZE, "executorch-xnnpack": _PTE_UNCHECKED},
-             formats=("onnx", "tflite"), golden=False, torch_form="F.interpolate(mode='nearest')"),
+             formats=("onnx", "tflite"), torch_form="F.interpolate(mode='nearest')"),
     Operator("upsample_bilinear", "`nn.Upsample`, `F.interpolate` with mode='bilinear' (align_corners False or "
              "True) to any size or by integer factors", False,
              "the target's interpolation of the four neighbouring codes (numerics/resampling.py; LiteRT reference: "
@@ -302,7 +302,7 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
                                         "(NhwcUpsampleBilinearInteger, after its NHWC transformer with optimizations "
                                         "on; 1-4% of codes 1 apart, measured), so no one rule gives a file's codes",
                          "tosa": _TOSA_NO_RESIZE, "executorch-xnnpack": _PTE_UNCHECKED},
-             formats=("tflite",), golden=False, torch_form="F.interpolate(mode='bilinear') on NCHW (contiguous) tensors"),
+             formats=("tflite",), torch_form="F.interpolate(mode='bilinear') on NCHW (contiguous) tensors"),
     Operator("pad", "`F.pad` (constant 0), `nn.ZeroPad2d`, `nn.ConstantPad2d(value=0)`, `nn.ZeroPad1d`, "
              "`nn.ConstantPad1d(value=0)`", False, "pads the codes with the zero point's code (real 0)",
              "the same padding of the codes", "zeros only; no negative padding", torch_form="F.pad"),
