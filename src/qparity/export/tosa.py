@@ -6,8 +6,10 @@ specification is exactly qparity's `tosa` target (`qparity.numerics.tosa`), lowe
 backend lowers them:
 
     CONV2D / DEPTHWISE_CONV2D (int32) -> RESCALE;  linear as a 1x1 CONV2D;  RESCALE x2 -> ADD / SUB / MUL (int32)
-    -> RESCALE;  CONCAT (inputs on other grids RESCALEd first);  MAX_POOL2D / AVG_POOL2D;  CLAMP;  PAD;
-    TABLE for the activations (sigmoid, tanh, hardsigmoid, hardswish, leaky_relu, gelu, elu);
+    -> RESCALE;  MATMUL (int32) -> RESCALE;  RESCALE -> REDUCE_SUM (int32) -> RESCALE for a mean;  REDUCE_MAX;
+    CONCAT (inputs on other grids RESCALEd first);  MAX_POOL2D / AVG_POOL2D;  RESIZE NEAREST;  CLAMP;  PAD;
+    CONST for parameters;  TABLE for the activations (sigmoid, tanh, hardsigmoid, hardswish, leaky_relu, gelu,
+    elu) and rsqrt;
     RESHAPE / TRANSPOSE / SLICE / GATHER for layout calls and padding TOSA cannot express.
 
 Interface. The graph takes and returns int8 codes with PyTorch's shapes (NCHW for images): quantizing the
@@ -37,8 +39,8 @@ from ..errors import ExportError, ModelFileError
 from ..graph import CALLS, Executor, Node, fused_clamp_bounds, leaves
 from ..numerics import pooling
 from ..numerics.accumulate import ConvGeometry
-from ..numerics.tosa import add_scales, layer_scale, multiply_scale, rescale_parameters
-from ..ops import constant
+from ..numerics.tosa import add_scales, layer_scale, mean_scale, multiply_scale, rescale_parameters
+from ..ops import constant, parameter
 from ..ops.pad import padding_per_dimension
 from ..qparams import QParams
 from ..runtime import IntegerModel
@@ -289,10 +291,16 @@ class _Exporter(Executor):
         name = self.g.const("constant", values, "int8")
         return TosaTensor(name, tuple(values.shape), grid, _identity(values.ndim))
 
+    def op_parameter(self, node: Node):
+        """A CONST of the codes convert wrote (a position embedding, LayerNorm's weight and bias)."""
+        values = parameter.stored_codes(node).numpy()
+        name = self.g.const("parameter", values, "int8")
+        return TosaTensor(name, tuple(values.shape), self.model.qparams[node.name], _identity(values.ndim))
+
     def binary_operands(self, node: Node, a: TosaTensor, b: TosaTensor):
-        if len(a.shape) != len(b.shape):
-            raise self.refuse(node, f"{node.op} of ranks {len(a.shape)} and {len(b.shape)} (expand the smaller one "
-                                    "first)")
+        """b in a's layout, both of one rank (TOSA broadcasts size-1 dimensions of equal ranks only)."""
+        a, b = (self.reshape(t, (1,) * (max(len(a.shape), len(b.shape)) - len(t.shape)) + t.shape)
+                if len(t.shape) < max(len(a.shape), len(b.shape)) else t for t in (a, b))
         b = self.in_layout(b, a.perm)
         return b, tuple(max(p, q) for p, q in zip(a.shape, b.shape))
 
@@ -403,11 +411,79 @@ class _Exporter(Executor):
         grid = self.model.qparams[node.name]
         return self.table(node, x, self.target.activation_table(node.op, x.grid, grid, node.attrs))
 
-    op_sigmoid = op_tanh = op_hardsigmoid = op_leaky_relu = op_gelu = op_elu = activation
+    op_sigmoid = op_tanh = op_hardsigmoid = op_leaky_relu = op_gelu = op_elu = op_rsqrt = activation
 
     def op_hardswish(self, node: Node, x: TosaTensor):
         codes = torch.arange(x.grid.qmin, x.grid.qmax + 1)
         return self.table(node, x, self.target.hardswish(codes, x.grid, self.model.qparams[node.name]))
+
+    def op_matmul(self, node: Node, a: TosaTensor, b: TosaTensor):
+        """MATMUL ([B, M, K] x [B, K, N] int8 with both zero points -> int32), then RESCALE by (s_a s_b) / s_y
+        (RewriteMatmulPass); batch dimensions are flattened into TOSA's one."""
+        grid = self.model.qparams[node.name]
+        if len(a.shape) != len(b.shape) or a.shape[:-2] != b.shape[:-2]:
+            raise self.refuse(node, f"a product of shapes {a.shape} and {b.shape}: TOSA's MATMUL takes equal batch "
+                                    "dimensions (expand the operands first)")
+        batch = math.prod(a.shape[:-2])
+        (m, k), n = a.shape[-2:], b.shape[-1]
+        left, right = self.reshape(a, [batch, m, k]), self.reshape(b, [batch, k, n])
+        inputs = [left.name, right.name, self.g.const("a_zp", [int(a.grid.zero_point)], "int8"),
+                  self.g.const("b_zp", [int(b.grid.zero_point)], "int8")]
+        acc = self.g.operator("MATMUL", inputs, [batch, m, n], "int32", "MatMulAttribute")
+        out = self.g.rescale(acc, [batch, m, n], multiply_scale(a.grid, b.grid, grid), 0, int(grid.zero_point),
+                             "int32", "int8")
+        out = self.reshape(TosaTensor(out, (batch, m, n), grid, _identity(3)), a.shape[:-2] + (m, n))
+        return self.clamp(out, fused_clamp_bounds(self.target, node, grid))
+
+    def reduce(self, x: TosaTensor, dims: Sequence[int], op: str, attribute: str, dtype: str) -> TosaTensor:
+        """REDUCE_SUM / REDUCE_MAX over logical `dims`, one axis at a time (TOSA keeps each as size 1)."""
+        shape = list(x.shape)
+        name = x.name
+        for dim in sorted(d % len(shape) for d in dims):
+            shape[dim] = 1
+            name = self.g.operator(op, [name], [shape[p] for p in x.perm], dtype, attribute, axis=x.perm.index(dim),
+                                   **({"nan_mode": self.g.ts.NanPropagationMode.PROPAGATE} if op == "REDUCE_MAX" else {}))
+        return TosaTensor(name, tuple(shape), x.grid, x.perm)
+
+    def squeezed(self, node: Node, x: TosaTensor, dims: Sequence[int], keepdim: bool) -> TosaTensor:
+        if keepdim:
+            return x
+        dims = {d % len(x.shape) for d in dims}
+        return self.reshape(x, [s for i, s in enumerate(x.shape) if i not in dims])
+
+    def op_amax(self, node: Node, x: TosaTensor):
+        """REDUCE_MAX of the codes: the maximum commutes with dequantization."""
+        dims = tuple(node.attrs["dim"])
+        return self.squeezed(node, self.reduce(x, dims, "REDUCE_MAX", "ReduceMaxAttribute", "int8"), dims,
+                             node.attrs["keepdim"])
+
+    def op_mean(self, node: Node, x: TosaTensor):
+        """RESCALE to int32 by 1 (the zero point removed), REDUCE_SUM per axis, RESCALE by s_x / (count s_y)."""
+        grid = self.model.qparams[node.name]
+        dims = tuple(node.attrs["dims"])
+        count = math.prod(x.shape[d] for d in dims)
+        one = torch.tensor(1.0, dtype=torch.float64)
+        wide = self.g.rescale(x.name, x.stored_shape, one, int(x.grid.zero_point), 0, "int8", "int32")
+        sums = self.reduce(TosaTensor(wide, x.shape, x.grid, x.perm), dims, "REDUCE_SUM", "ReduceSumAttribute", "int32")
+        out = self.g.rescale(sums.name, sums.stored_shape, mean_scale(count, x.grid, grid), 0, int(grid.zero_point),
+                             "int32", "int8")
+        return self.squeezed(node, TosaTensor(out, sums.shape, grid, x.perm), dims, node.attrs["keepdim"])
+
+    def op_upsample_nearest(self, node: Node, x: TosaTensor):
+        """RESIZE NEAREST by integer factors k with Arm's parameters (rewrite_upsample.py: scale 2k / 2, offset
+        1 - k, border k - 1), which picks input row y // k."""
+        factors = tuple(int(f) for f in node.attrs["scale_factor"])
+        if len(x.shape) != 4:
+            raise self.refuse(node, f"upsampling of a rank-{len(x.shape)} input")
+        x = self.in_layout(x, NHWC)
+        n, c, h, w = x.shape
+        out_hw = (h * factors[0], w * factors[1])
+        scale = [2 * factors[0], 2, 2 * factors[1], 2]
+        inputs = [x.name, self.g.shape("scale", scale), self.g.shape("offset", [1 - factors[0], 1 - factors[1]]),
+                  self.g.shape("border", [factors[0] - 1, factors[1] - 1])]
+        out = self.g.operator("RESIZE", inputs, [n, out_hw[0], out_hw[1], c], "int8", "ResizeAttribute",
+                              mode=self.g.ts.ResizeMode.NEAREST)
+        return TosaTensor(out, (n, c) + out_hw, x.grid, NHWC)
 
     def op_pad(self, node: Node, x: TosaTensor):
         """PAD with the zero point's code (real 0)."""
