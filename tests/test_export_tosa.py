@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import CatMLP, ResNetish
 from op_models import Conv, Dense, Pool, random_batches
+from test_attention import Scores
 from test_export_tflite import Layout, TwoBranches, pools
 from test_layer_norm import convert as convert_norm
 from torch import nn
@@ -364,13 +365,27 @@ def test_mean_is_one_round_half_up_rescale_of_the_exact_sum(codes, zero_point, r
         assert actual == max(-128, min(127, nearest))
 
 
-def test_softmax_is_refused_for_tosa_naming_arms_decomposition():
-    class Attention(nn.Module):
-        def forward(self, x):
-            return torch.softmax(x @ x.transpose(1, 2), dim=-1)
+@single_ops
+@given(st.data())
+def test_random_attention_scores_softmax_and_matmul_match_the_reference_model(data):
+    """softmax(a @ b^T * c) @ b: qparity's softmax program (REDUCE_MAX, GATHER, REDUCE_SUM, INTDIV) and MATMUL."""
+    seed = data.draw(st.integers(0, 10**6))
+    torch.manual_seed(seed)
+    model = Scores(data.draw(st.integers(1, 8)), data.draw(st.sampled_from([0.05, 0.5, 3.0])))
+    check_single_op(model, (3, data.draw(st.integers(1, 9)), model.a.in_features), seed, lr=0.0)
 
-    with pytest.raises(UnsupportedOpError, match=r"softmax at .* cannot run on target 'tosa': .*decompose_softmax"):
-        qp.prepare_qat(Attention(), (torch.randn(1, 3, 4),), target="tosa")
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-128, 127), min_size=1, max_size=64), st.floats(2.0**-8, 2.0**-1))
+def test_tosa_softmax_is_within_one_code_of_the_real_softmax(codes, scale):
+    """The 2^16 exp table and the rounded quotient keep every code within 1 of rhe(256 softmax) - 128."""
+    from qparity.numerics.tosa import SOFTMAX_GRID, softmax
+
+    q = torch.tensor([codes])
+    actual = softmax(q, qp.QParams(scale, 0, "int8"), SOFTMAX_GRID)
+    real = torch.softmax(q.to(torch.float64) * scale, dim=-1)
+    expected = torch.clamp(torch.round(real * 256) - 128, -128, 127)
+    assert int((actual - expected).abs().max()) <= 1
 
 
 # ---------------------------------------------------------------------------------------------------------

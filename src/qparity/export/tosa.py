@@ -6,7 +6,7 @@ specification is exactly qparity's `tosa` target (`qparity.numerics.tosa`), lowe
 backend lowers them:
 
     CONV2D / DEPTHWISE_CONV2D (int32) -> RESCALE;  linear as a 1x1 CONV2D;  RESCALE x2 -> ADD / SUB / MUL (int32)
-    -> RESCALE;  MATMUL (int32) -> RESCALE;  RESCALE -> REDUCE_SUM (int32) -> RESCALE for a mean;  REDUCE_MAX;
+    -> RESCALE;  MATMUL (int32) -> RESCALE;  softmax as REDUCE_MAX, SUB, GATHER, REDUCE_SUM, INTDIV (int32);  RESCALE -> REDUCE_SUM (int32) -> RESCALE for a mean;  REDUCE_MAX;
     CONCAT (inputs on other grids RESCALEd first);  MAX_POOL2D / AVG_POOL2D;  RESIZE NEAREST;  CLAMP;  PAD;
     CONST for parameters;  TABLE for the activations (sigmoid, tanh, hardsigmoid, hardswish, leaky_relu, gelu,
     elu) and rsqrt;
@@ -39,7 +39,8 @@ from ..errors import ExportError, ModelFileError
 from ..graph import CALLS, Executor, Node, fused_clamp_bounds, leaves
 from ..numerics import pooling
 from ..numerics.accumulate import ConvGeometry
-from ..numerics.tosa import add_scales, layer_scale, mean_scale, multiply_scale, rescale_parameters
+from ..numerics.tosa import (add_scales, layer_scale, mean_scale, multiply_scale, rescale_parameters,
+                              softmax_exp_table)
 from ..ops import constant, parameter
 from ..ops.pad import padding_per_dimension
 from ..qparams import QParams
@@ -434,6 +435,34 @@ class _Exporter(Executor):
                              "int32", "int8")
         out = self.reshape(TosaTensor(out, (batch, m, n), grid, _identity(3)), a.shape[:-2] + (m, n))
         return self.clamp(out, fused_clamp_bounds(self.target, node, grid))
+
+    def op_softmax(self, node: Node, x: TosaTensor):
+        """qparity's int32 softmax program (numerics/tosa.py): k = REDUCE_MAX(q) - q, e = GATHER of the exp
+        table at k, S = REDUCE_SUM(e), INTDIV(256 e + (S >> 1), S), RESCALE by 1 onto (1/256, -128)."""
+        grid = self.model.qparams[node.name]
+        rank, stored = len(x.shape), list(x.stored_shape)
+        one = torch.tensor(1.0, dtype=torch.float64)
+        row_max = self.reduce(x, [rank - 1], "REDUCE_MAX", "ReduceMaxAttribute", "int8")
+        wide = self.g.rescale(x.name, stored, one, 0, 0, "int8", "int32")
+        wide_max = self.g.rescale(row_max.name, row_max.stored_shape, one, 0, 0, "int8", "int32")
+        k = self.g.operator("SUB", [wide_max, wide], stored, "int32", "SubAttribute")
+        count = math.prod(stored)
+        flat = self.g.operator("RESHAPE", [k, self.g.shape("shape", [1, count])], [1, count], "int32",
+                               "ReshapeAttribute")
+        table = self.g.const("exp_table", softmax_exp_table(x.grid).reshape(1, 256, 1).numpy(), "int32")
+        gathered = self.g.operator("GATHER", [table, flat], [1, count, 1], "int32", "GatherAttribute")
+        e = self.g.operator("RESHAPE", [gathered, self.g.shape("shape", stored)], stored, "int32", "ReshapeAttribute")
+        total = self.reduce(TosaTensor(e, x.shape, x.grid, x.perm), [rank - 1], "REDUCE_SUM", "ReduceSumAttribute",
+                            "int32")
+        ones = [1] * rank
+        half = self.g.operator("ARITHMETIC_RIGHT_SHIFT", [total.name, self.g.const("one", np.ones(ones), "int32")],
+                               total.stored_shape, "int32", "ArithmeticRightShiftAttribute", round=False)
+        scaled = self.g.operator("MUL", [e, self.g.const("256", np.full(ones, 256), "int32"),
+                                         self.g.const("shift", [0], "int8")], stored, "int32", "MulAttribute")
+        numerator = self.g.operator("ADD", [scaled, half], stored, "int32", "AddAttribute")
+        quotient = self.g.operator("INTDIV", [numerator, total.name], stored, "int32", "IntDivAttribute")
+        out = self.g.rescale(quotient, stored, one, 0, int(grid.zero_point), "int32", "int8")
+        return TosaTensor(out, x.shape, grid, x.perm)
 
     def reduce(self, x: TosaTensor, dims: Sequence[int], op: str, attribute: str, dtype: str) -> TosaTensor:
         """REDUCE_SUM / REDUCE_MAX over logical `dims`, one axis at a time (TOSA keeps each as size 1)."""

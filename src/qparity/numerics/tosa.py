@@ -28,6 +28,13 @@ below are those of ExecuTorch's Arm backend (executorch 1.5.1, backends/arm/):
                int8 on the grid (count s_x, z_x) and multiplies by a quantized constant 1 / count
                (_passes/decompose_meandim_pass.py), two roundings whose constant grid its quantizer picks;
                qparity writes the one-rounding program, which TOSA defines exactly and the file carries
+- softmax:     TOSA has no softmax, and Arm's backend decomposes it (_passes/decompose_softmax_pass.py) into
+               amax, sub, an exp TABLE, REDUCE_SUM, a reciprocal TABLE and mul, each onto an int8 grid its
+               quantizer observed: a program of intermediate grids qparity's one softmax node does not have.
+               qparity writes its own exact int32 program of TOSA operators instead, on the output grid
+               (1/256, -128) as TFLite's: k = REDUCE_MAX(q) - q in [0, 255]; e = GATHER of the int32 table
+               E[k] = rhe(2^16 exp(-k s)) (float64, computed on the host: data in the file); S = REDUCE_SUM(e);
+               code = clamp(-128 + INTDIV(256 e + (S >> 1), S)) = round half up of 256 e / S, minus 128
 - clamp, max pool, pad, reshapes, amax, nearest upsampling: exact on codes (CLAMP, MAX_POOL2D, PAD with the
                zero point, REDUCE_MAX, RESIZE NEAREST with Arm's integer-factor parameters)
 - parameter:   a CONST of its int8 codes (quantized on the host as `exact`, as the input)
@@ -59,6 +66,9 @@ from .target import Target, channel_view, grid_views
 
 ADD_LEFT_SHIFT = 20  # InsertRescaleInt32Pass: int8 operands scaled up by 2^20 before the int32 ADD
 MAX_SHIFT = 62
+SOFTMAX_GRID = QParams(1.0 / 256.0, -128, "int8")
+SOFTMAX_EXP_BITS = 16  # E[0] = 2^16: a row of up to 2^14 entries keeps 256 e + S/2 and S below 2^31
+SOFTMAX_MAX_ROW = 1 << 14
 
 
 def rescale_parameters(scale: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -154,6 +164,23 @@ def mean_scale(count: int, source: QParams, out: QParams) -> torch.Tensor:
     return torch.tensor(float(source.scale) / (count * float(out.scale)), dtype=torch.float64)
 
 
+def softmax_exp_table(source: QParams) -> torch.Tensor:
+    """E[k] = rhe(2^16 exp(-k s)) for k = max(q) - q in 0..255: the int32 table the softmax GATHERs."""
+    k = torch.arange(256, dtype=torch.float64)
+    return torch.round(torch.exp(-k * float(source.scale)) * (1 << SOFTMAX_EXP_BITS)).to(torch.int64)
+
+
+def softmax(q: torch.Tensor, source: QParams, out: QParams) -> torch.Tensor:
+    """qparity's TOSA softmax program (module docstring): int32 exp table, REDUCE_SUM, INTDIV rounding half up."""
+    if q.shape[-1] > SOFTMAX_MAX_ROW:
+        raise InvalidParameterError(f"a softmax over {q.shape[-1]} entries on target 'tosa': its int32 sums hold "
+                                    f"rows of at most {SOFTMAX_MAX_ROW}; split the row")
+    e = softmax_exp_table(source).to(q.device)[q.amax(-1, keepdim=True) - q]
+    total = e.sum(-1, keepdim=True)
+    quotient = torch.div(e * 256 + (total >> 1), total, rounding_mode="floor")  # INTDIV: positive operands
+    return quotient.add_(int(out.zero_point)).clamp_(out.qmin, out.qmax)
+
+
 class TosaTarget(Target):
     name = "tosa"
     file_format = ".tosa"
@@ -233,6 +260,11 @@ class TosaTarget(Target):
         multiplier, shift = reciprocal_scale(counts)
         scaled = apply_scale_32(sums, multiplier, shift)
         return scaled.add_(int(qp.zero_point)).clamp_(qp.qmin, qp.qmax)
+
+    def fixed_output_qparams(self, kind, dtype):
+        return SOFTMAX_GRID if kind == "softmax" else None
+
+    softmax = staticmethod(softmax)
 
     def activation_table(self, kind, source, out, attrs):
         return table(torch.rsqrt if kind == "rsqrt" else real_function(kind, attrs), source, out)

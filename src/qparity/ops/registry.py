@@ -52,10 +52,6 @@ _TFLITE_NO_KERNEL = ("LiteRT has no int8 kernel for it (TFLite's converter rewri
                      "write it as relu6(x + 3) / 6 once those operators are supported")
 
 _TOSA_NO_RESIZE = "not lowered for target 'tosa' yet (no emitter for TOSA's bilinear RESIZE)"
-_TOSA_SOFTMAX = ("TOSA has no softmax operator, and ExecuTorch's Arm backend decomposes it (decompose_softmax_pass.py) "
-                 "into amax, sub, an exp TABLE, REDUCE_SUM, a reciprocal TABLE and mul, each requantized onto an int8 "
-                 "grid its quantizer observes at calibration; qparity's softmax has one output grid and no such "
-                 "intermediate grids, so it cannot give that program's codes")
 _TORCH_FLOAT_FALLBACK = ("PyTorch's quantized kernel for it (ATen quantized/cpu qmatmul.cpp, qsoftmax.cpp) dequantizes, runs "
                          "the float operator (vectorized BLAS / Sleef exp) and quantizes again outside its ruy and "
                          "QNNPACK special cases, which qparity does not emulate bit for bit")
@@ -157,12 +153,13 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "the target's softmax of each row of codes (numerics/softmax.py; LiteRT reference: gemmlowp fixed-point "
              "exp and reciprocal, output grid 1/256, -128; xnnpack: LiteRT's optimized kernel, a float32 expf table, "
              "same grid; ONNX Runtime: QLinearSoftmax's float32 exp table and sum, output grid 1/256, 0 (uint8) or "
-             "1/255, -128 (int8))",
+             "1/255, -128 (int8); TOSA: qparity's int32 program of REDUCE_MAX, GATHER of a 2^16 exp table, REDUCE_SUM and "
+             "INTDIV, output grid 1/256, -128: ExecuTorch's decomposition into int8 steps needs intermediate grids "
+             "that qparity does not observe)",
              "torch.softmax of the dequantized input", "the last dimension only; no `dtype` argument; onnxruntime: "
-             "more than one element",
-             refused_by={"executorch-xnnpack": _PTE_UNCHECKED, **{t: _TORCH_FLOAT_FALLBACK for t in ("fbgemm", "x86", "qnnpack")},
-                         "tosa": _TOSA_SOFTMAX},
-             formats=("onnx", "tflite")),
+             "more than one element; tosa: rows of at most 16384 entries",
+             refused_by={"executorch-xnnpack": _PTE_UNCHECKED, **{t: _TORCH_FLOAT_FALLBACK for t in ("fbgemm", "x86", "qnnpack")}},
+             formats=("onnx", "tflite", "tosa")),
     Operator("constant", "a Python number combined with a tensor: `x + c`, `c + x`, `x - c`, `c - x`, `x * c`, "
              "`c * x`, `x / c` (as `x * (1 / c)`; `x - c` as `x + (-c)`), `torch.add`/`sub`/`mul`/`div` and the Tensor "
              "methods", True,
