@@ -312,16 +312,18 @@ def test_random_matmul_matches_the_reference_model(data):
 
 
 class Reductions(nn.Module):
-    """A learned per-channel offset (parameter), nearest upsampling, amax and means over random dims."""
+    """A learned per-channel offset and gain (parameters, broadcast from the right and from the left), nearest
+    upsampling, amax and means over random dims."""
 
     def __init__(self, factor, amax_dims, mean_dims, keepdim):
         super().__init__()
         self.conv = nn.Conv2d(2, 3, 1)
-        self.offset = nn.Parameter(torch.randn(3, 1, 1))
+        self.offset, self.gain = nn.Parameter(torch.randn(3, 1, 1)), nn.Parameter(torch.rand(3, 1, 1) + 0.5)
         self.factor, self.amax_dims, self.mean_dims, self.keepdim = factor, amax_dims, mean_dims, keepdim
 
     def forward(self, x):
-        y = nn.functional.interpolate(self.conv(x) + self.offset, scale_factor=self.factor, mode="nearest")
+        y = nn.functional.interpolate(self.gain * (self.conv(x) + self.offset), scale_factor=self.factor,
+                                      mode="nearest")
         return y.amax(self.amax_dims, keepdim=self.keepdim), y.mean(self.mean_dims, keepdim=self.keepdim)
 
 

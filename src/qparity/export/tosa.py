@@ -6,7 +6,8 @@ specification is exactly qparity's `tosa` target (`qparity.numerics.tosa`), lowe
 backend lowers them:
 
     CONV2D / DEPTHWISE_CONV2D (int32) -> RESCALE;  linear as a 1x1 CONV2D;  RESCALE x2 -> ADD / SUB / MUL (int32)
-    -> RESCALE;  MATMUL (int32) -> RESCALE;  softmax as REDUCE_MAX, SUB, GATHER, REDUCE_SUM, INTDIV (int32);  RESCALE -> REDUCE_SUM (int32) -> RESCALE for a mean;  REDUCE_MAX;
+    -> RESCALE;  MATMUL (int32) -> RESCALE;  RESCALE -> REDUCE_SUM (int32) -> RESCALE for a mean;  REDUCE_MAX;
+    softmax as REDUCE_MAX, SUB, GATHER, REDUCE_SUM, INTDIV (int32);
     CONCAT (inputs on other grids RESCALEd first);  MAX_POOL2D / AVG_POOL2D;  RESIZE NEAREST;  CLAMP;  PAD;
     CONST for parameters;  TABLE for the activations (sigmoid, tanh, hardsigmoid, hardswish, leaky_relu, gelu,
     elu) and rsqrt;
@@ -298,12 +299,16 @@ class _Exporter(Executor):
         name = self.g.const("parameter", values, "int8")
         return TosaTensor(name, tuple(values.shape), self.model.qparams[node.name], _identity(values.ndim))
 
-    def binary_operands(self, node: Node, a: TosaTensor, b: TosaTensor):
-        """b in a's layout, both of one rank (TOSA broadcasts size-1 dimensions of equal ranks only)."""
-        a, b = (self.reshape(t, (1,) * (max(len(a.shape), len(b.shape)) - len(t.shape)) + t.shape)
-                if len(t.shape) < max(len(a.shape), len(b.shape)) else t for t in (a, b))
+    def binary_operands(self, a: TosaTensor, b: TosaTensor):
+        """a and b (in a's layout) of one rank, the lower-ranked one with leading 1s (TOSA broadcasts size-1
+        dimensions of equal ranks only), and the result's shape."""
+        rank = max(len(a.shape), len(b.shape))
+        if len(a.shape) < rank:
+            a = self.reshape(a, (1,) * (rank - len(a.shape)) + a.shape)
+        if len(b.shape) < rank:
+            b = self.reshape(b, (1,) * (rank - len(b.shape)) + b.shape)
         b = self.in_layout(b, a.perm)
-        return b, tuple(max(p, q) for p, q in zip(a.shape, b.shape))
+        return a, b, tuple(max(p, q) for p, q in zip(a.shape, b.shape))
 
     def op_add(self, node: Node, a: TosaTensor, b: TosaTensor):
         return self.add_or_sub(node, a, b, "ADD", "AddAttribute")
@@ -315,7 +320,7 @@ class _Exporter(Executor):
         """InsertRescaleInt32Pass: both operands RESCALEd to int32 at 2 max(s_a, s_b) / 2^20, the int32 op, a
         RESCALE back to int8."""
         grid = self.model.qparams[node.name]
-        b, shape = self.binary_operands(node, a, b)
+        a, b, shape = self.binary_operands(a, b)
         scale_a, scale_b, scale_sum = add_scales(a.grid, b.grid, grid)
         wide_a = self.g.rescale(a.name, a.stored_shape, scale_a, int(a.grid.zero_point), 0, "int8", "int32")
         wide_b = self.g.rescale(b.name, b.stored_shape, scale_b, int(b.grid.zero_point), 0, "int8", "int32")
@@ -328,7 +333,7 @@ class _Exporter(Executor):
         """InsertRescaleInt32Pass: both operands RESCALEd to int32 by 1 (zero points removed), MUL with shift 0,
         a RESCALE by s_a s_b / s_y back to int8."""
         grid = self.model.qparams[node.name]
-        b, shape = self.binary_operands(node, a, b)
+        a, b, shape = self.binary_operands(a, b)
         one = torch.tensor(1.0, dtype=torch.float64)
         wide_a = self.g.rescale(a.name, a.stored_shape, one, int(a.grid.zero_point), 0, "int8", "int32")
         wide_b = self.g.rescale(b.name, b.stored_shape, one, int(b.grid.zero_point), 0, "int8", "int32")
@@ -468,13 +473,15 @@ class _Exporter(Executor):
         """REDUCE_SUM / REDUCE_MAX over logical `dims`, one axis at a time (TOSA keeps each as size 1)."""
         shape = list(x.shape)
         name = x.name
+        fields = {"nan_mode": self.g.ts.NanPropagationMode.PROPAGATE} if op == "REDUCE_MAX" else {}
         for dim in sorted(d % len(shape) for d in dims):
             shape[dim] = 1
             name = self.g.operator(op, [name], [shape[p] for p in x.perm], dtype, attribute, axis=x.perm.index(dim),
-                                   **({"nan_mode": self.g.ts.NanPropagationMode.PROPAGATE} if op == "REDUCE_MAX" else {}))
+                                   **fields)
         return TosaTensor(name, tuple(shape), x.grid, x.perm)
 
-    def squeezed(self, node: Node, x: TosaTensor, dims: Sequence[int], keepdim: bool) -> TosaTensor:
+    def squeezed(self, x: TosaTensor, dims: Sequence[int], keepdim: bool) -> TosaTensor:
+        """x without the reduced (size-1) dimensions unless keepdim."""
         if keepdim:
             return x
         dims = {d % len(x.shape) for d in dims}
@@ -483,7 +490,7 @@ class _Exporter(Executor):
     def op_amax(self, node: Node, x: TosaTensor):
         """REDUCE_MAX of the codes: the maximum commutes with dequantization."""
         dims = tuple(node.attrs["dim"])
-        return self.squeezed(node, self.reduce(x, dims, "REDUCE_MAX", "ReduceMaxAttribute", "int8"), dims,
+        return self.squeezed(self.reduce(x, dims, "REDUCE_MAX", "ReduceMaxAttribute", "int8"), dims,
                              node.attrs["keepdim"])
 
     def op_mean(self, node: Node, x: TosaTensor):
@@ -496,7 +503,7 @@ class _Exporter(Executor):
         sums = self.reduce(TosaTensor(wide, x.shape, x.grid, x.perm), dims, "REDUCE_SUM", "ReduceSumAttribute", "int32")
         out = self.g.rescale(sums.name, sums.stored_shape, mean_scale(count, x.grid, grid), 0, int(grid.zero_point),
                              "int32", "int8")
-        return self.squeezed(node, TosaTensor(out, sums.shape, grid, x.perm), dims, node.attrs["keepdim"])
+        return self.squeezed(TosaTensor(out, sums.shape, grid, x.perm), dims, node.attrs["keepdim"])
 
     def op_upsample_nearest(self, node: Node, x: TosaTensor):
         """RESIZE NEAREST by integer factors k with Arm's parameters (rewrite_upsample.py: scale 2k / 2, offset
