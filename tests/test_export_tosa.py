@@ -17,7 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import CatMLP, ResNetish
 from op_models import Conv, Dense, Pool, random_batches
+from test_attention import Scores
 from test_export_tflite import Layout, TwoBranches, pools
+from test_layer_norm import convert as convert_norm
 from torch import nn
 
 import qparity as qp
@@ -259,7 +261,7 @@ def test_activations_run_as_tables_that_match_the_reference_model(kind):
 
 
 @settings(max_examples=10, deadline=None)
-@given(st.sampled_from(["sigmoid", "tanh", "hardsigmoid", "hardswish", "gelu"]),
+@given(st.sampled_from(["sigmoid", "tanh", "hardsigmoid", "hardswish", "gelu", "rsqrt"]),
        st.floats(2.0**-8, 2.0**-2), st.integers(-128, 127), st.floats(2.0**-9, 2.0**-3), st.integers(-128, 127))
 def test_tables_are_executorchs(kind, in_scale, in_zp, out_scale, out_zp):
     """Each entry as ExecuTorch's Arm backend computes its TABLE (InsertTableOpsPass.generate_8bit_table_values)."""
@@ -270,9 +272,10 @@ def test_tables_are_executorchs(kind, in_scale, in_zp, out_scale, out_zp):
 
     from qparity.numerics import get_target
 
+    in_zp = -128 if kind == "rsqrt" else in_zp  # rsqrt's input grid holds no negative values
     source, out = qp.QParams(in_scale, in_zp, "int8"), qp.QParams(out_scale, out_zp, "int8")
     functions = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "hardsigmoid": nn.functional.hardsigmoid,
-                 "hardswish": nn.functional.hardswish, "gelu": nn.functional.gelu}
+                 "hardswish": nn.functional.hardswish, "gelu": nn.functional.gelu, "rsqrt": torch.rsqrt}
     expected, _ = InsertTableOpsPass.generate_8bit_table_values(
         InsertTableOpsPass, functions[kind], QuantArgs(float(source.scale), in_zp, -128, 127, torch.int8),
         QuantArgs(float(out.scale), out_zp, -128, 127, torch.int8))
@@ -282,6 +285,109 @@ def test_tables_are_executorchs(kind, in_scale, in_zp, out_scale, out_zp):
     else:
         actual = target.activation_table(kind, source, out, {"approximate": "none"})
     assert torch.equal(actual, expected.to(torch.int64))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Transformer operators: matmul, mean, amax, rsqrt, parameters, nearest upsampling, LayerNorm
+# ---------------------------------------------------------------------------------------------------------
+class Products(nn.Module):
+    """(a @ b^T) @ b for two linear projections of [N, (H,) T, D] tokens: MATMUL twice, on batch dims."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.a, self.b = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        return torch.matmul(a, b.transpose(-2, -1)) @ b
+
+
+@single_ops
+@given(st.data())
+def test_random_matmul_matches_the_reference_model(data):
+    width, tokens = data.draw(st.integers(1, 12)), data.draw(st.integers(1, 9))
+    heads, seed = data.draw(st.sampled_from([(), (2,)])), data.draw(st.integers(0, 10**6))
+    torch.manual_seed(seed)
+    check_single_op(Products(width), (3, *heads, tokens, width), seed, lr=0.0)  # cubic: calibrate, no steps
+
+
+class Reductions(nn.Module):
+    """A learned per-channel offset and gain (parameters, broadcast from the right and from the left), nearest
+    upsampling, amax and means over random dims."""
+
+    def __init__(self, factor, amax_dims, mean_dims, keepdim):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 1)
+        self.offset, self.gain = nn.Parameter(torch.randn(3, 1, 1)), nn.Parameter(torch.rand(3, 1, 1) + 0.5)
+        self.factor, self.amax_dims, self.mean_dims, self.keepdim = factor, amax_dims, mean_dims, keepdim
+
+    def forward(self, x):
+        y = nn.functional.interpolate(self.gain * (self.conv(x) + self.offset), scale_factor=self.factor,
+                                      mode="nearest")
+        return y.amax(self.amax_dims, keepdim=self.keepdim), y.mean(self.mean_dims, keepdim=self.keepdim)
+
+
+@settings(max_examples=4, deadline=None)
+@given(st.data())
+def test_random_parameters_upsampling_amax_and_mean_match_the_reference_model(data):
+    dims = st.sampled_from([(1,), (3,), (1, 2), (1, 3), (1, 2, 3)])
+    torch.manual_seed(data.draw(st.integers(0, 10**6)))
+    model = Reductions(data.draw(st.sampled_from([1, 2, 3])), data.draw(dims), data.draw(dims),
+                       data.draw(st.booleans()))
+    check_single_op(model, (3, 2, 4, 5), data.draw(st.integers(0, 10**6)))
+
+
+@pytest.mark.parametrize("model_name", ["layer_norm", "rms_norm"])
+@settings(max_examples=2, deadline=None)
+@given(seed=st.integers(0, 2**31), tokens=st.booleans())
+def test_layer_norm_and_rms_norm_match_the_reference_model(model_name, seed, tokens):
+    reference_model()
+    _, _, integer, x = convert_norm("tosa", model_name, (4, 3, 8) if tokens else (4, 8), seed)
+    with tempfile.TemporaryDirectory() as directory:
+        export_and_verify(integer, x, directory)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(-128, 127), min_size=1, max_size=40), st.integers(-128, 127),
+       st.floats(2.0**-8, 2.0**2), st.integers(-128, 127))
+def test_mean_is_one_round_half_up_rescale_of_the_exact_sum(codes, zero_point, ratio, out_zp):
+    """mean = clamp(z_y + round_half_up(sum(q - z) * s_x / (count s_y))) within RESCALE's precision: the Q31
+    multiplier's quotient differs from the rational one only where it is within 2^-30 of a tie."""
+    from fractions import Fraction
+
+    from qparity.numerics import get_target
+
+    source, out = qp.QParams(0.05, zero_point, "int8"), qp.QParams(0.05 * ratio, out_zp, "int8")
+    q = torch.tensor([codes])
+    actual = int(get_target("tosa").mean(q, source, out, (1,), False))
+    exact = Fraction(sum(c - zero_point for c in codes)) * Fraction(float(source.scale)) / (
+        len(codes) * Fraction(float(out.scale)))
+    nearest = int((exact + Fraction(1, 2)).__floor__()) + out_zp
+    if abs(exact - round(exact) - Fraction(1, 2)) > Fraction(1, 2**20):
+        assert actual == max(-128, min(127, nearest))
+
+
+@single_ops
+@given(st.data())
+def test_random_attention_scores_softmax_and_matmul_match_the_reference_model(data):
+    """softmax(a @ b^T * c) @ b: qparity's softmax program (REDUCE_MAX, GATHER, REDUCE_SUM, INTDIV) and MATMUL."""
+    seed = data.draw(st.integers(0, 10**6))
+    torch.manual_seed(seed)
+    model = Scores(data.draw(st.integers(1, 8)), data.draw(st.sampled_from([0.05, 0.5, 3.0])))
+    check_single_op(model, (3, data.draw(st.integers(1, 9)), model.a.in_features), seed, lr=0.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-128, 127), min_size=1, max_size=64), st.floats(2.0**-8, 2.0**-1))
+def test_tosa_softmax_is_within_one_code_of_the_real_softmax(codes, scale):
+    """The 2^16 exp table and the rounded quotient keep every code within 1 of rhe(256 softmax) - 128."""
+    from qparity.numerics.tosa import SOFTMAX_GRID, softmax
+
+    q = torch.tensor([codes])
+    actual = softmax(q, qp.QParams(scale, 0, "int8"), SOFTMAX_GRID)
+    real = torch.softmax(q.to(torch.float64) * scale, dim=-1)
+    expected = torch.clamp(torch.round(real * 256) - 128, -128, 127)
+    assert int((actual - expected).abs().max()) <= 1
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -6,8 +6,11 @@ specification is exactly qparity's `tosa` target (`qparity.numerics.tosa`), lowe
 backend lowers them:
 
     CONV2D / DEPTHWISE_CONV2D (int32) -> RESCALE;  linear as a 1x1 CONV2D;  RESCALE x2 -> ADD / SUB / MUL (int32)
-    -> RESCALE;  CONCAT (inputs on other grids RESCALEd first);  MAX_POOL2D / AVG_POOL2D;  CLAMP;  PAD;
-    TABLE for the activations (sigmoid, tanh, hardsigmoid, hardswish, leaky_relu, gelu, elu);
+    -> RESCALE;  MATMUL (int32) -> RESCALE;  RESCALE -> REDUCE_SUM (int32) -> RESCALE for a mean;  REDUCE_MAX;
+    softmax as REDUCE_MAX, SUB, GATHER, REDUCE_SUM, INTDIV (int32);
+    CONCAT (inputs on other grids RESCALEd first);  MAX_POOL2D / AVG_POOL2D;  RESIZE NEAREST;  CLAMP;  PAD;
+    CONST for parameters;  TABLE for the activations (sigmoid, tanh, hardsigmoid, hardswish, leaky_relu, gelu,
+    elu) and rsqrt;
     RESHAPE / TRANSPOSE / SLICE / GATHER for layout calls and padding TOSA cannot express.
 
 Interface. The graph takes and returns int8 codes with PyTorch's shapes (NCHW for images): quantizing the
@@ -37,8 +40,9 @@ from ..errors import ExportError, ModelFileError
 from ..graph import CALLS, Executor, Node, fused_clamp_bounds, leaves
 from ..numerics import pooling
 from ..numerics.accumulate import ConvGeometry
-from ..numerics.tosa import add_scales, layer_scale, multiply_scale, rescale_parameters
-from ..ops import constant
+from ..numerics.tosa import (add_scales, layer_scale, mean_scale, multiply_scale, rescale_parameters,
+                              softmax_exp_table)
+from ..ops import constant, parameter
 from ..ops.pad import padding_per_dimension
 from ..qparams import QParams
 from ..runtime import IntegerModel
@@ -289,12 +293,22 @@ class _Exporter(Executor):
         name = self.g.const("constant", values, "int8")
         return TosaTensor(name, tuple(values.shape), grid, _identity(values.ndim))
 
-    def binary_operands(self, node: Node, a: TosaTensor, b: TosaTensor):
-        if len(a.shape) != len(b.shape):
-            raise self.refuse(node, f"{node.op} of ranks {len(a.shape)} and {len(b.shape)} (expand the smaller one "
-                                    "first)")
+    def op_parameter(self, node: Node):
+        """A CONST of the codes convert wrote (a position embedding, LayerNorm's weight and bias)."""
+        values = parameter.stored_codes(node).numpy()
+        name = self.g.const("parameter", values, "int8")
+        return TosaTensor(name, tuple(values.shape), self.model.qparams[node.name], _identity(values.ndim))
+
+    def binary_operands(self, a: TosaTensor, b: TosaTensor):
+        """a and b (in a's layout) of one rank, the lower-ranked one with leading 1s (TOSA broadcasts size-1
+        dimensions of equal ranks only), and the result's shape."""
+        rank = max(len(a.shape), len(b.shape))
+        if len(a.shape) < rank:
+            a = self.reshape(a, (1,) * (rank - len(a.shape)) + a.shape)
+        if len(b.shape) < rank:
+            b = self.reshape(b, (1,) * (rank - len(b.shape)) + b.shape)
         b = self.in_layout(b, a.perm)
-        return b, tuple(max(p, q) for p, q in zip(a.shape, b.shape))
+        return a, b, tuple(max(p, q) for p, q in zip(a.shape, b.shape))
 
     def op_add(self, node: Node, a: TosaTensor, b: TosaTensor):
         return self.add_or_sub(node, a, b, "ADD", "AddAttribute")
@@ -306,7 +320,7 @@ class _Exporter(Executor):
         """InsertRescaleInt32Pass: both operands RESCALEd to int32 at 2 max(s_a, s_b) / 2^20, the int32 op, a
         RESCALE back to int8."""
         grid = self.model.qparams[node.name]
-        b, shape = self.binary_operands(node, a, b)
+        a, b, shape = self.binary_operands(a, b)
         scale_a, scale_b, scale_sum = add_scales(a.grid, b.grid, grid)
         wide_a = self.g.rescale(a.name, a.stored_shape, scale_a, int(a.grid.zero_point), 0, "int8", "int32")
         wide_b = self.g.rescale(b.name, b.stored_shape, scale_b, int(b.grid.zero_point), 0, "int8", "int32")
@@ -319,7 +333,7 @@ class _Exporter(Executor):
         """InsertRescaleInt32Pass: both operands RESCALEd to int32 by 1 (zero points removed), MUL with shift 0,
         a RESCALE by s_a s_b / s_y back to int8."""
         grid = self.model.qparams[node.name]
-        b, shape = self.binary_operands(node, a, b)
+        a, b, shape = self.binary_operands(a, b)
         one = torch.tensor(1.0, dtype=torch.float64)
         wide_a = self.g.rescale(a.name, a.stored_shape, one, int(a.grid.zero_point), 0, "int8", "int32")
         wide_b = self.g.rescale(b.name, b.stored_shape, one, int(b.grid.zero_point), 0, "int8", "int32")
@@ -403,11 +417,109 @@ class _Exporter(Executor):
         grid = self.model.qparams[node.name]
         return self.table(node, x, self.target.activation_table(node.op, x.grid, grid, node.attrs))
 
-    op_sigmoid = op_tanh = op_hardsigmoid = op_leaky_relu = op_gelu = op_elu = activation
+    op_sigmoid = op_tanh = op_hardsigmoid = op_leaky_relu = op_gelu = op_elu = op_rsqrt = activation
 
     def op_hardswish(self, node: Node, x: TosaTensor):
         codes = torch.arange(x.grid.qmin, x.grid.qmax + 1)
         return self.table(node, x, self.target.hardswish(codes, x.grid, self.model.qparams[node.name]))
+
+    def op_matmul(self, node: Node, a: TosaTensor, b: TosaTensor):
+        """MATMUL ([B, M, K] x [B, K, N] int8 with both zero points -> int32), then RESCALE by (s_a s_b) / s_y
+        (RewriteMatmulPass); batch dimensions are flattened into TOSA's one."""
+        grid = self.model.qparams[node.name]
+        if len(a.shape) != len(b.shape) or a.shape[:-2] != b.shape[:-2]:
+            raise self.refuse(node, f"a product of shapes {a.shape} and {b.shape}: TOSA's MATMUL takes equal batch "
+                                    "dimensions (expand the operands first)")
+        batch = math.prod(a.shape[:-2])
+        (m, k), n = a.shape[-2:], b.shape[-1]
+        left, right = self.reshape(a, [batch, m, k]), self.reshape(b, [batch, k, n])
+        inputs = [left.name, right.name, self.g.const("a_zp", [int(a.grid.zero_point)], "int8"),
+                  self.g.const("b_zp", [int(b.grid.zero_point)], "int8")]
+        acc = self.g.operator("MATMUL", inputs, [batch, m, n], "int32", "MatMulAttribute")
+        out = self.g.rescale(acc, [batch, m, n], multiply_scale(a.grid, b.grid, grid), 0, int(grid.zero_point),
+                             "int32", "int8")
+        out = self.reshape(TosaTensor(out, (batch, m, n), grid, _identity(3)), a.shape[:-2] + (m, n))
+        return self.clamp(out, fused_clamp_bounds(self.target, node, grid))
+
+    def op_softmax(self, node: Node, x: TosaTensor):
+        """qparity's int32 softmax program (numerics/tosa.py): k = REDUCE_MAX(q) - q, e = GATHER of the exp
+        table at k, S = REDUCE_SUM(e), INTDIV(256 e + (S >> 1), S), RESCALE by 1 onto (1/256, -128)."""
+        grid = self.model.qparams[node.name]
+        rank, stored = len(x.shape), list(x.stored_shape)
+        one = torch.tensor(1.0, dtype=torch.float64)
+        row_max = self.reduce(x, [rank - 1], "REDUCE_MAX", "ReduceMaxAttribute", "int8")
+        wide = self.g.rescale(x.name, stored, one, 0, 0, "int8", "int32")
+        wide_max = self.g.rescale(row_max.name, row_max.stored_shape, one, 0, 0, "int8", "int32")
+        k = self.g.operator("SUB", [wide_max, wide], stored, "int32", "SubAttribute")
+        count = math.prod(stored)
+        flat = self.g.operator("RESHAPE", [k, self.g.shape("shape", [1, count])], [1, count], "int32",
+                               "ReshapeAttribute")
+        table = self.g.const("exp_table", softmax_exp_table(x.grid).reshape(1, 256, 1).numpy(), "int32")
+        gathered = self.g.operator("GATHER", [table, flat], [1, count, 1], "int32", "GatherAttribute")
+        e = self.g.operator("RESHAPE", [gathered, self.g.shape("shape", stored)], stored, "int32", "ReshapeAttribute")
+        total = self.reduce(TosaTensor(e, x.shape, x.grid, x.perm), [rank - 1], "REDUCE_SUM", "ReduceSumAttribute",
+                            "int32")
+        ones = [1] * rank
+        half = self.g.operator("ARITHMETIC_RIGHT_SHIFT", [total.name, self.g.const("one", np.ones(ones), "int32")],
+                               total.stored_shape, "int32", "ArithmeticRightShiftAttribute", round=False)
+        scaled = self.g.operator("MUL", [e, self.g.const("256", np.full(ones, 256), "int32"),
+                                         self.g.const("shift", [0], "int8")], stored, "int32", "MulAttribute")
+        numerator = self.g.operator("ADD", [scaled, half], stored, "int32", "AddAttribute")
+        quotient = self.g.operator("INTDIV", [numerator, total.name], stored, "int32", "IntDivAttribute")
+        out = self.g.rescale(quotient, stored, one, 0, int(grid.zero_point), "int32", "int8")
+        return TosaTensor(out, x.shape, grid, x.perm)
+
+    def reduce(self, x: TosaTensor, dims: Sequence[int], op: str, attribute: str, dtype: str) -> TosaTensor:
+        """REDUCE_SUM / REDUCE_MAX over logical `dims`, one axis at a time (TOSA keeps each as size 1)."""
+        shape = list(x.shape)
+        name = x.name
+        fields = {"nan_mode": self.g.ts.NanPropagationMode.PROPAGATE} if op == "REDUCE_MAX" else {}
+        for dim in sorted(d % len(shape) for d in dims):
+            shape[dim] = 1
+            name = self.g.operator(op, [name], [shape[p] for p in x.perm], dtype, attribute, axis=x.perm.index(dim),
+                                   **fields)
+        return TosaTensor(name, tuple(shape), x.grid, x.perm)
+
+    def squeezed(self, x: TosaTensor, dims: Sequence[int], keepdim: bool) -> TosaTensor:
+        """x without the reduced (size-1) dimensions unless keepdim."""
+        if keepdim:
+            return x
+        dims = {d % len(x.shape) for d in dims}
+        return self.reshape(x, [s for i, s in enumerate(x.shape) if i not in dims])
+
+    def op_amax(self, node: Node, x: TosaTensor):
+        """REDUCE_MAX of the codes: the maximum commutes with dequantization."""
+        dims = tuple(node.attrs["dim"])
+        return self.squeezed(self.reduce(x, dims, "REDUCE_MAX", "ReduceMaxAttribute", "int8"), dims,
+                             node.attrs["keepdim"])
+
+    def op_mean(self, node: Node, x: TosaTensor):
+        """RESCALE to int32 by 1 (the zero point removed), REDUCE_SUM per axis, RESCALE by s_x / (count s_y)."""
+        grid = self.model.qparams[node.name]
+        dims = tuple(node.attrs["dims"])
+        count = math.prod(x.shape[d] for d in dims)
+        one = torch.tensor(1.0, dtype=torch.float64)
+        wide = self.g.rescale(x.name, x.stored_shape, one, int(x.grid.zero_point), 0, "int8", "int32")
+        sums = self.reduce(TosaTensor(wide, x.shape, x.grid, x.perm), dims, "REDUCE_SUM", "ReduceSumAttribute", "int32")
+        out = self.g.rescale(sums.name, sums.stored_shape, mean_scale(count, x.grid, grid), 0, int(grid.zero_point),
+                             "int32", "int8")
+        return self.squeezed(TosaTensor(out, sums.shape, grid, x.perm), dims, node.attrs["keepdim"])
+
+    def op_upsample_nearest(self, node: Node, x: TosaTensor):
+        """RESIZE NEAREST by integer factors k with Arm's parameters (rewrite_upsample.py: scale 2k / 2, offset
+        1 - k, border k - 1), which picks input row y // k."""
+        factors = tuple(int(f) for f in node.attrs["scale_factor"])
+        if len(x.shape) != 4:
+            raise self.refuse(node, f"upsampling of a rank-{len(x.shape)} input")
+        x = self.in_layout(x, NHWC)
+        n, c, h, w = x.shape
+        out_hw = (h * factors[0], w * factors[1])
+        scale = [2 * factors[0], 2, 2 * factors[1], 2]
+        inputs = [x.name, self.g.shape("scale", scale), self.g.shape("offset", [1 - factors[0], 1 - factors[1]]),
+                  self.g.shape("border", [factors[0] - 1, factors[1] - 1])]
+        out = self.g.operator("RESIZE", inputs, [n, out_hw[0], out_hw[1], c], "int8", "ResizeAttribute",
+                              mode=self.g.ts.ResizeMode.NEAREST)
+        return TosaTensor(out, (n, c) + out_hw, x.grid, NHWC)
 
     def op_pad(self, node: Node, x: TosaTensor):
         """PAD with the zero point's code (real 0)."""

@@ -20,12 +20,32 @@ below are those of ExecuTorch's Arm backend (executorch 1.5.1, backends/arm/):
 - rescale:     RESCALE(q, s / s_y, z, z_y) (cat inputs on other grids)
 - average:     AVG_POOL2D: apply_scale_32(sum(q - z), reciprocal_scale(count)) + z, clamped, where
                reciprocal_scale(c) = (((2^30 + 1) << k) // c, 30 + k), k = ceil(log2(c))
-- clamp, max pool, pad, reshapes: exact on codes (CLAMP, MAX_POOL2D, PAD with the zero point)
+- matmul:      MATMUL of the int8 codes with both zero points (exact int32 sums of (q_a - z_a)(q_b - z_b)),
+               then RESCALE(acc, (s_a s_b) / s_y in double, 0, z_y) (_passes/rewrite_matmul.py
+               RewriteMatmulPass._insert_output_rescale)
+- mean:        RESCALE to int32 with M = 1 (the zero point removed), REDUCE_SUM per reduced axis (exact int32),
+               then one RESCALE(sum, s_x / (count s_y), 0, z_y). Arm's backend instead requantizes the sum to
+               int8 on the grid (count s_x, z_x) and multiplies by a quantized constant 1 / count
+               (_passes/decompose_meandim_pass.py), two roundings whose constant grid its quantizer picks;
+               qparity writes the one-rounding program, which TOSA defines exactly and the file carries
+- softmax:     TOSA has no softmax, and Arm's backend decomposes it (_passes/decompose_softmax_pass.py) into
+               amax, sub, an exp TABLE, REDUCE_SUM, a reciprocal TABLE and mul, each onto an int8 grid its
+               quantizer observed: a program of intermediate grids qparity's one softmax node does not have.
+               qparity writes its own exact int32 program of TOSA operators instead, on the output grid
+               (1/256, -128) as TFLite's: k = REDUCE_MAX(q) - q in [0, 255]; e = GATHER of the int32 table
+               E[k] = rhe(2^16 exp(-k s)) (float64, computed on the host: data in the file); S = REDUCE_SUM(e);
+               code = clamp(-128 + INTDIV(256 e + (S >> 1), S)) = round half up of 256 e / S, minus 128
+- clamp, max pool, pad, reshapes, amax, nearest upsampling: exact on codes (CLAMP, MAX_POOL2D, PAD with the
+               zero point, REDUCE_MAX, RESIZE NEAREST with Arm's integer-factor parameters)
+- parameter:   a CONST of its int8 codes (quantized on the host as `exact`, as the input)
 - sigmoid, tanh, hardsigmoid, hardswish, leaky_relu, gelu, elu: a TABLE of 256 int8 codes, each
   quantize(f(dequantize(code))) with torch's float32 f and the decomposed quantized ops' formulas:
   (q - z) * s, then clamp(round_half_even(y * (1 / s)) + z) (_passes/insert_table_ops.py
   generate_8bit_table_values; torch/ao/quantization/fx/_decomposed.py). The table is data in the file, so
   the integer program is a lookup whatever the host's libm gives
+- rsqrt:       a TABLE built the same way from torch.rsqrt (insert_table_ops.py maps aten.rsqrt to torch.rsqrt):
+               entry(code) = clamp(round_half_even(float32 rsqrt((code - z) * s) * (1 / s_y)) + z_y); the code of
+               real 0 gives rsqrt = inf and so the top code
 
 apply_scale_32 REQUIREs -2^(shift - 1) <= v < 2^(shift - 1); a value outside that range makes the TOSA
 program invalid (the reference model refuses it), so qparity raises instead of computing it.
@@ -46,6 +66,9 @@ from .target import Target, channel_view, grid_views
 
 ADD_LEFT_SHIFT = 20  # InsertRescaleInt32Pass: int8 operands scaled up by 2^20 before the int32 ADD
 MAX_SHIFT = 62
+SOFTMAX_GRID = QParams(1.0 / 256.0, -128, "int8")
+SOFTMAX_EXP_BITS = 16  # E[0] = 2^16: a row of up to 2^14 entries keeps 256 e + S/2 and S below 2^31
+SOFTMAX_MAX_ROW = 1 << 14
 
 
 def rescale_parameters(scale: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -136,6 +159,28 @@ def multiply_scale(a: QParams, b: QParams, out: QParams) -> torch.Tensor:
     return torch.tensor(float(a.scale) * float(b.scale) / float(out.scale), dtype=torch.float64)
 
 
+def mean_scale(count: int, source: QParams, out: QParams) -> torch.Tensor:
+    """The RESCALE scale of a mean's int32 sum: s_x / (count s_y), in double."""
+    return torch.tensor(float(source.scale) / (count * float(out.scale)), dtype=torch.float64)
+
+
+def softmax_exp_table(source: QParams) -> torch.Tensor:
+    """E[k] = rhe(2^16 exp(-k s)) for k = max(q) - q in 0..255: the int32 table the softmax GATHERs."""
+    k = torch.arange(256, dtype=torch.float64)
+    return torch.round(torch.exp(-k * float(source.scale)) * (1 << SOFTMAX_EXP_BITS)).to(torch.int64)
+
+
+def softmax(q: torch.Tensor, source: QParams, out: QParams) -> torch.Tensor:
+    """qparity's TOSA softmax program (module docstring): int32 exp table, REDUCE_SUM, INTDIV rounding half up."""
+    if q.shape[-1] > SOFTMAX_MAX_ROW:
+        raise InvalidParameterError(f"a softmax over {q.shape[-1]} entries on target 'tosa': its int32 sums hold "
+                                    f"rows of at most {SOFTMAX_MAX_ROW}; split the row")
+    e = softmax_exp_table(source).to(q.device)[q.amax(-1, keepdim=True) - q]
+    total = e.sum(-1, keepdim=True)
+    quotient = torch.div(e * 256 + (total >> 1), total, rounding_mode="floor")  # INTDIV: positive operands
+    return quotient.add_(int(out.zero_point)).clamp_(out.qmin, out.qmax)
+
+
 class TosaTarget(Target):
     name = "tosa"
     file_format = ".tosa"
@@ -203,13 +248,26 @@ class TosaTarget(Target):
         scale = torch.tensor(float(source.scale) / float(out.scale), dtype=torch.float64)
         return rescale(q, scale, int(source.zero_point), int(out.zero_point), out.qmin, out.qmax)
 
+    def matmul_requantizer(self, a, b, out, lo, hi, ndim):
+        return self.requantizer("matmul", a, b.scale, out, lo, hi, 0, ndim)  # (s_a s_b) / s_y, as conv's
+
+    def mean(self, q, source, out, dims, keepdim):
+        count = math.prod(q.shape[d] for d in dims)
+        sums = (q - int(source.zero_point)).sum(dims, keepdim=keepdim)
+        return rescale(sums, mean_scale(count, source, out), 0, int(out.zero_point), out.qmin, out.qmax)
+
     def average(self, sums, counts, qp):
         multiplier, shift = reciprocal_scale(counts)
         scaled = apply_scale_32(sums, multiplier, shift)
         return scaled.add_(int(qp.zero_point)).clamp_(qp.qmin, qp.qmax)
 
+    def fixed_output_qparams(self, kind, dtype):
+        return SOFTMAX_GRID if kind == "softmax" else None
+
+    softmax = staticmethod(softmax)
+
     def activation_table(self, kind, source, out, attrs):
-        return table(real_function(kind, attrs), source, out)
+        return table(torch.rsqrt if kind == "rsqrt" else real_function(kind, attrs), source, out)
 
     def elementwise_hardswish(self, numel):
         return True

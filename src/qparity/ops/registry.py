@@ -51,7 +51,7 @@ _TFLITE_REFERENCE_NO_ELU = ("LiteRT's reference kernel set (BUILTIN_REF, the ker
 _TFLITE_NO_KERNEL = ("LiteRT has no int8 kernel for it (TFLite's converter rewrites it into other operators); "
                      "write it as relu6(x + 3) / 6 once those operators are supported")
 
-_TOSA_NO_RESIZE = "not lowered for target 'tosa' yet (no emitter for TOSA's RESIZE)"
+_TOSA_NO_RESIZE = "not lowered for target 'tosa' yet (no emitter for TOSA's bilinear RESIZE)"
 _TORCH_FLOAT_FALLBACK = ("PyTorch's quantized kernel for it (ATen quantized/cpu qmatmul.cpp, qsoftmax.cpp) dequantizes, runs "
                          "the float operator (vectorized BLAS / Sleef exp) and quantizes again outside its ruy and "
                          "QNNPACK special cases, which qparity does not emulate bit for bit")
@@ -140,27 +140,26 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "softmax, matmul with v; `nn.MultiheadAttention` self-attention as that between its in_proj and "
              "out_proj linear layers (ops/attention.py)", True,
              "exact int32 accumulator of (q_a - z_a)(q_b - z_b), the target's requantizer (LiteRT reference: "
-             "BATCH_MATMUL's MBQM, as conv; ONNX Runtime: QLinearMatMul's float32 multiplier)",
+             "BATCH_MATMUL's MBQM, as conv; ONNX Runtime: QLinearMatMul's float32 multiplier; TOSA: MATMUL, then RESCALE)",
              "float matmul of the dequantized inputs",
              "two tensors computed by the model; an inner dimension whose int32 accumulator cannot overflow; "
              "TFLite: ranks 2 to 5 (BATCH_MATMUL); scaled_dot_product_attention without mask, causal flag, "
              "dropout or GQA; nn.MultiheadAttention batch-first self-attention without masks, dropout, "
              "add_bias_kv, add_zero_attn or kdim/vdim, read only through [0]",
              refused_by={"executorch-xnnpack": _PTE_UNCHECKED, **{t: _TORCH_FLOAT_FALLBACK for t in ("fbgemm", "x86", "qnnpack")},
-                         "xnnpack": _XNNPACK_MATMUL,
-                         "tosa": "not lowered for target 'tosa' yet (no emitter for TOSA's MATMUL)"},
-             formats=("onnx", "tflite")),
+                         "xnnpack": _XNNPACK_MATMUL},
+             formats=("onnx", "tflite", "tosa")),
     Operator("softmax", "`nn.Softmax`, `F.softmax`, `torch.softmax`, `Tensor.softmax` over the last dimension", True,
              "the target's softmax of each row of codes (numerics/softmax.py; LiteRT reference: gemmlowp fixed-point "
              "exp and reciprocal, output grid 1/256, -128; xnnpack: LiteRT's optimized kernel, a float32 expf table, "
              "same grid; ONNX Runtime: QLinearSoftmax's float32 exp table and sum, output grid 1/256, 0 (uint8) or "
-             "1/255, -128 (int8))",
+             "1/255, -128 (int8); TOSA: qparity's int32 program of REDUCE_MAX, GATHER of a 2^16 exp table, REDUCE_SUM and "
+             "INTDIV, output grid 1/256, -128: ExecuTorch's decomposition into int8 steps needs intermediate grids "
+             "that qparity does not observe)",
              "torch.softmax of the dequantized input", "the last dimension only; no `dtype` argument; onnxruntime: "
-             "more than one element",
-             refused_by={"executorch-xnnpack": _PTE_UNCHECKED, **{t: _TORCH_FLOAT_FALLBACK for t in ("fbgemm", "x86", "qnnpack")},
-                         "tosa": "not lowered for target 'tosa' yet (TOSA has no softmax operator: Arm's backend "
-                                 "decomposes it into TABLE, REDUCE_SUM and RESCALE steps, not emulated)"},
-             formats=("onnx", "tflite")),
+             "more than one element; tosa: rows of at most 16384 entries",
+             refused_by={"executorch-xnnpack": _PTE_UNCHECKED, **{t: _TORCH_FLOAT_FALLBACK for t in ("fbgemm", "x86", "qnnpack")}},
+             formats=("onnx", "tflite", "tosa")),
     Operator("constant", "a Python number combined with a tensor: `x + c`, `c + x`, `x - c`, `c - x`, `x * c`, "
              "`c * x`, `x / c` (as `x * (1 / c)`; `x - c` as `x + (-c)`), `torch.add`/`sub`/`mul`/`div` and the Tensor "
              "methods", True,
@@ -178,9 +177,8 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "a tensor of the parameter's codes on a grid of its own (the target's QUANTIZE rule; convert writes "
              "them into the node), the second operand of mul or add", "the parameter itself, straight-through (it "
              "learns)", "broadcasts against the other operand",
-             refused_by={"tosa": "not lowered for target 'tosa' yet (no emitter for a parameter tensor)",
-                         "executorch-xnnpack": _PTE_UNCHECKED},
-             formats=("onnx", "tflite")),
+             refused_by={"executorch-xnnpack": _PTE_UNCHECKED},
+             formats=("onnx", "tflite", "tosa")),
     Operator("cat", "`torch.cat`, `torch.concat`", True,
              "each input rescaled to the output grid (a copy when the grids are equal)",
              "float concatenation of the dequantized inputs", "every input a tensor computed by the model",
@@ -250,8 +248,8 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "the maximum of the codes (LiteRT: REDUCE_MAX; ONNX Runtime: ReduceMax on the codes; PyTorch's engines: "
              "quantized max over one dim at a time)", "amax of the codes (gradient to the maxima)",
              "not over dim 0 (an exported file runs any batch size)",
-             refused_by={"executorch-xnnpack": _PTE_UNCHECKED, "tosa": "not lowered for target 'tosa' yet (no emitter for TOSA's REDUCE_MAX)"},
-             formats=("onnx", "tflite"), torch_form="torch.max(x, dim).values, one dim at a time"),
+             refused_by={"executorch-xnnpack": _PTE_UNCHECKED},
+             formats=("onnx", "tflite", "tosa"), torch_form="torch.max(x, dim).values, one dim at a time"),
     Operator("avg_pool2d", "`nn.AvgPool2d`, `F.avg_pool2d`, `nn.AdaptiveAvgPool2d`, `F.adaptive_avg_pool2d`, "
              "`torch.mean`/`Tensor.mean` over (H, W) or over L of an [N, C, L] tensor, `nn.AdaptiveAvgPool1d`, "
              "`F.adaptive_avg_pool1d`, `nn.AvgPool1d` (on [N, C, 1, L])", False,
@@ -264,31 +262,29 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
     Operator("mean", "`torch.mean`, `Tensor.mean` over any dimensions but the batch (`keepdim` or not), except the "
              "means over (H, W) and over L that avg_pool2d runs", True,
              "the target's mean of the exact centered sums sum(q - z) (LiteRT: MEAN's reference kernel, "
-             "QuantizedMeanOrSum)", "mean of the dequantized input", "not over the batch dimension",
+             "QuantizedMeanOrSum; TOSA: REDUCE_SUM, then one RESCALE by s_x / (count s_y))", "mean of the dequantized input", "not over the batch dimension",
              refused_by={"executorch-xnnpack": _PTE_UNCHECKED, **{t: _TORCH_MEAN for t in ("fbgemm", "x86", "qnnpack")},
                          "onnxruntime": "ONNX Runtime's CPU provider registers no kernel for com.microsoft "
                                         "QLinearReduceMean (its schema exists; a session fails with NOT_IMPLEMENTED, "
                                         "measured with onnxruntime 1.32)",
-                         "xnnpack": _XNNPACK_MEAN,
-                         "tosa": "not lowered for target 'tosa' yet (no emitter for TOSA's REDUCE_SUM and RESCALE)"},
-             formats=("tflite",)),
+                         "xnnpack": _XNNPACK_MEAN},
+             formats=("tflite", "tosa")),
     Operator("rsqrt", "`torch.rsqrt`, `Tensor.rsqrt`; `nn.LayerNorm` / `F.layer_norm` over the last dimension become "
              "mean, sub, mul (the square), mean, add (eps), rsqrt, mul, then mul and add by their parameter tensors", True,
              "the target's table of all input codes (LiteRT: RSQRT's fixed-point Newton-Raphson, numerics/rsqrt.py; "
-             "exact: decided on the rational square); the code of real 0 gives the top code",
+             "exact: decided on the rational square; TOSA: a TABLE of torch.rsqrt, as Arm's backend builds it); the code of real 0 gives the top code",
              "torch.rsqrt of the dequantized input, floored at half a step",
              "a nonnegative input: its grid's zero point is the lowest code (checked once the grids are known)",
              refused_by={"executorch-xnnpack": _PTE_UNCHECKED, **{t: "PyTorch has no quantized rsqrt kernel" for t in ("fbgemm", "x86", "qnnpack")},
                          "onnxruntime": _ORT_NO_KERNEL,
                          "xnnpack": "LiteRT's XNNPACK delegate takes only float RSQRT, and qparity does not "
-                                    "emulate the reference kernel inside the xnnpack target; target 'tflite' runs it",
-                         "tosa": "not lowered for target 'tosa' yet (a TABLE emitter for rsqrt)"},
-             formats=("tflite",)),
+                                    "emulate the reference kernel inside the xnnpack target; target 'tflite' runs it"},
+             formats=("tflite", "tosa")),
     Operator("upsample_nearest", "`nn.Upsample`, `F.interpolate` with mode='nearest' by integer factors", False,
              "copies codes: output[y, x] = input[y // k_h, x // k_w]", "nearest upsampling of the codes",
              "4-D inputs; integer factors where the runtimes' float32 index rule is exact (checked at capture)",
-             refused_by={"tosa": _TOSA_NO_RESIZE, "executorch-xnnpack": _PTE_UNCHECKED},
-             formats=("onnx", "tflite"), torch_form="F.interpolate(mode='nearest')"),
+             refused_by={"executorch-xnnpack": _PTE_UNCHECKED},
+             formats=("onnx", "tflite", "tosa"), torch_form="F.interpolate(mode='nearest')"),
     Operator("upsample_bilinear", "`nn.Upsample`, `F.interpolate` with mode='bilinear' (align_corners False or "
              "True) to any size or by integer factors", False,
              "the target's interpolation of the four neighbouring codes (numerics/resampling.py; LiteRT reference: "
