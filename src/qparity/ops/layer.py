@@ -16,6 +16,7 @@ from ..errors import InvalidParameterError, OverflowRiskError, UnsupportedOpErro
 from ..graph import Node, QValue, fused_clamp_bounds
 from ..qparams import FLOAT32_TINY, QParams
 from ..numerics.arithmetic import INT32_MAX
+from ..numerics.int8_accumulate import int8_accumulator
 from ..numerics.accumulate import AccumulationPlan, ConvGeometry, accumulate, accumulator_bounds, plan_accumulation
 from .surrogates import clamp, straight_through
 
@@ -131,8 +132,11 @@ def check_bias_range(where: str, bias: torch.Tensor, input_qp: QParams, weight_s
 # ---------------------------------------------------------------------------------------------------------
 def run(ctx, node: Node, x: QValue) -> QValue:
     if not ctx.fake:
-        plan, geometry, weight, bias, requantize = ctx.mode.model.layer_kernels[node.name]
-        acc = layer_accumulator(plan, geometry, x.codes, x.qparams, weight, bias)
+        plan, geometry, weight, bias, requantize, int8 = ctx.mode.model.layer_kernels[node.name]
+        if int8 is not None and x.codes.numel() and x.codes.device.type == "cpu":
+            acc = int8(x.codes)  # the same integers as layer_accumulator's, on int8 kernels (int8_accumulate)
+        else:
+            acc = layer_accumulator(plan, geometry, x.codes, x.qparams, weight, bias)
         return QValue(requantize(acc), ctx.mode.qparams[node.name])
     layer = ctx.mode.model.layers[node.name]
     if layer.training and layer.batch_norm is not None:
@@ -168,7 +172,8 @@ def bias_for_target(target, bias: Optional[torch.Tensor], input_qp: QParams, wei
 
 
 def prepare_integer_layer(target, node: Node, layer: IntegerLayer, input_qp: QParams, output_qp: QParams):
-    """The IntegerModel's constants for one layer: accumulation plan, weights, int32 bias, requantizer."""
+    """The IntegerModel's constants for one layer: accumulation plan, weights, int32 bias, requantizer, and the
+    int8 kernel that computes the same accumulator where it is provably exact on this CPU (or None)."""
     geometry = ConvGeometry.from_dict(node.attrs["geometry"])
     check_requantization(node.path, layer.weight_scale, input_qp, output_qp)
     check_layer_accumulator(f"{node.name!r} ({node.path})", target, node.op, layer.weight_codes, layer.bias_codes,
@@ -188,7 +193,9 @@ def prepare_integer_layer(target, node: Node, layer: IntegerLayer, input_qp: QPa
     if geometry.is_conv:
         weight = weight.contiguous(memory_format=torch.channels_last)
     plan = plan_layer(geometry, layer.weight_codes, acc_bias, input_qp, target)
-    return plan, geometry, weight, acc_bias, requantize
+    int8 = int8_accumulator(plan, geometry, layer.weight_codes, acc_bias, int(input_qp.zero_point), input_qp.qmin,
+                            input_qp.qmax)
+    return plan, geometry, weight, acc_bias, requantize, int8
 
 
 def _batch_norm_training(ctx, node: Node, layer, x: QValue) -> QValue:
