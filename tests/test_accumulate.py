@@ -114,11 +114,15 @@ def test_int8_kernel_accumulator_equals_int64_reference(case, grid, zero_point, 
         assert kernel is None  # not provably exact here: the IntegerModel keeps the float path
         return
     expected = int64_conv(x - zero_point, w, geometry) + (0 if bias is None else bias.reshape(1, -1, 1, 1))
-    assert torch.equal(kernel(x), expected.to(torch.float32))
+    acc, float_path = kernel(x), accumulate_with_plan(plan, geometry, (x - zero_point).float(), w.float(), bias)
+    assert torch.equal(float_path, expected.to(torch.float32))
+    if acc is not None:  # it declines the shapes whose layout could differ; the layout must be the float path's
+        assert torch.equal(acc, expected.to(torch.float32)) and acc.stride() == float_path.stride()
     linear = ConvGeometry("linear")
     w2 = w.reshape(out_c, -1)
     x2 = x.reshape(2, 1, -1)[..., :w2.shape[1]].expand(2, 3, -1)  # a 3-D input: (batch, tokens, features)
     plan2 = plan_accumulation(linear, w2, max(zero_point - qmin, qmax - zero_point), bias)
     kernel2 = int8_accumulator(plan2, linear, w2, bias, zero_point, qmin, qmax)
     expected2 = (x2 - zero_point) @ w2.T + (0 if bias is None else bias.to(torch.int64))
-    assert kernel2 is not None and torch.equal(kernel2(x2), expected2.to(torch.float32))
+    acc2 = kernel2(x2)
+    assert kernel2 is not None and torch.equal(acc2, expected2.to(torch.float32)) and acc2.is_contiguous()

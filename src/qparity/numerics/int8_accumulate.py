@@ -45,7 +45,12 @@ def int8_accumulator(plan: AccumulationPlan, geometry: ConvGeometry, weight_code
                      bias_codes: Optional[torch.Tensor], zero_point: int, qmin: int, qmax: int
                      ) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     """A function of the input codes returning acc + bias as float32 (as `accumulate` on the "float32" plan),
-    or None where the int8 kernels are not provably exact here (then the caller keeps `accumulate`)."""
+    or None where the int8 kernels are not provably exact here (then the caller keeps `accumulate`).
+
+    The function itself returns None for the shapes whose memory layout could differ from the float path's:
+    later operators (PyTorch engines' add, pools, cat) choose their loops by the layout, so the codes must come
+    in the same one. The float conv returns channels-last for a channels-last input, except where the strides
+    are ambiguous (one channel in or out, a 1x1 image in or out), where oneDNN may return NCHW."""
     shift = 128 if qmin < 0 else 0  # int8 codes -> uint8
     if (plan.path != "float32" or geometry.kind not in ("conv2d", "linear") or isinstance(geometry.padding, str)
             or weight_codes.device.type != "cpu" or qmax + shift > UINT8_MAX or qmin + shift < 0
@@ -67,7 +72,9 @@ def int8_accumulator(plan: AccumulationPlan, geometry: ConvGeometry, weight_code
     if geometry.kind == "linear":
         packed = torch.ops.onednn.qlinear_prepack(weight, None)
 
-        def linear(codes: torch.Tensor) -> torch.Tensor:
+        def linear(codes: torch.Tensor) -> Optional[torch.Tensor]:
+            if not codes.numel():
+                return None
             flat = to_uint8(codes).reshape(-1, codes.shape[-1])
             acc = torch.ops.onednn.qlinear_pointwise(flat, 1.0, zero, packed, ones, zeros, bias, 1.0, 0,
                                                      torch.float32, "none", [], "")
@@ -79,9 +86,15 @@ def int8_accumulator(plan: AccumulationPlan, geometry: ConvGeometry, weight_code
     packed = torch.ops.onednn.qconv_prepack(weight, ones, 1.0, zero, stride, padding, dilation, geometry.groups,
                                             None)
 
-    def conv(codes: torch.Tensor) -> torch.Tensor:
+    def conv(codes: torch.Tensor) -> Optional[torch.Tensor]:
+        n, channels, height, width = codes.shape
+        if not n or 1 in (channels, out_channels, height * width):
+            return None  # a layout the float path may leave NCHW (see above): let it decide
         x = to_uint8(codes).contiguous(memory_format=torch.channels_last)
-        return torch.ops.onednn.qconv2d_pointwise(x, 1.0, zero, packed, ones, zeros, bias, stride, padding,
-                                                  dilation, geometry.groups, 1.0, 0, torch.float32, "none", [], "")
+        acc = torch.ops.onednn.qconv2d_pointwise(x, 1.0, zero, packed, ones, zeros, bias, stride, padding,
+                                                 dilation, geometry.groups, 1.0, 0, torch.float32, "none", [], "")
+        if acc.shape[2] * acc.shape[3] == 1:
+            return None
+        return acc
 
     return conv

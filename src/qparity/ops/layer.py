@@ -133,9 +133,9 @@ def check_bias_range(where: str, bias: torch.Tensor, input_qp: QParams, weight_s
 def run(ctx, node: Node, x: QValue) -> QValue:
     if not ctx.fake:
         plan, geometry, weight, bias, requantize, int8 = ctx.mode.model.layer_kernels[node.name]
-        if int8 is not None and x.codes.numel() and x.codes.device.type == "cpu":
-            acc = int8(x.codes)  # the same integers as layer_accumulator's, on int8 kernels (int8_accumulate)
-        else:
+        # The same integers as layer_accumulator's, on int8 kernels (int8_accumulate), where they take the input.
+        acc = int8(x.codes) if int8 is not None and x.codes.device.type == "cpu" else None
+        if acc is None:
             acc = layer_accumulator(plan, geometry, x.codes, x.qparams, weight, bias)
         return QValue(requantize(acc), ctx.mode.qparams[node.name])
     layer = ctx.mode.model.layers[node.name]
