@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import platform
 import statistics
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bench_memory import peak_memory
+from .bench_memory import MIB, peak_memory, reset_peak, status
 from .bench_runtimes import exported_runners
 from .convert import convert
 from .numerics import TARGETS
@@ -246,6 +247,38 @@ def _measure(config: BenchConfig, say: Callable[[str], None]) -> BenchReport:
             for contender in contenders:
                 report.memory[(kind, contender)] = peak_memory(kind, contender, config)
     return report
+
+
+def memory_probe(kind: str, contender: str, settings: dict) -> None:
+    """The child process of `bench_memory.peak_memory`: print [peak MiB, working MiB] (or null) as the last line
+    of stdout."""
+    warnings.simplefilter("ignore")
+    config = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(0)
+    base = ResNetish(config.channels, in_channels=3)
+    x = torch.randn(config.qat_batch, 3, config.size, config.size)
+    y = torch.randint(0, 10, (config.qat_batch,))
+    if kind == "qat":
+        model = {"torch.ao": lambda: torch_ao_qat(base, x), "float": lambda: copy.deepcopy(base).train()}.get(
+            contender, lambda: prepare_qat(copy.deepcopy(base), (x,), target=contender).train())()
+        run = train_step(model, x, y)
+    else:
+        xb = torch.randn(max(config.inference_batches), 3, config.size, config.size)
+        if contender == "torch.ao":
+            model = torch_ao_int8(_observed(torch_ao_qat(base, x), x))
+            run = lambda: model(xb)  # noqa: E731
+        else:
+            model = integer_model(base, contender, x)
+            codes = model.quantize(xb)
+            run = lambda: model.run(codes)  # noqa: E731
+    with torch.set_grad_enabled(kind == "qat"):
+        run()
+        before = reset_peak()
+        for _ in range(2):
+            run()
+    print(json.dumps(None if before is None else [status("VmHWM") / MIB, (status("VmHWM") - before) / MIB]))
 
 
 def _integer_run(model, x: torch.Tensor) -> Callable[[], object]:
