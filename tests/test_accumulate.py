@@ -1,9 +1,10 @@
 """The accumulator is the exact integer sum, whichever float path computes it (float32, chunks, float64)."""
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from qparity.numerics.accumulate import ConvGeometry, accumulate as accumulate_with_plan, plan_accumulation
+from qparity.numerics.int8_accumulate import int32_dot_products, int8_accumulator
 
 
 def accumulate(geometry, x, w, max_abs):
@@ -91,3 +92,37 @@ def test_wide_3x3_stride_1_conv_is_exact_in_channels_last():
     assert plan.path == "float32"
     acc = accumulate_with_plan(plan, geometry, x.float(), w.float())
     assert torch.equal(acc.to(torch.int64), int64_conv(x, w, geometry))
+
+
+@settings(max_examples=40, deadline=None)
+@given(conv_case(), st.sampled_from([(0, 255), (-128, 127)]), st.integers(0, 255), st.booleans())
+def test_int8_kernel_accumulator_equals_int64_reference(case, grid, zero_point, with_bias):
+    """The IntegerModel's oneDNN int8 path (int8_accumulate) is the same integer as the float path, bias included,
+    for uint8 and int8 codes, every zero point, groups, strides, padding and dilation."""
+    geometry, (c, out_c, k, size), seed, extreme = case
+    qmin, qmax = grid
+    zero_point = qmin + zero_point
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(qmin, qmax + 1, (2, c, size, size), generator=g)
+    if extreme:
+        x = torch.where(torch.rand(x.shape, generator=g) < 0.5, torch.full_like(x, qmin), torch.full_like(x, qmax))
+    w = torch.randint(-127, 128, (out_c, c // geometry.groups, k, k), generator=g)
+    bias = torch.randint(-2**20, 2**20, (out_c,), generator=g, dtype=torch.int32) if with_bias else None
+    plan = plan_accumulation(geometry, w, max(zero_point - qmin, qmax - zero_point), bias)
+    kernel = int8_accumulator(plan, geometry, w, bias, zero_point, qmin, qmax)
+    if not int32_dot_products() or plan.path != "float32":
+        assert kernel is None  # not provably exact here: the IntegerModel keeps the float path
+        return
+    expected = int64_conv(x - zero_point, w, geometry) + (0 if bias is None else bias.reshape(1, -1, 1, 1))
+    acc, float_path = kernel(x), accumulate_with_plan(plan, geometry, (x - zero_point).float(), w.float(), bias)
+    assert torch.equal(float_path, expected.to(torch.float32))
+    if acc is not None:  # it declines the shapes whose layout could differ; the layout must be the float path's
+        assert torch.equal(acc, expected.to(torch.float32)) and acc.stride() == float_path.stride()
+    linear = ConvGeometry("linear")
+    w2 = w.reshape(out_c, -1)
+    x2 = x.reshape(2, 1, -1)[..., :w2.shape[1]].expand(2, 3, -1)  # a 3-D input: (batch, tokens, features)
+    plan2 = plan_accumulation(linear, w2, max(zero_point - qmin, qmax - zero_point), bias)
+    kernel2 = int8_accumulator(plan2, linear, w2, bias, zero_point, qmin, qmax)
+    expected2 = (x2 - zero_point) @ w2.T + (0 if bias is None else bias.to(torch.int64))
+    acc2 = kernel2(x2)
+    assert kernel2 is not None and torch.equal(acc2, expected2.to(torch.float32)) and acc2.is_contiguous()

@@ -350,6 +350,7 @@ DOUBLE_ROUNDING_TRAPS = [(1 + 2.0**-23, 1 - 2.0**-23, 2.0**24 + 2), (1 + 2.0**-2
 @settings(max_examples=200, deadline=None)
 @given(triples=st.lists(st.tuples(float32s, float32s, float32s), min_size=1, max_size=20))
 @example(triples=DOUBLE_ROUNDING_TRAPS)
+@example(triples=[(2.0, 0.5, -1.0), (0.0, 3.0, 0.0)] + DOUBLE_ROUNDING_TRAPS)  # exact zeros beside the traps
 def test_fma_f32_equals_the_exact_sum_rounded_once_to_float32(triples):
     a, b, c = (torch.tensor([f32(v) for v in column], dtype=torch.float32) for column in zip(*triples))
     reference = [round_to_float32(exact(x) * exact(y) + exact(z)) for x, y, z in zip(a, b, c)]

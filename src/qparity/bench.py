@@ -9,6 +9,9 @@ slows down mid-run slows all of them alike):
    x86 engine, at each inference batch size.
 3. Scale: integer inference time of one target and of torch.ao as the batch (1, 8, 32, 128) and the width
    (channels x1, x2, x4) grow, and a plot of time against batch.
+4. Peak memory of a QAT step and of integer inference, each contender in its own process (bench_memory).
+
+The inference table also times ONNX Runtime and LiteRT running qparity's own exported files (bench_runtimes).
 
 No test asserts a timing; docs/benchmarks.md records measured tables and the machine they came from.
 """
@@ -16,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bench_memory import MIB, peak_memory, reset_peak, status
+from .bench_runtimes import exported_runners
 from .convert import convert
 from .numerics import TARGETS
 from .qat.prepare import freeze, prepare_qat
@@ -84,6 +91,7 @@ class BenchConfig:
     size: int = 32
     repeats: int = 7
     warmup: int = 2
+    memory: bool = True                    # table 4: one process per contender (about 5 s each)
 
     @classmethod
     def quick(cls, **overrides) -> "BenchConfig":
@@ -112,6 +120,8 @@ class BenchReport:
     qat_to_float: List[Timing] = field(default_factory=list)   # ratio to the float model's step
     inference: Dict[int, List[Timing]] = field(default_factory=dict)  # batch -> ratio to torch.ao int8
     scale: Dict[Tuple[int, int], Tuple[float, float]] = field(default_factory=dict)  # (width, batch) -> (qparity, ao)
+    # (kind, contender) -> (peak MiB, working MiB), or None where the probe could not measure
+    memory: Dict[Tuple[str, str], Optional[Tuple[float, float]]] = field(default_factory=dict)
 
 
 def side_by_side(contenders: Dict[str, Callable[[], object]], repeats: int, warmup: int) -> Dict[str, float]:
@@ -205,13 +215,17 @@ def _measure(config: BenchConfig, say: Callable[[str], None]) -> BenchReport:
     for target, model in prepared.items():
         freeze(model)
         integer[target] = convert(model.eval())
-    for batch in config.inference_batches:
-        xb = torch.randn(batch, 3, config.size, config.size)
-        runs = {"torch.ao": lambda xb=xb: ao_int8(xb)}
-        runs.update({t: _integer_run(model, xb) for t, model in integer.items()})
-        with torch.no_grad():
-            seconds = side_by_side(runs, config.repeats, config.warmup)
-        report.inference[batch] = [Timing(t, seconds[t], seconds["torch.ao"]) for t in config.targets]
+    with tempfile.TemporaryDirectory() as directory:
+        exported = exported_runners(integer, directory, torch.get_num_threads())
+        for batch in config.inference_batches:
+            xb = torch.randn(batch, 3, config.size, config.size)
+            runs = {"torch.ao": lambda xb=xb: ao_int8(xb)}
+            runs.update({t: _integer_run(model, xb) for t, model in integer.items()})
+            runs.update({name: make(xb) for name, make in exported.items()})
+            with torch.no_grad():
+                seconds = side_by_side(runs, config.repeats, config.warmup)
+            report.inference[batch] = [Timing(t, seconds[t], seconds["torch.ao"])
+                                       for t in config.targets + tuple(exported)]
 
     for width in config.widths:
         say(f"scale: width x{width}")
@@ -225,7 +239,46 @@ def _measure(config: BenchConfig, say: Callable[[str], None]) -> BenchReport:
                 seconds = side_by_side({"qparity": _integer_run(ours, xb), "torch.ao": lambda xb=xb: ao_wide(xb)},
                                        config.repeats, config.warmup)
             report.scale[(width, batch)] = (seconds["qparity"], seconds["torch.ao"])
+
+    if config.memory:
+        for kind, contenders in (("qat", ("torch.ao", "float") + config.targets),
+                                 ("inference", ("torch.ao",) + config.targets)):
+            say(f"peak memory: {kind}")
+            for contender in contenders:
+                report.memory[(kind, contender)] = peak_memory(kind, contender, config)
     return report
+
+
+def memory_probe(kind: str, contender: str, settings: dict) -> None:
+    """The child process of `bench_memory.peak_memory`: print [peak MiB, working MiB] (or null) as the last line
+    of stdout."""
+    warnings.simplefilter("ignore")
+    config = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(0)
+    base = ResNetish(config.channels, in_channels=3)
+    x = torch.randn(config.qat_batch, 3, config.size, config.size)
+    y = torch.randint(0, 10, (config.qat_batch,))
+    if kind == "qat":
+        model = {"torch.ao": lambda: torch_ao_qat(base, x), "float": lambda: copy.deepcopy(base).train()}.get(
+            contender, lambda: prepare_qat(copy.deepcopy(base), (x,), target=contender).train())()
+        run = train_step(model, x, y)
+    else:
+        xb = torch.randn(max(config.inference_batches), 3, config.size, config.size)
+        if contender == "torch.ao":
+            model = torch_ao_int8(_observed(torch_ao_qat(base, x), x))
+            run = lambda: model(xb)  # noqa: E731
+        else:
+            model = integer_model(base, contender, x)
+            codes = model.quantize(xb)
+            run = lambda: model.run(codes)  # noqa: E731
+    with torch.set_grad_enabled(kind == "qat"):
+        run()
+        before = reset_peak()
+        for _ in range(2):
+            run()
+    print(json.dumps(None if before is None else [status("VmHWM") / MIB, (status("VmHWM") - before) / MIB]))
 
 
 def _integer_run(model, x: torch.Tensor) -> Callable[[], object]:
@@ -263,8 +316,31 @@ def format_report(report: BenchReport) -> str:
             f"1.00 ({report.inference[b][0].reference * 1e3:.1f} ms)" for b in batches) + " |")
         for i, timing in enumerate(report.inference[batches[0]]):
             lines.append(f"| {timing.name} | " + " | ".join(f"{report.inference[b][i].ratio:.2f}" for b in batches) + " |")
+        if len(report.inference[batches[0]]) > len(config.targets):
+            lines += ["", "(ONNX Runtime / LiteRT rows: qparity's exported file, float input to float output, its "
+                          "QUANTIZE and DEQUANTIZE included; the target rows map codes to codes.)"]
     if report.scale:
         lines += ["", scale_table(report), "", scale_plot(report)]
+    if report.memory:
+        lines += ["", memory_table(report)]
+    return "\n".join(lines)
+
+
+def memory_table(report: BenchReport) -> str:
+    """Peak resident MiB of each contender's process (and the part its runs added), QAT and inference."""
+    config = report.config
+    lines = [f"Peak memory, one process per contender: peak resident MiB (working MiB the runs added); QAT batch "
+             f"{config.qat_batch}, inference batch {max(config.inference_batches)} (goal: no higher than torch.ao):",
+             "", "| contender | QAT step | integer inference |", "|---|---|---|"]
+
+    def cell(kind, contender):
+        if (kind, contender) not in report.memory:
+            return "-"
+        value = report.memory[(kind, contender)]
+        return "n/a" if value is None else f"{value[0]:.0f} ({value[1]:.1f})"
+
+    for contender in ("torch.ao", "float") + tuple(config.targets):
+        lines.append(f"| {contender} | {cell('qat', contender)} | {cell('inference', contender)} |")
     return "\n".join(lines)
 
 
@@ -307,6 +383,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", choices=TARGETS, action="append", help="a target to time (repeatable; "
                                                                            "default: every target)")
     parser.add_argument("--repeats", type=_count, help="interleaved rounds per measurement")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory table (one process per "
+                                                                  "contender)")
 
 
 def _count(text: str) -> int:
@@ -316,7 +394,7 @@ def _count(text: str) -> int:
 
 
 def config_from(args: argparse.Namespace) -> BenchConfig:
-    overrides = {"threads": args.threads}
+    overrides = {"threads": args.threads, "memory": not args.no_memory}
     if args.target:
         overrides["targets"] = tuple(args.target)
     if args.repeats:

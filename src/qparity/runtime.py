@@ -1,6 +1,7 @@
 """The integer runtime: `IntegerModel` runs the converted program on integer codes.
 
-Per-layer constants (weights as exact float32 codes, int32 bias, the target's requantizer) are built once
+Per-layer constants (weights as exact float32 codes, int32 bias, the target's requantizer, and oneDNN's packed
+int8 weights where its int8 kernels compute the same accumulator: numerics/int8_accumulate.py) are built once
 when the model is created. Every operator calls the same accumulation and target functions as the
 fake-quant forward, so for every input `IntegerModel(x) == QATModel.eval()(x)` bit for bit. The result
 does not depend on the batch size, the thread count or the machine: all sums are exact.

@@ -11,7 +11,9 @@ output channel from the real weight codes: `max|q_x - z_x| * sum|q_w| + |bias|`.
   (exact below 2^53);
 - "float64": float64 throughout with cuDNN off, for grouped layers above the float32 bound and for every
   device other than the CPU (where TF32 or transform-based convolution algorithms could be chosen).
-The result is a float tensor of exact integers: float32 for the "float32" path, float64 otherwise.
+The result is a float tensor of exact integers: float32 for the "float32" path, float64 otherwise. The
+IntegerModel computes the "float32" path's integers on oneDNN's int8 kernels where that is exact too
+(int8_accumulate.py); the fake-quant forward, which needs the gradient, keeps this module.
 
 A transposed convolution ("conv_transpose2d") is the convolution of the zero-inserted input with the flipped,
 transposed kernel (`zero_inserted`); its weight codes are kept in that conv layout [out, in / groups, kh, kw],

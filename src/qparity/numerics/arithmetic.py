@@ -258,9 +258,12 @@ def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     addend = c.to(torch.float64)
     total = product + addend
     low_bits = total.view(torch.int64) & ((1 << 29) - 1)
-    risky = (low_bits == (1 << 28)) | (total.abs() < 2.0**-125)
-    if bool(risky.any()):
-        total = _sum_round_to_odd(product, addend, total)
+    # An exact zero is no risk (a float64 sum is 0 only when the exact sum is, with the fused operation's sign);
+    # zeros are common (q = z in a dequantization) and would send every call down the slow path.
+    risky = (low_bits == (1 << 28)) | ((total.abs() < 2.0**-125) & (total != 0))
+    if bool(risky.any()):  # usually a few elements: redo only those
+        product, addend = product.expand_as(total)[risky], addend.expand_as(total)[risky]
+        total[risky] = _sum_round_to_odd(product, addend, total[risky])
     return total.to(torch.float32)
 
 

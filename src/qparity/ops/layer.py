@@ -16,6 +16,8 @@ from ..errors import InvalidParameterError, OverflowRiskError, UnsupportedOpErro
 from ..graph import Node, QValue, fused_clamp_bounds
 from ..qparams import FLOAT32_TINY, QParams
 from ..numerics.arithmetic import INT32_MAX
+from ..numerics.engine_kernels import engine_layer
+from ..numerics.int8_accumulate import int8_accumulator
 from ..numerics.accumulate import AccumulationPlan, ConvGeometry, accumulate, accumulator_bounds, plan_accumulation
 from .surrogates import clamp, straight_through
 
@@ -134,8 +136,15 @@ def run(ctx, node: Node, x: QValue) -> QValue:
         kernel = ctx.mode.model.layer_kernels[node.name]
         if callable(kernel):  # a runtime without an integer accumulator (Target.layer_kernel)
             return QValue(kernel(x.codes), ctx.mode.qparams[node.name])
-        plan, geometry, weight, bias, requantize = kernel
-        acc = layer_accumulator(plan, geometry, x.codes, x.qparams, weight, bias)
+        plan, geometry, weight, bias, requantize, int8, engine = kernel
+        # The engine's own kernel where it is the target's rule (engine_kernels), accumulation and requantization.
+        codes = engine(x.codes) if engine is not None and x.codes.device.type == "cpu" else None
+        if codes is not None:
+            return QValue(codes, ctx.mode.qparams[node.name])
+        # The same integers as layer_accumulator's, on int8 kernels (int8_accumulate), where they take the input.
+        acc = int8(x.codes) if int8 is not None and x.codes.device.type == "cpu" else None
+        if acc is None:
+            acc = layer_accumulator(plan, geometry, x.codes, x.qparams, weight, bias)
         return QValue(requantize(acc), ctx.mode.qparams[node.name])
     layer = ctx.mode.model.layers[node.name]
     if layer.training and layer.batch_norm is not None:
@@ -171,7 +180,9 @@ def bias_for_target(target, bias: Optional[torch.Tensor], input_qp: QParams, wei
 
 
 def prepare_integer_layer(target, node: Node, layer: IntegerLayer, input_qp: QParams, output_qp: QParams):
-    """The IntegerModel's constants for one layer: accumulation plan, weights, int32 bias, requantizer; or the
+    """The IntegerModel's constants for one layer: accumulation plan, weights, int32 bias, requantizer, the
+    int8 kernel that computes the same accumulator where it is provably exact on this CPU (or None), and the
+    engine's own layer kernel where it is the target's rule (fbgemm, x86: engine_kernels; or None); or the
     target's own codes -> codes kernel where its runtime forms no integer accumulator."""
     geometry = ConvGeometry.from_dict(node.attrs["geometry"])
     lo, hi = fused_clamp_bounds(target, node, output_qp)
@@ -196,7 +207,11 @@ def prepare_integer_layer(target, node: Node, layer: IntegerLayer, input_qp: QPa
     if geometry.is_conv:
         weight = weight.contiguous(memory_format=torch.channels_last)
     plan = plan_layer(geometry, layer.weight_codes, acc_bias, input_qp, target)
-    return plan, geometry, weight, acc_bias, requantize
+    int8 = int8_accumulator(plan, geometry, layer.weight_codes, acc_bias, int(input_qp.zero_point), input_qp.qmin,
+                            input_qp.qmax)
+    engine = engine_layer(target, plan, geometry, layer.weight_codes, layer.weight_scale, float_bias.get("bias"),
+                          input_qp, output_qp, lo, hi)
+    return plan, geometry, weight, acc_bias, requantize, int8, engine
 
 
 def _batch_norm_training(ctx, node: Node, layer, x: QValue) -> QValue:
