@@ -62,6 +62,47 @@ def test_every_operator_the_pte_exporter_writes_gives_the_runtimes_codes(tmp_pat
     export_and_verify(im, inputs, tmp_path_factory.mktemp("pte") / "model.pte")
 
 
+class NewerOperators(nn.Module):
+    """sub, numbers, a parameter, conv_transpose2d, leaky_relu, nearest upsampling, amax and mean over other dims
+    than H and W: the operators the .pte exporter writes through XNNPACK's qs8 views, pools and reductions."""
+
+    def __init__(self, slope: float, factor: int):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.side = nn.Conv2d(3, 4, 1)
+        self.up = nn.ConvTranspose2d(4, 4, 3, stride=factor, padding=1, output_padding=factor - 1)
+        self.gain = nn.Parameter(torch.rand(1, 4, 1, 1) + 0.5)
+        self.slope, self.factor = slope, factor
+
+    def forward(self, x):
+        y = F.leaky_relu(self.stem(x), self.slope) - F.relu(self.side(x))
+        z = F.relu(self.up(y)) + F.interpolate(y, scale_factor=self.factor, mode="nearest") * 0.5
+        z = (1.0 - z) * self.gain + 0.25
+        return torch.amax(z, 1) - z.mean(1)
+
+
+@settings(max_examples=2, deadline=None, phases=[Phase.generate])  # no shrinking: each example lowers a model
+@given(seed=st.integers(0, 2**16), slope=st.sampled_from([0.01, 0.1, 0.37]), factor=st.sampled_from([2, 3]))
+def test_sub_numbers_parameters_transposed_convs_upsampling_and_reductions_give_the_runtimes_codes(
+        tmp_path_factory, seed, slope, factor):
+    torch.manual_seed(seed)
+    batches = random_batches(seed, (8, 3, 5, 5))
+    _, im = prepare_and_convert(NewerOperators(slope, factor), batches[0], TARGET, batches, lr=1e-3)
+    inputs = torch.cat(random_batches(seed + 1, (16, 3, 5, 5), count=4, spread=float(batches[0].std()) * 1.5))
+    export_and_verify(im, inputs, tmp_path_factory.mktemp("pte") / "model.pte")
+
+
+def test_leaky_relu_is_xnnpacks_float_kernel_between_converts_not_litert_qs8_lrelu():
+    """ExecuTorch's partitioner takes leaky_relu only in float32: f(x * alpha) between the qs8/f32 converts, where
+    LiteRT's delegate runs XNNPACK's qs8 lrelu (8-bit multipliers): the two tables differ."""
+    from qparity.numerics.executorch_xnnpack import leaky_relu_table
+    from qparity.numerics.litert_activations import xnnpack_leaky_relu_table
+
+    source = qp.QParams(torch.tensor(0.0731), torch.tensor(-9), "int8")
+    out = qp.QParams(torch.tensor(0.0419), torch.tensor(17), "int8")
+    assert not torch.equal(leaky_relu_table(source, out, 0.1), xnnpack_leaky_relu_table(source, out, 0.1))
+
+
 @pytest.mark.parametrize("build", [DigitsNet, MobileDigitsNet])
 def test_the_demo_models_export_to_pte_and_verify_with_zero_mismatches(tmp_path, build):
     torch.manual_seed(0)
@@ -132,13 +173,14 @@ def test_cat_of_other_grids_is_refused_by_the_pte_exporter(tmp_path):
 
 
 @pytest.mark.parametrize("model, match", [
-    (nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh()), "the .pte exporter does not write it yet"),
-    (nn.Sequential(nn.Conv2d(2, 3, 3), nn.AvgPool2d(2)), "only the mean|mean over the whole image"),
+    (nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh()), "tanh at module '1'.*only in float32.*TanhConfig"),
+    (nn.Sequential(nn.Conv2d(2, 3, 3), nn.ELU()), "elu at module '1'.*EluConfig is commented out"),
+    (nn.Sequential(nn.Conv2d(2, 3, 3), nn.AvgPool2d(2)), "avg_pool2d at module '1'.*mean over the whole image"),
+    (nn.Sequential(nn.Conv2d(2, 3, 3), nn.AdaptiveAvgPool2d(2)), "avg_pool2d at module '1'.*to \\(2, 2\\)"),
 ])
-def test_operators_executorch_is_not_checked_for_are_refused_at_prepare_qat(model, match):
+def test_what_the_delegate_runs_in_float_or_leaves_out_is_refused_at_prepare_qat(model, match):
     with pytest.raises(UnsupportedOpError, match=match):
-        x = torch.randn(4, 2, 6, 6)
-        prepare_and_convert(model, x, TARGET, [x])
+        qp.prepare_qat(model, torch.randn(4, 2, 6, 6), target=TARGET)
 
 
 def test_global_mean_and_hardswish_follow_xnnpack_not_litert():

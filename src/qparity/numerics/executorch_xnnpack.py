@@ -21,6 +21,8 @@ for every operator but two, measured against executorch 1.5.1's runtime (tests/t
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import UnsupportedOpError
@@ -40,28 +42,56 @@ def hardswish_table(source: QParams, out: QParams) -> torch.Tensor:
     return torch.round(h * (_f32(1.0) / _f32(out.scale)) + _f32(int(out.zero_point))).clamp_(-128, 127).to(torch.int64)
 
 
+def float_path_table(function, source: QParams, out: QParams) -> torch.Tensor:
+    """The delegate's codes for an operator its partitioner takes only in float32 between converts: qs8 -> f32
+    (src/qs8-f32-vcvt: f(f(q - z) s)), the float32 kernel `function`, f32 -> qs8 (src/f32-qs8-vcvt:
+    clamp(rne(f(y * f(1 / s_y))) + z_y)), for every int8 code."""
+    codes = torch.arange(-128, 128, dtype=torch.int64)
+    x = (codes - int(source.zero_point)).to(torch.float32) * _f32(source.scale)
+    y = function(x)
+    return (torch.round(y * (_f32(1.0) / _f32(out.scale))).to(torch.int64) + int(out.zero_point)).clamp_(-128, 127)
+
+
+def leaky_relu_table(source: QParams, out: QParams, alpha: float) -> torch.Tensor:
+    """leaky_relu, which ExecuTorch's partitioner takes only in float (LeakyReLUConfig: FP32): XNNPACK's f32 vlrelu,
+    x < 0 ? f(x * f(alpha)) : x, exact in any vector width, between the two converts."""
+    slope = _f32(alpha)
+    return float_path_table(lambda x: torch.where(x < 0, x * slope, x), source, out)
+
+
 class ExecutorchXnnpackTarget(XnnpackTarget):
     name = "executorch-xnnpack"
     file_format = ".pte"
     summary = "ExecuTorch XNNPACK delegate: target xnnpack's kernels; spatial means by XNNPACK's qs8 reduce"
+    leaky_relu_table = staticmethod(leaky_relu_table)
 
     def hardswish(self, q, source, out):
         return hardswish_table(source, out).to(q.device)[q - source.qmin]
 
-    def average_pool(self, codes, qp, attrs):
-        if tuple(attrs["kernel_size"]) != tuple(codes.shape[-2:]) or tuple(attrs["padding"]) != (0, 0):
+    def check_average_pool(self, attrs):
+        if list(attrs.get("adaptive_output_size") or ()) != [1, 1]:
+            window = attrs.get("adaptive_output_size") or attrs["kernel_size"]
             raise UnsupportedOpError(
-                f"avg_pool2d with window {tuple(attrs['kernel_size'])} on a {tuple(codes.shape[-2:])} image on target "
-                "'executorch-xnnpack': ExecuTorch's XNNPACK delegate computes average pools other than the mean "
-                "over the whole image in float32 (XNNPACK has no qs8 average pooling), which qparity does not "
-                "emulate; use a global average pool (AdaptiveAvgPool2d(1), mean over H and W)")
-        return super().average_pool(codes, qp, attrs)
+                f"avg_pool2d {'to' if attrs.get('adaptive_output_size') else 'with window'} {tuple(window)} cannot "
+                "run on target 'executorch-xnnpack': ExecuTorch's XNNPACK delegate computes average pools other "
+                "than the mean over the whole image in float32 (XNNPACK has no qs8 average pooling: "
+                "src/subgraph/rewrites/cvt_to_fp32.cc), whose window sums round in the kernel's order and which "
+                "qparity does not emulate; use a global average pool (AdaptiveAvgPool2d(1), mean over H and W), or "
+                "target 'xnnpack' (LiteRT) for windowed pools")
+
+    def mean(self, q, source, out, dims, keepdim):
+        # The .pte exporter writes every mean as XNNPACK's qs8 mean over the two inner axes of a 4-D view.
+        count = math.prod(q.shape[d] for d in dims)
+        return reduce_mean(q.sum(dims, keepdim=keepdim), count, source, out)
 
     def average(self, sums, counts, qp):
         # XNNPACK qs8 reduce-mean; input and output share the grid qp (avg_pool2d keeps its input's grid).
         n = int(counts.reshape(-1)[0])
-        zero_point = int(qp.zero_point)
-        scale = (_f32(qp.scale) / _f32(qp.scale)) * (_f32(1.0) / _f32(n))
-        shifted_zero_point = _f32(zero_point) - _f32(n * zero_point) * scale
-        raw = (sums + zero_point * counts).to(torch.float32)  # the int32 sum of codes as XNNPACK converts it
-        return torch.round(raw * scale + shifted_zero_point).to(torch.int64).clamp_(qp.qmin, qp.qmax)
+        return reduce_mean(sums + int(qp.zero_point) * counts, n, qp, qp)
+
+
+def reduce_mean(raw: torch.Tensor, n: int, source: QParams, out: QParams) -> torch.Tensor:
+    """XNNPACK's qs8 mean of n codes from their raw int32 sum (zero points included), as the module docstring says."""
+    scale = (_f32(source.scale) / _f32(out.scale)) * (_f32(1.0) / _f32(n))
+    shifted_zero_point = _f32(int(out.zero_point)) - _f32(n * int(source.zero_point)) * scale
+    return torch.round(raw.to(torch.float32) * scale + shifted_zero_point).to(torch.int64).clamp_(out.qmin, out.qmax)
