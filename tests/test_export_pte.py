@@ -157,19 +157,18 @@ def test_other_targets_are_refused_for_pte_and_executorch_xnnpack_for_tflite(tmp
         qp.export(executorch, tmp_path / "model.tflite")
 
 
-def test_cat_of_other_grids_is_refused_by_the_pte_exporter(tmp_path):
+def test_cat_of_other_grids_requantizes_as_the_delegates_two_converts(tmp_path):
     class Cat(nn.Module):
         def __init__(self):
             super().__init__()
             self.a, self.b = nn.Conv2d(2, 3, 1), nn.Conv2d(2, 3, 1)
 
         def forward(self, x):
-            return torch.cat([self.a(x), self.b(x)], 1)
+            return torch.cat([self.a(x), self.b(x) * 3.0], 1)
 
     x = torch.randn(4, 2, 6, 6)
-    _, im = prepare_and_convert(Cat(), x, TARGET, [x])
-    with pytest.raises(ExportError, match="cat at .* joins tensors on other grids"):
-        qp.export(im, tmp_path / "model.pte")
+    _, im = prepare_and_convert(Cat(), x, TARGET, [x, x * 2])
+    export_and_verify(im, torch.randn(64, 2, 6, 6) * 2, tmp_path / "model.pte")
 
 
 @pytest.mark.parametrize("model, match", [
@@ -181,6 +180,44 @@ def test_cat_of_other_grids_is_refused_by_the_pte_exporter(tmp_path):
 def test_what_the_delegate_runs_in_float_or_leaves_out_is_refused_at_prepare_qat(model, match):
     with pytest.raises(UnsupportedOpError, match=match):
         qp.prepare_qat(model, torch.randn(4, 2, 6, 6), target=TARGET)
+
+
+class QDQActivation(nn.Module):
+    """QUANTIZE, DEQUANTIZE, an activation, QUANTIZE, DEQUANTIZE on fixed grids: one delegated table, all codes."""
+
+    def __init__(self, function, source, out):
+        super().__init__()
+        self.function, self.source, self.out = function, source, out
+
+    def forward(self, x):
+        qd = torch.ops.quantized_decomposed
+        q = qd.quantize_per_tensor.default(x, *self.source, -128, 127, torch.int8)
+        y = self.function(qd.dequantize_per_tensor.default(q, *self.source, -128, 127, torch.int8))
+        return qd.dequantize_per_tensor.default(qd.quantize_per_tensor.default(y, *self.out, -128, 127, torch.int8),
+                                                *self.out, -128, 127, torch.int8)
+
+
+def test_hardswish_is_xnnpacks_float_kernel_with_its_fused_multiply_add(tmp_path):
+    """On this grid x / 6 * clamp(x + 3, 0, 6) (the reference formula) gives one code other than f32-vhswish's
+    x * clamp(fmaf(x, 1/6, 1/2), 0, 1): the runtime gives the kernel's, for all 256 codes."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    from qparity.export.pte import run_pte
+    from qparity.numerics.executorch_xnnpack import hardswish_table
+
+    source, out = (0.006818439811468124, -1), (0.0592980831861496, -67)
+    x = ((torch.arange(-128, 128, dtype=torch.float32) - source[1]) * source[0]).reshape(1, 1, 16, 16)
+    exported = torch.export.export(QDQActivation(F.hardswish, source, out), (x,))
+    (tmp_path / "hardswish.pte").write_bytes(
+        to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
+    runtime = torch.round(run_pte(tmp_path / "hardswish.pte", [x])[0].reshape(-1) / out[0]).to(torch.int64) + out[1]
+    grids = [qp.QParams(torch.tensor(s), torch.tensor(z), "int8") for s, z in (source, out)]
+    assert torch.equal(runtime, hardswish_table(*grids))
+    real = (torch.arange(-128, 128) - source[1]).to(torch.float32) * torch.tensor(source[0])
+    reference = (real / 6.0) * torch.clamp(real + 3.0, 0.0, 6.0)
+    reference_codes = torch.round(reference * (1.0 / torch.tensor(out[0])) + out[1]).to(torch.int64)
+    assert int((reference_codes != runtime).sum()) == 1
 
 
 def test_global_mean_and_hardswish_follow_xnnpack_not_litert():

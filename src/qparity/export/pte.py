@@ -284,13 +284,10 @@ class QDQProgram(nn.Module):
 
     def op_cat(self, node, args, kwargs):
         # XNNPACK's qs8 concatenate takes only inputs on the output's grid (xnn_define_concatenate fails to
-        # create the node otherwise); rescaling inputs first is not checked against the runtime yet.
+        # create the node otherwise), so an input on another grid is first requantized onto it.
         out = self.grids[node.name]
-        if any(not self.grids[ref.name].same_grid(out) for ref in node.args[0]):
-            raise ExportError(f"cat at {node.path} joins tensors on other grids than its output's: XNNPACK's "
-                              "concatenate takes only inputs on the output grid, and the .pte exporter does not "
-                              "write the rescaling yet")
-        return torch.cat(list(args[0]), node.attrs["dim"])
+        return torch.cat([x if self.grids[ref.name].same_grid(out) else self._requantized(x, out)
+                          for ref, x in zip(node.args[0], args[0])], node.attrs["dim"])
 
     def op_hardswish(self, node, args, kwargs):
         return F.hardswish(args[0])

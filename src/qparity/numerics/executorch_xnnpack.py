@@ -1,23 +1,32 @@
 """Target `executorch-xnnpack`: ExecuTorch's XNNPACK delegate, the kernels a .pte file from `qparity.export` runs.
 
 ExecuTorch lowers quantized_decomposed Q/DQ programs to the same XNNPACK qs8 operators that LiteRT's XNNPACK
-delegate uses, with the same requantization parameters, so this target is target `xnnpack` (numerics/xnnpack.py)
-for every operator but two, measured against executorch 1.5.1's runtime (tests/test_export_pte.py):
+delegate uses, with the same requantization parameters, wherever its partitioner takes the operator with static
+quantization (backends/xnnpack/partition/config: conv, linear, add, sub, mul, cat, max pool, mean.dim, pad, views,
+permutes, clamps). So this target is target `xnnpack` (numerics/xnnpack.py) but where measured otherwise against
+executorch 1.5.1's runtime (tests/test_export_pte.py); XNNPACK commit 92a7ad50, the one executorch 1.5.1 pins:
 
-- mean over H and W (avg_pool2d whose window is the whole image, adaptive pools to 1x1): LiteRT runs int8
-  AVERAGE_POOL_2D / MEAN in TFLite's own kernel (ties away from zero); ExecuTorch lowers `mean.dim` to XNNPACK's
-  qs8 reduce-mean (src/operators/reduce-nd.c, xnn_init_qs8_reduce_scalar_params and the int32 -> qs8 reference
-  convert, src/reference/unary-elementwise.cc): the raw int32 sum S of the codes (zero point included), then
+- means (avg_pool2d whose window is the whole image, adaptive pools to 1x1, torch.mean over any dims, which the
+  .pte file writes as the mean over the two inner axes of a 4-D view): LiteRT runs int8 AVERAGE_POOL_2D / MEAN in
+  TFLite's own kernel (ties away from zero); ExecuTorch lowers `mean.dim` to XNNPACK's qs8 reduce-mean
+  (src/operators/reduce-nd.c, xnn_init_qs8_reduce_scalar_params and the int32 -> qs8 reference convert,
+  src/reference/unary-elementwise.cc): the raw int32 sum S of the codes (zero point included), then
       scale = f(f(s_in / s_out) * f(1 / n)),  z' = f(z_out - f(f(n z_in) * scale)),  q = clamp(rne(f(f(S scale) + z')))
   (nearbyint: ties to even). The same grid in and out gives scale = f(1 / n): 192 of 6,400 codes differ from
   the `xnnpack` rule on a trained model's global pool, all ties.
-- hardswish: LiteRT refuses int8 HARD_SWISH to XNNPACK and runs TFLite's int16 fixed-point kernel; ExecuTorch
-  runs XNNPACK's qs8 unary operator, a table filled by its float32 reference kernel (src/operators/
-  unary-elementwise-nc.c init_lut_op_with_config, src/reference/unary-elementwise.cc HardSwishOp, dequantize and
-  quantize of src/xnnpack/reference-utils.h): x = f(f(q - z) s), h = f(f(x / 6) * clamp(f(x + 3), 0, 6)),
-  q' = clamp(rne(f(f(h * f(1 / s_y)) + z_y))). 428 of 204,800 codes of a trained stem differ from TFLite's.
-- other average pools are refused: XNNPACK has no qs8 average pooling and computes them in float32 inside the
-  delegate (src/subgraph/rewrites/cvt_to_fp32.cc), whose window sums round in the kernel's order.
+- operators the partitioner takes only in float32 (FP32-only configs) run between two converts inside the
+  delegate, qs8 -> f32 (src/qs8-f32-vcvt: f(f(q - z) s)) and f32 -> qs8 (src/f32-qs8-vcvt: clamp(rne(f(y *
+  f(1 / s_y))) + z_y)); XNNPACK has no rewrite of that sequence to a qs8 operator (src/subgraph.c). Emulated where
+  the float kernel is exact IEEE arithmetic: leaky_relu (f32-vlrelu: f(x * alpha) below 0; LiteRT's delegate runs
+  qs8-vlrelu, 8-bit multipliers) and hardswish (f32-vhswish: x * clamp(fmaf(x, f(1/6), 1/2), 0, 1), fused on
+  x86-64 with FMA3 or AVX-512 and on ARM64; LiteRT refuses int8 HARD_SWISH to XNNPACK and runs TFLite's int16
+  fixed-point kernel: 428 of 204,800 codes of a trained stem differ). Transcendental float kernels
+  (tanh, gelu, rsqrt, softmax) are rational approximations whose fused multiply-adds depend on the CPU: refused
+  (ops/registry.py says why for each).
+- a concatenation's input on another grid: the .pte file requantizes it by DEQUANTIZE then QUANTIZE, the same
+  two converts (LiteRT: one fixed-point qs8 -> qs8 convert); 136 of 4,096 output codes of a small U-Net differ.
+- other average pools are refused at prepare_qat: XNNPACK has no qs8 average pooling and computes them in float32
+  inside the delegate (src/subgraph/rewrites/cvt_to_fp32.cc), whose window sums round in the kernel's order.
 """
 from __future__ import annotations
 
@@ -34,12 +43,30 @@ def _f32(value) -> torch.Tensor:
     return torch.as_tensor(value, dtype=torch.float32)
 
 
+def fused_multiply_add(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """fmaf(a, b, c) of float32 tensors: a * b + c rounded once to float32. The float64 product is exact; the
+    float64 sum's error (TwoSum) decides the float32 rounding where that sum fell exactly halfway."""
+    product, addend = a.to(torch.float64) * b.to(torch.float64), torch.full_like(a, c, dtype=torch.float64)
+    total = product + addend
+    back = total - product
+    error = (product - (total - back)) + (addend - back)
+    rounded = total.to(torch.float32)
+    toward = torch.nextafter(rounded, torch.where(total > rounded.to(torch.float64), torch.inf, -torch.inf)
+                             .to(torch.float32))
+    halfway = (rounded.to(torch.float64) + toward.to(torch.float64)) / 2 == total
+    beyond = torch.nextafter(rounded, torch.where(error > 0, torch.inf, -torch.inf).to(torch.float32))
+    return torch.where(halfway & (error != 0), beyond, rounded)
+
+
+SIXTH = float.fromhex("0x1.555556p-3")  # f32-vhswish's vsixth
+
+
 def hardswish_table(source: QParams, out: QParams) -> torch.Tensor:
-    """XNNPACK's qs8 hardswish table: the float32 reference kernel on every dequantized int8 code."""
-    codes = torch.arange(-128, 128, dtype=torch.float32)
-    x = (codes - _f32(int(source.zero_point))) * _f32(source.scale)
-    h = (x / _f32(6.0)) * torch.clamp(x + _f32(3.0), 0.0, 6.0)
-    return torch.round(h * (_f32(1.0) / _f32(out.scale)) + _f32(int(out.zero_point))).clamp_(-128, 127).to(torch.int64)
+    """hardswish, which ExecuTorch's partitioner takes only in float (HardswishConfig: FP32): XNNPACK's f32-vhswish,
+    y = x * clamp(fmaf(x, f(1/6), 1/2), 0, 1) (src/f32-vhswish/gen/f32-vhswish-avx512f.c; fused on CPUs with FMA:
+    x86-64 with FMA3 or AVX-512, ARM64), between the two converts."""
+    return float_path_table(lambda x: torch.clamp(fused_multiply_add(x, _f32(SIXTH).expand_as(x), 0.5), 0.0, 1.0) * x,
+                            source, out)
 
 
 def float_path_table(function, source: QParams, out: QParams) -> torch.Tensor:
@@ -67,6 +94,13 @@ class ExecutorchXnnpackTarget(XnnpackTarget):
 
     def hardswish(self, q, source, out):
         return hardswish_table(source, out).to(q.device)[q - source.qmin]
+
+    def rescale(self, q, source, out):
+        # The .pte file moves a concatenation's input onto the output grid by DEQUANTIZE then QUANTIZE, which the
+        # delegate runs as its two converts (qs8 -> f32 -> qs8), not LiteRT's fixed-point qs8 -> qs8 convert.
+        if source.same_grid(out):
+            return q
+        return float_path_table(lambda x: x, source, out).to(q.device)[q - source.qmin]
 
     def check_average_pool(self, attrs):
         if list(attrs.get("adaptive_output_size") or ()) != [1, 1]:
