@@ -63,8 +63,9 @@ def test_every_operator_the_pte_exporter_writes_gives_the_runtimes_codes(tmp_pat
 
 
 class NewerOperators(nn.Module):
-    """sub, numbers, a parameter, conv_transpose2d, leaky_relu, nearest upsampling, amax and mean over other dims
-    than H and W: the operators the .pte exporter writes through XNNPACK's qs8 views, pools and reductions."""
+    """sub, numbers, a parameter, conv_transpose2d, leaky_relu, gelu, tanh, nearest upsampling, amax and mean over
+    other dims than H and W: the operators the .pte exporter writes through XNNPACK's qs8 views, pools and
+    reductions, and float kernels between converts."""
 
     def __init__(self, slope: float, factor: int):
         super().__init__()
@@ -75,15 +76,15 @@ class NewerOperators(nn.Module):
         self.slope, self.factor = slope, factor
 
     def forward(self, x):
-        y = F.leaky_relu(self.stem(x), self.slope) - F.relu(self.side(x))
-        z = F.relu(self.up(y)) + F.interpolate(y, scale_factor=self.factor, mode="nearest") * 0.5
+        y = F.leaky_relu(self.stem(x), self.slope) - F.gelu(self.side(x))
+        z = F.relu(self.up(y)) + F.interpolate(torch.tanh(y), scale_factor=self.factor, mode="nearest") * 0.5
         z = (1.0 - z) * self.gain + 0.25
         return torch.amax(z, 1) - z.mean(1)
 
 
 @settings(max_examples=2, deadline=None, phases=[Phase.generate])  # no shrinking: each example lowers a model
 @given(seed=st.integers(0, 2**16), slope=st.sampled_from([0.01, 0.1, 0.37]), factor=st.sampled_from([2, 3]))
-def test_sub_numbers_parameters_transposed_convs_upsampling_and_reductions_give_the_runtimes_codes(
+def test_sub_numbers_parameters_transposed_convs_activations_upsampling_and_reductions_give_the_runtimes_codes(
         tmp_path_factory, seed, slope, factor):
     torch.manual_seed(seed)
     batches = random_batches(seed, (8, 3, 5, 5))
@@ -172,8 +173,11 @@ def test_cat_of_other_grids_requantizes_as_the_delegates_two_converts(tmp_path):
 
 
 @pytest.mark.parametrize("model, match", [
-    (nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh()), "tanh at module '1'.*only in float32.*TanhConfig"),
+    (nn.Sequential(nn.Conv2d(2, 3, 3), nn.Upsample(scale_factor=2, mode="bilinear")),
+     "upsample_bilinear at module '1'.*only in float32.*UpsampleBilinear2dConfig"),
     (nn.Sequential(nn.Conv2d(2, 3, 3), nn.ELU()), "elu at module '1'.*EluConfig is commented out"),
+    (nn.Sequential(nn.Conv2d(2, 3, 3), nn.GELU("tanh")), "gelu at module '1'.*computes the erf form"),
+    (nn.Sequential(nn.Conv2d(2, 3, 3), nn.Softmax(-1)), "softmax at module '1'.*only in float32.*SoftmaxConfig"),
     (nn.Sequential(nn.Conv2d(2, 3, 3), nn.AvgPool2d(2)), "avg_pool2d at module '1'.*mean over the whole image"),
     (nn.Sequential(nn.Conv2d(2, 3, 3), nn.AdaptiveAvgPool2d(2)), "avg_pool2d at module '1'.*to \\(2, 2\\)"),
 ])
@@ -197,27 +201,52 @@ class QDQActivation(nn.Module):
                                                 *self.out, -128, 127, torch.int8)
 
 
-def test_hardswish_is_xnnpacks_float_kernel_with_its_fused_multiply_add(tmp_path):
-    """On this grid x / 6 * clamp(x + 3, 0, 6) (the reference formula) gives one code other than f32-vhswish's
-    x * clamp(fmaf(x, 1/6, 1/2), 0, 1): the runtime gives the kernel's, for all 256 codes."""
+def reference_hardswish_codes(source, out):
+    """The reference formula x / 6 * clamp(x + 3, 0, 6), quantized as XNNPACK's reference kernel does."""
+    real = (torch.arange(-128, 128) - source.zero_point).to(torch.float32) * source.scale
+    h = (real / 6.0) * torch.clamp(real + 3.0, 0.0, 6.0)
+    return torch.round(h * (1.0 / out.scale) + out.zero_point).to(torch.int64).clamp(-128, 127)
+
+
+def litert_tanh_codes(source, out):
+    from qparity.numerics.litert_activations import xnnpack_table
+    return xnnpack_table("tanh", source, out, {})
+
+
+def litert_gelu_codes(source, out):
+    from qparity.numerics.litert_activations import xnnpack_table
+    return xnnpack_table("gelu", source, out, {"approximate": "none"})
+
+
+# Grids found by the emulation where the float kernel's table and the formula it approximates differ by one code.
+@pytest.mark.parametrize("function, kind, source, out, formula", [
+    (F.hardswish, "hardswish", (0.006818439811468124, -1), (0.0592980831861496, -67), reference_hardswish_codes),
+    (torch.tanh, "tanh", (0.051969880588694915, 13), (1 / 128, 0), litert_tanh_codes),
+    (F.gelu, "gelu", (0.05816517406693997, -65), (0.03243390453346474, -121), litert_gelu_codes),
+])
+def test_float_only_activations_are_xnnpacks_float_kernels_with_their_fused_multiply_adds(
+        tmp_path, function, kind, source, out, formula):
+    """hardswish (f32-vhswish: x * clamp(fmaf(x, 1/6, 1/2), 0, 1)), tanh (f32-vtanh: rational 9/8 by fmaf) and
+    gelu (f32-vgelu: rational 12/10 erf by fmaf) between the converts: the runtime gives the kernel's codes for all
+    256 codes, one apart from the formula (LiteRT's tables from the C library's tanhf / erfcf)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
     from qparity.export.pte import run_pte
-    from qparity.numerics.executorch_xnnpack import hardswish_table
+    from qparity.numerics import get_target
 
-    source, out = (0.006818439811468124, -1), (0.0592980831861496, -67)
     x = ((torch.arange(-128, 128, dtype=torch.float32) - source[1]) * source[0]).reshape(1, 1, 16, 16)
-    exported = torch.export.export(QDQActivation(F.hardswish, source, out), (x,))
-    (tmp_path / "hardswish.pte").write_bytes(
+    exported = torch.export.export(QDQActivation(function, source, out), (x,))
+    (tmp_path / "f.pte").write_bytes(
         to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
-    runtime = torch.round(run_pte(tmp_path / "hardswish.pte", [x])[0].reshape(-1) / out[0]).to(torch.int64) + out[1]
-    grids = [qp.QParams(torch.tensor(s), torch.tensor(z), "int8") for s, z in (source, out)]
-    assert torch.equal(runtime, hardswish_table(*grids))
-    real = (torch.arange(-128, 128) - source[1]).to(torch.float32) * torch.tensor(source[0])
-    reference = (real / 6.0) * torch.clamp(real + 3.0, 0.0, 6.0)
-    reference_codes = torch.round(reference * (1.0 / torch.tensor(out[0])) + out[1]).to(torch.int64)
-    assert int((reference_codes != runtime).sum()) == 1
+    runtime = torch.round(run_pte(tmp_path / "f.pte", [x])[0].reshape(-1) / out[0]).to(torch.int64) + out[1]
+    grids = [qp.QParams(torch.tensor(s, dtype=torch.float32), torch.tensor(z), "int8") for s, z in (source, out)]
+    codes = torch.arange(-128, 128)
+    target = get_target(TARGET)
+    attrs = {"approximate": "none"} if kind == "gelu" else {}
+    emulated = target.hardswish(codes, *grids) if kind == "hardswish" else target.activation(kind, codes, *grids, attrs)
+    assert torch.equal(runtime, emulated)
+    assert int((formula(*grids) != runtime).sum()) == 1
 
 
 def test_global_mean_and_hardswish_follow_xnnpack_not_litert():

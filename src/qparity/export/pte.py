@@ -292,6 +292,12 @@ class QDQProgram(nn.Module):
     def op_hardswish(self, node, args, kwargs):
         return F.hardswish(args[0])
 
+    def op_tanh(self, node, args, kwargs):
+        return torch.tanh(args[0])
+
+    def op_gelu(self, node, args, kwargs):
+        return F.gelu(args[0])  # the erf form: what XNNPACK computes (approximate='tanh' is refused at prepare_qat)
+
     def op_sigmoid(self, node, args, kwargs):
         return torch.sigmoid(args[0])
 

@@ -64,7 +64,6 @@ _TFLM_ELU = ("TFLite Micro's int8 ELU table has not been matched bit for bit wit
              "'xnnpack' runs ELU")
 
 
-
 def _pte_float(config: str, kernel: str) -> str:
     """Why executorch-xnnpack refuses an operator ExecuTorch's XNNPACK partitioner takes only in float32."""
     return (f"ExecuTorch 1.5.1's XNNPACK partitioner takes it only in float32 (backends/xnnpack/partition/config/"
@@ -72,8 +71,6 @@ def _pte_float(config: str, kernel: str) -> str:
             "and converts back (XNNPACK has no rewrite to a qs8 operator), which qparity does not emulate bit for bit")
 
 
-_PTE_ISA_APPROXIMATION = ("whose choice and fused multiply-adds depend on the CPU (src/configs/unary-elementwise-"
-                          "config.c: FMA on AVX-512, FMA3 and NEON, none on SSE2/AVX)")
 _TORCH_NO_SUB = ("PyTorch has no quantized sub (no quantized::sub operator; torch.sub raises on quantized tensors), so "
                  "the engine has no kernel to run it")
 
@@ -211,12 +208,11 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              refused_by={t: _SLEEF for t in ("fbgemm", "x86")},
              formats=("onnx", "tflite", "tosa", "pte"), torch_form="torch.sigmoid (fixed grid 1/256, 0)"),
     Operator("tanh", "`nn.Tanh`, `torch.tanh`, `F.tanh`, `Tensor.tanh`", True,
-             "the target's table of all input codes; LiteRT: output grid 1/128, 0; PyTorch's engines: 2/256, 128", "torch.tanh of the dequantized input",
-             refused_by={**{t: _SLEEF for t in ("fbgemm", "x86")}, "onnxruntime": _ORT_NO_KERNEL,
-                         "executorch-xnnpack": _pte_float("generic_node_configs.py TanhConfig", "XNNPACK's f32-vtanh "
-                                                          "microkernel, a rational 9/8 approximation "
-                                                          + _PTE_ISA_APPROXIMATION)},
-             formats=("tflite", "tosa"), torch_form="torch.tanh (fixed grid 2/256, 128)"),
+             "the target's table of all input codes; LiteRT: output grid 1/128, 0; PyTorch's engines: 2/256, 128; "
+             "executorch-xnnpack: XNNPACK's float32 f32-vtanh (rational 9/8, fused multiply-adds) between converts",
+             "torch.tanh of the dequantized input",
+             refused_by={**{t: _SLEEF for t in ("fbgemm", "x86")}, "onnxruntime": _ORT_NO_KERNEL},
+             formats=("tflite", "tosa", "pte"), torch_form="torch.tanh (fixed grid 2/256, 128)"),
     Operator("hardsigmoid", "`nn.Hardsigmoid`, `F.hardsigmoid`", True,
              "the target's table of all input codes (fbgemm/x86: vector and scalar loops); PyTorch's engines: "
              "output grid 1/256, 0", "F.hardsigmoid of the dequantized input",
@@ -232,13 +228,13 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              formats=("onnx", "tflite", "tosa", "pte"), torch_form="torch.ops.quantized.leaky_relu"),
     Operator("gelu", "`nn.GELU`, `F.gelu` (approximate `\"none\"` or `\"tanh\"`)", True,
              "the target's table of all input codes (LiteRT: GELU's float32 table with the C library's erfcf / "
-             "tanhf; XNNPACK takes only float GELU, so both LiteRT targets run it)", "F.gelu of the dequantized input",
+             "tanhf; XNNPACK takes only float GELU, so both LiteRT targets run it; executorch-xnnpack: XNNPACK's "
+             "float32 f32-vgelu, a rational 12/10 erf by fused multiply-adds, between converts)",
+             "F.gelu of the dequantized input", "executorch-xnnpack: approximate `\"none\"` (its delegate computes "
+             "the erf form whatever `approximate` says; checked at prepare_qat)",
              refused_by={**{t: _SLEEF_EVERY_ENGINE for t in ("fbgemm", "x86", "qnnpack")},
-                         "onnxruntime": _ORT_NO_KERNEL, "tflite-micro": _TFLM_NO_GELU,
-                         "executorch-xnnpack": _pte_float("generic_node_configs.py GeluConfig", "XNNPACK's f32-vgelu "
-                                                          "microkernel, a rational 12/10 approximation "
-                                                          + _PTE_ISA_APPROXIMATION)},
-             formats=("tflite", "tosa")),
+                         "onnxruntime": _ORT_NO_KERNEL, "tflite-micro": _TFLM_NO_GELU},
+             formats=("tflite", "tosa", "pte")),
     Operator("elu", "`nn.ELU`, `F.elu`", True,
              "the target's table of all input codes (XNNPACK: its reference ELU table with expm1f); alpha as "
              "float32", "F.elu of the dequantized input",
