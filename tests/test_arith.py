@@ -52,7 +52,7 @@ def convert(target, op, broadcast, spatial, seed):
 
 def runs(target, op, broadcast):
     if op == "sub":
-        return target not in ENGINES + ("executorch-xnnpack",)
+        return target not in ENGINES
     return broadcast == "same" or target not in ENGINES
 
 

@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import ExportError, ModelFileError
 from ..graph import CALLS, Graph, Node, leaves, resolve
 from ..numerics.accumulate import ConvGeometry
+from ..ops import constant, parameter
 from ..qparams import QParams
 from ..runtime import IntegerLayer, IntegerModel
 from . import require_model_inputs
@@ -36,6 +37,10 @@ from .report import RuntimeResult, compare_codes
 from .tflite import codes_from_dequantized
 
 PTE_TARGET = "executorch-xnnpack"
+# The code-preserving calls that only reshape (graph.CALLS), which the program writes as one view.
+_SHAPE_ONLY_CALLS = {"method:view", "method:reshape", "method:flatten", "method:squeeze", "method:unsqueeze",
+                     "function:torch.flatten", "function:torch.reshape", "function:torch.squeeze",
+                     "function:torch.unsqueeze"}
 INT32 = (-(2**31), 2**31 - 1)
 
 
@@ -144,11 +149,22 @@ class QDQProgram(nn.Module):
                 raise ExportError(f"{node.op} at {node.path}: the .pte exporter does not write this operator; "
                                   "operators it writes: " + ", ".join(sorted(
                                       name[3:] for name in dir(QDQProgram) if name.startswith("op_"))))
+        for node in self.graph.nodes:  # numbers and parameters: int8 codes, dequantized where they are used
+            if node.op == "constant":
+                self.register_buffer(f"{node.name}_codes", constant.codes(model.target, node, self.grids[node.name])
+                                     .to(torch.int8))
+            elif node.op == "parameter":
+                self.register_buffer(f"{node.name}_codes", parameter.stored_codes(node).to(torch.int8))
         for name, layer in model.layers.items():
             input_qp = self.grids[self.graph.node(name).args[0].name]
             scale = layer.weight_scale.to(torch.float32)
             channels = layer.weight_codes.shape[0]
-            self.register_buffer(f"{name}_weight", layer.weight_codes.to(torch.int8))
+            codes = layer.weight_codes
+            if self.graph.node(name).op == "conv_transpose2d":
+                # The layer keeps the equivalent conv's flipped kernel [out, in, kh, kw]; ConvTranspose2d's
+                # weight is [in, out, kh, kw], per-channel along axis 1 (all XNNPACK's deconvolution takes).
+                codes = codes.flip(-2, -1).transpose(0, 1)
+            self.register_buffer(f"{name}_weight", codes.to(torch.int8).contiguous())
             self.register_buffer(f"{name}_weight_scale", torch.broadcast_to(scale, (channels,)).contiguous())
             self.register_buffer(f"{name}_weight_zero_point", torch.zeros(channels, dtype=torch.int64))
             if layer.bias_codes is not None:
@@ -163,10 +179,10 @@ class QDQProgram(nn.Module):
             env[node.name] = _quantized(value, self.grids[node.name])
         return _dequantized(resolve(self.graph.output, env))
 
-    def _weight(self, name: str) -> torch.Tensor:
+    def _weight(self, name: str, axis: int = 0) -> torch.Tensor:
         qd = torch.ops.quantized_decomposed
         return qd.dequantize_per_channel.default(getattr(self, f"{name}_weight"), getattr(self, f"{name}_weight_scale"),
-                                                 getattr(self, f"{name}_weight_zero_point"), 0, -127, 127, torch.int8)
+                                                 getattr(self, f"{name}_weight_zero_point"), axis, -127, 127, torch.int8)
 
     def _clamped(self, node: Node, value: torch.Tensor) -> torch.Tensor:
         """The node's fused clamp, in reals, as the activations the partitioner fuses into the operator's output
@@ -195,21 +211,92 @@ class QDQProgram(nn.Module):
     def op_add(self, node, args, kwargs):
         return self._clamped(node, args[0] + args[1])
 
+    def op_sub(self, node, args, kwargs):
+        return args[0] - args[1]
+
     def op_mul(self, node, args, kwargs):
         return args[0] * args[1]
 
+    def op_constant(self, node, args, kwargs):
+        return _Codes(getattr(self, f"{node.name}_codes"), self.grids[node.name]).dequantize()
+
+    op_parameter = op_constant
+
+    def op_conv_transpose2d(self, node, args, kwargs):
+        g = ConvGeometry.from_dict(node.attrs["geometry"])
+        y = F.conv_transpose2d(args[0], self._weight(node.name, axis=1), getattr(self, f"{node.name}_bias", None),
+                               tuple(g.stride), tuple(g.padding), tuple(g.output_padding), g.groups, tuple(g.dilation))
+        return self._clamped(node, y)
+
+    def op_leaky_relu(self, node, args, kwargs):
+        return F.leaky_relu(args[0], node.attrs["negative_slope"])
+
+    def op_amax(self, node, args, kwargs):
+        # The partitioner has no config for amax; XNNPACK's qs8 max pooling takes the same maximum of codes, with
+        # the reduced dims as one pooling window of a [1, 1, kept, reduced] view.
+        x, grid = args[0], self.grids[node.name]
+        rows, reduced = self._reduced_last(x, node.attrs["dim"], grid)
+        window = self._requantized(rows.reshape(1, 1, -1, reduced.numel()), grid)
+        pooled = self._requantized(F.max_pool2d(window, (1, reduced.numel())), grid)
+        return pooled.reshape(self._reduced_shape(x, node.attrs["dim"], node.attrs["keepdim"]))
+
+    def op_mean(self, node, args, kwargs):
+        # The partitioner takes mean.dim only over the two inner axes of a 4-D tensor (MeanDimConfig), which
+        # XNNPACK runs as its qs8 mean: the reduced dims as those axes of a [1, kept, 1, reduced] view.
+        x, grid = args[0], self.grids[node.args[0].name]
+        rows, reduced = self._reduced_last(x, node.attrs["dims"], grid)
+        view = self._requantized(rows.reshape(1, -1, 1, reduced.numel()), grid)
+        return torch.mean(view, (2, 3), keepdim=True).reshape(
+            self._reduced_shape(x, node.attrs["dims"], node.attrs["keepdim"]))
+
+    def _reduced_last(self, x, dims, grid):
+        """x with the dims a reduction removes permuted last (a qs8 transpose), and those dims' sizes."""
+        dims = sorted(d % x.dim() for d in dims)
+        order = [d for d in range(x.dim()) if d not in dims] + dims
+        if order != list(range(x.dim())):
+            x = self._requantized(x.permute(order), grid)
+        return x, torch.Size(x.shape[x.dim() - len(dims):])
+
+    @staticmethod
+    def _reduced_shape(x, dims, keepdim):
+        dims = {d % x.dim() for d in dims}
+        return [1 if d in dims else n for d, n in enumerate(x.shape) if keepdim or d not in dims]
+
+    @staticmethod
+    def _requantized(value, grid):
+        """`value` through QUANTIZE and DEQUANTIZE on `grid`: the Q/DQ pair that makes its producer a qs8 operator."""
+        return _Codes.quantize(value, grid).dequantize()
+
+    def op_upsample_nearest(self, node, args, kwargs):
+        # The partitioner has no config for upsample_nearest2d. Each axis is instead viewed with an axis of 1
+        # after it, joined with itself `factor` times by cat and viewed back: the same codes, all of it qs8 in
+        # XNNPACK. cat counts distinct inputs (CatConfig: at least 2), so each copy has its own DEQUANTIZE.
+        grid, codes = self.grids[node.name], _Codes.quantize(args[0], self.grids[node.name])
+        for axis, factor in zip((2, 3), node.attrs["scale_factor"]):
+            if int(factor) == 1:
+                continue
+            shape = list(codes.codes.shape)
+            single = _Codes.quantize(codes.dequantize().reshape(shape[:axis + 1] + [1] + shape[axis + 1:]), grid)
+            joined = _Codes.quantize(torch.cat([single.dequantize() for _ in range(int(factor))], axis + 1), grid)
+            shape[axis] *= int(factor)
+            codes = _Codes.quantize(joined.dequantize().reshape(shape), grid)
+        return codes.dequantize()
+
     def op_cat(self, node, args, kwargs):
         # XNNPACK's qs8 concatenate takes only inputs on the output's grid (xnn_define_concatenate fails to
-        # create the node otherwise); rescaling inputs first is not checked against the runtime yet.
+        # create the node otherwise), so an input on another grid is first requantized onto it.
         out = self.grids[node.name]
-        if any(not self.grids[ref.name].same_grid(out) for ref in node.args[0]):
-            raise ExportError(f"cat at {node.path} joins tensors on other grids than its output's: XNNPACK's "
-                              "concatenate takes only inputs on the output grid, and the .pte exporter does not "
-                              "write the rescaling yet")
-        return torch.cat(list(args[0]), node.attrs["dim"])
+        return torch.cat([x if self.grids[ref.name].same_grid(out) else self._requantized(x, out)
+                          for ref, x in zip(node.args[0], args[0])], node.attrs["dim"])
 
     def op_hardswish(self, node, args, kwargs):
         return F.hardswish(args[0])
+
+    def op_tanh(self, node, args, kwargs):
+        return torch.tanh(args[0])
+
+    def op_gelu(self, node, args, kwargs):
+        return F.gelu(args[0])  # the erf form: what XNNPACK computes (approximate='tanh' is refused at prepare_qat)
 
     def op_sigmoid(self, node, args, kwargs):
         return torch.sigmoid(args[0])
@@ -239,7 +326,13 @@ class QDQProgram(nn.Module):
         return args[0]
 
     def op_call(self, node, args, kwargs):
-        return CALLS[node.attrs["fn"]](*args, **kwargs)
+        fn = node.attrs["fn"]
+        if fn in _SHAPE_ONLY_CALLS and isinstance(args[0], torch.Tensor):
+            # XNNPACK's partitioner takes squeeze/unsqueeze only on the last dim and flatten not at all, but any
+            # view_copy: the same call as a reshape to the shape it gives (worked out on a meta tensor).
+            shape = CALLS[fn](torch.empty(args[0].shape, device="meta"), *args[1:], **kwargs).shape
+            return args[0].reshape(shape)
+        return CALLS[fn](*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------

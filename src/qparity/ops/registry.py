@@ -63,8 +63,14 @@ _TFLM_NO_GELU = ("TFLite Micro registers no GELU kernel (its interpreter fails t
 _TFLM_ELU = ("TFLite Micro's int8 ELU table has not been matched bit for bit with its interpreter yet; target "
              "'xnnpack' runs ELU")
 
-_PTE_UNCHECKED = ("the .pte exporter does not write it yet, so what ExecuTorch's XNNPACK delegate computes for it is not "
-                  "checked; target 'xnnpack' (LiteRT) runs it")
+
+def _pte_float(config: str, kernel: str) -> str:
+    """Why executorch-xnnpack refuses an operator ExecuTorch's XNNPACK partitioner takes only in float32."""
+    return (f"ExecuTorch 1.5.1's XNNPACK partitioner takes it only in float32 (backends/xnnpack/partition/config/"
+            f"{config}: FP32, no static quantization), so the delegate converts the codes to float32, runs {kernel} "
+            "and converts back (XNNPACK has no rewrite to a qs8 operator), which qparity does not emulate bit for bit")
+
+
 _TORCH_NO_SUB = ("PyTorch has no quantized sub (no quantized::sub operator; torch.sub raises on quantized tensors), so "
                  "the engine has no kernel to run it")
 
@@ -96,7 +102,7 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "fbgemm, QNNPACK's on qnnpack, as measured)",
              "float conv of the zero-inserted input on straight-through weight codes, BatchNorm as torch.ao's QAT",
              "any stride, padding, output_padding, dilation, groups; no `output_size` argument; tflite/xnnpack/tflite-micro: "
-             "dilation 1 and groups 1 (TRANSPOSE_CONV has neither); fbgemm/qnnpack: one weight scale "
+             "dilation 1 and groups 1 (TRANSPOSE_CONV has neither; executorch-xnnpack likewise: XNNPACK's deconvolution takes per-channel weights only with groups 1); fbgemm/qnnpack: one weight scale "
              "per tensor, whatever `per_channel` says (PyTorch's quantized ConvTranspose2d takes no other)",
              refused_by={"x86": "PyTorch's x86 engine gives codes far from ConvTranspose2d's own definition whenever "
                                 "in_channels != out_channels in a fresh process (hundreds of codes off by up to 140 "
@@ -106,9 +112,8 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
                                         "no com.microsoft QLinearConvTranspose (only its XNNPACK provider has one); "
                                         "its quantization tool runs ConvTranspose in float",
                          "tosa": "not lowered for target 'tosa' yet (TOSA's TRANSPOSE_CONV2D takes no dilation or "
-                                 "groups, and qparity has no emitter for it)",
-                         "executorch-xnnpack": _PTE_UNCHECKED},
-             formats=("tflite",), torch_form="torch.ao.nn.quantized.ConvTranspose2d", fuses_clamp=True),
+                                 "groups, and qparity has no emitter for it)"},
+             formats=("tflite", "pte"), torch_form="torch.ao.nn.quantized.ConvTranspose2d", fuses_clamp=True),
     Operator("linear", "`nn.Linear`, `F.linear` on the model's own parameters; `nn.BatchNorm1d` right after it "
              "folded in; `nn.BatchNorm1d` on [N, C] elsewhere as a diagonal linear with the BatchNorm folded in", True,
              "as conv2d (TFLite: FULLY_CONNECTED's rule)", "float linear on straight-through weight codes",
@@ -127,8 +132,8 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "float difference of the dequantized inputs",
              "two tensors (no constants), `alpha=1`; never fused with a following ReLU (a separate clamp); "
              "xnnpack: s_a / s_y and s_b / s_y in [2^-10, 256)",
-             refused_by={**{t: _TORCH_NO_SUB for t in ("fbgemm", "x86", "qnnpack")}, "executorch-xnnpack": _PTE_UNCHECKED},
-             formats=("onnx", "tflite", "tosa")),
+             refused_by={t: _TORCH_NO_SUB for t in ("fbgemm", "x86", "qnnpack")},
+             formats=("onnx", "tflite", "tosa", "pte")),
     Operator("mul", "`a * b`, `torch.mul`, `Tensor.mul` of two tensors (broadcasting); `x ** 2`, `torch.pow(x, 2)`, "
              "`Tensor.pow(2)` as `x * x`; `nn.SiLU` / `F.silu` "
              "become sigmoid then mul", True, "the target's product of two grids (LiteRT reference: MBQM; XNNPACK "
@@ -146,7 +151,10 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "TFLite: ranks 2 to 5 (BATCH_MATMUL); scaled_dot_product_attention without mask, causal flag, "
              "dropout or GQA; nn.MultiheadAttention batch-first self-attention without masks, dropout, "
              "add_bias_kv, add_zero_attn or kdim/vdim, read only through [0]",
-             refused_by={"executorch-xnnpack": _PTE_UNCHECKED, **{t: _TORCH_FLOAT_FALLBACK for t in ("fbgemm", "x86", "qnnpack")},
+             refused_by={"executorch-xnnpack": _pte_float(
+                             "generic_node_configs.py BMMConfig", "XNNPACK's float32 batch matrix multiply (GEMM "
+                             "microkernels whose summation order depends on the CPU)"),
+                         **{t: _TORCH_FLOAT_FALLBACK for t in ("fbgemm", "x86", "qnnpack")},
                          "xnnpack": _XNNPACK_MATMUL},
              formats=("onnx", "tflite", "tosa")),
     Operator("softmax", "`nn.Softmax`, `F.softmax`, `torch.softmax`, `Tensor.softmax` over the last dimension", True,
@@ -158,7 +166,10 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "that qparity does not observe)",
              "torch.softmax of the dequantized input", "the last dimension only; no `dtype` argument; onnxruntime: "
              "more than one element; tosa: rows of at most 16384 entries",
-             refused_by={"executorch-xnnpack": _PTE_UNCHECKED, **{t: _TORCH_FLOAT_FALLBACK for t in ("fbgemm", "x86", "qnnpack")}},
+             refused_by={"executorch-xnnpack": _pte_float(
+                             "generic_node_configs.py SoftmaxConfig", "XNNPACK's float32 softmax (an exp "
+                             "approximation in raddstoreexpminusmax, float sums)"),
+                         **{t: _TORCH_FLOAT_FALLBACK for t in ("fbgemm", "x86", "qnnpack")}},
              formats=("onnx", "tflite", "tosa")),
     Operator("constant", "a Python number combined with a tensor: `x + c`, `c + x`, `x - c`, `c - x`, `x * c`, "
              "`c * x`, `x / c` (as `x * (1 / c)`; `x - c` as `x + (-c)`), `torch.add`/`sub`/`mul`/`div` and the Tensor "
@@ -170,15 +181,14 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "input's (add: zero point z - rne(c / s), or at the range's end with a widened scale and the codes "
              "requantized; mul: scale |c| s, codes mirrored for c < 0), as qparity's output grid; `c - x` refused "
              "there (no quantized rsub)",
-             refused_by={"executorch-xnnpack": _PTE_UNCHECKED}, formats=("onnx", "tflite", "tosa"),
+             formats=("onnx", "tflite", "tosa", "pte"),
              golden=False, torch_form="the number, to torch.ops.quantized.add_scalar / mul_scalar"),
     Operator("parameter", "the weight and bias of `nn.LayerNorm` / `F.layer_norm` (`elementwise_affine=True`); a "
              "parameter of the model added to or multiplied with a tensor (a position embedding, RMSNorm's weight)", True,
              "a tensor of the parameter's codes on a grid of its own (the target's QUANTIZE rule; convert writes "
              "them into the node), the second operand of mul or add", "the parameter itself, straight-through (it "
              "learns)", "broadcasts against the other operand",
-             refused_by={"executorch-xnnpack": _PTE_UNCHECKED},
-             formats=("onnx", "tflite", "tosa")),
+             formats=("onnx", "tflite", "tosa", "pte")),
     Operator("cat", "`torch.cat`, `torch.concat`", True,
              "each input rescaled to the output grid (a copy when the grids are equal)",
              "float concatenation of the dequantized inputs", "every input a tensor computed by the model",
@@ -196,42 +206,54 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              refused_by={t: _SLEEF for t in ("fbgemm", "x86")},
              formats=("onnx", "tflite", "tosa", "pte"), torch_form="torch.sigmoid (fixed grid 1/256, 0)"),
     Operator("tanh", "`nn.Tanh`, `torch.tanh`, `F.tanh`, `Tensor.tanh`", True,
-             "the target's table of all input codes; LiteRT: output grid 1/128, 0; PyTorch's engines: 2/256, 128", "torch.tanh of the dequantized input",
-             refused_by={**{t: _SLEEF for t in ("fbgemm", "x86")}, "onnxruntime": _ORT_NO_KERNEL,
-                         "executorch-xnnpack": _PTE_UNCHECKED},
-             formats=("tflite", "tosa"), torch_form="torch.tanh (fixed grid 2/256, 128)"),
+             "the target's table of all input codes; LiteRT: output grid 1/128, 0; PyTorch's engines: 2/256, 128; "
+             "executorch-xnnpack: XNNPACK's float32 f32-vtanh (rational 9/8, fused multiply-adds) between converts",
+             "torch.tanh of the dequantized input",
+             refused_by={**{t: _SLEEF for t in ("fbgemm", "x86")}, "onnxruntime": _ORT_NO_KERNEL},
+             formats=("tflite", "tosa", "pte"), torch_form="torch.tanh (fixed grid 2/256, 128)"),
     Operator("hardsigmoid", "`nn.Hardsigmoid`, `F.hardsigmoid`", True,
              "the target's table of all input codes (fbgemm/x86: vector and scalar loops); PyTorch's engines: "
              "output grid 1/256, 0", "F.hardsigmoid of the dequantized input",
              refused_by={"onnxruntime": _ORT_NO_KERNEL, "tflite": _TFLITE_NO_KERNEL, "xnnpack": _TFLITE_NO_KERNEL,
-                         "tflite-micro": _TFLITE_NO_KERNEL, "executorch-xnnpack": _PTE_UNCHECKED},
+                         "tflite-micro": _TFLITE_NO_KERNEL,
+                         "executorch-xnnpack": "ExecuTorch 1.5.1's XNNPACK partitioner has no config for hardsigmoid "
+                                               "(backends/xnnpack/partition/config/__init__.py), so it would run in "
+                                               "ExecuTorch's portable kernels outside the delegate"},
              formats=("tosa",), torch_form="F.hardsigmoid (fixed grid 1/256, 0)"),
     Operator("leaky_relu", "`nn.LeakyReLU`, `F.leaky_relu`", True,
-             "the target's table of all input codes (PyTorch's engines: their vector and scalar loops); the slope as "
-             "float32", "F.leaky_relu of the dequantized input",
-             refused_by={"executorch-xnnpack": _PTE_UNCHECKED},
-             formats=("onnx", "tflite", "tosa"), torch_form="torch.ops.quantized.leaky_relu"),
+             "the target's table of all input codes (PyTorch's engines: their vector and scalar loops; "
+             "executorch-xnnpack: XNNPACK's float32 leaky relu between its qs8/f32 converts); the slope as float32", "F.leaky_relu of the dequantized input",
+             formats=("onnx", "tflite", "tosa", "pte"), torch_form="torch.ops.quantized.leaky_relu"),
     Operator("gelu", "`nn.GELU`, `F.gelu` (approximate `\"none\"` or `\"tanh\"`)", True,
              "the target's table of all input codes (LiteRT: GELU's float32 table with the C library's erfcf / "
-             "tanhf; XNNPACK takes only float GELU, so both LiteRT targets run it)", "F.gelu of the dequantized input",
+             "tanhf; XNNPACK takes only float GELU, so both LiteRT targets run it; executorch-xnnpack: XNNPACK's "
+             "float32 f32-vgelu, a rational 12/10 erf by fused multiply-adds, between converts)",
+             "F.gelu of the dequantized input", "executorch-xnnpack: approximate `\"none\"` (its delegate computes "
+             "the erf form whatever `approximate` says; checked at prepare_qat)",
              refused_by={**{t: _SLEEF_EVERY_ENGINE for t in ("fbgemm", "x86", "qnnpack")},
-                         "onnxruntime": _ORT_NO_KERNEL, "tflite-micro": _TFLM_NO_GELU,
-                         "executorch-xnnpack": _PTE_UNCHECKED},
-             formats=("tflite", "tosa")),
+                         "onnxruntime": _ORT_NO_KERNEL, "tflite-micro": _TFLM_NO_GELU},
+             formats=("tflite", "tosa", "pte")),
     Operator("elu", "`nn.ELU`, `F.elu`", True,
              "the target's table of all input codes (XNNPACK: its reference ELU table with expm1f); alpha as "
              "float32", "F.elu of the dequantized input",
              "xnnpack: alpha = 1 (TFLite's ELU operator has no alpha; checked at prepare_qat)",
              refused_by={**{t: _SLEEF_EVERY_ENGINE for t in ("fbgemm", "x86", "qnnpack")},
                          "onnxruntime": _ORT_NO_KERNEL, "tflite": _TFLITE_REFERENCE_NO_ELU,
-                         "tflite-micro": _TFLM_ELU, "executorch-xnnpack": _PTE_UNCHECKED},
+                         "tflite-micro": _TFLM_ELU,
+                         "executorch-xnnpack": "ExecuTorch 1.5.1's XNNPACK partitioner leaves ELU out (EluConfig is "
+                                               "commented out in backends/xnnpack/partition/config/__init__.py, "
+                                               "'Waiting for PyTorch Pin Update'), so it would run in ExecuTorch's "
+                                               "portable kernels outside the delegate"},
              formats=("tflite", "tosa")),
     Operator("prelu", "`nn.PReLU` (one slope, or one per channel on dim 1)", True,
              "x, or x times the slope's code, requantized by the target's rule (numerics/prelu.py: TFLite's two "
              "multipliers; PyTorch's qprelu in float32); the learned slope on a symmetric int8 grid s_a = f(1/k), "
              "k = floor(127 / max(1, max|a|)), so 1.0 is on it; convert writes its codes into the node",
              "F.prelu of the dequantized input with straight-through slope codes (the slope learns)",
-             "|slope| <= 127", refused_by={"onnxruntime": _ORT_NO_KERNEL, "executorch-xnnpack": _PTE_UNCHECKED,
+             "|slope| <= 127", refused_by={"onnxruntime": _ORT_NO_KERNEL,
+                                           "executorch-xnnpack": _pte_float(
+                                               "node_configs.py PreluConfig", "XNNPACK's float32 PReLU with a float "
+                                               "slope (not written by the .pte exporter yet)"),
                                            "tosa": "not lowered for target 'tosa' yet (ExecuTorch's Arm backend "
                                                    "decomposes PReLU into other operators; qparity has not matched "
                                                    "that decomposition)"},
@@ -246,10 +268,9 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "max pool of the codes", "`return_indices=False`", torch_form="F.max_pool2d"),
     Operator("amax", "`torch.amax`, `Tensor.amax` over any dims but the batch (keepdim either way)", False,
              "the maximum of the codes (LiteRT: REDUCE_MAX; ONNX Runtime: ReduceMax on the codes; PyTorch's engines: "
-             "quantized max over one dim at a time)", "amax of the codes (gradient to the maxima)",
+             "quantized max over one dim at a time; executorch-xnnpack: XNNPACK's qs8 max pooling over a view)", "amax of the codes (gradient to the maxima)",
              "not over dim 0 (an exported file runs any batch size)",
-             refused_by={"executorch-xnnpack": _PTE_UNCHECKED},
-             formats=("onnx", "tflite", "tosa"), torch_form="torch.max(x, dim).values, one dim at a time"),
+             formats=("onnx", "tflite", "tosa", "pte"), torch_form="torch.max(x, dim).values, one dim at a time"),
     Operator("avg_pool2d", "`nn.AvgPool2d`, `F.avg_pool2d`, `nn.AdaptiveAvgPool2d`, `F.adaptive_avg_pool2d`, "
              "`torch.mean`/`Tensor.mean` over (H, W) or over L of an [N, C, L] tensor, `nn.AdaptiveAvgPool1d`, "
              "`F.adaptive_avg_pool1d`, `nn.AvgPool1d` (on [N, C, 1, L])", False,
@@ -262,29 +283,33 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
     Operator("mean", "`torch.mean`, `Tensor.mean` over any dimensions but the batch (`keepdim` or not), except the "
              "means over (H, W) and over L that avg_pool2d runs", True,
              "the target's mean of the exact centered sums sum(q - z) (LiteRT: MEAN's reference kernel, "
-             "QuantizedMeanOrSum; TOSA: REDUCE_SUM, then one RESCALE by s_x / (count s_y))", "mean of the dequantized input", "not over the batch dimension",
-             refused_by={"executorch-xnnpack": _PTE_UNCHECKED, **{t: _TORCH_MEAN for t in ("fbgemm", "x86", "qnnpack")},
+             "QuantizedMeanOrSum; TOSA: REDUCE_SUM, then one RESCALE by s_x / (count s_y); executorch-xnnpack: "
+             "XNNPACK's qs8 mean, one float32 scale on the raw int32 sum, as the .pte file runs it over a 4-D view)",
+             "mean of the dequantized input", "not over the batch dimension",
+             refused_by={**{t: _TORCH_MEAN for t in ("fbgemm", "x86", "qnnpack")},
                          "onnxruntime": "ONNX Runtime's CPU provider registers no kernel for com.microsoft "
                                         "QLinearReduceMean (its schema exists; a session fails with NOT_IMPLEMENTED, "
                                         "measured with onnxruntime 1.32)",
                          "xnnpack": _XNNPACK_MEAN},
-             formats=("tflite", "tosa")),
+             formats=("tflite", "tosa", "pte")),
     Operator("rsqrt", "`torch.rsqrt`, `Tensor.rsqrt`; `nn.LayerNorm` / `F.layer_norm` over the last dimension become "
              "mean, sub, mul (the square), mean, add (eps), rsqrt, mul, then mul and add by their parameter tensors", True,
              "the target's table of all input codes (LiteRT: RSQRT's fixed-point Newton-Raphson, numerics/rsqrt.py; "
              "exact: decided on the rational square; TOSA: a TABLE of torch.rsqrt, as Arm's backend builds it); the code of real 0 gives the top code",
              "torch.rsqrt of the dequantized input, floored at half a step",
              "a nonnegative input: its grid's zero point is the lowest code (checked once the grids are known)",
-             refused_by={"executorch-xnnpack": _PTE_UNCHECKED, **{t: "PyTorch has no quantized rsqrt kernel" for t in ("fbgemm", "x86", "qnnpack")},
+             refused_by={"executorch-xnnpack": _pte_float("generic_node_configs.py ReciprocalSquareRootConfig",
+                                                          "XNNPACK's f32-vrsqrt microkernel"),
+                         **{t: "PyTorch has no quantized rsqrt kernel" for t in ("fbgemm", "x86", "qnnpack")},
                          "onnxruntime": _ORT_NO_KERNEL,
                          "xnnpack": "LiteRT's XNNPACK delegate takes only float RSQRT, and qparity does not "
                                     "emulate the reference kernel inside the xnnpack target; target 'tflite' runs it"},
              formats=("tflite", "tosa")),
     Operator("upsample_nearest", "`nn.Upsample`, `F.interpolate` with mode='nearest' by integer factors", False,
-             "copies codes: output[y, x] = input[y // k_h, x // k_w]", "nearest upsampling of the codes",
+             "copies codes: output[y, x] = input[y // k_h, x // k_w] (executorch-xnnpack: as XNNPACK's qs8 views "
+             "and concatenations)", "nearest upsampling of the codes",
              "4-D inputs; integer factors where the runtimes' float32 index rule is exact (checked at capture)",
-             refused_by={"executorch-xnnpack": _PTE_UNCHECKED},
-             formats=("onnx", "tflite", "tosa"), torch_form="F.interpolate(mode='nearest')"),
+             formats=("onnx", "tflite", "tosa", "pte"), torch_form="F.interpolate(mode='nearest')"),
     Operator("upsample_bilinear", "`nn.Upsample`, `F.interpolate` with mode='bilinear' (align_corners False or "
              "True) to any size or by integer factors", False,
              "the target's interpolation of the four neighbouring codes (numerics/resampling.py; LiteRT reference: "
@@ -297,7 +322,10 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
                                         "(UpsampleBilinear, NCHW, graph optimizations off) and 10-bit integer weights "
                                         "(NhwcUpsampleBilinearInteger, after its NHWC transformer with optimizations "
                                         "on; 1-4% of codes 1 apart, measured), so no one rule gives a file's codes",
-                         "tosa": _TOSA_NO_RESIZE, "executorch-xnnpack": _PTE_UNCHECKED},
+                         "tosa": _TOSA_NO_RESIZE,
+                         "executorch-xnnpack": _pte_float("generic_node_configs.py UpsampleBilinear2dConfig",
+                                                          "XNNPACK's float32 bilinear resize (1,482 of 27,648 codes "
+                                                          "differ from the qs8 rule, measured)")},
              formats=("tflite",), torch_form="F.interpolate(mode='bilinear') on NCHW (contiguous) tensors"),
     Operator("pad", "`F.pad` (constant 0), `nn.ZeroPad2d`, `nn.ConstantPad2d(value=0)`, `nn.ZeroPad1d`, "
              "`nn.ConstantPad1d(value=0)`", False, "pads the codes with the zero point's code (real 0)",

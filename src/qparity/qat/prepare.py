@@ -75,6 +75,7 @@ def refuse_what_the_target_cannot_run(graph: Graph, layers, target: Target) -> N
         if node.op == "avg_pool2d":
             try:
                 refuse_uneven_windows(target, node.attrs)
+                target.check_average_pool(node.attrs)
             except UnsupportedOpError as error:
                 raise UnsupportedOpError(f"{node.op} at {node.path}: {error}") from None
         if node.attrs.get("broadcast"):
