@@ -1,10 +1,10 @@
 """from_torch of a convert_pt2e model: the IntegerModel of target pt2e-reference computes every code the converted
 model's QUANTIZE nodes compute (torch.equal), and refuses by name what it cannot read."""
+import copy
 import warnings
 
 import pytest
 import torch
-from torch import nn
 from torch.fx import Interpreter
 
 import qparity
@@ -88,19 +88,15 @@ def test_x86_inductor_quantizer_flows_are_refused_naming_the_value_left_in_float
         qparity.from_torch(converted, x)
 
 
-class Sigmoid(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-
-    def forward(self, x):
-        return torch.sigmoid(self.conv(x))
-
-
-def test_an_operator_qparity_does_not_read_is_refused_naming_the_node():
-    _, converted, x = build_pt2e(xnnpack_quantizer(), model=Sigmoid())
-    with pytest.raises(UnsupportedOpError, match=r"PT2E node 'sigmoid' \(aten::sigmoid\) .*does not read"):
-        qparity.from_torch(converted, x)
+def test_an_operator_qparity_does_not_read_is_refused_naming_the_node(default_flow):
+    """The flow's converted graph with its mean made a sum (aten.sum.dim_IntList takes the same arguments)."""
+    _, converted, x, _ = default_flow
+    edited = copy.deepcopy(converted)
+    mean = next(n for n in edited.graph.nodes if n.target is torch.ops.aten.mean.dim)
+    mean.target = torch.ops.aten.sum.dim_IntList
+    edited.recompile()
+    with pytest.raises(UnsupportedOpError, match=r"PT2E node 'mean' \(aten::sum\) .*does not read"):
+        qparity.from_torch(edited, x)
 
 
 def test_the_reference_target_is_read_only():

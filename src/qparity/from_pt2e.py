@@ -109,7 +109,9 @@ class _Reader:
 
     # -- grids ------------------------------------------------------------------------------------------------
     def grid(self, node: fx.Node) -> QParams:
-        scale, zero_point, qmin, qmax, dtype = node.args[1:6]
+        scale, zero_point, qmin, qmax, dtype = (self.values[a] if isinstance(a, fx.Node) else a for a in node.args[1:6])
+        if isinstance(scale, torch.Tensor) or isinstance(zero_point, torch.Tensor):
+            scale, zero_point = float(scale), int(zero_point)  # qparams held as graph constants (tensor overload)
         if dtype not in DTYPE_NAMES or DTYPE_NAMES[dtype] not in ("int8", "uint8"):
             raise self.refuse(node, f"activations quantized to {dtype} (qparity reads int8 and uint8)")
         dtype_name = DTYPE_NAMES[dtype]
