@@ -58,8 +58,9 @@ def test_activation_fake_equals_integer_on_every_code_or_is_refused_at_prepare(o
         return
     try:
         prepared, integer, x = convert_activation(op, target, scale, offset)
-    except UnsupportedOpError as error:  # a grid the runtime itself refuses, named as such
-        assert op == "hardswish" and "HARD_SWISH refuses" in str(error), error
+    except UnsupportedOpError as error:  # a grid or form the runtime itself refuses, named as such
+        assert (op == "hardswish" and "HARD_SWISH refuses" in str(error)) or (
+            op == "gelu_tanh" and target == "executorch-xnnpack" and "computes the erf form" in str(error)), error
         return
     assert torch.equal(prepared.eval()(x), integer(x))
     grid = integer.input_qparams[0]
