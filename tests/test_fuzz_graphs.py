@@ -172,7 +172,10 @@ def test_random_networks_are_exact_everywhere(tmp_path_factory, network, target,
     if refused:
         with pytest.raises(UnsupportedOpError) as error:
             qp.prepare_qat(net, (batches[0],), target=target, activation_dtype=dtype)
-        assert any(op.replace("_", "") in str(error.value).replace("_", "").lower() for op in refused), error.value
+        # The first refusal met in graph order: a refused operator, or a documented per-configuration refusal
+        # of a layer before it (e.g. tosa's grouped conv ahead of its conv_transpose2d).
+        named = any(op.replace("_", "") in str(error.value).replace("_", "").lower() for op in refused)
+        assert named or any(target == t and phrase in str(error.value) for t, phrase in DOCUMENTED_REFUSALS), error.value
         event("refused at prepare_qat, as the registry says")
         return
     try:
