@@ -13,6 +13,18 @@ settings.load_profile("qparity")
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
+@pytest.fixture
+def pt2e_runtimes():
+    """torchao and ExecuTorch (the `executorch` extra), with their deprecation warnings silenced."""
+    from helpers import require_optional_runtime
+
+    require_optional_runtime("torchao", "executorch")
+    require_optional_runtime("executorch", "executorch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 @pytest.fixture(scope="session")
 def default_flow():
     """The PT2E QAT flow of tests/pt2e_case.py (XNNPACKQuantizer, conv+BN+ReLU, residual add, mean, linear) and

@@ -1,7 +1,6 @@
 """The doctor on torchao's PT2E flow (prepare_qat_pt2e / convert_pt2e): every number it states is checked
 against the two graphs directly, and every differing conv/linear code is explained."""
 import json
-import warnings
 from pathlib import Path
 
 import pytest
@@ -9,20 +8,13 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import qparity
-from helpers import require_optional_runtime
 from pt2e_case import build_pt2e, xnnpack_quantizer
 from qparity.cli import main
 from qparity.numerics.pt2e_reference import reference_codes
 from qparity.errors import QParityError
 
 
-@pytest.fixture(autouse=True)
-def _runtimes():
-    require_optional_runtime("torchao", "executorch")
-    require_optional_runtime("executorch", "executorch")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("pt2e_runtimes")
 
 
 def _values(graph_module, x, keep):

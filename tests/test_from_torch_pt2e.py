@@ -1,27 +1,19 @@
 """from_torch of a convert_pt2e model: the IntegerModel of target pt2e-reference computes every code the converted
 model's QUANTIZE nodes compute (torch.equal), and refuses by name what it cannot read."""
 import copy
-import warnings
 
 import pytest
 import torch
 from torch.fx import Interpreter
 
 import qparity
-from helpers import require_optional_runtime
 from pt2e_case import PoolNet, ResidualNet, build_pt2e, x86_quantizer, xnnpack_quantizer
 from qparity.errors import QParityError, UnsupportedOpError
 
 QUANTIZE = "quantized_decomposed.quantize_per_tensor.default"
 
 
-@pytest.fixture(autouse=True)
-def _runtimes():
-    require_optional_runtime("torchao", "executorch")
-    require_optional_runtime("executorch", "executorch")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("pt2e_runtimes")
 
 
 def quantize_codes(converted, x):
