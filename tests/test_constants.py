@@ -19,7 +19,7 @@ from helpers import FILE_SUFFIXES, assert_runtime_gives_the_same_codes, calibrat
 ENGINES = ("fbgemm", "x86", "qnnpack")
 OPS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv}
 # Scale ratios a runtime refuses (e.g. x * 0 makes the output grid collapse): named per-configuration refusals.
-REFUSED_RATIOS = (("xnnpack", "XNNPACK"), ("onnxruntime", "QLinearMul wraps"))
+REFUSED_RATIOS = (("xnnpack", "XNNPACK"), ("executorch-xnnpack", "XNNPACK"), ("onnxruntime", "QLinearMul wraps"))
 numbers = st.one_of(st.floats(-50, 50, allow_nan=False, width=32).filter(lambda v: v == 0 or abs(v) >= 1e-30), st.integers(-20, 20),
                     st.sampled_from([0.0, 1.0, -1.0, 6.0, 1 / 6, 3.0, 1e-3]))
 
