@@ -252,3 +252,26 @@ def test_onnxruntime_refuses_a_softmax_over_one_element_by_name():
 def test_what_no_target_emulates_is_refused_at_prepare_qat_by_name(kind, target, message):
     with pytest.raises(UnsupportedOpError, match=message):
         qp.prepare_qat(Unsupported(kind), (torch.randn(2, 3, 8),), target=target)
+
+
+class BroadcastMatmul(nn.Module):
+    """Per-head queries against one shared key matrix: batch dimensions [N, H] and [N, 1] broadcast."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        return torch.matmul(self.q(x), self.k(x[:, :1]).transpose(-1, -2))
+
+
+def test_matmul_with_broadcast_batch_dimensions_runs_on_tflite_and_is_refused_by_tosa_at_prepare_qat(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 6)
+    prepared = qp.prepare_qat(BroadcastMatmul(), (x,), target="tflite")
+    calibrate(prepared, [x, -x])
+    integer = qp.convert(qp.freeze(prepared))
+    assert torch.equal(prepared.eval()(x), integer(x))
+    assert_runtime_gives_the_same_codes(integer, x, tmp_path)
+    with pytest.raises(UnsupportedOpError, match="matmul at .*batch dimensions broadcast.*'tflite'"):
+        qp.prepare_qat(BroadcastMatmul(), (x,), target="tosa")

@@ -628,7 +628,10 @@ class _Builder:
         if min(ranks) < 2:
             raise self.unsupported(node, f"matmul of ranks {ranks}: both operands need rank >= 2 (unsqueeze a "
                                          "vector first)")
-        self.emit(node, "matmul", [self.ref(a), self.ref(b)], attrs={})
+        # Batch dimensions that broadcast are recorded, so that prepare_qat refuses them on a target whose
+        # kernel takes equal ones only (TOSA's MATMUL).
+        batch = (self.values[a.name].shape[:-2], self.values[b.name].shape[:-2])
+        self.emit(node, "matmul", [self.ref(a), self.ref(b)], attrs={"broadcast": True} if batch[0] != batch[1] else {})
 
     def emit_softmax(self, node, x, dim, dtype) -> None:
         rank = self.values[x.name].dim()

@@ -193,6 +193,12 @@ class TosaTarget(Target):
         scale, zero_point = grid_views(qp, x)
         return torch.round(x.to(torch.float32).to(torch.float64) / scale.to(torch.float64)) + zero_point
 
+    def check_broadcast(self, op):
+        if op == "matmul":
+            raise UnsupportedOpError("a matmul whose batch dimensions broadcast: TOSA's MATMUL takes equal batch "
+                                     "dimensions (expand the operands to one shape first); target 'tflite' runs it "
+                                     "(BATCH_MATMUL broadcasts them)")
+
     def accumulation(self, geometry, weight_shape):
         # TOSA has CONV2D and DEPTHWISE_CONV2D (one input channel per group) only; ExecuTorch splits other grouped
         # convs into one conv per group (decompose_grouped_conv_pass.py), which qparity's exporter does not.
