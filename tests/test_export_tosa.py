@@ -25,7 +25,7 @@ from torch import nn
 import qparity as qp
 from qparity.errors import ExportError, InvalidParameterError, UnsupportedOpError
 from qparity.export.tosa import _Graph, export_tosa, run_tosa
-from qparity.numerics.tosa import apply_scale_32, reciprocal_scale, rescale_parameters
+from qparity.numerics.tosa import SOFTMAX_MAX_ROW, apply_scale_32, reciprocal_scale, rescale_parameters
 
 
 
@@ -432,3 +432,15 @@ def test_a_file_that_is_no_tosa_graph_is_a_model_file_error(tmp_path):
     path.write_bytes(b"not a flatbuffer at all")
     with pytest.raises(ModelFileError):
         qp.verify(integer, path, batches[0])
+
+
+class LongSoftmax(nn.Module):
+    def forward(self, x):
+        return torch.softmax(x, dim=-1)
+
+
+def test_a_softmax_row_longer_than_the_tosa_program_sums_is_refused_at_prepare_qat():
+    x = torch.randn(1, SOFTMAX_MAX_ROW + 1)
+    with pytest.raises(UnsupportedOpError, match=f"softmax at .*{SOFTMAX_MAX_ROW + 1} entries.*'tflite'"):
+        qp.prepare_qat(LongSoftmax(), (x,), target="tosa")
+    qp.prepare_qat(LongSoftmax(), (x[:, :SOFTMAX_MAX_ROW],), target="tosa")

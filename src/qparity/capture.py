@@ -640,7 +640,8 @@ class _Builder:
                                          "which every runtime's kernel reduces; transpose first)")
         if dtype is not None:
             raise self.unsupported(node, f"softmax with dtype={dtype}")
-        self.emit(node, "softmax", [self.ref(x)], attrs={})
+        # The row length, so that prepare_qat can refuse rows a target's kernel cannot sum (Target.check_softmax).
+        self.emit(node, "softmax", [self.ref(x)], attrs={"length": int(self.values[x.name].shape[-1])})
 
     def emit_attention(self, node, args, kwargs) -> None:
         """F.scaled_dot_product_attention written out as the runtimes run it: matmul(q, k^T), mul by the scale

@@ -142,6 +142,9 @@ class Target:
     def check_broadcast(self, op: str) -> None:
         """Raise UnsupportedOpError when the target's kernel for `op` cannot take operands of different shapes."""
 
+    def check_softmax(self, attrs: dict) -> None:
+        """Raise UnsupportedOpError when the target's softmax cannot take rows of this length (attrs["length"])."""
+
     def check_average_pool(self, attrs: dict) -> None:
         """Raise UnsupportedOpError when the target's runtime cannot run this avg_pool2d (its captured attrs)."""
 

@@ -193,6 +193,12 @@ class TosaTarget(Target):
         scale, zero_point = grid_views(qp, x)
         return torch.round(x.to(torch.float32).to(torch.float64) / scale.to(torch.float64)) + zero_point
 
+    def check_softmax(self, attrs):
+        length = attrs.get("length", 0)
+        if length > SOFTMAX_MAX_ROW:
+            raise UnsupportedOpError(f"a softmax over {length} entries: qparity's TOSA softmax sums rows of at most "
+                                     f"{SOFTMAX_MAX_ROW} in int32; target 'tflite' runs it")
+
     def check_broadcast(self, op):
         if op == "matmul":
             raise UnsupportedOpError("a matmul whose batch dimensions broadcast: TOSA's MATMUL takes equal batch "
