@@ -158,9 +158,8 @@ class _FloatOnnxBuilder(_OnnxBuilder):
 
     # -- values ---------------------------------------------------------------------------------------------
     def real(self, qp: QParams, codes) -> np.ndarray:
-        """float32((q - z) * s): the dequantized value the fake-quant forward computes."""
-        return ((torch.as_tensor(codes, dtype=torch.float64) - int(qp.zero_point)) * float(qp.scale)).to(
-            torch.float32).numpy()
+        """The dequantized value the fake-quant forward computes (the numerics' one dequantize rule)."""
+        return self.model.target.dequantize(torch.as_tensor(codes, dtype=torch.int64), qp).numpy()
 
     def clamped(self, name: str, node: Node) -> str:
         """A conv/linear/add's result `name`, on the output grid (the integer program requantizes, saturates,
