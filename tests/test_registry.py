@@ -8,6 +8,7 @@ from torch import nn
 
 import qparity as qp
 from qparity.errors import UnsupportedOpError
+from qparity.export.aimet import FLOAT_OPS, _FloatOnnxBuilder
 from qparity.export.onnx import _OnnxBuilder
 from qparity.export.pte import QDQProgram
 from qparity.export.tflite import _Exporter as TFLiteExporter
@@ -39,6 +40,15 @@ def test_the_program_executor_runs_every_registered_operator_in_both_modes():
 def test_each_emitter_writes_exactly_the_operators_the_registry_gives_its_format(file_format):
     declared = {name for name, op in OPERATORS.items() if file_format in op.formats}
     assert handled(EMITTERS[file_format]) == declared
+
+
+def test_the_aimet_export_writes_a_float_form_for_exactly_the_operators_the_registry_says():
+    declared = {name for name, op in OPERATORS.items() if op.aimet}
+    assert set(FLOAT_OPS) == declared and declared <= handled(_FloatOnnxBuilder)
+    # An emitter inherited from the QOperator builder moves codes; on floats it is only right for operators that
+    # keep their input's grid (layout, max, dropout), never for one that computes a new grid.
+    inherited = declared - {name[3:] for name in vars(_FloatOnnxBuilder) if name.startswith("op_")}
+    assert inherited and not any(OPERATORS[name].new_grid for name in inherited), inherited
 
 
 def test_golden_writes_parameters_for_exactly_the_operators_the_registry_says():

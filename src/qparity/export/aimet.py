@@ -35,15 +35,15 @@ from ..files import path_of, replacing
 from ..graph import Node, fused_clamp_bounds, leaves, resolve
 from ..numerics.accumulate import ConvGeometry
 from ..ops import constant, parameter
+from ..ops.registry import OPERATORS
 from ..qparams import QParams
 from ..runtime import IntegerModel
 from .onnx import IR_VERSION, _conv_pads, _OnnxBuilder
 
 VERSIONS = ("1.0.0", "0.6.1")
-# The operators written as float ONNX (the QOperator builder's layout ops move floats as they move codes).
-FLOAT_OPS = ("input", "conv2d", "linear", "add", "sub", "mul", "matmul", "softmax", "cat", "sigmoid", "tanh",
-             "hardswish", "leaky_relu", "max_pool2d", "avg_pool2d", "amax", "upsample_nearest", "pad", "clamp",
-             "dropout", "call", "constant", "parameter")
+# The operators written as float ONNX (the QOperator builder's layout ops move floats as they move codes): the
+# registry's `aimet` entries, so an operator added there is exported or refused here without a second list.
+FLOAT_OPS = tuple(name for name, op in OPERATORS.items() if op.aimet)
 WEIGHT_BITS, BIAS_BITS = 8, 32
 
 

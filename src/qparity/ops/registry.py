@@ -31,6 +31,7 @@ class Operator:
     golden: bool = True                 # golden() writes its integer parameters
     torch_form: Optional[str] = None    # the torch.ao quantized form to_torch uses (None: not convertible)
     fuses_clamp: bool = False           # a clamp right after it (its only user) becomes its output range
+    aimet: bool = True                  # the AIMET export (Qualcomm QNN/SNPE) writes it as a float ONNX operator
 
     def targets(self) -> Tuple[str, ...]:
         """The targets that run this operator."""
@@ -113,7 +114,7 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
                                         "its quantization tool runs ConvTranspose in float",
                          "tosa": "not lowered for target 'tosa' yet (TOSA's TRANSPOSE_CONV2D takes no dilation or "
                                  "groups, and qparity has no emitter for it)"},
-             formats=("tflite", "pte"), torch_form="torch.ao.nn.quantized.ConvTranspose2d", fuses_clamp=True),
+             formats=("tflite", "pte"), torch_form="torch.ao.nn.quantized.ConvTranspose2d", fuses_clamp=True, aimet=False),
     Operator("linear", "`nn.Linear`, `F.linear` on the model's own parameters; `nn.BatchNorm1d` right after it "
              "folded in; `nn.BatchNorm1d` on [N, C] elsewhere as a diagonal linear with the BatchNorm folded in", True,
              "as conv2d (TFLite: FULLY_CONNECTED's rule)", "float linear on straight-through weight codes",
@@ -219,7 +220,7 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
                          "executorch-xnnpack": "ExecuTorch 1.5.1's XNNPACK partitioner has no config for hardsigmoid "
                                                "(backends/xnnpack/partition/config/__init__.py), so it would run in "
                                                "ExecuTorch's portable kernels outside the delegate"},
-             formats=("tosa",), torch_form="F.hardsigmoid (fixed grid 1/256, 0)"),
+             formats=("tosa",), torch_form="F.hardsigmoid (fixed grid 1/256, 0)", aimet=False),
     Operator("leaky_relu", "`nn.LeakyReLU`, `F.leaky_relu`", True,
              "the target's table of all input codes (PyTorch's engines: their vector and scalar loops; "
              "executorch-xnnpack: XNNPACK's float32 leaky relu between its qs8/f32 converts); the slope as float32", "F.leaky_relu of the dequantized input",
@@ -232,7 +233,7 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "the erf form whatever `approximate` says; checked at prepare_qat)",
              refused_by={**{t: _SLEEF_EVERY_ENGINE for t in ("fbgemm", "x86", "qnnpack")},
                          "onnxruntime": _ORT_NO_KERNEL, "tflite-micro": _TFLM_NO_GELU},
-             formats=("tflite", "tosa", "pte")),
+             formats=("tflite", "tosa", "pte"), aimet=False),
     Operator("elu", "`nn.ELU`, `F.elu`", True,
              "the target's table of all input codes (XNNPACK: its reference ELU table with expm1f); alpha as "
              "float32", "F.elu of the dequantized input",
@@ -244,7 +245,7 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
                                                "commented out in backends/xnnpack/partition/config/__init__.py, "
                                                "'Waiting for PyTorch Pin Update'), so it would run in ExecuTorch's "
                                                "portable kernels outside the delegate"},
-             formats=("tflite", "tosa")),
+             formats=("tflite", "tosa"), aimet=False),
     Operator("prelu", "`nn.PReLU` (one slope, or one per channel on dim 1)", True,
              "x, or x times the slope's code, requantized by the target's rule (numerics/prelu.py: TFLite's two "
              "multipliers; PyTorch's qprelu in float32); the learned slope on a symmetric int8 grid s_a = f(1/k), "
@@ -257,7 +258,7 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
                                            "tosa": "not lowered for target 'tosa' yet (ExecuTorch's Arm backend "
                                                    "decomposes PReLU into other operators; qparity has not matched "
                                                    "that decomposition)"},
-             formats=("tflite",), torch_form="torch.ops.quantized.prelu (quint8 slope, zero point 128)"),
+             formats=("tflite",), torch_form="torch.ops.quantized.prelu (quint8 slope, zero point 128)", aimet=False),
     Operator("clamp", "`nn.ReLU`, `nn.ReLU6`, `nn.Hardtanh`, `F.relu`, `torch.relu`, `Tensor.relu`, `F.relu6`, "
              "`F.hardtanh`, `torch.clamp`/`clip`, `Tensor.clamp`/`clip`", False,
              "fused into the output range of the conv/linear/add right before it when that node has no other "
@@ -291,7 +292,7 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
                                         "QLinearReduceMean (its schema exists; a session fails with NOT_IMPLEMENTED, "
                                         "measured with onnxruntime 1.32)",
                          "xnnpack": _XNNPACK_MEAN},
-             formats=("tflite", "tosa", "pte")),
+             formats=("tflite", "tosa", "pte"), aimet=False),
     Operator("rsqrt", "`torch.rsqrt`, `Tensor.rsqrt`; `nn.LayerNorm` / `F.layer_norm` over the last dimension become "
              "mean, sub, mul (the square), mean, add (eps), rsqrt, mul, then mul and add by their parameter tensors", True,
              "the target's table of all input codes (LiteRT: RSQRT's fixed-point Newton-Raphson, numerics/rsqrt.py; "
@@ -304,7 +305,7 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
                          "onnxruntime": _ORT_NO_KERNEL,
                          "xnnpack": "LiteRT's XNNPACK delegate takes only float RSQRT, and qparity does not "
                                     "emulate the reference kernel inside the xnnpack target; target 'tflite' runs it"},
-             formats=("tflite", "tosa")),
+             formats=("tflite", "tosa"), aimet=False),
     Operator("upsample_nearest", "`nn.Upsample`, `F.interpolate` with mode='nearest' by integer factors", False,
              "copies codes: output[y, x] = input[y // k_h, x // k_w] (executorch-xnnpack: as XNNPACK's qs8 views "
              "and concatenations)", "nearest upsampling of the codes",
@@ -326,7 +327,7 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
                          "executorch-xnnpack": _pte_float("generic_node_configs.py UpsampleBilinear2dConfig",
                                                           "XNNPACK's float32 bilinear resize (1,482 of 27,648 codes "
                                                           "differ from the qs8 rule, measured)")},
-             formats=("tflite",), torch_form="F.interpolate(mode='bilinear') on NCHW (contiguous) tensors"),
+             formats=("tflite",), torch_form="F.interpolate(mode='bilinear') on NCHW (contiguous) tensors", aimet=False),
     Operator("pad", "`F.pad` (constant 0), `nn.ZeroPad2d`, `nn.ConstantPad2d(value=0)`, `nn.ZeroPad1d`, "
              "`nn.ConstantPad1d(value=0)`", False, "pads the codes with the zero point's code (real 0)",
              "the same padding of the codes", "zeros only; no negative padding", torch_form="F.pad"),
@@ -383,12 +384,12 @@ def ops_markdown() -> str:
                      f"{op.surrogate} | {op.restrictions} |")
     lines += ["", "## Operators x targets", "",
               "| operator | " + " | ".join(TARGET_NAMES) + " | " + " | ".join(f".{f}" for f in FILE_FORMATS)
-              + " | golden | to_torch |",
-              "|---|" + "---|" * (len(TARGET_NAMES) + len(FILE_FORMATS) + 2)]
+              + " | golden | to_torch | AIMET encodings |",
+              "|---|" + "---|" * (len(TARGET_NAMES) + len(FILE_FORMATS) + 3)]
     for op in OPERATORS.values():
         cells = ["yes" if t in op.targets() else "refused" for t in TARGET_NAMES]
         cells += ["yes" if f in op.formats else "no" for f in FILE_FORMATS]
-        cells += ["yes" if op.golden else "codes only", op.torch_form or "no"]
+        cells += ["yes" if op.golden else "codes only", op.torch_form or "no", "yes" if op.aimet else "no"]
         lines.append(f"| {op.name} | " + " | ".join(cells) + " |")
     supported = sum(len(op.targets()) for op in OPERATORS.values())
     lines += ["", f"{supported} of {len(OPERATORS) * len(TARGET_NAMES)} (operator, target) pairs run.", "",
