@@ -10,7 +10,7 @@ from torch import nn
 from torch.fx import Interpreter
 
 import qparity
-from pt2e_case import PoolNet, ResidualNet, build_pt2e, x86_quantizer, xnnpack_quantizer
+from pt2e_case import PoolNet, ResidualNet, X86Net, build_pt2e, x86_quantizer, xnnpack_quantizer
 from qparity.errors import ModelFileError, QParityError, UnsupportedOpError
 from qparity.serialize import PREFIX
 from test_hostile_files import write
@@ -121,27 +121,6 @@ def test_the_reference_target_is_read_only():
     assert "pt2e-reference" not in qparity.TARGETS
 
 
-class X86Net(nn.Module):
-    """What X86InductorQuantizer leaves in float32: conv+BN+ReLU -> max pool (quantized), a conv and an average
-    pool joined by cat, a channel slice, a conv whose output meets the pool's in a float cat, adaptive average
-    pool + flatten (quantized for the linear), and the linear's float model output."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.conv3 = nn.Conv2d(4, 4, 1)
-        self.fc = nn.Linear(12, 5)
-
-    def forward(self, x):
-        y = torch.max_pool2d(torch.relu(self.bn(self.conv(x))), 2)
-        z = torch.cat([self.conv2(y), nn.functional.avg_pool2d(y, 3, 1, 1)], 1)
-        z = self.conv3(z[:, 2:6])
-        z = nn.functional.adaptive_avg_pool2d(torch.cat([z, y], 1), 1)
-        return self.fc(torch.flatten(z, 1))
-
-
 class ShapeNet(nn.Module):
     """Shape operators between XNNPACKQuantizer's Q/DQ pairs: cat, max pool, permute, reshape, slice, flatten on
     codes; an unsqueeze -> squeeze pair it leaves in float32 between them."""
@@ -184,17 +163,6 @@ def xnnpack_ptq_quantizer():
 
 
 @pytest.fixture(scope="module")
-def x86_qat():
-    """The X86InductorQuantizer QAT flow on X86Net (convert_pt2e's BN folding: about 40 s of CPU)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _, converted, x = build_pt2e(x86_quantizer(), model=X86Net())
-    return converted, x
-
-
-@pytest.fixture(scope="module")
 def x86_ptq():
     import warnings
 
@@ -203,8 +171,8 @@ def x86_ptq():
         return build_ptq(x86_ptq_quantizer(), X86Net())
 
 
-def test_x86_inductor_qat_flow_gives_every_code_every_float_value_and_the_float_output(x86_qat):
-    converted, x = x86_qat
+def test_x86_inductor_qat_flow_gives_every_code_every_float_value_and_the_float_output(x86_flow):
+    _, converted, x = x86_flow
     model = qparity.from_torch(converted, x)
     ops = [n.op for n in model.graph.nodes]
     assert model.activation_dtype == "uint8" and {"aten_float", "quantize", "conv2d"} <= set(ops)
@@ -229,8 +197,8 @@ def test_x86_inductor_ptq_flow_equals_the_converted_model_on_random_inputs(x86_p
     assert_every_value_equal(converted, model, [torch.randn(2, 3, 12, 12, generator=generator) * spread])
 
 
-def test_x86_inductor_flow_gives_every_value_after_save_and_load(x86_qat, tmp_path):
-    converted, x = x86_qat
+def test_x86_inductor_flow_gives_every_value_after_save_and_load(x86_flow, tmp_path):
+    _, converted, x = x86_flow
     qparity.from_torch(converted, x).save(tmp_path / "x86.qp")
     model = qparity.load(tmp_path / "x86.qp")
     assert model.graph.node("linear").op == "aten_float" and "linear" in model.layers
