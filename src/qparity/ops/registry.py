@@ -31,6 +31,8 @@ class Operator:
     golden: bool = True                 # golden() writes its integer parameters
     torch_form: Optional[str] = None    # the torch.ao quantized form to_torch uses (None: not convertible)
     fuses_clamp: bool = False           # a clamp right after it (its only user) becomes its output range
+    captured: bool = True               # prepare_qat captures it from a PyTorch model (False: only from_torch of
+    #                                     a convert_pt2e graph writes it)
 
     def targets(self) -> Tuple[str, ...]:
         """The targets that run this operator."""
@@ -347,13 +349,14 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "float32 (torchao's X86InductorQuantizer: an operator whose output no int8 operator takes, a model "
              "output)", False, "the graph's own ATen call in float32 on the dequantized inputs (ops/aten_float.py)",
              "none (not trained)", "the ATen calls listed in ops/aten_float.py; a float32 value, no grid",
-             refused_by={t: _PT2E_ONLY for t in TARGET_NAMES}, formats=(), golden=False),
+             refused_by={t: _PT2E_ONLY for t in TARGET_NAMES}, formats=(), golden=False, captured=False),
     Operator("quantize", "none: `qparity.from_torch` of a convert_pt2e model, for the quantize_per_tensor of a value "
              "its quantizer left in float32", True, "the target's QUANTIZE rule on the float32 value",
              "none (not trained)", "a float32 input (an aten_float node's)",
-             refused_by={t: _PT2E_ONLY for t in TARGET_NAMES}, formats=(), golden=False),
+             refused_by={t: _PT2E_ONLY for t in TARGET_NAMES}, formats=(), golden=False, captured=False),
 )}
 
+CAPTURED_OPS = tuple(name for name, op in OPERATORS.items() if op.captured)
 FLOAT_VALUE_OPS = ("aten_float",)  # operators whose result is a float32 tensor, on no grid
 NEW_GRID_OPS = tuple(name for name, op in OPERATORS.items() if op.new_grid)
 LAYER_OPS = ("conv2d", "conv_transpose2d", "linear")  # the operators with weights (a QATLayer each)
