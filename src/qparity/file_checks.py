@@ -201,7 +201,8 @@ def check_nodes(nodes, layers: dict) -> None:
             if fn == "function:getattr":  # the attributes capture records (shape, ndim), never private ones
                 require(len(node.args) == 2 and isinstance(node.args[1], str) and not node.args[1].startswith("_"),
                         f"call node {node.name!r} reads attribute {_show(node.args[1:])}")
-    weighted = {n.name for n in nodes if n.op in WEIGHT_RANKS or n.op == "aten_float" and n.attrs["aten"] in FLOAT_LAYERS}
+    weighted = {n.name for n in nodes
+                if n.op in WEIGHT_RANKS or n.op == "aten_float" and n.attrs["aten"] in FLOAT_LAYERS}
     unknown = sorted(set(layers) - weighted)
     require(not unknown, f"'layers' has entries {unknown} that are no layer node ({', '.join(WEIGHT_RANKS)}, or a "
                          "float conv/linear)")
