@@ -40,3 +40,17 @@ def default_flow():
         warnings.simplefilter("ignore")
         prepared, converted, x = build_pt2e()
         return prepared, converted, x, qparity.doctor(prepared, converted, x)
+
+
+@pytest.fixture(scope="session")
+def x86_flow():
+    """torchao's X86InductorQuantizer QAT flow on tests/pt2e_case.py's X86Net (values left in float32, a float
+    model output), built once: convert_pt2e's BN folding costs about 40 s of CPU."""
+    from helpers import require_optional_runtime
+
+    require_optional_runtime("torchao", "executorch")
+    from pt2e_case import X86Net, build_pt2e, x86_quantizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_pt2e(x86_quantizer(), model=X86Net())

@@ -37,6 +37,27 @@ class PoolNet(nn.Module):
         return torch.max_pool2d(torch.relu(self.conv2(y)), 2)
 
 
+class X86Net(nn.Module):
+    """What X86InductorQuantizer leaves in float32: conv+BN+ReLU -> max pool (quantized), a conv and an average
+    pool joined by cat, a channel slice, a conv whose output meets the pool's in a float cat, adaptive average
+    pool + flatten (quantized for the linear), and the linear's float model output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        y = torch.max_pool2d(torch.relu(self.bn(self.conv(x))), 2)
+        z = torch.cat([self.conv2(y), nn.functional.avg_pool2d(y, 3, 1, 1)], 1)
+        z = self.conv3(z[:, 2:6])
+        z = nn.functional.adaptive_avg_pool2d(torch.cat([z, y], 1), 1)
+        return self.fc(torch.flatten(z, 1))
+
+
 def xnnpack_quantizer(fused: bool = True, per_channel: bool = True):
     """The default per-channel QAT config; fused=False swaps every FusedMovingAvgObsFakeQuantize for a
     FakeQuantize with the same moving-average observer (the doctor's fix)."""

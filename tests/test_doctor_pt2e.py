@@ -131,6 +131,23 @@ def test_cli_doctor_reads_an_x86_inductor_quantizer_flow_without_unexplained_cod
     assert all(layer["unexplained"] in (None, 0) for layer in data["layers"])
 
 
+def test_x86_inductor_flow_with_values_left_in_float_has_per_layer_codes_and_nothing_unexplained(x86_flow):
+    """X86Net: conv+BN+ReLU, pools, cat, slice, adaptive average pool + flatten and a linear with a float output.
+    Each quantize of the converted graph is a layer row with its codes; the convs and the linear whose outputs stay
+    in float32 are named in the notes."""
+    prepared, converted, x = x86_flow
+    report = qparity.doctor(prepared, converted, x)
+    codes = _values(converted, x, lambda module, node: str(node.target) ==
+                    "quantized_decomposed.quantize_per_tensor.default")
+    assert report.flow == "pt2e" and len(report.layers) == len(codes) == 5
+    assert [layer.total for layer in report.layers] == [c.numel() for c in codes]
+    assert report.layers[1].name == "conv" and report.layers[1].unexplained == 0
+    assert all(layer.unexplained in (None, 0) for layer in report.layers)
+    assert report.total == converted(*x).numel() == 10
+    for name in ("conv2", "conv3", "fc"):
+        assert any(note.startswith(f"{name}: the quantizer leaves its output in float32") for note in report.notes)
+
+
 def test_pt2e_converted_model_needs_its_prepared_graph(default_flow):
     prepared, converted, x, _ = default_flow
     with pytest.raises(QParityError, match="prepare_qat_pt2e"):

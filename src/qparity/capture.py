@@ -27,7 +27,7 @@ from .numerics.pooling import adaptive_as_pooling, adaptive_average_attrs
 from .ops.attention import InProjection, attention_nodes, multihead_attention_nodes
 from .ops.conv1d import Conv1dAs2d, as_conv2d_arguments
 from .ops.conv_transpose2d import ConvTransposeAsConv
-from .ops.registry import CLAMP_FUSING_OPS, LAYER_OPS, OPERATORS
+from .ops.registry import CAPTURED_OPS, CLAMP_FUSING_OPS, LAYER_OPS, OPERATORS
 from .ops.upsample import float32_rule_is_exact
 from .qparams import LARGEST_CONSTANT, SMALLEST_CONSTANT
 
@@ -39,7 +39,7 @@ def _is_number(value) -> bool:
 
 def supported_operators() -> str:
     """The operators the registry declares, for error messages; their PyTorch forms are in docs/ops.md."""
-    return ", ".join(name for name in OPERATORS if name != "input")
+    return ", ".join(name for name in CAPTURED_OPS if name != "input")
 
 
 ACTIVATION_MODULES = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Hardsigmoid: "hardsigmoid"}

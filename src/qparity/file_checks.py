@@ -18,7 +18,8 @@ import torch
 
 from .graph import CALLS, Ref
 from .numerics.accumulate import ConvGeometry
-from .ops.registry import NEW_GRID_OPS, OPERATORS
+from .ops.aten_float import FLOAT_CALLS, FLOAT_LAYERS
+from .ops.registry import FLOAT_VALUE_OPS, NEW_GRID_OPS, OPERATORS
 
 MAX_ELEMENTS = 2**28
 MAX_DEPTH = 64
@@ -171,10 +172,19 @@ def check_references(value, defined: set, field: str) -> None:
 
 def check_nodes(nodes, layers: dict) -> None:
     """What each decoded node's operator needs from its entry: layers their geometry and constants, inputs
-    no arguments, calls a known function."""
+    no arguments, calls a known function, float nodes a known ATen call."""
+    ops = {node.name: node.op for node in nodes}
     for node in nodes:
         check_clamp(node)
-        if node.op in WEIGHT_RANKS:
+        check_float_uses(node, ops)
+        if node.op == "aten_float":
+            check_float_node(node, layers)
+        elif node.op == "quantize":
+            require(len(node.args) == 1 and isinstance(node.args[0], Ref) and not node.kwargs,
+                    f"quantize node {node.name!r} must take one value")
+            require(ops[node.args[0].name] in FLOAT_VALUE_OPS, f"quantize node {node.name!r} quantizes "
+                                                               f"{node.args[0].name!r}, which is not a float32 value")
+        elif node.op in WEIGHT_RANKS:
             require(node.name in layers, f"{node.op} node {node.name!r} has no entry in 'layers'")
             require(len(node.args) == 1 and isinstance(node.args[0], Ref), f"{node.op} node {node.name!r} must take one "
                                                                    "value")
@@ -191,8 +201,33 @@ def check_nodes(nodes, layers: dict) -> None:
             if fn == "function:getattr":  # the attributes capture records (shape, ndim), never private ones
                 require(len(node.args) == 2 and isinstance(node.args[1], str) and not node.args[1].startswith("_"),
                         f"call node {node.name!r} reads attribute {_show(node.args[1:])}")
-    unknown = sorted(set(layers) - {n.name for n in nodes if n.op in WEIGHT_RANKS})
-    require(not unknown, f"'layers' has entries {unknown} that are no layer node ({', '.join(WEIGHT_RANKS)})")
+    weighted = {n.name for n in nodes
+                if n.op in WEIGHT_RANKS or n.op == "aten_float" and n.attrs["aten"] in FLOAT_LAYERS}
+    unknown = sorted(set(layers) - weighted)
+    require(not unknown, f"'layers' has entries {unknown} that are no layer node ({', '.join(WEIGHT_RANKS)}, or a "
+                         "float conv/linear)")
+
+
+def check_float_node(node, layers: dict) -> None:
+    """An aten_float node runs the ATen call it names, so the call must be one qparity evaluates (a closed list);
+    a float conv/linear takes one value and its weight and bias from its layer entry."""
+    call = node.attrs.get("aten")
+    require(isinstance(call, str) and call in FLOAT_CALLS,
+            f"aten_float node {node.name!r} calls {_show(call)}, which is not one of the ATen calls qparity "
+            f"evaluates in float32 ({', '.join(FLOAT_CALLS)})")
+    if call in FLOAT_LAYERS:
+        require(node.name in layers, f"aten_float node {node.name!r} ({call}) has no entry in 'layers'")
+        require(len(node.args) >= 2 and isinstance(node.args[0], Ref) and all(a is None for a in node.args[1:3]),
+                f"aten_float node {node.name!r} ({call}) must take one value, its weight and bias from 'layers'")
+
+
+def check_float_uses(node, ops: Dict[str, str]) -> None:
+    """Only a float node, a quantize node or the graph output may read a float32 value: every other operator
+    takes codes."""
+    if node.op in FLOAT_VALUE_OPS or node.op == "quantize":
+        return
+    floats = [name for name in node.refs() if ops.get(name) in FLOAT_VALUE_OPS]
+    require(not floats, f"{node.op} node {node.name!r} takes the float32 value(s) {floats}, not codes")
 
 
 def check_clamp(node) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from .errors import UnsupportedOpError
 from .numerics import pooling
-from .ops.registry import NEW_GRID_OPS
+from .ops.registry import FLOAT_VALUE_OPS, NEW_GRID_OPS
 from .qparams import QParams
 
 
@@ -259,9 +259,12 @@ def optional_grid(values) -> Optional[QParams]:
 
 
 def resolve_grids(graph: Graph, qparams: Dict[str, QParams]) -> Dict[str, QParams]:
-    """The grid of every tensor value: its own for grid-creating nodes, else its input's."""
+    """The grid of every quantized value: its own for grid-creating nodes, else its input's (a float32 value of
+    an aten_float node has none)."""
     grids: Dict[str, QParams] = {}
     for node in graph.nodes:
+        if node.op in FLOAT_VALUE_OPS:
+            continue
         if node.new_grid:
             grids[node.name] = qparams[node.name]
         else:

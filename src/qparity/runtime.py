@@ -19,7 +19,7 @@ from .graph import Graph, Node, QValue, output_structure, resolve_grids
 from .ops.input import require_float_input
 from .ops.layer import IntegerLayer, prepare_integer_layer
 from .ops.program import Integer, ProgramExecutor
-from .ops.registry import refuse_if_target_cannot_run
+from .ops.registry import LAYER_OPS, refuse_if_target_cannot_run
 from .qparams import TORCH_DTYPES, QParams
 from .serialize import invalid_content, read_model, save_model
 from .numerics import Target, get_target
@@ -39,10 +39,11 @@ class IntegerModel:
         self.layers = layers
         self.grids = resolve_grids(graph, qparams)
         self.tables: Dict[str, object] = {}  # per node, built on first use from the target's own function
+        # A float conv/linear read from a PT2E graph (aten_float) dequantizes its weights when it runs instead.
         self.layer_kernels = {name: prepare_integer_layer(self.target, graph.node(name), layer,
                                                           self.grids[graph.node(name).args[0].name],
                                                           qparams[name])
-                              for name, layer in layers.items()}
+                              for name, layer in layers.items() if graph.node(name).op in LAYER_OPS}
 
     # -- public API -----------------------------------------------------------------------------------------
     @property
@@ -51,6 +52,7 @@ class IntegerModel:
 
     @property
     def output_qparams(self):
+        """The grid of each output; None for a float32 output (a PT2E model's value its quantizer left in float)."""
         return output_structure(_output_grids(self.graph, self.grids), lambda v: v.qparams)
 
     def __call__(self, *inputs: torch.Tensor):
@@ -67,7 +69,8 @@ class IntegerModel:
         return codes[0] if len(codes) == 1 else tuple(codes)
 
     def run(self, *codes: torch.Tensor):
-        """Input codes to output codes: the integer program itself."""
+        """Input codes to output codes: the integer program itself (a float32 output, which only a model read from
+        a PT2E graph has, comes back as the float32 tensor the graph returns)."""
         self.check_codes(*codes)
         result = self.executor().run([q.to(torch.int64) for q in codes])
         return output_structure(result, lambda v: v.codes.to(TORCH_DTYPES[v.qparams.dtype]))
@@ -87,7 +90,7 @@ class IntegerModel:
         return Integer(self)  # its per-node constants are built once, not per run
 
     def dequantize(self, codes):
-        """Output codes to float32 real values (`(q - z) * s`)."""
+        """Output codes to float32 real values (`(q - z) * s`); a float32 output is returned as it is."""
         grids = self.output_qparams
         return _zip_structure(codes, grids, lambda q, qp: self.target.dequantize(q.to(torch.int64), qp))
 
@@ -149,7 +152,7 @@ def _output_grids(graph: Graph, grids: Dict[str, QParams]):
 
     def visit(value):
         if isinstance(value, Ref):
-            return QValue(torch.empty(0), grids[value.name])
+            return QValue(torch.empty(0), grids[value.name]) if value.name in grids else None
         if isinstance(value, (tuple, list)):
             return type(value)(visit(v) for v in value)
         return value
@@ -158,6 +161,8 @@ def _output_grids(graph: Graph, grids: Dict[str, QParams]):
 
 
 def _zip_structure(values, grids, fn):
+    if grids is None:  # a float32 output
+        return values
     if isinstance(grids, QParams):
         return fn(values, grids)
     if isinstance(grids, (tuple, list)):

@@ -28,6 +28,7 @@ from .errors import ModelFileError, QParityError
 from .file_checks import DTYPES, HeaderError
 from .files import read_bytes, replacing
 from .graph import Graph
+from .ops.aten_float import layer_kind
 from .qparams import QParams
 from .numerics import Target, get_target
 from .numerics.pytorch_engines import UNRECORDED_MEMORY_FORMAT, UNRECORDED_THREADS
@@ -185,7 +186,8 @@ def _build(header: dict, data: bytes, where: str) -> SavedModel:
         weight, scale = arrays[names["weight_codes"]], arrays[names["weight_scale"]]
         bias = arrays[names["bias_codes"]] if "bias_codes" in names else None
         per_channel = entry["weight_scale_per_channel"]
-        file_checks.check_layer_arrays(name, graph.node(name).op, per_channel, target.float_bias, weight, scale, bias)
+        file_checks.check_layer_arrays(name, layer_kind(graph.node(name)), per_channel, target.float_bias, weight,
+                                       scale, bias)
         layers[name] = IntegerLayer(weight, scale if per_channel else scale.reshape(()), bias)
     return SavedModel(where, graph, target, activation_dtype, qparams, layers)
 

@@ -21,7 +21,7 @@ from torch import nn
 from .errors import QParityWarning, UnsupportedOpError
 from .graph import CALLS, Graph, Node, resolve
 from .ops.conv_transpose2d import as_transposed_weight
-from .ops.registry import OPERATORS
+from .ops.registry import FLOAT_VALUE_OPS, OPERATORS
 from .numerics.accumulate import ConvGeometry
 from .qparams import QParams
 from .runtime import IntegerLayer, IntegerModel
@@ -33,6 +33,11 @@ ENGINE_TARGETS = ("fbgemm", "x86", "qnnpack")
 
 def to_torch(im: IntegerModel) -> "TorchQuantizedModel":
     """A torch.ao quantized module computing what `im` computes (run it with the engine im.target names)."""
+    floats = [f"'{n.name}' ({n.attrs['aten']} at {n.path})" for n in im.graph.nodes if n.op in FLOAT_VALUE_OPS]
+    if floats:  # a model read from a PT2E graph whose quantizer left values in float32
+        raise UnsupportedOpError(f"to_torch cannot express node(s) {', '.join(floats)}: each computes a float32 value "
+                                 "the PT2E quantizer left unquantized (a float model output among them, where one "
+                                 "is), and torch.ao's quantized modules hold quantized tensors only")
     if im.target.name not in ENGINE_TARGETS:
         raise UnsupportedOpError(f"to_torch needs a model of target {', '.join(ENGINE_TARGETS)}; this one is for "
                                  f"{im.target.name!r}, whose integers PyTorch's engines do not compute")

@@ -228,8 +228,12 @@ def _layer_causes(layer: Layer, run: Pt2eRun, results: List[LayerResult], notes:
         return []
     causes = _fused_fix(weight_causes(layer.name, call, qw, "pt2e"), call)
     point = next((p for p in run.points if p.quantize.args[0] in (layer.converted, *layer.converted.users)), None)
-    result = next((r for r in results if point is not None and r.name == point.name), None)
-    if point is None or result is None:
+    if point is None:  # X86InductorQuantizer quantizes an output only where an int8 operator takes it
+        notes.append(f"{layer.name}: the quantizer leaves its output in float32 (no quantize follows it), so its "
+                     "weights are compared but it has no output codes")
+        return causes
+    result = next((r for r in results if r.name == point.name), None)
+    if result is None:
         return causes
     steps = _stages(layer, point, run)
     if steps is None:

@@ -26,6 +26,14 @@ def reference_codes(y: torch.Tensor, scale: float, zero_point: int, qmin: int, q
     return torch.clamp(torch.round(y * (1.0 / scale)) + zero_point, qmin, qmax).to(torch.int64)
 
 
+def dequantized_weight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """quantized_decomposed.dequantize_per_channel (axis 0) / dequantize_per_tensor of int8 weight codes with zero
+    point 0: codes * scale in float32, one rounding (torch/ao/quantization/fx/_decomposed.py, torch 2.13 and 2.14),
+    contiguous as the graph's constant."""
+    scale = scale.to(torch.float32).reshape((-1,) + (1,) * (codes.dim() - 1))
+    return (codes.to(torch.float32) * scale).contiguous()
+
+
 def _codes(y: torch.Tensor, out: QParams, lo: int, hi: int) -> torch.Tensor:
     """y quantized onto `out`, then clamped to [lo, hi]: a ReLU before the QUANTIZE clamps the reals at 0, and
     round(y / s) + z is monotone with 0 -> z, so the clamp in codes at z gives the same codes."""
@@ -53,9 +61,7 @@ class Pt2eReferenceTarget(Target):
     def layer_kernel(self, geometry, weight_codes: torch.Tensor, weight_scale: torch.Tensor,
                      bias: Optional[torch.Tensor], input_qp: QParams, output_qp: QParams, lo: int,
                      hi: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        # dequantize_per_channel: (w - 0) * scale[c] in float32, one rounding, as Target.dequantize.
-        scale = weight_scale.to(torch.float32).reshape((-1,) + (1,) * (weight_codes.dim() - 1))
-        weight = (weight_codes.to(torch.float32) * scale).contiguous()
+        weight = dequantized_weight(weight_codes, weight_scale)
         bias = None if bias is None else bias.to(torch.float32)
         if geometry.kind == "linear":
             return lambda q: _codes(F.linear(self._real(q, input_qp), weight, bias), output_qp, lo, hi)

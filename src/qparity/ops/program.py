@@ -21,7 +21,7 @@ import torch
 from ..errors import UnsupportedOpError
 from ..graph import Executor, Node, QValue, fused_clamp_bounds
 from ..qparams import QParams
-from . import activation, add, amax, avg_pool, call, cat, clamp, constant, dropout, hardswish, input as input_op, layer, matmul, max_pool, mean, mul, pad, parameter, prelu, rsqrt, softmax, sub, upsample
+from . import activation, add, amax, aten_float, avg_pool, call, cat, clamp, constant, dropout, hardswish, input as input_op, layer, matmul, max_pool, mean, mul, pad, parameter, prelu, quantize, rsqrt, softmax, sub, upsample
 from .lookup import CodeTable, PairTable
 from .surrogates import clamp as clamp_surrogate, quantized_output
 
@@ -31,7 +31,7 @@ IMPLEMENTATIONS = {
     "mul": mul, "sub": sub, "pad": pad, "upsample_nearest": upsample, "upsample_bilinear": upsample, "amax": amax, "sigmoid": activation, "tanh": activation, "hardsigmoid": activation, "leaky_relu": activation,
     "gelu": activation, "elu": activation, "prelu": prelu, "constant": constant,
     "mean": mean, "rsqrt": rsqrt, "parameter": parameter,
-    "matmul": matmul, "softmax": softmax,
+    "matmul": matmul, "softmax": softmax, "aten_float": aten_float, "quantize": quantize,
 }
 
 # Computes an operator's output codes from detached int64 input codes, the output grid and its clamp.

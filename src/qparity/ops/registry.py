@@ -32,6 +32,8 @@ class Operator:
     torch_form: Optional[str] = None    # the torch.ao quantized form to_torch uses (None: not convertible)
     fuses_clamp: bool = False           # a clamp right after it (its only user) becomes its output range
     aimet: bool = True                  # the AIMET export (Qualcomm QNN/SNPE) writes it as a float ONNX operator
+    captured: bool = True               # prepare_qat captures it from a PyTorch model (False: only from_torch of
+    #                                     a convert_pt2e graph writes it)
 
     def targets(self) -> Tuple[str, ...]:
         """The targets that run this operator."""
@@ -82,6 +84,9 @@ _TORCH_MEAN = ("PyTorch's quantized mean (ReduceOps.cpp mean_quantized_cpu) aver
                "once), one kernel qparity does not emulate; qparity's LayerNorm is LiteRT's program of int8 operators")
 _XNNPACK_MEAN = ("LiteRT's default interpreter hands int8 MEAN to XNNPACK's mean operator (xnn_define_static_mean), "
                  "whose rounding qparity does not emulate; target 'tflite' runs it")
+
+_PT2E_ONLY = ("it exists only in a model read from a convert_pt2e graph (`qparity.from_torch`, target "
+              "'pt2e-reference'), for a value the PT2E quantizer left in float32")
 
 OPERATORS: Dict[str, Operator] = {op.name: op for op in (
     Operator("input", "model inputs", True, "quantize (the target's QUANTIZE rule)",
@@ -341,8 +346,21 @@ OPERATORS: Dict[str, Operator] = {op.name: op for op in (
              "`nn.Identity` (removed)", False,
              "moves codes unchanged", "the same call on the codes", "one tensor input",
              torch_form="the same call on quantized tensors"),
+    Operator("aten_float", "none: `qparity.from_torch` of a convert_pt2e model, for a value its quantizer leaves in "
+             "float32 (torchao's X86InductorQuantizer: an operator whose output no int8 operator takes, a model "
+             "output)", False, "the graph's own ATen call in float32 on the dequantized inputs (ops/aten_float.py)",
+             "none (not trained)", "the ATen calls listed in ops/aten_float.py; a float32 value, no grid",
+             refused_by={t: _PT2E_ONLY for t in TARGET_NAMES}, formats=(), golden=False, captured=False,
+             aimet=False),
+    Operator("quantize", "none: `qparity.from_torch` of a convert_pt2e model, for the quantize_per_tensor of a value "
+             "its quantizer left in float32", True, "the target's QUANTIZE rule on the float32 value",
+             "none (not trained)", "a float32 input (an aten_float node's)",
+             refused_by={t: _PT2E_ONLY for t in TARGET_NAMES}, formats=(), golden=False, captured=False,
+             aimet=False),
 )}
 
+CAPTURED_OPS = tuple(name for name, op in OPERATORS.items() if op.captured)
+FLOAT_VALUE_OPS = ("aten_float",)  # operators whose result is a float32 tensor, on no grid
 NEW_GRID_OPS = tuple(name for name, op in OPERATORS.items() if op.new_grid)
 LAYER_OPS = ("conv2d", "conv_transpose2d", "linear")  # the operators with weights (a QATLayer each)
 CLAMP_FUSING_OPS = tuple(name for name, op in OPERATORS.items() if op.fuses_clamp)
