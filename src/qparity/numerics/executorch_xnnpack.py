@@ -38,6 +38,7 @@ import torch
 
 from ..errors import UnsupportedOpError
 from ..qparams import QParams
+from .executorch_portable import dequantize, quantize
 from .litert_activations import xnnpack_table
 from .xnnpack import XnnpackTarget
 
@@ -122,11 +123,9 @@ def transcendental_table(kind: str, source: QParams, out: QParams, attrs: dict) 
 def float_path_table(function, source: QParams, out: QParams) -> torch.Tensor:
     """The delegate's codes for an operator its partitioner takes only in float32 between converts: qs8 -> f32
     (src/qs8-f32-vcvt: f(f(q - z) s)), the float32 kernel `function`, f32 -> qs8 (src/f32-qs8-vcvt:
-    clamp(rne(f(y * f(1 / s_y))) + z_y)), for every int8 code."""
-    codes = torch.arange(-128, 128, dtype=torch.int64)
-    x = (codes - int(source.zero_point)).to(torch.float32) * _f32(source.scale)
-    y = function(x)
-    return (torch.round(y * (_f32(1.0) / _f32(out.scale))).to(torch.int64) + int(out.zero_point)).clamp_(-128, 127)
+    clamp(rne(f(y * f(1 / s_y))) + z_y)), for every int8 code: the arithmetic of ExecuTorch's own Q/DQ kernels too
+    (numerics/executorch_portable.py)."""
+    return quantize(function(dequantize(torch.arange(-128, 128, dtype=torch.int64), source)), out)
 
 
 def leaky_relu_table(source: QParams, out: QParams, alpha: float) -> torch.Tensor:
