@@ -80,8 +80,8 @@ class PteReport:
                  f"{self.unexplained} unexplained"]
         lines += [f"  output {o.name}: {o.mismatched} of {o.total} codes differ, max {o.max_code_diff} apart"
                   for o in self.outputs]
-        lines.append("per quantized tensor, the delegate's rule (target executorch-xnnpack) against the reference "
-                     "rule:")
+        lines.append("per quantized tensor, the file's rule (the delegate's, target executorch-xnnpack; ExecuTorch's "
+                     "portable kernels outside it) against the reference rule:")
         lines += [f"  {t.name} ({t.path}): {t.mismatched} of {t.total} codes differ, max {t.max_code_diff} apart"
                   for t in self.layers]
         if self.first_divergence:

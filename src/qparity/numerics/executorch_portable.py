@@ -14,7 +14,8 @@ MaxPool2dConfig). The file then runs, for such a node:
   (float)scale, nearbyint((float)(inv_scale * value)) + zero_point, clamped). Both are
   clamp(rne(f(y * f(1 / f(s)))) + z): ties to even.
 
-The portable mean (kernels/portable/cpu/op_mean.cpp, with MapReduceOverDimListPlan of util/reduce_util.h)
+These operators have no optimized kernel (kernels/optimized/optimized.yaml lists neither), so the runtime
+calls the portable ones. The portable mean (kernels/portable/cpu/op_mean.cpp, with MapReduceOverDimListPlan of util/reduce_util.h)
 accumulates in the output's type, float32, one element at a time in the input's row-major order over the reduced
 dims, starting from the first element, and divides the sum once by the count as a float: f(sum / f(n)). The
 portable max pool (op_max_pool2d_with_indices.cpp) takes the exact maximum of the dequantized values; since the
