@@ -61,4 +61,4 @@ def run(ctx, node, *args, **kwargs):
         raise UnsupportedOpError(f"aten_float at {node.path}: a float32 value read from a PT2E graph is not trained")
     refuse_if_target_cannot_run("aten_float", node.path, ctx.target.name)  # a graph handed to another target
     call = FLOAT_CALLS[node.attrs["aten"]]
-    return call(*float_arguments(ctx, node, args), **kwargs)
+    return call(*float_arguments(ctx, node, args), **{k: _dequantized(ctx, v) for k, v in kwargs.items()})
