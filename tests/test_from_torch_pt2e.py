@@ -286,3 +286,12 @@ def test_to_torch_refuses_float_values_naming_the_nodes(x86_ptq):
     with pytest.raises(UnsupportedOpError, match=r"to_torch cannot express node\(s\) 'conv2d' \(aten.conv2d.default"
                                                  r" at conv\).*'linear' \(aten.linear.default at fc\)"):
         qparity.to_torch(qparity.from_torch(converted, x))
+
+
+def test_float_nodes_refuse_to_run_for_another_target(x86_ptq):
+    """The delegate model doctor_pte builds from a reference graph, for one: a float32 value is no deployed kernel."""
+    converted, x = x86_ptq
+    model = qparity.from_torch(converted, x)
+    other = qparity.IntegerModel(model.graph, "x86", model.activation_dtype, model.qparams, model.layers)
+    with pytest.raises(UnsupportedOpError, match=r"aten_float at conv cannot run on target 'x86'"):
+        other.run(model.quantize(*x))
