@@ -404,15 +404,20 @@ def ops_markdown() -> str:
               "| operator | " + " | ".join(TARGET_NAMES) + " | " + " | ".join(f".{f}" for f in FILE_FORMATS)
               + " | golden | to_torch | AIMET encodings |",
               "|---|" + "---|" * (len(TARGET_NAMES) + len(FILE_FORMATS) + 3)]
-    for op in OPERATORS.values():
+    # The operators only from_torch of a convert_pt2e graph writes run on no training target: one line below,
+    # not a row of refusals.
+    trained = [op for op in OPERATORS.values() if op.captured]
+    for op in trained:
         cells = ["yes" if t in op.targets() else "refused" for t in TARGET_NAMES]
         cells += ["yes" if f in op.formats else "no" for f in FILE_FORMATS]
         cells += ["yes" if op.golden else "codes only", op.torch_form or "no", "yes" if op.aimet else "no"]
         lines.append(f"| {op.name} | " + " | ".join(cells) + " |")
-    supported = sum(len(op.targets()) for op in OPERATORS.values())
-    lines += ["", f"{supported} of {len(OPERATORS) * len(TARGET_NAMES)} (operator, target) pairs run.", "",
-              "## Why a target refuses an operator", ""]
-    for op in OPERATORS.values():
+    supported = sum(len(op.targets()) for op in trained)
+    lines += ["", f"{supported} of {len(trained) * len(TARGET_NAMES)} (operator, target) pairs run.", ""]
+    lines += [f"`{op.name}` runs on no training target: {_PT2E_ONLY} (target `pt2e-reference`)."
+              for op in OPERATORS.values() if not op.captured]
+    lines += ["", "## Why a target refuses an operator", ""]
+    for op in trained:
         for target, why in op.refused_by.items():
             lines.append(f"- {op.name} on `{target}`: {why}.")
     lines += ["", "Per-configuration refusals, raised with the layer's name: `xnnpack` refuses requantization "
