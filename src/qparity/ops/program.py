@@ -23,7 +23,7 @@ from ..graph import Executor, Node, QValue, fused_clamp_bounds
 from ..qparams import QParams
 from . import activation, add, amax, avg_pool, call, cat, clamp, constant, dropout, hardswish, input as input_op, layer, matmul, max_pool, mean, mul, pad, parameter, prelu, rsqrt, softmax, sub, upsample
 from .lookup import CodeTable, PairTable
-from .surrogates import clamp as clamp_surrogate, quantized_output
+from .surrogates import Bounds, clamped, quantized_output
 
 IMPLEMENTATIONS = {
     "input": input_op, "conv2d": layer, "conv_transpose2d": layer, "linear": layer, "add": add, "cat": cat, "hardswish": hardswish,
@@ -66,10 +66,12 @@ class ProgramExecutor(Executor):
         then tabulates `codes` once per node. grid: the output grid where the target derives it from the inputs'
         (PyTorch's add_scalar); the observer then holds it instead of watching.
         """
-        value = None
+        value = clamped_value = None
+        bounds = node.attrs.get("clamp") or (None, None)
         if self.fake:
-            value = clamp_surrogate(real(), *(node.attrs.get("clamp") or (None, None)))
-            qp = self.mode.observe(node, value) if grid is None else self.mode.impose(node, grid)
+            value = real()
+            clamped_value = clamped(value, bounds)
+            qp = self.mode.observe(node, clamped_value) if grid is None else self.mode.impose(node, grid)
         else:
             qp = self.mode.qparams[node.name] if grid is None else grid
         lo, hi = fused_clamp_bounds(self.target, node, qp)
@@ -78,13 +80,16 @@ class ProgramExecutor(Executor):
             result = self.mode.tabulated(node, table, detached, lambda vs: codes(vs, qp, lo, hi), (qp, lo, hi))
         else:
             result = codes(detached, qp, lo, hi)
-        return self.emit(result, value, qp, lo, hi)
+        return self.emit(result, value, qp, lo, hi, bounds, clamped_value)
 
-    def emit(self, codes: torch.Tensor, real: Optional[torch.Tensor], qp: QParams, lo: int, hi: int) -> QValue:
-        """Codes on qp's grid; in fake mode with the gradient of `real` through clamp(real / s + z, lo, hi)."""
+    def emit(self, codes: torch.Tensor, real: Optional[torch.Tensor], qp: QParams, lo: int, hi: int,
+             bounds: Bounds = (None, None), clamped_real: Optional[torch.Tensor] = None) -> QValue:
+        """Codes on qp's grid; in fake mode with the gradient of `real` through clamp(c / s + z, lo, hi), c the
+        real value after the node's fused clamp `bounds` (clamped_real: its values, where the caller has them)."""
         if not self.fake:
             return QValue(codes, qp)
-        return QValue(quantized_output(codes, real, float(qp.scale), float(qp.zero_point), lo, hi), qp)
+        return QValue(quantized_output(codes, real, float(qp.scale), float(qp.zero_point), lo, hi, bounds,
+                                       clamped_real), qp)
 
     def dequantize(self, value: QValue) -> torch.Tensor:
         return self.target.dequantize(value.codes, value.qparams)
