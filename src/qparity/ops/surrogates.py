@@ -51,7 +51,7 @@ class _QuantizedOutput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, codes, real, clamped_real, scale: float, zero_point: float, lo: int, hi: int, bounds: Bounds):
-        position = clamped_real / scale + zero_point
+        position = torch.div(clamped_real, scale).add_(zero_point)  # real / scale + zero_point, one temporary
         ctx.save_for_backward(inside_bounds(position, lo, hi), inside_bounds(real.detach(), *bounds))
         ctx.scale = scale
         return codes.to(torch.float32)
