@@ -84,3 +84,17 @@ def test_fake_mode_computes_small_tensors_directly():
     inputs = [QValue(codes_on(a, 100, 0), a), QValue(codes_on(b, 100, 1), b)]
     assert torch.equal(mode.tabulated(node, "pair", inputs, add, (out, -128, 127)), add(inputs))
     assert "add_1" not in mode.model.fake_tables
+
+
+@given(st.sampled_from([t for t in ADD_TARGETS if get_target(t).elementwise_add((8, 64, 16, 16), (8, 64, 1, 1))]),
+       grids, grids, grids, st.integers(0, 2**31))
+def test_fake_add_table_of_a_broadcast_add_equals_the_targets_add(target_name, a, b, out, seed):
+    target = get_target(target_name)
+    mode, node = fake_mode(), Node("add_1", "add")
+    qa = codes_on(a, 8 * 64 * 16 * 16, seed).reshape(8, 64, 16, 16)
+    qb = codes_on(b, 8 * 64, seed + 1).reshape(8, 64, 1, 1)
+    inputs = [QValue(qa, a), QValue(qb, b)]
+    add = lambda vs: target.add(vs[0].codes, vs[0].qparams, vs[1].codes, vs[1].qparams,  # noqa: E731
+                                out, out.qmin, out.qmax)
+    assert torch.equal(mode.tabulated(node, "pair", inputs, add, (out, out.qmin, out.qmax)), add(inputs))
+    assert "add_1" in mode.model.fake_tables
