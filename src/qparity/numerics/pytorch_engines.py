@@ -594,8 +594,10 @@ class FbgemmAddTable:
 
     def __call__(self, ia: torch.Tensor, ib: torch.Tensor, threads: int | None) -> torch.Tensor:
         """Codes for flat inputs in memory order, each from its loop (loop_mask(n, threads))."""
-        index = (ia - self.a_lo if self.a_lo else ia) * self.b_span
-        index.add_(ib - self.b_lo if self.b_lo else ib).add_(_loop_offsets(ia.numel(), threads, self.pairs).to(ia.device))
+        # (ia - a_lo) * b_span + (ib - b_lo) + the loop's offset, in two or three passes
+        index = torch.add(ib, ia, alpha=self.b_span).add_(_loop_offsets(ia.numel(), threads, self.pairs).to(ia.device))
+        if self.a_lo * self.b_span + self.b_lo:
+            index.sub_(self.a_lo * self.b_span + self.b_lo)
         return torch.take(self.table.to(ia.device), index)
 
 
