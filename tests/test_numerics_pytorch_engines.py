@@ -336,3 +336,27 @@ def test_fbgemm_add_table_equals_the_loops_it_tabulates(seed, n, threads, releas
     table = FbgemmAddTable(a, b, out, lo, hi, kernels)
     expected = fbgemm_add_loops(ia, a, ib, b, out, lo, hi, kernels, loop_mask(n, threads))
     assert torch.equal(table(ia, ib, threads), expected)
+
+
+@given(seed=seeds, release=st.sampled_from(["2.13", "2.14"]))
+def test_fbgemm_add_table_from_per_code_terms_equals_the_loops_on_every_pair(seed, release):
+    """The table sums per-code terms by broadcasting; every entry is fbgemm_add_loops on its pair and loop, and
+    a lookup on int8 grids (codes below 0) indexes it alike."""
+    from qparity.numerics.pytorch_engines import FbgemmAddTable, fbgemm_add_loops, loop_mask
+    from qparity.numerics.pytorch_versions import kernels_named
+
+    rng = np.random.default_rng(seed)
+    a, b, out = random_qparams(rng), random_qparams(rng), random_qparams(rng)
+    if rng.integers(2):
+        a, b = (QParams(g.scale, int(g.zero_point) - 128, "int8") for g in (a, b))
+    lo, hi = sorted(int(v) for v in rng.integers(out.qmin, out.qmax + 1, size=2))
+    kernels = kernels_named(release)
+    qa = torch.arange(a.qmin, a.qmax + 1).repeat_interleave(b.qmax - b.qmin + 1).repeat(2)
+    qb = torch.arange(b.qmin, b.qmax + 1).repeat(2 * (a.qmax - a.qmin + 1))
+    in_vector_loop = torch.arange(qa.numel()) < qa.numel() // 2
+    expected = fbgemm_add_loops(qa, a, qb, b, out, lo, hi, kernels, in_vector_loop)
+    table = FbgemmAddTable(a, b, out, lo, hi, kernels)
+    assert torch.equal(table.table, expected)
+    ia = torch.from_numpy(rng.integers(a.qmin, a.qmax + 1, size=5000))
+    ib = torch.from_numpy(rng.integers(b.qmin, b.qmax + 1, size=5000))
+    assert torch.equal(table(ia, ib, 2), fbgemm_add_loops(ia, a, ib, b, out, lo, hi, kernels, loop_mask(5000, 2)))

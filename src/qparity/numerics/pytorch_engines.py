@@ -555,16 +555,24 @@ def loop_mask(n: int, threads: int | None) -> torch.Tensor:
 def fbgemm_add_loops(ia, a: QParams, ib, b: QParams, out: QParams, lo, hi, kernels: PyTorchKernels,
                      in_vector_loop: torch.Tensor) -> torch.Tensor:
     """qadd_kernel on flat codes: each element from the loop that computes it (the definition; FbgemmAddTable
-    tabulates this very function)."""
-    fa, fb = ia.to(torch.float32), ib.to(torch.float32)
-    sa, sb = a.scale.to(torch.float32), b.scale.to(torch.float32)
-    za, zb, zy = float(a.zero_point), float(b.zero_point), float(out.zero_point)
-    inv_y = _reciprocal(out.scale)
-    vector_sum = fma_f32(fa, sa, sa * -za) + fma_f32(fb, sb, sb * -zb)
-    scalar_sum = (fa - za) * sa + (fb - zb) * sb
-    vector = torch.round(vector_sum * inv_y) + zy
-    scalar = kernels.quantize_scalar_loop(scalar_sum, inv_y, zy)
+    tabulates the same terms and sums)."""
+    vector, scalar = _fbgemm_add_sums(_fbgemm_add_terms(ia, a), _fbgemm_add_terms(ib, b), out, kernels)
     return torch.where(in_vector_loop, vector, scalar).clamp_(lo, hi).to(torch.int64)
+
+
+def _fbgemm_add_terms(q: torch.Tensor, grid: QParams):
+    """Each input's dequantized value in the vector loop (fma(q, s, f(-z * s))) and in the scalar loop
+    (f((q - z) * s)): a function of the code alone."""
+    f, s, z = q.to(torch.float32), grid.scale.to(torch.float32), float(grid.zero_point)
+    return fma_f32(f, s, s * -z), (f - z) * s
+
+
+def _fbgemm_add_sums(terms_a, terms_b, out: QParams, kernels: PyTorchKernels):
+    """The vector loop's and the scalar loop's codes (before the clamp) from both inputs' terms (broadcasting)."""
+    inv_y, zy = _reciprocal(out.scale), float(out.zero_point)
+    vector = torch.round((terms_a[0] + terms_b[0]) * inv_y) + zy
+    scalar = kernels.quantize_scalar_loop(terms_a[1] + terms_b[1], inv_y, zy)
+    return vector, scalar
 
 
 class FbgemmAddTable:
@@ -572,20 +580,24 @@ class FbgemmAddTable:
 
     qadd's result is a function of the two codes and of which loop computes the element, so a table indexed
     by (loop, q_a, q_b) holds every answer the kernel can give for these grids (2 x 256 x 256 codes for uint8).
+    Each input's terms depend on its code alone, so they are computed once per code (256 float64 FMAs instead
+    of 2 x 65536) and summed for every pair by broadcasting: the same float32 operations on the same values.
     """
 
     def __init__(self, a: QParams, b: QParams, out: QParams, lo: int, hi: int, kernels: PyTorchKernels):
         self.a_lo, self.b_lo, self.b_span = a.qmin, b.qmin, b.qmax - b.qmin + 1
         self.pairs = (a.qmax - a.qmin + 1) * self.b_span
-        qa = torch.arange(a.qmin, a.qmax + 1).repeat_interleave(self.b_span).repeat(2)
-        qb = torch.arange(b.qmin, b.qmax + 1).repeat(2 * (a.qmax - a.qmin + 1))
-        in_vector_loop = torch.arange(2 * self.pairs) < self.pairs  # entries [pairs, 2 pairs): the scalar loop
-        self.table = fbgemm_add_loops(qa, a, qb, b, out, lo, hi, kernels, in_vector_loop)
+        terms_a = [t.reshape(-1, 1) for t in _fbgemm_add_terms(torch.arange(a.qmin, a.qmax + 1), a)]
+        terms_b = [t.reshape(1, -1) for t in _fbgemm_add_terms(torch.arange(b.qmin, b.qmax + 1), b)]
+        vector, scalar = _fbgemm_add_sums(terms_a, terms_b, out, kernels)  # entries [pairs, 2 pairs): scalar loop
+        self.table = torch.cat([vector.reshape(-1), scalar.reshape(-1)]).clamp_(lo, hi).to(torch.int64)
 
     def __call__(self, ia: torch.Tensor, ib: torch.Tensor, threads: int | None) -> torch.Tensor:
         """Codes for flat inputs in memory order, each from its loop (loop_mask(n, threads))."""
-        index = (ia - self.a_lo if self.a_lo else ia) * self.b_span
-        index.add_(ib - self.b_lo if self.b_lo else ib).add_(_loop_offsets(ia.numel(), threads, self.pairs).to(ia.device))
+        # (ia - a_lo) * b_span + (ib - b_lo) + the loop's offset, in two or three passes
+        index = torch.add(ib, ia, alpha=self.b_span).add_(_loop_offsets(ia.numel(), threads, self.pairs).to(ia.device))
+        if self.a_lo * self.b_span + self.b_lo:
+            index.sub_(self.a_lo * self.b_span + self.b_lo)
         return torch.take(self.table.to(ia.device), index)
 
 

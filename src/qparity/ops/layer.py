@@ -19,7 +19,7 @@ from ..numerics.arithmetic import INT32_MAX
 from ..numerics.engine_kernels import engine_layer
 from ..numerics.int8_accumulate import int8_accumulator
 from ..numerics.accumulate import AccumulationPlan, ConvGeometry, accumulate, accumulator_bounds, plan_accumulation
-from .surrogates import clamp, straight_through
+from .surrogates import clamped, straight_through
 
 
 @dataclass
@@ -158,13 +158,14 @@ def run(ctx, node: Node, x: QValue) -> QValue:
     real = acc.to(torch.float32) * _channel(bias_scale(x.qparams, weight_scale), layer.geometry, acc)
     if float_bias:
         real = real + _channel(bias, layer.geometry, acc)
-    real = clamp(real, *(node.attrs.get("clamp") or (None, None)))
-    qp = ctx.mode.observe(node, real)
+    bounds = node.attrs.get("clamp") or (None, None)
+    clamped_real = clamped(real, bounds)
+    qp = ctx.mode.observe(node, clamped_real)
     check_requantization(layer.where, weight_scale, x.qparams, qp)
     lo, hi = fused_clamp_bounds(ctx.target, node, qp)
     requantize = ctx.target.layer_target(layer.geometry).requantizer(
         layer.geometry.kind, x.qparams, weight_scale, qp, lo, hi, layer.geometry.channel_axis, acc.dim(), **float_bias)
-    return ctx.emit(requantize(acc.detach()), real, qp, lo, hi)
+    return ctx.emit(requantize(acc.detach()), real, qp, lo, hi, bounds, clamped_real)
 
 
 def bias_for_target(target, bias: Optional[torch.Tensor], input_qp: QParams, weight_scale: torch.Tensor):
@@ -225,13 +226,15 @@ def _batch_norm_training(ctx, node: Node, layer, x: QValue) -> QValue:
     unfolded = acc.to(torch.float32) * _channel(bias_scale(x.qparams, weight_scale) / factor, layer.geometry, acc)
     if layer.module.bias is not None:
         unfolded = unfolded + _channel(layer.module.bias, layer.geometry, acc)
-    real = clamp(layer.normalize(unfolded), *(node.attrs.get("clamp") or (None, None)))
-    qp = ctx.mode.observe(node, real)
+    real = layer.normalize(unfolded)
+    bounds = node.attrs.get("clamp") or (None, None)
+    clamped_real = clamped(real, bounds)
+    qp = ctx.mode.observe(node, clamped_real)
     lo, hi = fused_clamp_bounds(ctx.target, node, qp)
     # Batch statistics make this forward an approximation of the deployed layer whatever the rounding,
     # so the codes use the cheapest one (round half even in float32); eval mode and freeze are exact.
-    codes = (real.detach() / qp.scale.to(real.device)).round_().add_(float(qp.zero_point)).clamp_(lo, hi)
-    return ctx.emit(codes, real, qp, lo, hi)
+    codes = (clamped_real / qp.scale.to(real.device)).round_().add_(float(qp.zero_point)).clamp_(lo, hi)
+    return ctx.emit(codes, real, qp, lo, hi, bounds, clamped_real)
 
 
 def bias_scale(input_qp: QParams, weight_scale: torch.Tensor) -> torch.Tensor:

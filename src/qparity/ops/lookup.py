@@ -34,7 +34,8 @@ class PairTable:
         return (a_hi - a_lo + 1) * (b_hi - b_lo + 1) <= MAX_TABLE
 
     def __call__(self, qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
-        index = (qa - self.a_lo) * self.b_span + (qb - self.b_lo)  # broadcasts
+        # (qa - a_lo) * b_span + (qb - b_lo) in two passes (broadcasts)
+        index = torch.add(qb, qa, alpha=self.b_span).add_(-(self.a_lo * self.b_span + self.b_lo))
         return torch.take(self.table.to(qa.device), index)
 
 

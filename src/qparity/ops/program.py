@@ -23,7 +23,7 @@ from ..graph import Executor, Node, QValue, fused_clamp_bounds
 from ..qparams import QParams
 from . import activation, add, amax, aten_float, avg_pool, call, cat, clamp, constant, dropout, hardswish, input as input_op, layer, matmul, max_pool, mean, mul, pad, parameter, prelu, quantize, rsqrt, softmax, sub, upsample
 from .lookup import CodeTable, PairTable
-from .surrogates import clamp as clamp_surrogate, quantized_output
+from .surrogates import Bounds, clamped, quantized_output
 
 IMPLEMENTATIONS = {
     "input": input_op, "conv2d": layer, "conv_transpose2d": layer, "linear": layer, "add": add, "cat": cat, "hardswish": hardswish,
@@ -66,25 +66,30 @@ class ProgramExecutor(Executor):
         then tabulates `codes` once per node. grid: the output grid where the target derives it from the inputs'
         (PyTorch's add_scalar); the observer then holds it instead of watching.
         """
-        value = None
+        value = clamped_value = None
+        bounds = node.attrs.get("clamp") or (None, None)
         if self.fake:
-            value = clamp_surrogate(real(), *(node.attrs.get("clamp") or (None, None)))
-            qp = self.mode.observe(node, value) if grid is None else self.mode.impose(node, grid)
+            value = real()
+            clamped_value = clamped(value, bounds)
+            qp = self.mode.observe(node, clamped_value) if grid is None else self.mode.impose(node, grid)
         else:
             qp = self.mode.qparams[node.name] if grid is None else grid
         lo, hi = fused_clamp_bounds(self.target, node, qp)
         detached = [QValue(v.codes.detach().to(torch.int64), v.qparams) for v in inputs]
-        if table is not None and not self.fake:
-            result = self.mode.tabulated(node, table, detached, lambda vs: codes(vs, qp, lo, hi))
+        if table is not None:
+            result = self.mode.tabulated(node, table, detached, lambda vs: codes(vs, qp, lo, hi), (qp, lo, hi))
         else:
             result = codes(detached, qp, lo, hi)
-        return self.emit(result, value, qp, lo, hi)
+        return self.emit(result, value, qp, lo, hi, bounds, clamped_value)
 
-    def emit(self, codes: torch.Tensor, real: Optional[torch.Tensor], qp: QParams, lo: int, hi: int) -> QValue:
-        """Codes on qp's grid; in fake mode with the gradient of `real` through clamp(real / s + z, lo, hi)."""
+    def emit(self, codes: torch.Tensor, real: Optional[torch.Tensor], qp: QParams, lo: int, hi: int,
+             bounds: Bounds = (None, None), clamped_real: Optional[torch.Tensor] = None) -> QValue:
+        """Codes on qp's grid; in fake mode with the gradient of `real` through clamp(c / s + z, lo, hi), c the
+        real value after the node's fused clamp `bounds` (clamped_real: its values, where the caller has them)."""
         if not self.fake:
             return QValue(codes, qp)
-        return QValue(quantized_output(codes, real, float(qp.scale), float(qp.zero_point), lo, hi), qp)
+        return QValue(quantized_output(codes, real, float(qp.scale), float(qp.zero_point), lo, hi, bounds,
+                                       clamped_real), qp)
 
     def dequantize(self, value: QValue) -> torch.Tensor:
         return self.target.dequantize(value.codes, value.qparams)
@@ -116,6 +121,48 @@ class FakeQuant:
         """A prelu's slope codes (straight-through to the user's slope) and the slope grid's scale."""
         return self.model.slopes[node.name].codes()
 
+    def tabulated(self, node: Node, kind: str, inputs: List[QValue], codes: Callable, output: tuple) -> torch.Tensor:
+        """The codes from a table of the target's own function while the grids stay the same, else directly.
+
+        Training moves the grids a little every step, so the table (keyed on the exact grid values, one per
+        node) is rebuilt when they move, and only where the tensor has at least twice as many elements as the
+        table has entries: there even a table used once is faster than `codes` on every element (measured on
+        the fixed-point and float-emulating adds, 2^17 to 2^19 elements).
+        """
+        grids = [v.qparams for v in inputs]
+        scale, zero_point, lo, hi = output[0].scale, output[0].zero_point, output[1], output[2]
+        key = (kind, tuple(_grid_key(g) for g in grids), (float(scale), int(zero_point), output[0].dtype), lo, hi)
+        stored = self.model.fake_tables.get(node.name)
+        if stored is not None and stored[0] == key:
+            return stored[1](*(v.codes for v in inputs))
+        entries = table_entries(kind, grids)
+        if entries is None or max(v.codes.numel() for v in inputs) < 2 * entries:
+            return codes(inputs)
+        table = build_table(kind, grids, codes)
+        self.model.fake_tables[node.name] = (key, table)
+        return table(*(v.codes for v in inputs))
+
+
+def _grid_key(qp: QParams) -> tuple:
+    return float(qp.scale), int(qp.zero_point), qp.dtype
+
+
+def table_entries(kind: str, grids: List[QParams]) -> Optional[int]:
+    """How many entries the table of a code-only op on these input grids has; None where it is too large."""
+    if kind == "code":
+        return grids[0].qmax - grids[0].qmin + 1
+    if not PairTable.fits(grids[0].qmin, grids[0].qmax, grids[1].qmin, grids[1].qmax):
+        return None
+    return (grids[0].qmax - grids[0].qmin + 1) * (grids[1].qmax - grids[1].qmin + 1)
+
+
+def build_table(kind: str, grids: List[QParams], codes: Callable):
+    """A CodeTable or PairTable of `codes` (the target's own function) on every code of the input grids."""
+    if kind == "code":
+        return CodeTable(lambda q: codes([QValue(q, grids[0])]), grids[0].qmin, grids[0].qmax)
+    return PairTable(lambda qa, qb: codes([QValue(qa, grids[0]), QValue(qb, grids[1])]),
+                     grids[0].qmin, grids[0].qmax, grids[1].qmin, grids[1].qmax)
+
 
 class Integer:
     """The IntegerModel's mode: frozen grids and layer constants, tables for code-only elementwise ops."""
@@ -134,16 +181,12 @@ class Integer:
     def slope(self, node: Node):
         return self.slopes[node.name]
 
-    def tabulated(self, node: Node, kind: str, inputs: List[QValue], codes: Callable) -> torch.Tensor:
+    def tabulated(self, node: Node, kind: str, inputs: List[QValue], codes: Callable, output: tuple) -> torch.Tensor:
+        """The codes from a table of the target's own function, built on first use (the grids are frozen)."""
         grids = [v.qparams for v in inputs]
-        if kind == "pair" and not PairTable.fits(grids[0].qmin, grids[0].qmax, grids[1].qmin, grids[1].qmax):
+        if table_entries(kind, grids) is None:
             return codes(inputs)
         table = self.model.tables.get(node.name)
         if table is None:
-            if kind == "code":
-                table = CodeTable(lambda q: codes([QValue(q, grids[0])]), grids[0].qmin, grids[0].qmax)
-            else:
-                table = PairTable(lambda qa, qb: codes([QValue(qa, grids[0]), QValue(qb, grids[1])]),
-                                  grids[0].qmin, grids[0].qmax, grids[1].qmin, grids[1].qmax)
-            self.model.tables[node.name] = table
+            table = self.model.tables[node.name] = build_table(kind, grids, codes)
         return table(*(v.codes for v in inputs))

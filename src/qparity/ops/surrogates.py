@@ -1,6 +1,8 @@
 """Straight-through estimation: forward values from the integer program, gradients of float surrogates."""
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 
 
@@ -17,34 +19,62 @@ def straight_through(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tens
     return value + (surrogate - surrogate.detach())
 
 
-class _QuantizedOutput(torch.autograd.Function):
-    """Forward: the integer program's codes. Backward: d codes / d real = 1 / scale inside the clamp, else 0.
+Bounds = Tuple[Optional[float], Optional[float]]
 
-    The gradient is that of clamp(real / scale + zero_point, lo, hi), as in torch.ao's fake quantization;
-    computing the mask in backward keeps the forward pass to one conversion.
+
+def inside_bounds(x: torch.Tensor, lo: Optional[float], hi: Optional[float]) -> Optional[torch.Tensor]:
+    """lo <= x <= hi (bool; bounds included, a missing bound always holds); None where both are missing."""
+    if lo is None and hi is None:
+        return None
+    if lo is None:
+        return x <= hi
+    inside = x >= lo
+    return inside if hi is None else inside.logical_and_(x <= hi)
+
+
+def clamped(real: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+    """The values of clamp(real, *bounds), without a gradient: what an observer watches and codes come from."""
+    real = real.detach()
+    return real if bounds[0] is None and bounds[1] is None else torch.clamp(real, *bounds)
+
+
+class _QuantizedOutput(torch.autograd.Function):
+    """Forward: the integer program's codes. Backward: the gradient of clamp(c / scale + zero_point, lo, hi) with
+    c = clamp(real, *bounds) (torch.ao's fake quantization after a fused activation clamp): 1 / scale where both
+    clamps pass `real`, bounds included, else 0.
+
+    The masks are computed in the forward pass and saved as bool tensors (1 byte per element), instead of the
+    float tensors a chain of autograd nodes would keep (4 bytes each, two of them for a fused clamp); the
+    backward is then one multiply and one divide (and a second multiply for a fused clamp, in the unfused
+    chain's order, so every gradient value, NaNs and signed zeros included, is the chain's).
     """
 
     @staticmethod
-    def forward(ctx, codes, real, scale: float, zero_point: float, lo: int, hi: int):
-        ctx.save_for_backward(real)
-        ctx.constants = (scale, zero_point, lo, hi)
+    def forward(ctx, codes, real, clamped_real, scale: float, zero_point: float, lo: int, hi: int, bounds: Bounds):
+        position = torch.div(clamped_real, scale).add_(zero_point)  # real / scale + zero_point, one temporary
+        ctx.save_for_backward(inside_bounds(position, lo, hi), inside_bounds(real.detach(), *bounds))
+        ctx.scale = scale
         return codes.to(torch.float32)
 
     @staticmethod
     def backward(ctx, grad):
-        (real,) = ctx.saved_tensors
-        scale, zero_point, lo, hi = ctx.constants
-        position = real / scale + zero_point
-        inside = (position >= lo) & (position <= hi)
-        return None, grad * inside / scale, None, None, None, None
+        inside_grid, inside_clamp = ctx.saved_tensors
+        grad_real = torch.mul(grad, inside_grid).div_(ctx.scale)
+        if inside_clamp is not None:
+            grad_real.mul_(inside_clamp)
+        return None, grad_real, None, None, None, None, None, None
 
 
-def quantized_output(codes: torch.Tensor, real: torch.Tensor, scale: float, zero_point: float,
-                     lo: int, hi: int) -> torch.Tensor:
-    """Output codes (float32) whose gradient flows to `real` as through clamp(real / scale + zero_point)."""
+def quantized_output(codes: torch.Tensor, real: torch.Tensor, scale: float, zero_point: float, lo: int, hi: int,
+                     bounds: Bounds = (None, None), clamped_real: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Output codes (float32) whose gradient flows to `real` as through clamp(clamp(real, *bounds) / scale +
+    zero_point, lo, hi), both clamps passing the gradient at their bounds. clamped_real: clamped(real, bounds),
+    where the caller has it already."""
     if not real.requires_grad:
         return codes.to(torch.float32)
-    return _QuantizedOutput.apply(codes, real, scale, zero_point, lo, hi)
+    if clamped_real is None:
+        clamped_real = clamped(real, bounds)
+    return _QuantizedOutput.apply(codes, real, clamped_real, scale, zero_point, lo, hi, bounds)
 
 
 class _InclusiveClamp(torch.autograd.Function):

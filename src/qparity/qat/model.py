@@ -37,6 +37,8 @@ class QATModel(nn.Module):
         self.layers = nn.ModuleDict(layers)
         self.slopes = nn.ModuleDict(slopes or {})  # prelu node -> its learned slope
         self.tensors = nn.ModuleDict(tensors or {})  # parameter node -> the module holding it as `weight`
+        # node -> (its grids, the table of its code-only op on them): reused while the grids stay the same
+        self.fake_tables: Dict[str, tuple] = {}
         self.observers = nn.ModuleDict({n.name: ActivationObserver(activation_dtype, n.path)
                                         for n in graph.nodes if n.new_grid})
         for node in graph.nodes:  # grids the target's runtime imposes (TFLite's LOGISTIC: 1/256, -128), constants'

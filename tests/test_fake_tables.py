@@ -1,0 +1,100 @@
+"""The prepared model's tables for code-only ops (add, hardswish): the same codes as the target's own function,
+reused only while every grid stays the same."""
+import types
+
+import torch
+from hypothesis import given, strategies as st
+
+import qparity as qp
+from qparity.numerics import get_target
+from qparity.graph import Node, QValue
+from qparity.ops.program import FakeQuant
+from qparity.qparams import QParams
+
+ADD_TARGETS = [t for t in qp.TARGETS if get_target(t).elementwise_add((4096,), (4096,))]
+HARDSWISH_TARGETS = [t for t in qp.TARGETS if get_target(t).elementwise_hardswish(4096)]
+
+# Scales within a factor of 10 of each other: XNNPACK refuses add ratios far from 1.
+grids = st.builds(lambda scale, zero_point, dtype: QParams(scale, zero_point if dtype == "int8" else zero_point + 128,
+                                                           dtype),
+                  st.floats(0.01, 0.1), st.integers(-128, 127), st.sampled_from(["int8", "uint8"]))
+
+
+def fake_mode():
+    return FakeQuant(types.SimpleNamespace(fake_tables={}))
+
+
+def codes_on(grid: QParams, n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(grid.qmin, grid.qmax + 1, (n,), generator=generator)
+
+
+@given(st.sampled_from(ADD_TARGETS), grids, grids, grids, st.integers(0, 2**31))
+def test_fake_add_table_equals_the_targets_add_and_is_rebuilt_when_a_grid_moves(target_name, a, b, out, seed):
+    target = get_target(target_name)
+    mode, node = fake_mode(), Node("add_1", "add")
+    n = 2 * 256 * 256  # large enough for the table
+    qa, qb = codes_on(a, n, seed), codes_on(b, n, seed + 1)
+
+    def add(grid_out):
+        return lambda vs: target.add(vs[0].codes, vs[0].qparams, vs[1].codes, vs[1].qparams, grid_out,
+                                     grid_out.qmin, grid_out.qmax)
+
+    for grid_b, grid_out in ((b, out), (b, out), (QParams(float(b.scale) * 1.5, int(b.zero_point), b.dtype), out),
+                             (b, QParams(out.scale, int(out.zero_point) // 2, out.dtype))):
+        inputs = [QValue(qa, a), QValue(qb, grid_b)]
+        result = mode.tabulated(node, "pair", inputs, add(grid_out), (grid_out, grid_out.qmin, grid_out.qmax))
+        assert torch.equal(result, add(grid_out)(inputs))
+
+
+@given(st.sampled_from(HARDSWISH_TARGETS), grids, grids, st.integers(0, 2**31))
+def test_fake_hardswish_table_equals_the_targets_hardswish_and_is_rebuilt_when_a_grid_moves(target_name, x, out,
+                                                                                              seed):
+    target = get_target(target_name)
+    mode, node = fake_mode(), Node("hardswish_1", "hardswish")
+    q = codes_on(x, 1000, seed)
+    hardswish = lambda vs, grid_out: target.hardswish(vs[0].codes, vs[0].qparams, grid_out)  # noqa: E731
+    for grid_x, grid_out in ((x, out), (x, out), (QParams(float(x.scale) * 0.75, int(x.zero_point), x.dtype), out)):
+        inputs = [QValue(q, grid_x)]
+        result = mode.tabulated(node, "code", inputs, lambda vs: hardswish(vs, grid_out),
+                                (grid_out, grid_out.qmin, grid_out.qmax))
+        assert torch.equal(result, hardswish(inputs, grid_out))
+
+
+def test_fake_table_is_reused_while_the_grids_stay_the_same_and_replaced_when_they_move():
+    target = get_target("tflite")
+    mode, node = fake_mode(), Node("add_1", "add")
+    a, b, out = QParams(0.05, 3), QParams(0.07, -5), QParams(0.1, -2)
+    qa, qb = codes_on(a, 2 * 256 * 256, 0), codes_on(b, 2 * 256 * 256, 1)
+    add = lambda vs: target.add(vs[0].codes, vs[0].qparams, vs[1].codes, vs[1].qparams, out, -128, 127)  # noqa: E731
+    mode.tabulated(node, "pair", [QValue(qa, a), QValue(qb, b)], add, (out, -128, 127))
+    first = mode.model.fake_tables["add_1"][1]
+    mode.tabulated(node, "pair", [QValue(qa, a), QValue(qb, b)], add, (out, -128, 127))
+    assert mode.model.fake_tables["add_1"][1] is first
+    moved = QParams(0.05000001, 3)
+    mode.tabulated(node, "pair", [QValue(qa, moved), QValue(qb, b)], add, (out, -128, 127))
+    assert mode.model.fake_tables["add_1"][1] is not first
+
+
+def test_fake_mode_computes_small_tensors_directly():
+    target = get_target("tflite")
+    mode, node = fake_mode(), Node("add_1", "add")
+    a, b, out = QParams(0.05, 3), QParams(0.07, -5), QParams(0.1, -2)
+    add = lambda vs: target.add(vs[0].codes, vs[0].qparams, vs[1].codes, vs[1].qparams, out, -128, 127)  # noqa: E731
+    inputs = [QValue(codes_on(a, 100, 0), a), QValue(codes_on(b, 100, 1), b)]
+    assert torch.equal(mode.tabulated(node, "pair", inputs, add, (out, -128, 127)), add(inputs))
+    assert "add_1" not in mode.model.fake_tables
+
+
+@given(st.sampled_from([t for t in ADD_TARGETS if get_target(t).elementwise_add((8, 64, 16, 16), (8, 64, 1, 1))]),
+       grids, grids, grids, st.integers(0, 2**31))
+def test_fake_add_table_of_a_broadcast_add_equals_the_targets_add(target_name, a, b, out, seed):
+    target = get_target(target_name)
+    mode, node = fake_mode(), Node("add_1", "add")
+    qa = codes_on(a, 8 * 64 * 16 * 16, seed).reshape(8, 64, 16, 16)
+    qb = codes_on(b, 8 * 64, seed + 1).reshape(8, 64, 1, 1)
+    inputs = [QValue(qa, a), QValue(qb, b)]
+    add = lambda vs: target.add(vs[0].codes, vs[0].qparams, vs[1].codes, vs[1].qparams,  # noqa: E731
+                                out, out.qmin, out.qmax)
+    assert torch.equal(mode.tabulated(node, "pair", inputs, add, (out, out.qmin, out.qmax)), add(inputs))
+    assert "add_1" in mode.model.fake_tables

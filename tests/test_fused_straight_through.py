@@ -1,0 +1,118 @@
+"""The fused straight-through output (one autograd node saving bool masks) differentiates exactly like the
+unfused chain it replaces: torch.ao-style clamp(real, bounds) (gradient 1 on the bounds), then
+clamp(c / scale + zero_point, lo, hi) with the gradient recomputed from the saved float values."""
+import copy
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import qparity as qp
+from qparity.bench import ResNetish
+from qparity.ops import program
+from qparity.ops.surrogates import quantized_output
+
+
+class ReferenceClamp(torch.autograd.Function):
+    """The unfused chain's clamp: saves its float input, gradient 1 on [lo, hi] bounds included."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi):
+        ctx.save_for_backward(x)
+        ctx.bounds = (lo, hi)
+        return torch.clamp(x, lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        lo, hi = ctx.bounds
+        inside = torch.ones_like(x, dtype=torch.bool)
+        if lo is not None:
+            inside &= x >= lo
+        if hi is not None:
+            inside &= x <= hi
+        return grad * inside, None, None
+
+
+class ReferenceOutput(torch.autograd.Function):
+    """The unfused chain's output: saves the clamped float values, recomputes the grid mask in backward."""
+
+    @staticmethod
+    def forward(ctx, codes, real, scale, zero_point, lo, hi):
+        ctx.save_for_backward(real)
+        ctx.constants = (scale, zero_point, lo, hi)
+        return codes.to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (real,) = ctx.saved_tensors
+        scale, zero_point, lo, hi = ctx.constants
+        position = real / scale + zero_point
+        inside = (position >= lo) & (position <= hi)
+        return None, grad * inside / scale, None, None, None, None
+
+
+def reference_output(codes, real, scale, zero_point, lo, hi, bounds=(None, None), clamped_real=None):
+    if not real.requires_grad:
+        return codes.to(torch.float32)
+    if bounds != (None, None):
+        real = ReferenceClamp.apply(real, *bounds)
+    return ReferenceOutput.apply(codes, real, scale, zero_point, lo, hi)
+
+
+def assert_same_gradients(real, grad, scale, zero_point, lo, hi, bounds):
+    codes = torch.randint(lo, hi + 1, real.shape).to(torch.float32)
+    results = []
+    for output in (quantized_output, reference_output):
+        leaf = real.clone().requires_grad_(True)
+        value = output(codes, leaf, scale, zero_point, lo, hi, bounds)
+        value.backward(grad)
+        results.append((value.detach(), leaf.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    fused, unfused = results[0][1], results[1][1]
+    assert torch.equal(fused.isnan(), unfused.isnan())
+    assert torch.equal(torch.nan_to_num(fused), torch.nan_to_num(unfused))
+    assert torch.equal(fused.signbit(), unfused.signbit())
+
+
+finite = st.floats(-1e4, 1e4, width=32)
+
+
+@given(st.lists(finite, min_size=1, max_size=64), st.floats(2.0**-20, 8.0, width=32), st.integers(-128, 127),
+       st.sampled_from([(-128, 127), (0, 255), (-20, 90), (5, 5)]),
+       st.sampled_from([(None, None), (0.0, None), (0.0, 6.0), (None, 1.5), (-2.0, 2.0)]),
+       st.integers(0, 2**31))
+def test_fused_output_gradient_equals_the_unfused_chain(values, scale, zero_point, grid, bounds, seed):
+    torch.manual_seed(seed)
+    real = torch.tensor(values, dtype=torch.float32)
+    grad = torch.randn(real.shape) * torch.tensor([1.0, -1.0, 1e30, 0.0])[torch.randint(0, 4, real.shape)]
+    lo, hi = grid
+    assert_same_gradients(real, grad, scale, float(zero_point), lo, hi, bounds)
+
+
+@pytest.mark.parametrize("bounds", [(None, None), (0.0, None), (0.0, 6.0)])
+def test_fused_output_gradient_on_the_bounds_and_at_grid_edges_equals_the_unfused_chain(bounds):
+    scale, zero_point, lo, hi = 0.05, -3.0, -128, 127
+    edges = [(lo - zero_point) * scale, (hi - zero_point) * scale, 0.0, 6.0, -0.0]
+    nudged = [torch.nextafter(torch.tensor(e), torch.tensor(d)).item() for e in edges for d in (-1e9, 1e9)]
+    real = torch.tensor(edges + nudged, dtype=torch.float32)
+    grad = torch.tensor([1.0, -2.0, float("inf"), -0.0, 3e38] * 3)[:real.numel()]
+    assert_same_gradients(real, grad, scale, zero_point, lo, hi, bounds)
+
+
+@pytest.mark.parametrize("target", ["x86", "tflite", "xnnpack"])
+def test_training_step_gradients_equal_the_unfused_chain(target, monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    y = torch.randint(0, 10, (4,))
+    base = qp.prepare_qat(ResNetish((8, 16), in_channels=3), (x,), target=target).train()
+    qp.calibrate(base, [x]).train()
+    grads = []
+    for output in (quantized_output, reference_output):
+        model = copy.deepcopy(base)
+        monkeypatch.setattr(program, "quantized_output", output)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
