@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from qparity.numerics.accumulate import ConvGeometry, accumulate as accumulate_with_plan, plan_accumulation
-from qparity.numerics.int8_accumulate import int32_dot_products, int8_accumulator
+from qparity.numerics.int8_accumulate import int32_dot_products, int8_accumulator, uint8_codes
 
 
 def accumulate(geometry, x, w, max_abs):
@@ -126,3 +126,11 @@ def test_int8_kernel_accumulator_equals_int64_reference(case, grid, zero_point, 
     expected2 = (x2 - zero_point) @ w2.T + (0 if bias is None else bias.to(torch.int64))
     acc2 = kernel2(x2)
     assert kernel2 is not None and torch.equal(acc2, expected2.to(torch.float32)) and acc2.is_contiguous()
+
+
+def test_uint8_codes_are_the_codes_plus_the_shift_in_every_layout():
+    int8 = torch.arange(-128, 128).repeat(6).reshape(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    for codes, shift in ((int8, 128), (int8 + 128, 0)):
+        result = uint8_codes(codes, shift)
+        assert result.dtype == torch.uint8 and result.stride() == codes.stride()
+        assert torch.equal(result.to(torch.int64), codes + shift)

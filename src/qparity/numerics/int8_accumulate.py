@@ -29,6 +29,13 @@ INT32_LIMIT = 2**31
 UINT8_MAX = 255
 
 
+def uint8_codes(codes: torch.Tensor, shift: int) -> torch.Tensor:
+    """Integer codes + shift (0, or 128 for int8 codes) as uint8. q + 128 is q's low byte with its top bit
+    flipped: the cast to uint8 keeps the low byte (modular, as C++'s conversion to an unsigned type), and the
+    xor runs on 1-byte values instead of an int64 add."""
+    return codes.to(torch.uint8).bitwise_xor_(shift) if shift else codes.to(torch.uint8)
+
+
 @functools.lru_cache(maxsize=1)
 def int32_dot_products() -> bool:
     """Whether this CPU sums u8 x s8 products into int32 without an int16 step (VNNI or AMX), and PyTorch
@@ -67,7 +74,7 @@ def int8_accumulator(plan: AccumulationPlan, geometry: ConvGeometry, weight_code
     zero = zero_point + shift
 
     def to_uint8(codes: torch.Tensor) -> torch.Tensor:
-        return (codes + shift).to(torch.uint8) if shift else codes.to(torch.uint8)
+        return uint8_codes(codes, shift)
 
     if geometry.kind == "linear":
         packed = torch.ops.onednn.qlinear_prepack(weight, None)
