@@ -103,3 +103,15 @@ def test_a_scalar_requantizer_serves_any_shape():
 def test_gemmlowp_shift_requantizer_refuses_multipliers_outside_q31(m0):
     with pytest.raises(InvalidParameterError, match="outside"):
         ShiftRequantizer.gemmlowp(torch.tensor([m0]), torch.tensor([-1]), 0, -128, 127)
+
+
+def test_shift_requantizers_take_float32_accumulators_and_leave_their_input_alone():
+    acc = torch.arange(-(1 << 20), 1 << 20, 997, dtype=torch.int64).reshape(1, -1)
+    m0, shift = torch.tensor([[1 << 30]]), torch.tensor([[-5]])
+    requantize = ShiftRequantizer.gemmlowp(m0, shift, 7, -128, 127)
+    expected = multiply_by_quantized_multiplier(acc, m0, shift).add_(7).clamp_(-128, 127)
+    as_float = acc.to(torch.float32)  # exact integers, as the conv accumulators are
+    for values in (acc, as_float):
+        before = values.clone()
+        assert torch.equal(requantize(values), expected)
+        assert torch.equal(values, before)

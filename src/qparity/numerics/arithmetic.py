@@ -294,14 +294,19 @@ class ShiftRequantizer:
         addends, zero_point = _fold_zero_point([1 << (s - 1) for s in shifts], shifts, zero_point)
         return cls(multiplier.to(torch.int64), _int64(addends, shape), _int64(shifts, shape), zero_point, lo, hi)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The int64 codes of the int64 values x (a new tensor, x's shape and memory format)."""
-        multiplier, addend, shift, sign_weight = self._on(x.device)
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        """The int64 codes of integer values (int64, or float32 holding exact integers, as accumulators come): a
+        new tensor of their shape and memory format."""
+        multiplier, addend, shift, sign_weight = self._on(values.device)
+        x = values.to(torch.int64)
         y = torch.addcmul(addend, x, multiplier)
-        if isinstance(sign_weight, int):
-            y.add_(x >> 63, alpha=sign_weight)  # x >> 63 is -1 where x < 0, else 0
-        elif sign_weight is not None:
-            y.addcmul_(x >> 63, sign_weight)
+        if sign_weight is not None:
+            # -1 where x < 0, else 0; computed in place where x is this call's own copy
+            sign = x.bitwise_right_shift_(63) if x is not values else x >> 63
+            if isinstance(sign_weight, int):
+                y.add_(sign, alpha=sign_weight)
+            else:
+                y.addcmul_(sign, sign_weight)
         y.bitwise_right_shift_(shift)
         if self.zero_point:
             y.add_(self.zero_point)

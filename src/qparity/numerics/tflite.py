@@ -136,13 +136,8 @@ class TFLiteTarget(LiteRTActivations, Target):
             return requantize_in_double
         m0, shift = _multiplier(real)
         # MultiplyByQuantizedMultiplier, the zero point and the clamp as one multiply-add and one shift
-        fused = ShiftRequantizer.gemmlowp(channel_view(m0, ndim, channel_axis),
-                                          channel_view(shift, ndim, channel_axis), zero_point, lo, hi)
-
-        def requantize(acc: torch.Tensor) -> torch.Tensor:
-            return fused(acc.to(torch.int64))
-
-        return requantize
+        return ShiftRequantizer.gemmlowp(channel_view(m0, ndim, channel_axis), channel_view(shift, ndim, channel_axis),
+                                         zero_point, lo, hi)
 
     def elementwise_add(self, shape_a, shape_b):
         return True

@@ -244,9 +244,8 @@ class TosaTarget(Target):
         fused = ShiftRequantizer.single_rounding(multiplier, shift, int(output_qp.zero_point), lo, hi)
 
         def requantize(acc: torch.Tensor) -> torch.Tensor:
-            wide = acc.to(torch.int64)
-            require_within_shift(wide, fused.shift.to(wide.device))
-            return fused(wide)
+            require_within_shift(acc, fused.shift.to(acc.device))
+            return fused(acc)
 
         return requantize
 
