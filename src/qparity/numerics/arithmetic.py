@@ -96,8 +96,14 @@ def round_half_even_exact(terms: Sequence[Tuple[torch.Tensor, ExactRatio]], lo: 
     error_bound = magnitude * 2.0**-49
     estimate = None
     for k, c in terms:
-        part = k.to(torch.float64) * c.estimate.to(k.device)
-        estimate = part if estimate is None else estimate + part  # the terms may broadcast
+        # int64 or float32 k promotes to float64 inside the product (exact: |k| < 2^53): one pass, no copy
+        part = torch.mul(k, c.estimate.to(k.device))
+        if estimate is None:
+            estimate = part
+        elif estimate.shape == part.shape:
+            estimate.add_(part)
+        else:
+            estimate = estimate + part  # the terms broadcast
     rounded = torch.round(estimate)
     near_tie = estimate.sub_(rounded).abs_() >= 0.5 - error_bound  # estimate (a new tensor) is used up here
     if bool(near_tie.any()):
