@@ -105,8 +105,10 @@ def round_half_even_exact(terms: Sequence[Tuple[torch.Tensor, ExactRatio]], lo: 
         else:
             estimate = estimate + part  # the terms broadcast
     rounded = torch.round(estimate)
-    near_tie = estimate.sub_(rounded).abs_() >= 0.5 - error_bound  # estimate (a new tensor) is used up here
-    if bool(near_tie.any()):
+    distance = estimate.sub_(rounded).abs_()  # estimate (a new tensor) is used up here
+    # One reduction decides the common case (no element near a tie) without a mask
+    if distance.numel() and float(distance.max()) >= 0.5 - error_bound:
+        near_tie = distance >= 0.5 - error_bound
         near_tie &= rounded.abs() <= reach + 1  # holds wherever |estimate| <= reach: recomputing more is exact too
         if bool(near_tie.any()):
             rounded[near_tie] = _round_exact_at(terms, near_tie).to(rounded)
