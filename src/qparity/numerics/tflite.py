@@ -37,7 +37,8 @@ import torch
 
 from ..errors import UnsupportedOpError
 from ..qparams import QParams
-from .arithmetic import multiply_by_quantized_multiplier, quantize_multiplier, round_half_away, truncating_div
+from .arithmetic import (ShiftRequantizer, multiply_by_quantized_multiplier, quantize_multiplier, round_half_away,
+                         truncating_div)
 from . import resampling
 from .prelu import tflite_prelu
 from .rsqrt import tflite_rsqrt_table
@@ -134,13 +135,9 @@ class TFLiteTarget(LiteRTActivations, Target):
 
             return requantize_in_double
         m0, shift = _multiplier(real)
-        m0, shift = channel_view(m0, ndim, channel_axis), channel_view(shift, ndim, channel_axis)
-
-        def requantize(acc: torch.Tensor) -> torch.Tensor:
-            scaled = multiply_by_quantized_multiplier(acc.to(torch.int64), m0.to(acc.device), shift.to(acc.device))
-            return scaled.add_(zero_point).clamp_(lo, hi)
-
-        return requantize
+        # MultiplyByQuantizedMultiplier, the zero point and the clamp as one multiply-add and one shift
+        return ShiftRequantizer.gemmlowp(channel_view(m0, ndim, channel_axis), channel_view(shift, ndim, channel_axis),
+                                         zero_point, lo, hi)
 
     def elementwise_add(self, shape_a, shape_b):
         return True
@@ -175,8 +172,8 @@ class TFLiteTarget(LiteRTActivations, Target):
         if source.same_grid(out):
             return q  # the kernels copy tensors that already share scale and zero point
         m0, shift = rescale_multiplier(source, out)
-        scaled = multiply_by_quantized_multiplier(q - int(source.zero_point), m0, shift)
-        return scaled.add_(int(out.zero_point)).clamp_(out.qmin, out.qmax)
+        requantize = ShiftRequantizer.gemmlowp(m0, shift, int(out.zero_point), out.qmin, out.qmax)
+        return requantize(q - int(source.zero_point))
 
     def bilinear(self, codes, qp, out_hw, align_corners):
         return resampling.tflite_bilinear(codes, out_hw, align_corners)

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from ..errors import InvalidParameterError, UnsupportedOpError
 from ..qparams import QParams
 from .activations import codes, real_function
-from .arithmetic import INT32_MAX, INT32_MIN
+from .arithmetic import INT32_MAX, INT32_MIN, ShiftRequantizer
 from .target import Target, channel_view, grid_views
 
 ADD_LEFT_SHIFT = 20  # InsertRescaleInt32Pass: int8 operands scaled up by 2^20 before the int32 ADD
@@ -102,14 +102,27 @@ def apply_scale_32(value: torch.Tensor, multiplier: torch.Tensor, shift: torch.T
     |v| < 2^31 and m < 2^31 keep v * m + 2^61 inside int64.
     """
     multiplier, shift = multiplier.to(value.device), shift.to(value.device)
+    require_within_shift(value, shift)
+    return (value * multiplier + (torch.ones_like(shift) << (shift - 1))) >> shift
+
+
+def require_within_shift(value: torch.Tensor, shift: torch.Tensor) -> None:
+    """Raise InvalidParameterError unless -2^(shift - 1) <= value < 2^(shift - 1) (apply_scale_32's REQUIRE),
+    with `shift` broadcasting against `value`. One min/max pass decides the common case: every value within
+    the narrowest channel's range."""
+    if not value.numel():
+        return
+    smallest = int(shift.min())
+    low, high = (int(v) for v in torch.aminmax(value))
+    if -(1 << (smallest - 1)) <= low and high < 1 << (smallest - 1):
+        return
     limit = torch.ones_like(shift) << (shift - 1)
     if bool(((value < -limit) | (value >= limit)).any()):
         worst = int(value.abs().max())
         raise InvalidParameterError(
-            f"a TOSA RESCALE with shift {int(shift.min())} takes values in [-2^{int(shift.min()) - 1}, "
-            f"2^{int(shift.min()) - 1}) only (apply_scale_32's REQUIRE), and |value| reaches {worst}: the scale "
-            "s_in / s_out is too large for these inputs; widen the output range")
-    return (value * multiplier + limit) >> shift
+            f"a TOSA RESCALE with shift {smallest} takes values in [-2^{smallest - 1}, 2^{smallest - 1}) only "
+            f"(apply_scale_32's REQUIRE), and |value| reaches {worst}: the scale s_in / s_out is too large for "
+            "these inputs; widen the output range")
 
 
 def rescale(value: torch.Tensor, scale: torch.Tensor, input_zp: int, output_zp: int, lo: int, hi: int,
@@ -119,7 +132,9 @@ def rescale(value: torch.Tensor, scale: torch.Tensor, input_zp: int, output_zp: 
     multiplier, shift = rescale_parameters(scale)
     multiplier = channel_view(multiplier, value.dim(), channel_axis)
     shift = channel_view(shift, value.dim(), channel_axis)
-    return apply_scale_32(value - input_zp, multiplier, shift).add_(output_zp).clamp_(lo, hi)
+    centered = value - input_zp
+    require_within_shift(centered, shift.to(value.device))
+    return ShiftRequantizer.single_rounding(multiplier, shift, output_zp, lo, hi)(centered)
 
 
 def reciprocal_scale(count: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -225,11 +240,12 @@ class TosaTarget(Target):
         multiplier, shift = rescale_parameters(layer_scale(input_qp.scale, weight_scale, output_qp.scale))
         multiplier = channel_view(multiplier, ndim, channel_axis)
         shift = channel_view(shift, ndim, channel_axis)
-        zero_point = int(output_qp.zero_point)
+        # apply_scale_32, the zero point and RESCALE's int8 clip, then CLAMP (one clamp): one multiply-add
+        fused = ShiftRequantizer.single_rounding(multiplier, shift, int(output_qp.zero_point), lo, hi)
 
         def requantize(acc: torch.Tensor) -> torch.Tensor:
-            scaled = apply_scale_32(acc.to(torch.int64), multiplier, shift)
-            return scaled.add_(zero_point).clamp_(lo, hi)  # RESCALE's int8 clip, then CLAMP: one clamp
+            require_within_shift(acc, fused.shift.to(acc.device))
+            return fused(acc)
 
         return requantize
 

