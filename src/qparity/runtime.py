@@ -2,7 +2,8 @@
 
 Per-layer constants (weights as exact float32 codes, int32 bias, the target's requantizer, and oneDNN's packed
 int8 weights where its int8 kernels compute the same accumulator: numerics/int8_accumulate.py) are built once
-when the model is created. Every operator calls the same accumulation and target functions as the
+when the model is created. fbgemm and x86 models run on PyTorch's quantized engine itself, node by node where
+its kernel is the target's (engine_program.py). Every operator calls the same accumulation and target functions as the
 fake-quant forward, so for every input `IntegerModel(x) == QATModel.eval()(x)` bit for bit. The result
 does not depend on the batch size, the thread count or the machine: all sums are exact.
 """
@@ -14,6 +15,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from .engine_program import engine_program
 from .errors import InputError, QParityError
 from .graph import Graph, Node, QValue, output_structure, resolve_grids
 from .ops.input import require_float_input
@@ -43,6 +45,8 @@ class IntegerModel:
                                                           self.grids[graph.node(name).args[0].name],
                                                           qparams[name])
                               for name, layer in layers.items()}
+        # fbgemm / x86: the program on the engine's own kernels where they are the target's (engine_program.py)
+        self.engine_program = engine_program(self)
 
     # -- public API -----------------------------------------------------------------------------------------
     @property
@@ -69,7 +73,10 @@ class IntegerModel:
     def run(self, *codes: torch.Tensor):
         """Input codes to output codes: the integer program itself."""
         self.check_codes(*codes)
-        result = self.executor().run([q.to(torch.int64) for q in codes])
+        if self.engine_program is not None and all(q.device.type == "cpu" for q in codes):
+            result = self.engine_program.run(list(codes))
+        else:
+            result = self.executor().run([q.to(torch.int64) for q in codes])
         return output_structure(result, lambda v: v.codes.to(TORCH_DTYPES[v.qparams.dtype]))
 
     def check_codes(self, *codes: torch.Tensor) -> None:
