@@ -40,6 +40,13 @@ def codes_of(q: torch.Tensor) -> torch.Tensor:
     return q.int_repr().to(torch.int64)
 
 
+def assert_same_codes_and_layout(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal codes, and equal strides along every dimension longer than 1 (the layout later kernels choose by)."""
+    assert torch.equal(got, expected)
+    assert all(a == b for n, a, b in zip(got.shape, got.stride(), expected.stride()) if n > 1), \
+        f"strides {got.stride()}, PyTorch's {expected.stride()}"
+
+
 def random_qparams(rng) -> QParams:
     return QParams(scale_from(rng), int(rng.integers(0, 256)), "uint8")
 
@@ -157,7 +164,7 @@ def test_average_pool_matches_quantized_avg_pool2d(engine, seed, channels, hw, k
     expected = codes_of(torch.nn.functional.avg_pool2d(quint8(x, qp), k, stride, padding, ceil, include_pad))
     attrs = {"kernel_size": (k, k), "stride": (stride, stride), "padding": (padding, padding), "ceil_mode": ceil,
              "count_include_pad": include_pad, "adaptive": False}
-    assert torch.equal(get_target(engine).average_pool(x, qp, attrs), expected)
+    assert_same_codes_and_layout(get_target(engine).average_pool(x, qp, attrs), expected)
 
 
 @SETTINGS
@@ -171,7 +178,24 @@ def test_adaptive_average_matches_quantized_adaptive_avg_pool2d(engine, seed, ch
     x = pooled_input(rng, qp, (2, channels, hw, hw), channels_last)
     expected = codes_of(torch.nn.functional.adaptive_avg_pool2d(quint8(x, qp), out))
     attrs = {**pooling.adaptive_as_pooling((hw, hw), out, "test"), "adaptive": True}
-    assert torch.equal(get_target(engine).average_pool(x, qp, attrs), expected)
+    assert_same_codes_and_layout(get_target(engine).average_pool(x, qp, attrs), expected)
+
+
+@SETTINGS
+@given(engine=ENGINES, seed=seeds, channels=st.integers(1, 40), h=st.integers(2, 13), w=st.integers(2, 13),
+       out=st.tuples(st.integers(1, 5), st.integers(1, 5)), channels_last=st.booleans())
+def test_uneven_adaptive_average_matches_quantized_adaptive_avg_pool2d(engine, seed, channels, h, w, out,
+                                                                       channels_last):
+    """Windows of differing sizes (an output size that does not divide the input), codes and output layout; the
+    NCHW kernel rounds the raw codes' average (ties: an 11x11 input pooled to (3, 2) has windows of 30)."""
+    torch.backends.quantized.engine = engine
+    out = (min(out[0], h), min(out[1], w))
+    rng = np.random.default_rng(seed)
+    qp = random_qparams(rng)
+    x = pooled_input(rng, qp, (2, channels, h, w), channels_last)
+    expected = codes_of(torch.nn.functional.adaptive_avg_pool2d(quint8(x, qp), out))
+    attrs = {**pooling.window_attrs({"adaptive_output_size": list(out)}, (h, w), "test"), "adaptive": True}
+    assert_same_codes_and_layout(get_target(engine).average_pool(x, qp, attrs), expected)
 
 
 @SETTINGS
@@ -193,7 +217,7 @@ def test_qnnpack_average_pool_matches_quantized_avg_pool2d(seed, channels, h, w,
     expected = codes_of(torch.nn.functional.avg_pool2d(quint8(x, qp), kernel, stride, padding, ceil, include_pad))
     attrs = {"kernel_size": kernel, "stride": stride, "padding": padding, "ceil_mode": ceil,
              "count_include_pad": include_pad, "adaptive": False}
-    assert torch.equal(get_target("qnnpack").average_pool(x, qp, attrs), expected)
+    assert_same_codes_and_layout(get_target("qnnpack").average_pool(x, qp, attrs), expected)
 
 
 def test_qnnpack_refuses_1x1_avg_pool2d():

@@ -36,6 +36,12 @@ from .qparams import QParams
 # Shape calls whose result has the same strides whatever the element type, so a quint8 view is the codes' view.
 VIEW_CALLS = ("function:torch.flatten", "method:flatten", "method:view", "method:reshape", "function:torch.reshape")
 
+# Steps whose codes and layout do not depend on how a 4-D input with ambiguous strides is stored (the layers
+# decline those shapes themselves). The others choose kernels or output layouts by strides that the emulation's
+# codes may hold differently along dimensions of size 1, so an ambiguous input (_ambiguous_layout) takes the
+# emulation.
+LAYOUT_FREE = ("conv2d", "linear", "call", "dropout")
+
 # A step computes a node's quint8 result from its resolved arguments, or returns None to hand the node to the
 # emulation for this call.
 Step = Callable[..., Optional[torch.Tensor]]
@@ -48,6 +54,13 @@ def quantized(codes: torch.Tensor, grid: QParams) -> torch.Tensor:
 
 def _is_quantized(value) -> bool:
     return isinstance(value, torch.Tensor) and value.is_quantized
+
+
+def _ambiguous_layout(value) -> bool:
+    """A 4-D tensor that is not dense in exactly one of NCHW and channels-last: both (one channel, a 1x1 image,
+    where size-1 strides decide PyTorch's choice) or neither (a slice's view)."""
+    return (isinstance(value, torch.Tensor) and value.dim() == 4
+            and value.is_contiguous() == value.is_contiguous(memory_format=torch.channels_last))
 
 
 def parallel_chunks(n: int, threads: int) -> int:
@@ -111,7 +124,10 @@ class EngineProgram:
         if node.kwargs or any(isinstance(a, (tuple, list, dict)) for a in node.args):
             return None
         build = getattr(self, "_step_" + node.op, None)
-        return None if build is None else build(node)
+        step = None if build is None else build(node)
+        if step is None or node.op in LAYOUT_FREE:
+            return step
+        return lambda *args: None if any(_ambiguous_layout(a) for a in args) else step(*args)
 
     def _step_conv2d(self, node: Node) -> Optional[Step]:
         kernel = self.model.layer_kernels[node.name]
@@ -205,9 +221,12 @@ class _Values:
         value = self.as_quantized.get(arg.name)
         if value is None:
             codes = self.as_codes[arg.name]
-            # Only activations (uint8) become quint8; a QValue on another grid stays for the emulation.
-            convertible = isinstance(codes, QValue) and codes.qparams.dtype == "uint8"
-            value = quantized(codes.codes, codes.qparams) if convertible else codes
+            value = codes
+            # Only activations (uint8) become quint8, and only where the copy keeps the strides (a slice's view
+            # does not): the kernels choose their loops by the layout. Others stay for the emulation.
+            if isinstance(codes, QValue) and codes.qparams.dtype == "uint8":
+                copy = quantized(codes.codes, codes.qparams)
+                value = copy if copy.stride() == codes.codes.stride() else codes
             self.as_quantized[arg.name] = value
         return value
 

@@ -56,7 +56,9 @@ prepare_qat fixes both from torch.get_num_threads() and the example inputs; the 
     inputs run whole 16-channel blocks in an AVX512 loop, avg_pool2d's as rne(f(sum * multiplier)) + z
     (QuantizeAvx512), adaptive_avg_pool2d's as Q_vec(sum); the other channels as Q_val(sum) with
     inv = 1 / multiplier. A one-channel input counts as channels-last (measured on 2.14). NCHW inputs run the
-    nchw kernels, rne(f(f(sum * inv) + z)) in every release.
+    nchw kernels: avg_pool2d's rne(f(f(sum * inv) + z)) in every release; adaptive_avg_pool2d's
+    (AdaptiveAveragePooling.cpp) averages the raw codes, rne(f(f(sum_q) * f(f(1 / kH) / kW))).
+    The output keeps the input's layout (channels-last in, channels-last out).
   * qnnpack: adaptive_avg_pool2d q = rne(f(sum * f(s / f(s * N)))) + z; avg_pool2d without ceil_mode the same
     with N = kH * kW always (AveragePool2d.cpp qnnpack_avg_pool2d, qnnpack/src/average-pooling.c: padding is the
     zero point, count_include_pad ignored; measured); avg_pool2d with ceil_mode the fbgemm kernels above.
@@ -370,6 +372,13 @@ class PyTorchEngineTarget(Target):
         return scalar_arithmetic(op, value, q, source, out, lo, hi)
 
     def average_pool(self, codes, qp, attrs):
+        # Every engine's average pools allocate their output in the input's layout: channels-last in, channels-last
+        # out (measured on 2.13 and 2.14, adaptive and not, even and uneven windows); the next layout-dependent
+        # kernel (add, cat, another pool) chooses its loops by it.
+        layout = torch.channels_last if (codes.dim() == 4 and _channels_last(codes)) else torch.contiguous_format
+        return self._average_pool(codes, qp, attrs).contiguous(memory_format=layout)
+
+    def _average_pool(self, codes, qp, attrs):
         sums, counts = pooling.window_sums_and_counts(codes, qp.zero_point.to(codes.device), attrs)
         sums = sums.to(torch.float32)  # exact: |sum| < 2^24
         # qnnpack's adaptive_avg_pool2d runs QNNPACK only for output sizes that divide the input, else the
@@ -462,6 +471,8 @@ def _fbgemm_average(sums, counts, qp: QParams, codes, adaptive: bool, kernels: P
     inverse = torch.ones_like(multiplier) / (torch.ones_like(multiplier) / multiplier)  # f(1 / f(1 / multiplier))
     zero_point = float(qp.zero_point)
     if not (codes.dim() == 4 and codes.is_contiguous(memory_format=torch.channels_last)):
+        if adaptive:
+            return _adaptive_nchw_average(sums, counts, codes, zero_point)
         return kernels.quantize_nchw_pool(sums, inverse, zero_point)
     tail = kernels.quantize_scalar_loop(sums, inverse, zero_point)
     if adaptive:  # quantize_vec: fbgemm's Quantize
@@ -472,6 +483,16 @@ def _fbgemm_average(sums, counts, qp: QParams, codes, adaptive: bool, kernels: P
     in_vector_loop = (torch.arange(channels, device=codes.device) < (channels // POOL_BLOCK) * POOL_BLOCK)
     in_vector_loop = in_vector_loop.reshape(1, -1, 1, 1)
     return torch.where(in_vector_loop, vector, tail)
+
+
+def _adaptive_nchw_average(sums, counts, codes, zero_point: float) -> torch.Tensor:
+    """adaptive_avg_pool2d's NCHW kernel (AdaptiveAveragePooling.cpp, adaptive_avg_pool_single_out_frame, the same
+    in 2.13 and 2.14): no requantization (the output keeps the input's grid), the window's sum of raw codes times
+    the float32 reciprocal f(f(1 / kH) / kW), rounded half to even: rne(f(f(sum_q) * f(f(1 / kH) / kW)))."""
+    heights, widths = pooling.adaptive_window_sizes(tuple(codes.shape[-2:]), tuple(sums.shape[-2:]))
+    reciprocal = ((torch.ones(()) / heights.to(torch.float32))[:, None] / widths.to(torch.float32)[None, :])
+    raw_sums = (sums.to(torch.float64) + counts.to(torch.float64) * zero_point).to(torch.float32)  # exact integers
+    return torch.round(raw_sums * reciprocal.to(sums.device))
 
 
 def _rescale_channels_last(q, source: QParams, out: QParams, kernels: PyTorchKernels) -> torch.Tensor:
