@@ -23,6 +23,7 @@ dispatch on it. tests/test_engine_program.py compares every node's codes and str
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -63,6 +64,7 @@ def _ambiguous_layout(value) -> bool:
             and value.is_contiguous() == value.is_contiguous(memory_format=torch.channels_last))
 
 
+@lru_cache(maxsize=64)  # a few tensor sizes per model, called per add/hardswish and run
 def parallel_chunks(n: int, threads: int) -> int:
     """How many chunks at::parallel_for splits n elements into (GRAIN_SIZE; vector_loop_mask's split)."""
     return max(1, min(threads, -(-n // PARALLEL_GRAIN)))

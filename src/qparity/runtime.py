@@ -196,5 +196,6 @@ def _check_codes(node: Node, q, shape: tuple, qp: QParams) -> None:
         raise InputError(f"codes for input '{node.name}' must be an integer tensor ({qp.dtype}), got {q.dtype}; "
                          "use quantize() for float inputs")
     _check_shape(node, q, shape)
-    if q.numel() and (int(q.min()) < qp.qmin or int(q.max()) > qp.qmax):
+    low, high = torch.aminmax(q) if q.numel() else (qp.qmin, qp.qmax)  # one pass
+    if int(low) < qp.qmin or int(high) > qp.qmax:
         raise InputError(f"codes for input '{node.name}' leave the {qp.dtype} range [{qp.qmin}, {qp.qmax}]")
