@@ -50,6 +50,8 @@ class RandomNet(nn.Module):
                 x = torch.cat([x, self.convs[i](x)], 1)[:, : self.width]
         if self.head == "adaptive":
             x = F.adaptive_avg_pool2d(x, 1)
+        elif self.head == "pool1d":  # flatten of a channels-last tensor: a view of codes, a copy of a quint8 tensor
+            x = F.adaptive_avg_pool1d(x.flatten(2), 3).mean(2, keepdim=True)
         elif self.head == "uneven":
             x = F.adaptive_avg_pool2d(x, (3, 2)).mean((2, 3), keepdim=True)
         x = torch.flatten(self.drop(x), 1)
@@ -100,7 +102,7 @@ def _one_thread():
 
 @settings(max_examples=25, deadline=None)
 @given(target=st.sampled_from(["x86", "fbgemm"]), channels=st.sampled_from([4, 8, 16, 24]), blocks=blocks,
-       head=st.sampled_from(["adaptive", "uneven"]), clamp=st.sampled_from(["relu", "relu6", "none"]),
+       head=st.sampled_from(["adaptive", "uneven", "pool1d"]), clamp=st.sampled_from(["relu", "relu6", "none"]),
        size=st.integers(6, 12), batch=st.sampled_from([1, 2, 5]), channels_last=st.booleans(),
        seed=st.integers(0, 2**31 - 1))
 def test_engine_program_equals_the_emulation_at_every_node(target, channels, blocks, head, clamp, size, batch,

@@ -14,7 +14,7 @@ around the nodes that keep the emulation. Which node runs where is decided once,
 - max_pool2d, avg_pool2d, adaptive_avg_pool2d: the quantized pools (exact maxima; the average pools' nhwc/nchw
   kernels, which keep the input's grid);
 - a ReLU that is not fused: quantized relu (max(q, z), in the input's layout);
-- dropout (the identity here) and flatten/reshape/view (the same strides for any element type).
+- dropout (the identity here) and flatten/reshape/view where the quint8 result has the codes' strides.
 
 Every other node, and a node whose condition fails for this call's shapes or thread count, runs the emulation
 (`ProgramExecutor.dispatch`) on int64 codes of its inputs, and its result is wrapped again for the next kernel.
@@ -34,7 +34,7 @@ from .numerics.engine_kernels import EngineLayer, engine_of, engine_selected
 from .numerics.pytorch_engines import PARALLEL_GRAIN
 from .qparams import QParams
 
-# Shape calls whose result has the same strides whatever the element type, so a quint8 view is the codes' view.
+# Shape calls run on quint8 tensors where the result has the strides of the codes' own result.
 VIEW_CALLS = ("function:torch.flatten", "method:flatten", "method:view", "method:reshape", "function:torch.reshape")
 
 # Steps whose codes and layout do not depend on how a 4-D input with ambiguous strides is stored (the layers
@@ -51,6 +51,15 @@ Step = Callable[..., Optional[torch.Tensor]]
 def quantized(codes: torch.Tensor, grid: QParams) -> torch.Tensor:
     """Codes on `grid` as a quint8 tensor with the same strides."""
     return torch._make_per_tensor_quantized_tensor(codes.to(torch.uint8), float(grid.scale), int(grid.zero_point))
+
+
+def codes_of(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The codes of a quint8 tensor with its strides: int_repr keeps them for 4-D layouts only (a flattened
+    channels-last view comes back contiguous), and later kernels choose their loops by them."""
+    codes = q.int_repr()
+    if codes.stride() != q.stride():
+        codes = torch.empty_strided(q.size(), q.stride(), dtype=codes.dtype).copy_(codes)
+    return codes if dtype == codes.dtype else codes.to(dtype)
 
 
 def _is_quantized(value) -> bool:
@@ -192,7 +201,15 @@ class EngineProgram:
         if node.attrs["fn"] not in VIEW_CALLS or not isinstance(node.args[0], Ref):
             return None
         fn = CALLS[node.attrs["fn"]]
-        return lambda x, *rest: fn(x, *rest)
+
+        def view(x: torch.Tensor, *rest) -> Optional[torch.Tensor]:
+            # A quint8 reshape copies where a plain tensor's is a view (channels-last flattened), so the result
+            # must have the strides the same call gives an integer tensor of x's strides, or the emulation runs.
+            result = fn(x, *rest)
+            like = fn(torch.empty_strided(x.size(), x.stride(), dtype=torch.uint8), *rest)
+            return result if result.stride() == like.stride() else None
+
+        return view
 
     def _same_chunks(self, n: int) -> bool:
         """Whether the kernel's loops split n elements as the target's recorded thread count does."""
@@ -239,7 +256,7 @@ class _Values:
     def codes_of(self, name: str):
         value = self.as_codes.get(name)
         if value is None:
-            value = QValue(self.as_quantized[name].int_repr().to(torch.int64), self.grids[name])
+            value = QValue(codes_of(self.as_quantized[name], torch.int64), self.grids[name])
             self.as_codes[name] = value
         return value
 
@@ -247,7 +264,7 @@ class _Values:
         """An output: its QValue, with the uint8 codes of a quint8 result (no int64 step)."""
         value = self.as_quantized.get(name)
         if _is_quantized(value) and name not in self.as_codes:
-            return QValue(value.int_repr(), self.grids[name])
+            return QValue(codes_of(value, torch.uint8), self.grids[name])
         return self.codes_of(name)
 
 
