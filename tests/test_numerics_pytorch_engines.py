@@ -198,6 +198,20 @@ def test_uneven_adaptive_average_matches_quantized_adaptive_avg_pool2d(engine, s
     assert_same_codes_and_layout(get_target(engine).average_pool(x, qp, attrs), expected)
 
 
+@pytest.mark.parametrize("engine", ["fbgemm", "x86"])
+@pytest.mark.parametrize("channels", [1, 7, 8, 9, 15, 16, 17, 24, 31, 40])
+def test_adaptive_average_vector_loop_covers_8_channel_blocks_on_a_tie(engine, channels):
+    """Every window sums to -171 centered codes over 6 (-28.5): the vector loop's quantize_vec and the scalar tail's
+    quantize_val round it differently on 2.13 (13 and 14); found by tests/test_engine_program.py on 2.13."""
+    torch.backends.quantized.engine = engine
+    qp = QParams(0.00903583504, 42, "uint8")
+    x = torch.tensor([13, 14, 13, 14, 13, 14]).reshape(1, 1, 2, 3).repeat(2, channels, 1, 1)
+    x = x.contiguous(memory_format=torch.channels_last)
+    expected = codes_of(torch.nn.functional.adaptive_avg_pool2d(quint8(x, qp), 1))
+    attrs = {**pooling.adaptive_as_pooling((2, 3), 1, "test"), "adaptive": True}
+    assert_same_codes_and_layout(get_target(engine).average_pool(x, qp, attrs), expected)
+
+
 @SETTINGS
 @given(seed=seeds, channels=st.integers(1, 70), h=st.integers(1, 12), w=st.integers(1, 12),
        kernel=st.tuples(st.integers(1, 7), st.integers(1, 7)), stride=st.tuples(st.integers(1, 4), st.integers(1, 4)),

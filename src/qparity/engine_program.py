@@ -154,9 +154,9 @@ class EngineProgram:
         scale, zero_point = float(grid.scale), int(grid.zero_point)
         lo, hi = fused_clamp_bounds(self.model.target, node, grid)
         if (lo, hi) == (0, 255):
-            kernel = torch.ops.quantized.add
+            kernel = torch.ops.quantized.add.default
         elif (lo, hi) == (zero_point, 255):
-            kernel = torch.ops.quantized.add_relu  # qadd_kernel<ReLUFused>: max(q, z_y) in both loops
+            kernel = torch.ops.quantized.add_relu.default  # qadd_kernel<ReLUFused>: max(q, z_y) in both loops
         else:
             return None
 
@@ -172,7 +172,7 @@ class EngineProgram:
         scale, zero_point = float(grid.scale), int(grid.zero_point)
 
         def hardswish(x: torch.Tensor) -> Optional[torch.Tensor]:
-            return torch.ops.quantized.hardswish(x, scale, zero_point) if self._same_chunks(x.numel()) else None
+            return torch.ops.quantized.hardswish.default(x, scale, zero_point) if self._same_chunks(x.numel()) else None
 
         return hardswish
 

@@ -47,11 +47,11 @@ class EngineLayer:
         # negative value to z_y); any other clamp is applied to the codes afterwards.
         relu = (lo, hi) == (self.zero_y, 255)
         self.clamp = None if relu or (lo, hi) == (0, 255) else (lo, hi)
-        ops = torch.ops.quantized
+        ops = torch.ops.quantized  # the overloads themselves: the packet's per-call overload resolution is slower
         if kind == "linear":
-            self.kernel = ops.linear_relu if relu else ops.linear
+            self.kernel = (ops.linear_relu if relu else ops.linear).default
         else:
-            self.kernel = ops.conv2d_relu if relu else ops.conv2d
+            self.kernel = (ops.conv2d_relu if relu else ops.conv2d).new  # (qx, packed weight, scale, zero point)
 
     def on_quantized(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The output quint8 tensor for the quint8 input `x` (on the input grid), or None where declined."""
