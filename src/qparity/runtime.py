@@ -2,7 +2,8 @@
 
 Per-layer constants (weights as exact float32 codes, int32 bias, the target's requantizer, and oneDNN's packed
 int8 weights where its int8 kernels compute the same accumulator: numerics/int8_accumulate.py) are built once
-when the model is created. Every operator calls the same accumulation and target functions as the
+when the model is created. fbgemm and x86 models run on PyTorch's quantized engine itself, node by node where
+its kernel is the target's (engine_program.py). Every operator calls the same accumulation and target functions as the
 fake-quant forward, so for every input `IntegerModel(x) == QATModel.eval()(x)` bit for bit. The result
 does not depend on the batch size, the thread count or the machine: all sums are exact.
 """
@@ -14,6 +15,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from .engine_program import engine_program
 from .errors import InputError, QParityError
 from .graph import Graph, Node, QValue, output_structure, resolve_grids
 from .ops.input import require_float_input
@@ -44,6 +46,8 @@ class IntegerModel:
                                                           self.grids[graph.node(name).args[0].name],
                                                           qparams[name])
                               for name, layer in layers.items() if graph.node(name).op in LAYER_OPS}
+        # fbgemm / x86: the program on the engine's own kernels where they are the target's (engine_program.py)
+        self.engine_program = engine_program(self)
 
     # -- public API -----------------------------------------------------------------------------------------
     @property
@@ -72,7 +76,10 @@ class IntegerModel:
         """Input codes to output codes: the integer program itself (a float32 output, which only a model read from
         a PT2E graph has, comes back as the float32 tensor the graph returns)."""
         self.check_codes(*codes)
-        result = self.executor().run([q.to(torch.int64) for q in codes])
+        if self.engine_program is not None and all(q.device.type == "cpu" for q in codes):
+            result = self.engine_program.run(list(codes))
+        else:
+            result = self.executor().run([q.to(torch.int64) for q in codes])
         return output_structure(result, lambda v: v.codes.to(TORCH_DTYPES[v.qparams.dtype]))
 
     def check_codes(self, *codes: torch.Tensor) -> None:
@@ -194,5 +201,6 @@ def _check_codes(node: Node, q, shape: tuple, qp: QParams) -> None:
         raise InputError(f"codes for input '{node.name}' must be an integer tensor ({qp.dtype}), got {q.dtype}; "
                          "use quantize() for float inputs")
     _check_shape(node, q, shape)
-    if q.numel() and (int(q.min()) < qp.qmin or int(q.max()) > qp.qmax):
+    low, high = torch.aminmax(q) if q.numel() else (qp.qmin, qp.qmax)  # one pass
+    if int(low) < qp.qmin or int(high) > qp.qmax:
         raise InputError(f"codes for input '{node.name}' leave the {qp.dtype} range [{qp.qmin}, {qp.qmax}]")

@@ -15,14 +15,15 @@ requantization included, on qparity's own codes, weights, float bias and grids. 
 - the result's memory layout is the emulation's (channels-last; the shapes whose strides are ambiguous, one
   channel or a 1x1 image, are declined), because later kernels of these engines choose their loops by it.
 
-A fused clamp (ReLU, ReLU6, ...) is applied to the codes afterwards: the engine saturates to [0, 255] and
-rounding is monotone, so clamp(saturate(q), lo, hi) is the emulation's clamp(q, lo, hi).
+A fused ReLU runs in the kernel (conv2d_relu / linear_relu); another fused clamp (ReLU6, ...) is applied to
+the codes afterwards: the engine saturates to [0, 255] and rounding is monotone, so clamp(saturate(q), lo, hi)
+is the emulation's clamp(q, lo, hi). engine_program.py chains these layers on quint8 tensors.
 The fake-quant forward keeps the emulation; the fake == integer property tests hold the two equal.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -31,12 +32,61 @@ from .int8_accumulate import int32_dot_products
 from .pytorch_versions import release_of
 
 
+class EngineLayer:
+    """One conv/linear layer on the engine's kernel: `on_quantized` maps the input's quint8 tensor to the
+    output's (engine_program.py chains these), calling it on int64 codes returns int64 codes (the emulation's
+    executor); both return None for the shapes the kernel declines."""
+
+    def __init__(self, kind: str, packed, input_qp, output_qp, out_channels: int, lo: int, hi: int):
+        self.kind, self.packed, self.out_channels = kind, packed, out_channels
+        self.scale_x, self.zero_x = float(input_qp.scale), int(input_qp.zero_point)
+        self.scale_y, self.zero_y = float(output_qp.scale), int(output_qp.zero_point)
+        self.lo, self.hi = lo, hi
+        # A fused ReLU is the kernels' own (conv2d_relu / linear_relu clamp their saturated codes at z_y:
+        # fbgemm's ReQuantizeOutput FUSE_RELU, oneDNN's relu post-op before the output scale, which maps every
+        # negative value to z_y); any other clamp is applied to the codes afterwards.
+        relu = (lo, hi) == (self.zero_y, 255)
+        self.clamp = None if relu or (lo, hi) == (0, 255) else (lo, hi)
+        ops = torch.ops.quantized  # the overloads themselves: the packet's per-call overload resolution is slower
+        if kind == "linear":
+            self.kernel = (ops.linear_relu if relu else ops.linear).default
+        else:
+            self.kernel = (ops.conv2d_relu if relu else ops.conv2d).new  # (qx, packed weight, scale, zero point)
+
+    def on_quantized(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The output quint8 tensor for the quint8 input `x` (on the input grid), or None where declined."""
+        if self.kind == "linear":
+            if x.dim() != 2 or not x.shape[0]:
+                return None
+            result = self.kernel(x.contiguous(), self.packed, self.scale_y, self.zero_y)
+        else:
+            n, channels, height, width = x.shape
+            if not n or 1 in (channels, self.out_channels, height * width):
+                return None  # strides the emulation may leave NCHW (int8_accumulate.py)
+            result = self.kernel(x.contiguous(memory_format=torch.channels_last), self.packed, self.scale_y,
+                                 self.zero_y)
+            if result.shape[2] * result.shape[3] == 1:
+                return None
+        if self.clamp is None:
+            return result
+        codes = result.int_repr().clamp_(*self.clamp)
+        return torch._make_per_tensor_quantized_tensor(codes, self.scale_y, self.zero_y)
+
+    def __call__(self, codes: torch.Tensor) -> Optional[torch.Tensor]:
+        x = torch._make_per_tensor_quantized_tensor(codes.to(torch.uint8), self.scale_x, self.zero_x)
+        result = self.on_quantized(x)
+        if result is None:
+            return None
+        codes = result.int_repr().to(torch.int64)
+        return codes if self.kind == "linear" else codes.contiguous(memory_format=torch.channels_last)
+
+
 def engine_layer(target, plan: AccumulationPlan, geometry: ConvGeometry, weight_codes: torch.Tensor,
                  weight_scale: torch.Tensor, bias: Optional[torch.Tensor], input_qp, output_qp, lo: int, hi: int
-                 ) -> Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]]:
-    """A function of the input codes returning the layer's output codes (int64), or None where the engine's
-    kernel is not provably the target's here; the function itself returns None for shapes it declines."""
-    engine = _engine(target)
+                 ) -> Optional[EngineLayer]:
+    """The layer on the engine's kernel (an EngineLayer), or None where that kernel is not provably the
+    target's here."""
+    engine = engine_of(target)
     if (engine is None or plan.path != "float32" or geometry.kind not in ("conv2d", "linear")
             or isinstance(geometry.padding, str) or input_qp.dtype != "uint8" or output_qp.dtype != "uint8"
             or weight_codes.device.type != "cpu" or not int32_dot_products()):
@@ -49,47 +99,17 @@ def engine_layer(target, plan: AccumulationPlan, geometry: ConvGeometry, weight_
         qweight = torch._make_per_channel_quantized_tensor(weight, scale_w.reshape(-1),
                                                            torch.zeros(weight.shape[0], dtype=torch.int64), 0)
     bias = None if bias is None else bias.detach().to(torch.float32).reshape(-1)
-    scale_x, zero_x = float(input_qp.scale), int(input_qp.zero_point)
-    scale_y, zero_y = float(output_qp.scale), int(output_qp.zero_point)
-    out_channels = weight.shape[0]
-
-    def quantized(codes: torch.Tensor) -> torch.Tensor:
-        return torch._make_per_tensor_quantized_tensor(codes.to(torch.uint8), scale_x, zero_x)
-
-    def codes_of(result: torch.Tensor) -> torch.Tensor:
-        codes = result.int_repr().to(torch.int64)
-        return codes if (lo, hi) == (0, 255) else codes.clamp_(lo, hi)
-
-    with _engine_selected(engine):
+    with engine_selected(engine):
         if geometry.kind == "linear":
             packed = torch.ops.quantized.linear_prepack(qweight, bias)
         else:
             packed = torch.ops.quantized.conv2d_prepack(qweight, bias, list(geometry.stride),
                                                         list(geometry.padding), list(geometry.dilation),
                                                         geometry.groups)
-
-    if geometry.kind == "linear":
-        def linear(codes: torch.Tensor) -> Optional[torch.Tensor]:
-            if codes.dim() != 2 or not codes.shape[0]:
-                return None
-            return codes_of(torch.ops.quantized.linear(quantized(codes.contiguous()), packed, scale_y, zero_y))
-
-        return linear
-
-    def conv(codes: torch.Tensor) -> Optional[torch.Tensor]:
-        n, channels, height, width = codes.shape
-        if not n or 1 in (channels, out_channels, height * width):
-            return None
-        x = quantized(codes.contiguous(memory_format=torch.channels_last))
-        result = torch.ops.quantized.conv2d(x, packed, scale_y, zero_y)
-        if result.shape[2] * result.shape[3] == 1:
-            return None
-        return codes_of(result).contiguous(memory_format=torch.channels_last)
-
-    return conv
+    return EngineLayer(geometry.kind, packed, input_qp, output_qp, weight.shape[0], lo, hi)
 
 
-def _engine(target) -> Optional[str]:
+def engine_of(target) -> Optional[str]:
     """The quantized engine whose kernels are this target's layers here, or None."""
     if target.name not in ("fbgemm", "x86") or target.name not in torch.backends.quantized.supported_engines:
         return None
@@ -100,7 +120,7 @@ def _engine(target) -> Optional[str]:
 
 
 @contextmanager
-def _engine_selected(engine: str):
+def engine_selected(engine: str):
     """Pack with `engine` (the packed weights then carry their kernels), leaving the caller's setting as it was."""
     previous = torch.backends.quantized.engine
     torch.backends.quantized.engine = engine

@@ -65,6 +65,11 @@ def _adaptive_windows(size: int, out: int, device=None):
     return ((i >= start[:, None]) & (i < end[:, None])), end - start
 
 
+def adaptive_window_sizes(input_hw: Pair, out_hw: Pair):
+    """The heights [out_h] and widths [out_w] of an adaptive pool's windows (PyTorch's start/end rule)."""
+    return _adaptive_windows(input_hw[0], out_hw[0])[1], _adaptive_windows(input_hw[1], out_hw[1])[1]
+
+
 def uneven_sums_and_counts(centered: torch.Tensor, out_hw: Pair):
     """Window sums and sizes of an adaptive average pool whose output size does not divide the input: the
     windows of PyTorch's rule, as products with membership matrices (exact: |sums| < 2^24 in float32)."""

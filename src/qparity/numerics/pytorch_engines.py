@@ -53,10 +53,12 @@ prepare_qat fixes both from torch.get_num_threads() and the example inputs; the 
   other inputs are dequantized f((q - z) * s) and quantized with quantize_per_tensor's rule. Equal grids copy.
 - average pools (sum = sum(q - z), exact; multiplier = f(f(s_x / s_y) / N); inv = f(1 / f(1 / multiplier))):
   * fbgemm, x86 (QuantizedOpKernels.cpp, _qavg_pool_nhwc_kernel and _qadaptive_avg_pool_kernel): channels-last
-    inputs run whole 16-channel blocks in an AVX512 loop, avg_pool2d's as rne(f(sum * multiplier)) + z
+    inputs run whole 16-channel blocks (adaptive: 8, measured on 2.13) in a vector loop, avg_pool2d's as rne(f(sum * multiplier)) + z
     (QuantizeAvx512), adaptive_avg_pool2d's as Q_vec(sum); the other channels as Q_val(sum) with
     inv = 1 / multiplier. A one-channel input counts as channels-last (measured on 2.14). NCHW inputs run the
-    nchw kernels, rne(f(f(sum * inv) + z)) in every release.
+    nchw kernels: avg_pool2d's rne(f(f(sum * inv) + z)) in every release; adaptive_avg_pool2d's
+    (AdaptiveAveragePooling.cpp) averages the raw codes, rne(f(f(sum_q) * f(f(1 / kH) / kW))).
+    The output keeps the input's layout (channels-last in, channels-last out).
   * qnnpack: adaptive_avg_pool2d q = rne(f(sum * f(s / f(s * N)))) + z; avg_pool2d without ceil_mode the same
     with N = kH * kW always (AveragePool2d.cpp qnnpack_avg_pool2d, qnnpack/src/average-pooling.c: padding is the
     zero point, count_include_pad ignored; measured); avg_pool2d with ceil_mode the fbgemm kernels above.
@@ -90,7 +92,10 @@ ENGINE_FIXED_GRIDS = {"sigmoid": QParams(1.0 / 256.0, 0, "uint8"), "tanh": QPara
 VECTOR_BLOCK = 64          # qadd's vector loop covers whole 64-element blocks (cpu_kernel_vec; measured)
 PARALLEL_GRAIN = 32768     # at::internal::GRAIN_SIZE
 CAT_BLOCK = 8              # qcat_nhwc_kernel's vector loops (AVX2 dispatch: 32 and 8 lanes) cover 8-channel blocks
-POOL_BLOCK = 16            # the average pools' AVX512 loops cover 16-channel blocks
+POOL_BLOCK = 16            # avg_pool2d's nhwc AVX512 loop covers 16-channel blocks
+# adaptive_avg_pool2d's nhwc vector loop covers 8-channel blocks (measured on 2.13 with ties, where its rounding
+# differs from the scalar tail's; on 2.14 the two round alike, so the width does not show)
+ADAPTIVE_POOL_BLOCK = 8
 # add answers from a table of every code pair (FbgemmAddTable) once a tensor is larger than the table.
 ADD_TABLE_MAX_PAIRS = 256 * 256
 ADD_TABLE_MIN_ELEMENTS = 2 * ADD_TABLE_MAX_PAIRS
@@ -370,6 +375,13 @@ class PyTorchEngineTarget(Target):
         return scalar_arithmetic(op, value, q, source, out, lo, hi)
 
     def average_pool(self, codes, qp, attrs):
+        # Every engine's average pools allocate their output in the input's layout: channels-last in, channels-last
+        # out (measured on 2.13 and 2.14, adaptive and not, even and uneven windows); the next layout-dependent
+        # kernel (add, cat, another pool) chooses its loops by it.
+        layout = torch.channels_last if (codes.dim() == 4 and _channels_last(codes)) else torch.contiguous_format
+        return self._average_pool(codes, qp, attrs).contiguous(memory_format=layout)
+
+    def _average_pool(self, codes, qp, attrs):
         sums, counts = pooling.window_sums_and_counts(codes, qp.zero_point.to(codes.device), attrs)
         sums = sums.to(torch.float32)  # exact: |sum| < 2^24
         # qnnpack's adaptive_avg_pool2d runs QNNPACK only for output sizes that divide the input, else the
@@ -456,22 +468,34 @@ def fbgemm_path() -> str:
 
 def _fbgemm_average(sums, counts, qp: QParams, codes, adaptive: bool, kernels: PyTorchKernels) -> torch.Tensor:
     """QuantizedOpKernels.cpp: a channels-last input (a one-channel input is one too) runs the nhwc kernel,
-    whole 16-channel blocks in its AVX512 loop and the other channels in its scalar tail; an NCHW input runs
-    the nchw kernel, quantize_val(1 / multiplier, z, sum) on every element."""
+    whole 16-channel blocks (8 for the adaptive pool) in its vector loop and the other channels in its scalar
+    tail; an NCHW input runs the nchw kernel (_adaptive_nchw_average for the adaptive pool)."""
     multiplier = (qp.scale / qp.scale) / counts.to(torch.float32)  # f(f(s_x / s_y) / N)
     inverse = torch.ones_like(multiplier) / (torch.ones_like(multiplier) / multiplier)  # f(1 / f(1 / multiplier))
     zero_point = float(qp.zero_point)
     if not (codes.dim() == 4 and codes.is_contiguous(memory_format=torch.channels_last)):
+        if adaptive:
+            return _adaptive_nchw_average(sums, counts, codes, zero_point)
         return kernels.quantize_nchw_pool(sums, inverse, zero_point)
     tail = kernels.quantize_scalar_loop(sums, inverse, zero_point)
     if adaptive:  # quantize_vec: fbgemm's Quantize
         vector = kernels.quantize_vector(sums, inverse, _f32(zero_point))
     else:  # QuantizeAvx512(acc, multiplier): rne(f(sum * multiplier)) + z
         vector = torch.round(sums * multiplier) + zero_point
-    channels = codes.shape[1]
-    in_vector_loop = (torch.arange(channels, device=codes.device) < (channels // POOL_BLOCK) * POOL_BLOCK)
+    channels, block = codes.shape[1], ADAPTIVE_POOL_BLOCK if adaptive else POOL_BLOCK
+    in_vector_loop = (torch.arange(channels, device=codes.device) < (channels // block) * block)
     in_vector_loop = in_vector_loop.reshape(1, -1, 1, 1)
     return torch.where(in_vector_loop, vector, tail)
+
+
+def _adaptive_nchw_average(sums, counts, codes, zero_point: float) -> torch.Tensor:
+    """adaptive_avg_pool2d's NCHW kernel (AdaptiveAveragePooling.cpp, adaptive_avg_pool_single_out_frame, the same
+    in 2.13 and 2.14): no requantization (the output keeps the input's grid), the window's sum of raw codes times
+    the float32 reciprocal f(f(1 / kH) / kW), rounded half to even: rne(f(f(sum_q) * f(f(1 / kH) / kW)))."""
+    heights, widths = pooling.adaptive_window_sizes(tuple(codes.shape[-2:]), tuple(sums.shape[-2:]))
+    reciprocal = ((torch.ones(()) / heights.to(torch.float32))[:, None] / widths.to(torch.float32)[None, :])
+    raw_sums = (sums.to(torch.float64) + counts.to(torch.float64) * zero_point).to(torch.float32)  # exact integers
+    return torch.round(raw_sums * reciprocal.to(sums.device))
 
 
 def _rescale_channels_last(q, source: QParams, out: QParams, kernels: PyTorchKernels) -> torch.Tensor:
