@@ -166,6 +166,9 @@ def test_fake_equals_integer_for_layout_ops_and_standalone_clamps(data):
 
 
 def test_output_of_the_integer_model_is_codes_of_its_dtype():
+    # Seeded: from the global random state, some weights give a requantization scale outside the range where
+    # LiteRT stays in XNNPACK, which target xnnpack refuses by design (seen once in a few hundred runs).
+    torch.manual_seed(0)
     model = Dense(4, 3, True, nn.ReLU())
     for target in qp.TARGETS:
         prepared, integer = check(model, (2, 4), target, None, 0)
