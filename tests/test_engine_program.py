@@ -1,4 +1,4 @@
-"""The fbgemm/x86 IntegerModel on PyTorch's engine (engine_program.py) computes, node by node, the codes and
+"""The fbgemm/x86/qnnpack IntegerModel on PyTorch's engine (engine_program.py) computes, node by node, the codes and
 layouts of the targets' emulation (ProgramExecutor), over random models, grids, layouts and batch sizes."""
 import warnings
 
@@ -11,6 +11,7 @@ from torch import nn
 from qparity.convert import convert
 from qparity.engine_program import parallel_chunks
 from qparity.numerics import get_target
+from qparity.numerics.engine_kernels import engine_selected
 from qparity.numerics.int8_accumulate import int32_dot_products
 from qparity.qat.prepare import freeze, prepare_qat
 
@@ -75,7 +76,8 @@ def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
 def assert_every_node_equals_the_emulation(model, codes):
     emulation = model.executor()
     expected = emulation.run([codes.to(torch.int64)])
-    values = model.engine_program._run_nodes([codes])
+    with engine_selected(model.engine_program.engine):  # as EngineProgram.run: add and pools dispatch on it
+        values = model.engine_program._run_nodes([codes])
     for name, value in emulation.values.items():
         if not hasattr(value, "codes"):
             continue
@@ -101,7 +103,7 @@ def _one_thread():
 
 
 @settings(max_examples=25, deadline=None)
-@given(target=st.sampled_from(["x86", "fbgemm"]), channels=st.sampled_from([4, 8, 16, 24]), blocks=blocks,
+@given(target=st.sampled_from(["x86", "fbgemm", "qnnpack"]), channels=st.sampled_from([4, 8, 16, 24]), blocks=blocks,
        head=st.sampled_from(["adaptive", "uneven", "pool1d"]), clamp=st.sampled_from(["relu", "relu6", "none"]),
        size=st.integers(6, 12), batch=st.sampled_from([1, 2, 5]), channels_last=st.booleans(),
        seed=st.integers(0, 2**31 - 1))
@@ -112,7 +114,7 @@ def test_engine_program_equals_the_emulation_at_every_node(target, channels, blo
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     model = integer_model(RandomNet(channels, blocks, head, clamp), target, x)
-    if not int32_dot_products():
+    if target != "qnnpack" and not int32_dot_products():
         assert model.engine_program is None  # fbgemm's GEMM saturates int16 pairs without VNNI: the emulation runs
         return
     engine_ops = {model.graph.node(name).op for name in model.engine_program.engine_nodes}
@@ -138,7 +140,7 @@ def test_add_beyond_one_parallel_chunk_follows_the_recorded_thread_count(target)
 def test_engine_program_is_only_built_for_the_engine_targets():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
-    for target in ("qnnpack", "tflite", "exact"):
+    for target in ("tflite", "xnnpack", "exact"):
         assert integer_model(RandomNet(8, ["residual"], "adaptive", "relu"), target, x).engine_program is None
 
 
