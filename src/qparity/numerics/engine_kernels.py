@@ -50,7 +50,8 @@ class EngineLayer:
         self.lo, self.hi = lo, hi
         # A fused ReLU is the kernels' own (conv2d_relu / linear_relu clamp their saturated codes at z_y:
         # fbgemm's ReQuantizeOutput FUSE_RELU, oneDNN's relu post-op before the output scale, which maps every
-        # negative value to z_y); any other clamp is applied to the codes afterwards.
+        # negative value to z_y, QNNPACK's output_min = z_y from activationLimits); any other clamp is applied
+        # to the codes afterwards.
         relu = (lo, hi) == (self.zero_y, 255)
         self.clamp = None if relu or (lo, hi) == (0, 255) else (lo, hi)
         ops = torch.ops.quantized  # the overloads themselves: the packet's per-call overload resolution is slower
