@@ -181,16 +181,17 @@ def test_engine_program_is_only_built_for_the_engine_targets():
         assert integer_model(RandomNet(8, ["residual"], "adaptive", "relu"), target, x).engine_program is None
 
 
-def test_engine_program_leaves_the_callers_engine_setting():
+@pytest.mark.parametrize("target, caller", [("fbgemm", "qnnpack"), ("qnnpack", "x86")])
+def test_engine_program_leaves_the_callers_engine_setting(target, caller):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
-    model = integer_model(RandomNet(8, ["residual"], "adaptive", "relu"), "fbgemm", x)
+    model = integer_model(RandomNet(8, ["residual", "avgpool"], "adaptive", "relu"), target, x)
     previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = "qnnpack"
+    torch.backends.quantized.engine = caller
     try:
         codes = model.quantize(x)
-        if int32_dot_products():
-            assert_every_node_equals_the_emulation(model, codes)  # add and pools run fbgemm's kernels, not QNNPACK's
-        assert torch.backends.quantized.engine == "qnnpack"
+        if target == "qnnpack" or int32_dot_products():
+            assert_every_node_equals_the_emulation(model, codes)  # add and pools run the target's kernels
+        assert torch.backends.quantized.engine == caller
     finally:
         torch.backends.quantized.engine = previous
