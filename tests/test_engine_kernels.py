@@ -1,4 +1,5 @@
-"""The fbgemm/x86/qnnpack IntegerModel layers on the engine's own kernels equal the targets' emulation (engine_kernels)."""
+"""The fbgemm/x86/qnnpack IntegerModel layers on the engine's own kernels equal the targets' emulation
+(engine_kernels)."""
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -27,7 +28,8 @@ def layer_case(draw):
     shape = (draw(st.integers(1, 3)), cin) if linear else (draw(st.integers(1, 3)), cin, size, size)
     per_channel = draw(st.booleans())
     clamp = draw(st.sampled_from([(0, 255), "relu", (40, 200)]))
-    return (draw(st.sampled_from(["x86", "fbgemm", "qnnpack"])), geometry, shape, cout, k, per_channel, draw(st.booleans()),
+    engine = draw(st.sampled_from(["x86", "fbgemm", "qnnpack"]))
+    return (engine, geometry, shape, cout, k, per_channel, draw(st.booleans()),
             QParams(draw(scales), draw(st.integers(0, 255)), "uint8"), QParams(draw(scales), draw(st.integers(0, 255)),
                                                                                "uint8"),
             clamp, draw(st.integers(0, 2**31 - 1)))

@@ -85,8 +85,8 @@ def parallel_chunks(n: int, threads: int) -> int:
 
 
 class EngineProgram:
-    """The integer program of an fbgemm, x86 or qnnpack IntegerModel, node by node on the engine's kernels where they are
-    the target's (see the module docstring), on the emulation elsewhere."""
+    """The integer program of an fbgemm, x86 or qnnpack IntegerModel, node by node on the engine's kernels where they
+    are the target's (see the module docstring), on the emulation elsewhere."""
 
     def __init__(self, model, engine: str):
         self.model = model
@@ -224,7 +224,9 @@ class EngineProgram:
     def _split_alike(self, n: int) -> bool:
         """Whether the kernel's loops split n elements as the target's recorded thread count does (QNNPACK's
         elementwise kernels give every element the same arithmetic wherever the split falls)."""
-        return self.engine == "qnnpack" or parallel_chunks(n, torch.get_num_threads()) == parallel_chunks(n, self.model.target.engine_threads())
+        if self.engine == "qnnpack":
+            return True
+        return parallel_chunks(n, torch.get_num_threads()) == parallel_chunks(n, self.model.target.engine_threads())
 
 
 class _Values:
