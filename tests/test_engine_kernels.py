@@ -1,4 +1,5 @@
-"""The fbgemm/x86 IntegerModel layers on the engine's own kernels equal the targets' emulation (engine_kernels)."""
+"""The fbgemm/x86/qnnpack IntegerModel layers on the engine's own kernels equal the targets' emulation
+(engine_kernels)."""
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -6,7 +7,7 @@ from qparity.numerics import get_target
 from qparity.numerics.accumulate import ConvGeometry, accumulate, plan_accumulation
 from qparity.numerics.engine_kernels import engine_layer
 from qparity.numerics.int8_accumulate import int32_dot_products
-from qparity.numerics.pytorch_engines import X86Target
+from qparity.numerics.pytorch_engines import QnnpackTarget, X86Target
 from qparity.numerics.pytorch_versions import CHECKED
 from qparity.qparams import QParams
 
@@ -27,7 +28,8 @@ def layer_case(draw):
     shape = (draw(st.integers(1, 3)), cin) if linear else (draw(st.integers(1, 3)), cin, size, size)
     per_channel = draw(st.booleans())
     clamp = draw(st.sampled_from([(0, 255), "relu", (40, 200)]))
-    return (draw(st.sampled_from(["x86", "fbgemm"])), geometry, shape, cout, k, per_channel, draw(st.booleans()),
+    engine = draw(st.sampled_from(["x86", "fbgemm", "qnnpack"]))
+    return (engine, geometry, shape, cout, k, per_channel, draw(st.booleans()),
             QParams(draw(scales), draw(st.integers(0, 255)), "uint8"), QParams(draw(scales), draw(st.integers(0, 255)),
                                                                                "uint8"),
             clamp, draw(st.integers(0, 2**31 - 1)))
@@ -47,7 +49,7 @@ def test_engine_layer_equals_the_targets_emulation(case):
     lo, hi = (int(output_qp.zero_point), 255) if clamp == "relu" else clamp
     plan = plan_accumulation(geometry, weight, 255)
     kernel = engine_layer(target, plan, geometry, weight, weight_scale, bias, input_qp, output_qp, lo, hi)
-    if not int32_dot_products():
+    if name != "qnnpack" and not int32_dot_products():
         assert kernel is None  # fbgemm's GEMM saturates int16 pairs without VNNI: the emulation runs
         return
     assert kernel is not None
@@ -70,5 +72,5 @@ def test_engine_layer_is_refused_for_another_release_and_other_targets():
     plan = plan_accumulation(geometry, weight, 255)
     installed = get_target("x86").with_defaults_for(()).kernels.release
     other = next(release for release in CHECKED if release != installed)
-    for target in (X86Target(CHECKED[other]), get_target("qnnpack"), get_target("tflite")):
+    for target in (X86Target(CHECKED[other]), QnnpackTarget(CHECKED[other]), get_target("tflite")):
         assert engine_layer(target, plan, geometry, weight, torch.tensor(0.01), None, grid, grid, 0, 255) is None

@@ -1,4 +1,4 @@
-"""The fbgemm/x86 IntegerModel on PyTorch's engine (engine_program.py) computes, node by node, the codes and
+"""The fbgemm/x86/qnnpack IntegerModel on PyTorch's engine (engine_program.py) computes, node by node, the codes and
 layouts of the targets' emulation (ProgramExecutor), over random models, grids, layouts and batch sizes."""
 import warnings
 
@@ -9,10 +9,14 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from qparity.convert import convert
-from qparity.engine_program import parallel_chunks
+from qparity.engine_program import EngineProgram, parallel_chunks
+from qparity.errors import UnsupportedOpError
+from qparity.graph import QValue
 from qparity.numerics import get_target
+from qparity.numerics.engine_kernels import engine_selected, qnnpack_bias_fits
 from qparity.numerics.int8_accumulate import int32_dot_products
 from qparity.qat.prepare import freeze, prepare_qat
+from qparity.qparams import QParams
 
 ENGINE_OPS = ("conv2d", "linear", "add", "max_pool2d", "avg_pool2d", "hardswish", "clamp", "call", "dropout")
 
@@ -58,8 +62,8 @@ class RandomNet(nn.Module):
         return self.fc(x)
 
 
-def integer_model(net, target, x):
-    prepared = prepare_qat(net, (x,), target=target).train()
+def integer_model(net, target, x, per_channel=True):
+    prepared = prepare_qat(net, (x,), target=target, per_channel=per_channel).train()
     with torch.no_grad():
         for _ in range(2):
             prepared(x)
@@ -75,7 +79,8 @@ def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
 def assert_every_node_equals_the_emulation(model, codes):
     emulation = model.executor()
     expected = emulation.run([codes.to(torch.int64)])
-    values = model.engine_program._run_nodes([codes])
+    with engine_selected(model.engine_program.engine):  # as EngineProgram.run: add and pools dispatch on it
+        values = model.engine_program._run_nodes([codes])
     for name, value in emulation.values.items():
         if not hasattr(value, "codes"):
             continue
@@ -101,18 +106,18 @@ def _one_thread():
 
 
 @settings(max_examples=25, deadline=None)
-@given(target=st.sampled_from(["x86", "fbgemm"]), channels=st.sampled_from([4, 8, 16, 24]), blocks=blocks,
+@given(target=st.sampled_from(["x86", "fbgemm", "qnnpack"]), channels=st.sampled_from([4, 8, 16, 24]), blocks=blocks,
        head=st.sampled_from(["adaptive", "uneven", "pool1d"]), clamp=st.sampled_from(["relu", "relu6", "none"]),
        size=st.integers(6, 12), batch=st.sampled_from([1, 2, 5]), channels_last=st.booleans(),
-       seed=st.integers(0, 2**31 - 1))
+       per_channel=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_engine_program_equals_the_emulation_at_every_node(target, channels, blocks, head, clamp, size, batch,
-                                                           channels_last, seed):
+                                                           channels_last, per_channel, seed):
     torch.manual_seed(seed)
     x = torch.randn(batch, 3, size, size) * 2
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    model = integer_model(RandomNet(channels, blocks, head, clamp), target, x)
-    if not int32_dot_products():
+    model = integer_model(RandomNet(channels, blocks, head, clamp), target, x, per_channel)
+    if target != "qnnpack" and not int32_dot_products():
         assert model.engine_program is None  # fbgemm's GEMM saturates int16 pairs without VNNI: the emulation runs
         return
     engine_ops = {model.graph.node(name).op for name in model.engine_program.engine_nodes}
@@ -120,10 +125,11 @@ def test_engine_program_equals_the_emulation_at_every_node(target, channels, blo
     assert_every_node_equals_the_emulation(model, model.quantize(torch.randn(batch + 1, 3, size, size) * 3))
 
 
-@pytest.mark.parametrize("target", ["x86", "fbgemm"])
+@pytest.mark.parametrize("target", ["x86", "fbgemm", "qnnpack"])
 def test_add_beyond_one_parallel_chunk_follows_the_recorded_thread_count(target):
     # 2 x 16 x 48 x 48 codes: two chunks on two threads, so qadd's vector loop leaves a scalar tail in each. A model
     # recorded for two threads run on one must keep the emulation's split (the program then emulates that add).
+    # QNNPACK's fixed-point add is the same for every element, so qnnpack runs it on the engine either way.
     torch.manual_seed(0)
     x = torch.randn(2, 3, 48, 48)
     n = 2 * 16 * 48 * 48
@@ -131,27 +137,61 @@ def test_add_beyond_one_parallel_chunk_follows_the_recorded_thread_count(target)
     for threads in (1, 2):
         model = integer_model(RandomNet(16, ["residual"], "adaptive", "relu"),
                               get_target(target).configured(threads=threads), x)
-        if int32_dot_products():
+        if target == "qnnpack":
+            assert "add" in model.engine_program.engine_nodes
+        if target == "qnnpack" or int32_dot_products():
             assert_every_node_equals_the_emulation(model, model.quantize(x))
+
+
+def test_qnnpack_add_outside_its_scale_ratios_keeps_the_emulations_refusal():
+    # PyTorch's qnnpack add rejects f(s_a / s_y) outside [2^-14, 2^8) with a RuntimeError; the program leaves
+    # such an add to the emulation, which refuses it as an UnsupportedOpError naming qnnpack's add.
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = integer_model(RandomNet(8, ["add"], "adaptive", "relu"), "qnnpack", x)
+    add = next(n for n in model.graph.nodes if n.op == "add")
+    assert add.name in model.engine_program.engine_nodes
+    grid = model.grids[add.name]
+    first = add.args[0].name
+    for ratio in (2.0**8, 2.0**-15):
+        model.grids[first] = QParams(float(grid.scale) * ratio, int(model.grids[first].zero_point), "uint8")
+        assert add.name not in EngineProgram(model, "qnnpack").engine_nodes
+        codes = torch.zeros(1, 8, 2, 2, dtype=torch.int64)
+        with pytest.raises(UnsupportedOpError, match="qnnpack add"):
+            model.executor().dispatch(add, [QValue(codes, model.grids[first]),
+                                            QValue(codes, model.grids[add.args[1].name])], {})
+
+
+@pytest.mark.parametrize("margin, fits", [(-128, True), (0, False), (128, False)])  # float32 steps of 128 here
+def test_qnnpack_layer_declines_a_bias_whose_int32_sum_could_wrap(margin, fits):
+    # QNNPACK adds the bias code to the accumulator in int32 (the emulation in float64): the engine's kernel runs
+    # a layer only where |bias code| + 2^24 (the "float32" plan's accumulator bound) stays below 2^31.
+    grid = QParams(0.5, 0, "uint8")
+    weight_scale = torch.tensor([0.25, 0.125])
+    product = 0.5 * weight_scale
+    bias = torch.tensor([1.0, 2.0**31 - 2.0**24 + margin]) * product
+    assert qnnpack_bias_fits(bias, grid, weight_scale) is fits
+    assert qnnpack_bias_fits(-bias, grid, weight_scale) is fits
 
 
 def test_engine_program_is_only_built_for_the_engine_targets():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
-    for target in ("qnnpack", "tflite", "exact"):
+    for target in ("tflite", "xnnpack", "exact"):
         assert integer_model(RandomNet(8, ["residual"], "adaptive", "relu"), target, x).engine_program is None
 
 
-def test_engine_program_leaves_the_callers_engine_setting():
+@pytest.mark.parametrize("target, caller", [("fbgemm", "qnnpack"), ("qnnpack", "x86")])
+def test_engine_program_leaves_the_callers_engine_setting(target, caller):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
-    model = integer_model(RandomNet(8, ["residual"], "adaptive", "relu"), "fbgemm", x)
+    model = integer_model(RandomNet(8, ["residual", "avgpool"], "adaptive", "relu"), target, x)
     previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = "qnnpack"
+    torch.backends.quantized.engine = caller
     try:
         codes = model.quantize(x)
-        if int32_dot_products():
-            assert_every_node_equals_the_emulation(model, codes)  # add and pools run fbgemm's kernels, not QNNPACK's
-        assert torch.backends.quantized.engine == "qnnpack"
+        if target == "qnnpack" or int32_dot_products():
+            assert_every_node_equals_the_emulation(model, codes)  # add and pools run the target's kernels
+        assert torch.backends.quantized.engine == caller
     finally:
         torch.backends.quantized.engine = previous

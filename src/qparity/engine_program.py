@@ -1,4 +1,4 @@
-"""`IntegerModel.run` for the fbgemm and x86 targets on PyTorch's quantized engine itself.
+"""`IntegerModel.run` for the fbgemm, x86 and qnnpack targets on PyTorch's quantized engine itself.
 
 Those targets are defined as what PyTorch's quantized engine computes (numerics/pytorch_engines.py emulates each
 kernel; tests/test_numerics_pytorch_engines.py holds the emulation to the real kernels). Where the engine's own
@@ -7,12 +7,17 @@ kernel to the next, as torch.ao's converted model does, and int codes appear onl
 around the nodes that keep the emulation. Which node runs where is decided once, when the model is built:
 
 - conv2d / linear: the layer's EngineLayer (numerics/engine_kernels.py: the installed release is the target's,
-  VNNI/AMX, an exact accumulator), at run time only for the shapes whose layout is unambiguous;
-- add (two tensors of one shape): quantized::add / add_relu (qadd_kernel), while the tensor is split into the
-  same parallel chunks as the target's recorded thread count splits it (vector_loop_mask);
-- hardswish: quantized::hardswish (qhardswish_kernel), under the same chunk condition;
+  an exact accumulator: VNNI/AMX for fbgemm/x86, an int32 bias sum that cannot wrap for qnnpack), at run time
+  only for the shapes whose layout is unambiguous;
+- add (two tensors of one shape): quantized::add / add_relu. fbgemm, x86: qadd_kernel, while the tensor is
+  split into the same parallel chunks as the target's recorded thread count splits it (vector_loop_mask);
+  qnnpack: QNNPACK's fixed-point add (elementwise, no chunk condition), for the grids it accepts (scale ratios
+  in [2^-14, 2^8), a non-empty ReLU range: the emulation refuses the others with PyTorch);
+- hardswish: quantized::hardswish. fbgemm, x86: qhardswish_kernel, under the same chunk condition; qnnpack:
+  QNNPACK's lookup table (elementwise);
 - max_pool2d, avg_pool2d, adaptive_avg_pool2d: the quantized pools (exact maxima; the average pools' nhwc/nchw
-  kernels, which keep the input's grid);
+  kernels, which keep the input's grid; on qnnpack, QNNPACK's average pooling where PyTorch runs it, and the
+  emulation, which refuses them, for the pools QNNPACK rejects: 1x1 windows, divisor_override);
 - a ReLU that is not fused: quantized relu (max(q, z), in the input's layout);
 - dropout (the identity here) and flatten/reshape/view where the quint8 result has the codes' strides.
 
@@ -80,8 +85,8 @@ def parallel_chunks(n: int, threads: int) -> int:
 
 
 class EngineProgram:
-    """The integer program of an fbgemm/x86 IntegerModel, node by node on the engine's kernels where they are
-    the target's (see the module docstring), on the emulation elsewhere."""
+    """The integer program of an fbgemm, x86 or qnnpack IntegerModel, node by node on the engine's kernels where they
+    are the target's (see the module docstring), on the emulation elsewhere."""
 
     def __init__(self, model, engine: str):
         self.model = model
@@ -153,6 +158,8 @@ class EngineProgram:
         grid = self.grids[node.name]
         scale, zero_point = float(grid.scale), int(grid.zero_point)
         lo, hi = fused_clamp_bounds(self.model.target, node, grid)
+        if self.engine == "qnnpack" and not qnnpack_add_accepts(self.grids, node, lo, hi):
+            return None  # the emulation raises PyTorch's refusal as an UnsupportedOpError
         if (lo, hi) == (0, 255):
             kernel = torch.ops.quantized.add.default
         elif (lo, hi) == (zero_point, 255):
@@ -161,7 +168,7 @@ class EngineProgram:
             return None
 
         def add(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
-            if not (_is_quantized(a) and _is_quantized(b)) or a.shape != b.shape or not self._same_chunks(a.numel()):
+            if not (_is_quantized(a) and _is_quantized(b)) or a.shape != b.shape or not self._split_alike(a.numel()):
                 return None  # the emulation refuses broadcasting; other chunks split the loops elsewhere
             return kernel(a, b, scale, zero_point)
 
@@ -172,7 +179,7 @@ class EngineProgram:
         scale, zero_point = float(grid.scale), int(grid.zero_point)
 
         def hardswish(x: torch.Tensor) -> Optional[torch.Tensor]:
-            return torch.ops.quantized.hardswish.default(x, scale, zero_point) if self._same_chunks(x.numel()) else None
+            return torch.ops.quantized.hardswish.default(x, scale, zero_point) if self._split_alike(x.numel()) else None
 
         return hardswish
 
@@ -185,6 +192,9 @@ class EngineProgram:
         if "adaptive_output_size" in a:
             size = tuple(a["adaptive_output_size"])
             return lambda x: F.adaptive_avg_pool2d(x, size) if x.dim() == 4 else None
+        if self.engine == "qnnpack" and not a["ceil_mode"] and (
+                tuple(a["kernel_size"]) == (1, 1) or a.get("divisor_override")):
+            return None  # QNNPACK rejects these; the emulation refuses them with PyTorch
         return lambda x: (F.avg_pool2d(x, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
                                        a["count_include_pad"], a.get("divisor_override"))
                           if x.dim() == 4 else None)
@@ -211,8 +221,11 @@ class EngineProgram:
 
         return view
 
-    def _same_chunks(self, n: int) -> bool:
-        """Whether the kernel's loops split n elements as the target's recorded thread count does."""
+    def _split_alike(self, n: int) -> bool:
+        """Whether the kernel's loops split n elements as the target's recorded thread count does (QNNPACK's
+        elementwise kernels give every element the same arithmetic wherever the split falls)."""
+        if self.engine == "qnnpack":
+            return True
         return parallel_chunks(n, torch.get_num_threads()) == parallel_chunks(n, self.model.target.engine_threads())
 
 
@@ -275,6 +288,14 @@ class _CodesOf(dict):
 
     def __missing__(self, name: str):
         return self.values.codes_of(name)
+
+
+def qnnpack_add_accepts(grids: Dict[str, QParams], node: Node, lo: int, hi: int) -> bool:
+    """Whether PyTorch's qnnpack add takes these grids (qnnpack/src/add.c pytorch_qnnp_create_add_nc_q8: each
+    f(s / s_y) in [2^-14, 2^8), output_min < output_max), as the emulation (_qnnpack_add) checks them."""
+    out = grids[node.name].scale
+    ratios = [float(grids[a.name].scale / out) for a in node.args]
+    return lo < hi and all(2.0**-14 <= r < 2.0**8 for r in ratios)
 
 
 def engine_program(model) -> Optional[EngineProgram]:

@@ -2,7 +2,7 @@
 
 Per-layer constants (weights as exact float32 codes, int32 bias, the target's requantizer, and oneDNN's packed
 int8 weights where its int8 kernels compute the same accumulator: numerics/int8_accumulate.py) are built once
-when the model is created. fbgemm and x86 models run on PyTorch's quantized engine itself, node by node where
+when the model is created. fbgemm, x86 and qnnpack models run on PyTorch's quantized engine itself, node by node where
 its kernel is the target's (engine_program.py). Every operator calls the same accumulation and target functions as the
 fake-quant forward, so for every input `IntegerModel(x) == QATModel.eval()(x)` bit for bit. The result
 does not depend on the batch size, the thread count or the machine: all sums are exact.
@@ -46,7 +46,7 @@ class IntegerModel:
                                                           self.grids[graph.node(name).args[0].name],
                                                           qparams[name])
                               for name, layer in layers.items() if graph.node(name).op in LAYER_OPS}
-        # fbgemm / x86: the program on the engine's own kernels where they are the target's (engine_program.py)
+        # fbgemm, x86, qnnpack: the program on the engine's own kernels where they are the target's (engine_program.py)
         self.engine_program = engine_program(self)
 
     # -- public API -----------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The `fbgemm` and `x86` targets' conv/linear layers on the engine's own quantized kernels (IntegerModel only).
+"""The `fbgemm`, `x86` and `qnnpack` targets' conv/linear layers on the engine's own quantized kernels
+(IntegerModel only).
 
 Those targets are defined as what PyTorch's quantized engine computes (pytorch_engines.py emulates
 `quantized::conv2d` / `quantized::linear` step by step, and tests/test_numerics_pytorch_engines.py holds the
@@ -8,8 +9,12 @@ requantization included, on qparity's own codes, weights, float bias and grids. 
 
 - the installed PyTorch is the release the target reproduces (`PyTorchKernels.release`: the requantization
   rules changed between releases);
-- the CPU sums u8 x s8 products in int32 without an int16 step (VNNI or AMX, `int32_dot_products`): on
-  older CPUs fbgemm's GEMM (vpmaddubsw) saturates pairs of products, which the targets do not model;
+- fbgemm, x86: the CPU sums u8 x s8 products in int32 without an int16 step (VNNI or AMX,
+  `int32_dot_products`): on older CPUs fbgemm's GEMM (vpmaddubsw) saturates pairs of products, which the targets
+  do not model. QNNPACK widens (q - z) to int16 and multiplies-adds pairs into int32 (q8gemm/q8conv/q8dwconv
+  SSE2 and NEON kernels, _mm_madd_epi16: |2 * 255 * 255| fits), exact on every CPU;
+- qnnpack: the int32 sum of the accumulator and the bias code cannot wrap (`qnnpack_bias_fits`): QNNPACK adds
+  the bias code in int32 before its float conversion, the emulation in float64;
 - the layer is a conv2d whose accumulator the target computes exactly (its "float32" plan: not fbgemm's
   saturating depthwise kernels, which keep the emulation), or a linear;
 - the result's memory layout is the emulation's (channels-last; the shapes whose strides are ambiguous, one
@@ -27,8 +32,9 @@ from typing import Optional
 
 import torch
 
-from .accumulate import AccumulationPlan, ConvGeometry
+from .accumulate import FLOAT32_EXACT, AccumulationPlan, ConvGeometry
 from .int8_accumulate import int32_dot_products
+from .pytorch_engines import bias_in_accumulator_units
 from .pytorch_versions import release_of
 
 
@@ -44,7 +50,8 @@ class EngineLayer:
         self.lo, self.hi = lo, hi
         # A fused ReLU is the kernels' own (conv2d_relu / linear_relu clamp their saturated codes at z_y:
         # fbgemm's ReQuantizeOutput FUSE_RELU, oneDNN's relu post-op before the output scale, which maps every
-        # negative value to z_y); any other clamp is applied to the codes afterwards.
+        # negative value to z_y, QNNPACK's output_min = z_y from activationLimits); any other clamp is applied
+        # to the codes afterwards.
         relu = (lo, hi) == (self.zero_y, 255)
         self.clamp = None if relu or (lo, hi) == (0, 255) else (lo, hi)
         ops = torch.ops.quantized  # the overloads themselves: the packet's per-call overload resolution is slower
@@ -89,7 +96,12 @@ def engine_layer(target, plan: AccumulationPlan, geometry: ConvGeometry, weight_
     engine = engine_of(target)
     if (engine is None or plan.path != "float32" or geometry.kind not in ("conv2d", "linear")
             or isinstance(geometry.padding, str) or input_qp.dtype != "uint8" or output_qp.dtype != "uint8"
-            or weight_codes.device.type != "cpu" or not int32_dot_products()):
+            or weight_codes.device.type != "cpu"):
+        return None
+    if engine == "qnnpack":
+        if not qnnpack_bias_fits(bias, input_qp, weight_scale):
+            return None
+    elif not int32_dot_products():
         return None
     scale_w = weight_scale.detach().to(torch.float64)
     weight = weight_codes.detach().to(torch.int8)
@@ -109,9 +121,19 @@ def engine_layer(target, plan: AccumulationPlan, geometry: ConvGeometry, weight_
     return EngineLayer(geometry.kind, packed, input_qp, output_qp, weight.shape[0], lo, hi)
 
 
+def qnnpack_bias_fits(bias: Optional[torch.Tensor], input_qp, weight_scale: torch.Tensor) -> bool:
+    """Whether acc + bias code stays inside int32 for every accumulator the "float32" plan allows (|acc| < 2^24):
+    QNNPACK quantizes the float bias at P = s_x * s_w (quant_utils::QuantizeBias) and adds it in int32."""
+    if bias is None:
+        return True
+    product = input_qp.scale.to(torch.float32) * weight_scale.detach().to(torch.float32)
+    codes = bias_in_accumulator_units("qnnpack", bias.detach().to(torch.float32).reshape(-1), product.reshape(-1))
+    return bool((codes.abs() < 2.0**31 - FLOAT32_EXACT).all())
+
+
 def engine_of(target) -> Optional[str]:
     """The quantized engine whose kernels are this target's layers here, or None."""
-    if target.name not in ("fbgemm", "x86") or target.name not in torch.backends.quantized.supported_engines:
+    if target.name not in ("fbgemm", "x86", "qnnpack") or target.name not in torch.backends.quantized.supported_engines:
         return None
     kernels = getattr(target, "kernels", None)
     if kernels is None or kernels.release != release_of(torch.__version__):
