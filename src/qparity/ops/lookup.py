@@ -39,8 +39,9 @@ class PairTable:
         if broadcast:  # row-major (a_span, b_span): entry qa_i * b_span + qb_j, the flat order below
             table = fn(qa.reshape(-1, 1), qb.reshape(1, -1))
             if tuple(table.shape) != (a_span, self.b_span):
-                raise InvalidParameterError(f"a broadcast pair table of shape {tuple(table.shape)}: f must broadcast a column "
-                                 f"of {a_span} codes and a row of {self.b_span} to ({a_span}, {self.b_span})")
+                raise InvalidParameterError(
+                    f"a broadcast pair table of shape {tuple(table.shape)}: f must broadcast a column of {a_span} "
+                    f"codes and a row of {self.b_span} to ({a_span}, {self.b_span})")
         else:
             table = fn(qa.repeat_interleave(self.b_span), qb.repeat(a_span))
         self.table = table.reshape(-1).to(torch.int64)

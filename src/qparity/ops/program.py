@@ -64,8 +64,9 @@ class ProgramExecutor(Executor):
         gradient flows through it). codes: the integer kernel, the same call in both modes. table: "code" or
         "pair" where the target declares the result a function of the input code(s) only ("pair_terms" where
         it also forms a term per input code before combining them, Target.add_from_code_terms); the integer
-        mode then tabulates `codes` once per node, the fake mode once per grid change. grid: the output grid where the target derives it from the inputs'
-        (PyTorch's add_scalar); the observer then holds it instead of watching.
+        mode then tabulates `codes` once per node, the fake mode once per grid change. grid: the output grid
+        where the target derives it from the inputs' (PyTorch's add_scalar); the observer then holds it instead
+        of watching.
         """
         value = clamped_value = None
         bounds = node.attrs.get("clamp") or (None, None)
