@@ -8,16 +8,22 @@ from hypothesis import given, strategies as st
 import qparity as qp
 from qparity.numerics import get_target
 from qparity.graph import Node, QValue
-from qparity.ops.program import FakeQuant
+from qparity.ops.program import FakeQuant, build_table
 from qparity.qparams import QParams
 
 ADD_TARGETS = [t for t in qp.TARGETS if get_target(t).elementwise_add((4096,), (4096,))]
+TERM_ADD_TARGETS = [t for t in ADD_TARGETS if get_target(t).add_from_code_terms]
 HARDSWISH_TARGETS = [t for t in qp.TARGETS if get_target(t).elementwise_hardswish(4096)]
 
 # Scales within a factor of 10 of each other: XNNPACK refuses add ratios far from 1.
 grids = st.builds(lambda scale, zero_point, dtype: QParams(scale, zero_point if dtype == "int8" else zero_point + 128,
                                                            dtype),
                   st.floats(0.01, 0.1), st.integers(-128, 127), st.sampled_from(["int8", "uint8"]))
+
+
+def add_table_kind(target) -> str:
+    """The table the add operator asks for on this target (ops/add.py)."""
+    return "pair_terms" if target.add_from_code_terms else "pair"
 
 
 def fake_mode():
@@ -43,7 +49,8 @@ def test_fake_add_table_equals_the_targets_add_and_is_rebuilt_when_a_grid_moves(
     for grid_b, grid_out in ((b, out), (b, out), (QParams(float(b.scale) * 1.5, int(b.zero_point), b.dtype), out),
                              (b, QParams(out.scale, int(out.zero_point) // 2, out.dtype))):
         inputs = [QValue(qa, a), QValue(qb, grid_b)]
-        result = mode.tabulated(node, "pair", inputs, add(grid_out), (grid_out, grid_out.qmin, grid_out.qmax))
+        result = mode.tabulated(node, add_table_kind(target), inputs, add(grid_out),
+                                (grid_out, grid_out.qmin, grid_out.qmax))
         assert torch.equal(result, add(grid_out)(inputs))
 
 
@@ -96,5 +103,29 @@ def test_fake_add_table_of_a_broadcast_add_equals_the_targets_add(target_name, a
     inputs = [QValue(qa, a), QValue(qb, b)]
     add = lambda vs: target.add(vs[0].codes, vs[0].qparams, vs[1].codes, vs[1].qparams,  # noqa: E731
                                 out, out.qmin, out.qmax)
-    assert torch.equal(mode.tabulated(node, "pair", inputs, add, (out, out.qmin, out.qmax)), add(inputs))
+    result = mode.tabulated(node, add_table_kind(target), inputs, add, (out, out.qmin, out.qmax))
+    assert torch.equal(result, add(inputs))
     assert "add_1" in mode.model.fake_tables
+
+
+@st.composite
+def add_grids(draw, target):
+    """Input and output grids in one of the target's activation dtypes, and a clamp within the output's range."""
+    dtype = draw(st.sampled_from(target.activation_dtypes))
+    offset = 0 if dtype == "int8" else 128
+    a, b, out = (QParams(draw(st.floats(0.01, 0.1)), draw(st.integers(-128, 127)) + offset, dtype) for _ in range(3))
+    lo = draw(st.integers(out.qmin, out.qmax))
+    return a, b, out, lo, draw(st.integers(lo, out.qmax))
+
+
+@given(st.data())
+def test_add_table_from_per_code_terms_equals_the_targets_add_on_every_code_pair(data):
+    """The table from a column of a's codes and a row of b's (each input's term once per code, the output rescale
+    on the broadcast sums) holds the target's add of every pair of codes, computed pair by pair."""
+    target = get_target(data.draw(st.sampled_from(TERM_ADD_TARGETS)))
+    a, b, out, lo, hi = data.draw(add_grids(target))
+    table = build_table("pair_terms", [a, b], lambda vs: target.add(vs[0].codes, a, vs[1].codes, b, out, lo, hi))
+    qa = torch.arange(a.qmin, a.qmax + 1).repeat_interleave(b.qmax - b.qmin + 1)
+    qb = torch.arange(b.qmin, b.qmax + 1).repeat(a.qmax - a.qmin + 1)
+    assert torch.equal(table.table, target.add(qa, a, qb, b, out, lo, hi))
+    assert torch.equal(table(qa, qb), target.add(qa, a, qb, b, out, lo, hi))

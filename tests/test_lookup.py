@@ -1,9 +1,11 @@
 """The integer runtime's lookup tables answer exactly what the function they tabulate computes, for the codes of
 any grid (ranges starting at 0, or offset to 0), in the codes' own memory format."""
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qparity.errors import InvalidParameterError
 from qparity.ops.lookup import CodeTable, PairTable
 from qparity.numerics import get_target
 from qparity.qparams import QParams
@@ -22,11 +24,11 @@ def codes_in(low: int, high: int, shape, seed: int) -> torch.Tensor:
 
 
 @SETTINGS
-@given(a=ranges, b=ranges, seed=st.integers(0, 2**16))
-def test_pair_table_equals_the_function_on_raw_codes(a, b, seed):
+@given(a=ranges, b=ranges, seed=st.integers(0, 2**16), broadcast=st.booleans())
+def test_pair_table_equals_the_function_on_raw_codes(a, b, seed, broadcast):
     if not PairTable.fits(*a, *b):
         return
-    table = PairTable(injective_pair, *a, *b)
+    table = PairTable(injective_pair, *a, *b, broadcast=broadcast)
     qa, qb = codes_in(*a, (3, 4, 5, 6), seed), codes_in(*b, (3, 4, 5, 6), seed + 1)
     assert torch.equal(table(qa, qb), injective_pair(qa, qb))
     corners = torch.tensor([a[0], a[0], a[1], a[1]]), torch.tensor([b[0], b[1], b[0], b[1]])
@@ -60,3 +62,8 @@ def test_add_table_of_a_target_equals_its_add():
     table = PairTable(lambda qa, qb: target.add(qa, a, qb, b, out, -128, 127), -128, 127, -128, 127)
     qa, qb = codes_in(-128, 127, (4, 8, 8, 8), 3), codes_in(-128, 127, (4, 8, 8, 8), 4)
     assert torch.equal(table(qa, qb), target.add(qa, a, qb, b, out, -128, 127))
+
+
+def test_broadcast_pair_table_refuses_a_function_that_does_not_broadcast():
+    with pytest.raises(InvalidParameterError, match=r"shape \(256,\)"):
+        PairTable(lambda qa, qb: (qa + qb).reshape(-1)[:256], -128, 127, -128, 127, broadcast=True)

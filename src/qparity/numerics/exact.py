@@ -62,6 +62,8 @@ class ExactTarget(Target):
 
         return requantize
 
+    add_from_code_terms = True  # each input's product (q - z) * s / s_y once per code, one exact rounding of the sum
+
     def elementwise_add(self, shape_a, shape_b):
         return True
 

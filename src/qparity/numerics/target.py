@@ -182,6 +182,12 @@ class Target:
         ("int16_pairs": fbgemm's depthwise kernels). Raises UnsupportedOpError for kernels not emulated."""
         return "exact"
 
+    # Whether `add` is r(g(q_a) + h(q_b)) elementwise with broadcasting, g and h functions of one code each (the
+    # fixed-point adds: each input left-shifted and rescaled to int32, then the sum requantized). Then its pair
+    # table is `add` on a column of a's codes and a row of b's: each input's term is computed once per code and
+    # only the output rescale runs on every pair (a grid change, every QAT step, rebuilds the table).
+    add_from_code_terms: bool = False
+
     def elementwise_add(self, shape_a, shape_b) -> bool:
         """Whether `add` is a pure function of each element's two codes for operands of these shapes.
 

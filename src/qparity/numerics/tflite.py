@@ -139,6 +139,8 @@ class TFLiteTarget(LiteRTActivations, Target):
         return ShiftRequantizer.gemmlowp(channel_view(m0, ndim, channel_axis), channel_view(shift, ndim, channel_axis),
                                          zero_point, lo, hi)
 
+    add_from_code_terms = True  # reference_integer_ops::AddElementwise: MBQM(q - z << 20) per input, MBQM of the sum
+
     def elementwise_add(self, shape_a, shape_b):
         return True
 

@@ -249,6 +249,8 @@ class TosaTarget(Target):
 
         return requantize
 
+    add_from_code_terms = True  # a RESCALE to int32 per input, ADD, a RESCALE of the sum
+
     def elementwise_add(self, shape_a, shape_b):
         return True
 

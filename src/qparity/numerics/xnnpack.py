@@ -136,6 +136,8 @@ class XnnpackTarget(LiteRTActivations, Target):
         multiplier = channel_view(multiplier, ndim, channel_axis)
         return float32_requantizer(multiplier, int(output_qp.zero_point), lo, hi)
 
+    add_from_code_terms = True  # qs8-vadd: (q_a - z_a) m_a + (q_b - z_b) m_b, one rounding shift of the sum
+
     def elementwise_add(self, shape_a, shape_b):
         return True
 

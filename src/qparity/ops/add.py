@@ -14,5 +14,7 @@ def run(ctx, node, a, b):
         (qa, ga), (qb, gb) = ((v.codes, v.qparams) for v in inputs)
         return target.add(qa, ga, qb, gb, out, lo, hi)
 
-    table = "pair" if target.elementwise_add(a.codes.shape, b.codes.shape) else None
+    table = None
+    if target.elementwise_add(a.codes.shape, b.codes.shape):
+        table = "pair_terms" if target.add_from_code_terms else "pair"
     return ctx.new_grid(node, [a, b], lambda: ctx.dequantize(a) + ctx.dequantize(b), codes, table)

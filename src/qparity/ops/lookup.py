@@ -15,21 +15,36 @@ from typing import Callable
 
 import torch
 
+from ..errors import InvalidParameterError
+
 MAX_TABLE = 1 << 17  # entries; 16-bit codes would need 2^32
 
 
 class PairTable:
     """f(qa, qb) for every pair of codes qa in [a_lo, a_hi], qb in [b_lo, b_hi], looked up at the index
     qa * b_span + qb - (a_lo * b_span + b_lo): one add with alpha, the offset where it is not 0 (int8 codes),
-    one gather. Results keep the index's memory format."""
+    one gather. Results keep the index's memory format.
+
+    broadcast=False calls f once on the flat lists of all pairs; broadcast=True calls it once on a column of a's
+    codes and a row of b's, for an f that is elementwise with broadcasting and computes a term per input before
+    combining them (Target.add_from_code_terms): each term is then computed once per code, not once per pair."""
 
     def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a_lo: int, a_hi: int,
-                 b_lo: int, b_hi: int):
+                 b_lo: int, b_hi: int, broadcast: bool = False):
         self.b_span = b_hi - b_lo + 1
         self.offset = -(a_lo * self.b_span + b_lo)
-        qa = torch.arange(a_lo, a_hi + 1, dtype=torch.int64).repeat_interleave(self.b_span)
-        qb = torch.arange(b_lo, b_hi + 1, dtype=torch.int64).repeat(a_hi - a_lo + 1)
-        self.table = fn(qa, qb).to(torch.int64)
+        a_span = a_hi - a_lo + 1
+        qa = torch.arange(a_lo, a_hi + 1, dtype=torch.int64)
+        qb = torch.arange(b_lo, b_hi + 1, dtype=torch.int64)
+        if broadcast:  # row-major (a_span, b_span): entry qa_i * b_span + qb_j, the flat order below
+            table = fn(qa.reshape(-1, 1), qb.reshape(1, -1))
+            if tuple(table.shape) != (a_span, self.b_span):
+                raise InvalidParameterError(
+                    f"a broadcast pair table of shape {tuple(table.shape)}: f must broadcast a column of {a_span} "
+                    f"codes and a row of {self.b_span} to ({a_span}, {self.b_span})")
+        else:
+            table = fn(qa.repeat_interleave(self.b_span), qb.repeat(a_span))
+        self.table = table.reshape(-1).to(torch.int64)
 
     @staticmethod
     def fits(a_lo: int, a_hi: int, b_lo: int, b_hi: int) -> bool:

@@ -62,9 +62,11 @@ class ProgramExecutor(Executor):
 
         real: the float surrogate of the dequantized inputs (fake mode only; the observer watches it, and the
         gradient flows through it). codes: the integer kernel, the same call in both modes. table: "code" or
-        "pair" where the target declares the result a function of the input code(s) only; the integer mode
-        then tabulates `codes` once per node. grid: the output grid where the target derives it from the inputs'
-        (PyTorch's add_scalar); the observer then holds it instead of watching.
+        "pair" where the target declares the result a function of the input code(s) only ("pair_terms" where
+        it also forms a term per input code before combining them, Target.add_from_code_terms); the integer
+        mode then tabulates `codes` once per node, the fake mode once per grid change. grid: the output grid
+        where the target derives it from the inputs' (PyTorch's add_scalar); the observer then holds it instead
+        of watching.
         """
         value = clamped_value = None
         bounds = node.attrs.get("clamp") or (None, None)
@@ -158,11 +160,12 @@ def table_entries(kind: str, grids: List[QParams]) -> Optional[int]:
 
 
 def build_table(kind: str, grids: List[QParams], codes: Callable):
-    """A CodeTable or PairTable of `codes` (the target's own function) on every code of the input grids."""
+    """A CodeTable or PairTable of `codes` (the target's own function) on every code of the input grids; a
+    "pair_terms" table calls it on a column of a's codes and a row of b's (PairTable's broadcast)."""
     if kind == "code":
         return CodeTable(lambda q: codes([QValue(q, grids[0])]), grids[0].qmin, grids[0].qmax)
     return PairTable(lambda qa, qb: codes([QValue(qa, grids[0]), QValue(qb, grids[1])]),
-                     grids[0].qmin, grids[0].qmax, grids[1].qmin, grids[1].qmax)
+                     grids[0].qmin, grids[0].qmax, grids[1].qmin, grids[1].qmax, broadcast=kind == "pair_terms")
 
 
 class Integer:
