@@ -10,28 +10,11 @@ from hypothesis import given, strategies as st
 import qparity as qp
 from qparity.bench import ResNetish
 from qparity.ops import program
-from qparity.ops.surrogates import quantized_output
+from qparity.ops.surrogates import _InclusiveClamp, quantized_output
 
 
-class ReferenceClamp(torch.autograd.Function):
-    """The unfused chain's clamp: saves its float input, gradient 1 on [lo, hi] bounds included."""
-
-    @staticmethod
-    def forward(ctx, x, lo, hi):
-        ctx.save_for_backward(x)
-        ctx.bounds = (lo, hi)
-        return torch.clamp(x, lo, hi)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        lo, hi = ctx.bounds
-        inside = torch.ones_like(x, dtype=torch.bool)
-        if lo is not None:
-            inside &= x >= lo
-        if hi is not None:
-            inside &= x <= hi
-        return grad * inside, None, None
+# The unfused chain's clamp (gradient 1 on [lo, hi], bounds included) is still the library's own.
+ReferenceClamp = _InclusiveClamp
 
 
 class ReferenceOutput(torch.autograd.Function):
