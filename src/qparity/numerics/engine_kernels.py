@@ -27,6 +27,7 @@ The fake-quant forward keeps the emulation; the fake == integer property tests h
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Optional
 
@@ -141,12 +142,21 @@ def engine_of(target) -> Optional[str]:
     return target.name
 
 
+# torch.backends.quantized.engine is one setting for the whole process: a run that selected qnnpack would get x86's
+# add and pools halfway through if another thread restored its own setting meanwhile (tests/test_models.py runs
+# one IntegerModel from several threads). Runs that select an engine take turns; each kernel still uses PyTorch's
+# intra-op threads.
+_ENGINE_SETTING = threading.RLock()
+
+
 @contextmanager
 def engine_selected(engine: str):
-    """Pack with `engine` (the packed weights then carry their kernels), leaving the caller's setting as it was."""
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = previous
+    """Run (or pack) with `engine`, leaving the caller's setting as it was; one selection at a time in the process
+    (re-entrant within a thread). Code outside qparity that changes the setting during a run is not guarded."""
+    with _ENGINE_SETTING:
+        previous = torch.backends.quantized.engine
+        torch.backends.quantized.engine = engine
+        try:
+            yield
+        finally:
+            torch.backends.quantized.engine = previous
