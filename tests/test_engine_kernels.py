@@ -18,7 +18,8 @@ scales = st.floats(2.0**-10, 0.5).map(lambda v: float(torch.tensor(v, dtype=torc
 def layer_case(draw):
     linear = draw(st.booleans())
     groups = 1 if linear else draw(st.sampled_from([1, 1, 2]))
-    cin = groups * draw(st.integers(1, 12))
+    # wide layers too: past 2^24 the emulation sums in float32 chunks or float64, the engine still in int32
+    cin = groups * draw(st.one_of(st.integers(1, 12), st.integers(150, 300)))
     cout = groups * draw(st.integers(1, 6))
     k = 1 if linear else draw(st.integers(1, 3))
     stride, padding, dilation = (draw(st.integers(1, 2)), draw(st.integers(0, 1)), draw(st.integers(1, 2)))
@@ -52,6 +53,9 @@ def test_engine_layer_equals_the_targets_emulation(case):
     if name != "qnnpack" and not int32_dot_products():
         assert kernel is None  # fbgemm's GEMM saturates int16 pairs without VNNI: the emulation runs
         return
+    if name == "qnnpack" and plan.path != "float32":
+        assert kernel is None  # QNNPACK's bias check assumes an accumulator below 2^24: the emulation runs
+        return
     assert kernel is not None
     codes = torch.randint(0, 256, shape, generator=g)
     layer = target.layer_target(geometry)
@@ -74,3 +78,29 @@ def test_engine_layer_is_refused_for_another_release_and_other_targets():
     other = next(release for release in CHECKED if release != installed)
     for target in (X86Target(CHECKED[other]), QnnpackTarget(CHECKED[other]), get_target("tflite")):
         assert engine_layer(target, plan, geometry, weight, torch.tensor(0.01), None, grid, grid, 0, 255) is None
+
+
+def test_a_layer_past_float32s_exact_range_runs_on_the_engine_with_the_emulations_codes():
+    """Wide layers (the bench's width x2 and x4): the emulation sums in float32 chunks (groups 1) or float64
+    (groups 2), the engine in int32; the codes are the same. Weights at +-127 and inputs at 0/255 push the sums
+    far past 2^24."""
+    if not int32_dot_products():
+        return  # fbgemm's GEMM saturates int16 pairs without VNNI: the emulation runs (tested above)
+    g = torch.Generator().manual_seed(3)
+    input_qp, output_qp = QParams(0.02, 3, "uint8"), QParams(1.5, 120, "uint8")
+    for name in ("x86", "fbgemm"):
+        target = get_target(name).with_defaults_for(())
+        for groups, path in ((1, "chunks"), (2, "float64")):
+            geometry = ConvGeometry("conv2d", (1, 1), (1, 1), (1, 1), groups)
+            weight = torch.where(torch.rand(64, 256 // groups, 3, 3, generator=g) < 0.5, -127, 127)
+            plan = plan_accumulation(geometry, weight, 255)
+            assert plan.path == path and plan.bound > 2**24
+            kernel = engine_layer(target, plan, geometry, weight, torch.tensor(0.01), None, input_qp, output_qp,
+                                  0, 255)
+            codes = torch.randint(0, 2, (2, 256, 6, 6), generator=g) * 255
+            layer = target.layer_target(geometry)
+            requantize = layer.requantizer("conv2d", input_qp, torch.tensor(0.01), output_qp, 0, 255, 1, 4)
+            expected = requantize(accumulate(plan, geometry, (codes - 3).to(torch.float32), weight.to(torch.float32)))
+            result = kernel(codes)
+            assert result is not None and torch.equal(result, expected), (name, groups)
+            assert 0 < int((expected > 0).sum()) and int((expected < 255).sum()) > 0  # not all saturated

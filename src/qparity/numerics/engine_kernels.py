@@ -89,13 +89,27 @@ class EngineLayer:
         return codes if self.kind == "linear" else codes.contiguous(memory_format=torch.channels_last)
 
 
+def _exact_in_int32(engine: str, plan: AccumulationPlan) -> bool:
+    """Whether the engine's int32 accumulator holds this layer's sums exactly, as the emulation's plan does.
+
+    fbgemm's and oneDNN's VNNI/AMX GEMMs sum u8 x s8 products in int32 (the zero point's row sums too, each
+    bounded like the accumulator), so below 2^31 they give the exact integer any plan of the emulation computes
+    (float32, chunks of float32 or float64): the requantization after it is then the same function. fbgemm's
+    saturating int16-pair kernels are the emulation's "int16_pairs" plan and keep it. QNNPACK's int32 sum of
+    accumulator and bias is checked by qnnpack_bias_fits for accumulators below 2^24, so qnnpack keeps that plan.
+    """
+    if engine == "qnnpack":
+        return plan.path == "float32"
+    return plan.path in ("float32", "chunks", "float64") and plan.bound < 2**31
+
+
 def engine_layer(target, plan: AccumulationPlan, geometry: ConvGeometry, weight_codes: torch.Tensor,
                  weight_scale: torch.Tensor, bias: Optional[torch.Tensor], input_qp, output_qp, lo: int, hi: int
                  ) -> Optional[EngineLayer]:
     """The layer on the engine's kernel (an EngineLayer), or None where that kernel is not provably the
     target's here."""
     engine = engine_of(target)
-    if (engine is None or plan.path != "float32" or geometry.kind not in ("conv2d", "linear")
+    if (engine is None or not _exact_in_int32(engine, plan) or geometry.kind not in ("conv2d", "linear")
             or isinstance(geometry.padding, str) or input_qp.dtype != "uint8" or output_qp.dtype != "uint8"
             or weight_codes.device.type != "cpu"):
         return None
