@@ -295,3 +295,31 @@ def test_float_nodes_refuse_to_run_for_another_target(x86_ptq):
     other = qparity.IntegerModel(model.graph, "x86", model.activation_dtype, model.qparams, model.layers)
     with pytest.raises(UnsupportedOpError, match=r"aten_float at conv cannot run on target 'x86'"):
         other.run(model.quantize(*x))
+
+
+def _input_quantized_twice(scale_factor: float):
+    """ShapeNet's PTQ graph with a second QUANTIZE of the model input for its second conv, on the first one's
+    scale times `scale_factor` (a quantizer that annotates each user of the input on its own)."""
+    converted, x = build_ptq(xnnpack_ptq_quantizer(), ShapeNet())
+    placeholder = next(n for n in converted.graph.nodes if n.op == "placeholder" and n.users)
+    quantize = next(u for u in placeholder.users if "quantize_per_tensor" in str(u.target))
+    first, dequantize = list(quantize.users)  # one DEQUANTIZE per conv reading the input
+    scale = float(torch.tensor(quantize.args[1] * scale_factor, dtype=torch.float32))
+    with converted.graph.inserting_after(quantize):
+        second = converted.graph.call_function(quantize.target, (placeholder, scale) + tuple(quantize.args[2:]))
+    dequantize.args = (second, scale) + tuple(dequantize.args[2:])
+    converted.recompile()
+    return converted, x
+
+
+def test_a_model_input_quantized_twice_on_one_grid_is_one_input():
+    converted, x = _input_quantized_twice(1.0)
+    model = qparity.from_torch(converted, x)
+    assert [n.name for n in model.graph.inputs] == ["x"]
+    assert_every_value_equal(converted, model, batches(9))
+
+
+def test_a_model_input_quantized_onto_two_grids_is_refused_by_name():
+    converted, x = _input_quantized_twice(1.7)
+    with pytest.raises(UnsupportedOpError, match=r"model input 'x' is quantized onto two grids"):
+        qparity.from_torch(converted, x)

@@ -145,6 +145,12 @@ class _Reader:
         source = node.args[0]
         qp = self.grid(node)
         if source.op == "placeholder":
+            if source.name in self.qparams:  # quantized again (a quantizer annotating each user on its own)
+                if not qp.same_grid(self.qparams[source.name]):
+                    raise self.refuse(node, f"model input '{source.name}' is quantized onto two grids ({qp} and "
+                                            f"{self.qparams[source.name]}); an IntegerModel takes one grid per input")
+                self.codes[node] = source.name
+                return
             qnode = Node(source.name, "input", attrs={"rank": self.values[source].dim()}, path=source.name)
         elif source in self.pending:
             qnode = self.pending.pop(source)
