@@ -29,21 +29,25 @@ from typing import Sequence
 import torch
 
 from ..qparams import QParams
+from .xnnpack import XnnpackTarget
 
 
 def _f32(value) -> torch.Tensor:
     return torch.as_tensor(value, dtype=torch.float32)
 
 
+# The converts are the xnnpack target's own QUANTIZE/DEQUANTIZE (one rule, numerics/xnnpack.py and target.py).
+_CONVERTS = XnnpackTarget()
+
+
 def dequantize(q: torch.Tensor, qp: QParams) -> torch.Tensor:
     """ExecuTorch's dequantize_per_tensor and XNNPACK's qs8 -> f32 convert: f((q - z) * f(s))."""
-    return (q.to(torch.int64) - int(qp.zero_point)).to(torch.float32) * _f32(float(qp.scale))
+    return _CONVERTS.dequantize(q.to(torch.int64), qp)
 
 
 def quantize(y: torch.Tensor, qp: QParams) -> torch.Tensor:
     """ExecuTorch's quantize_per_tensor and XNNPACK's f32 -> qs8 convert: clamp(rne(f(y * f(1 / s))) + z)."""
-    inverse = _f32(1.0) / _f32(float(qp.scale))
-    return (torch.round(y.to(torch.float32) * inverse).to(torch.int64) + int(qp.zero_point)).clamp_(qp.qmin, qp.qmax)
+    return _CONVERTS.quantize(y.to(torch.float32), qp)
 
 
 def mean(x: torch.Tensor, dims: Sequence[int], keepdim: bool) -> torch.Tensor:
