@@ -18,6 +18,7 @@ import torch
 from .engine_program import engine_program
 from .errors import InputError, QParityError
 from .graph import Graph, Node, QValue, output_structure, resolve_grids
+from .ops.aten_float import float_layer_constants
 from .ops.input import require_float_input
 from .ops.layer import IntegerLayer, prepare_integer_layer
 from .ops.program import Integer, ProgramExecutor
@@ -41,11 +42,13 @@ class IntegerModel:
         self.layers = layers
         self.grids = resolve_grids(graph, qparams)
         self.tables: Dict[str, object] = {}  # per node, built on first use from the target's own function
-        # A float conv/linear read from a PT2E graph (aten_float) dequantizes its weights when it runs instead.
         self.layer_kernels = {name: prepare_integer_layer(self.target, graph.node(name), layer,
                                                           self.grids[graph.node(name).args[0].name],
                                                           qparams[name])
                               for name, layer in layers.items() if graph.node(name).op in LAYER_OPS}
+        # A float conv/linear read from a PT2E graph (aten_float): its float32 weight and bias, dequantized once.
+        self.float_layer_constants = {name: float_layer_constants(layer) for name, layer in layers.items()
+                                      if graph.node(name).op not in LAYER_OPS}
         # fbgemm, x86, qnnpack: the program on the engine's own kernels where they are the target's (engine_program.py)
         self.engine_program = engine_program(self)
 

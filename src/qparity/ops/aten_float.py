@@ -42,10 +42,15 @@ def float_arguments(ctx, node: Node, args: tuple) -> list:
     """The call's arguments: quantized operands dequantized, a layer's weight and bias filled in."""
     args = [_dequantized(ctx, a) for a in args]
     if node.attrs["aten"] in FLOAT_LAYERS:
-        layer = ctx.mode.model.layers[node.name]
-        bias = None if layer.bias_codes is None else layer.bias_codes.to(torch.float32)
-        args[1:3] = [dequantized_weight(layer.weight_codes, layer.weight_scale), bias]
+        args[1:3] = ctx.mode.model.float_layer_constants[node.name]
     return args
+
+
+def float_layer_constants(layer) -> list:
+    """[weight, bias] of a float conv/linear as the graph holds them: the int8 codes dequantized by
+    pt2e_reference's rule, the float32 bias (built once, when the IntegerModel is)."""
+    bias = None if layer.bias_codes is None else layer.bias_codes.to(torch.float32)
+    return [dequantized_weight(layer.weight_codes, layer.weight_scale), bias]
 
 
 def _dequantized(ctx, value):
