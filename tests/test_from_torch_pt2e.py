@@ -11,7 +11,7 @@ from torch.fx import Interpreter
 
 import qparity
 from pt2e_case import PoolNet, ResidualNet, X86Net, build_pt2e, x86_quantizer, xnnpack_quantizer
-from qparity.errors import ModelFileError, QParityError, UnsupportedOpError
+from qparity.errors import InputError, ModelFileError, QParityError, UnsupportedOpError
 from qparity.serialize import PREFIX
 from test_hostile_files import write
 
@@ -323,3 +323,12 @@ def test_a_model_input_quantized_onto_two_grids_is_refused_by_name():
     converted, x = _input_quantized_twice(1.7)
     with pytest.raises(UnsupportedOpError, match=r"model input 'x' is quantized onto two grids"):
         qparity.from_torch(converted, x)
+
+
+def test_inputs_the_graphs_recorded_shapes_do_not_fit_raise_input_error_naming_the_node():
+    """A PT2E graph records a view's sizes for the batch it was exported with; another batch is an InputError
+    naming the node, not PyTorch's RuntimeError."""
+    converted, x = build_ptq(xnnpack_ptq_quantizer(), ShapeNet())
+    model = qparity.from_torch(converted, x)
+    with pytest.raises(InputError, match=r"call 'reshape' .* fails on inputs of shape \[\(3, 6, 6, 12\)\]"):
+        model(torch.randn(3, *x[0].shape[1:]))

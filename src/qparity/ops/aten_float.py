@@ -17,6 +17,7 @@ import torch
 from ..errors import UnsupportedOpError
 from ..graph import Node, QValue
 from ..numerics.pt2e_reference import dequantized_weight
+from .call import calling
 from .registry import refuse_if_target_cannot_run
 
 _aten = torch.ops.aten
@@ -65,5 +66,6 @@ def run(ctx, node, *args, **kwargs):
     if ctx.fake:
         raise UnsupportedOpError(f"aten_float at {node.path}: a float32 value read from a PT2E graph is not trained")
     refuse_if_target_cannot_run("aten_float", node.path, ctx.target.name)  # a graph handed to another target
-    call = FLOAT_CALLS[node.attrs["aten"]]
-    return call(*float_arguments(ctx, node, args), **{k: _dequantized(ctx, v) for k, v in kwargs.items()})
+    name = node.attrs["aten"]
+    return calling(node, name, FLOAT_CALLS[name], *float_arguments(ctx, node, args),
+                   **{k: _dequantized(ctx, v) for k, v in kwargs.items()})
