@@ -26,6 +26,7 @@ from .ops.registry import LAYER_OPS, refuse_if_target_cannot_run
 from .qparams import TORCH_DTYPES, QParams
 from .serialize import invalid_content, read_model, save_model
 from .numerics import Target, get_target
+from .numerics.compiled import compiled_kernels, ensure_available
 
 
 class IntegerModel:
@@ -51,6 +52,7 @@ class IntegerModel:
                                       if graph.node(name).op not in LAYER_OPS}
         # fbgemm, x86, qnnpack: the program on the engine's own kernels where they are the target's (engine_program.py)
         self.engine_program = engine_program(self)
+        self.compiled = False  # compile(): the rules' elementwise passes as compiled kernels (numerics/compiled.py)
 
     # -- public API -----------------------------------------------------------------------------------------
     @property
@@ -79,11 +81,21 @@ class IntegerModel:
         """Input codes to output codes: the integer program itself (a float32 output, which only a model read from
         a PT2E graph has, comes back as the float32 tensor the graph returns)."""
         self.check_codes(*codes)
-        if self.engine_program is not None and all(q.device.type == "cpu" for q in codes):
-            result = self.engine_program.run(list(codes))
-        else:
-            result = self.executor().run([q.to(torch.int64) for q in codes])
+        with compiled_kernels(self.compiled):
+            if self.engine_program is not None and all(q.device.type == "cpu" for q in codes):
+                result = self.engine_program.run(list(codes))
+            else:
+                result = self.executor().run([q.to(torch.int64) for q in codes])
         return output_structure(result, lambda v: v.codes.to(TORCH_DTYPES[v.qparams.dtype]))
+
+    def compile(self) -> "IntegerModel":
+        """Run the requantizations as compiled kernels from now on (numerics/compiled.py): each layer's
+        requantization becomes one fused loop instead of four to six int64 passes; the codes do not change.
+        The first run compiles each kernel (seconds, once per process). Raises CompiledKernelsUnavailableError
+        where torch.compile cannot build a kernel on this machine. Returns the model."""
+        ensure_available()
+        self.compiled = True
+        return self
 
     def check_codes(self, *codes: torch.Tensor) -> None:
         """Raise InputError unless `codes` are one integer tensor per input, of its shape, within its grid."""

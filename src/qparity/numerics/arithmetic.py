@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidParameterError
+from .compiled import run_kernel
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -306,19 +307,26 @@ class ShiftRequantizer:
         """The int64 codes of integer values (int64, or float32 holding exact integers, as accumulators come): a
         new tensor of their shape and memory format."""
         multiplier, addend, shift, sign_weight = self._on(values.device)
+        return run_kernel(ShiftRequantizer.requantize, values, multiplier, addend, shift, sign_weight,
+                          self.zero_point, self.lo, self.hi)
+
+    @staticmethod
+    def requantize(values: torch.Tensor, multiplier: torch.Tensor, addend: torch.Tensor, shift: torch.Tensor,
+                   sign_weight: Union[None, int, torch.Tensor], zero_point: int, lo: int, hi: int) -> torch.Tensor:
+        """The arithmetic itself, on the constants of one device (run eagerly or as one compiled kernel)."""
         x = values.to(torch.int64)
         y = torch.addcmul(addend, x, multiplier)
         if sign_weight is not None:
-            # -1 where x < 0, else 0; computed in place where x is this call's own copy
-            sign = x.bitwise_right_shift_(63) if x is not values else x >> 63
+            # -1 where x < 0, else 0; computed in place where x is a copy (values not int64: `to` made one)
+            sign = x.bitwise_right_shift_(63) if values.dtype != torch.int64 else x >> 63
             if isinstance(sign_weight, int):
                 y.add_(sign, alpha=sign_weight)
             else:
                 y.addcmul_(sign, sign_weight)
         y.bitwise_right_shift_(shift)
-        if self.zero_point:
-            y.add_(self.zero_point)
-        return y.clamp_(self.lo, self.hi)
+        if zero_point:
+            y.add_(zero_point)
+        return y.clamp_(lo, hi)
 
     def _on(self, device: torch.device):
         values = (self.multiplier, self.addend, self.shift, self.sign_weight)
@@ -347,10 +355,16 @@ def float32_requantizer(multiplier: torch.Tensor, zero_point: int, lo: int, hi: 
     broadcast along the output channels.
     """
     def requantize(acc: torch.Tensor) -> torch.Tensor:
-        scaled = (acc.to(torch.float32) * multiplier.to(acc.device)).round_()
-        return scaled.add_(zero_point).clamp_(lo, hi).to(torch.int64)  # exact: small integers in float32
+        return run_kernel(requantize_float32, acc, multiplier.to(acc.device), zero_point, lo, hi)
 
     return requantize
+
+
+def requantize_float32(acc: torch.Tensor, multiplier: torch.Tensor, zero_point: int, lo: int, hi: int
+                       ) -> torch.Tensor:
+    """float32_requantizer's arithmetic (run eagerly or as one compiled kernel)."""
+    scaled = (acc.to(torch.float32) * multiplier).round_()
+    return scaled.add_(zero_point).clamp_(lo, hi).to(torch.int64)  # exact: small integers in float32
 
 
 # ---------------------------------------------------------------------------------------------------------
