@@ -11,9 +11,10 @@ def test_bench_reports_every_table_for_a_tiny_model():
     assert [t.name for t in report.qat] == ["xnnpack", "fbgemm"]
     assert set(report.inference) == {1, 2} and set(report.scale) == {(1, 1), (1, 2), (2, 1), (2, 2)}
     text = format_report(report)
-    for line in ("| torch.ao (x86) |", "| xnnpack |", "| fbgemm |", "| LiteRT: xnnpack .tflite |",
+    for line in ("| torch.ao (x86) |", "| xnnpack |", "| fbgemm |", "| xnnpack compiled |", "| LiteRT: xnnpack .tflite |",
                  "Scale: integer inference", "time vs batch"):
         assert line in text
+    assert "| fbgemm compiled |" not in text  # runs on PyTorch's engine, whose kernels requantize themselves
 
 
 def test_peak_memory_is_measured_in_a_process_of_its_own():
@@ -33,3 +34,4 @@ def test_bench_command_line_takes_quick_threads_and_targets():
     config = config_from(args)
     assert (config.threads, config.targets, config.repeats, config.widths) == (1, ("tflite",), 2, (1, 2))
     assert config.memory and not config_from(build_parser().parse_args(["bench", "--no-memory"])).memory
+    assert config.compiled and not config_from(build_parser().parse_args(["bench", "--no-compile"])).compiled

@@ -36,8 +36,10 @@ from torch import nn
 from .bench_memory import MIB, peak_memory, reset_peak, status
 from .bench_runtimes import exported_runners
 from .convert import convert
+from .numerics.compiled import CompiledKernelsUnavailableError, ensure_available
 from .numerics import TARGETS
 from .qat.prepare import freeze, prepare_qat
+from .runtime import IntegerModel
 
 
 class BasicBlock(nn.Module):
@@ -92,6 +94,7 @@ class BenchConfig:
     repeats: int = 7
     warmup: int = 2
     memory: bool = True                    # table 4: one process per contender (about 5 s each)
+    compiled: bool = True                  # also time IntegerModel.compile() (skipped where it cannot build)
 
     @classmethod
     def quick(cls, **overrides) -> "BenchConfig":
@@ -122,6 +125,7 @@ class BenchReport:
     scale: Dict[Tuple[int, int], Tuple[float, float]] = field(default_factory=dict)  # (width, batch) -> (qparity, ao)
     # (kind, contender) -> (peak MiB, working MiB), or None where the probe could not measure
     memory: Dict[Tuple[str, str], Optional[Tuple[float, float]]] = field(default_factory=dict)
+    compiled_note: str = ""  # why the compiled rows are missing, where they are
 
 
 def side_by_side(contenders: Dict[str, Callable[[], object]], repeats: int, warmup: int) -> Dict[str, float]:
@@ -215,17 +219,20 @@ def _measure(config: BenchConfig, say: Callable[[str], None]) -> BenchReport:
     for target, model in prepared.items():
         freeze(model)
         integer[target] = convert(model.eval())
+    compiled = _compiled_twins(integer) if config.compiled else {}
+    report.compiled_note = "" if compiled or not config.compiled else _compiled_unavailable()
     with tempfile.TemporaryDirectory() as directory:
         exported = exported_runners(integer, directory, torch.get_num_threads())
         for batch in config.inference_batches:
             xb = torch.randn(batch, 3, config.size, config.size)
             runs = {"torch.ao": lambda xb=xb: ao_int8(xb)}
             runs.update({t: _integer_run(model, xb) for t, model in integer.items()})
+            runs.update({t: _integer_run(model, xb) for t, model in compiled.items()})
             runs.update({name: make(xb) for name, make in exported.items()})
-            with torch.no_grad():
-                seconds = side_by_side(runs, config.repeats, config.warmup)
+            with torch.no_grad():  # the warm-up rounds compile the kernels (seconds, not timed)
+                seconds = side_by_side(runs, config.repeats, config.warmup + 1 if compiled else config.warmup)
             report.inference[batch] = [Timing(t, seconds[t], seconds["torch.ao"])
-                                       for t in config.targets + tuple(exported)]
+                                       for t in config.targets + tuple(compiled) + tuple(exported)]
 
     for width in config.widths:
         say(f"scale: width x{width}")
@@ -281,6 +288,27 @@ def memory_probe(kind: str, contender: str, settings: dict) -> None:
     print(json.dumps(None if before is None else [status("VmHWM") / MIB, (status("VmHWM") - before) / MIB]))
 
 
+def _compiled_twins(integer: Dict[str, IntegerModel]) -> Dict[str, IntegerModel]:
+    """'<target> compiled': a second IntegerModel of each target with compiled kernels (IntegerModel.compile), for
+    the targets that do not run on PyTorch's engine (whose kernels requantize themselves); {} where this machine
+    cannot compile."""
+    try:
+        ensure_available()
+    except CompiledKernelsUnavailableError:
+        return {}
+    return {f"{target} compiled": IntegerModel(model.graph, model.target, model.activation_dtype, model.qparams,
+                                               model.layers).compile()
+            for target, model in integer.items() if model.engine_program is None}
+
+
+def _compiled_unavailable() -> str:
+    try:
+        ensure_available()
+    except CompiledKernelsUnavailableError as error:
+        return str(error)
+    return ""
+
+
 def _integer_run(model, x: torch.Tensor) -> Callable[[], object]:
     codes = model.quantize(x)
     return lambda: model.run(codes)
@@ -316,7 +344,12 @@ def format_report(report: BenchReport) -> str:
             f"1.00 ({report.inference[b][0].reference * 1e3:.1f} ms)" for b in batches) + " |")
         for i, timing in enumerate(report.inference[batches[0]]):
             lines.append(f"| {timing.name} | " + " | ".join(f"{report.inference[b][i].ratio:.2f}" for b in batches) + " |")
-        if len(report.inference[batches[0]]) > len(config.targets):
+        if any(t.name.endswith(" compiled") for t in report.inference[batches[0]]):
+            lines += ["", "(\"compiled\" rows: the same IntegerModel after IntegerModel.compile(), its "
+                          "requantizations as compiled kernels; same codes.)"]
+        if report.compiled_note:
+            lines += ["", f"(No compiled rows: {report.compiled_note})"]
+        if any(t.name.startswith(("ONNX Runtime", "LiteRT")) for t in report.inference[batches[0]]):
             lines += ["", "(ONNX Runtime / LiteRT rows: qparity's exported file, float input to float output, its "
                           "QUANTIZE and DEQUANTIZE included; the target rows map codes to codes.)"]
     if report.scale:
@@ -385,6 +418,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=_count, help="interleaved rounds per measurement")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory table (one process per "
                                                                   "contender)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the rows of compiled IntegerModels "
+                                                                   "(IntegerModel.compile)")
 
 
 def _count(text: str) -> int:
@@ -394,7 +429,7 @@ def _count(text: str) -> int:
 
 
 def config_from(args: argparse.Namespace) -> BenchConfig:
-    overrides = {"threads": args.threads, "memory": not args.no_memory}
+    overrides = {"threads": args.threads, "memory": not args.no_memory, "compiled": not args.no_compile}
     if args.target:
         overrides["targets"] = tuple(args.target)
     if args.repeats:
