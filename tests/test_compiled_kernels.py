@@ -17,7 +17,7 @@ import qparity.numerics.compiled as compiled
 from helpers import prepare_and_convert
 from networks import NETWORKS
 from qparity.bench import ResNetish
-from qparity.numerics.arithmetic import ShiftRequantizer, float32_requantizer
+from qparity.numerics.arithmetic import ExactRatio, ShiftRequantizer, float32_requantizer, round_half_even_exact
 from qparity.numerics.compiled import CompiledKernelsUnavailableError, compiled_kernels
 from test_fused_requantizers import gemmlowp_cases, single_rounding_cases
 
@@ -92,6 +92,24 @@ def test_compiled_float32_requantizer_equals_the_eager_one(channels, rows, seed,
     requantize = float32_requantizer(multiplier, zero_point, *bounds)
     for x in (acc, acc.to(torch.float32)):
         assert_same(*both_ways(requantize, x))
+
+
+@SETTINGS
+@given(channels=st.integers(2, 5), rows=st.integers(2, 40), seed=st.integers(0, 2**31 - 1),
+       magnitude=st.sampled_from([1 << 4, 1 << 16, 1 << 24, 1 << 31]), zero_point=st.integers(-128, 255),
+       binary=st.booleans(), as_float=st.booleans())
+def test_compiled_exact_rounding_equals_the_eager_one(channels, rows, seed, magnitude, zero_point, binary, as_float):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randint(-magnitude, magnitude, (rows, channels), generator=g)
+    if as_float:
+        k = k.clamp(-(1 << 24), 1 << 24).to(torch.float32)
+    if binary:  # short binary fractions: ties everywhere, decided by the exact path after the one-pass kernel
+        scales = torch.exp2(torch.randint(-12, 0, (1, channels), generator=g).to(torch.float32))
+    else:
+        scales = torch.rand(1, channels, generator=g) * 0.01 + 1e-6
+    ratio = ExactRatio.of_scales([scales], [torch.tensor(0.05)])
+    lo, hi = -128 - zero_point, 127 - zero_point
+    assert_same(*both_ways(lambda x: round_half_even_exact([(x, ratio)], lo, hi, zero_point=zero_point), k))
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous", "sliced"])

@@ -212,8 +212,9 @@ coefficients = st.one_of(
 
 @SETTINGS
 @given(coefficient_lists=st.lists(st.lists(coefficients, min_size=3, max_size=3), min_size=1, max_size=3),
-       bounds=st.tuples(st.integers(-300, 300), st.integers(-300, 300)), seed=seeds())
-def test_round_half_even_exact_equals_fraction_rounding(coefficient_lists, bounds, seed):
+       bounds=st.tuples(st.integers(-300, 300), st.integers(-300, 300)), seed=seeds(),
+       offset=st.sampled_from([0, 0, -128, 255]))
+def test_round_half_even_exact_equals_fraction_rounding(coefficient_lists, bounds, seed, offset):
     rng = np.random.default_rng(seed)
     lo, hi = min(bounds), max(bounds)
     terms = []
@@ -221,8 +222,9 @@ def test_round_half_even_exact_equals_fraction_rounding(coefficient_lists, bound
         k = torch.from_numpy(rng.integers(-2**20, 2**20, size=(40, 3)) // rng.choice([1, 1000, 2**19], size=(40, 3)))
         terms.append((k, ExactRatio.from_fractions(np.array(fractions, dtype=object))))
     reference = [[clamp(round_half_even(sum(int(k[r, c]) * ratio.numerator[c] / Fraction(ratio.denominator[c])
-                                            for k, ratio in terms)), lo, hi) for c in range(3)] for r in range(40)]
-    assert_codes_equal(round_half_even_exact(terms, lo, hi), reference)
+                                            for k, ratio in terms)), lo, hi) + offset for c in range(3)]
+                 for r in range(40)]
+    assert_codes_equal(round_half_even_exact(terms, lo, hi, zero_point=offset), reference)
 
 
 def test_round_half_even_exact_decides_ties_closer_than_float64_can_see():

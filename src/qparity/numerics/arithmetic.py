@@ -75,8 +75,8 @@ def _fractions(t: torch.Tensor, shape) -> np.ndarray:
 
 
 def round_half_even_exact(terms: Sequence[Tuple[torch.Tensor, ExactRatio]], lo: int, hi: int,
-                          k_max: Optional[Sequence[float]] = None) -> torch.Tensor:
-    """clamp(round_half_even(sum(k * c for k, c in terms)), lo, hi) computed exactly; int64 result.
+                          k_max: Optional[Sequence[float]] = None, zero_point: int = 0) -> torch.Tensor:
+    """clamp(round_half_even(sum(k * c for k, c in terms)), lo, hi) + zero_point computed exactly; int64 result.
 
     The float64 estimate of each product k * c is within |k c| * 2^-51 of the truth (the coefficient and
     the product each round once), and a sum of two within the sum of their magnitudes * 2^-51 (plus one
@@ -95,6 +95,12 @@ def round_half_even_exact(terms: Sequence[Tuple[torch.Tensor, ExactRatio]], lo: 
             k_max = [float(k.abs().max()) if k.numel() else 0.0 for k, _ in terms]
         magnitude = sum(float(m) * float(c.estimate.abs().max()) for m, (_, c) in zip(k_max, terms))
     error_bound = magnitude * 2.0**-49
+    if len(terms) == 1 and terms[0][0].numel():
+        # The common case in one pass (one compiled kernel where the model is compiled): no element near a tie
+        k, c = terms[0]
+        codes, farthest = run_kernel(_round_one_term, k, c.estimate.to(k.device), lo, hi, zero_point)
+        if float(farthest) < 0.5 - error_bound:
+            return codes
     estimate = None
     for k, c in terms:
         # int64 or float32 k promotes to float64 inside the product (exact: |k| < 2^53): one pass, no copy
@@ -113,7 +119,19 @@ def round_half_even_exact(terms: Sequence[Tuple[torch.Tensor, ExactRatio]], lo: 
         near_tie &= rounded.abs() <= reach + 1  # holds wherever |estimate| <= reach: recomputing more is exact too
         if bool(near_tie.any()):
             rounded[near_tie] = _round_exact_at(terms, near_tie).to(rounded)
-    return rounded.clamp_(lo, hi).to(torch.int64)
+    codes = rounded.clamp_(lo, hi).to(torch.int64)
+    return codes.add_(zero_point) if zero_point else codes
+
+
+def _round_one_term(k: torch.Tensor, coefficient: torch.Tensor, lo: int, hi: int, zero_point: int
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(clamp(rne(k * c), lo, hi) + zero_point as int64, the largest distance |k * c - rne(k * c)|) from the
+    float64 estimate of one term, exactly as round_half_even_exact's general path computes them."""
+    estimate = torch.mul(k, coefficient)
+    rounded = torch.round(estimate)
+    farthest = estimate.sub_(rounded).abs_().max()  # estimate is this call's own tensor
+    # the zero point added in float64 is exact: |clamped + zero_point| < 2^53
+    return rounded.clamp_(lo, hi).add_(zero_point).to(torch.int64), farthest
 
 
 def _round_exact_at(terms, mask: torch.Tensor) -> torch.Tensor:

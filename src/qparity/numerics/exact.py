@@ -58,7 +58,7 @@ class ExactTarget(Target):
         zero_point = int(output_qp.zero_point)
 
         def requantize(acc: torch.Tensor) -> torch.Tensor:
-            return round_half_even_exact([(acc, ratio)], lo - zero_point, hi - zero_point).add_(zero_point)
+            return round_half_even_exact([(acc, ratio)], lo - zero_point, hi - zero_point, zero_point=zero_point)
 
         return requantize
 
@@ -72,7 +72,7 @@ class ExactTarget(Target):
         terms = [(qa - za, ExactRatio.of_scales([a.scale], [out.scale])),
                  (qb - zb, ExactRatio.of_scales([b.scale], [out.scale]))]
         k_max = (a.qmax - a.qmin, b.qmax - b.qmin)  # |q - z| never exceeds the dtype's span
-        return zy + round_half_even_exact(terms, lo - zy, hi - zy, k_max)
+        return round_half_even_exact(terms, lo - zy, hi - zy, k_max, zero_point=zy)
 
     def subtract(self, qa, a, qb, b, out, lo, hi):
         return self.add(qa, a, 2 * int(b.zero_point) - qb, b, out, lo, hi)  # q_b - z_b negated, on b's grid
@@ -82,12 +82,13 @@ class ExactTarget(Target):
         product = (qa - int(a.zero_point)) * (qb - int(b.zero_point))
         ratio = ExactRatio.of_scales([a.scale, b.scale], [out.scale])
         k_max = ((a.qmax - a.qmin) * (b.qmax - b.qmin),)
-        return zy + round_half_even_exact([(product, ratio)], lo - zy, hi - zy, k_max)
+        return round_half_even_exact([(product, ratio)], lo - zy, hi - zy, k_max, zero_point=zy)
 
     def rescale(self, q, source, out):
         zy = int(out.zero_point)
         ratio = ExactRatio.of_scales([source.scale], [out.scale])
-        return zy + round_half_even_exact([(q - int(source.zero_point), ratio)], out.qmin - zy, out.qmax - zy)
+        return round_half_even_exact([(q - int(source.zero_point), ratio)], out.qmin - zy, out.qmax - zy,
+                                     zero_point=zy)
 
     def bilinear(self, codes, qp, out_hw, align_corners):
         return resampling.exact_bilinear(codes, int(qp.zero_point), out_hw, align_corners)
@@ -96,7 +97,7 @@ class ExactTarget(Target):
         sums = (q - int(source.zero_point)).sum(dims, keepdim=keepdim)
         ratio = ExactRatio.of_scales([source.scale], [out.scale], divisor=count)
         zy = int(out.zero_point)
-        return zy + round_half_even_exact([(sums, ratio)], out.qmin - zy, out.qmax - zy)
+        return round_half_even_exact([(sums, ratio)], out.qmin - zy, out.qmax - zy, zero_point=zy)
 
     def average(self, sums, counts, qp):
         return int(qp.zero_point) + round_half_even_div(sums, counts)
