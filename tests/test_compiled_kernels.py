@@ -196,3 +196,18 @@ def test_compile_where_torch_compile_cannot_build_a_kernel_raises_a_clear_error(
         assert not integer.compiled
     finally:
         compiled._availability_problem.cache_clear()
+
+
+@pytest.mark.parametrize("setting", [("enable_unsafe_math_opt_flag", True, "unsafe math"),
+                                     ("enable_floating_point_contract_flag", "fast", "fused multiply-adds")])
+def test_compile_refuses_inductor_settings_that_change_float_results(setting):
+    from torch._inductor import config as inductor_config
+
+    name, value, message = setting
+    compiled._availability_problem.cache_clear()
+    try:
+        with inductor_config.patch({f"cpp.{name}": value}):
+            with pytest.raises(CompiledKernelsUnavailableError, match=message):
+                compiled.ensure_available()
+    finally:
+        compiled._availability_problem.cache_clear()

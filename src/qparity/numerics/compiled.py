@@ -77,6 +77,16 @@ def ensure_available() -> None:
 
 @functools.lru_cache(maxsize=None)
 def _availability_problem() -> str:
+    from torch._inductor import config as inductor_config
+
+    # The float32/float64 kernels (a product, then a rounding) are exact only as compiled by default: no
+    # contraction of a product into a fused multiply-add, no unsafe math (torch/_inductor/cpp_builder.py).
+    if inductor_config.cpp.enable_unsafe_math_opt_flag:
+        return "inductor is set to compile with unsafe math (TORCHINDUCTOR_CPP_ENABLE_UNSAFE_MATH_OPT_FLAG=1)"
+    if inductor_config.cpp.enable_floating_point_contract_flag != "off":
+        return ("inductor is set to contract float products into fused multiply-adds "
+                "(TORCHINDUCTOR_CPP_ENABLE_FLOATING_POINT_CONTRACT_FLAG="
+                f"{inductor_config.cpp.enable_floating_point_contract_flag})")
     probe = torch.arange(-4, 4, dtype=torch.int64)
     try:
         result = _compiled(_probe)(probe, 3)
