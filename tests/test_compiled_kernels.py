@@ -138,6 +138,7 @@ def test_compiled_model_gives_the_codes_of_the_uncompiled_one(target):
     batches = [torch.randn(4, 3, 32, 32) for _ in range(3)]
     _, integer = prepare_and_convert(ResNetish((16, 32, 64), in_channels=3), (batches[0],), target, batches)
     fast = compiled_twin(integer)
+    assert "compiled kernels" in repr(fast) and "compiled kernels" not in repr(integer)
     for x in (batches[0], torch.randn(6, 3, 32, 32) * 3, batches[1][:1]):  # above and below MIN_ELEMENTS
         codes = integer.quantize(x)
         assert_same(integer.run(codes), fast.run(codes))

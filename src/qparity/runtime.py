@@ -129,8 +129,9 @@ class IntegerModel:
             ops[n.op] = ops.get(n.op, 0) + 1
         listing = ", ".join(f"{k} x{v}" for k, v in ops.items())
         note = self.target.machine_note()
+        compiled = "; compiled kernels" if self.compiled else ""
         return (f"IntegerModel(target={self.target.label()}, activations={self.activation_dtype}, "
-                f"{len(self.layers)} layers; {listing}{'; ' + note if note else ''})")
+                f"{len(self.layers)} layers; {listing}{'; ' + note if note else ''}{compiled})")
 
 
 def load(path) -> IntegerModel:
