@@ -90,25 +90,32 @@ def _trace(model: nn.Module, example_inputs) -> Tuple[fx.GraphModule, str]:
             raise CaptureError(f"torch.fx could not trace {type(model).__name__} ({fx_error}), and {error}") from error
 
 
+class _Recorder(fx.Interpreter):
+    """Keeps every node's result of one run. At module level: a class made inside a function sits in a reference
+    cycle, and its closure would keep the example activations alive until a garbage collection."""
+
+    def __init__(self, module: fx.GraphModule):
+        super().__init__(module)
+        self.values: Dict[str, Any] = {}
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        self.values[n.name] = result
+        return result
+
+
 def _record_values(traced: fx.GraphModule, inputs) -> Dict[str, Any]:
-    values: Dict[str, Any] = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            result = super().run_node(n)
-            values[n.name] = result
-            return result
-
+    recorder = _Recorder(traced)
     was_training = traced.training
     traced.eval()
     try:
         with torch.no_grad():
-            Recorder(traced).run(*inputs)
+            recorder.run(*inputs)
     except Exception as error:
         raise CaptureError(f"running the model on the example inputs failed: {error}") from error
     finally:
         traced.train(was_training)
-    return values
+    return recorder.values
 
 
 def _where(node: fx.Node) -> str:

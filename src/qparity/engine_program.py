@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from .graph import CALLS, Node, QValue, Ref, fused_clamp_bounds, resolve
+from .graph import CALLS, Node, QValue, Ref, fused_clamp_bounds, last_uses, resolve
 from .numerics.engine_kernels import EngineLayer, engine_of, engine_selected
 from .numerics.pytorch_engines import PARALLEL_GRAIN
 from .qparams import QParams
@@ -94,6 +94,7 @@ class EngineProgram:
         self.graph = model.graph
         self.grids: Dict[str, QParams] = model.grids
         self.steps: Dict[str, Optional[Step]] = {node.name: self._step(node) for node in self.graph.nodes}
+        self.released = last_uses(self.graph)  # what a run may drop after each node
 
     @property
     def engine_nodes(self) -> List[str]:
@@ -103,24 +104,28 @@ class EngineProgram:
     def run(self, codes: List[torch.Tensor]):
         """Input codes to the output structure of QValues (uint8 codes), as ProgramExecutor.run returns it."""
         with engine_selected(self.engine):
-            values = self._run_nodes(codes)
+            values = self._run_nodes(codes, keep_values=False)
         return resolve(self.graph.output, {name: values.output(name) for name in self._output_names()})
 
     # -- the loop -------------------------------------------------------------------------------------------
-    def _run_nodes(self, codes: List[torch.Tensor]) -> "_Values":
+    def _run_nodes(self, codes: List[torch.Tensor], keep_values: bool = True) -> "_Values":
+        """Every node's result (keep_values), or only the outputs: each value dropped after its last use."""
         values = _Values(self.grids)
         feed = iter(codes)
         executor = self.model.executor()
+        released = {} if keep_values else self.released
         for node in self.graph.nodes:
             if node.op == "input":
                 values.set(node.name, quantized(self.model.target.arrange_input(next(feed)), self.grids[node.name]))
-                continue
-            step = self.steps[node.name]
-            args = None if step is None else [values.quantized(a) for a in node.args]
-            result = None if args is None or any(isinstance(a, QValue) for a in args) else step(*args)
-            if result is None:
-                result = executor.dispatch(node, values.codes(node.args), values.codes(node.kwargs))
-            values.set(node.name, result)
+            else:
+                step = self.steps[node.name]
+                args = None if step is None else [values.quantized(a) for a in node.args]
+                result = None if args is None or any(isinstance(a, QValue) for a in args) else step(*args)
+                if result is None:
+                    result = executor.dispatch(node, values.codes(node.args), values.codes(node.kwargs))
+                values.set(node.name, result)
+            for name in released.get(node.name, ()):
+                values.drop(name)
         return values
 
     def _output_names(self) -> List[str]:
@@ -245,6 +250,10 @@ class _Values:
             self.as_codes[name] = value
         else:  # a Python number or a structure of results (split): both forms are the value itself
             self.as_quantized[name] = self.as_codes[name] = value
+
+    def drop(self, name: str) -> None:
+        self.as_quantized.pop(name, None)
+        self.as_codes.pop(name, None)
 
     def quantized(self, arg):
         """An argument for an engine kernel: a node's quint8 tensor, or a constant as it is."""

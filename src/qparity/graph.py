@@ -168,20 +168,27 @@ class Executor:
     """Runs a Graph, calling `dispatch` for each node: the integer program's executor (ops/program.py) and the
     exporters (one `op_<name>` method per operator) build on it."""
 
-    def __init__(self, graph: Graph, target):
+    def __init__(self, graph: Graph, target, keep_values: bool = True):
         self.graph = graph
         self.target = target
-        self.values: Dict[str, Any] = {}  # every node's result of the last run, in execution order
+        # keep_values: every node's result of the last run stays in `values`, in execution order (the doctor,
+        # golden vectors and exporters read them); otherwise each is dropped after its last use, so a run holds
+        # only the values still to be read (a model's forward and run: their peak memory).
+        self.keep_values = keep_values
+        self.values: Dict[str, Any] = {}
 
     def run(self, inputs: List[Any]) -> Any:
         env: Dict[str, Any] = {}
         self.values = env
         feed = iter(inputs)
+        released = {} if self.keep_values else last_uses(self.graph)
         for node in self.graph.nodes:
             if node.op == "input":
                 env[node.name] = self.dispatch(node, (next(feed),), {})
-                continue
-            env[node.name] = self.dispatch(node, resolve(node.args, env), resolve(node.kwargs, env))
+            else:
+                env[node.name] = self.dispatch(node, resolve(node.args, env), resolve(node.kwargs, env))
+            for name in released.get(node.name, ()):
+                del env[name]
         return resolve(self.graph.output, env)
 
     def dispatch(self, node: Node, args: tuple, kwargs: dict) -> Any:
@@ -192,6 +199,25 @@ class Executor:
         (PyTorch's engines run adaptive_avg_pool2d and avg_pool2d through kernels that round differently)."""
         attrs = pooling.window_attrs(node.attrs, tuple(input_hw), node.path)
         return {**attrs, "adaptive": "adaptive_output_size" in node.attrs}
+
+
+def last_uses(graph: Graph) -> Dict[str, List[str]]:
+    """Per node, the values whose last reader it is (a value nothing reads: its own node), the graph's outputs
+    excepted: what a run may drop once that node has run."""
+    last: Dict[str, str] = {}
+    for node in graph.nodes:
+        last[node.name] = node.name
+        refs: List[str] = []
+        collect_refs((node.args, node.kwargs), refs)
+        for name in refs:
+            last[name] = node.name
+    outputs: List[str] = []
+    collect_refs(graph.output, outputs)
+    released: Dict[str, List[str]] = {}
+    for name, reader in last.items():
+        if name not in outputs:
+            released.setdefault(reader, []).append(name)
+    return released
 
 
 def fused_clamp_bounds(target, node: Node, qp: QParams):

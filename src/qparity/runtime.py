@@ -85,7 +85,9 @@ class IntegerModel:
             if self.engine_program is not None and all(q.device.type == "cpu" for q in codes):
                 result = self.engine_program.run(list(codes))
             else:
-                result = self.executor().run([q.to(torch.int64) for q in codes])
+                # each node's codes dropped after their last use: the run's peak memory
+                executor = ProgramExecutor(self.graph, self.target, self._integer_mode, keep_values=False)
+                result = executor.run([q.to(torch.int64) for q in codes])
         return output_structure(result, lambda v: v.codes.to(TORCH_DTYPES[v.qparams.dtype]))
 
     def compile(self) -> "IntegerModel":

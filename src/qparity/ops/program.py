@@ -39,8 +39,8 @@ CodeFunction = Callable[[List[QValue], QParams, int, int], torch.Tensor]
 
 
 class ProgramExecutor(Executor):
-    def __init__(self, graph, target, mode):
-        super().__init__(graph, target)
+    def __init__(self, graph, target, mode, keep_values: bool = True):
+        super().__init__(graph, target, keep_values)
         self.mode = mode
 
     @property

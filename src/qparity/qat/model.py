@@ -55,7 +55,8 @@ class QATModel(nn.Module):
     def forward(self, *inputs: torch.Tensor):
         if len(inputs) != len(self.graph.inputs):
             raise InputError(f"the model takes {len(self.graph.inputs)} input(s), got {len(inputs)}")
-        result = ProgramExecutor(self.graph, self.target, FakeQuant(self)).run(list(inputs))
+        # each node's value dropped after its last use (what the backward needs, autograd keeps)
+        result = ProgramExecutor(self.graph, self.target, FakeQuant(self), keep_values=False).run(list(inputs))
         return output_structure(result, lambda v: self.target.dequantize(v.codes, v.qparams))
 
     def qparams(self, name: str) -> QParams:
