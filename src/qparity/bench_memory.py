@@ -1,12 +1,27 @@
-"""Peak memory of a QAT step and of integer inference, each contender in a fresh process (`qparity bench`;
-the child runs `bench.memory_probe`, which builds the models).
+"""Peak memory of a QAT step and of integer inference (`qparity bench`, table 4), measured two ways.
 
-tracemalloc does not see PyTorch's allocations, and one process that runs every contender reuses the memory
-the previous one freed, so each contender runs in its own Python process: it builds its model (the same
-seed and model as the timing tables), runs once to warm up, resets the kernel's peak resident size
-(`/proc/self/clear_refs` 5, Linux 4.0+), runs twice more and reports VmHWM (the peak resident size of the
-whole process: Python, torch, the model) and VmHWM minus the resident size before the runs (the working
-memory of the step itself). Where /proc is not writable the probe reports nothing (the table says n/a).
+1. Peak live tensor bytes (exact, `tensor_peak`, in this process). PyTorch's CPU allocator keeps a running
+   total of the bytes it has handed out while the profiler records memory, and reports every allocation and
+   free with that total after it (`ProfiledCPUMemoryReporter`, c10/core/CPUAllocator.cpp). The profile's
+   [memory] events therefore carry the exact live total at each allocation; the peak of a step is the largest
+   total during it minus the total at its start. The events are put in time order and the chain
+   total[i] = total[i-1] + bytes[i] is checked, so an event missed or misordered raises instead of giving a
+   wrong number. It counts tensor storage from PyTorch's CPU allocator only: not Python objects, nor memory a
+   kernel library allocates itself (fbgemm's packed weights, oneDNN scratch). It does not depend on load,
+   on what ran before, or on the allocator's reuse of freed pages.
+
+   A free is reported only for a block allocated while the profiler recorded, so the profile covers
+   `warmup` runs before the measured one: the measured run frees what those runs allocated (last step's
+   gradients, say), and first-run caches are allocated there, outside the measured run (reported apart as
+   the first run's peak).
+
+2. Peak resident size (`peak_memory`, one process per contender; the child runs `bench.memory_probe`).
+   tracemalloc does not see PyTorch's allocations, and one process that runs every contender reuses the
+   memory the previous one freed, so each contender runs in its own Python process: it builds its model,
+   runs once to warm up, resets the kernel's peak resident size (`/proc/self/clear_refs` 5, Linux 4.0+), runs
+   twice more and reports VmHWM (the peak resident size of the whole process: Python, torch, the model) and
+   VmHWM minus the resident size before the runs (the working memory of the step). Where /proc is not
+   writable the probe reports nothing (the table says n/a). It moves by +-10 MiB between probes.
 """
 from __future__ import annotations
 
@@ -14,10 +29,129 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
-from typing import Optional, Tuple
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+from .errors import QParityError
 
 MIB = 1024 * 1024
+MEASURED = "qparity.bench_memory: measured run"
+
+
+class MemoryProfileError(QParityError, RuntimeError):
+    """The profiler's allocation events do not add up (an event missing or out of order), so no exact peak."""
+
+
+@dataclass
+class TensorPeak:
+    """Live CPU tensor bytes of one run, relative to the live bytes at its start."""
+    peak: int                 # the most live bytes above the start, during the measured run
+    retained: int             # live bytes at its end above the start (0 when runs are in a steady state)
+    first_peak: int           # the same peak for the first run (caches, first gradients), above its own start
+    # bytes live at the peak that the measured run allocated, by the operator that allocated them (largest first)
+    at_peak: List[Tuple[str, int]] = field(default_factory=list)
+    freed_before_peak: int = 0  # bytes live at the start that the run had freed by its peak (peak = sum - this)
+
+
+@dataclass
+class _Allocation:
+    time: int
+    bytes: int      # negative for a free
+    total: int      # live bytes the allocator counts after this event
+    pointer: int
+    operator: str   # the operator that allocated (outermost op under the run; innermost op)
+    run: int        # which run it fell in (0, 1, ...; -1 before the first)
+
+
+def tensor_peak(run: Callable[[], object], warmup: int = 1) -> TensorPeak:
+    """Exact peak of live CPU tensor bytes during `run()`, after `warmup` runs profiled with it (see above)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    if warmup < 1:
+        raise MemoryProfileError(f"warmup must be at least 1 (got {warmup}): the measured run frees what the "
+                                 "run before it allocated, and only allocations the profile saw are known")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
+        for index in range(warmup + 1):
+            with record_function(f"{MEASURED} {index}"):
+                run()
+    events = _allocations(recorded.profiler.kineto_results.experimental_event_tree())
+    return _peak(events, warmup)
+
+
+def _allocations(roots) -> List[_Allocation]:
+    found: List[_Allocation] = []
+
+    def walk(node, run: int, outer: str) -> None:
+        for child in node.children:
+            if child.name.startswith(MEASURED):
+                walk(child, int(child.name.rsplit(" ", 1)[1]), "")
+            elif child.name == "[memory]":
+                fields = child.extra_fields
+                label = f"{outer} > {node.name}" if outer and outer != node.name else (outer or node.name)
+                found.append(_Allocation(child.start_time_ns, fields.alloc_size, fields.total_allocated,
+                                         fields.ptr, label, run))
+            else:
+                walk(child, run, outer or (child.name if run >= 0 else ""))
+
+    class _Root:  # the tree's roots, as the children of one node
+        name, children = "", roots
+
+    walk(_Root, -1, "")
+    found.sort(key=lambda event: event.time)
+    _check_chain(found)
+    return found
+
+
+def _check_chain(events: List[_Allocation]) -> None:
+    """Each event's total must be the one before plus its bytes; events at one instant may come in either order."""
+    i = 1
+    while i < len(events):
+        if events[i].total != events[i - 1].total + events[i].bytes:
+            # Events at the same nanosecond (another thread's) are swapped into the order their totals imply.
+            swap = next((j for j in range(i + 1, len(events)) if events[j].time == events[i].time
+                         and events[j].total == events[i - 1].total + events[j].bytes), None)
+            if swap is None:
+                raise MemoryProfileError(
+                    f"allocation event {i} of {len(events)} ({events[i].bytes} bytes in {events[i].operator}) "
+                    f"leaves {events[i].total} live bytes, not {events[i - 1].total} + {events[i].bytes}: the "
+                    "profile missed an event, so no exact peak; rerun with one thread (--threads 1)")
+            events[i], events[swap] = events[swap], events[i]
+        i += 1
+
+
+def _peak(events: List[_Allocation], warmup: int) -> TensorPeak:
+    def start_total(run: int) -> int:
+        before = [e for e in events if e.run < run]
+        if before:
+            return before[-1].total
+        first = next((e for e in events if e.run == run), None)
+        return 0 if first is None else first.total - first.bytes
+
+    def peak_of(run: int) -> Tuple[int, int, int]:
+        start = start_total(run)
+        inside = [(i, e) for i, e in enumerate(events) if e.run == run]
+        if not inside:
+            return 0, 0, -1
+        index, highest = max(inside, key=lambda pair: (pair[1].total, -pair[0]))
+        return max(0, highest.total - start), inside[-1][1].total - start, index if highest.total > start else -1
+
+    peak, retained, index = peak_of(warmup)
+    first_peak = peak_of(0)[0]
+    live: Dict[int, _Allocation] = {}
+    freed_before = 0
+    for event in events[: index + 1]:
+        if event.bytes > 0:
+            live[event.pointer] = event
+        else:
+            allocated = live.pop(event.pointer, None)
+            if event.run == warmup and (allocated is None or allocated.run < warmup):
+                freed_before -= event.bytes
+    by_operator: Counter = Counter()
+    for event in live.values():
+        if event.run == warmup:
+            by_operator[event.operator] += event.bytes
+    return TensorPeak(peak, retained, first_peak, by_operator.most_common(), freed_before)
 
 
 def peak_memory(kind: str, contender: str, config) -> Optional[Tuple[float, float]]:
