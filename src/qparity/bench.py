@@ -9,7 +9,8 @@ slows down mid-run slows all of them alike):
    x86 engine, at each inference batch size.
 3. Scale: integer inference time of one target and of torch.ao as the batch (1, 8, 32, 128) and the width
    (channels x1, x2, x4) grow, and a plot of time against batch.
-4. Peak memory of a QAT step and of integer inference, each contender in its own process (bench_memory).
+4. Peak memory of a QAT step and of integer inference (bench_memory): the exact peak of live tensor bytes,
+   measured in this process, and the peak resident size of a process of each contender's own.
 
 The inference table also times ONNX Runtime and LiteRT running qparity's own exported files (bench_runtimes).
 
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bench_memory import MIB, peak_memory, reset_peak, status
+from .bench_memory import MIB, TensorPeak, peak_memory, reset_peak, status, tensor_peak
 from .bench_runtimes import exported_runners
 from .convert import convert
 from .numerics.compiled import CompiledKernelsUnavailableError, ensure_available
@@ -93,7 +94,7 @@ class BenchConfig:
     size: int = 32
     repeats: int = 7
     warmup: int = 2
-    memory: bool = True                    # table 4: one process per contender (about 5 s each)
+    memory: bool = True                    # table 4: tensor peaks, and one process per contender (about 5 s each)
     compiled: bool = True                  # also time IntegerModel.compile() (skipped where it cannot build)
 
     @classmethod
@@ -125,6 +126,7 @@ class BenchReport:
     scale: Dict[Tuple[int, int], Tuple[float, float]] = field(default_factory=dict)  # (width, batch) -> (qparity, ao)
     # (kind, contender) -> (peak MiB, working MiB), or None where the probe could not measure
     memory: Dict[Tuple[str, str], Optional[Tuple[float, float]]] = field(default_factory=dict)
+    tensor_memory: Dict[Tuple[str, str], TensorPeak] = field(default_factory=dict)  # (kind, contender) -> exact peak
     compiled_note: str = ""  # why the compiled rows are missing, where they are
 
 
@@ -252,6 +254,8 @@ def _measure(config: BenchConfig, say: Callable[[str], None]) -> BenchReport:
                                  ("inference", ("torch.ao",) + config.targets)):
             say(f"peak memory: {kind}")
             for contender in contenders:
+                with torch.set_grad_enabled(kind == "qat"):
+                    report.tensor_memory[(kind, contender)] = tensor_peak(memory_run(kind, contender, config))
                 report.memory[(kind, contender)] = peak_memory(kind, contender, config)
     return report
 
@@ -263,6 +267,18 @@ def memory_probe(kind: str, contender: str, settings: dict) -> None:
     config = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
     if config.threads:
         torch.set_num_threads(config.threads)
+    run = memory_run(kind, contender, config)
+    with torch.set_grad_enabled(kind == "qat"):
+        run()
+        before = reset_peak()
+        for _ in range(2):
+            run()
+    print(json.dumps(None if before is None else [status("VmHWM") / MIB, (status("VmHWM") - before) / MIB]))
+
+
+def memory_run(kind: str, contender: str, config: BenchConfig) -> Callable[[], object]:
+    """One run of the memory table, on a model of its own: a QAT step (batch `qat_batch`) of "torch.ao", "float"
+    or a target, or integer inference (the largest inference batch) of "torch.ao" or a target."""
     torch.manual_seed(0)
     base = ResNetish(config.channels, in_channels=3)
     x = torch.randn(config.qat_batch, 3, config.size, config.size)
@@ -270,22 +286,12 @@ def memory_probe(kind: str, contender: str, settings: dict) -> None:
     if kind == "qat":
         model = {"torch.ao": lambda: torch_ao_qat(base, x), "float": lambda: copy.deepcopy(base).train()}.get(
             contender, lambda: prepare_qat(copy.deepcopy(base), (x,), target=contender).train())()
-        run = train_step(model, x, y)
-    else:
-        xb = torch.randn(max(config.inference_batches), 3, config.size, config.size)
-        if contender == "torch.ao":
-            model = torch_ao_int8(_observed(torch_ao_qat(base, x), x))
-            run = lambda: model(xb)  # noqa: E731
-        else:
-            model = integer_model(base, contender, x)
-            codes = model.quantize(xb)
-            run = lambda: model.run(codes)  # noqa: E731
-    with torch.set_grad_enabled(kind == "qat"):
-        run()
-        before = reset_peak()
-        for _ in range(2):
-            run()
-    print(json.dumps(None if before is None else [status("VmHWM") / MIB, (status("VmHWM") - before) / MIB]))
+        return train_step(model, x, y)
+    xb = torch.randn(max(config.inference_batches), 3, config.size, config.size)
+    if contender == "torch.ao":
+        model = torch_ao_int8(_observed(torch_ao_qat(base, x), x))
+        return lambda: model(xb)
+    return _integer_run(integer_model(base, contender, x), xb)
 
 
 def _compiled_twins(integer: Dict[str, IntegerModel]) -> Dict[str, IntegerModel]:

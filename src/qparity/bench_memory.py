@@ -13,7 +13,9 @@
    A free is reported only for a block allocated while the profiler recorded, so the profile covers
    `warmup` runs before the measured one: the measured run frees what those runs allocated (last step's
    gradients, say), and first-run caches are allocated there, outside the measured run (reported apart as
-   the first run's peak).
+   the first run's peak, an upper bound: frees of blocks from before the profile are not seen). Two warm-up
+   runs, since a qparity QAT step keeps 6 MiB more after its second step than after its first; `steady` says
+   whether the measured run's peak and retained bytes equal those of the run before it.
 
 2. Peak resident size (`peak_memory`, one process per contender; the child runs `bench.memory_probe`).
    tracemalloc does not see PyTorch's allocations, and one process that runs every contender reuses the
@@ -49,6 +51,7 @@ class TensorPeak:
     peak: int                 # the most live bytes above the start, during the measured run
     retained: int             # live bytes at its end above the start (0 when runs are in a steady state)
     first_peak: int           # the same peak for the first run (caches, first gradients), above its own start
+    steady: bool              # the run before the measured one had the same peak and retained bytes
     # bytes live at the peak that the measured run allocated, by the operator that allocated them (largest first)
     at_peak: List[Tuple[str, int]] = field(default_factory=list)
     freed_before_peak: int = 0  # bytes live at the start that the run had freed by its peak (peak = sum - this)
@@ -60,18 +63,19 @@ class _Allocation:
     bytes: int      # negative for a free
     total: int      # live bytes the allocator counts after this event
     pointer: int
-    operator: str   # the operator that allocated (outermost op under the run; innermost op)
+    operator: str   # what allocated: outermost op under the run > innermost op (or Python line > op, `sites`)
     run: int        # which run it fell in (0, 1, ...; -1 before the first)
 
 
-def tensor_peak(run: Callable[[], object], warmup: int = 1) -> TensorPeak:
-    """Exact peak of live CPU tensor bytes during `run()`, after `warmup` runs profiled with it (see above)."""
+def tensor_peak(run: Callable[[], object], warmup: int = 2, sites: bool = False) -> TensorPeak:
+    """Exact peak of live CPU tensor bytes during `run()`, after `warmup` runs profiled with it (see above).
+    `sites`: name each allocation by the Python line that made it (the profiler's stacks; slower)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     if warmup < 1:
         raise MemoryProfileError(f"warmup must be at least 1 (got {warmup}): the measured run frees what the "
                                  "run before it allocated, and only allocations the profile saw are known")
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as recorded:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=sites) as recorded:
         for index in range(warmup + 1):
             with record_function(f"{MEASURED} {index}"):
                 run()
@@ -80,27 +84,42 @@ def tensor_peak(run: Callable[[], object], warmup: int = 1) -> TensorPeak:
 
 
 def _allocations(roots) -> List[_Allocation]:
-    found: List[_Allocation] = []
+    runs: List[Tuple[int, int, int]] = []    # (start ns, end ns, run) of each profiled run
+    found: List[Tuple[int, int, int, int, str]] = []
 
-    def walk(node, run: int, outer: str) -> None:
+    def walk(node, outer: str, line: str) -> None:
         for child in node.children:
+            kind = type(child.extra_fields).__name__
             if child.name.startswith(MEASURED):
-                walk(child, int(child.name.rsplit(" ", 1)[1]), "")
+                runs.append((child.start_time_ns, child.end_time_ns, int(child.name.rsplit(" ", 1)[1])))
+                walk(child, "", line)
             elif child.name == "[memory]":
                 fields = child.extra_fields
-                label = f"{outer} > {node.name}" if outer and outer != node.name else (outer or node.name)
-                found.append(_Allocation(child.start_time_ns, fields.alloc_size, fields.total_allocated,
-                                         fields.ptr, label, run))
+                inner = node.name if type(node.extra_fields).__name__ == "_ExtraFields_TorchOp" else ""
+                label = " > ".join(dict.fromkeys(filter(None, (line, outer, inner))))
+                found.append((child.start_time_ns, fields.alloc_size, fields.total_allocated, fields.ptr, label))
+            elif kind == "_ExtraFields_PyCall":
+                # The innermost line outside torch's own Python is the model's code that asked for the tensor.
+                walk(child, outer, line if _in_torch(child.name) and line else child.name)
             else:
-                walk(child, run, outer or (child.name if run >= 0 else ""))
+                walk(child, outer or (child.name if kind == "_ExtraFields_TorchOp" else ""), line)
 
     class _Root:  # the tree's roots, as the children of one node
-        name, children = "", roots
+        name, children, extra_fields = "", roots, None
 
-    walk(_Root, -1, "")
-    found.sort(key=lambda event: event.time)
-    _check_chain(found)
-    return found
+    walk(_Root, "", "")
+    # With Python stacks the tree nests by frame, not under the run's record_function: runs are found by time.
+    def run_at(time: int) -> int:
+        return next((run for begin, end, run in runs if begin <= time <= end), -1 if time < min(runs)[0] else -2)
+
+    events = sorted((_Allocation(time, size, total, pointer, label, run_at(time))
+                     for time, size, total, pointer, label in found), key=lambda event: event.time)
+    _check_chain(events)
+    return events
+
+
+def _in_torch(frame: str) -> bool:
+    return "torch/" in frame.replace("\\", "/") and "qparity" not in frame
 
 
 def _check_chain(events: List[_Allocation]) -> None:
@@ -138,6 +157,7 @@ def _peak(events: List[_Allocation], warmup: int) -> TensorPeak:
 
     peak, retained, index = peak_of(warmup)
     first_peak = peak_of(0)[0]
+    steady = peak_of(warmup - 1)[:2] == (peak, retained)
     live: Dict[int, _Allocation] = {}
     freed_before = 0
     for event in events[: index + 1]:
@@ -151,7 +171,7 @@ def _peak(events: List[_Allocation], warmup: int) -> TensorPeak:
     for event in live.values():
         if event.run == warmup:
             by_operator[event.operator] += event.bytes
-    return TensorPeak(peak, retained, first_peak, by_operator.most_common(), freed_before)
+    return TensorPeak(peak, retained, first_peak, steady, by_operator.most_common(), freed_before)
 
 
 def peak_memory(kind: str, contender: str, config) -> Optional[Tuple[float, float]]:
