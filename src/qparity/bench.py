@@ -366,20 +366,47 @@ def format_report(report: BenchReport) -> str:
 
 
 def memory_table(report: BenchReport) -> str:
-    """Peak resident MiB of each contender's process (and the part its runs added), QAT and inference."""
+    """Peak memory of a QAT step and of integer inference per contender: exact peak live tensor MiB (and its ratio
+    to torch.ao's) beside the peak resident MiB of a process of the contender's own (and the part its runs added)."""
     config = report.config
-    lines = [f"Peak memory, one process per contender: peak resident MiB (working MiB the runs added); QAT batch "
-             f"{config.qat_batch}, inference batch {max(config.inference_batches)} (goal: no higher than torch.ao):",
-             "", "| contender | QAT step | integer inference |", "|---|---|---|"]
+    lines = [f"Peak memory, QAT step batch {config.qat_batch}, integer inference batch "
+             f"{max(config.inference_batches)} (goal: no higher than torch.ao):", "",
+             "- tensor MiB: the most live CPU tensor bytes above those at the run's start, counted exactly by "
+             "PyTorch's CPU allocator under the profiler, in this process, after two warm-up runs (x torch.ao's; "
+             "`*`: not yet in a steady state). It leaves out memory kernel libraries allocate themselves "
+             "(fbgemm packing, oneDNN scratch).",
+             "- resident MiB: the peak resident size of a process of the contender's own (Python, torch, the "
+             "model: all of it), with the MiB its runs added in parentheses; it moves by about 10 MiB between runs.",
+             "", "| contender | QAT tensor MiB | QAT resident MiB | inference tensor MiB "
+                 "| inference resident MiB |",
+             "|---|---|---|---|---|"]
 
-    def cell(kind, contender):
+    def resident(kind, contender):
         if (kind, contender) not in report.memory:
             return "-"
         value = report.memory[(kind, contender)]
         return "n/a" if value is None else f"{value[0]:.0f} ({value[1]:.1f})"
 
+    def tensors(kind, contender):
+        peak = report.tensor_memory.get((kind, contender))
+        if peak is None:
+            return "-"
+        reference = report.tensor_memory.get((kind, "torch.ao"))
+        compared = reference is not None and reference.peak > 0 and contender != "torch.ao"
+        ratio = f" ({peak.peak / reference.peak:.2f}x)" if compared else ""
+        return f"{peak.peak / MIB:.2f}{ratio}{'' if peak.steady else '*'}"
+
     for contender in ("torch.ao", "float") + tuple(config.targets):
-        lines.append(f"| {contender} | {cell('qat', contender)} | {cell('inference', contender)} |")
+        lines.append(f"| {contender} | {tensors('qat', contender)} | {resident('qat', contender)} | "
+                     f"{tensors('inference', contender)} | {resident('inference', contender)} |")
+    above = [(kind, contender, peak) for (kind, contender), peak in report.tensor_memory.items()
+             if (kind, "torch.ao") in report.tensor_memory and peak.peak > report.tensor_memory[(kind, "torch.ao")].peak
+             and contender != "float"]
+    if above:
+        lines += ["", "Tensors live at the peak, by the operator that allocated them (MiB; the four largest):", ""]
+        for kind, contender, peak in above:
+            largest = ", ".join(f"{name} {size / MIB:.1f}" for name, size in peak.at_peak[:4])
+            lines.append(f"- {contender} {kind}: {largest}")
     return "\n".join(lines)
 
 
