@@ -44,11 +44,12 @@ def _holding(extra_bytes, step):
 
 @pytest.mark.parametrize("kind, contender", [("qat", "xnnpack"), ("qat", "torch.ao"), ("inference", "tflite")])
 def test_tensor_peak_counts_a_known_extra_allocation_exactly(kind, contender):
-    step = memory_run(kind, contender, BenchConfig(targets=(contender,), **TINY))
+    config = BenchConfig(targets=(contender,), **TINY)
     with torch.set_grad_enabled(kind == "qat"):
-        plain, holding = tensor_peak(step), tensor_peak(_holding(12345, step))
+        plain = tensor_peak(lambda: memory_run(kind, contender, config))
+        holding = tensor_peak(lambda: _holding(12345, memory_run(kind, contender, config)))
     assert plain.peak > 0 and plain.steady and plain.retained == 0
-    assert holding.peak == plain.peak + 12345 and holding.retained == 0
+    assert holding.peak == plain.peak + 12345 and holding.retained == 0 and holding.standing == plain.standing > 0
     assert sum(size for _, size in holding.at_peak) - holding.freed_before_peak == holding.peak
 
 
@@ -62,8 +63,9 @@ def test_tensor_peak_of_allocations_and_frees_is_their_running_total():
         torch.empty(500, dtype=torch.uint8)
         kept[:] = [second]  # frees the previous run's 3000 bytes, after the peak
 
-    measured = tensor_peak(run)
+    measured = tensor_peak(lambda: run)
     assert (measured.peak, measured.retained, measured.steady, measured.freed_before_peak) == (4000, 0, True, 0)
+    assert (measured.standing, measured.unseen_frees) == (3000, 0)  # the run before left its 3000 bytes
     assert measured.at_peak == [("aten::empty", 4000)]
 
 

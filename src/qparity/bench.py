@@ -255,7 +255,8 @@ def _measure(config: BenchConfig, say: Callable[[str], None]) -> BenchReport:
             say(f"peak memory: {kind}")
             for contender in contenders:
                 with torch.set_grad_enabled(kind == "qat"):
-                    report.tensor_memory[(kind, contender)] = tensor_peak(memory_run(kind, contender, config))
+                    report.tensor_memory[(kind, contender)] = tensor_peak(
+                        lambda: memory_run(kind, contender, config))
                 report.memory[(kind, contender)] = peak_memory(kind, contender, config)
     return report
 

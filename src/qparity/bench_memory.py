@@ -15,7 +15,11 @@
    gradients, say), and first-run caches are allocated there, outside the measured run (reported apart as
    the first run's peak, an upper bound: frees of blocks from before the profile are not seen). Two warm-up
    runs, since a qparity QAT step keeps 6 MiB more after its second step than after its first; `steady` says
-   whether the measured run's peak and retained bytes equal those of the run before it.
+   whether the measured run's peak and retained bytes equal those of the run before it. The profile starts
+   before the model is built, so `standing` counts the tensors the contender holds between runs (weights,
+   gradients, fake-quant state, caches); a module-level cache is counted to the first contender that fills it.
+   QNNPACK's outputs are reported when allocated but not when freed; such a free is found when the address
+   is handed out again (`unseen_frees`), and then the peak is an upper bound.
 
 2. Peak resident size (`peak_memory`, one process per contender; the child runs `bench.memory_probe`).
    tracemalloc does not see PyTorch's allocations, and one process that runs every contender reuses the
@@ -27,6 +31,7 @@
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -52,6 +57,9 @@ class TensorPeak:
     retained: int             # live bytes at its end above the start (0 when runs are in a steady state)
     first_peak: int           # the same peak for the first run (caches, first gradients), above its own start
     steady: bool              # the run before the measured one had the same peak and retained bytes
+    standing: int             # live bytes at the measured run's start that building and the runs before made
+    unseen_frees: int         # bytes freed without a report (found when the address is handed out again):
+                              # where not 0, the peak is an upper bound
     # bytes live at the peak that the measured run allocated, by the operator that allocated them (largest first)
     at_peak: List[Tuple[str, int]] = field(default_factory=list)
     freed_before_peak: int = 0  # bytes live at the start that the run had freed by its peak (peak = sum - this)
@@ -64,18 +72,20 @@ class _Allocation:
     total: int      # live bytes the allocator counts after this event
     pointer: int
     operator: str   # what allocated: outermost op under the run > innermost op (or Python line > op, `sites`)
-    run: int        # which run it fell in (0, 1, ...; -1 before the first)
+    phase: int      # 2k: in run k; 2k + 1: after it; -1: building, before the first run
 
 
-def tensor_peak(run: Callable[[], object], warmup: int = 2, sites: bool = False) -> TensorPeak:
-    """Exact peak of live CPU tensor bytes during `run()`, after `warmup` runs profiled with it (see above).
-    `sites`: name each allocation by the Python line that made it (the profiler's stacks; slower)."""
+def tensor_peak(build: Callable[[], Callable[[], object]], warmup: int = 2, sites: bool = False) -> TensorPeak:
+    """Exact peak of live CPU tensor bytes during one call of the run `build()` returns, after `warmup` calls,
+    all profiled (see above). `sites`: name each allocation by the Python line that made it (slower)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     if warmup < 1:
         raise MemoryProfileError(f"warmup must be at least 1 (got {warmup}): the measured run frees what the "
                                  "run before it allocated, and only allocations the profile saw are known")
+    gc.collect()  # the last contender's garbage, freed now rather than inside this profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=sites) as recorded:
+        run = build()
         for index in range(warmup + 1):
             with record_function(f"{MEASURED} {index}"):
                 run()
@@ -109,10 +119,11 @@ def _allocations(roots) -> List[_Allocation]:
 
     walk(_Root, "", "")
     # With Python stacks the tree nests by frame, not under the run's record_function: runs are found by time.
-    def run_at(time: int) -> int:
-        return next((run for begin, end, run in runs if begin <= time <= end), -1 if time < min(runs)[0] else -2)
+    # Phase 2k is run k, 2k + 1 the gap after it, -1 the build before the first.
+    def phase(time: int) -> int:
+        return max((2 * run + (time > end) for begin, end, run in runs if begin <= time), default=-1)
 
-    events = sorted((_Allocation(time, size, total, pointer, label, run_at(time))
+    events = sorted((_Allocation(time, size, total, pointer, label, phase(time))
                      for time, size, total, pointer, label in found), key=lambda event: event.time)
     _check_chain(events)
     return events
@@ -140,38 +151,40 @@ def _check_chain(events: List[_Allocation]) -> None:
 
 
 def _peak(events: List[_Allocation], warmup: int) -> TensorPeak:
+    baseline = events[0].total - events[0].bytes if events else 0
+
     def start_total(run: int) -> int:
-        before = [e for e in events if e.run < run]
-        if before:
-            return before[-1].total
-        first = next((e for e in events if e.run == run), None)
-        return 0 if first is None else first.total - first.bytes
+        return next((e.total for e in reversed(events) if e.phase < 2 * run), baseline)
 
     def peak_of(run: int) -> Tuple[int, int, int]:
         start = start_total(run)
-        inside = [(i, e) for i, e in enumerate(events) if e.run == run]
+        inside = [(i, e) for i, e in enumerate(events) if e.phase == 2 * run]
         if not inside:
             return 0, 0, -1
         index, highest = max(inside, key=lambda pair: (pair[1].total, -pair[0]))
         return max(0, highest.total - start), inside[-1][1].total - start, index if highest.total > start else -1
 
     peak, retained, index = peak_of(warmup)
-    first_peak = peak_of(0)[0]
-    steady = peak_of(warmup - 1)[:2] == (peak, retained)
+    measured = 2 * warmup
     live: Dict[int, _Allocation] = {}
-    freed_before = 0
-    for event in events[: index + 1]:
+    freed_before = unseen = 0
+    at_peak: Counter = Counter()
+    for position, event in enumerate(events):
         if event.bytes > 0:
+            # A block handed out again at a live address was freed without a report (QNNPACK's outputs).
+            unseen += live[event.pointer].bytes if event.pointer in live else 0
             live[event.pointer] = event
         else:
             allocated = live.pop(event.pointer, None)
-            if event.run == warmup and (allocated is None or allocated.run < warmup):
+            if event.phase == measured and position <= index and (allocated is None or allocated.phase < measured):
                 freed_before -= event.bytes
-    by_operator: Counter = Counter()
-    for event in live.values():
-        if event.run == warmup:
-            by_operator[event.operator] += event.bytes
-    return TensorPeak(peak, retained, first_peak, steady, by_operator.most_common(), freed_before)
+        if position == index:
+            for block in live.values():
+                if block.phase == measured:
+                    at_peak[block.operator] += block.bytes
+    return TensorPeak(peak, retained, peak_of(0)[0], peak_of(warmup - 1)[:2] == (peak, retained),
+                      start_total(warmup) - baseline, unseen,
+                      at_peak.most_common(), freed_before)
 
 
 def peak_memory(kind: str, contender: str, config) -> Optional[Tuple[float, float]]:
@@ -193,8 +206,6 @@ def peak_memory(kind: str, contender: str, config) -> Optional[Tuple[float, floa
 
 def reset_peak() -> Optional[int]:
     """Reset the process's peak resident size to its current one; return that (bytes), or None if unsupported."""
-    import gc
-
     gc.collect()
     try:
         with open("/proc/self/clear_refs", "w") as handle:
