@@ -30,7 +30,7 @@ def test_peak_memory_is_measured_in_a_process_of_its_own():
     report = BenchReport("machine", 1, "torch", config, memory={("inference", "xnnpack"): measured,
                                                                  ("qat", "xnnpack"): None})
     table = memory_table(report)
-    assert "| xnnpack | - | n/a | - | " in table and "| torch.ao | - | - | - | - |" in table
+    assert "| xnnpack | - | - | n/a | - | - | " in table and "| torch.ao | - | - | - | - | - | - |" in table
 
 
 def _holding(extra_bytes, step):
@@ -86,3 +86,19 @@ def test_bench_command_line_takes_quick_threads_and_targets():
     assert (config.threads, config.targets, config.repeats, config.widths) == (1, ("tflite",), 2, (1, 2))
     assert config.memory and not config_from(build_parser().parse_args(["bench", "--no-memory"])).memory
     assert config.compiled and not config_from(build_parser().parse_args(["bench", "--no-compile"])).compiled
+
+
+def test_memory_table_compares_tensor_peaks_with_torch_ao_and_names_what_is_live_at_a_higher_peak():
+    from qparity.bench_memory import MIB, TensorPeak
+
+    def peak(mib, unseen=0, at_peak=()):
+        return TensorPeak(int(mib * MIB), 0, int(mib * MIB), True, MIB, unseen, list(at_peak), 0)
+
+    config = BenchConfig(targets=("tflite", "qnnpack"))
+    report = BenchReport("machine", 1, "torch", config, tensor_memory={
+        ("qat", "torch.ao"): peak(10), ("qat", "tflite"): peak(15, at_peak=[("aten::mul", int(2.5 * MIB))]),
+        ("qat", "qnnpack"): peak(5), ("inference", "torch.ao"): peak(2), ("inference", "qnnpack"): peak(1, unseen=8)})
+    table = memory_table(report)
+    assert "| tflite | 15.00 (1.50x) | 1.00 | - | - | - | - |" in table
+    assert "| qnnpack | 5.00 (0.50x) | 1.00 | - | <= 1.00 (0.50x) | 1.00 | - |" in table
+    assert "- tflite qat: aten::mul 2.5" in table and "- qnnpack" not in table

@@ -372,15 +372,17 @@ def memory_table(report: BenchReport) -> str:
     config = report.config
     lines = [f"Peak memory, QAT step batch {config.qat_batch}, integer inference batch "
              f"{max(config.inference_batches)} (goal: no higher than torch.ao):", "",
-             "- tensor MiB: the most live CPU tensor bytes above those at the run's start, counted exactly by "
-             "PyTorch's CPU allocator under the profiler, in this process, after two warm-up runs (x torch.ao's; "
-             "`*`: not yet in a steady state). It leaves out memory kernel libraries allocate themselves "
-             "(fbgemm packing, oneDNN scratch).",
+             "- tensor MiB: the most live CPU tensor bytes during one run above those at its start, counted exactly "
+             "by PyTorch's CPU allocator under the profiler, in this process, after two warm-up runs (x torch.ao's; "
+             "`*`: not yet in a steady state; `<=`: an upper bound, some frees unreported). It leaves out memory "
+             "kernel libraries allocate themselves (fbgemm packing).",
+             "- standing MiB: live tensor bytes between runs that building the model and running it made (weights, "
+             "gradients, fake-quant state, caches, the input).",
              "- resident MiB: the peak resident size of a process of the contender's own (Python, torch, the "
              "model: all of it), with the MiB its runs added in parentheses; it moves by about 10 MiB between runs.",
-             "", "| contender | QAT tensor MiB | QAT resident MiB | inference tensor MiB "
-                 "| inference resident MiB |",
-             "|---|---|---|---|---|"]
+             "", "| contender | QAT tensor MiB | QAT standing MiB | QAT resident MiB | inference tensor MiB "
+                 "| inference standing MiB | inference resident MiB |",
+             "|---|---|---|---|---|---|---|"]
 
     def resident(kind, contender):
         if (kind, contender) not in report.memory:
@@ -395,11 +397,16 @@ def memory_table(report: BenchReport) -> str:
         reference = report.tensor_memory.get((kind, "torch.ao"))
         compared = reference is not None and reference.peak > 0 and contender != "torch.ao"
         ratio = f" ({peak.peak / reference.peak:.2f}x)" if compared else ""
-        return f"{peak.peak / MIB:.2f}{ratio}{'' if peak.steady else '*'}"
+        bound = "<= " if peak.unseen_frees else ""
+        return f"{bound}{peak.peak / MIB:.2f}{ratio}{'' if peak.steady else '*'}"
+
+    def standing(kind, contender):
+        peak = report.tensor_memory.get((kind, contender))
+        return "-" if peak is None else f"{peak.standing / MIB:.2f}"
 
     for contender in ("torch.ao", "float") + tuple(config.targets):
-        lines.append(f"| {contender} | {tensors('qat', contender)} | {resident('qat', contender)} | "
-                     f"{tensors('inference', contender)} | {resident('inference', contender)} |")
+        lines.append(" | ".join([f"| {contender}"] + [cell(kind, contender) for kind in ("qat", "inference")
+                                                       for cell in (tensors, standing, resident)]) + " |")
     above = [(kind, contender, peak) for (kind, contender), peak in report.tensor_memory.items()
              if (kind, "torch.ao") in report.tensor_memory and peak.peak > report.tensor_memory[(kind, "torch.ao")].peak
              and contender != "float"]
