@@ -17,7 +17,8 @@
    runs, since a qparity QAT step keeps 6 MiB more after its second step than after its first; `steady` says
    whether the measured run's peak and retained bytes equal those of the run before it. The profile starts
    before the model is built, so `standing` counts the tensors the contender holds between runs (weights,
-   gradients, fake-quant state, caches); a module-level cache is counted to the first contender that fills it.
+   gradients, fake-quant state, caches; after a garbage collection); a module-level cache is counted to the
+   first contender that fills it.
    QNNPACK's outputs are reported when allocated but not when freed; such a free is found when the address
    is handed out again (`unseen_frees`), and then the peak is an upper bound.
 
@@ -63,6 +64,8 @@ class TensorPeak:
     # bytes live at the peak that the measured run allocated, by the operator that allocated them (largest first)
     at_peak: List[Tuple[str, int]] = field(default_factory=list)
     freed_before_peak: int = 0  # bytes live at the start that the run had freed by its peak (peak = sum - this)
+    # the standing bytes by the operator that allocated them (largest first)
+    held: List[Tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -86,6 +89,9 @@ def tensor_peak(build: Callable[[], Callable[[], object]], warmup: int = 2, site
     gc.collect()  # the last contender's garbage, freed now rather than inside this profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=sites) as recorded:
         run = build()
+        # Building leaves garbage in reference cycles (capture's example activations, 58 MiB at batch 32 on
+        # the bench model: docs/benchmarks.md); what stands between runs is what the model keeps reachable.
+        gc.collect()
         for index in range(warmup + 1):
             with record_function(f"{MEASURED} {index}"):
                 run()
@@ -169,7 +175,11 @@ def _peak(events: List[_Allocation], warmup: int) -> TensorPeak:
     live: Dict[int, _Allocation] = {}
     freed_before = unseen = 0
     at_peak: Counter = Counter()
+    held: Counter = Counter()
     for position, event in enumerate(events):
+        if event.phase == measured and not held:
+            for block in live.values():
+                held[block.operator] += block.bytes
         if event.bytes > 0:
             # A block handed out again at a live address was freed without a report (QNNPACK's outputs).
             unseen += live[event.pointer].bytes if event.pointer in live else 0
@@ -184,7 +194,7 @@ def _peak(events: List[_Allocation], warmup: int) -> TensorPeak:
                     at_peak[block.operator] += block.bytes
     return TensorPeak(peak, retained, peak_of(0)[0], peak_of(warmup - 1)[:2] == (peak, retained),
                       start_total(warmup) - baseline, unseen,
-                      at_peak.most_common(), freed_before)
+                      at_peak.most_common(), freed_before, held.most_common())
 
 
 def peak_memory(kind: str, contender: str, config) -> Optional[Tuple[float, float]]:
