@@ -373,7 +373,7 @@ def memory_table(report: BenchReport) -> str:
     lines = [f"Peak memory, QAT step batch {config.qat_batch}, integer inference batch "
              f"{max(config.inference_batches)} (goal: no higher than torch.ao):", "",
              "- tensor MiB: the most live CPU tensor bytes during one run above those at its start, counted exactly "
-             "by PyTorch's CPU allocator under the profiler, in this process, after two warm-up runs (x torch.ao's; "
+             "by PyTorch's CPU allocator under the profiler, in this process, after three warm-up runs (x torch.ao's; "
              "`*`: not yet in a steady state; `<=`: an upper bound, some frees unreported). It leaves out memory "
              "kernel libraries allocate themselves (fbgemm packing).",
              "- standing MiB: live tensor bytes between runs that building the model and running it made (weights, "
@@ -402,7 +402,7 @@ def memory_table(report: BenchReport) -> str:
 
     def standing(kind, contender):
         peak = report.tensor_memory.get((kind, contender))
-        return "-" if peak is None else f"{peak.standing / MIB:.2f}"
+        return "-" if peak is None else f"{'<= ' if peak.unseen_frees else ''}{peak.standing / MIB:.2f}"
 
     for contender in ("torch.ao", "float") + tuple(config.targets):
         lines.append(" | ".join([f"| {contender}"] + [cell(kind, contender) for kind in ("qat", "inference")
@@ -412,9 +412,11 @@ def memory_table(report: BenchReport) -> str:
              and contender != "float"]
     if above:
         lines += ["", "Tensors live at the peak, by the operator that allocated them (MiB; the four largest):", ""]
+        alike: Dict[Tuple[str, str], List[str]] = {}  # most targets share one breakdown: one line for them
         for kind, contender, peak in above:
             largest = ", ".join(f"{name} {size / MIB:.1f}" for name, size in peak.at_peak[:4])
-            lines.append(f"- {contender} {kind}: {largest}")
+            alike.setdefault((kind, largest), []).append(contender)
+        lines += [f"- {kind}, {', '.join(contenders)}: {largest}" for (kind, largest), contenders in alike.items()]
     return "\n".join(lines)
 
 

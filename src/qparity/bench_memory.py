@@ -13,9 +13,10 @@
    A free is reported only for a block allocated while the profiler recorded, so the profile covers
    `warmup` runs before the measured one: the measured run frees what those runs allocated (last step's
    gradients, say), and first-run caches are allocated there, outside the measured run (reported apart as
-   the first run's peak, an upper bound: frees of blocks from before the profile are not seen). Two warm-up
-   runs, since a qparity QAT step keeps 6 MiB more after its second step than after its first; `steady` says
-   whether the measured run's peak and retained bytes equal those of the run before it. The profile starts
+   the first run's peak, an upper bound: frees of blocks from before the profile are not seen). Three
+   warm-up runs, since the fbgemm and x86 targets' QAT steps fill a cache of 16 add tables (1 MiB each) over
+   their first three steps; `steady` says whether the measured run's peak and retained bytes equal those of
+   the run before it. The profile starts
    before the model is built, so `standing` counts the tensors the contender holds between runs (weights,
    gradients, fake-quant state, caches; after a garbage collection); a module-level cache is counted to the
    first contender that fills it.
@@ -78,7 +79,7 @@ class _Allocation:
     phase: int      # 2k: in run k; 2k + 1: after it; -1: building, before the first run
 
 
-def tensor_peak(build: Callable[[], Callable[[], object]], warmup: int = 2, sites: bool = False) -> TensorPeak:
+def tensor_peak(build: Callable[[], Callable[[], object]], warmup: int = 3, sites: bool = False) -> TensorPeak:
     """Exact peak of live CPU tensor bytes during one call of the run `build()` returns, after `warmup` calls,
     all profiled (see above). `sites`: name each allocation by the Python line that made it (slower)."""
     from torch.profiler import ProfilerActivity, profile, record_function
