@@ -373,7 +373,7 @@ def memory_table(report: BenchReport) -> str:
     lines = [f"Peak memory, QAT step batch {config.qat_batch}, integer inference batch "
              f"{max(config.inference_batches)} (goal: no higher than torch.ao):", "",
              "- tensor MiB: the most live CPU tensor bytes during one run above those at its start, counted exactly "
-             "by PyTorch's CPU allocator under the profiler, in this process, after three warm-up runs (x torch.ao's; "
+             "by PyTorch's CPU allocator under the profiler, in this process, after four warm-up runs (x torch.ao's; "
              "`*`: not yet in a steady state; `<=`: an upper bound, some frees unreported). It leaves out memory "
              "kernel libraries allocate themselves (fbgemm packing).",
              "- standing MiB: live tensor bytes between runs that building the model and running it made (weights, "

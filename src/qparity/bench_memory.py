@@ -13,7 +13,7 @@
    A free is reported only for a block allocated while the profiler recorded, so the profile covers
    `warmup` runs before the measured one: the measured run frees what those runs allocated (last step's
    gradients, say), and first-run caches are allocated there, outside the measured run (reported apart as
-   the first run's peak, an upper bound: frees of blocks from before the profile are not seen). Three
+   the first run's peak, an upper bound: frees of blocks from before the profile are not seen). Four
    warm-up runs, since the fbgemm and x86 targets' QAT steps fill a cache of 16 add tables (1 MiB each) over
    their first three steps; `steady` says whether the measured run's peak and retained bytes equal those of
    the run before it. The profile starts
@@ -79,7 +79,7 @@ class _Allocation:
     phase: int      # 2k: in run k; 2k + 1: after it; -1: building, before the first run
 
 
-def tensor_peak(build: Callable[[], Callable[[], object]], warmup: int = 3, sites: bool = False) -> TensorPeak:
+def tensor_peak(build: Callable[[], Callable[[], object]], warmup: int = 4, sites: bool = False) -> TensorPeak:
     """Exact peak of live CPU tensor bytes during one call of the run `build()` returns, after `warmup` calls,
     all profiled (see above). `sites`: name each allocation by the Python line that made it (slower)."""
     from torch.profiler import ProfilerActivity, profile, record_function
