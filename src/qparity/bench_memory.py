@@ -75,13 +75,13 @@ class _Allocation:
     bytes: int      # negative for a free
     total: int      # live bytes the allocator counts after this event
     pointer: int
-    operator: str   # what allocated: outermost op under the run > innermost op (or Python line > op, `sites`)
+    operator: str   # what allocated: outermost op under the run > innermost op (`sites`: Python function > ops)
     phase: int      # 2k: in run k; 2k + 1: after it; -1: building, before the first run
 
 
 def tensor_peak(build: Callable[[], Callable[[], object]], warmup: int = 4, sites: bool = False) -> TensorPeak:
     """Exact peak of live CPU tensor bytes during one call of the run `build()` returns, after `warmup` calls,
-    all profiled (see above). `sites`: name each allocation by the Python line that made it (slower)."""
+    all profiled (see above). `sites`: name each allocation by the Python function that made it (slower)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     if warmup < 1:
@@ -104,22 +104,22 @@ def _allocations(roots) -> List[_Allocation]:
     runs: List[Tuple[int, int, int]] = []    # (start ns, end ns, run) of each profiled run
     found: List[Tuple[int, int, int, int, str]] = []
 
-    def walk(node, outer: str, line: str) -> None:
+    def walk(node, outer: str, site: str) -> None:
         for child in node.children:
             kind = type(child.extra_fields).__name__
             if child.name.startswith(MEASURED):
                 runs.append((child.start_time_ns, child.end_time_ns, int(child.name.rsplit(" ", 1)[1])))
-                walk(child, "", line)
+                walk(child, "", site)
             elif child.name == "[memory]":
                 fields = child.extra_fields
                 inner = node.name if type(node.extra_fields).__name__ == "_ExtraFields_TorchOp" else ""
-                label = " > ".join(dict.fromkeys(filter(None, (line, outer, inner))))
+                label = " > ".join(dict.fromkeys(filter(None, (site, outer, inner))))
                 found.append((child.start_time_ns, fields.alloc_size, fields.total_allocated, fields.ptr, label))
             elif kind == "_ExtraFields_PyCall":
-                # The innermost line outside torch's own Python is the model's code that asked for the tensor.
-                walk(child, outer, line if _in_torch(child.name) and line else child.name)
+                # The innermost function outside torch's own Python is the model's code that asked for the tensor.
+                walk(child, outer, site if _in_torch(child.name) and site else child.name)
             else:
-                walk(child, outer or (child.name if kind == "_ExtraFields_TorchOp" else ""), line)
+                walk(child, outer or (child.name if kind == "_ExtraFields_TorchOp" else ""), site)
 
     class _Root:  # the tree's roots, as the children of one node
         name, children, extra_fields = "", roots, None
