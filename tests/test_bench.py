@@ -103,3 +103,8 @@ def test_memory_table_compares_tensor_peaks_with_torch_ao_and_names_what_is_live
     assert "| tflite | 15.00 (1.50x) | 1.00 | - | - | - | - |" in table
     assert "| qnnpack | 5.00 (0.50x) | 1.00 | - | <= 1.00 (0.50x) | <= 1.00 | - |" in table
     assert "- qat, tflite: aten::mul 2.5" in table and "qnnpack:" not in table
+
+
+def test_tensor_peak_refuses_a_measure_without_a_warm_up_run():
+    with pytest.raises(MemoryProfileError, match="warmup must be at least 1, got 0"):
+        tensor_peak(lambda: (lambda: None), warmup=0)

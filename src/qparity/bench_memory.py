@@ -7,8 +7,8 @@
    total during it minus the total at its start. The events are put in time order and the chain
    total[i] = total[i-1] + bytes[i] is checked, so an event missed or misordered raises instead of giving a
    wrong number. It counts tensor storage from PyTorch's CPU allocator only: not Python objects, nor memory a
-   kernel library allocates itself (fbgemm's packed weights, oneDNN scratch). It does not depend on load,
-   on what ran before, or on the allocator's reuse of freed pages.
+   kernel library allocates itself (fbgemm's packed weights, for one). The peak does not depend on load, on
+   what ran before, or on the allocator's reuse of freed pages.
 
    A free is reported only for a block allocated while the profiler recorded, so the profile covers
    `warmup` runs before the measured one: the measured run frees what those runs allocated (last step's
@@ -16,12 +16,11 @@
    the first run's peak, an upper bound: frees of blocks from before the profile are not seen). Four
    warm-up runs, since the fbgemm and x86 targets' QAT steps fill a cache of 16 add tables (1 MiB each) over
    their first three steps; `steady` says whether the measured run's peak and retained bytes equal those of
-   the run before it. The profile starts
-   before the model is built, so `standing` counts the tensors the contender holds between runs (weights,
-   gradients, fake-quant state, caches; after a garbage collection); a module-level cache is counted to the
-   first contender that fills it.
-   QNNPACK's outputs are reported when allocated but not when freed; such a free is found when the address
-   is handed out again (`unseen_frees`), and then the peak is an upper bound.
+   the run before it. The profile starts before the model is built, so `standing` counts the tensors the
+   contender holds between runs (weights, gradients, fake-quant state, caches; after a garbage collection);
+   a module-level cache is counted to the first contender that fills it. QNNPACK's outputs are reported when
+   allocated but not when freed; such a free is found when the address is handed out again
+   (`unseen_frees`), and then the peak is an upper bound.
 
 2. Peak resident size (`peak_memory`, one process per contender; the child runs `bench.memory_probe`).
    tracemalloc does not see PyTorch's allocations, and one process that runs every contender reuses the
@@ -49,7 +48,8 @@ MEASURED = "qparity.bench_memory: measured run"
 
 
 class MemoryProfileError(QParityError, RuntimeError):
-    """The profiler's allocation events do not add up (an event missing or out of order), so no exact peak."""
+    """No exact peak can be measured: the profiler's allocation events do not add up (an event missing or out of
+    order), or no warm-up run was asked for."""
 
 
 @dataclass
@@ -85,8 +85,9 @@ def tensor_peak(build: Callable[[], Callable[[], object]], warmup: int = 4, site
     from torch.profiler import ProfilerActivity, profile, record_function
 
     if warmup < 1:
-        raise MemoryProfileError(f"warmup must be at least 1 (got {warmup}): the measured run frees what the "
-                                 "run before it allocated, and only allocations the profile saw are known")
+        raise MemoryProfileError(f"tensor_peak: warmup must be at least 1, got {warmup}: the measured run frees "
+                                 "what the run before it allocated, and only frees of blocks the profile saw "
+                                 "allocated are reported")
     gc.collect()  # the last contender's garbage, freed now rather than inside this profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=sites) as recorded:
         run = build()
