@@ -459,8 +459,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", choices=TARGETS, action="append", help="a target to time (repeatable; "
                                                                            "default: every target)")
     parser.add_argument("--repeats", type=_count, help="interleaved rounds per measurement")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory table (one process per "
-                                                                  "contender)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory table (exact tensor peaks, "
+                                                                  "and one process per contender)")
     parser.add_argument("--no-compile", action="store_true", help="skip the rows of compiled IntegerModels "
                                                                    "(IntegerModel.compile)")
 
