@@ -9,7 +9,8 @@ slows down mid-run slows all of them alike):
    x86 engine, at each inference batch size.
 3. Scale: integer inference time of one target and of torch.ao as the batch (1, 8, 32, 128) and the width
    (channels x1, x2, x4) grow, and a plot of time against batch.
-4. Peak memory of a QAT step and of integer inference, each contender in its own process (bench_memory).
+4. Peak memory of a QAT step and of integer inference (bench_memory): the exact peak of live tensor bytes,
+   measured in this process, and the peak resident size of a process of each contender's own.
 
 The inference table also times ONNX Runtime and LiteRT running qparity's own exported files (bench_runtimes).
 
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bench_memory import MIB, peak_memory, reset_peak, status
+from .bench_memory import MIB, TensorPeak, peak_memory, reset_peak, status, tensor_peak
 from .bench_runtimes import exported_runners
 from .convert import convert
 from .numerics.compiled import CompiledKernelsUnavailableError, ensure_available
@@ -93,7 +94,7 @@ class BenchConfig:
     size: int = 32
     repeats: int = 7
     warmup: int = 2
-    memory: bool = True                    # table 4: one process per contender (about 5 s each)
+    memory: bool = True                    # table 4: tensor peaks, and one process per contender (about 5 s each)
     compiled: bool = True                  # also time IntegerModel.compile() (skipped where it cannot build)
 
     @classmethod
@@ -125,6 +126,7 @@ class BenchReport:
     scale: Dict[Tuple[int, int], Tuple[float, float]] = field(default_factory=dict)  # (width, batch) -> (qparity, ao)
     # (kind, contender) -> (peak MiB, working MiB), or None where the probe could not measure
     memory: Dict[Tuple[str, str], Optional[Tuple[float, float]]] = field(default_factory=dict)
+    tensor_memory: Dict[Tuple[str, str], TensorPeak] = field(default_factory=dict)  # (kind, contender) -> exact peak
     compiled_note: str = ""  # why the compiled rows are missing, where they are
 
 
@@ -252,6 +254,9 @@ def _measure(config: BenchConfig, say: Callable[[str], None]) -> BenchReport:
                                  ("inference", ("torch.ao",) + config.targets)):
             say(f"peak memory: {kind}")
             for contender in contenders:
+                with torch.set_grad_enabled(kind == "qat"):
+                    report.tensor_memory[(kind, contender)] = tensor_peak(
+                        lambda: memory_run(kind, contender, config))
                 report.memory[(kind, contender)] = peak_memory(kind, contender, config)
     return report
 
@@ -263,6 +268,18 @@ def memory_probe(kind: str, contender: str, settings: dict) -> None:
     config = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
     if config.threads:
         torch.set_num_threads(config.threads)
+    run = memory_run(kind, contender, config)
+    with torch.set_grad_enabled(kind == "qat"):
+        run()
+        before = reset_peak()
+        for _ in range(2):
+            run()
+    print(json.dumps(None if before is None else [status("VmHWM") / MIB, (status("VmHWM") - before) / MIB]))
+
+
+def memory_run(kind: str, contender: str, config: BenchConfig) -> Callable[[], object]:
+    """One run of the memory table, on a model of its own: a QAT step (batch `qat_batch`) of "torch.ao", "float"
+    or a target, or integer inference (the largest inference batch) of "torch.ao" or a target."""
     torch.manual_seed(0)
     base = ResNetish(config.channels, in_channels=3)
     x = torch.randn(config.qat_batch, 3, config.size, config.size)
@@ -270,22 +287,12 @@ def memory_probe(kind: str, contender: str, settings: dict) -> None:
     if kind == "qat":
         model = {"torch.ao": lambda: torch_ao_qat(base, x), "float": lambda: copy.deepcopy(base).train()}.get(
             contender, lambda: prepare_qat(copy.deepcopy(base), (x,), target=contender).train())()
-        run = train_step(model, x, y)
-    else:
-        xb = torch.randn(max(config.inference_batches), 3, config.size, config.size)
-        if contender == "torch.ao":
-            model = torch_ao_int8(_observed(torch_ao_qat(base, x), x))
-            run = lambda: model(xb)  # noqa: E731
-        else:
-            model = integer_model(base, contender, x)
-            codes = model.quantize(xb)
-            run = lambda: model.run(codes)  # noqa: E731
-    with torch.set_grad_enabled(kind == "qat"):
-        run()
-        before = reset_peak()
-        for _ in range(2):
-            run()
-    print(json.dumps(None if before is None else [status("VmHWM") / MIB, (status("VmHWM") - before) / MIB]))
+        return train_step(model, x, y)
+    xb = torch.randn(max(config.inference_batches), 3, config.size, config.size)
+    if contender == "torch.ao":
+        model = torch_ao_int8(_observed(torch_ao_qat(base, x), x))
+        return lambda: model(xb)
+    return _integer_run(integer_model(base, contender, x), xb)
 
 
 def _compiled_twins(integer: Dict[str, IntegerModel]) -> Dict[str, IntegerModel]:
@@ -360,20 +367,56 @@ def format_report(report: BenchReport) -> str:
 
 
 def memory_table(report: BenchReport) -> str:
-    """Peak resident MiB of each contender's process (and the part its runs added), QAT and inference."""
+    """Peak memory of a QAT step and of integer inference per contender: exact peak live tensor MiB (and its ratio
+    to torch.ao's) beside the peak resident MiB of a process of the contender's own (and the part its runs added)."""
     config = report.config
-    lines = [f"Peak memory, one process per contender: peak resident MiB (working MiB the runs added); QAT batch "
-             f"{config.qat_batch}, inference batch {max(config.inference_batches)} (goal: no higher than torch.ao):",
-             "", "| contender | QAT step | integer inference |", "|---|---|---|"]
+    lines = [f"Peak memory, QAT step batch {config.qat_batch}, integer inference batch "
+             f"{max(config.inference_batches)} (goal: no higher than torch.ao):", "",
+             "- tensor MiB: the most live CPU tensor bytes during one run above those at its start, counted exactly "
+             "by PyTorch's CPU allocator under the profiler, in this process, after four warm-up runs (x torch.ao's; "
+             "`*`: not yet in a steady state; `<=`: an upper bound, some frees unreported). It leaves out memory "
+             "kernel libraries allocate themselves (fbgemm packing).",
+             "- standing MiB: live tensor bytes between runs that building the model and running it made (weights, "
+             "gradients, fake-quant state, caches, the input).",
+             "- resident MiB: the peak resident size of a process of the contender's own (Python, torch, the "
+             "model: all of it), with the MiB its runs added in parentheses; it moves by about 10 MiB between runs.",
+             "", "| contender | QAT tensor MiB | QAT standing MiB | QAT resident MiB | inference tensor MiB "
+                 "| inference standing MiB | inference resident MiB |",
+             "|---|---|---|---|---|---|---|"]
 
-    def cell(kind, contender):
+    def resident(kind, contender):
         if (kind, contender) not in report.memory:
             return "-"
         value = report.memory[(kind, contender)]
         return "n/a" if value is None else f"{value[0]:.0f} ({value[1]:.1f})"
 
+    def tensors(kind, contender):
+        peak = report.tensor_memory.get((kind, contender))
+        if peak is None:
+            return "-"
+        reference = report.tensor_memory.get((kind, "torch.ao"))
+        compared = reference is not None and reference.peak > 0 and contender != "torch.ao"
+        ratio = f" ({peak.peak / reference.peak:.2f}x)" if compared else ""
+        bound = "<= " if peak.unseen_frees else ""
+        return f"{bound}{peak.peak / MIB:.2f}{ratio}{'' if peak.steady else '*'}"
+
+    def standing(kind, contender):
+        peak = report.tensor_memory.get((kind, contender))
+        return "-" if peak is None else f"{'<= ' if peak.unseen_frees else ''}{peak.standing / MIB:.2f}"
+
     for contender in ("torch.ao", "float") + tuple(config.targets):
-        lines.append(f"| {contender} | {cell('qat', contender)} | {cell('inference', contender)} |")
+        lines.append(" | ".join([f"| {contender}"] + [cell(kind, contender) for kind in ("qat", "inference")
+                                                       for cell in (tensors, standing, resident)]) + " |")
+    above = [(kind, contender, peak) for (kind, contender), peak in report.tensor_memory.items()
+             if (kind, "torch.ao") in report.tensor_memory and peak.peak > report.tensor_memory[(kind, "torch.ao")].peak
+             and contender != "float"]
+    if above:
+        lines += ["", "Tensors live at the peak, by the operator that allocated them (MiB; the four largest):", ""]
+        alike: Dict[Tuple[str, str], List[str]] = {}  # most targets share one breakdown: one line for them
+        for kind, contender, peak in above:
+            largest = ", ".join(f"{name} {size / MIB:.1f}" for name, size in peak.at_peak[:4])
+            alike.setdefault((kind, largest), []).append(contender)
+        lines += [f"- {kind}, {', '.join(contenders)}: {largest}" for (kind, largest), contenders in alike.items()]
     return "\n".join(lines)
 
 
@@ -416,8 +459,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", choices=TARGETS, action="append", help="a target to time (repeatable; "
                                                                            "default: every target)")
     parser.add_argument("--repeats", type=_count, help="interleaved rounds per measurement")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory table (one process per "
-                                                                  "contender)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory table (exact tensor peaks, "
+                                                                  "and one process per contender)")
     parser.add_argument("--no-compile", action="store_true", help="skip the rows of compiled IntegerModels "
                                                                    "(IntegerModel.compile)")
 
