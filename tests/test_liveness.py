@@ -65,11 +65,16 @@ def test_capture_leaves_no_example_activation_alive_for_the_garbage_collector():
     torch.manual_seed(2)
     x = torch.randn(8, 3, 16, 16)
     activation_size = 8 * 16 * 16 * 16
+
+    def large_tensors():
+        return {id(o): o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.numel() >= activation_size}
+
     gc.collect()
     gc.disable()
     try:
+        before = large_tensors()  # what earlier tests left: not this capture's
         model = qp.prepare_qat(ResNetish((16, 32), in_channels=3), (x,), target="tflite")
-        alive = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.numel() >= activation_size]
+        alive = [o for i, o in large_tensors().items() if i not in before]
     finally:
         gc.enable()
     assert model is not None and not alive, f"{len(alive)} example activations kept alive after capture"
