@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from ..errors import InvalidParameterError
+from ..layout import memory_order
 
 MAX_TABLE = 1 << 17  # entries; 16-bit codes would need 2^32
 
@@ -75,9 +76,8 @@ def gather_keeping_layout(table: torch.Tensor, index: torch.Tensor) -> torch.Ten
     index_select is the fastest gather PyTorch has here (torch.take and advanced indexing 1.3-2x slower), and
     negative indices, which take and indexing wrap, cost 5-8x (a mispredicted branch per element), hence the
     offsets above rather than raw int8 codes."""
-    order = sorted(range(index.dim()), key=lambda d: -index.stride(d))
-    in_memory_order = index.permute(order)
-    if not in_memory_order.is_contiguous():  # overlapping or gapped strides (a broadcast view): a plain gather
+    in_memory_order, order = memory_order(index)
+    if in_memory_order is None:  # overlapping or gapped strides (a broadcast view): a plain gather
         return table.index_select(0, index.reshape(-1)).reshape(index.shape)
     inverse = sorted(range(index.dim()), key=order.__getitem__)
     return table.index_select(0, in_memory_order.reshape(-1)).reshape(in_memory_order.shape).permute(inverse)
