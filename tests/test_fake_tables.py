@@ -129,3 +129,20 @@ def test_add_table_from_per_code_terms_equals_the_targets_add_on_every_code_pair
     qb = torch.arange(b.qmin, b.qmax + 1).repeat(a.qmax - a.qmin + 1)
     assert torch.equal(table.table, target.add(qa, a, qb, b, out, lo, hi))
     assert torch.equal(table(qa, qb), target.add(qa, a, qb, b, out, lo, hi))
+
+
+@given(st.sampled_from(ADD_TARGETS), grids, grids, grids, st.integers(0, 2**31))
+def test_fake_add_table_answers_the_prepared_models_float32_codes_in_float32(target_name, a, b, out, seed):
+    """The prepared model's codes are float32: its table takes them as they are and answers float32 codes, the
+    float32 of the target's add on the int64 codes (what emit would make of them)."""
+    target = get_target(target_name)
+    mode, node = fake_mode(), Node("add_1", "add")
+    n = 2 * 256 * 256
+    qa, qb = codes_on(a, n, seed), codes_on(b, n, seed + 1)
+    add = lambda vs: target.add(vs[0].codes.to(torch.int64), vs[0].qparams, vs[1].codes.to(torch.int64),  # noqa: E731
+                                vs[1].qparams, out, out.qmin, out.qmax)
+    inputs = [QValue(qa.to(torch.float32), a), QValue(qb.to(torch.float32), b)]
+    result = mode.tabulated(node, add_table_kind(target), inputs, add, (out, out.qmin, out.qmax))
+    assert "add_1" in mode.model.fake_tables
+    assert result.dtype == torch.float32
+    assert torch.equal(result, target.add(qa, a, qb, b, out, out.qmin, out.qmax).to(torch.float32))

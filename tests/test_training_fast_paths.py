@@ -1,8 +1,15 @@
 """The training step's fast paths compute what their plain formulations (kept here as the oracles) compute:
 the same values, bit for bit, whatever the memory format, grid and values (signed zeros included)."""
+import copy
+
+import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import qparity as qp
+from qparity.bench import ResNetish
+from qparity.numerics import TARGETS, get_target
+from qparity.ops import program
 from qparity.layout import flat_view, memory_order
 from qparity.qat.observers import ActivationObserver
 
@@ -52,3 +59,45 @@ def test_observer_range_in_memory_order_equals_aminmax_of_the_tensor(shape, layo
             reference.max_val.add_(reference.averaging_constant * (high - reference.max_val))
     assert torch.equal(observer.min_val, reference.min_val) and torch.equal(observer.max_val, reference.max_val)
     assert observer.qparams().same_grid(reference.qparams())
+
+
+def training_steps(model, x, y, steps: int = 2):
+    """Outputs, parameter gradients and observer ranges of a few SGD steps (the state each step leaves)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    record = []
+    for _ in range(steps):
+        output = model(x)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(output, y).backward()
+        record.append((output.detach().clone(), {n: p.grad.clone() for n, p in model.named_parameters()},
+                       {n: (o.min_val.clone(), o.max_val.clone()) for n, o in model.observers.items()}))
+        optimizer.step()
+    return record
+
+
+def assert_same_steps(fast, plain):
+    for (out_a, grads_a, ranges_a), (out_b, grads_b, ranges_b) in zip(fast, plain):
+        assert torch.equal(out_a, out_b)
+        assert grads_a.keys() == grads_b.keys()
+        for name in grads_a:
+            assert torch.equal(grads_a[name], grads_b[name]), name
+        for name in ranges_a:
+            assert torch.equal(ranges_a[name][0], ranges_b[name][0]) and torch.equal(ranges_a[name][1], ranges_b[name][1])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_training_steps_with_the_prepared_models_tables_equal_the_targets_own_functions(target, monkeypatch):
+    """The float32 tables the prepared model looks its adds up in (rebuilt each step, as the grids move) give the
+    outputs, gradients and observer ranges of calling the target's add on every element."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)  # 8 x 16 x 32 x 32 codes: enough for a table of 256 x 256 entries
+    y = torch.randint(0, 10, (8,))
+    base = qp.prepare_qat(ResNetish((16, 32), in_channels=3), (x,), target=target).train()
+    fast = copy.deepcopy(base)
+    records = [training_steps(fast, x, y)]
+    plain = copy.deepcopy(base)
+    monkeypatch.setattr(program, "table_entries", lambda kind, grids: None)
+    records.append(training_steps(plain, x, y))
+    assert not plain.fake_tables
+    assert fast.fake_tables or not get_target(target).elementwise_add((8, 16, 32, 32), (8, 16, 32, 32))
+    assert_same_steps(*records)

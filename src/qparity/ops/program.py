@@ -78,11 +78,12 @@ class ProgramExecutor(Executor):
         else:
             qp = self.mode.qparams[node.name] if grid is None else grid
             lo, hi = self.mode.clamp_bounds(node, qp)
-        detached = [QValue(v.codes.detach().to(torch.int64), v.qparams) for v in inputs]
+        detached = [QValue(v.codes.detach(), v.qparams) for v in inputs]
+        kernel = lambda vs: codes(int64_codes(vs), qp, lo, hi)  # noqa: E731
         if table is not None:
-            result = self.mode.tabulated(node, table, detached, lambda vs: codes(vs, qp, lo, hi), (qp, lo, hi))
+            result = self.mode.tabulated(node, table, detached, kernel, (qp, lo, hi))
         else:
-            result = codes(detached, qp, lo, hi)
+            result = kernel(detached)
         return self.emit(result, value, qp, lo, hi, bounds, clamped_value)
 
     def emit(self, codes: torch.Tensor, real: Optional[torch.Tensor], qp: QParams, lo: int, hi: int,
@@ -141,7 +142,8 @@ class FakeQuant:
         entries = table_entries(kind, grids)
         if entries is None or max(v.codes.numel() for v in inputs) < 2 * entries:
             return codes(inputs)
-        table = build_table(kind, grids, codes)
+        # float32 entries, looked up with the float32 codes as they come: no int64 codes in between.
+        table = build_table(kind, grids, codes, torch.float32)
         self.model.fake_tables[node.name] = (key, table)
         return table(*(v.codes for v in inputs))
 
@@ -159,13 +161,20 @@ def table_entries(kind: str, grids: List[QParams]) -> Optional[int]:
     return (grids[0].qmax - grids[0].qmin + 1) * (grids[1].qmax - grids[1].qmin + 1)
 
 
-def build_table(kind: str, grids: List[QParams], codes: Callable):
+def build_table(kind: str, grids: List[QParams], codes: Callable, dtype: torch.dtype = torch.int64):
     """A CodeTable or PairTable of `codes` (the target's own function) on every code of the input grids; a
-    "pair_terms" table calls it on a column of a's codes and a row of b's (PairTable's broadcast)."""
+    "pair_terms" table calls it on a column of a's codes and a row of b's (PairTable's broadcast). dtype: the
+    codes the table answers (PairTable's)."""
     if kind == "code":
-        return CodeTable(lambda q: codes([QValue(q, grids[0])]), grids[0].qmin, grids[0].qmax)
+        return CodeTable(lambda q: codes([QValue(q, grids[0])]), grids[0].qmin, grids[0].qmax, dtype)
     return PairTable(lambda qa, qb: codes([QValue(qa, grids[0]), QValue(qb, grids[1])]),
-                     grids[0].qmin, grids[0].qmax, grids[1].qmin, grids[1].qmax, broadcast=kind == "pair_terms")
+                     grids[0].qmin, grids[0].qmax, grids[1].qmin, grids[1].qmax, broadcast=kind == "pair_terms",
+                     dtype=dtype)
+
+
+def int64_codes(values: List[QValue]) -> List[QValue]:
+    """The values with int64 codes, which every target function takes (the prepared model's are float32)."""
+    return [QValue(v.codes.to(torch.int64), v.qparams) for v in values]
 
 
 class Integer:
@@ -202,4 +211,4 @@ class Integer:
         table = self.model.tables.get(node.name)
         if table is None:
             table = self.model.tables[node.name] = build_table(kind, grids, codes)
-        return table(*(v.codes for v in inputs))
+        return table(*(v.codes for v in int64_codes(inputs)))
