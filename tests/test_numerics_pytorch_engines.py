@@ -398,3 +398,30 @@ def test_fbgemm_add_table_from_per_code_terms_equals_the_loops_on_every_pair(see
     ia = torch.from_numpy(rng.integers(a.qmin, a.qmax + 1, size=5000))
     ib = torch.from_numpy(rng.integers(b.qmin, b.qmax + 1, size=5000))
     assert torch.equal(table(ia, ib, 2), fbgemm_add_loops(ia, a, ib, b, out, lo, hi, kernels, loop_mask(5000, 2)))
+
+
+@given(st.integers(0, 2**31), st.sampled_from(["int8", "uint8"]), st.sampled_from(["contiguous", "channels_last"]),
+       st.sampled_from(["contiguous", "channels_last"]), st.booleans())
+@settings(max_examples=25, deadline=None)
+def test_qnnpack_add_from_its_table_equals_the_elementwise_definition(seed, dtype, layout_a, layout_b, relu):
+    """Above ADD_TABLE_MIN_ELEMENTS qnnpack's add answers from QnnpackAddTable: the same codes as
+    _qnnpack_add_codes on every element, in qa's memory format (qnnpack_add's output), whatever qb's."""
+    from qparity.numerics.pytorch_engines import ADD_TABLE_MIN_ELEMENTS, _qnnpack_add_codes, _qnnpack_add_multipliers
+
+    generator = torch.Generator().manual_seed(seed)
+    offset = 0 if dtype == "int8" else 128
+    a, b, out = (QParams(0.02 + 0.03 * float(torch.rand((), generator=generator)),
+                         int(torch.randint(-100, 100, (), generator=generator)) + offset, dtype) for _ in range(3))
+    lo, hi = (int(out.zero_point), out.qmax) if relu else (out.qmin, out.qmax)
+    shape = (2, 16, 64, 64)
+    assert torch.Size(shape).numel() >= ADD_TABLE_MIN_ELEMENTS
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    qa = torch.randint(a.qmin, a.qmax + 1, shape, generator=generator).contiguous(memory_format=formats[layout_a])
+    qb = torch.randint(b.qmin, b.qmax + 1, shape, generator=generator).contiguous(memory_format=formats[layout_b])
+    target = get_target("qnnpack")
+    result = target.add(qa, a, qb, b, out, lo, hi)
+    expected = _qnnpack_add_codes(qa, a, qb, b, out, lo, hi, _qnnpack_add_multipliers(a, b, out, lo, hi))
+    assert torch.equal(result, expected)
+    assert result.is_contiguous(memory_format=formats[layout_a])
+    small = target.add(qa[:1, :1], a, qb[:1, :1], b, out, lo, hi)  # below the table's size: the definition itself
+    assert torch.equal(small, expected[:1, :1]) and small.is_contiguous(memory_format=formats[layout_a])

@@ -322,7 +322,8 @@ class PyTorchEngineTarget(Target):
     # -- add ------------------------------------------------------------------------------------------------
     @cached_property
     def add_tables(self) -> TableCache:
-        """FbgemmAddTables by grids (1 MiB each; training makes new grids every step, so only a few are kept)."""
+        """FbgemmAddTables and QnnpackAddTables by grids (up to 1 MiB each; training makes new grids every step, so
+        only a few are kept)."""
         return TableCache(size=16)
 
     def check_broadcast(self, op):
@@ -333,7 +334,7 @@ class PyTorchEngineTarget(Target):
         if qa.shape != qb.shape:
             raise UnsupportedOpError(f"{BROADCAST_ADD} (shapes {tuple(qa.shape)} and {tuple(qb.shape)})")
         if self.add_rule == "qnnpack":
-            return _qnnpack_add(qa, a, qb, b, out, lo, hi)
+            return _qnnpack_add(qa, a, qb, b, out, lo, hi, self.add_tables)
         return _fbgemm_add(qa, a, qb, b, out, lo, hi, self.kernels, self.engine_threads(),
                            self.add_tables)
 
@@ -692,7 +693,23 @@ def _qnnpack_table(kind: str, source: QParams) -> torch.Tensor:
     return torch.round(torch.clamp(value, 0.0, 255.0)).to(torch.int64)
 
 
-def _qnnpack_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi):
+def _qnnpack_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi, tables: TableCache):
+    multipliers = _qnnpack_add_multipliers(a, b, out, lo, hi)
+    # qnnpack_add allocates its output in qa.suggest_memory_format(): channels-last 4-D or contiguous.
+    channels_last = bool(qa.dim() == 4 and _channels_last(qa))
+    if qa.numel() >= ADD_TABLE_MIN_ELEMENTS and (a.qmax - a.qmin + 1) * (b.qmax - b.qmin + 1) <= ADD_TABLE_MAX_PAIRS:
+        # The result is a function of the two codes alone (no loop split): answered from a table of every pair.
+        table = tables.get("qnnpack_add", {"b": (float(b.scale), int(b.zero_point), b.dtype), "clamp": (lo, hi)},
+                           a, out, lambda: QnnpackAddTable(a, b, out, lo, hi, multipliers))
+        codes = _from_memory_order(table(_memory_order(qa, channels_last), _memory_order(qb, channels_last)), qa,
+                                   channels_last)
+    else:
+        codes = _qnnpack_add_codes(qa, a, qb, b, out, lo, hi, multipliers)
+    return codes.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _qnnpack_add_multipliers(a: QParams, b: QParams, out: QParams, lo, hi):
+    """(m_a, m_b, shift) of QNNPACK's add, refusing what PyTorch's qnnpack refuses."""
     ratio_a, ratio_b = a.scale / out.scale, b.scale / out.scale  # float32 quotients
     largest = torch.maximum(ratio_a, ratio_b)
     if not (2.0**-14 <= float(ratio_a) < 2.0**8 and 2.0**-14 <= float(ratio_b) < 2.0**8):
@@ -704,15 +721,35 @@ def _qnnpack_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi):
     exponent = int(torch.frexp(largest).exponent) - 1
     shift = 21 - exponent
     scale_multiplier = _f32(2.0**shift)
-    m_a = int(torch.round(ratio_a * scale_multiplier))
-    m_b = int(torch.round(ratio_b * scale_multiplier))
+    return int(torch.round(ratio_a * scale_multiplier)), int(torch.round(ratio_b * scale_multiplier)), shift
+
+
+def _qnnpack_add_codes(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi, multipliers) -> torch.Tensor:
+    """QNNPACK's add of codes elementwise (broadcasting): the definition QnnpackAddTable tabulates."""
+    m_a, m_b, shift = multipliers
     acc = m_a * (qa - int(a.zero_point)) + m_b * (qb - int(b.zero_point))
     # Round half away from zero: QNNPACK's remainder test (`rem > threshold`, rem less one for negatives) is
     # gemmlowp's RoundingDivideByPOT.
     rounded = rounding_divide_by_pot(acc, shift)
-    # qnnpack_add allocates its output in qa.suggest_memory_format(): channels-last 4-D or contiguous.
-    layout = torch.channels_last if (qa.dim() == 4 and _channels_last(qa)) else torch.contiguous_format
-    return torch.clamp(rounded + int(out.zero_point), lo, hi).contiguous(memory_format=layout)
+    return torch.clamp(rounded + int(out.zero_point), lo, hi)
+
+
+class QnnpackAddTable:
+    """_qnnpack_add_codes on every pair of codes, from a column of a's codes and a row of b's (each input's
+    product m (q - z) once per code), answered by one gather per element."""
+
+    def __init__(self, a: QParams, b: QParams, out: QParams, lo: int, hi: int, multipliers):
+        self.b_span = b.qmax - b.qmin + 1
+        self.offset = -(a.qmin * self.b_span + b.qmin)
+        column, row = torch.arange(a.qmin, a.qmax + 1).reshape(-1, 1), torch.arange(b.qmin, b.qmax + 1).reshape(1, -1)
+        self.table = _qnnpack_add_codes(column, a, row, b, out, lo, hi, multipliers).reshape(-1).to(torch.int64)
+
+    def __call__(self, ia: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
+        """Codes for flat inputs."""
+        index = torch.add(ib, ia, alpha=self.b_span)
+        if self.offset:
+            index.add_(self.offset)
+        return self.table.to(ia.device).index_select(0, index)
 
 
 class FbgemmTarget(PyTorchEngineTarget):
