@@ -425,3 +425,17 @@ def test_qnnpack_add_from_its_table_equals_the_elementwise_definition(seed, dtyp
     assert result.is_contiguous(memory_format=formats[layout_a])
     small = target.add(qa[:1, :1], a, qb[:1, :1], b, out, lo, hi)  # below the table's size: the definition itself
     assert torch.equal(small, expected[:1, :1]) and small.is_contiguous(memory_format=formats[layout_a])
+
+
+@pytest.mark.parametrize("n, threads", [(4096, 1), (4096, 2), (4096 + 7, 1), (128, 3)])
+def test_fbgemm_add_table_with_every_element_in_the_vector_loop_equals_the_loops(n, threads):
+    """Whole 64-blocks in every chunk (no scalar-loop element, no offsets added) and with a tail alike."""
+    from qparity.numerics.pytorch_engines import FbgemmAddTable, fbgemm_add_loops, loop_mask
+    from qparity.numerics.pytorch_versions import kernels_named
+
+    rng = np.random.default_rng(n + threads)
+    a, b, out = random_qparams(rng), random_qparams(rng), random_qparams(rng)
+    kernels = kernels_named("2.14")
+    ia, ib = random_codes(rng, (n,)), random_codes(rng, (n,))
+    expected = fbgemm_add_loops(ia, a, ib, b, out, 0, 255, kernels, loop_mask(n, threads))
+    assert torch.equal(FbgemmAddTable(a, b, out, 0, 255, kernels)(ia, ib, threads), expected)

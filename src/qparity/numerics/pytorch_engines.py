@@ -619,8 +619,11 @@ class FbgemmAddTable:
 
     def __call__(self, ia: torch.Tensor, ib: torch.Tensor, threads: int | None) -> torch.Tensor:
         """Codes for flat inputs in memory order, each from its loop (loop_mask(n, threads))."""
-        # (ia - a_lo) * b_span + (ib - b_lo) + the loop's offset, in two or three passes
-        index = torch.add(ib, ia, alpha=self.b_span).add_(_loop_offsets(ia.numel(), threads, self.pairs).to(ia.device))
+        # (ia - a_lo) * b_span + (ib - b_lo) + the loop's offset, in one to three passes
+        index = torch.add(ib, ia, alpha=self.b_span)
+        offsets = _loop_offsets(ia.numel(), threads, self.pairs)
+        if offsets is not None:
+            index.add_(offsets.to(ia.device))
         if self.a_lo * self.b_span + self.b_lo:
             index.sub_(self.a_lo * self.b_span + self.b_lo)
         # index_select on the flat table: torch.take's gather, at about half its time (measured, 2^19 codes).
@@ -628,9 +631,12 @@ class FbgemmAddTable:
 
 
 @lru_cache(maxsize=8)
-def _loop_offsets(n: int, threads: int | None, pairs: int) -> torch.Tensor:
-    """Per element, where its loop's half of an FbgemmAddTable starts: 0 (vector loop) or `pairs` (scalar)."""
-    return torch.where(loop_mask(n, threads), 0, pairs).to(torch.int32)
+def _loop_offsets(n: int, threads: int | None, pairs: int) -> torch.Tensor | None:
+    """Per element, where its loop's half of an FbgemmAddTable starts: 0 (vector loop) or `pairs` (scalar); None
+    where every element is in the vector loop (whole 64-blocks in every chunk: adding zeros, an int64 += int32
+    pass, would cost more than the gather)."""
+    offsets = torch.where(loop_mask(n, threads), 0, pairs).to(torch.int32)
+    return offsets if bool(offsets.any()) else None
 
 
 def _hardswish_real(x: torch.Tensor) -> torch.Tensor:
