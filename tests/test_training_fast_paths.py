@@ -11,7 +11,9 @@ from qparity.bench import ResNetish
 from qparity.numerics import TARGETS, get_target
 from qparity.ops import program
 from qparity.layout import flat_view, memory_order
+from qparity.errors import InvalidQParamsError
 from qparity.qat.observers import ActivationObserver
+from qparity.qparams import QParams
 
 values = st.sampled_from([0.0, -0.0, 1.5, -2.25, 3e-39, -7.0, 1e30])
 
@@ -101,3 +103,43 @@ def test_training_steps_with_the_prepared_models_tables_equal_the_targets_own_fu
     assert not plain.fake_tables
     assert fast.fake_tables or not get_target(target).elementwise_add((8, 16, 32, 32), (8, 16, 32, 32))
     assert_same_steps(*records)
+
+
+scalar_scales = st.sampled_from([0.02, 1.0, 3e-39, 1.2e-38, 1e-45, 0.0, -0.5, float("nan"), float("inf"), 1e39, 3.4e38,
+                                 1.1920929e-07, 2.0**-126, 0.1])
+scalar_zero_points = st.sampled_from([0, -128, 127, 128, 255, -129, 3.0, -0.0, 2.5, float("nan"), float("inf"), 1e20])
+
+
+def qparams_or_error(scale, zero_point, dtype):
+    try:
+        qp = QParams(scale, zero_point, dtype)
+    except InvalidQParamsError as error:
+        return str(error)
+    return qp.scale, qp.zero_point
+
+
+@given(scalar_scales, scalar_zero_points, st.sampled_from([torch.float32, torch.float64, torch.float16]),
+       st.sampled_from([torch.float32, torch.int64, torch.int32]), st.sampled_from(["int8", "uint8", "int16"]))
+def test_qparams_from_scalar_tensors_equal_the_general_checks(scale, zero_point, scale_dtype, zero_point_dtype,
+                                                              dtype):
+    """0-dim CPU tensors (every observer's grid, each step) are checked on Python numbers: the same float32 scale
+    and int64 zero point as the tensor checks give, and where those refuse, the same refusal."""
+    if not zero_point_dtype.is_floating_point and (zero_point != zero_point or abs(zero_point) == float("inf")
+                                                   or zero_point != int(zero_point) or abs(zero_point) > 2**31 - 1):
+        return  # not an integer tensor's value
+    scale_tensor = torch.tensor(scale, dtype=scale_dtype)
+    zero_point_tensor = torch.tensor(zero_point, dtype=zero_point_dtype)
+    fast = qparams_or_error(scale_tensor, zero_point_tensor, dtype)
+    taken = QParams._scalar_tensors_taken
+    QParams._scalar_tensors_taken = lambda self: False
+    try:
+        general = qparams_or_error(scale_tensor, zero_point_tensor, dtype)
+    finally:
+        QParams._scalar_tensors_taken = taken
+    if isinstance(general, str):
+        assert fast == general
+        return
+    assert not isinstance(fast, str), fast
+    for mine, theirs in zip(fast, general):
+        assert mine.dtype == theirs.dtype and mine.shape == theirs.shape and torch.equal(mine, theirs)
+    assert fast[0].data_ptr() != scale_tensor.data_ptr()  # a fresh scale, never the caller's tensor
