@@ -143,3 +143,61 @@ def test_qparams_from_scalar_tensors_equal_the_general_checks(scale, zero_point,
     for mine, theirs in zip(fast, general):
         assert mine.dtype == theirs.dtype and mine.shape == theirs.shape and torch.equal(mine, theirs)
     assert fast[0].data_ptr() != scale_tensor.data_ptr()  # a fresh scale, never the caller's tensor
+
+
+special = st.sampled_from([0.0, -0.0, 1e-45, -3e-39, 0.49999997, 0.5, 2.5, -127.5, 1e30, -3.4e38, float("inf"),
+                           float("nan"), 1234.5678])
+
+
+@given(st.lists(st.one_of(special, st.floats(-1e6, 1e6, width=32)), min_size=1, max_size=300),
+       st.floats(2.0**-126, 1e4, width=32), st.integers(-128, 255))
+def test_quotient_by_the_python_scale_equals_the_quotient_by_the_scale_tensor(values, scale, zero_point):
+    """The batch-norm layer's codes divided by the grid's float32 scale tensor, the straight-through mask by
+    float(scale): one float32 division either way, so one quotient now serves both (every element, vector and
+    scalar loops: up to 300 elements)."""
+    c = torch.tensor(values, dtype=torch.float32)
+    by_tensor = c / torch.tensor(scale, dtype=torch.float32)
+    by_number = torch.div(c, float(torch.tensor(scale, dtype=torch.float32)))
+    assert torch.equal(by_tensor.isnan(), by_number.isnan())
+    assert torch.equal(by_tensor.nan_to_num(), by_number.nan_to_num())
+    assert torch.equal(by_tensor.signbit(), by_number.signbit())
+    assert torch.equal(torch.add(by_number, float(zero_point)).nan_to_num(),
+                       torch.div(c, float(scale)).add_(float(zero_point)).nan_to_num())
+
+
+def batch_norm_training_before(ctx, node, layer, x):
+    """ops/layer.py's _batch_norm_training before the shared quotient: the oracle."""
+    from qparity.graph import fused_clamp_bounds
+    from qparity.ops.layer import _channel, bias_scale, layer_accumulator, plan_layer
+    from qparity.ops.surrogates import clamped
+
+    weight, _ = layer.folded()
+    weight_scale = layer.weight_scale(weight)
+    weight_codes = layer.weight_codes(weight, weight_scale)
+    plan = plan_layer(layer.geometry, weight_codes, None, x.qparams, ctx.target)
+    acc = layer_accumulator(plan, layer.geometry, x.codes, x.qparams, weight_codes, None)
+    factor = layer.batch_norm_factor()
+    unfolded = acc.to(torch.float32) * _channel(bias_scale(x.qparams, weight_scale) / factor, layer.geometry, acc)
+    if layer.module.bias is not None:
+        unfolded = unfolded + _channel(layer.module.bias, layer.geometry, acc)
+    real = layer.normalize(unfolded)
+    bounds = node.attrs.get("clamp") or (None, None)
+    clamped_real = clamped(real, bounds)
+    qp = ctx.mode.observe(node, clamped_real)
+    lo, hi = fused_clamp_bounds(ctx.target, node, qp)
+    codes = (clamped_real / qp.scale.to(real.device)).round_().add_(float(qp.zero_point)).clamp_(lo, hi)
+    return ctx.emit(codes, real, qp, lo, hi, bounds, clamped_real)
+
+
+@pytest.mark.parametrize("target", ["exact", "tflite", "x86", "onnxruntime"])
+def test_training_steps_through_batch_norm_layers_equal_the_formulation_before(target, monkeypatch):
+    from qparity.ops import layer as layer_op
+
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 16, 16) * 3
+    y = torch.randint(0, 10, (4,))
+    base = qp.prepare_qat(ResNetish((8, 16), in_channels=3), (x,), target=target).train()
+    records = [training_steps(copy.deepcopy(base), x, y, steps=3)]
+    monkeypatch.setattr(layer_op, "_batch_norm_training", batch_norm_training_before)
+    records.append(training_steps(copy.deepcopy(base), x, y, steps=3))
+    assert_same_steps(*records)

@@ -87,13 +87,15 @@ class ProgramExecutor(Executor):
         return self.emit(result, value, qp, lo, hi, bounds, clamped_value)
 
     def emit(self, codes: torch.Tensor, real: Optional[torch.Tensor], qp: QParams, lo: int, hi: int,
-             bounds: Bounds = (None, None), clamped_real: Optional[torch.Tensor] = None) -> QValue:
+             bounds: Bounds = (None, None), clamped_real: Optional[torch.Tensor] = None,
+             position: Optional[torch.Tensor] = None) -> QValue:
         """Codes on qp's grid; in fake mode with the gradient of `real` through clamp(c / s + z, lo, hi), c the
-        real value after the node's fused clamp `bounds` (clamped_real: its values, where the caller has them)."""
+        real value after the node's fused clamp `bounds` (clamped_real: its values, position: c / s + z, where
+        the caller has them; quantized_output)."""
         if not self.fake:
             return QValue(codes, qp)
         return QValue(quantized_output(codes, real, float(qp.scale), float(qp.zero_point), lo, hi, bounds,
-                                       clamped_real), qp)
+                                       clamped_real, position), qp)
 
     def dequantize(self, value: QValue) -> torch.Tensor:
         return self.target.dequantize(value.codes, value.qparams)
