@@ -439,3 +439,27 @@ def test_fbgemm_add_table_with_every_element_in_the_vector_loop_equals_the_loops
     ia, ib = random_codes(rng, (n,)), random_codes(rng, (n,))
     expected = fbgemm_add_loops(ia, a, ib, b, out, 0, 255, kernels, loop_mask(n, threads))
     assert torch.equal(FbgemmAddTable(a, b, out, 0, 255, kernels)(ia, ib, threads), expected)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=seeds, engine=st.sampled_from(["fbgemm", "x86", "qnnpack"]), dtype=st.sampled_from(["uint8", "int8"]),
+       threads=st.sampled_from([1, 2, 3]), channels_last=st.booleans(), large=st.booleans())
+def test_add_of_float32_codes_answers_the_int64_codes_in_float32(seed, engine, dtype, threads, channels_last, large):
+    """The prepared model hands its float32 codes to add as they are (add_takes_float_codes): the same codes come
+    back, in float32 where a table answers, whichever loop computes each element, in the same memory format."""
+    rng = np.random.default_rng(seed)
+    a, b, out = random_qparams(rng), random_qparams(rng), random_qparams(rng)
+    if dtype == "int8":
+        a, b = (QParams(g.scale, int(g.zero_point) - 128, "int8") for g in (a, b))
+    shape = (2, 64, 33, 33) if large else (2, 3, 5, 7)  # above the tables' threshold, or below
+    qa = torch.from_numpy(rng.integers(a.qmin, a.qmax + 1, size=shape))
+    qb = torch.from_numpy(rng.integers(b.qmin, b.qmax + 1, size=shape))
+    if channels_last:
+        qa, qb = (q.contiguous(memory_format=torch.channels_last) for q in (qa, qb))
+    target = get_target(engine).configured(threads=threads)
+    assert target.add_takes_float_codes
+    lo, hi = out.qmin, out.qmax
+    expected = target.add(qa, a, qb, b, out, lo, hi)
+    got = target.add(qa.to(torch.float32), a, qb.to(torch.float32), b, out, lo, hi)
+    assert got.dtype == (torch.float32 if large else torch.int64)
+    assert torch.equal(got, expected.to(got.dtype)) and got.stride() == expected.stride()

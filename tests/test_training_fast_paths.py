@@ -201,3 +201,19 @@ def test_training_steps_through_batch_norm_layers_equal_the_formulation_before(t
     monkeypatch.setattr(layer_op, "_batch_norm_training", batch_norm_training_before)
     records.append(training_steps(copy.deepcopy(base), x, y, steps=3))
     assert_same_steps(*records)
+
+
+@pytest.mark.parametrize("target", ["fbgemm", "x86", "qnnpack"])
+def test_training_steps_with_float32_codes_into_the_engines_add_equal_int64_codes(target, monkeypatch):
+    """PyTorch's engines' add takes the prepared model's float32 codes as they are (no int64 codes around its
+    table): the outputs, gradients and observer ranges of converting them to int64 first."""
+    from qparity.numerics.pytorch_engines import PyTorchEngineTarget
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)  # 8 x 16 x 32 x 32 codes: the engines' add tables answer
+    y = torch.randint(0, 10, (8,))
+    base = qp.prepare_qat(ResNetish((16, 32), in_channels=3), (x,), target=target).train()
+    records = [training_steps(copy.deepcopy(base), x, y)]
+    monkeypatch.setattr(PyTorchEngineTarget, "add_takes_float_codes", False)
+    records.append(training_steps(copy.deepcopy(base), x, y))
+    assert_same_steps(*records)

@@ -188,6 +188,7 @@ class PyTorchEngineTarget(Target):
     per_channel_transposed_conv = False
     linear_rule = "fbgemm"
     add_rule = "fbgemm"
+    add_takes_float_codes = True  # FbgemmAddTable, QnnpackAddTable: float32 codes in, float32 codes out
     pool_rule = "fbgemm"
     prelu = staticmethod(engine_prelu)  # qprelu_out_kernel (numerics/prelu.py)
 
@@ -616,9 +617,11 @@ class FbgemmAddTable:
         terms_b = [t.reshape(1, -1) for t in _fbgemm_add_terms(torch.arange(b.qmin, b.qmax + 1), b)]
         vector, scalar = _fbgemm_add_sums(terms_a, terms_b, out, kernels)  # entries [pairs, 2 pairs): scalar loop
         self.table = torch.cat([vector.reshape(-1), scalar.reshape(-1)]).clamp_(lo, hi).to(torch.int64)
+        self.float_table = self.table.to(torch.float32)
 
     def __call__(self, ia: torch.Tensor, ib: torch.Tensor, threads: int | None) -> torch.Tensor:
-        """Codes for flat inputs in memory order, each from its loop (loop_mask(n, threads))."""
+        """Codes for flat inputs in memory order, each from its loop (loop_mask(n, threads)); float32 codes
+        (the prepared model's) give float32 codes, looked up with the same index (code_index)."""
         # (ia - a_lo) * b_span + (ib - b_lo) + the loop's offset, in one to three passes
         index = torch.add(ib, ia, alpha=self.b_span)
         offsets = _loop_offsets(ia.numel(), threads, self.pairs)
@@ -626,8 +629,17 @@ class FbgemmAddTable:
             index.add_(offsets.to(ia.device))
         if self.a_lo * self.b_span + self.b_lo:
             index.sub_(self.a_lo * self.b_span + self.b_lo)
-        # index_select on the flat table: torch.take's gather, at about half its time (measured, 2^19 codes).
-        return self.table.to(ia.device).index_select(0, index.reshape(-1)).reshape(index.shape)
+        return _gather(self.table, self.float_table, index)
+
+
+def _gather(table: torch.Tensor, float_table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] for an int64 index; for a float32 one (formed from float32 codes: every partial sum an integer
+    below 2^18, as the tables hold at most 2 x 2^16 entries of 8-bit codes, so float32 formed it exactly) the same
+    entries in float32, gathered with the index as int32. index_select on the flat table: torch.take's gather, at
+    about half its time (measured, 2^19 codes)."""
+    if index.is_floating_point():
+        table, index = float_table, index.to(torch.int32)
+    return table.to(index.device).index_select(0, index.reshape(-1)).reshape(index.shape)
 
 
 @lru_cache(maxsize=8)
@@ -709,8 +721,8 @@ def _qnnpack_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi, tables: T
                            a, out, lambda: QnnpackAddTable(a, b, out, lo, hi, multipliers))
         codes = _from_memory_order(table(_memory_order(qa, channels_last), _memory_order(qb, channels_last)), qa,
                                    channels_last)
-    else:
-        codes = _qnnpack_add_codes(qa, a, qb, b, out, lo, hi, multipliers)
+    else:  # m (q - z) passes 2^24: integers, whatever the codes came as
+        codes = _qnnpack_add_codes(qa.to(torch.int64), a, qb.to(torch.int64), b, out, lo, hi, multipliers)
     return codes.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
@@ -749,13 +761,14 @@ class QnnpackAddTable:
         self.offset = -(a.qmin * self.b_span + b.qmin)
         column, row = torch.arange(a.qmin, a.qmax + 1).reshape(-1, 1), torch.arange(b.qmin, b.qmax + 1).reshape(1, -1)
         self.table = _qnnpack_add_codes(column, a, row, b, out, lo, hi, multipliers).reshape(-1).to(torch.int64)
+        self.float_table = self.table.to(torch.float32)
 
     def __call__(self, ia: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
-        """Codes for flat inputs."""
+        """Codes for flat inputs; float32 codes give float32 codes (_gather)."""
         index = torch.add(ib, ia, alpha=self.b_span)
         if self.offset:
             index.add_(self.offset)
-        return self.table.to(ia.device).index_select(0, index)
+        return _gather(self.table, self.float_table, index)
 
 
 class FbgemmTarget(PyTorchEngineTarget):

@@ -188,6 +188,11 @@ class Target:
     # row of b's: each term is computed once per code and only the combination runs on every pair (a grid change,
     # every QAT step, rebuilds the table).
     add_from_code_terms: bool = False
+    # Whether `add` takes the prepared model's float32 codes (integers held exactly) as they come, instead of int64
+    # ones, answering float32 codes where it looks them up in a table (int64 otherwise): the prepared model turns
+    # any codes into float32 (emit), so the int64 conversions around the add are saved (PyTorch's engines, whose
+    # adds are not elementwise tables of ops/lookup.py but tables of their own).
+    add_takes_float_codes: bool = False
 
     def add_elementwise(self, qa: torch.Tensor, a: QParams, qb: torch.Tensor, b: QParams, out: QParams,
                         lo: int, hi: int) -> torch.Tensor:

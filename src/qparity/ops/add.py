@@ -19,4 +19,5 @@ def run(ctx, node, a, b):
         (qa, ga), (qb, gb) = ((v.codes, v.qparams) for v in inputs)
         return add(qa, ga, qb, gb, out, lo, hi)
 
-    return ctx.new_grid(node, [a, b], lambda: ctx.dequantize(a) + ctx.dequantize(b), codes, table)
+    return ctx.new_grid(node, [a, b], lambda: ctx.dequantize(a) + ctx.dequantize(b), codes, table,
+                        float_codes=target.add_takes_float_codes)

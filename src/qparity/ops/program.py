@@ -57,7 +57,8 @@ class ProgramExecutor(Executor):
 
     # -- what operator modules call -------------------------------------------------------------------------
     def new_grid(self, node: Node, inputs: List[QValue], real: Optional[Callable[[], torch.Tensor]],
-                 codes: CodeFunction, table: Optional[str] = None, grid: Optional[QParams] = None) -> QValue:
+                 codes: CodeFunction, table: Optional[str] = None, grid: Optional[QParams] = None,
+                 float_codes: bool = False) -> QValue:
         """An operator whose output gets its own grid.
 
         real: the float surrogate of the dequantized inputs (fake mode only; the observer watches it, and the
@@ -66,7 +67,8 @@ class ProgramExecutor(Executor):
         it also forms a term per input code before combining them, Target.add_from_code_terms); the integer
         mode then tabulates `codes` once per node, the fake mode once per grid change. grid: the output grid
         where the target derives it from the inputs' (PyTorch's add_scalar); the observer then holds it instead
-        of watching.
+        of watching. float_codes: `codes` also takes the prepared model's float32 codes as they are
+        (Target.add_takes_float_codes); other codes, and every code in the integer mode, come as int64.
         """
         value = clamped_value = None
         bounds = node.attrs.get("clamp") or (None, None)
@@ -79,7 +81,8 @@ class ProgramExecutor(Executor):
             qp = self.mode.qparams[node.name] if grid is None else grid
             lo, hi = self.mode.clamp_bounds(node, qp)
         detached = [QValue(v.codes.detach(), v.qparams) for v in inputs]
-        kernel = lambda vs: codes(int64_codes(vs), qp, lo, hi)  # noqa: E731
+        as_given = self.fake and float_codes and all(v.codes.dtype == torch.float32 for v in detached)
+        kernel = lambda vs: codes(vs if as_given else int64_codes(vs), qp, lo, hi)  # noqa: E731
         if table is not None:
             result = self.mode.tabulated(node, table, detached, kernel, (qp, lo, hi))
         else:
