@@ -617,7 +617,7 @@ class FbgemmAddTable:
         terms_b = [t.reshape(1, -1) for t in _fbgemm_add_terms(torch.arange(b.qmin, b.qmax + 1), b)]
         vector, scalar = _fbgemm_add_sums(terms_a, terms_b, out, kernels)  # entries [pairs, 2 pairs): scalar loop
         self.table = torch.cat([vector.reshape(-1), scalar.reshape(-1)]).clamp_(lo, hi).to(torch.int64)
-        self.float_table = self.table.to(torch.float32)
+        self.float_table: torch.Tensor | None = None  # _gather's
 
     def __call__(self, ia: torch.Tensor, ib: torch.Tensor, threads: int | None) -> torch.Tensor:
         """Codes for flat inputs in memory order, each from its loop (loop_mask(n, threads)); float32 codes
@@ -629,16 +629,20 @@ class FbgemmAddTable:
             index.add_(offsets.to(ia.device))
         if self.a_lo * self.b_span + self.b_lo:
             index.sub_(self.a_lo * self.b_span + self.b_lo)
-        return _gather(self.table, self.float_table, index)
+        return _gather(self, index)
 
 
-def _gather(table: torch.Tensor, float_table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """table[index] for an int64 index; for a float32 one (formed from float32 codes: every partial sum an integer
-    below 2^18, as the tables hold at most 2 x 2^16 entries of 8-bit codes, so float32 formed it exactly) the same
-    entries in float32, gathered with the index as int32. index_select on the flat table: torch.take's gather, at
-    about half its time (measured, 2^19 codes)."""
+def _gather(add_table, index: torch.Tensor) -> torch.Tensor:
+    """add_table.table[index] for an int64 index; for a float32 one (formed from float32 codes: every partial sum
+    an integer below 2^18, as the tables hold at most 2 x 2^16 entries of 8-bit codes, so float32 formed it
+    exactly) the same entries in float32 (a copy made on the first such lookup: the integer model never needs
+    it), gathered with the index as int32. index_select on the flat table: torch.take's gather, at about half its
+    time (measured, 2^19 codes)."""
+    table = add_table.table
     if index.is_floating_point():
-        table, index = float_table, index.to(torch.int32)
+        if add_table.float_table is None:
+            add_table.float_table = table.to(torch.float32)
+        table, index = add_table.float_table, index.to(torch.int32)
     return table.to(index.device).index_select(0, index.reshape(-1)).reshape(index.shape)
 
 
@@ -761,14 +765,14 @@ class QnnpackAddTable:
         self.offset = -(a.qmin * self.b_span + b.qmin)
         column, row = torch.arange(a.qmin, a.qmax + 1).reshape(-1, 1), torch.arange(b.qmin, b.qmax + 1).reshape(1, -1)
         self.table = _qnnpack_add_codes(column, a, row, b, out, lo, hi, multipliers).reshape(-1).to(torch.int64)
-        self.float_table = self.table.to(torch.float32)
+        self.float_table: torch.Tensor | None = None  # _gather's
 
     def __call__(self, ia: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
         """Codes for flat inputs; float32 codes give float32 codes (_gather)."""
         index = torch.add(ib, ia, alpha=self.b_span)
         if self.offset:
             index.add_(self.offset)
-        return _gather(self.table, self.float_table, index)
+        return _gather(self, index)
 
 
 class FbgemmTarget(PyTorchEngineTarget):

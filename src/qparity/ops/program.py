@@ -34,7 +34,8 @@ IMPLEMENTATIONS = {
     "matmul": matmul, "softmax": softmax, "aten_float": aten_float, "quantize": quantize,
 }
 
-# Computes an operator's output codes from detached int64 input codes, the output grid and its clamp.
+# Computes an operator's output codes from detached int64 input codes (the prepared model's float32 ones where
+# new_grid's float_codes), the output grid and its clamp.
 CodeFunction = Callable[[List[QValue], QParams, int, int], torch.Tensor]
 
 
