@@ -42,16 +42,17 @@ def test_fake_add_table_equals_the_targets_add_and_is_rebuilt_when_a_grid_moves(
     n = 2 * 256 * 256  # large enough for the table
     qa, qb = codes_on(a, n, seed), codes_on(b, n, seed + 1)
 
-    def add(grid_out):
-        return lambda vs: target.add(vs[0].codes, vs[0].qparams, vs[1].codes, vs[1].qparams, grid_out,
-                                     grid_out.qmin, grid_out.qmax)
+    def add(grid_out, function):
+        return lambda vs: function(vs[0].codes, vs[0].qparams, vs[1].codes, vs[1].qparams, grid_out,
+                                   grid_out.qmin, grid_out.qmax)
 
     for grid_b, grid_out in ((b, out), (b, out), (QParams(float(b.scale) * 1.5, int(b.zero_point), b.dtype), out),
                              (b, QParams(out.scale, int(out.zero_point) // 2, out.dtype))):
         inputs = [QValue(qa, a), QValue(qb, grid_b)]
-        result = mode.tabulated(node, add_table_kind(target), inputs, add(grid_out),
+        # The table tabulates add_elementwise (ops/add.py), on a column and a row of codes for "pair_terms".
+        result = mode.tabulated(node, add_table_kind(target), inputs, add(grid_out, target.add_elementwise),
                                 (grid_out, grid_out.qmin, grid_out.qmax))
-        assert torch.equal(result, add(grid_out)(inputs))
+        assert torch.equal(result, add(grid_out, target.add)(inputs))
 
 
 @given(st.sampled_from(HARDSWISH_TARGETS), grids, grids, st.integers(0, 2**31))
@@ -124,8 +125,26 @@ def test_add_table_from_per_code_terms_equals_the_targets_add_on_every_code_pair
     on the broadcast sums) holds the target's add of every pair of codes, computed pair by pair."""
     target = get_target(data.draw(st.sampled_from(TERM_ADD_TARGETS)))
     a, b, out, lo, hi = data.draw(add_grids(target))
-    table = build_table("pair_terms", [a, b], lambda vs: target.add(vs[0].codes, a, vs[1].codes, b, out, lo, hi))
+    table = build_table("pair_terms", [a, b],
+                        lambda vs: target.add_elementwise(vs[0].codes, a, vs[1].codes, b, out, lo, hi))
     qa = torch.arange(a.qmin, a.qmax + 1).repeat_interleave(b.qmax - b.qmin + 1)
     qb = torch.arange(b.qmin, b.qmax + 1).repeat(a.qmax - a.qmin + 1)
     assert torch.equal(table.table, target.add(qa, a, qb, b, out, lo, hi))
     assert torch.equal(table(qa, qb), target.add(qa, a, qb, b, out, lo, hi))
+
+
+@given(st.sampled_from(ADD_TARGETS), grids, grids, grids, st.integers(0, 2**31))
+def test_fake_add_table_answers_the_prepared_models_float32_codes_in_float32(target_name, a, b, out, seed):
+    """The prepared model's codes are float32: its table takes them as they are and answers float32 codes, the
+    float32 of the target's add on the int64 codes (what emit would make of them)."""
+    target = get_target(target_name)
+    mode, node = fake_mode(), Node("add_1", "add")
+    n = 2 * 256 * 256
+    qa, qb = codes_on(a, n, seed), codes_on(b, n, seed + 1)
+    add = lambda vs: target.add_elementwise(vs[0].codes.to(torch.int64), vs[0].qparams,  # noqa: E731
+                                            vs[1].codes.to(torch.int64), vs[1].qparams, out, out.qmin, out.qmax)
+    inputs = [QValue(qa.to(torch.float32), a), QValue(qb.to(torch.float32), b)]
+    result = mode.tabulated(node, add_table_kind(target), inputs, add, (out, out.qmin, out.qmax))
+    assert "add_1" in mode.model.fake_tables
+    assert result.dtype == torch.float32
+    assert torch.equal(result, target.add(qa, a, qb, b, out, out.qmin, out.qmax).to(torch.float32))

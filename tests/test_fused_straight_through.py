@@ -35,7 +35,8 @@ class ReferenceOutput(torch.autograd.Function):
         return None, grad * inside / scale, None, None, None, None
 
 
-def reference_output(codes, real, scale, zero_point, lo, hi, bounds=(None, None), clamped_real=None):
+def reference_output(codes, real, scale, zero_point, lo, hi, bounds=(None, None), clamped_real=None, position=None):
+    """The unfused chain, recomputing every mask from `real` itself (a caller's clamped_real and position unused)."""
     if not real.requires_grad:
         return codes.to(torch.float32)
     if bounds != (None, None):

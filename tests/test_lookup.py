@@ -67,3 +67,45 @@ def test_add_table_of_a_target_equals_its_add():
 def test_broadcast_pair_table_refuses_a_function_that_does_not_broadcast():
     with pytest.raises(InvalidParameterError, match=r"shape \(256,\)"):
         PairTable(lambda qa, qb: (qa + qb).reshape(-1)[:256], -128, 127, -128, 127, broadcast=True)
+
+
+@SETTINGS
+@given(a=ranges, b=ranges, seed=st.integers(0, 2**16), broadcast=st.booleans(),
+       layout=st.sampled_from(["contiguous", "channels_last"]))
+def test_float32_pair_table_answers_float32_codes_with_the_int64_tables_values(a, b, seed, broadcast, layout):
+    """The prepared model's tables: float32 entries looked up with float32 codes hold exactly the float32 of what
+    the int64 table answers for the int64 codes (the conversion the prepared model makes of any op's codes)."""
+    if not PairTable.fits(*a, *b):
+        return
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    qa = codes_in(*a, (3, 4, 5, 6), seed).contiguous(memory_format=memory_format)
+    qb = codes_in(*b, (3, 4, 5, 6), seed + 1).contiguous(memory_format=memory_format)
+    exact = PairTable(injective_pair, *a, *b, broadcast=broadcast)
+    fast = PairTable(injective_pair, *a, *b, broadcast=broadcast, dtype=torch.float32)
+    answer = fast(qa.to(torch.float32), qb.to(torch.float32))
+    assert answer.dtype == torch.float32 and answer.stride() == qa.stride()
+    assert torch.equal(answer, exact(qa, qb).to(torch.float32))
+    pooled = codes_in(*b, (3, 4, 1, 1), seed + 2)  # broadcast operand
+    assert torch.equal(fast(qa.to(torch.float32), pooled.to(torch.float32)), exact(qa, pooled).to(torch.float32))
+
+
+def test_float32_pair_table_forms_a_large_index_in_int64():
+    """A range far from 0 (codes near 2^24 times the span) would round a float32 index: the table takes int64."""
+    table = PairTable(injective_pair, 70_000, 70_001, -300, 300, dtype=torch.float32)
+    assert not table.float_index_exact
+    qa, qb = torch.tensor([70_000, 70_001, 70_001]), torch.tensor([-300, 299, 300])
+    assert torch.equal(table(qa.to(torch.float32), qb.to(torch.float32)), injective_pair(qa, qb).to(torch.float32))
+
+
+@SETTINGS
+@given(grid=ranges, seed=st.integers(0, 2**16))
+def test_float32_code_table_answers_float32_codes_with_the_int64_tables_values(grid, seed):
+    q = torch.cat([codes_in(*grid, (50,), seed), torch.tensor(grid)])
+    exact, fast = CodeTable(lambda c: c * 7 - 3, *grid), CodeTable(lambda c: c * 7 - 3, *grid, dtype=torch.float32)
+    answer = fast(q.to(torch.float32))
+    assert answer.dtype == torch.float32 and torch.equal(answer, exact(q).to(torch.float32))
+
+
+def test_a_table_holds_int64_or_float32_codes_only():
+    with pytest.raises(InvalidParameterError, match="int64 or float32"):
+        CodeTable(lambda q: q, 0, 255, dtype=torch.int32)

@@ -398,3 +398,68 @@ def test_fbgemm_add_table_from_per_code_terms_equals_the_loops_on_every_pair(see
     ia = torch.from_numpy(rng.integers(a.qmin, a.qmax + 1, size=5000))
     ib = torch.from_numpy(rng.integers(b.qmin, b.qmax + 1, size=5000))
     assert torch.equal(table(ia, ib, 2), fbgemm_add_loops(ia, a, ib, b, out, lo, hi, kernels, loop_mask(5000, 2)))
+
+
+@given(st.integers(0, 2**31), st.sampled_from(["int8", "uint8"]), st.sampled_from(["contiguous", "channels_last"]),
+       st.sampled_from(["contiguous", "channels_last"]), st.booleans())
+@settings(max_examples=25, deadline=None)
+def test_qnnpack_add_from_its_table_equals_the_elementwise_definition(seed, dtype, layout_a, layout_b, relu):
+    """Above ADD_TABLE_MIN_ELEMENTS qnnpack's add answers from QnnpackAddTable: the same codes as
+    _qnnpack_add_codes on every element, in qa's memory format (qnnpack_add's output), whatever qb's."""
+    from qparity.numerics.pytorch_engines import ADD_TABLE_MIN_ELEMENTS, _qnnpack_add_codes, _qnnpack_add_multipliers
+
+    generator = torch.Generator().manual_seed(seed)
+    offset = 0 if dtype == "int8" else 128
+    a, b, out = (QParams(0.02 + 0.03 * float(torch.rand((), generator=generator)),
+                         int(torch.randint(-100, 100, (), generator=generator)) + offset, dtype) for _ in range(3))
+    lo, hi = (int(out.zero_point), out.qmax) if relu else (out.qmin, out.qmax)
+    shape = (2, 16, 64, 64)
+    assert torch.Size(shape).numel() >= ADD_TABLE_MIN_ELEMENTS
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    qa = torch.randint(a.qmin, a.qmax + 1, shape, generator=generator).contiguous(memory_format=formats[layout_a])
+    qb = torch.randint(b.qmin, b.qmax + 1, shape, generator=generator).contiguous(memory_format=formats[layout_b])
+    target = get_target("qnnpack")
+    result = target.add(qa, a, qb, b, out, lo, hi)
+    expected = _qnnpack_add_codes(qa, a, qb, b, out, lo, hi, _qnnpack_add_multipliers(a, b, out, lo, hi))
+    assert torch.equal(result, expected)
+    assert result.is_contiguous(memory_format=formats[layout_a])
+    small = target.add(qa[:1, :1], a, qb[:1, :1], b, out, lo, hi)  # below the table's size: the definition itself
+    assert torch.equal(small, expected[:1, :1]) and small.is_contiguous(memory_format=formats[layout_a])
+
+
+@pytest.mark.parametrize("n, threads", [(4096, 1), (4096, 2), (4096 + 7, 1), (128, 3)])
+def test_fbgemm_add_table_with_every_element_in_the_vector_loop_equals_the_loops(n, threads):
+    """Whole 64-blocks in every chunk (no scalar-loop element, no offsets added) and with a tail alike."""
+    from qparity.numerics.pytorch_engines import FbgemmAddTable, fbgemm_add_loops, loop_mask
+    from qparity.numerics.pytorch_versions import kernels_named
+
+    rng = np.random.default_rng(n + threads)
+    a, b, out = random_qparams(rng), random_qparams(rng), random_qparams(rng)
+    kernels = kernels_named("2.14")
+    ia, ib = random_codes(rng, (n,)), random_codes(rng, (n,))
+    expected = fbgemm_add_loops(ia, a, ib, b, out, 0, 255, kernels, loop_mask(n, threads))
+    assert torch.equal(FbgemmAddTable(a, b, out, 0, 255, kernels)(ia, ib, threads), expected)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=seeds, engine=st.sampled_from(["fbgemm", "x86", "qnnpack"]), dtype=st.sampled_from(["uint8", "int8"]),
+       threads=st.sampled_from([1, 2, 3]), channels_last=st.booleans(), large=st.booleans())
+def test_add_of_float32_codes_answers_the_int64_codes_in_float32(seed, engine, dtype, threads, channels_last, large):
+    """The prepared model hands its float32 codes to add as they are (add_takes_float_codes): the same codes come
+    back, in float32 where a table answers, whichever loop computes each element, in the same memory format."""
+    rng = np.random.default_rng(seed)
+    a, b, out = random_qparams(rng), random_qparams(rng), random_qparams(rng)
+    if dtype == "int8":
+        a, b = (QParams(g.scale, int(g.zero_point) - 128, "int8") for g in (a, b))
+    shape = (2, 64, 33, 33) if large else (2, 3, 5, 7)  # above the tables' threshold, or below
+    qa = torch.from_numpy(rng.integers(a.qmin, a.qmax + 1, size=shape))
+    qb = torch.from_numpy(rng.integers(b.qmin, b.qmax + 1, size=shape))
+    if channels_last:
+        qa, qb = (q.contiguous(memory_format=torch.channels_last) for q in (qa, qb))
+    target = get_target(engine).configured(threads=threads)
+    assert target.add_takes_float_codes
+    lo, hi = out.qmin, out.qmax
+    expected = target.add(qa, a, qb, b, out, lo, hi)
+    got = target.add(qa.to(torch.float32), a, qb.to(torch.float32), b, out, lo, hi)
+    assert got.dtype == (torch.float32 if large else torch.int64)
+    assert torch.equal(got, expected.to(got.dtype)) and got.stride() == expected.stride()

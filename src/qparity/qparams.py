@@ -6,6 +6,7 @@ is per-tensor (scalar scale) or per-channel along `axis` (one scale and zero poi
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -43,6 +44,8 @@ class QParams:
 
     def __post_init__(self) -> None:
         self.dtype = code_dtype_name(self.dtype)
+        if self.axis is None and self._scalar_tensors_taken():
+            return
         scale = torch.as_tensor(self.scale, dtype=torch.float64).detach().cpu()
         zero_point = torch.as_tensor(self.zero_point).detach().cpu()
         if zero_point.is_floating_point():
@@ -75,6 +78,26 @@ class QParams:
                 f"zero point {zero_point.tolist()} is outside the {self.dtype} range [{qmin}, {qmax}]")
         self.scale = scale32
         self.zero_point = zero_point
+
+    def _scalar_tensors_taken(self) -> bool:
+        """What the checks below make of a valid 0-dim CPU scale and zero point (an observer's grid, every training
+        step), checked on Python numbers instead of tensors: a fresh float32 scale, an int64 zero point. False,
+        the fields untouched, for anything else, which the checks below then accept or refuse with their message."""
+        scale, zero_point = self.scale, self.zero_point
+        if not (isinstance(scale, torch.Tensor) and isinstance(zero_point, torch.Tensor) and scale.dim() == 0
+                and zero_point.dim() == 0 and scale.is_floating_point() and zero_point.dtype != torch.bool
+                and not zero_point.is_complex() and scale.device.type == "cpu" and zero_point.device.type == "cpu"):
+            return False
+        scale32 = scale.detach().to(torch.float32, copy=True)  # one rounding, as float64 then float32 rounds
+        wide, narrow = float(scale), float(scale32)
+        if not (math.isfinite(wide) and wide > 0 and math.isfinite(narrow) and narrow >= FLOAT32_TINY):
+            return False
+        code = float(zero_point) if zero_point.is_floating_point() else int(zero_point)
+        qmin, qmax = DTYPE_RANGES[self.dtype]
+        if not (math.isfinite(code) and code == math.floor(code) and qmin <= code <= qmax):
+            return False
+        self.scale, self.zero_point = scale32, zero_point.detach().to(torch.int64)
+        return True
 
     @property
     def qmin(self) -> int:

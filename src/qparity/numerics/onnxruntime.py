@@ -148,14 +148,17 @@ class OnnxRuntimeTarget(Target):
         multiplier = channel_view(layer_multiplier(input_qp.scale, weight_scale, output_qp.scale), ndim, channel_axis)
         return float32_requantizer(multiplier, int(output_qp.zero_point), lo, hi)
 
+    # QLinearAdd's b term fma(q_b, r_b, F) once per code, then the fused multiply-add of a's onto it per pair.
+    add_from_code_terms = True
+
     def elementwise_add(self, shape_a, shape_b):
         # Equal shapes of more than one element: the operands' roles are fixed, whatever the batch size.
         return tuple(shape_a) == tuple(shape_b) and not swaps_operands(shape_a, shape_b)
 
     def add(self, qa, a, qb, b, out, lo, hi):
         if swaps_operands(qa.shape, qb.shape):
-            return self._add_spans(qb, b, qa, a, out, lo, hi)
-        return self._add_spans(qa, a, qb, b, out, lo, hi)
+            return self.add_elementwise(qb, b, qa, a, out, lo, hi)
+        return self.add_elementwise(qa, a, qb, b, out, lo, hi)
 
     def subtract(self, qa, a, qb, b, out, lo, hi):
         # ONNX has no quantized Sub: the file mirrors b's codes (BitwiseNot: q_max + q_min - q) onto the mirrored
@@ -163,7 +166,7 @@ class OnnxRuntimeTarget(Target):
         mirrored, grid = negated(qb, b)
         return self.add(qa, a, mirrored, grid, out, lo, hi)
 
-    def _add_spans(self, qa, a, qb, b, out, lo, hi):
+    def add_elementwise(self, qa, a, qb, b, out, lo, hi):
         ratio_a, ratio_b, offset = add_parameters(a, b, out)
         inner = fma_f32(qb.to(torch.float32), ratio_b, offset)
         value = fma_f32(qa.to(torch.float32), ratio_a, inner)

@@ -188,6 +188,7 @@ class PyTorchEngineTarget(Target):
     per_channel_transposed_conv = False
     linear_rule = "fbgemm"
     add_rule = "fbgemm"
+    add_takes_float_codes = True  # FbgemmAddTable, QnnpackAddTable: float32 codes in, float32 codes out
     pool_rule = "fbgemm"
     prelu = staticmethod(engine_prelu)  # qprelu_out_kernel (numerics/prelu.py)
 
@@ -322,7 +323,8 @@ class PyTorchEngineTarget(Target):
     # -- add ------------------------------------------------------------------------------------------------
     @cached_property
     def add_tables(self) -> TableCache:
-        """FbgemmAddTables by grids (1 MiB each; training makes new grids every step, so only a few are kept)."""
+        """FbgemmAddTables and QnnpackAddTables by grids (up to 1 MiB each; training makes new grids every step, so
+        only a few are kept)."""
         return TableCache(size=16)
 
     def check_broadcast(self, op):
@@ -333,7 +335,7 @@ class PyTorchEngineTarget(Target):
         if qa.shape != qb.shape:
             raise UnsupportedOpError(f"{BROADCAST_ADD} (shapes {tuple(qa.shape)} and {tuple(qb.shape)})")
         if self.add_rule == "qnnpack":
-            return _qnnpack_add(qa, a, qb, b, out, lo, hi)
+            return _qnnpack_add(qa, a, qb, b, out, lo, hi, self.add_tables)
         return _fbgemm_add(qa, a, qb, b, out, lo, hi, self.kernels, self.engine_threads(),
                            self.add_tables)
 
@@ -615,20 +617,42 @@ class FbgemmAddTable:
         terms_b = [t.reshape(1, -1) for t in _fbgemm_add_terms(torch.arange(b.qmin, b.qmax + 1), b)]
         vector, scalar = _fbgemm_add_sums(terms_a, terms_b, out, kernels)  # entries [pairs, 2 pairs): scalar loop
         self.table = torch.cat([vector.reshape(-1), scalar.reshape(-1)]).clamp_(lo, hi).to(torch.int64)
+        self.float_table: torch.Tensor | None = None  # _gather's
 
     def __call__(self, ia: torch.Tensor, ib: torch.Tensor, threads: int | None) -> torch.Tensor:
-        """Codes for flat inputs in memory order, each from its loop (loop_mask(n, threads))."""
-        # (ia - a_lo) * b_span + (ib - b_lo) + the loop's offset, in two or three passes
-        index = torch.add(ib, ia, alpha=self.b_span).add_(_loop_offsets(ia.numel(), threads, self.pairs).to(ia.device))
+        """Codes for flat inputs in memory order, each from its loop (loop_mask(n, threads)); float32 codes
+        (the prepared model's) give float32 codes, looked up with the same index (code_index)."""
+        # (ia - a_lo) * b_span + (ib - b_lo) + the loop's offset, in one to three passes
+        index = torch.add(ib, ia, alpha=self.b_span)
+        offsets = _loop_offsets(ia.numel(), threads, self.pairs)
+        if offsets is not None:
+            index.add_(offsets.to(ia.device))
         if self.a_lo * self.b_span + self.b_lo:
             index.sub_(self.a_lo * self.b_span + self.b_lo)
-        return torch.take(self.table.to(ia.device), index)
+        return _gather(self, index)
+
+
+def _gather(add_table, index: torch.Tensor) -> torch.Tensor:
+    """add_table.table[index] for an int64 index; for a float32 one (formed from float32 codes: every partial sum
+    an integer below 2^18, as the tables hold at most 2 x 2^16 entries of 8-bit codes, so float32 formed it
+    exactly) the same entries in float32 (a copy made on the first such lookup: the integer model never needs
+    it), gathered with the index as int32. index_select on the flat table: torch.take's gather, at about half its
+    time (measured, 2^19 codes)."""
+    table = add_table.table
+    if index.is_floating_point():
+        if add_table.float_table is None:
+            add_table.float_table = table.to(torch.float32)
+        table, index = add_table.float_table, index.to(torch.int32)
+    return table.to(index.device).index_select(0, index.reshape(-1)).reshape(index.shape)
 
 
 @lru_cache(maxsize=8)
-def _loop_offsets(n: int, threads: int | None, pairs: int) -> torch.Tensor:
-    """Per element, where its loop's half of an FbgemmAddTable starts: 0 (vector loop) or `pairs` (scalar)."""
-    return torch.where(loop_mask(n, threads), 0, pairs).to(torch.int32)
+def _loop_offsets(n: int, threads: int | None, pairs: int) -> torch.Tensor | None:
+    """Per element, where its loop's half of an FbgemmAddTable starts: 0 (vector loop) or `pairs` (scalar); None
+    where every element is in the vector loop (whole 64-blocks in every chunk: adding zeros, an int64 += int32
+    pass, would cost more than the gather)."""
+    offsets = torch.where(loop_mask(n, threads), 0, pairs).to(torch.int32)
+    return offsets if bool(offsets.any()) else None
 
 
 def _hardswish_real(x: torch.Tensor) -> torch.Tensor:
@@ -691,7 +715,23 @@ def _qnnpack_table(kind: str, source: QParams) -> torch.Tensor:
     return torch.round(torch.clamp(value, 0.0, 255.0)).to(torch.int64)
 
 
-def _qnnpack_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi):
+def _qnnpack_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi, tables: TableCache):
+    multipliers = _qnnpack_add_multipliers(a, b, out, lo, hi)
+    # qnnpack_add allocates its output in qa.suggest_memory_format(): channels-last 4-D or contiguous.
+    channels_last = bool(qa.dim() == 4 and _channels_last(qa))
+    if qa.numel() >= ADD_TABLE_MIN_ELEMENTS and (a.qmax - a.qmin + 1) * (b.qmax - b.qmin + 1) <= ADD_TABLE_MAX_PAIRS:
+        # The result is a function of the two codes alone (no loop split): answered from a table of every pair.
+        table = tables.get("qnnpack_add", {"b": (float(b.scale), int(b.zero_point), b.dtype), "clamp": (lo, hi)},
+                           a, out, lambda: QnnpackAddTable(a, b, out, lo, hi, multipliers))
+        codes = _from_memory_order(table(_memory_order(qa, channels_last), _memory_order(qb, channels_last)), qa,
+                                   channels_last)
+    else:  # m (q - z) passes 2^24: integers, whatever the codes came as
+        codes = _qnnpack_add_codes(qa.to(torch.int64), a, qb.to(torch.int64), b, out, lo, hi, multipliers)
+    return codes.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _qnnpack_add_multipliers(a: QParams, b: QParams, out: QParams, lo, hi):
+    """(m_a, m_b, shift) of QNNPACK's add, refusing what PyTorch's qnnpack refuses."""
     ratio_a, ratio_b = a.scale / out.scale, b.scale / out.scale  # float32 quotients
     largest = torch.maximum(ratio_a, ratio_b)
     if not (2.0**-14 <= float(ratio_a) < 2.0**8 and 2.0**-14 <= float(ratio_b) < 2.0**8):
@@ -703,15 +743,36 @@ def _qnnpack_add(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi):
     exponent = int(torch.frexp(largest).exponent) - 1
     shift = 21 - exponent
     scale_multiplier = _f32(2.0**shift)
-    m_a = int(torch.round(ratio_a * scale_multiplier))
-    m_b = int(torch.round(ratio_b * scale_multiplier))
+    return int(torch.round(ratio_a * scale_multiplier)), int(torch.round(ratio_b * scale_multiplier)), shift
+
+
+def _qnnpack_add_codes(qa, a: QParams, qb, b: QParams, out: QParams, lo, hi, multipliers) -> torch.Tensor:
+    """QNNPACK's add of codes elementwise (broadcasting): the definition QnnpackAddTable tabulates."""
+    m_a, m_b, shift = multipliers
     acc = m_a * (qa - int(a.zero_point)) + m_b * (qb - int(b.zero_point))
     # Round half away from zero: QNNPACK's remainder test (`rem > threshold`, rem less one for negatives) is
     # gemmlowp's RoundingDivideByPOT.
     rounded = rounding_divide_by_pot(acc, shift)
-    # qnnpack_add allocates its output in qa.suggest_memory_format(): channels-last 4-D or contiguous.
-    layout = torch.channels_last if (qa.dim() == 4 and _channels_last(qa)) else torch.contiguous_format
-    return torch.clamp(rounded + int(out.zero_point), lo, hi).contiguous(memory_format=layout)
+    return torch.clamp(rounded + int(out.zero_point), lo, hi)
+
+
+class QnnpackAddTable:
+    """_qnnpack_add_codes on every pair of codes, from a column of a's codes and a row of b's (each input's
+    product m (q - z) once per code), answered by one gather per element."""
+
+    def __init__(self, a: QParams, b: QParams, out: QParams, lo: int, hi: int, multipliers):
+        self.b_span = b.qmax - b.qmin + 1
+        self.offset = -(a.qmin * self.b_span + b.qmin)
+        column, row = torch.arange(a.qmin, a.qmax + 1).reshape(-1, 1), torch.arange(b.qmin, b.qmax + 1).reshape(1, -1)
+        self.table = _qnnpack_add_codes(column, a, row, b, out, lo, hi, multipliers).reshape(-1).to(torch.int64)
+        self.float_table: torch.Tensor | None = None  # _gather's
+
+    def __call__(self, ia: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
+        """Codes for flat inputs; float32 codes give float32 codes (_gather)."""
+        index = torch.add(ib, ia, alpha=self.b_span)
+        if self.offset:
+            index.add_(self.offset)
+        return _gather(self, index)
 
 
 class FbgemmTarget(PyTorchEngineTarget):

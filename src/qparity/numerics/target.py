@@ -182,11 +182,23 @@ class Target:
         ("int16_pairs": fbgemm's depthwise kernels). Raises UnsupportedOpError for kernels not emulated."""
         return "exact"
 
-    # Whether `add` is r(g(q_a) + h(q_b)) elementwise with broadcasting, g and h functions of one code each (the
-    # fixed-point adds: each input left-shifted and rescaled to int32, then the sum requantized). Then its pair
-    # table is `add` on a column of a's codes and a row of b's: each input's term is computed once per code and
-    # only the output rescale runs on every pair (a grid change, every QAT step, rebuilds the table).
+    # Whether `add_elementwise` forms a term of one code per input before combining them per pair: r(g(q_a) +
+    # h(q_b)) (the fixed-point adds: each input left-shifted and rescaled to int32, then the sum requantized), or
+    # ONNX Runtime's fma(q_a, r_a, h(q_b)). Then its pair table is `add_elementwise` on a column of a's codes and a
+    # row of b's: each term is computed once per code and only the combination runs on every pair (a grid change,
+    # every QAT step, rebuilds the table).
     add_from_code_terms: bool = False
+    # Whether `add` takes the prepared model's float32 codes (integers held exactly) as they come, instead of int64
+    # ones, answering float32 codes where it looks them up in a table (int64 otherwise): the prepared model turns
+    # any codes into float32 (emit), so the int64 conversions around the add are saved (PyTorch's engines, whose
+    # adds are not elementwise tables of ops/lookup.py but tables of their own).
+    add_takes_float_codes: bool = False
+
+    def add_elementwise(self, qa: torch.Tensor, a: QParams, qb: torch.Tensor, b: QParams, out: QParams,
+                        lo: int, hi: int) -> torch.Tensor:
+        """`add` with a as the first operand whatever the shapes, elementwise with broadcasting: the function a
+        pair table tabulates. Where `elementwise_add` holds, `add` computes exactly this."""
+        return self.add(qa, a, qb, b, out, lo, hi)
 
     def elementwise_add(self, shape_a, shape_b) -> bool:
         """Whether `add` is a pure function of each element's two codes for operands of these shapes.

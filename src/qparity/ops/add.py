@@ -10,11 +10,14 @@ def run(ctx, node, a, b):
     if scalar is not None:
         return scalar
 
+    table, add = None, target.add
+    if target.elementwise_add(a.codes.shape, b.codes.shape):
+        # What the table tabulates (on a column and a row of codes for "pair_terms"); `add` itself here.
+        table, add = "pair_terms" if target.add_from_code_terms else "pair", target.add_elementwise
+
     def codes(inputs, out, lo, hi):
         (qa, ga), (qb, gb) = ((v.codes, v.qparams) for v in inputs)
-        return target.add(qa, ga, qb, gb, out, lo, hi)
+        return add(qa, ga, qb, gb, out, lo, hi)
 
-    table = None
-    if target.elementwise_add(a.codes.shape, b.codes.shape):
-        table = "pair_terms" if target.add_from_code_terms else "pair"
-    return ctx.new_grid(node, [a, b], lambda: ctx.dequantize(a) + ctx.dequantize(b), codes, table)
+    return ctx.new_grid(node, [a, b], lambda: ctx.dequantize(a) + ctx.dequantize(b), codes, table,
+                        float_codes=target.add_takes_float_codes)

@@ -233,8 +233,12 @@ def _batch_norm_training(ctx, node: Node, layer, x: QValue) -> QValue:
     lo, hi = fused_clamp_bounds(ctx.target, node, qp)
     # Batch statistics make this forward an approximation of the deployed layer whatever the rounding,
     # so the codes use the cheapest one (round half even in float32); eval mode and freeze are exact.
-    codes = (clamped_real / qp.scale.to(real.device)).round_().add_(float(qp.zero_point)).clamp_(lo, hi)
-    return ctx.emit(codes, real, qp, lo, hi, bounds, clamped_real)
+    # One float32 quotient c / s serves both the codes and the straight-through grid mask's position c / s + z.
+    zero_point = float(qp.zero_point)
+    quotient = torch.div(clamped_real, float(qp.scale))
+    position = torch.add(quotient, zero_point)
+    codes = quotient.round_().add_(zero_point).clamp_(lo, hi)
+    return ctx.emit(codes, real, qp, lo, hi, bounds, clamped_real, position)
 
 
 def bias_scale(input_qp: QParams, weight_scale: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,10 @@ from typing import Callable
 import torch
 
 from ..errors import InvalidParameterError
+from ..layout import memory_order
 
 MAX_TABLE = 1 << 17  # entries; 16-bit codes would need 2^32
+FLOAT32_EXACT_INTEGERS = 1 << 24  # float32 holds every integer of smaller magnitude
 
 
 class PairTable:
@@ -27,10 +29,13 @@ class PairTable:
 
     broadcast=False calls f once on the flat lists of all pairs; broadcast=True calls it once on a column of a's
     codes and a row of b's, for an f that is elementwise with broadcasting and computes a term per input before
-    combining them (Target.add_from_code_terms): each term is then computed once per code, not once per pair."""
+    combining them (Target.add_from_code_terms): each term is then computed once per code, not once per pair.
+
+    dtype: what the table holds and answers, int64 codes or (for the prepared model, whose codes are float32)
+    the same codes in float32 (`gather_codes`)."""
 
     def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a_lo: int, a_hi: int,
-                 b_lo: int, b_hi: int, broadcast: bool = False):
+                 b_lo: int, b_hi: int, broadcast: bool = False, dtype: torch.dtype = torch.int64):
         self.b_span = b_hi - b_lo + 1
         self.offset = -(a_lo * self.b_span + b_lo)
         a_span = a_hi - a_lo + 1
@@ -44,29 +49,56 @@ class PairTable:
                     f"codes and a row of {self.b_span} to ({a_span}, {self.b_span})")
         else:
             table = fn(qa.repeat_interleave(self.b_span), qb.repeat(a_span))
-        self.table = table.reshape(-1).to(torch.int64)
+        self.table = table_of(table.reshape(-1), dtype)
+        # Whether float32 codes form the index exactly: every partial sum below is an integer below 2^24 in
+        # magnitude (always so for 8-bit grids: at most 2^17).
+        largest = max(abs(a_lo), abs(a_hi)) * self.b_span + max(abs(b_lo), abs(b_hi)) + abs(self.offset)
+        self.float_index_exact = largest < FLOAT32_EXACT_INTEGERS
 
     @staticmethod
     def fits(a_lo: int, a_hi: int, b_lo: int, b_hi: int) -> bool:
         return (a_hi - a_lo + 1) * (b_hi - b_lo + 1) <= MAX_TABLE
 
     def __call__(self, qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
+        if (qa.is_floating_point() or qb.is_floating_point()) and not self.float_index_exact:
+            qa, qb = qa.to(torch.int64), qb.to(torch.int64)
         index = torch.add(qb, qa, alpha=self.b_span)  # broadcasts
         if self.offset:
             index.add_(self.offset)
-        return gather_keeping_layout(self.table.to(qa.device), index)
+        return gather_codes(self.table.to(qa.device), index)
 
 
 class CodeTable:
-    """f(q) for every code q in [lo, hi], looked up at q - lo; the result keeps the input's memory format."""
+    """f(q) for every code q in [lo, hi], looked up at q - lo; the result keeps the input's memory format.
+    dtype: as PairTable's."""
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], lo: int, hi: int):
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], lo: int, hi: int, dtype: torch.dtype = torch.int64):
         self.lo = lo
-        self.table = fn(torch.arange(lo, hi + 1, dtype=torch.int64)).to(torch.int64)
+        self.table = table_of(fn(torch.arange(lo, hi + 1, dtype=torch.int64)), dtype)
+        self.float_index_exact = max(abs(lo), abs(hi), hi - lo) < FLOAT32_EXACT_INTEGERS  # q - lo without rounding
 
     def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        if q.is_floating_point() and self.float_index_exact:
+            return gather_codes(self.table.to(q.device), q - self.lo if self.lo else q)
         index = q.to(torch.int64) - self.lo if self.lo else q.to(torch.int64)
-        return gather_keeping_layout(self.table.to(q.device), index)
+        return gather_codes(self.table.to(q.device), index)
+
+
+def table_of(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The tabulated codes as int64, or as float32 for the prepared model: there the int64 codes an op computes
+    become float32 in `emit` (`codes.to(torch.float32)`), the very conversion made here, once per entry."""
+    if dtype not in (torch.int64, torch.float32):
+        raise InvalidParameterError(f"a lookup table holds int64 or float32 codes, not {dtype}")
+    return values.to(torch.int64).to(dtype)
+
+
+def gather_codes(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] in index's memory format. A float index holds integers (formed from the prepared model's
+    float32 codes without rounding: PairTable.float_index_exact; a code minus the low end of its table) and is
+    converted to int32, which index_select takes as it takes int64, at half the memory traffic."""
+    if index.is_floating_point():
+        index = index.to(torch.int32)
+    return gather_keeping_layout(table, index)
 
 
 def gather_keeping_layout(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -75,9 +107,8 @@ def gather_keeping_layout(table: torch.Tensor, index: torch.Tensor) -> torch.Ten
     index_select is the fastest gather PyTorch has here (torch.take and advanced indexing 1.3-2x slower), and
     negative indices, which take and indexing wrap, cost 5-8x (a mispredicted branch per element), hence the
     offsets above rather than raw int8 codes."""
-    order = sorted(range(index.dim()), key=lambda d: -index.stride(d))
-    in_memory_order = index.permute(order)
-    if not in_memory_order.is_contiguous():  # overlapping or gapped strides (a broadcast view): a plain gather
+    in_memory_order, order = memory_order(index)
+    if in_memory_order is None:  # overlapping or gapped strides (a broadcast view): a plain gather
         return table.index_select(0, index.reshape(-1)).reshape(index.shape)
     inverse = sorted(range(index.dim()), key=order.__getitem__)
     return table.index_select(0, in_memory_order.reshape(-1)).reshape(in_memory_order.shape).permute(inverse)

@@ -34,7 +34,8 @@ IMPLEMENTATIONS = {
     "matmul": matmul, "softmax": softmax, "aten_float": aten_float, "quantize": quantize,
 }
 
-# Computes an operator's output codes from detached int64 input codes, the output grid and its clamp.
+# Computes an operator's output codes from detached int64 input codes (the prepared model's float32 ones where
+# new_grid's float_codes), the output grid and its clamp.
 CodeFunction = Callable[[List[QValue], QParams, int, int], torch.Tensor]
 
 
@@ -57,7 +58,8 @@ class ProgramExecutor(Executor):
 
     # -- what operator modules call -------------------------------------------------------------------------
     def new_grid(self, node: Node, inputs: List[QValue], real: Optional[Callable[[], torch.Tensor]],
-                 codes: CodeFunction, table: Optional[str] = None, grid: Optional[QParams] = None) -> QValue:
+                 codes: CodeFunction, table: Optional[str] = None, grid: Optional[QParams] = None,
+                 float_codes: bool = False) -> QValue:
         """An operator whose output gets its own grid.
 
         real: the float surrogate of the dequantized inputs (fake mode only; the observer watches it, and the
@@ -66,7 +68,8 @@ class ProgramExecutor(Executor):
         it also forms a term per input code before combining them, Target.add_from_code_terms); the integer
         mode then tabulates `codes` once per node, the fake mode once per grid change. grid: the output grid
         where the target derives it from the inputs' (PyTorch's add_scalar); the observer then holds it instead
-        of watching.
+        of watching. float_codes: `codes` also takes the prepared model's float32 codes as they are
+        (Target.add_takes_float_codes); other codes, and every code in the integer mode, come as int64.
         """
         value = clamped_value = None
         bounds = node.attrs.get("clamp") or (None, None)
@@ -78,21 +81,25 @@ class ProgramExecutor(Executor):
         else:
             qp = self.mode.qparams[node.name] if grid is None else grid
             lo, hi = self.mode.clamp_bounds(node, qp)
-        detached = [QValue(v.codes.detach().to(torch.int64), v.qparams) for v in inputs]
+        detached = [QValue(v.codes.detach(), v.qparams) for v in inputs]
+        as_given = self.fake and float_codes and all(v.codes.dtype == torch.float32 for v in detached)
+        kernel = lambda vs: codes(vs if as_given else int64_codes(vs), qp, lo, hi)  # noqa: E731
         if table is not None:
-            result = self.mode.tabulated(node, table, detached, lambda vs: codes(vs, qp, lo, hi), (qp, lo, hi))
+            result = self.mode.tabulated(node, table, detached, kernel, (qp, lo, hi))
         else:
-            result = codes(detached, qp, lo, hi)
+            result = kernel(detached)
         return self.emit(result, value, qp, lo, hi, bounds, clamped_value)
 
     def emit(self, codes: torch.Tensor, real: Optional[torch.Tensor], qp: QParams, lo: int, hi: int,
-             bounds: Bounds = (None, None), clamped_real: Optional[torch.Tensor] = None) -> QValue:
+             bounds: Bounds = (None, None), clamped_real: Optional[torch.Tensor] = None,
+             position: Optional[torch.Tensor] = None) -> QValue:
         """Codes on qp's grid; in fake mode with the gradient of `real` through clamp(c / s + z, lo, hi), c the
-        real value after the node's fused clamp `bounds` (clamped_real: its values, where the caller has them)."""
+        real value after the node's fused clamp `bounds` (clamped_real: its values, position: c / s + z, where
+        the caller has them; quantized_output)."""
         if not self.fake:
             return QValue(codes, qp)
         return QValue(quantized_output(codes, real, float(qp.scale), float(qp.zero_point), lo, hi, bounds,
-                                       clamped_real), qp)
+                                       clamped_real, position), qp)
 
     def dequantize(self, value: QValue) -> torch.Tensor:
         return self.target.dequantize(value.codes, value.qparams)
@@ -141,7 +148,8 @@ class FakeQuant:
         entries = table_entries(kind, grids)
         if entries is None or max(v.codes.numel() for v in inputs) < 2 * entries:
             return codes(inputs)
-        table = build_table(kind, grids, codes)
+        # float32 entries, looked up with the float32 codes as they come: no int64 codes in between.
+        table = build_table(kind, grids, codes, torch.float32)
         self.model.fake_tables[node.name] = (key, table)
         return table(*(v.codes for v in inputs))
 
@@ -159,13 +167,20 @@ def table_entries(kind: str, grids: List[QParams]) -> Optional[int]:
     return (grids[0].qmax - grids[0].qmin + 1) * (grids[1].qmax - grids[1].qmin + 1)
 
 
-def build_table(kind: str, grids: List[QParams], codes: Callable):
+def build_table(kind: str, grids: List[QParams], codes: Callable, dtype: torch.dtype = torch.int64):
     """A CodeTable or PairTable of `codes` (the target's own function) on every code of the input grids; a
-    "pair_terms" table calls it on a column of a's codes and a row of b's (PairTable's broadcast)."""
+    "pair_terms" table calls it on a column of a's codes and a row of b's (PairTable's broadcast). dtype: the
+    codes the table answers (PairTable's)."""
     if kind == "code":
-        return CodeTable(lambda q: codes([QValue(q, grids[0])]), grids[0].qmin, grids[0].qmax)
+        return CodeTable(lambda q: codes([QValue(q, grids[0])]), grids[0].qmin, grids[0].qmax, dtype)
     return PairTable(lambda qa, qb: codes([QValue(qa, grids[0]), QValue(qb, grids[1])]),
-                     grids[0].qmin, grids[0].qmax, grids[1].qmin, grids[1].qmax, broadcast=kind == "pair_terms")
+                     grids[0].qmin, grids[0].qmax, grids[1].qmin, grids[1].qmax, broadcast=kind == "pair_terms",
+                     dtype=dtype)
+
+
+def int64_codes(values: List[QValue]) -> List[QValue]:
+    """The values with int64 codes, which every target function takes (the prepared model's are float32)."""
+    return [QValue(v.codes.to(torch.int64), v.qparams) for v in values]
 
 
 class Integer:
@@ -202,4 +217,4 @@ class Integer:
         table = self.model.tables.get(node.name)
         if table is None:
             table = self.model.tables[node.name] = build_table(kind, grids, codes)
-        return table(*(v.codes for v in inputs))
+        return table(*(v.codes for v in int64_codes(inputs)))

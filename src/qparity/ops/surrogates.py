@@ -50,8 +50,10 @@ class _QuantizedOutput(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, codes, real, clamped_real, scale: float, zero_point: float, lo: int, hi: int, bounds: Bounds):
-        position = torch.div(clamped_real, scale).add_(zero_point)  # real / scale + zero_point, one temporary
+    def forward(ctx, codes, real, clamped_real, scale: float, zero_point: float, lo: int, hi: int, bounds: Bounds,
+                position: Optional[torch.Tensor]):
+        if position is None:
+            position = torch.div(clamped_real, scale).add_(zero_point)  # real / scale + zero_point, one temporary
         ctx.save_for_backward(inside_bounds(position, lo, hi), inside_bounds(real.detach(), *bounds))
         ctx.scale = scale
         return codes.to(torch.float32)
@@ -62,19 +64,21 @@ class _QuantizedOutput(torch.autograd.Function):
         grad_real = torch.mul(grad, inside_grid).div_(ctx.scale)
         if inside_clamp is not None:
             grad_real.mul_(inside_clamp)
-        return None, grad_real, None, None, None, None, None, None
+        return None, grad_real, None, None, None, None, None, None, None
 
 
 def quantized_output(codes: torch.Tensor, real: torch.Tensor, scale: float, zero_point: float, lo: int, hi: int,
-                     bounds: Bounds = (None, None), clamped_real: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     bounds: Bounds = (None, None), clamped_real: Optional[torch.Tensor] = None,
+                     position: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Output codes (float32) whose gradient flows to `real` as through clamp(clamp(real, *bounds) / scale +
     zero_point, lo, hi), both clamps passing the gradient at their bounds. clamped_real: clamped(real, bounds),
-    where the caller has it already."""
+    where the caller has it already; position: its `torch.div(clamped_real, scale).add_(zero_point)` (float32
+    division by the float32 scale, then the zero point), where the caller has it already."""
     if not real.requires_grad:
         return codes.to(torch.float32)
     if clamped_real is None:
         clamped_real = clamped(real, bounds)
-    return _QuantizedOutput.apply(codes, real, clamped_real, scale, zero_point, lo, hi, bounds)
+    return _QuantizedOutput.apply(codes, real, clamped_real, scale, zero_point, lo, hi, bounds, position)
 
 
 class _InclusiveClamp(torch.autograd.Function):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidParameterError, InvalidQParamsError, NotCalibratedError
+from ..layout import flat_view
 from ..qparams import QParams, affine_qparams
 from .distributed import global_min_max
 
@@ -37,12 +38,15 @@ class ActivationObserver(nn.Module):
 
     @property
     def calibrated(self) -> bool:
-        return bool(torch.isfinite(self.min_val))
+        return math.isfinite(float(self.min_val))  # a Python test: no tensor op on every forward
 
     def observe(self, x: torch.Tensor) -> None:
         if self.frozen or not self.training:
             return
-        low, high = torch.aminmax(x.detach().to(torch.float32))
+        # In memory order: aminmax flattens its input, which for a channels-last tensor is a full copy. Min and
+        # max do not depend on the order of the elements (only which of +0.0 and -0.0, equal values that give
+        # the same grid, a min or max of 0 returns; NaN is refused below in any order).
+        low, high = torch.aminmax(flat_view(x.detach().to(torch.float32)))
         self._require_representable(low, high)  # on the rank whose data it is, before any collective
         low, high = global_min_max(low, high)
         if not self.calibrated:
