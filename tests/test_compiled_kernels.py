@@ -212,3 +212,16 @@ def test_compile_refuses_inductor_settings_that_change_float_results(setting):
                 compiled.ensure_available()
     finally:
         compiled._availability_problem.cache_clear()
+
+
+def test_a_kernel_that_fails_to_build_at_run_time_raises_a_clear_error(monkeypatch):
+    def broken(rule):
+        def call(*args):
+            raise torch._dynamo.exc.InternalTorchDynamoError("g++ vanished")
+        return call
+
+    monkeypatch.setattr(compiled, "_compiled", broken)
+    requantize = float32_requantizer(torch.tensor([0.5, 0.25]).reshape(1, 2), 3, -128, 127)
+    with compiled_kernels(min_elements=0):
+        with pytest.raises(CompiledKernelsUnavailableError, match="requantize_float32.*g\\+\\+ vanished"):
+            requantize(torch.arange(-8, 8).reshape(8, 2))

@@ -54,7 +54,13 @@ def run_kernel(rule: Callable[..., torch.Tensor], values: torch.Tensor, *args) -
     """`rule(values, *args)`: eagerly, or as its one compiled kernel inside `compiled_kernels()`."""
     min_elements = getattr(_switch, "min_elements", None)
     if min_elements is not None and values.device.type == "cpu" and values.numel() >= min_elements:
-        return _compiled(rule)(values, *args)
+        try:
+            return _compiled(rule)(values, *args)
+        except torch._dynamo.exc.TorchDynamoException as error:  # a variant that cannot build (compiler gone)
+            raise CompiledKernelsUnavailableError(
+                f"torch.compile could not build the kernel of {rule.__qualname__} for a {values.dtype} tensor of "
+                f"shape {tuple(values.shape)} ({type(error).__name__}: {str(error).strip()[:300]}); the model "
+                "computes the same codes without compile()") from None
     return rule(values, *args)
 
 
