@@ -54,6 +54,25 @@ def assert_same(expected, got):
         [s for s, n in zip(expected.stride(), expected.shape) if n > 1]
 
 
+def narrow_dtype_for(lo: int, hi: int) -> torch.dtype:
+    """The smallest integer dtype holding [lo, hi]: what the integer runtime's narrow codes on such a grid are."""
+    for dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return dtype
+    return torch.int64
+
+
+def assert_narrow_output_same(requantize, x, lo: int, hi: int):
+    """requantize(x, dtype) for the grid's narrow dtype: the int64 codes converted, eagerly and compiled alike."""
+    dtype = narrow_dtype_for(lo, hi)
+    if dtype not in (torch.int8, torch.uint8):  # the 8-bit grids' dtypes: each other one is one more kernel
+        return
+    eager, fast = both_ways(lambda v: requantize(v, dtype), x)
+    assert_same(requantize(x).to(dtype), eager)
+    assert_same(eager, fast)
+
+
 def widened(x: torch.Tensor) -> torch.Tensor:
     """x with at least two rows and columns (a per-tensor case's one column repeated): every case then runs on the
     kernels real layers use, instead of one compiled variant per size-one dimension."""
@@ -69,6 +88,7 @@ def test_compiled_gemmlowp_requantizer_equals_the_eager_one(case, as_float):
         x = x.clamp(-(1 << 24), 1 << 24).to(torch.float32)
     requantize = ShiftRequantizer.gemmlowp(m0, shift, zero_point, lo, hi)
     assert_same(*both_ways(requantize, x))
+    assert_narrow_output_same(requantize, x, lo, hi)
 
 
 @SETTINGS
@@ -76,7 +96,9 @@ def test_compiled_gemmlowp_requantizer_equals_the_eager_one(case, as_float):
 def test_compiled_single_rounding_requantizer_equals_the_eager_one(case):
     x, multiplier, shift, zero_point, (lo, hi) = case
     x = widened(x)
-    assert_same(*both_ways(ShiftRequantizer.single_rounding(multiplier, shift, zero_point, lo, hi), x))
+    requantize = ShiftRequantizer.single_rounding(multiplier, shift, zero_point, lo, hi)
+    assert_same(*both_ways(requantize, x))
+    assert_narrow_output_same(requantize, x, lo, hi)
 
 
 @SETTINGS
@@ -92,6 +114,7 @@ def test_compiled_float32_requantizer_equals_the_eager_one(channels, rows, seed,
     requantize = float32_requantizer(multiplier, zero_point, *bounds)
     for x in (acc, acc.to(torch.float32)):
         assert_same(*both_ways(requantize, x))
+        assert_narrow_output_same(requantize, x, *bounds)
 
 
 @SETTINGS
@@ -109,7 +132,11 @@ def test_compiled_exact_rounding_equals_the_eager_one(channels, rows, seed, magn
         scales = torch.rand(1, channels, generator=g) * 0.01 + 1e-6
     ratio = ExactRatio.of_scales([scales], [torch.tensor(0.05)])
     lo, hi = -128 - zero_point, 127 - zero_point
-    assert_same(*both_ways(lambda x: round_half_even_exact([(x, ratio)], lo, hi, zero_point=zero_point), k))
+    def requantize(x, dtype=torch.int64):
+        return round_half_even_exact([(x, ratio)], lo, hi, zero_point=zero_point, dtype=dtype)
+
+    assert_same(*both_ways(requantize, k))
+    assert_narrow_output_same(requantize, k, -128, 127)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous", "sliced"])

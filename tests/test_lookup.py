@@ -105,7 +105,3 @@ def test_float32_code_table_answers_float32_codes_with_the_int64_tables_values(g
     answer = fast(q.to(torch.float32))
     assert answer.dtype == torch.float32 and torch.equal(answer, exact(q).to(torch.float32))
 
-
-def test_a_table_holds_int64_or_float32_codes_only():
-    with pytest.raises(InvalidParameterError, match="int64 or float32"):
-        CodeTable(lambda q: q, 0, 255, dtype=torch.int32)

@@ -42,7 +42,8 @@ class IntegerModel:
         self.qparams = qparams
         self.layers = layers
         self.grids = resolve_grids(graph, qparams)
-        self.tables: Dict[str, object] = {}  # per node, built on first use from the target's own function
+        # per (node, dtype of the codes it answers), built on first use from the target's own function
+        self.tables: Dict[Tuple[str, torch.dtype], object] = {}
         self.layer_kernels = {name: prepare_integer_layer(self.target, graph.node(name), layer,
                                                           self.grids[graph.node(name).args[0].name],
                                                           qparams[name])
@@ -85,9 +86,11 @@ class IntegerModel:
             if self.engine_program is not None and all(q.device.type == "cpu" for q in codes):
                 result = self.engine_program.run(list(codes))
             else:
-                # each node's codes dropped after their last use: the run's peak memory
-                executor = ProgramExecutor(self.graph, self.target, self._integer_mode, keep_values=False)
-                result = executor.run([q.to(torch.int64) for q in codes])
+                # each node's codes dropped after their last use, and held in their grid's own dtype between the
+                # operators that read them so (ops/program.py): the run's peak memory and memory traffic
+                executor = ProgramExecutor(self.graph, self.target, self._narrow_mode, keep_values=False)
+                result = executor.run([q.to(TORCH_DTYPES[node_grid.dtype]) for q, node_grid
+                                       in zip(codes, self.input_qparams)])
         return output_structure(result, lambda v: v.codes.to(TORCH_DTYPES[v.qparams.dtype]))
 
     def compile(self) -> "IntegerModel":
@@ -112,6 +115,10 @@ class IntegerModel:
     @cached_property
     def _integer_mode(self) -> Integer:
         return Integer(self)  # its per-node constants are built once, not per run
+
+    @cached_property
+    def _narrow_mode(self) -> Integer:
+        return Integer(self, narrow=True)
 
     def dequantize(self, codes):
         """Output codes to float32 real values (`(q - z) * s`); a float32 output is returned as it is."""

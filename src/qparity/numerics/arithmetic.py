@@ -75,8 +75,10 @@ def _fractions(t: torch.Tensor, shape) -> np.ndarray:
 
 
 def round_half_even_exact(terms: Sequence[Tuple[torch.Tensor, ExactRatio]], lo: int, hi: int,
-                          k_max: Optional[Sequence[float]] = None, zero_point: int = 0) -> torch.Tensor:
-    """clamp(round_half_even(sum(k * c for k, c in terms)), lo, hi) + zero_point computed exactly; int64 result.
+                          k_max: Optional[Sequence[float]] = None, zero_point: int = 0,
+                          dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """clamp(round_half_even(sum(k * c for k, c in terms)), lo, hi) + zero_point computed exactly; an int64
+    result, or `dtype`, an integer dtype that holds every code in [lo + zero_point, hi + zero_point].
 
     The float64 estimate of each product k * c is within |k c| * 2^-51 of the truth (the coefficient and
     the product each round once), and a sum of two within the sum of their magnitudes * 2^-51 (plus one
@@ -98,7 +100,7 @@ def round_half_even_exact(terms: Sequence[Tuple[torch.Tensor, ExactRatio]], lo: 
     if len(terms) == 1 and terms[0][0].numel():
         # The common case in one pass (one compiled kernel where the model is compiled): no element near a tie
         k, c = terms[0]
-        codes, farthest = run_kernel(_round_one_term, k, c.estimate.to(k.device), lo, hi, zero_point)
+        codes, farthest = run_kernel(_round_one_term, k, c.estimate.to(k.device), lo, hi, zero_point, dtype)
         if float(farthest) < 0.5 - error_bound:
             return codes
     estimate = None
@@ -119,19 +121,21 @@ def round_half_even_exact(terms: Sequence[Tuple[torch.Tensor, ExactRatio]], lo: 
         near_tie &= rounded.abs() <= reach + 1  # holds wherever |estimate| <= reach: recomputing more is exact too
         if bool(near_tie.any()):
             rounded[near_tie] = _round_exact_at(terms, near_tie).to(rounded)
-    codes = rounded.clamp_(lo, hi).to(torch.int64)
-    return codes.add_(zero_point) if zero_point else codes
+    codes = rounded.clamp_(lo, hi)
+    if zero_point:
+        codes.add_(zero_point)  # in float64, exact: |clamped + zero_point| < 2^53
+    return codes.to(dtype)
 
 
-def _round_one_term(k: torch.Tensor, coefficient: torch.Tensor, lo: int, hi: int, zero_point: int
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(clamp(rne(k * c), lo, hi) + zero_point as int64, the largest distance |k * c - rne(k * c)|) from the
+def _round_one_term(k: torch.Tensor, coefficient: torch.Tensor, lo: int, hi: int, zero_point: int,
+                    dtype: torch.dtype = torch.int64) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(clamp(rne(k * c), lo, hi) + zero_point as `dtype`, the largest distance |k * c - rne(k * c)|) from the
     float64 estimate of one term, exactly as round_half_even_exact's general path computes them."""
     estimate = torch.mul(k, coefficient)
     rounded = torch.round(estimate)
     farthest = estimate.sub_(rounded).abs_().max()  # estimate is this call's own tensor
     # the zero point added in float64 is exact: |clamped + zero_point| < 2^53
-    return rounded.clamp_(lo, hi).add_(zero_point).to(torch.int64), farthest
+    return rounded.clamp_(lo, hi).add_(zero_point).to(dtype), farthest
 
 
 def _round_exact_at(terms, mask: torch.Tensor) -> torch.Tensor:
@@ -321,17 +325,19 @@ class ShiftRequantizer:
         addends, zero_point = _fold_zero_point([1 << (s - 1) for s in shifts], shifts, zero_point)
         return cls(multiplier.to(torch.int64), _int64(addends, shape), _int64(shifts, shape), zero_point, lo, hi)
 
-    def __call__(self, values: torch.Tensor) -> torch.Tensor:
-        """The int64 codes of integer values (int64, or float32 holding exact integers, as accumulators come): a
-        new tensor of their shape and memory format."""
+    def __call__(self, values: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """The codes of integer values (int64, or float32 holding exact integers, as accumulators come) as int64,
+        or `dtype` (an integer dtype holding [lo, hi]): a new tensor of their shape and memory format."""
         multiplier, addend, shift, sign_weight = self._on(values.device)
         return run_kernel(ShiftRequantizer.requantize, values, multiplier, addend, shift, sign_weight,
-                          self.zero_point, self.lo, self.hi)
+                          self.zero_point, self.lo, self.hi, dtype)
 
     @staticmethod
     def requantize(values: torch.Tensor, multiplier: torch.Tensor, addend: torch.Tensor, shift: torch.Tensor,
-                   sign_weight: Union[None, int, torch.Tensor], zero_point: int, lo: int, hi: int) -> torch.Tensor:
-        """The arithmetic itself, on the constants of one device (run eagerly or as one compiled kernel)."""
+                   sign_weight: Union[None, int, torch.Tensor], zero_point: int, lo: int, hi: int,
+                   dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """The arithmetic itself, on the constants of one device (run eagerly or as one compiled kernel), in int64;
+        the clamped codes converted to `dtype` last."""
         x = values.to(torch.int64)
         y = torch.addcmul(addend, x, multiplier)
         if sign_weight is not None:
@@ -344,7 +350,7 @@ class ShiftRequantizer:
         y.bitwise_right_shift_(shift)
         if zero_point:
             y.add_(zero_point)
-        return y.clamp_(lo, hi)
+        return y.clamp_(lo, hi).to(dtype)
 
     def _on(self, device: torch.device):
         values = (self.multiplier, self.addend, self.shift, self.sign_weight)
@@ -372,17 +378,17 @@ def float32_requantizer(multiplier: torch.Tensor, zero_point: int, lo: int, hi: 
     drops the bits of an accumulator above 2^24 exactly as they do. M is a float32 tensor shaped to
     broadcast along the output channels.
     """
-    def requantize(acc: torch.Tensor) -> torch.Tensor:
-        return run_kernel(requantize_float32, acc, multiplier.to(acc.device), zero_point, lo, hi)
+    def requantize(acc: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return run_kernel(requantize_float32, acc, multiplier.to(acc.device), zero_point, lo, hi, dtype)
 
     return requantize
 
 
-def requantize_float32(acc: torch.Tensor, multiplier: torch.Tensor, zero_point: int, lo: int, hi: int
-                       ) -> torch.Tensor:
-    """float32_requantizer's arithmetic (run eagerly or as one compiled kernel)."""
+def requantize_float32(acc: torch.Tensor, multiplier: torch.Tensor, zero_point: int, lo: int, hi: int,
+                       dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """float32_requantizer's arithmetic (run eagerly or as one compiled kernel); codes as `dtype`."""
     scaled = (acc.to(torch.float32) * multiplier).round_()
-    return scaled.add_(zero_point).clamp_(lo, hi).to(torch.int64)  # exact: small integers in float32
+    return scaled.add_(zero_point).clamp_(lo, hi).to(dtype)  # exact: small integers in float32
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -57,8 +57,9 @@ class ExactTarget(Target):
             ratio = ratio.reshape(*channel_view(ratio.estimate, ndim, channel_axis).shape)
         zero_point = int(output_qp.zero_point)
 
-        def requantize(acc: torch.Tensor) -> torch.Tensor:
-            return round_half_even_exact([(acc, ratio)], lo - zero_point, hi - zero_point, zero_point=zero_point)
+        def requantize(acc: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return round_half_even_exact([(acc, ratio)], lo - zero_point, hi - zero_point, zero_point=zero_point,
+                                         dtype=dtype)
 
         return requantize
 

@@ -37,9 +37,14 @@ def padding_only_windows(geometry: ConvGeometry, kernel_hw) -> bool:
 
 
 def uint8_codes(codes: torch.Tensor, shift: int) -> torch.Tensor:
-    """Integer codes + shift (0, or 128 for int8 codes) as uint8. q + 128 is q's low byte with its top bit
-    flipped: the cast to uint8 keeps the low byte (modular, as C++'s conversion to an unsigned type), and the
-    xor runs on 1-byte values instead of an int64 add."""
+    """Integer codes + shift (0, or 128 for int8 codes) as uint8, leaving `codes` as they are (uint8 codes with
+    no shift come back themselves: the kernels only read them). q + 128 is q's
+    low byte with its top bit flipped: the cast to uint8 keeps the low byte (modular, as C++'s conversion to an
+    unsigned type), and the xor runs on 1-byte values instead of an int64 add. int8 codes (the integer runtime's
+    narrow codes) are already that byte: a view, and one pass for the xor."""
+    if codes.dtype == torch.int8:
+        as_bytes = codes.view(torch.uint8)
+        return as_bytes.bitwise_xor(shift) if shift else as_bytes
     return codes.to(torch.uint8).bitwise_xor_(shift) if shift else codes.to(torch.uint8)
 
 

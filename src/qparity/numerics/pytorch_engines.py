@@ -289,7 +289,7 @@ class PyTorchEngineTarget(Target):
             scale_w = weight_scale.to(torch.float32)
             zero_point_f = _f32(zero_point)
 
-            def requantize_onednn(acc: torch.Tensor) -> torch.Tensor:
+            def requantize_onednn(acc: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
                 # One float32 rounding per step; the first makes a new tensor (the caller keeps acc), the rest
                 # run in place on it.
                 real = acc.to(torch.float32) * scale_x.to(acc.device)
@@ -297,7 +297,7 @@ class PyTorchEngineTarget(Target):
                 if bias is not None:
                     real.add_(view(bias).to(acc.device))
                 real.mul_(inv_y.to(acc.device)).add_(zero_point_f.to(acc.device)).round_()
-                return real.clamp_(lo, hi).to(torch.int64)
+                return real.clamp_(lo, hi).to(dtype)
 
             return requantize_onednn
 
@@ -307,7 +307,7 @@ class PyTorchEngineTarget(Target):
             multiplier = view(product / scale_y)
         offset = None if bias is None else view(bias_in_accumulator_units(rule, bias, product))
 
-        def requantize(acc: torch.Tensor) -> torch.Tensor:
+        def requantize(acc: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
             if rule == "qnnpack":
                 total = acc.to(torch.float64) if offset is None else acc.to(torch.float64) + offset.to(acc.device)
                 total = total.to(torch.float32)  # int32 to float, as QNNPACK's fp32 requantization
@@ -316,7 +316,7 @@ class PyTorchEngineTarget(Target):
                 if offset is not None:
                     total = total + offset.to(acc.device)  # a new tensor: the caller keeps acc
             value = torch.mul(total, multiplier.to(acc.device)).round_()
-            return value.add_(zero_point).clamp_(lo, hi).to(torch.int64)
+            return value.add_(zero_point).clamp_(lo, hi).to(dtype)
 
         return requantize
 

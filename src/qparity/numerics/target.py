@@ -17,7 +17,9 @@ from . import pooling
 from ..qparams import QParams
 from .activations import TableCache
 
-Requantizer = Callable[[torch.Tensor], torch.Tensor]
+# acc -> codes; an optional `dtype` (default int64) names the integer dtype of the codes returned, which must
+# hold the output grid (the integer runtime's narrow codes: ops/program.py).
+Requantizer = Callable[..., torch.Tensor]
 
 
 def channel_view(values: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
@@ -108,7 +110,8 @@ class Target:
         """acc -> output codes for a conv ("conv2d", "conv_transpose2d") or fully connected ("linear") layer.
 
         acc (bias included) arrives as a float tensor holding exact integers (float32 below 2^24, else
-        float64); the requantizer converts it as its runtime does.
+        float64); the requantizer converts it as its runtime does: `requantize(acc, dtype=torch.int64)`
+        returns the codes as `dtype` (int64, or the output grid's own dtype).
         """
         raise NotImplementedError
 

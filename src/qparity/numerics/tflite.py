@@ -129,9 +129,9 @@ class TFLiteTarget(LiteRTActivations, Target):
         if op == "linear":
             multiplier = channel_view(real, ndim, channel_axis)
 
-            def requantize_in_double(acc: torch.Tensor) -> torch.Tensor:
+            def requantize_in_double(acc: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
                 scaled = round_half_away(acc.to(torch.float64) * multiplier.to(acc.device)).to(torch.int64)
-                return scaled.add_(zero_point).clamp_(lo, hi)
+                return scaled.add_(zero_point).clamp_(lo, hi).to(dtype)
 
             return requantize_in_double
         m0, shift = _multiplier(real)

@@ -243,9 +243,9 @@ class TosaTarget(Target):
         # apply_scale_32, the zero point and RESCALE's int8 clip, then CLAMP (one clamp): one multiply-add
         fused = ShiftRequantizer.single_rounding(multiplier, shift, int(output_qp.zero_point), lo, hi)
 
-        def requantize(acc: torch.Tensor) -> torch.Tensor:
+        def requantize(acc: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
             require_within_shift(acc, fused.shift.to(acc.device))
-            return fused(acc)
+            return fused(acc, dtype)
 
         return requantize
 

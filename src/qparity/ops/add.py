@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from . import constant
 
+# new_grid hands its kernel int64 codes; its tables (the integer runtime's) take narrow codes as they come.
+READS_NARROW_CODES = True
+
 
 def run(ctx, node, a, b):
     target = ctx.target

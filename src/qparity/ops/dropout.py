@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+READS_NARROW_CODES = True  # the identity outside training
+
 
 def run(ctx, node, x):
     if not ctx.fake or not ctx.mode.training or node.attrs["p"] == 0:

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import InvalidParameterError, OverflowRiskError, UnsupportedOpError
 from ..graph import Node, QValue, fused_clamp_bounds
-from ..qparams import FLOAT32_TINY, QParams
+from ..qparams import FLOAT32_TINY, TORCH_DTYPES, QParams
 from ..numerics.arithmetic import INT32_MAX
 from ..numerics.engine_kernels import engine_layer
 from ..numerics.int8_accumulate import int8_accumulator
@@ -131,21 +131,28 @@ def check_bias_range(where: str, bias: torch.Tensor, input_qp: QParams, weight_s
 # ---------------------------------------------------------------------------------------------------------
 # The operator in both modes
 # ---------------------------------------------------------------------------------------------------------
+# In the integer runtime's narrow mode the input codes may come in their grid's own dtype (ops/program.py): the
+# int8 kernels shift them to uint8 as they are, layer_accumulator centers them in float32 (exact below 2^24),
+# and the other kernels get int64. The output is stored in its grid's dtype.
+READS_NARROW_CODES = True
+
+
 def run(ctx, node: Node, x: QValue) -> QValue:
     if not ctx.fake:
+        qp = ctx.mode.qparams[node.name]
         kernel = ctx.mode.model.layer_kernels[node.name]
         if callable(kernel):  # a runtime without an integer accumulator (Target.layer_kernel)
-            return QValue(kernel(x.codes), ctx.mode.qparams[node.name])
+            return QValue(kernel(x.codes.to(torch.int64)), qp)
         plan, geometry, weight, bias, requantize, int8, engine = kernel
         # The engine's own kernel where it is the target's rule (engine_kernels), accumulation and requantization.
-        codes = engine(x.codes) if engine is not None and x.codes.device.type == "cpu" else None
+        codes = engine(x.codes.to(torch.int64)) if engine is not None and x.codes.device.type == "cpu" else None
         if codes is not None:
-            return QValue(codes, ctx.mode.qparams[node.name])
+            return QValue(codes, qp)
         # The same integers as layer_accumulator's, on int8 kernels (int8_accumulate), where they take the input.
         acc = int8(x.codes) if int8 is not None and x.codes.device.type == "cpu" else None
         if acc is None:
             acc = layer_accumulator(plan, geometry, x.codes, x.qparams, weight, bias)
-        return QValue(requantize(acc), ctx.mode.qparams[node.name])
+        return QValue(requantize(acc, TORCH_DTYPES[qp.dtype] if ctx.narrow else torch.int64), qp)
     layer = ctx.mode.model.layers[node.name]
     if layer.training and layer.batch_norm is not None:
         return _batch_norm_training(ctx, node, layer, x)

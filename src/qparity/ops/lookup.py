@@ -20,6 +20,7 @@ from ..layout import memory_order
 
 MAX_TABLE = 1 << 17  # entries; 16-bit codes would need 2^32
 FLOAT32_EXACT_INTEGERS = 1 << 24  # float32 holds every integer of smaller magnitude
+INT32_LIMIT = 1 << 31
 
 
 class PairTable:
@@ -31,8 +32,9 @@ class PairTable:
     codes and a row of b's, for an f that is elementwise with broadcasting and computes a term per input before
     combining them (Target.add_from_code_terms): each term is then computed once per code, not once per pair.
 
-    dtype: what the table holds and answers, int64 codes or (for the prepared model, whose codes are float32)
-    the same codes in float32 (`gather_codes`)."""
+    dtype: what the table holds and answers: int64 codes, the same codes in float32 (the prepared model's codes,
+    `gather_codes`), or in the output grid's own integer dtype (the integer runtime's narrow codes, `table_of`).
+    The index takes codes of any of those dtypes (`pair_index`)."""
 
     def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a_lo: int, a_hi: int,
                  b_lo: int, b_hi: int, broadcast: bool = False, dtype: torch.dtype = torch.int64):
@@ -54,18 +56,35 @@ class PairTable:
         # magnitude (always so for 8-bit grids: at most 2^17).
         largest = max(abs(a_lo), abs(a_hi)) * self.b_span + max(abs(b_lo), abs(b_hi)) + abs(self.offset)
         self.float_index_exact = largest < FLOAT32_EXACT_INTEGERS
+        self.int32_index_exact = largest < INT32_LIMIT  # likewise for narrow integer codes, formed in int32
 
     @staticmethod
     def fits(a_lo: int, a_hi: int, b_lo: int, b_hi: int) -> bool:
         return (a_hi - a_lo + 1) * (b_hi - b_lo + 1) <= MAX_TABLE
 
     def __call__(self, qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
-        if (qa.is_floating_point() or qb.is_floating_point()) and not self.float_index_exact:
-            qa, qb = qa.to(torch.int64), qb.to(torch.int64)
+        return gather_codes(self.table.to(qa.device), self.pair_index(qa, qb))
+
+    def pair_index(self, qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
+        """qa * b_span + qb + offset (broadcast), computed without wrapping: narrow integer codes (int8, uint8,
+        int16, int32) form it in int32 where every partial sum of codes in the table's ranges fits
+        (int32_index_exact: always for 8-bit grids), float32 codes where float_index_exact, else in int64."""
+        if qa.is_floating_point() or qb.is_floating_point():
+            if not self.float_index_exact:
+                qa, qb = qa.to(torch.int64), qb.to(torch.int64)
+        elif qa.dtype != torch.int64 and qb.dtype != torch.int64:
+            # int32 + a narrow operand promotes to int32, where no partial sum wraps (int32_index_exact)
+            # a copy always (int32 codes would otherwise come back themselves), so the index may be formed in it
+            wide = qa.to(torch.int32 if self.int32_index_exact else torch.int64, copy=True)
+            # no second buffer for the index where it would have wide's layout anyway (operands stored alike)
+            if qb.shape == wide.shape and qb.stride() == wide.stride() == qa.stride():
+                index = torch.add(qb, wide, alpha=self.b_span, out=wide)
+                return index.add_(self.offset) if self.offset else index
+            qa = wide
         index = torch.add(qb, qa, alpha=self.b_span)  # broadcasts
         if self.offset:
             index.add_(self.offset)
-        return gather_codes(self.table.to(qa.device), index)
+        return index
 
 
 class CodeTable:
@@ -76,20 +95,36 @@ class CodeTable:
         self.lo = lo
         self.table = table_of(fn(torch.arange(lo, hi + 1, dtype=torch.int64)), dtype)
         self.float_index_exact = max(abs(lo), abs(hi), hi - lo) < FLOAT32_EXACT_INTEGERS  # q - lo without rounding
+        self.int32_index_exact = max(abs(lo), abs(hi), hi - lo) < INT32_LIMIT  # q - lo without wrapping
 
     def __call__(self, q: torch.Tensor) -> torch.Tensor:
         if q.is_floating_point() and self.float_index_exact:
             return gather_codes(self.table.to(q.device), q - self.lo if self.lo else q)
-        index = q.to(torch.int64) - self.lo if self.lo else q.to(torch.int64)
+        # narrow codes form q - lo in int32 where it cannot wrap; int64 codes stay int64
+        narrow = q.dtype != torch.int64 and not q.is_floating_point() and self.int32_index_exact
+        wide = torch.int32 if narrow else torch.int64
+        index = q.to(wide) - self.lo if self.lo else q.to(wide)
         return gather_codes(self.table.to(q.device), index)
 
 
+# The dtypes a table may answer in: int64 codes, float32 codes (the prepared model's), and the grids' own integer
+# dtypes (the integer runtime's narrow codes).
+TABLE_DTYPES = (torch.int64, torch.float32, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 def table_of(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The tabulated codes as int64, or as float32 for the prepared model: there the int64 codes an op computes
-    become float32 in `emit` (`codes.to(torch.float32)`), the very conversion made here, once per entry."""
-    if dtype not in (torch.int64, torch.float32):
-        raise InvalidParameterError(f"a lookup table holds int64 or float32 codes, not {dtype}")
-    return values.to(torch.int64).to(dtype)
+    """The tabulated codes as int64; as float32 for the prepared model (there the int64 codes an op computes
+    become float32 in `emit`, `codes.to(torch.float32)`, the very conversion made here, once per entry); or in a
+    narrow integer dtype, which must hold every entry (an output grid's own dtype holds its codes)."""
+    if dtype not in TABLE_DTYPES:
+        raise InvalidParameterError(f"a lookup table holds codes as one of {TABLE_DTYPES}, not {dtype}")
+    codes = values.to(torch.int64)
+    if not dtype.is_floating_point and dtype != torch.int64 and codes.numel():
+        info = torch.iinfo(dtype)
+        low, high = int(codes.min()), int(codes.max())
+        if low < info.min or high > info.max:
+            raise InvalidParameterError(f"a lookup table's codes span [{low}, {high}], which {dtype} cannot hold")
+    return codes.to(dtype)
 
 
 def gather_codes(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,11 @@ come from and what a result carries:
   operator's float surrogate computes; results carry the surrogate's gradient (straight-through).
 - `Integer` (IntegerModel.run): grids are frozen; results are bare codes, and elementwise operators whose
   result depends only on their input codes answer from a table the target's own function filled.
+  `Integer(model, narrow=True)` (what IntegerModel.run uses) keeps codes between operators in their grid's own
+  dtype (int8, uint8, int16, int32) where an operator makes them so (layers, tables, max pools): 1 to 4 bytes
+  per code instead of 8 for every later pass. Only the operator modules that declare `READS_NARROW_CODES`
+  receive such codes; every other operator gets them as int64 (`ProgramExecutor.dispatch`), so an operator's
+  arithmetic never meets a dtype that could wrap.
 
 So for every input `QATModel.eval()(x) == IntegerModel(x)` holds by construction, and a new operator is one
 module that both modes run.
@@ -20,7 +25,7 @@ import torch
 
 from ..errors import UnsupportedOpError
 from ..graph import Executor, Node, QValue, fused_clamp_bounds
-from ..qparams import QParams
+from ..qparams import TORCH_DTYPES, QParams
 from . import activation, add, amax, aten_float, avg_pool, call, cat, clamp, constant, dropout, hardswish, input as input_op, layer, matmul, max_pool, mean, mul, pad, parameter, prelu, quantize, rsqrt, softmax, sub, upsample
 from .lookup import CodeTable, PairTable
 from .surrogates import Bounds, clamped, quantized_output
@@ -39,16 +44,24 @@ IMPLEMENTATIONS = {
 CodeFunction = Callable[[List[QValue], QParams, int, int], torch.Tensor]
 
 
+# The operators whose modules take codes in any integer dtype that holds their grid (READS_NARROW_CODES).
+NARROW_CODE_READERS = frozenset(op for op, module in IMPLEMENTATIONS.items()
+                                if getattr(module, "READS_NARROW_CODES", False))
+
+
 class ProgramExecutor(Executor):
     def __init__(self, graph, target, mode, keep_values: bool = True):
         super().__init__(graph, target, keep_values)
         self.mode = mode
+        self.narrow = getattr(mode, "narrow", False)
 
     @property
     def fake(self) -> bool:
         return self.mode.fake
 
     def dispatch(self, node: Node, args: tuple, kwargs: dict):
+        if self.narrow and node.op not in NARROW_CODE_READERS:
+            args, kwargs = widened(args), widened(kwargs)
         try:
             return IMPLEMENTATIONS[node.op].run(self, node, *args, **kwargs)
         except UnsupportedOpError as error:  # a grid the runtime refuses, known only once the grids are: name where
@@ -178,19 +191,44 @@ def build_table(kind: str, grids: List[QParams], codes: Callable, dtype: torch.d
                      dtype=dtype)
 
 
+def narrow_dtype(qp: QParams) -> torch.dtype:
+    """The grid's own integer dtype: what narrow codes on it are stored as."""
+    return TORCH_DTYPES[qp.dtype]
+
+
+def widened(value):
+    """A node's resolved arguments with every QValue's narrow integer codes as int64 (nested tuples, lists and
+    dicts as they come; anything else untouched)."""
+    if isinstance(value, QValue):
+        codes = value.codes
+        if codes.dtype == torch.int64 or codes.is_floating_point():
+            return value
+        return QValue(codes.to(torch.int64), value.qparams)
+    if isinstance(value, tuple):
+        return tuple(widened(v) for v in value)
+    if isinstance(value, list):
+        return [widened(v) for v in value]
+    if isinstance(value, dict):
+        return {k: widened(v) for k, v in value.items()}
+    return value
+
+
 def int64_codes(values: List[QValue]) -> List[QValue]:
     """The values with int64 codes, which every target function takes (the prepared model's are float32)."""
     return [QValue(v.codes.to(torch.int64), v.qparams) for v in values]
 
 
 class Integer:
-    """The IntegerModel's mode: frozen grids and layer constants, tables for code-only elementwise ops."""
+    """The IntegerModel's mode: frozen grids and layer constants, tables for code-only elementwise ops.
+    narrow: codes between operators in their grid's own dtype where an operator makes them so (module
+    docstring); the values of every node are the same integers either way."""
 
     fake = False
     training = False
 
-    def __init__(self, model):
+    def __init__(self, model, narrow: bool = False):
         self.model = model
+        self.narrow = narrow
         self.qparams = model.qparams
         # Each prelu's frozen slope codes and scale, which convert wrote into the node: tensors built once.
         self.slopes = {node.name: (torch.tensor(node.attrs["slope_codes"], dtype=torch.float32),
@@ -210,11 +248,13 @@ class Integer:
         return bounds
 
     def tabulated(self, node: Node, kind: str, inputs: List[QValue], codes: Callable, output: tuple) -> torch.Tensor:
-        """The codes from a table of the target's own function, built on first use (the grids are frozen)."""
+        """The codes from a table of the target's own function, built on first use (the grids are frozen). In the
+        narrow mode the table answers in the output grid's own dtype and takes the inputs' codes as they come."""
         grids = [v.qparams for v in inputs]
         if table_entries(kind, grids) is None:
             return codes(inputs)
-        table = self.model.tables.get(node.name)
+        dtype = narrow_dtype(output[0]) if self.narrow else torch.int64
+        table = self.model.tables.get((node.name, dtype))
         if table is None:
-            table = self.model.tables[node.name] = build_table(kind, grids, codes)
-        return table(*(v.codes for v in int64_codes(inputs)))
+            table = self.model.tables[(node.name, dtype)] = build_table(kind, grids, codes, dtype)
+        return table(*(v.codes for v in (inputs if self.narrow else int64_codes(inputs))))
