@@ -168,9 +168,12 @@ class Executor:
     """Runs a Graph, calling `dispatch` for each node: the integer program's executor (ops/program.py) and the
     exporters (one `op_<name>` method per operator) build on it."""
 
-    def __init__(self, graph: Graph, target, keep_values: bool = True):
+    def __init__(self, graph: Graph, target, keep_values: bool = True,
+                 released: Optional[Dict[str, List[str]]] = None):
         self.graph = graph
         self.target = target
+        # last_uses(graph), where the caller keeps it for a graph that no longer changes (it walks every node)
+        self.released = released
         # keep_values: every node's result of the last run stays in `values`, in execution order (the doctor,
         # golden vectors and exporters read them); otherwise each is dropped after its last use, so a run holds
         # only the values still to be read (a model's forward and run: their peak memory).
@@ -181,7 +184,8 @@ class Executor:
         env: Dict[str, Any] = {}
         self.values = env
         feed = iter(inputs)
-        released = {} if self.keep_values else last_uses(self.graph)
+        released = {} if self.keep_values else (self.released if self.released is not None
+                                                else last_uses(self.graph))
         for node in self.graph.nodes:
             if node.op == "input":
                 env[node.name] = self.dispatch(node, (next(feed),), {})

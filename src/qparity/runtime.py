@@ -17,7 +17,7 @@ import torch
 
 from .engine_program import engine_program
 from .errors import InputError, QParityError
-from .graph import Graph, Node, QValue, output_structure, resolve_grids
+from .graph import Graph, Node, QValue, last_uses, output_structure, resolve_grids
 from .ops.aten_float import float_layer_constants
 from .ops.input import require_float_input
 from .ops.layer import IntegerLayer, prepare_integer_layer
@@ -88,7 +88,8 @@ class IntegerModel:
             else:
                 # each node's codes dropped after their last use, and held in their grid's own dtype between the
                 # operators that read them so (ops/program.py): the run's peak memory and memory traffic
-                executor = ProgramExecutor(self.graph, self.target, self._narrow_mode, keep_values=False)
+                executor = ProgramExecutor(self.graph, self.target, self._narrow_mode, keep_values=False,
+                                           released=self._released)
                 result = executor.run([q.to(TORCH_DTYPES[node_grid.dtype]) for q, node_grid
                                        in zip(codes, self.input_qparams)])
         return output_structure(result, lambda v: v.codes.to(TORCH_DTYPES[v.qparams.dtype]))
@@ -119,6 +120,10 @@ class IntegerModel:
     @cached_property
     def _narrow_mode(self) -> Integer:
         return Integer(self, narrow=True)
+
+    @cached_property
+    def _released(self):
+        return last_uses(self.graph)  # the graph is fixed once the model is built
 
     def dequantize(self, codes):
         """Output codes to float32 real values (`(q - z) * s`); a float32 output is returned as it is."""

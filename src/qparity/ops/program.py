@@ -50,8 +50,8 @@ NARROW_CODE_READERS = frozenset(op for op, module in IMPLEMENTATIONS.items()
 
 
 class ProgramExecutor(Executor):
-    def __init__(self, graph, target, mode, keep_values: bool = True):
-        super().__init__(graph, target, keep_values)
+    def __init__(self, graph, target, mode, keep_values: bool = True, released=None):
+        super().__init__(graph, target, keep_values, released)
         self.mode = mode
         self.narrow = getattr(mode, "narrow", False)
 
