@@ -12,6 +12,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+import qparity.numerics.compiled as compiled
 from qparity.errors import InvalidParameterError
 from qparity.numerics.arithmetic import INT32_MAX, INT32_MIN, ShiftRequantizer, multiply_by_quantized_multiplier
 from qparity.numerics.tosa import apply_scale_32
@@ -115,3 +116,44 @@ def test_shift_requantizers_take_float32_accumulators_and_leave_their_input_alon
         before = values.clone()
         assert torch.equal(requantize(values), expected)
         assert torch.equal(values, before)
+
+
+def whole_and_chunked(requantize, x, monkeypatch, block_elements):
+    """(one call, the call in blocks of about block_elements elements along the first dimension)."""
+    monkeypatch.setattr(compiled, "CHUNK_ELEMENTS", 1 << 62)
+    whole = requantize(x)
+    monkeypatch.setattr(compiled, "CHUNK_ELEMENTS", block_elements)
+    return whole, requantize(x)
+
+
+@SETTINGS
+@given(case=gemmlowp_cases(), block=st.integers(1, 30), narrow=st.booleans())
+def test_shift_requantizer_in_blocks_equals_one_call(case, block, narrow):
+    x, m0, shift, zero_point, (lo, hi) = case
+    requantize = ShiftRequantizer.gemmlowp(m0, shift, zero_point, lo, hi)
+    dtype = torch.int8 if narrow and -128 <= lo and hi <= 127 else torch.int64
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        whole, chunked = whole_and_chunked(lambda v: requantize(v, dtype), x, monkeypatch, block)
+    assert torch.equal(chunked, whole) and chunked.dtype == whole.dtype and chunked.stride() == whole.stride()
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "sliced", "batch_constants"])
+def test_shift_requantizer_blocks_keep_the_layout_or_run_whole(layout, monkeypatch):
+    x = torch.randint(-2**20, 2**20, (7, 3, 4, 5))
+    m0, shift = torch.full((1, 3, 1, 1), 1 << 30), torch.tensor([-3, 0, 2]).reshape(1, 3, 1, 1)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = x[:, :, 1:3]
+    elif layout == "batch_constants":  # a constant that varies along the first dimension: no blocks
+        m0 = torch.full((7, 3, 1, 1), 1 << 30)
+    requantize = ShiftRequantizer.gemmlowp(m0, shift, 5, -128, 127)
+    calls = []
+    monkeypatch.setattr(compiled, "CHUNK_ELEMENTS", 1 << 62)
+    whole = requantize(x)
+    rule = ShiftRequantizer.requantize
+    monkeypatch.setattr(ShiftRequantizer, "requantize", staticmethod(lambda v, *a: calls.append(v.shape) or rule(v, *a)))
+    monkeypatch.setattr(compiled, "CHUNK_ELEMENTS", 2 * x[0].numel())
+    chunked = requantize(x)
+    assert torch.equal(chunked, whole) and chunked.stride() == whole.stride()
+    assert len(calls) == (4 if layout in ("channels_last", "contiguous") else 1)

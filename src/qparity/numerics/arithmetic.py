@@ -330,7 +330,7 @@ class ShiftRequantizer:
         or `dtype` (an integer dtype holding [lo, hi]): a new tensor of their shape and memory format."""
         multiplier, addend, shift, sign_weight = self._on(values.device)
         return run_kernel(ShiftRequantizer.requantize, values, multiplier, addend, shift, sign_weight,
-                          self.zero_point, self.lo, self.hi, dtype)
+                          self.zero_point, self.lo, self.hi, dtype, chunked=True)
 
     @staticmethod
     def requantize(values: torch.Tensor, multiplier: torch.Tensor, addend: torch.Tensor, shift: torch.Tensor,
