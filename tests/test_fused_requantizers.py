@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 import qparity.numerics.compiled as compiled
 from qparity.errors import InvalidParameterError
-from qparity.numerics.arithmetic import INT32_MAX, INT32_MIN, ShiftRequantizer, multiply_by_quantized_multiplier
+from qparity.numerics.arithmetic import (INT32_MAX, INT32_MIN, ExactRatio, ShiftRequantizer, multiply_by_quantized_multiplier,
+                                        round_half_even_exact)
 from qparity.numerics.tosa import apply_scale_32
 
 SETTINGS = settings(max_examples=300, deadline=None)
@@ -157,3 +158,38 @@ def test_shift_requantizer_blocks_keep_the_layout_or_run_whole(layout, monkeypat
     chunked = requantize(x)
     assert torch.equal(chunked, whole) and chunked.stride() == whole.stride()
     assert len(calls) == (4 if layout in ("channels_last", "contiguous") else 1)
+
+
+@SETTINGS
+@given(channels=st.integers(1, 5), rows=st.integers(2, 40), seed=st.integers(0, 2**31 - 1),
+       magnitude=st.sampled_from([1 << 4, 1 << 16, 1 << 24]), zero_point=st.integers(-128, 127),
+       binary=st.booleans(), block=st.integers(1, 40))
+def test_exact_rounding_in_blocks_equals_one_call(channels, rows, seed, magnitude, zero_point, binary, block):
+    """round_half_even_exact's one-pass common case in blocks: the codes and the farthest distance from a tie
+    (a maximum over the blocks) decide as one call does, ties included."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randint(-magnitude, magnitude, (rows, channels), generator=g).to(torch.float32)
+    if binary:  # short binary fractions: exact ties, which send the whole tensor to the exact path
+        scales = torch.exp2(torch.randint(-12, 0, (1, channels), generator=g).to(torch.float32))
+    else:
+        scales = torch.rand(1, channels, generator=g) * 0.01 + 1e-6
+    ratio = ExactRatio.of_scales([scales], [torch.tensor(0.05)])
+    lo, hi = -128 - zero_point, 127 - zero_point
+
+    def requantize(x):
+        return round_half_even_exact([(x, ratio)], lo, hi, zero_point=zero_point, dtype=torch.int8)
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        whole, chunked = whole_and_chunked(requantize, k, monkeypatch, block)
+    assert torch.equal(chunked, whole) and chunked.dtype == torch.int8 and chunked.stride() == whole.stride()
+
+
+def test_blocks_combine_a_rules_scalar_results_as_maxima(monkeypatch):
+    def rule(v, factor):
+        return v * factor, v.abs().max()
+
+    x = torch.zeros(9, 4, dtype=torch.int64)
+    x[8, 3] = -50  # the largest magnitude in the last block
+    monkeypatch.setattr(compiled, "CHUNK_ELEMENTS", 8)
+    codes, largest = compiled.run_kernel(rule, x, torch.full((1, 4), 3), chunked=True)
+    assert torch.equal(codes, x * 3) and int(largest) == 50

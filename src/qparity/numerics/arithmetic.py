@@ -100,7 +100,8 @@ def round_half_even_exact(terms: Sequence[Tuple[torch.Tensor, ExactRatio]], lo: 
     if len(terms) == 1 and terms[0][0].numel():
         # The common case in one pass (one compiled kernel where the model is compiled): no element near a tie
         k, c = terms[0]
-        codes, farthest = run_kernel(_round_one_term, k, c.estimate.to(k.device), lo, hi, zero_point, dtype)
+        codes, farthest = run_kernel(_round_one_term, k, c.estimate.to(k.device), lo, hi, zero_point, dtype,
+                                     chunked=True)
         if float(farthest) < 0.5 - error_bound:
             return codes
     estimate = None

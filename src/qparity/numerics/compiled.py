@@ -54,8 +54,9 @@ def run_kernel(rule: Callable[..., torch.Tensor], values: torch.Tensor, *args, c
                ) -> torch.Tensor:
     """`rule(values, *args)`: eagerly, or as its one compiled kernel inside `compiled_kernels()`.
 
-    chunked: the rule is elementwise along values' first dimension and returns one tensor; its eager passes then
-    run over blocks of about CHUNK_ELEMENTS elements (`_in_chunks`)."""
+    chunked: the rule is elementwise along values' first dimension and returns a tensor, or a tuple of tensors
+    of which the 0-dim ones are maxima over the elements; its eager passes then run over blocks of about
+    CHUNK_ELEMENTS elements (`_in_chunks`)."""
     min_elements = getattr(_switch, "min_elements", None)
     if min_elements is not None and values.device.type == "cpu" and values.numel() >= min_elements:
         try:
@@ -92,13 +93,22 @@ def _in_chunks(rule: Callable[..., torch.Tensor], values: torch.Tensor, args: tu
     if block < 1 or rows <= block or not dense or not broadcast:
         return rule(values, *args)
     first = rule(values[:block], *args)
-    out = torch.empty_like(values, dtype=first.dtype)
-    if first.shape != values[:block].shape or first.stride() != out[:block].stride():
+    parts = first if isinstance(first, tuple) else (first,)
+    # each result: a tensor of the block's shape, written into one of the whole shape; or a 0-dim maximum
+    outs = [None if part.dim() == 0 else torch.empty_like(values, dtype=part.dtype) for part in parts]
+    if any(out is not None and (part.shape != values[:block].shape or part.stride() != out[:block].stride())
+           for part, out in zip(parts, outs)):
         return rule(values, *args)
-    out[:block] = first
-    for start in range(block, rows, block):
-        out[start:start + block] = rule(values[start:start + block], *args)
-    return out
+    totals = list(parts)
+    for start in range(0, rows, block):
+        block_parts = parts if start == 0 else rule(values[start:start + block], *args)
+        for i, part in enumerate(block_parts if isinstance(block_parts, tuple) else (block_parts,)):
+            if outs[i] is None:
+                totals[i] = torch.maximum(totals[i], part)
+            else:
+                outs[i][start:start + block] = part
+    results = tuple(total if out is None else out for total, out in zip(totals, outs))
+    return results if isinstance(first, tuple) else results[0]
 
 
 @functools.lru_cache(maxsize=None)
