@@ -252,16 +252,21 @@ def flatten_values(value):
         yield value
 
 
-def unwrap(value):
+def map_qvalues(value, fn: Callable[[QValue], Any]):
+    """value with fn applied to every QValue in its nested tuples, lists and dicts (anything else as it is)."""
     if isinstance(value, QValue):
-        return value.codes
+        return fn(value)
     if isinstance(value, tuple):
-        return tuple(unwrap(v) for v in value)
+        return tuple(map_qvalues(v, fn) for v in value)
     if isinstance(value, list):
-        return [unwrap(v) for v in value]
+        return [map_qvalues(v, fn) for v in value]
     if isinstance(value, dict):
-        return {k: unwrap(v) for k, v in value.items()}
+        return {k: map_qvalues(v, fn) for k, v in value.items()}
     return value
+
+
+def unwrap(value):
+    return map_qvalues(value, lambda v: v.codes)
 
 
 def wrap(value, grid: QParams):

@@ -24,7 +24,7 @@ from typing import Callable, List, Optional
 import torch
 
 from ..errors import UnsupportedOpError
-from ..graph import Executor, Node, QValue, fused_clamp_bounds
+from ..graph import Executor, Node, QValue, fused_clamp_bounds, map_qvalues
 from ..qparams import TORCH_DTYPES, QParams
 from . import activation, add, amax, aten_float, avg_pool, call, cat, clamp, constant, dropout, hardswish, input as input_op, layer, matmul, max_pool, mean, mul, pad, parameter, prelu, quantize, rsqrt, softmax, sub, upsample
 from .lookup import CodeTable, PairTable
@@ -199,18 +199,14 @@ def narrow_dtype(qp: QParams) -> torch.dtype:
 def widened(value):
     """A node's resolved arguments with every QValue's narrow integer codes as int64 (nested tuples, lists and
     dicts as they come; anything else untouched)."""
-    if isinstance(value, QValue):
-        codes = value.codes
-        if codes.dtype == torch.int64 or codes.is_floating_point():
-            return value
-        return QValue(codes.to(torch.int64), value.qparams)
-    if isinstance(value, tuple):
-        return tuple(widened(v) for v in value)
-    if isinstance(value, list):
-        return [widened(v) for v in value]
-    if isinstance(value, dict):
-        return {k: widened(v) for k, v in value.items()}
-    return value
+    return map_qvalues(value, _int64_value)
+
+
+def _int64_value(value: QValue) -> QValue:
+    codes = value.codes
+    if codes.dtype == torch.int64 or codes.is_floating_point():
+        return value
+    return QValue(codes.to(torch.int64), value.qparams)
 
 
 def int64_codes(values: List[QValue]) -> List[QValue]:
