@@ -182,3 +182,23 @@ def test_uint8_codes_of_narrow_codes_leave_the_codes_untouched(dtype, shift):
     got = uint8_codes(codes, shift)
     assert got.dtype == torch.uint8 and torch.equal(got.to(torch.int64), before.to(torch.int64) + shift)
     assert torch.equal(codes, before) and codes.dtype == dtype
+
+
+def test_a_copy_given_another_graph_drops_values_by_its_own_graph():
+    """IntegerModel.run keeps the graph's last-use map per graph object: a copy whose graph outputs every node
+    (the ONNX exporter's probe) must not drop values by the original graph's map."""
+    import copy
+
+    from qparity.graph import Graph, Ref
+
+    torch.manual_seed(6)
+    batches = [torch.randn(2, 3, 16, 16) for _ in range(2)]
+    _, integer = prepare_and_convert(ResNetish((4, 8), in_channels=3), (batches[0],), "tflite", batches)
+    codes = integer.quantize(batches[1])
+    integer.run(codes)  # the original graph's map, computed and kept
+    probe = copy.copy(integer)
+    probe.graph = Graph(integer.graph.nodes, tuple(Ref(n.name) for n in integer.graph.nodes),
+                        integer.graph.input_shapes)
+    values = probe.run(codes)
+    assert len(values) == len(integer.graph.nodes)
+    assert torch.equal(values[-1].to(torch.int64), integer.run(codes).to(torch.int64))

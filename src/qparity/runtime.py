@@ -89,7 +89,7 @@ class IntegerModel:
                 # each node's codes dropped after their last use, and held in their grid's own dtype between the
                 # operators that read them so (ops/program.py): the run's peak memory and memory traffic
                 executor = ProgramExecutor(self.graph, self.target, self._narrow_mode, keep_values=False,
-                                           released=self._released)
+                                           released=self._last_uses())
                 result = executor.run([q.to(TORCH_DTYPES[node_grid.dtype]) for q, node_grid
                                        in zip(codes, self.input_qparams)])
         return output_structure(result, lambda v: v.codes.to(TORCH_DTYPES[v.qparams.dtype]))
@@ -121,9 +121,13 @@ class IntegerModel:
     def _narrow_mode(self) -> Integer:
         return Integer(self, narrow=True)
 
-    @cached_property
-    def _released(self):
-        return last_uses(self.graph)  # the graph is fixed once the model is built
+    def _last_uses(self):
+        """last_uses of the model's graph, computed once per graph object (a copy of the model may be given
+        another graph: the ONNX exporter's probe outputs every node)."""
+        cached = self.__dict__.get("_last_uses_of")
+        if cached is None or cached[0] is not self.graph:
+            cached = self._last_uses_of = (self.graph, last_uses(self.graph))
+        return cached[1]
 
     def dequantize(self, codes):
         """Output codes to float32 real values (`(q - z) * s`); a float32 output is returned as it is."""
