@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 import qparity as qp
 from qparity.bench import ResNetish
 from qparity.ops import program
-from qparity.ops.surrogates import _InclusiveClamp, quantized_output
+from qparity.ops.surrogates import _InclusiveClamp, _QuantizedOutput, clamped, quantized_output
 
 
 # The unfused chain's clamp (gradient 1 on [lo, hi], bounds included) is still the library's own.
@@ -100,3 +100,74 @@ def test_training_step_gradients_equal_the_unfused_chain(target, monkeypatch):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+class BoolMaskOutput(_QuantizedOutput):
+    """_QuantizedOutput's backward before mask_factors: the saved bool masks as multiply operands themselves."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        inside_grid, inside_clamp = ctx.saved_tensors
+        grad_real = torch.mul(grad, inside_grid).div_(ctx.scale)
+        if inside_clamp is not None:
+            grad_real.mul_(inside_clamp)
+        return None, grad_real, None, None, None, None, None, None, None
+
+
+def laid_out(x, layout):
+    """x (4-D) contiguous, channels-last, transposed, a gapped slice, or expanded along the batch (stride 0)."""
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":
+        return x.transpose(1, 3).contiguous().transpose(1, 3)
+    if layout == "sliced":
+        return torch.cat([x, x], dim=3)[..., ::2]
+    if layout == "expanded":
+        return x[:1].expand_as(x)
+    return x
+
+
+def backward_of(output, real, grad, scale, zero_point, lo, hi, bounds):
+    leaf = real.clone().requires_grad_(True)
+    codes = torch.zeros(real.shape)
+    output.apply(codes, leaf, clamped(leaf, bounds), scale, zero_point, lo, hi, bounds, None).backward(grad)
+    return leaf.grad
+
+
+special = st.sampled_from([0.0, -0.0, 1.0, -3.5, 1e30, -3e38, float("inf"), float("-inf"), float("nan"), 1e-40])
+layouts = st.sampled_from(["contiguous", "channels_last", "transposed", "sliced", "expanded"])
+
+
+@given(st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3)),
+       layouts, layouts, st.lists(st.floats(-300.0, 300.0, width=32) | special, min_size=108, max_size=108),
+       st.lists(st.floats(-1e4, 1e4, width=32) | special, min_size=108, max_size=108),
+       st.sampled_from([2.0**-126, 1e-30, 2.0**-20, 0.05, 1.0, 8.0]), st.integers(-128, 127),
+       st.sampled_from([(-128, 127), (0, 255), (5, 5)]),
+       st.sampled_from([(None, None), (0.0, None), (0.0, 6.0), (None, 1.5)]))
+def test_backward_through_mask_factors_equals_multiplying_by_the_bool_masks(
+        shape, real_layout, grad_layout, reals, grads, scale, zero_point, grid, bounds):
+    """Every gradient bit (NaN payloads, signed zeros, overflow to infinity) and the gradient's strides, for
+    masks and upstream gradients of every memory layout (the fast path and the fallback)."""
+    n = torch.Size(shape).numel()
+    real = laid_out(torch.tensor(reals[:n], dtype=torch.float32).reshape(shape), real_layout)
+    grad = laid_out(torch.tensor(grads[:n], dtype=torch.float32).reshape(shape), grad_layout)
+    lo, hi = grid
+    fast, plain = (backward_of(output, real, grad, scale, float(zero_point), lo, hi, bounds)
+                   for output in (_QuantizedOutput, BoolMaskOutput))
+    assert fast.stride() == plain.stride()
+    assert torch.equal(fast.view(torch.int32), plain.view(torch.int32))
+
+
+@pytest.mark.parametrize("target", ["x86", "tflite", "xnnpack", "exact"])
+def test_training_steps_through_mask_factors_equal_the_bool_masks(target, monkeypatch):
+    from qparity.ops import surrogates
+    from test_training_fast_paths import assert_same_steps, training_steps
+
+    torch.manual_seed(2)
+    x = torch.randn(4, 3, 16, 16) * 2
+    y = torch.randint(0, 10, (4,))
+    base = qp.prepare_qat(ResNetish((8, 16), in_channels=3), (x,), target=target).train()
+    records = [training_steps(copy.deepcopy(base), x, y, steps=3)]
+    monkeypatch.setattr(surrogates, "_QuantizedOutput", BoolMaskOutput)
+    records.append(training_steps(copy.deepcopy(base), x, y, steps=3))
+    assert_same_steps(*records)

@@ -61,10 +61,28 @@ class _QuantizedOutput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         inside_grid, inside_clamp = ctx.saved_tensors
-        grad_real = torch.mul(grad, inside_grid).div_(ctx.scale)
+        grid_factors = mask_factors(inside_grid, grad.dtype)
+        if grid_factors.shape == grad.shape and grid_factors.stride() == grad.stride():
+            # factor * grad is grad * factor (IEEE multiplication commutes), in the buffer torch.mul would
+            # allocate, with the strides it would give its result (both operands have these strides).
+            grad_real = grid_factors.mul_(grad)
+        else:
+            grad_real = torch.mul(grad, grid_factors)
+        grad_real.div_(ctx.scale)
         if inside_clamp is not None:
-            grad_real.mul_(inside_clamp)
+            grad_real.mul_(mask_factors(inside_clamp, grad_real.dtype))
         return None, grad_real, None, None, None, None, None, None, None
+
+
+def mask_factors(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as the 1.0 / 0.0 factors a multiply by it promotes it to, with the mask's strides.
+
+    Read through a uint8 view (the same bytes: 1 for True, 0 for False): PyTorch converts uint8 to float in a
+    vectorized loop, while its casts from bool and its mixed-dtype multiplies run element by element (measured
+    on this project's x86 VM, 2^19 elements, 1 thread: bool -> float32 0.69 ms, uint8 -> float32 0.10 ms,
+    float32 x bool 1.4 ms, float32 x float32 0.23 ms).
+    """
+    return mask.view(torch.uint8).to(dtype)
 
 
 def quantized_output(codes: torch.Tensor, real: torch.Tensor, scale: float, zero_point: float, lo: int, hi: int,
