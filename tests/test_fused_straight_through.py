@@ -159,7 +159,7 @@ def test_backward_through_mask_factors_equals_multiplying_by_the_bool_masks(
 
 
 @pytest.mark.parametrize("target", ["x86", "tflite", "xnnpack", "exact"])
-def test_training_steps_through_mask_factors_equal_the_bool_masks(target, monkeypatch):
+def test_training_steps_through_mask_factors_and_clamp_masks_equal_the_comparisons_and_bool_masks(target, monkeypatch):
     from qparity.ops import surrogates
     from test_training_fast_paths import assert_same_steps, training_steps
 
@@ -169,5 +169,40 @@ def test_training_steps_through_mask_factors_equal_the_bool_masks(target, monkey
     base = qp.prepare_qat(ResNetish((8, 16), in_channels=3), (x,), target=target).train()
     records = [training_steps(copy.deepcopy(base), x, y, steps=3)]
     monkeypatch.setattr(surrogates, "_QuantizedOutput", BoolMaskOutput)
+    monkeypatch.setattr(surrogates, "inside_bounds", inside_bounds_by_comparisons)
     records.append(training_steps(copy.deepcopy(base), x, y, steps=3))
     assert_same_steps(*records)
+
+
+def inside_bounds_by_comparisons(x, lo, hi):
+    """surrogates.inside_bounds before clamp_keeps: the two comparisons and their `and`."""
+    if lo is None and hi is None:
+        return None
+    if lo is None:
+        return x <= hi
+    inside = x >= lo
+    return inside if hi is None else inside.logical_and_(x <= hi)
+
+
+bound_values = st.sampled_from([None, -128.0, -3.5, -0.0, 0.0, 5.0, 6.0, 127.0, 255.0, float("inf"), float("-inf"),
+                                float("nan")])
+
+
+@given(st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3)), layouts,
+       st.lists(st.floats(-300.0, 300.0, width=32) | special | st.sampled_from([-128.0, 127.0, 5.0, 6.0]),
+                min_size=108, max_size=108),
+       bound_values, bound_values, st.sampled_from([torch.float32, torch.float64]))
+def test_inside_bounds_equals_the_two_comparisons(shape, layout, values, lo, hi, dtype):
+    """Every element (NaN, infinities, signed zeros, values on the bounds), equal, inverted and NaN bounds, and the
+    mask's strides, which the backward's fast path compares with the gradient's."""
+    from qparity.ops.surrogates import inside_bounds
+
+    n = torch.Size(shape).numel()
+    x = laid_out(torch.tensor(values[:n], dtype=dtype).reshape(shape), layout)
+    fast, plain = inside_bounds(x, lo, hi), inside_bounds_by_comparisons(x, lo, hi)
+    if plain is None:
+        assert fast is None
+        return
+    assert fast.dtype == plain.dtype == torch.bool
+    assert fast.stride() == plain.stride()
+    assert torch.equal(fast, plain)
