@@ -13,8 +13,20 @@ from qparity.ops import program
 from qparity.ops.surrogates import _InclusiveClamp, _QuantizedOutput, clamped, quantized_output
 
 
-# The unfused chain's clamp (gradient 1 on [lo, hi], bounds included) is still the library's own.
-ReferenceClamp = _InclusiveClamp
+class ReferenceClamp(_InclusiveClamp):
+    """The unfused chain's clamp (gradient 1 on [lo, hi], bounds included): _InclusiveClamp's backward before
+    it multiplied by float factors, the bool mask itself."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        lo, hi = ctx.bounds
+        inside = torch.ones_like(x, dtype=torch.bool)
+        if lo is not None:
+            inside &= x >= lo
+        if hi is not None:
+            inside &= x <= hi
+        return grad * inside, None, None
 
 
 class ReferenceOutput(torch.autograd.Function):
@@ -170,6 +182,7 @@ def test_training_steps_through_mask_factors_and_clamp_masks_equal_the_compariso
     records = [training_steps(copy.deepcopy(base), x, y, steps=3)]
     monkeypatch.setattr(surrogates, "_QuantizedOutput", BoolMaskOutput)
     monkeypatch.setattr(surrogates, "inside_bounds", inside_bounds_by_comparisons)
+    monkeypatch.setattr(surrogates, "_InclusiveClamp", ReferenceClamp)
     records.append(training_steps(copy.deepcopy(base), x, y, steps=3))
     assert_same_steps(*records)
 
@@ -206,3 +219,28 @@ def test_inside_bounds_equals_the_two_comparisons(shape, layout, values, lo, hi,
     assert fast.dtype == plain.dtype == torch.bool
     assert fast.stride() == plain.stride()
     assert torch.equal(fast, plain)
+
+
+@given(st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3)), layouts, layouts,
+       st.lists(st.floats(-300.0, 300.0, width=32) | special | st.sampled_from([-128.0, 127.0, 5.0, 6.0]),
+                min_size=108, max_size=108),
+       st.lists(st.floats(-1e4, 1e4, width=32) | special, min_size=108, max_size=108), bound_values, bound_values)
+def test_inclusive_clamp_gradient_equals_multiplying_by_the_bool_mask(shape, x_layout, grad_layout, values, grads,
+                                                                       lo, hi):
+    """_InclusiveClamp's backward through float factors: every gradient bit and its strides, for every layout of
+    the input and the upstream gradient, one or two bounds, equal, inverted and NaN bounds."""
+    if lo is None and hi is None:
+        return  # surrogates.clamp returns x itself
+    n = torch.Size(shape).numel()
+    x = laid_out(torch.tensor(values[:n], dtype=torch.float32).reshape(shape), x_layout)
+    grad = laid_out(torch.tensor(grads[:n], dtype=torch.float32).reshape(shape), grad_layout)
+    results = []
+    for function in (_InclusiveClamp, ReferenceClamp):
+        leaf = x.detach().clone().requires_grad_(True)  # clone keeps a dense layout's strides
+        output = function.apply(leaf, lo, hi)
+        output.backward(grad)
+        results.append((output.detach(), leaf.grad))
+    (fast_out, fast), (plain_out, plain) = results
+    assert torch.equal(fast_out.nan_to_num(), plain_out.nan_to_num())
+    assert fast.stride() == plain.stride()
+    assert torch.equal(fast.view(torch.int32), plain.view(torch.int32))
