@@ -244,3 +244,33 @@ def test_inclusive_clamp_gradient_equals_multiplying_by_the_bool_mask(shape, x_l
     assert torch.equal(fast_out.nan_to_num(), plain_out.nan_to_num())
     assert fast.stride() == plain.stride()
     assert torch.equal(fast.view(torch.int32), plain.view(torch.int32))
+
+
+def second_order(model, x, y):
+    """The parameter gradients with create_graph=True (their backward runs with gradients on), then the gradients
+    of a gradient penalty: what a second-order method or a gradient penalty takes."""
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    names, params = zip(*model.named_parameters())
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    sum((g * g).sum() for g in grads if g is not None).backward()
+    return {n: (None if g is None else g.detach(), p.grad) for n, g, p in zip(names, grads, params)}
+
+
+@pytest.mark.parametrize("target", ["tflite", "x86"])
+def test_second_order_gradients_through_the_fast_masks_equal_the_bool_masks(target, monkeypatch):
+    from qparity.ops import surrogates
+
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 8, 8) * 2
+    y = torch.randint(0, 10, (2,))
+    base = qp.prepare_qat(ResNetish((8, 16), in_channels=3), (x,), target=target).train()
+    fast = second_order(copy.deepcopy(base), x, y)
+    monkeypatch.setattr(surrogates, "_QuantizedOutput", BoolMaskOutput)
+    monkeypatch.setattr(surrogates, "inside_bounds", inside_bounds_by_comparisons)
+    monkeypatch.setattr(surrogates, "_InclusiveClamp", ReferenceClamp)
+    plain = second_order(copy.deepcopy(base), x, y)
+    assert fast.keys() == plain.keys()
+    for name, values in fast.items():
+        for a, b in zip(values, plain[name]):
+            assert (a is None) == (b is None), name
+            assert a is None or torch.equal(a, b), name

@@ -158,6 +158,8 @@ class _InclusiveClamp(torch.autograd.Function):
         # The bool mask's 1.0 / 0.0 factors, laid out as that mask (ones_like(x)) so the product is too: clamp_keeps'
         # equality, computed into one buffer (PyTorch's bool comparisons and float x bool multiplies are
         # unvectorized; see mask_factors).
+        # x detached: under create_graph the backward runs with gradients on, and out= takes no tensor needing one.
+        x = x.detach()
         factors = torch.clamp(x, lo, hi, out=torch.empty_like(x))
         return grad * torch.eq(factors, x, out=factors), None, None
 
