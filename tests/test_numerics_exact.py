@@ -357,3 +357,42 @@ def test_fma_f32_equals_the_exact_sum_rounded_once_to_float32(triples):
     a, b, c = (torch.tensor([f32(v) for v in column], dtype=torch.float32) for column in zip(*triples))
     reference = [round_to_float32(exact(x) * exact(y) + exact(z)) for x, y, z in zip(a, b, c)]
     assert torch.equal(fma_f32(a, b, c), torch.tensor(reference, dtype=torch.float32))
+def fma_f32_redoing_risky_elements(a, b, c):
+    """fma_f32 before its round-to-odd ran in int64 passes: the risky sums found with bool comparisons and redone
+    one by one (boolean indexing), with nextafter toward the exact sum."""
+    product = a.to(torch.float64) * b.to(torch.float64)
+    addend = c.to(torch.float64)
+    total = product + addend
+    low_bits = total.view(torch.int64) & ((1 << 29) - 1)
+    risky = (low_bits == (1 << 28)) | ((total.abs() < 2.0**-125) & (total != 0))
+    if bool(risky.any()):
+        product, addend = product.expand_as(total)[risky], addend.expand_as(total)[risky]
+        part = total[risky]
+        virtual = part - product
+        error = (product - (part - virtual)) + (addend - virtual)
+        needs_odd = (error != 0) & ((part.view(torch.int64) & 1) == 0)
+        toward = torch.where(error > 0, torch.full_like(part, float("inf")), torch.full_like(part, float("-inf")))
+        total[risky] = torch.where(needs_odd, torch.nextafter(part, toward), part)
+    return total.to(torch.float32)
+
+
+float32_specials = st.sampled_from([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 2.0**-149, -(2.0**-126),
+                                    3.4028235e38, 1 + 2.0**-23, 1 - 2.0**-23, 2.0**24 + 2, 0.5])
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=st.lists(float32s | float32_specials, min_size=1, max_size=12),
+       c=st.lists(float32s | float32_specials, min_size=1, max_size=12), b=float32s | float32_specials,
+       codes=st.booleans())
+@example(a=[1 + 2.0**-23, -(1 + 2.0**-23)], c=[2.0**24 + 2, -(2.0**24 + 2), 0.0], b=1 - 2.0**-23, codes=False)
+def test_fma_f32_equals_redoing_the_risky_elements_one_by_one(a, c, b, codes):
+    """A column times a scalar plus a row (an add table's shape), every bit: NaN payloads, signed zeros,
+    infinities, sums near float32's subnormal range and on its midpoints. codes: a column of integer codes."""
+    column = torch.tensor([float(round(v)) if codes and math.isfinite(v) and abs(v) < 2**24 else f32(v)
+                           for v in a], dtype=torch.float32).reshape(-1, 1)
+    row = torch.tensor([f32(v) for v in c], dtype=torch.float32).reshape(1, -1)
+    scalar = torch.tensor(f32(b), dtype=torch.float32)
+    assert torch.equal(fma_f32(column, scalar, row).view(torch.int32),
+                       fma_f32_redoing_risky_elements(column, scalar, row).view(torch.int32))
+
+

@@ -412,27 +412,48 @@ def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
     a * b of two float32 values is exact in float64; the float64 sum then rounds once more, and rounding
     that to float32 equals rounding the exact sum once unless the float64 sum is exactly a float32 midpoint
-    (a rounding cannot step over a midpoint, which float64 represents). Only then, or near float32's
-    subnormal range, the sum is redone with round-to-odd (TwoSum finds the error; an inexact even result
-    steps one ulp toward the truth), which makes the final rounding correct (53 >= 2 * 24 + 2).
+    (a rounding cannot step over a midpoint, which float64 represents). Only where some sum is, or lies near
+    float32's subnormal range, the sums are redone with round-to-odd (TwoSum finds the error; an inexact even
+    result steps one ulp toward the truth), which makes the final rounding correct (53 >= 2 * 24 + 2) for every
+    element, whether it was at risk or not.
     """
     product = a.to(torch.float64) * b.to(torch.float64)
     addend = c.to(torch.float64)
     total = product + addend
-    low_bits = total.view(torch.int64) & ((1 << 29) - 1)
-    # An exact zero is no risk (a float64 sum is 0 only when the exact sum is, with the fused operation's sign);
-    # zeros are common (q = z in a dequantization) and would send every call down the slow path.
-    risky = (low_bits == (1 << 28)) | ((total.abs() < 2.0**-125) & (total != 0))
-    if bool(risky.any()):  # usually a few elements: redo only those
-        product, addend = product.expand_as(total)[risky], addend.expand_as(total)[risky]
-        total[risky] = _sum_round_to_odd(product, addend, total[risky])
+    if _may_round_twice(total):
+        total = _sum_round_to_odd(product, addend, total)
     return total.to(torch.float32)
 
 
+FLOAT64_MAGNITUDE = (1 << 63) - 1  # the bits of |x|: all but the sign
+FLOAT32_MIDPOINT_BITS, FLOAT32_MIDPOINT = (1 << 29) - 1, 1 << 28  # float64's last 29 bits at a float32 midpoint
+NEAR_FLOAT32_SUBNORMAL = (1023 - 125) << 52  # the bits of 2^-125
+
+
+def _may_round_twice(total: torch.Tensor) -> bool:
+    """Whether some float64 sum is exactly a float32 midpoint, or nonzero and below 2^-125 in magnitude.
+
+    An exact zero is no risk (a float64 sum is 0 only when the exact sum is, with the fused operation's sign);
+    zeros are common (q = z in a dequantization) and would send every call down the slower path. Read off the
+    bits with int64 passes and min reductions: PyTorch's comparisons into bool run element by element.
+    """
+    if total.numel() == 0:
+        return False
+    bits = total.view(torch.int64)
+    off_midpoint = torch.bitwise_and(bits, FLOAT32_MIDPOINT_BITS).bitwise_xor_(FLOAT32_MIDPOINT)  # 0 at a midpoint
+    # |x| bits - 1, with 0's -1 taken to the largest int64 (so only a nonzero |x| below 2^-125 falls under it)
+    magnitude_less_one = torch.bitwise_and(bits, FLOAT64_MAGNITUDE).sub_(1).bitwise_and_(FLOAT64_MAGNITUDE)
+    return int(off_midpoint.min()) == 0 or int(magnitude_less_one.min()) < NEAR_FLOAT32_SUBNORMAL - 1
+
+
 def _sum_round_to_odd(product: torch.Tensor, addend: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """product + addend rounded to odd: total (its float64 rounding) where it is exact or odd, else the float64
+    neighbour toward the exact sum (whose last bit is then 1). In int64 passes: that neighbour's bits are total's
+    plus 1 where the error and total have the same sign (the magnitude grows), minus 1 where they differ. NaN and
+    infinite sums (whose error is NaN) stay as they are."""
     virtual = total - product
     error = (product - (total - virtual)) + (addend - virtual)
-    even = (total.view(torch.int64) & 1) == 0
-    needs_odd = (error != 0) & even
-    toward = torch.where(error > 0, torch.full_like(total, float("inf")), torch.full_like(total, float("-inf")))
-    return torch.where(needs_odd, torch.nextafter(total, toward), total)
+    bits = total.view(torch.int64)
+    toward_exact = torch.sign(error).mul_(torch.sign(total)).nan_to_num_(0.0).to(torch.int64)  # 0 where exact
+    even = torch.bitwise_and(bits, 1).neg_().add_(1)
+    return torch.add(bits, toward_exact.mul_(even)).view(torch.float64)
