@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 
@@ -50,6 +50,21 @@ def compiled_kernels(enabled: bool = True, min_elements: Optional[int] = None) -
         _switch.min_elements = before
 
 
+class ElementwiseRule(NamedTuple):
+    """An op as one elementwise function of its input codes and constants: `function(*codes, *constants, dtype)`
+    gives the codes as `dtype` (a target's `add_rule`). The integer runtime runs it as a compiled kernel where the
+    op would otherwise be looked up in a table, which a compiled loop cannot beat (its gather is not vectorized)."""
+
+    function: Callable[..., torch.Tensor]
+    constants: tuple
+
+
+def compiles(values: torch.Tensor) -> bool:
+    """Whether `run_kernel` runs a rule on `values` as its compiled kernel here (inside `compiled_kernels()`)."""
+    min_elements = getattr(_switch, "min_elements", None)
+    return min_elements is not None and values.device.type == "cpu" and values.numel() >= min_elements
+
+
 def run_kernel(rule: Callable[..., torch.Tensor], values: torch.Tensor, *args, chunked: bool = False
                ) -> torch.Tensor:
     """`rule(values, *args)`: eagerly, or as its one compiled kernel inside `compiled_kernels()`.
@@ -57,8 +72,7 @@ def run_kernel(rule: Callable[..., torch.Tensor], values: torch.Tensor, *args, c
     chunked: the rule is elementwise along values' first dimension and returns a tensor, or a tuple of tensors
     of which the 0-dim ones are maxima over the elements; its eager passes then run over blocks of about
     CHUNK_ELEMENTS elements (`_in_chunks`)."""
-    min_elements = getattr(_switch, "min_elements", None)
-    if min_elements is not None and values.device.type == "cpu" and values.numel() >= min_elements:
+    if compiles(values):
         try:
             return _compiled(rule)(values, *args)
         except torch._dynamo.exc.TorchDynamoException as error:  # a variant that cannot build (compiler gone)

@@ -8,7 +8,7 @@ clamp in codes (the dtype range narrowed by a fused activation).
 """
 from __future__ import annotations
 
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -16,6 +16,7 @@ from ..errors import UnsupportedOpError
 from . import pooling
 from ..qparams import QParams
 from .activations import TableCache
+from .compiled import ElementwiseRule
 
 # acc -> codes; an optional `dtype` (default int64) names the integer dtype of the codes returned, which must
 # hold the output grid (the integer runtime's narrow codes: ops/program.py).
@@ -210,6 +211,14 @@ class Target:
         whose result depends on the position or the tensor length must not be tabulated.
         """
         return False
+
+    def add_rule(self, a: QParams, b: QParams, out: QParams, lo: int, hi: int) -> Optional[ElementwiseRule]:
+        """`add_elementwise` on these grids as one elementwise function of the two codes and constants
+        (numerics/compiled.py ElementwiseRule), the function `add` itself computes with: inside compiled_kernels()
+        the integer runtime runs it as one compiled loop where it would look the add up in a table. Only for
+        arithmetic that inductor compiles exactly (integer operations; no division, no float step whose rounding
+        could change); None where a target has none (the table stays)."""
+        return None
 
     def hardswish(self, q: torch.Tensor, source: QParams, out: QParams) -> torch.Tensor:
         """Hardswish (x * clamp(x + 3, 0, 6) / 6) of the codes q on `source`, as codes on the output grid `out`."""

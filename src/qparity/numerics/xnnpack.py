@@ -36,6 +36,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import UnsupportedOpError
+from ..qparams import TORCH_DTYPES
+from .compiled import ElementwiseRule
 from .arithmetic import float32_requantizer, quantize_multiplier, saturating_rounding_doubling_high_mul
 from . import resampling
 from .prelu import tflite_prelu
@@ -78,6 +80,38 @@ def add_parameters(op: str, a, b, out):
     _, exponent = torch.frexp(ratios.max())  # frexp's exponent is the IEEE exponent plus one
     shift = ADD_MULTIPLIER_BITS - (int(exponent) - 1)
     return torch.round(ratios.to(torch.float64) * 2.0**shift).to(torch.int64).tolist(), shift
+
+
+def _add_constants(op: str, a, b, out, lo: int, hi: int, sign: int) -> tuple:
+    """qs8_vadd's constants after the codes: zero points, multipliers (b's negated for a subtraction), shift,
+    output zero point and clamp."""
+    (m_a, m_b), shift = add_parameters(op, a, b, out)
+    return int(a.zero_point), int(b.zero_point), m_a, sign * m_b, shift, int(out.zero_point), lo, hi
+
+
+def qs8_vadd(qa: torch.Tensor, qb: torch.Tensor, zero_a: int, zero_b: int, multiplier_a: int, multiplier_b: int,
+             shift: int, zero_out: int, lo: int, hi: int, wide: torch.dtype = torch.int64,
+             dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """qs8-vadd on integer codes of any dtype: clamp(z_y + ((q_a - z_a) m_a + (q_b - z_b) m_b + 2^(shift-1)) >>
+    shift), the sum formed in `wide` (int64, or int32 where `_vadd_sum_dtype` proved that no partial sum wraps, as in
+    XNNPACK's own int32 lanes) and the codes returned as `dtype`. Run eagerly or as one compiled kernel."""
+    acc = (qa.to(wide) - zero_a) * multiplier_a + (qb.to(wide) - zero_b) * multiplier_b
+    return _shift_right_half_up(acc, shift).add_(zero_out).clamp_(lo, hi).to(dtype)
+
+
+def _vadd_sum_dtype(a, b, constants: tuple) -> torch.dtype:
+    """int32 where every partial sum of qs8_vadd stays below 2^31 in magnitude for any codes that a and b's dtypes
+    hold (so also for codes outside the grids' clamp ranges), else int64."""
+    zero_a, zero_b, m_a, m_b, shift = constants[:5]
+    span_a = max(abs(code - zero_a) for code in _dtype_range(a))
+    span_b = max(abs(code - zero_b) for code in _dtype_range(b))
+    largest = span_a * abs(m_a) + span_b * abs(m_b) + ((1 << shift) >> 1)  # the zero point comes after the shift
+    return torch.int32 if largest < 1 << 31 else torch.int64
+
+
+def _dtype_range(qp) -> tuple:
+    info = torch.iinfo(TORCH_DTYPES[qp.dtype])
+    return info.min, info.max
 
 
 def _shift_right_half_up(x: torch.Tensor, shift: int) -> torch.Tensor:
@@ -149,9 +183,11 @@ class XnnpackTarget(LiteRTActivations, Target):
         return self._add("sub", qa, a, qb, b, out, lo, hi, sign=-1)
 
     def _add(self, op, qa, a, qb, b, out, lo, hi, sign):
-        multipliers, shift = add_parameters(op, a, b, out)
-        acc = (qa - int(a.zero_point)) * multipliers[0] + (qb - int(b.zero_point)) * (sign * multipliers[1])
-        return _shift_right_half_up(acc, shift).add_(int(out.zero_point)).clamp_(lo, hi)
+        return qs8_vadd(qa, qb, *_add_constants(op, a, b, out, lo, hi, sign))
+
+    def add_rule(self, a, b, out, lo, hi):
+        constants = _add_constants("add", a, b, out, lo, hi, sign=1)
+        return ElementwiseRule(qs8_vadd, constants + (_vadd_sum_dtype(a, b, constants),))
 
     def rescale(self, q, source, out):
         if source.same_grid(out):

@@ -25,10 +25,17 @@ import torch
 
 from ..errors import UnsupportedOpError
 from ..graph import Executor, Node, QValue, fused_clamp_bounds, map_qvalues
+from ..layout import memory_order
+from ..numerics.compiled import ElementwiseRule, compiles, run_kernel
 from ..qparams import TORCH_DTYPES, QParams
 from . import activation, add, amax, aten_float, avg_pool, call, cat, clamp, constant, dropout, hardswish, input as input_op, layer, matmul, max_pool, mean, mul, pad, parameter, prelu, quantize, rsqrt, softmax, sub, upsample
 from .lookup import CodeTable, PairTable
 from .surrogates import Bounds, clamped, quantized_output
+
+# (output grid, lo, hi) -> the target's ElementwiseRule for a tabulated op, or None (ProgramExecutor.new_grid)
+RuleFunction = Callable[[QParams, int, int], Optional[ElementwiseRule]]
+NARROW_INTEGER_DTYPES = frozenset(TORCH_DTYPES.values())
+MISSING = object()
 
 IMPLEMENTATIONS = {
     "input": input_op, "conv2d": layer, "conv_transpose2d": layer, "linear": layer, "add": add, "cat": cat, "hardswish": hardswish,
@@ -72,7 +79,7 @@ class ProgramExecutor(Executor):
     # -- what operator modules call -------------------------------------------------------------------------
     def new_grid(self, node: Node, inputs: List[QValue], real: Optional[Callable[[], torch.Tensor]],
                  codes: CodeFunction, table: Optional[str] = None, grid: Optional[QParams] = None,
-                 float_codes: bool = False) -> QValue:
+                 float_codes: bool = False, rule: Optional[RuleFunction] = None) -> QValue:
         """An operator whose output gets its own grid.
 
         real: the float surrogate of the dequantized inputs (fake mode only; the observer watches it, and the
@@ -83,6 +90,9 @@ class ProgramExecutor(Executor):
         where the target derives it from the inputs' (PyTorch's add_scalar); the observer then holds it instead
         of watching. float_codes: `codes` also takes the prepared model's float32 codes as they are
         (Target.add_takes_float_codes); other codes, and every code in the integer mode, come as int64.
+        rule: for a tabulated op, (output grid, lo, hi) -> the target's ElementwiseRule of `codes` or None
+        (Target.add_rule); the integer mode runs it as one compiled loop in place of the table where kernels are
+        compiled (Integer.tabulated).
         """
         value = clamped_value = None
         bounds = node.attrs.get("clamp") or (None, None)
@@ -98,7 +108,7 @@ class ProgramExecutor(Executor):
         as_given = self.fake and float_codes and all(v.codes.dtype == torch.float32 for v in detached)
         kernel = lambda vs: codes(vs if as_given else int64_codes(vs), qp, lo, hi)  # noqa: E731
         if table is not None:
-            result = self.mode.tabulated(node, table, detached, kernel, (qp, lo, hi))
+            result = self.mode.tabulated(node, table, detached, kernel, (qp, lo, hi), rule)
         else:
             result = kernel(detached)
         return self.emit(result, value, qp, lo, hi, bounds, clamped_value)
@@ -144,8 +154,10 @@ class FakeQuant:
         """A prelu's slope codes (straight-through to the user's slope) and the slope grid's scale."""
         return self.model.slopes[node.name].codes()
 
-    def tabulated(self, node: Node, kind: str, inputs: List[QValue], codes: Callable, output: tuple) -> torch.Tensor:
-        """The codes from a table of the target's own function while the grids stay the same, else directly.
+    def tabulated(self, node: Node, kind: str, inputs: List[QValue], codes: Callable, output: tuple,
+                  rule: Optional[RuleFunction] = None) -> torch.Tensor:
+        """The codes from a table of the target's own function while the grids stay the same, else directly
+        (`rule` is the integer runtime's).
 
         Training moves the grids a little every step, so the table (keyed on the exact grid values, one per
         node) is rebuilt when they move, and only where the tensor has at least twice as many elements as the
@@ -231,6 +243,7 @@ class Integer:
                                    float(node.attrs["slope_scale"]))
                        for node in model.graph.nodes if node.op == "prelu"}
         self.bounds = {}  # per node: (lo, hi) of its fused clamp
+        self.rules = {}  # per node: the target's ElementwiseRule of a tabulated op, or None
 
     def slope(self, node: Node):
         return self.slopes[node.name]
@@ -243,9 +256,16 @@ class Integer:
             bounds = self.bounds[node.name] = fused_clamp_bounds(self.model.target, node, qp)
         return bounds
 
-    def tabulated(self, node: Node, kind: str, inputs: List[QValue], codes: Callable, output: tuple) -> torch.Tensor:
+    def tabulated(self, node: Node, kind: str, inputs: List[QValue], codes: Callable, output: tuple,
+                  rule: Optional[RuleFunction] = None) -> torch.Tensor:
         """The codes from a table of the target's own function, built on first use (the grids are frozen). In the
-        narrow mode the table answers in the output grid's own dtype and takes the inputs' codes as they come."""
+        narrow mode the table answers in the output grid's own dtype and takes the inputs' codes as they come;
+        inside compiled_kernels() the target's elementwise rule, where it has one, computes them in one compiled
+        loop instead (`compiled_rule`)."""
+        if rule is not None and self.narrow:
+            result = self.compiled_rule(node, rule, inputs, output)
+            if result is not None:
+                return result
         grids = [v.qparams for v in inputs]
         if table_entries(kind, grids) is None:
             return codes(inputs)
@@ -254,3 +274,23 @@ class Integer:
         if table is None:
             table = self.model.tables[(node.name, dtype)] = build_table(kind, grids, codes, dtype)
         return table(*(v.codes for v in (inputs if self.narrow else int64_codes(inputs))))
+
+    def compiled_rule(self, node: Node, rule: RuleFunction, inputs: List[QValue], output: tuple
+                      ) -> Optional[torch.Tensor]:
+        """The op's codes from the target's ElementwiseRule as one compiled kernel, as the output grid's dtype; None
+        where the table answers instead: kernels not compiled for these sizes, no rule on the target, or operands
+        that are not narrow codes stored alike (same shape and strides, dense), for which the table's result layout
+        is the operands' own and the compiled loop's is not certain to be."""
+        codes = [v.codes for v in inputs]
+        first = codes[0]
+        if not compiles(first) or any(q.dtype not in NARROW_INTEGER_DTYPES or q.shape != first.shape
+                                      or q.stride() != first.stride() for q in codes):
+            return None
+        if memory_order(first)[0] is None:
+            return None
+        found = self.rules.get(node.name, MISSING)
+        if found is MISSING:
+            found = self.rules[node.name] = rule(*output)  # grids frozen: once per node
+        if found is None:
+            return None
+        return run_kernel(found.function, *codes, *found.constants, narrow_dtype(output[0]))
