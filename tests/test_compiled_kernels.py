@@ -119,6 +119,35 @@ def test_compiled_float32_requantizer_equals_the_eager_one(channels, rows, seed,
 
 @SETTINGS
 @given(channels=st.integers(2, 5), rows=st.integers(2, 40), seed=st.integers(0, 2**31 - 1),
+       magnitude=st.sampled_from([1 << 8, 1 << 20, 1 << 24, 1 << 30]), zero_point=st.integers(-128, 255),
+       bounds=st.sampled_from([(-128, 127), (0, 255), (0, 127)]), channels_last=st.booleans())
+def test_a_float32_requantizer_consuming_its_accumulator_gives_the_same_codes(channels, rows, seed, magnitude,
+                                                                            zero_point, bounds, channels_last):
+    """`consume` (the integer layer's call: the accumulator is its own temporary) scales a float32 accumulator in
+    place eagerly; the codes, dtype and layout are `requantize`'s. Compiled, it leaves the accumulator alone."""
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.randint(-magnitude, magnitude + 1, (rows, channels, 2, 3), generator=g).to(torch.float32)
+    if channels_last:
+        acc = acc.contiguous(memory_format=torch.channels_last)
+    multiplier = (torch.exp2(torch.randint(-30, 3, (1, channels, 1, 1), generator=g).to(torch.float32))
+                  * (1 + torch.rand(1, channels, 1, 1, generator=g)))
+    requantize = float32_requantizer(multiplier, zero_point, *bounds)
+    for dtype in (torch.int64, narrow_dtype_for(*bounds)):
+        expected = requantize(acc, dtype)
+        scratch = acc.clone()
+        assert_same(expected, requantize.consume(scratch, dtype))
+        assert torch.equal(scratch, expected.to(torch.float32))  # the passes ran in it: the codes, as floats
+        scratch = acc.clone()
+        with compiled_kernels(min_elements=0):
+            assert_same(expected, requantize.consume(scratch, dtype))
+        assert torch.equal(scratch, acc)
+    as_int64 = acc.to(torch.int64)  # an integer accumulator is converted, never overwritten
+    assert_same(requantize(as_int64), requantize.consume(as_int64))
+    assert torch.equal(as_int64, acc.to(torch.int64))
+
+
+@SETTINGS
+@given(channels=st.integers(2, 5), rows=st.integers(2, 40), seed=st.integers(0, 2**31 - 1),
        magnitude=st.sampled_from([1 << 4, 1 << 16, 1 << 24, 1 << 31]), zero_point=st.integers(-128, 255),
        binary=st.booleans(), as_float=st.booleans())
 def test_compiled_exact_rounding_equals_the_eager_one(channels, rows, seed, magnitude, zero_point, binary, as_float):

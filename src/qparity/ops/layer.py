@@ -152,7 +152,9 @@ def run(ctx, node: Node, x: QValue) -> QValue:
         acc = int8(x.codes) if int8 is not None and x.codes.device.type == "cpu" else None
         if acc is None:
             acc = layer_accumulator(plan, geometry, x.codes, x.qparams, weight, bias)
-        return QValue(requantize(acc, TORCH_DTYPES[qp.dtype] if ctx.narrow else torch.int64), qp)
+        # acc is this call's own temporary: a requantizer that can, reuses it (float32_requantizer's consume)
+        rule = getattr(requantize, "consume", requantize)
+        return QValue(rule(acc, TORCH_DTYPES[qp.dtype] if ctx.narrow else torch.int64), qp)
     layer = ctx.mode.model.layers[node.name]
     if layer.training and layer.batch_norm is not None:
         return _batch_norm_training(ctx, node, layer, x)
