@@ -87,6 +87,37 @@ def test_bench_command_line_takes_quick_threads_and_targets():
     assert (config.threads, config.targets, config.repeats, config.widths) == (1, ("tflite",), 2, (1, 2))
     assert config.memory and not config_from(build_parser().parse_args(["bench", "--no-memory"])).memory
     assert config.compiled and not config_from(build_parser().parse_args(["bench", "--no-compile"])).compiled
+    assert not config.profile and config_from(build_parser().parse_args(["bench", "--profile"])).profile
+
+
+def test_the_profile_splits_each_integer_run_into_kinds_of_work():
+    config = BenchConfig(targets=("xnnpack", "fbgemm"), inference_batches=(2,), scale_batches=(1,), widths=(1,),
+                         channels=(4, 8), size=8, qat_batch=2, repeats=1, warmup=0, memory=False, profile=True)
+    report = run_bench(config)
+    profiles = report.profiles[2]
+    assert set(profiles) == {"torch.ao", "xnnpack", "fbgemm", "xnnpack compiled"}  # not the exported files
+    for name, found in profiles.items():
+        assert found.wall > 0 and found.operators > 0
+        assert all(seconds >= 0 for seconds in found.kinds.values())
+        assert sum(found.kinds.values()) >= found.wall * (1 - 1e-9)  # the rest fills the wall time, or more
+        assert found.kinds["conv and linear kernels"] > 0, name
+    assert profiles["xnnpack compiled"].kinds["compiled kernels"] > 0
+    text = format_report(report)
+    assert "Where an integer inference run goes, batch 2" in text and "| xnnpack compiled |" in text
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("onednn::qconv2d_pointwise", "conv and linear kernels"), ("quantized::conv2d_relu", "conv and linear kernels"),
+    ("quantized::linear", "conv and linear kernels"), ("quantized::add_relu", "engine adds"),
+    ("## Call CompiledFxGraph fabc ##", "compiled kernels"), ("TorchDynamo Cache Lookup", "compiled kernels"),
+    ("aten::index_select", "table lookups"), ("aten::_to_copy", "copies, conversions, views"),
+    ("aten::empty_strided", "copies, conversions, views"), ("aten::permute", "copies, conversions, views"),
+    ("aten::mul", "element-wise passes"), ("aten::bitwise_xor", "element-wise passes"),
+    ("aten::round_", "element-wise passes"), ("some::custom_kernel", "other kernels")])
+def test_profile_kinds_by_operator_name(name, kind):
+    from qparity.bench_profile import kind_of
+
+    assert kind_of(name) == kind
 
 
 def test_memory_table_compares_tensor_peaks_with_torch_ao_and_names_what_is_live_at_a_higher_peak():

@@ -11,6 +11,7 @@ slows down mid-run slows all of them alike):
    (channels x1, x2, x4) grow, and a plot of time against batch.
 4. Peak memory of a QAT step and of integer inference (bench_memory): the exact peak of live tensor bytes,
    measured in this process, and the peak resident size of a process of each contender's own.
+5. With --profile: where each integer run's time goes (bench_profile), per inference batch.
 
 The inference table also times ONNX Runtime and LiteRT running qparity's own exported files (bench_runtimes).
 
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bench_memory import MIB, TensorPeak, peak_memory, reset_peak, status, tensor_peak
+from .bench_profile import RunProfile, profile_runs, profile_table
 from .bench_runtimes import exported_runners
 from .convert import convert
 from .numerics.compiled import CompiledKernelsUnavailableError, ensure_available
@@ -96,6 +98,7 @@ class BenchConfig:
     warmup: int = 2
     memory: bool = True                    # table 4: tensor peaks, and one process per contender (about 5 s each)
     compiled: bool = True                  # also time IntegerModel.compile() (skipped where it cannot build)
+    profile: bool = False                  # table 5: where each integer run's time goes (bench_profile)
 
     @classmethod
     def quick(cls, **overrides) -> "BenchConfig":
@@ -128,6 +131,7 @@ class BenchReport:
     memory: Dict[Tuple[str, str], Optional[Tuple[float, float]]] = field(default_factory=dict)
     tensor_memory: Dict[Tuple[str, str], TensorPeak] = field(default_factory=dict)  # (kind, contender) -> exact peak
     compiled_note: str = ""  # why the compiled rows are missing, where they are
+    profiles: Dict[int, Dict[str, RunProfile]] = field(default_factory=dict)  # batch -> contender -> profile
 
 
 def side_by_side(contenders: Dict[str, Callable[[], object]], repeats: int, warmup: int) -> Dict[str, float]:
@@ -235,6 +239,11 @@ def _measure(config: BenchConfig, say: Callable[[str], None]) -> BenchReport:
                 seconds = side_by_side(runs, config.repeats, config.warmup + 1 if compiled else config.warmup)
             report.inference[batch] = [Timing(t, seconds[t], seconds["torch.ao"])
                                        for t in config.targets + tuple(compiled) + tuple(exported)]
+            if config.profile:
+                say(f"profile: batch {batch}")
+                with torch.no_grad():
+                    report.profiles[batch] = profile_runs({name: runs[name] for name in runs
+                                                           if name not in exported}, config.repeats)
 
     for width in config.widths:
         say(f"scale: width x{width}")
@@ -363,6 +372,8 @@ def format_report(report: BenchReport) -> str:
         lines += ["", scale_table(report), "", scale_plot(report)]
     if report.memory:
         lines += ["", memory_table(report)]
+    for batch, profiles in report.profiles.items():
+        lines += ["", profile_table(profiles, batch)]
     return "\n".join(lines)
 
 
@@ -463,6 +474,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                   "and one process per contender)")
     parser.add_argument("--no-compile", action="store_true", help="skip the rows of compiled IntegerModels "
                                                                    "(IntegerModel.compile)")
+    parser.add_argument("--profile", action="store_true", help="also split each integer run's time into kinds of "
+                                                                "work (convolutions, requantization passes, tables, "
+                                                                "copies, Python) at every inference batch")
 
 
 def _count(text: str) -> int:
@@ -472,7 +486,8 @@ def _count(text: str) -> int:
 
 
 def config_from(args: argparse.Namespace) -> BenchConfig:
-    overrides = {"threads": args.threads, "memory": not args.no_memory, "compiled": not args.no_compile}
+    overrides = {"threads": args.threads, "memory": not args.no_memory, "compiled": not args.no_compile,
+                 "profile": args.profile}
     if args.target:
         overrides["targets"] = tuple(args.target)
     if args.repeats:
