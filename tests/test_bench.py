@@ -90,7 +90,10 @@ def test_bench_command_line_takes_quick_threads_and_targets():
     assert not config.profile and config_from(build_parser().parse_args(["bench", "--profile"])).profile
 
 
-def test_the_profile_splits_each_integer_run_into_kinds_of_work():
+def test_the_profile_splits_each_integer_run_into_kinds_of_work(monkeypatch):
+    import qparity.numerics.compiled as compiled
+
+    monkeypatch.setattr(compiled, "MIN_ELEMENTS", 0)  # the tiny model's requantizations on compiled kernels too
     config = BenchConfig(targets=("xnnpack", "fbgemm"), inference_batches=(2,), scale_batches=(1,), widths=(1,),
                          channels=(4, 8), size=8, qat_batch=2, repeats=1, warmup=0, memory=False, profile=True)
     report = run_bench(config)
