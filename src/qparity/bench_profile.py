@@ -2,11 +2,11 @@
 kinds of work, in milliseconds per run, beside its wall time.
 
 The split comes from PyTorch's profiler: the self CPU time of every operator and compiled region recorded during a
-few runs, sorted into the kinds below by name (`kind_of`), per run. What the profiler does not see (Python: the
-executor's loop, the operator modules, the rules' own Python; PyTorch's dispatch between operators) is the wall time
-of an unprofiled run minus the profiled total, shown as "Python and dispatch". The profiler adds a little to every
-operator it records, so that remainder is a lower bound and the kinds are slight overestimates; the proportions are
-what a profile is for. The wall time is the median of interleaved unprofiled runs, as the inference table's.
+few runs, sorted into the kinds below by name (`kind_of`). What the profiler does not see (Python: the executor's
+loop, the operator modules, the rules' own Python; PyTorch's dispatch between operators) is the wall time of those
+profiled runs minus their operators' total, shown as "Python and dispatch". Each kind's share of the profiled time,
+times the wall time of unprofiled runs (the median of interleaved runs, as the inference table's), is its
+milliseconds per run: the profiler slows what it records, so the shares are what it measures, not its times.
 """
 from __future__ import annotations
 
@@ -45,15 +45,20 @@ def kind_of(name: str) -> str:
 @dataclass
 class RunProfile:
     wall: float                  # seconds per run, unprofiled (median of interleaved runs)
-    kinds: Dict[str, float]      # kind -> seconds per run (REST: the wall time the profiler did not see)
+    kinds: Dict[str, float]      # kind -> seconds per run: its share of the profiled runs times `wall`
     operators: int               # operator calls per run
 
 
 def profile_runs(runs: Dict[str, Callable[[], object]], rounds: int = 5, profiled: int = 3
                  ) -> Dict[str, RunProfile]:
     """Each run's wall time (median of `rounds` interleaved rounds, after one warm-up round) and its split into
-    kinds over `profiled` runs under the profiler."""
+    kinds: in every round each contender also makes `profiled` runs under the profiler, whose operator self times
+    and wall time (the Python and dispatch the profiler does not see: that wall time minus the operators') give each
+    kind's share; the shares times the unprofiled wall time are the milliseconds shown. Interleaving the profiled
+    runs too keeps a machine that slows down mid-measure from skewing one contender's split."""
     walls: Dict[str, List[float]] = {name: [] for name in runs}
+    totals: Dict[str, Dict[str, float]] = {name: dict.fromkeys(COLUMNS, 0.0) for name in runs}
+    calls: Dict[str, int] = dict.fromkeys(runs, 0)
     for run in runs.values():
         run()
     for _ in range(rounds):
@@ -61,26 +66,32 @@ def profile_runs(runs: Dict[str, Callable[[], object]], rounds: int = 5, profile
             start = time.perf_counter()
             run()
             walls[name].append(time.perf_counter() - start)
+            with profile(activities=[ProfilerActivity.CPU]) as recorded:
+                start = time.perf_counter()
+                for _ in range(profiled):
+                    run()
+                elapsed = time.perf_counter() - start
+            operators = 0.0
+            for event in recorded.key_averages():
+                seconds = event.self_cpu_time_total / 1e6
+                totals[name][kind_of(event.key)] += seconds
+                operators += seconds
+                calls[name] += event.count
+            totals[name][REST] += max(0.0, elapsed - operators)
     profiles = {}
-    for name, run in runs.items():
-        with profile(activities=[ProfilerActivity.CPU]) as recorded:
-            for _ in range(profiled):
-                run()
-        kinds = dict.fromkeys(COLUMNS, 0.0)
-        calls = 0
-        for event in recorded.key_averages():
-            kinds[kind_of(event.key)] += event.self_cpu_time_total / 1e6 / profiled
-            calls += event.count
+    for name in runs:
         wall = statistics.median(walls[name])
-        kinds[REST] = max(0.0, wall - sum(kinds.values()))
-        profiles[name] = RunProfile(wall, kinds, calls // profiled)
+        whole = sum(totals[name].values()) or 1.0
+        kinds = {kind: wall * seconds / whole for kind, seconds in totals[name].items()}
+        profiles[name] = RunProfile(wall, kinds, calls[name] // (rounds * profiled))
     return profiles
 
 
 def profile_table(profiles: Dict[str, RunProfile], batch: int) -> str:
     """The profiles as a markdown table: milliseconds per run of each kind, the wall time and the operator calls."""
-    lines = [f"Where an integer inference run goes, batch {batch} (ms per run; operator times under PyTorch's "
-             "profiler, \"Python and dispatch\" the rest of the unprofiled wall time):", "",
+    lines = [f"Where an integer inference run goes, batch {batch} (ms per run: each kind's share of profiled runs, "
+             "PyTorch's profiler, times the unprofiled wall time; \"Python and dispatch\": what the profiler does "
+             "not see):", "",
              "| contender | " + " | ".join(COLUMNS) + " | wall ms | operator calls |",
              "|---|" + "---|" * (len(COLUMNS) + 2)]
     for name, found in profiles.items():
