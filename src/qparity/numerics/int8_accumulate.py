@@ -42,10 +42,16 @@ def uint8_codes(codes: torch.Tensor, shift: int) -> torch.Tensor:
     low byte with its top bit flipped: the cast to uint8 keeps the low byte (modular, as C++'s conversion to an
     unsigned type), and the xor runs on 1-byte values instead of an int64 add. int8 codes (the integer runtime's
     narrow codes) are already that byte: a view, and one pass for the xor."""
+    flip = _TOP_BIT if shift == 128 else shift
     if codes.dtype == torch.int8:
         as_bytes = codes.view(torch.uint8)
-        return as_bytes.bitwise_xor(shift) if shift else as_bytes
-    return codes.to(torch.uint8).bitwise_xor_(shift) if shift else codes.to(torch.uint8)
+        return as_bytes.bitwise_xor(flip) if shift else as_bytes
+    return codes.to(torch.uint8).bitwise_xor_(flip) if shift else codes.to(torch.uint8)
+
+
+# 128 as a 0-dim uint8 tensor: a Python int is wrapped into a new tensor on every call (2 us of a 4 us xor of one
+# 16x32x32 image's codes, measured)
+_TOP_BIT = torch.tensor(128, dtype=torch.uint8)
 
 
 @functools.lru_cache(maxsize=1)
