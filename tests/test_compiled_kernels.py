@@ -188,6 +188,19 @@ def compiled_twin(integer):
                            integer.layers).compile()
 
 
+def compiled_network(cls, shape, target: str, seed: int, monkeypatch):
+    """(the model of cls() converted for target, its compiled twin, the rules compiled so far: a list the kernels
+    fill as they run, input codes of a batch of two), every rule on its compiled kernel whatever the size."""
+    torch.manual_seed(seed)
+    batches = [torch.randn(2, *shape) for _ in range(2)]
+    _, integer = prepare_and_convert(cls(), (batches[0],), target, batches)
+    fast = compiled_twin(integer)
+    monkeypatch.setattr(compiled, "MIN_ELEMENTS", 0)
+    kernels, compile_rule = [], compiled._compiled
+    monkeypatch.setattr(compiled, "_compiled", lambda rule: kernels.append(rule) or compile_rule(rule))
+    return integer, fast, kernels, integer.quantize(batches[1])
+
+
 @pytest.mark.parametrize("target", EMULATED_TARGETS + ["fbgemm", "x86", "qnnpack"])
 def test_compiled_model_gives_the_codes_of_the_uncompiled_one(target):
     torch.manual_seed(0)
@@ -203,15 +216,7 @@ def test_compiled_model_gives_the_codes_of_the_uncompiled_one(target):
 @pytest.mark.parametrize("network", ["mobilenetv3_small", "small_unet", "temporal_conv_net"])
 @pytest.mark.parametrize("target", ["tflite", "tosa", "xnnpack", "exact"])
 def test_every_node_of_a_compiled_network_gives_the_uncompiled_codes(network, target, monkeypatch):
-    cls, shape = NETWORKS[network]
-    torch.manual_seed(1)
-    batches = [torch.randn(2, *shape) for _ in range(2)]
-    _, integer = prepare_and_convert(cls(), (batches[0],), target, batches)
-    fast = compiled_twin(integer)
-    monkeypatch.setattr(compiled, "MIN_ELEMENTS", 0)  # every requantization on the compiled kernel
-    kernels, compile_rule = [], compiled._compiled
-    monkeypatch.setattr(compiled, "_compiled", lambda rule: kernels.append(rule) or compile_rule(rule))
-    codes = integer.quantize(batches[1])
+    integer, fast, kernels, codes = compiled_network(*NETWORKS[network], target, 1, monkeypatch)
     expected, got = integer.executor(), fast.executor()
     expected.run([codes.to(torch.int64)])
     with compiled_kernels():

@@ -6,7 +6,6 @@ the compiled loop to that table with torch.equal on every pair of codes of rando
 grids admit), and whole narrow runs of compiled networks to the uncompiled ones, node by node, dtype and strides
 included.
 """
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +13,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import qparity.numerics.compiled as compiled
 from helpers import prepare_and_convert
 from networks import NETWORKS
 from qparity.bench import ResNetish
@@ -26,20 +24,9 @@ from qparity.numerics.xnnpack import ADD_RATIO_RANGE, _vadd_sum_dtype, qs8_vadd
 from qparity.ops.lookup import PairTable
 from qparity.ops.program import ProgramExecutor
 from qparity.qparams import QParams
-from test_compiled_kernels import assert_same, compiled_twin
+from test_compiled_kernels import assert_same, compiled_network, inductor  # noqa: F401 (inductor: autouse fixture)
 
 RULE_TARGETS = ["xnnpack", "executorch-xnnpack"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def inductor():
-    problem = compiled._availability_problem()
-    if problem:
-        if os.environ.get("QPARITY_REQUIRE_OPTIONAL_RUNTIMES") == "1":
-            pytest.fail(f"torch.compile cannot build kernels here: {problem}", pytrace=False)
-        pytest.skip(f"torch.compile cannot build kernels here: {problem}")
-    with torch._dynamo.config.patch(recompile_limit=256, fail_on_recompile_limit_hit=True):
-        yield
 
 
 def every_pair(dtype: torch.dtype):
@@ -110,14 +97,7 @@ def test_every_node_of_a_compiled_narrow_run_gives_the_uncompiled_codes(network,
         cls, shape = (lambda: ResNetish((16, 32), in_channels=3)), (3, 16, 16)
     else:
         cls, shape = NETWORKS[network]
-    torch.manual_seed(3)
-    batches = [torch.randn(2, *shape) for _ in range(2)]
-    _, integer = prepare_and_convert(cls(), (batches[0],), target, batches)
-    fast = compiled_twin(integer)
-    monkeypatch.setattr(compiled, "MIN_ELEMENTS", 0)  # every rule on its compiled kernel
-    kernels, compile_rule = [], compiled._compiled
-    monkeypatch.setattr(compiled, "_compiled", lambda rule: kernels.append(rule) or compile_rule(rule))
-    codes = integer.quantize(batches[1])
+    integer, fast, kernels, codes = compiled_network(cls, shape, target, 3, monkeypatch)
     expected, got = narrow_run(integer, codes), narrow_run(fast, codes)
     adds = [node.name for node in integer.graph.nodes if node.op == "add" and fast._narrow_mode.rules.get(node.name)]
     if any(node.op == "add" for node in integer.graph.nodes):
