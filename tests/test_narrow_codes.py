@@ -1,11 +1,14 @@
 """The integer runtime's narrow codes (ops/program.py): IntegerModel.run holds codes between operators in their
 grid's own dtype where an operator makes them so, and every node's codes are the integers the int64 program
 computes, with torch.equal, on every target and on networks with every operator the runtime has."""
+from unittest.mock import patch
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import qparity.ops.lookup as lookup
 import qparity.ops.program as program
 from helpers import prepare_and_convert
 from networks import NETWORKS
@@ -120,8 +123,15 @@ narrow_ranges = st.sampled_from([(-128, 127, torch.int8), (0, 255, torch.uint8),
 
 @SETTINGS
 @given(a=narrow_ranges, b=narrow_ranges, seed=st.integers(0, 2**16), broadcast=st.booleans(),
-       channels_last=st.booleans())
-def test_pair_table_on_narrow_codes_answers_the_int64_tables_codes(a, b, seed, broadcast, channels_last):
+       channels_last=st.sampled_from(["neither", "a", "both"]), block=st.sampled_from([1 << 16, 7, 1]))
+def test_pair_table_on_narrow_codes_answers_the_int64_tables_codes(a, b, seed, broadcast, channels_last, block):
+    """Any layout of either operand; operands stored alike form the index in place, in blocks of INDEX_BLOCK
+    elements (here also 7 and 1, so that a block ends inside a row)."""
+    with patch.object(lookup, "INDEX_BLOCK", block):
+        check_narrow_pair_table(a, b, seed, broadcast, channels_last)
+
+
+def check_narrow_pair_table(a, b, seed, broadcast, channels_last):
     (a_lo, a_hi, a_dtype), (b_lo, b_hi, b_dtype) = a, b
     if not PairTable.fits(a_lo, a_hi, b_lo, b_hi):
         return
@@ -130,8 +140,10 @@ def test_pair_table_on_narrow_codes_answers_the_int64_tables_codes(a, b, seed, b
     qb = torch.randint(b_lo, b_hi + 1, (2, 3, 1, 5) if broadcast else (2, 3, 4, 5), generator=gen)
     qa[0, 0, 0, 0], qb[0, 0, 0, 0] = a_lo, b_hi  # the table's corners
     qa[-1, -1, -1, -1], qb[-1, -1, 0, -1] = a_hi, b_lo
-    if channels_last:
+    if channels_last != "neither":
         qa = qa.contiguous(memory_format=torch.channels_last)
+    if channels_last == "both":
+        qb = qb.contiguous(memory_format=torch.channels_last)
     fn = lambda x, y: (x * 3 - y).clamp(-128, 127)  # noqa: E731
     wide = PairTable(fn, a_lo, a_hi, b_lo, b_hi)
     narrow = PairTable(fn, a_lo, a_hi, b_lo, b_hi, dtype=torch.int8)

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 from ..errors import InvalidParameterError, UnsupportedOpError
 from ..qparams import QParams
+from ..layout import flat_view
 from .activations import codes, real_function
 from .arithmetic import INT32_MAX, INT32_MIN, ShiftRequantizer
 from .target import Target, channel_view, grid_views
@@ -113,7 +114,8 @@ def require_within_shift(value: torch.Tensor, shift: torch.Tensor) -> None:
     if not value.numel():
         return
     smallest = int(shift.min())
-    low, high = (int(v) for v in torch.aminmax(value))
+    # over the elements in memory order: a full reduction of a channels-last tensor would first copy it to NCHW
+    low, high = (int(v) for v in torch.aminmax(flat_view(value)))
     if -(1 << (smallest - 1)) <= low and high < 1 << (smallest - 1):
         return
     limit = torch.ones_like(shift) << (shift - 1)
