@@ -168,6 +168,23 @@ def test_compiled_exact_rounding_equals_the_eager_one(channels, rows, seed, magn
     assert_narrow_output_same(requantize, k, -128, 127)
 
 
+@pytest.mark.parametrize("dtype, lo, hi", [(torch.int16, -32768, 32767), (torch.int32, -(2**31), 2**31 - 1),
+                                           (torch.uint8, 0, 255)])
+def test_compiled_exact_rounding_gives_wide_codes_exactly(dtype, lo, hi):
+    """The compiled one-term rounding converts 8- and 16-bit codes through float32 (exact below 2^24) and wider ones
+    directly: codes at the ends of each dtype's range, and past 2^24, come back as the eager run's."""
+    k = torch.tensor([[lo, hi], [lo + 1, hi - 1], [(lo + hi) // 2, 3], [2**24 + 1, -(2**24) - 1]],
+                     dtype=torch.int64).repeat(4, 1)
+    ratio = ExactRatio.of_scales([torch.tensor([0.05, 0.05])], [torch.tensor(0.05)])  # exactly 1: k itself
+
+    def requantize(x, out=torch.int64):
+        return round_half_even_exact([(x, ratio)], lo, hi, dtype=out)
+
+    eager, fast = both_ways(lambda x: requantize(x, dtype), k)
+    assert_same(k.clamp(lo, hi).to(dtype), eager)
+    assert_same(eager, fast)
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous", "sliced"])
 def test_compiled_requantizers_keep_the_memory_format(layout):
     x = torch.randint(-2**20, 2**20, (2, 3, 6, 5))

