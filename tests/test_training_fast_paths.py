@@ -10,7 +10,7 @@ import qparity as qp
 from qparity.bench import ResNetish
 from qparity.numerics import TARGETS, get_target
 from qparity.ops import program
-from qparity.layout import flat_view, memory_order
+from qparity.numerics.layout import flat_view, memory_order
 from qparity.errors import InvalidQParamsError
 from qparity.qat.observers import ActivationObserver
 from qparity.qparams import QParams

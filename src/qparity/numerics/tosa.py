@@ -62,6 +62,7 @@ from ..errors import InvalidParameterError, UnsupportedOpError
 from ..qparams import QParams
 from .activations import codes, real_function
 from .arithmetic import INT32_MAX, INT32_MIN, ShiftRequantizer
+from .layout import flat_view
 from .target import Target, channel_view, grid_views
 
 ADD_LEFT_SHIFT = 20  # InsertRescaleInt32Pass: int8 operands scaled up by 2^20 before the int32 ADD
@@ -113,7 +114,8 @@ def require_within_shift(value: torch.Tensor, shift: torch.Tensor) -> None:
     if not value.numel():
         return
     smallest = int(shift.min())
-    low, high = (int(v) for v in torch.aminmax(_in_memory_order(value)))
+    # over the elements in memory order: PyTorch's full reduction of a channels-last tensor copies it to NCHW first
+    low, high = (int(v) for v in torch.aminmax(flat_view(value)))
     if -(1 << (smallest - 1)) <= low and high < 1 << (smallest - 1):
         return
     limit = torch.ones_like(shift) << (shift - 1)
@@ -123,13 +125,6 @@ def require_within_shift(value: torch.Tensor, shift: torch.Tensor) -> None:
             f"a TOSA RESCALE with shift {smallest} takes values in [-2^{smallest - 1}, 2^{smallest - 1}) only "
             f"(apply_scale_32's REQUIRE), and |value| reaches {worst}: the scale s_in / s_out is too large for "
             "these inputs; widen the output range")
-
-
-def _in_memory_order(value: torch.Tensor) -> torch.Tensor:
-    """value's elements as a 1-D view in the order they are stored, where it is dense (else value): PyTorch's full
-    reduction of a channels-last tensor copies it to NCHW first (2 MiB at the bench model's batch 32)."""
-    permuted = value.permute(sorted(range(value.dim()), key=lambda d: -value.stride(d)))
-    return permuted.reshape(-1) if permuted.is_contiguous() else value
 
 
 def rescale(value: torch.Tensor, scale: torch.Tensor, input_zp: int, output_zp: int, lo: int, hi: int,

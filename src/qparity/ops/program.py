@@ -25,7 +25,7 @@ import torch
 
 from ..errors import UnsupportedOpError
 from ..graph import Executor, Node, QValue, fused_clamp_bounds, map_qvalues
-from ..layout import memory_order
+from ..numerics.layout import memory_order
 from ..numerics.compiled import ElementwiseRule, compiles, run_kernel
 from ..qparams import TORCH_DTYPES, QParams
 from . import activation, add, amax, aten_float, avg_pool, call, cat, clamp, constant, dropout, hardswish, input as input_op, layer, matmul, max_pool, mean, mul, pad, parameter, prelu, quantize, rsqrt, softmax, sub, upsample

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidParameterError, InvalidQParamsError, NotCalibratedError
-from ..layout import flat_view
+from ..numerics.layout import flat_view
 from ..qparams import QParams, affine_qparams
 from .distributed import global_min_max
 
