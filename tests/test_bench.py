@@ -92,8 +92,12 @@ def test_bench_command_line_takes_quick_threads_and_targets():
 
 def test_the_profile_splits_each_integer_run_into_kinds_of_work(monkeypatch):
     import qparity.numerics.compiled as compiled
+    from qparity.numerics import native
 
     monkeypatch.setattr(compiled, "MIN_ELEMENTS", 0)  # the tiny model's requantizations on compiled kernels too
+    # and not on the native fused kernels, which take them first where this CPU runs them (their profile names:
+    # test_profile_kinds_by_operator_name)
+    monkeypatch.setattr(native, "int8_conv", lambda: None)
     config = BenchConfig(targets=("xnnpack", "fbgemm"), inference_batches=(2,), scale_batches=(1,), widths=(1,),
                          channels=(4, 8), size=8, qat_batch=2, repeats=1, warmup=0, memory=False, profile=True)
     report = run_bench(config)
@@ -111,7 +115,8 @@ def test_the_profile_splits_each_integer_run_into_kinds_of_work(monkeypatch):
 
 @pytest.mark.parametrize("name, kind", [
     ("onednn::qconv2d_pointwise", "conv and linear kernels"), ("quantized::conv2d_relu", "conv and linear kernels"),
-    ("quantized::linear", "conv and linear kernels"), ("quantized::add_relu", "engine adds"),
+    ("quantized::linear", "conv and linear kernels"), ("quantized::add_relu", "engine and native adds"),
+    ("qparity::native_conv", "conv and linear kernels"), ("qparity::native_add", "engine and native adds"),
     ("## Call CompiledFxGraph fabc ##", "compiled kernels"), ("TorchDynamo Cache Lookup", "compiled kernels"),
     ("aten::index_select", "table lookups"), ("aten::_to_copy", "copies, conversions, views"),
     ("aten::empty_strided", "copies, conversions, views"), ("aten::permute", "copies, conversions, views"),

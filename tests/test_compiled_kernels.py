@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import qparity as qp
 import qparity.numerics.compiled as compiled
+from qparity.numerics import native
 from helpers import prepare_and_convert
 from networks import NETWORKS
 from qparity.bench import ResNetish
@@ -23,6 +24,15 @@ from test_fused_requantizers import gemmlowp_cases, single_rounding_cases
 
 SETTINGS = settings(max_examples=100, deadline=None)
 EMULATED_TARGETS = ["tflite", "tflite-micro", "tosa", "xnnpack", "executorch-xnnpack", "onnxruntime", "exact"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def without_native_kernels():
+    """The compiled kernels are the path of machines without the native fused kernels (numerics/native): these
+    tests turn those off, so that every layer and add of the models here runs the rule compiled."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "int8_conv", lambda: None)
+        yield
 
 
 @pytest.fixture(scope="module", autouse=True)

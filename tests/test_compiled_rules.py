@@ -24,7 +24,7 @@ from qparity.numerics.xnnpack import ADD_RATIO_RANGE, _vadd_sum_dtype, qs8_vadd
 from qparity.ops.lookup import PairTable
 from qparity.ops.program import ProgramExecutor
 from qparity.qparams import QParams
-from test_compiled_kernels import assert_same, compiled_network, inductor  # noqa: F401 (inductor: autouse fixture)
+from test_compiled_kernels import assert_same, compiled_network, inductor, without_native_kernels  # noqa: F401 (autouse fixtures)
 
 RULE_TARGETS = ["xnnpack", "executorch-xnnpack"]
 
@@ -120,10 +120,10 @@ def test_operands_stored_differently_keep_the_table(monkeypatch):
     out = (QParams(0.1, -2), -128, 127)
     with compiled_kernels(min_elements=0):
         channels_last = qa.contiguous(memory_format=torch.channels_last)
-        assert mode.compiled_rule(node, rule, [QValue(qa, grid), QValue(channels_last, grid)], out) is None
-        assert mode.compiled_rule(node, rule, [QValue(qa, grid), QValue(qa.to(torch.int64), grid)], out) is None
+        assert mode.rule_codes(node, rule, [QValue(qa, grid), QValue(channels_last, grid)], out) is None
+        assert mode.rule_codes(node, rule, [QValue(qa, grid), QValue(qa.to(torch.int64), grid)], out) is None
         broadcast = qa[:, :, :1].expand(2, 8, 4, 4)
-        assert mode.compiled_rule(node, rule, [QValue(broadcast, grid), QValue(broadcast, grid)], out) is None
-        same = mode.compiled_rule(node, rule, [QValue(channels_last, grid), QValue(channels_last, grid)], out)
+        assert mode.rule_codes(node, rule, [QValue(broadcast, grid), QValue(broadcast, grid)], out) is None
+        same = mode.rule_codes(node, rule, [QValue(channels_last, grid), QValue(channels_last, grid)], out)
     expected = spec.add(channels_last.to(torch.int64), grid, channels_last.to(torch.int64), grid, *out)
     assert_same(expected.to(torch.int8), same)

@@ -40,7 +40,7 @@ from .bench_profile import RunProfile, profile_runs, profile_table
 from .bench_runtimes import exported_runners
 from .convert import convert
 from .numerics.compiled import CompiledKernelsUnavailableError, ensure_available
-from .numerics import TARGETS
+from .numerics import TARGETS, native
 from .qat.prepare import freeze, prepare_qat
 from .runtime import IntegerModel
 
@@ -131,6 +131,7 @@ class BenchReport:
     memory: Dict[Tuple[str, str], Optional[Tuple[float, float]]] = field(default_factory=dict)
     tensor_memory: Dict[Tuple[str, str], TensorPeak] = field(default_factory=dict)  # (kind, contender) -> exact peak
     compiled_note: str = ""  # why the compiled rows are missing, where they are
+    native_note: str = ""  # why the native fused conv does not run here, where it does not
     profiles: Dict[int, Dict[str, RunProfile]] = field(default_factory=dict)  # batch -> contender -> profile
 
 
@@ -227,6 +228,7 @@ def _measure(config: BenchConfig, say: Callable[[str], None]) -> BenchReport:
         integer[target] = convert(model.eval())
     compiled = _compiled_twins(integer) if config.compiled else {}
     report.compiled_note = "" if compiled or not config.compiled else _compiled_unavailable()
+    report.native_note = native.unavailable_reason()
     with tempfile.TemporaryDirectory() as directory:
         exported = exported_runners(integer, directory, torch.get_num_threads())
         for batch in config.inference_batches:
@@ -365,6 +367,9 @@ def format_report(report: BenchReport) -> str:
                           "requantizations as compiled kernels; same codes.)"]
         if report.compiled_note:
             lines += ["", f"(No compiled rows: {report.compiled_note})"]
+        lines += ["", "(Native fused conv + requantization (numerics/fused_layer.py): "
+                  + (f"not used here: {report.native_note})" if report.native_note else
+                     "on, for the layers of xnnpack, executorch-xnnpack, onnxruntime, tflite and tflite-micro.)")]
         if any(t.name.startswith(("ONNX Runtime", "LiteRT")) for t in report.inference[batches[0]]):
             lines += ["", "(ONNX Runtime / LiteRT rows: qparity's exported file, float input to float output, its "
                           "QUANTIZE and DEQUANTIZE included; the target rows map codes to codes.)"]

@@ -18,11 +18,12 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-# (kind, fragments of the lower-cased operator or region name that put it there): the first match decides.
+# (kind, fragments of the lower-cased operator or region name that put it there): the first match decides. The
+# native kernels (numerics/native) record themselves as "qparity::native_conv" and "qparity::native_add".
 KINDS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("conv and linear kernels", ("conv", "linear", "addmm", "::mm", "matmul", "bmm")),
     ("compiled kernels", ("compiled", "dynamo", "aotdispatcher", "pregraph", "cpp_fused")),
-    ("engine adds", ("quantized::add",)),
+    ("engine and native adds", ("quantized::add", "qparity::native_add")),
     ("table lookups", ("index_select", "aten::take", "gather")),
     ("copies, conversions, views", ("copy", "clone", "contiguous", "empty", "resize", "aten::to", "view",
                                     "reshape", "permute", "as_strided", "expand", "slice", "select", "squeeze",

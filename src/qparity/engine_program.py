@@ -152,7 +152,7 @@ class EngineProgram:
 
     def _step_conv2d(self, node: Node) -> Optional[Step]:
         kernel = self.model.layer_kernels[node.name]
-        engine_layer = None if callable(kernel) else kernel[-1]
+        engine_layer = None if callable(kernel) else kernel.engine
         return engine_layer.on_quantized if isinstance(engine_layer, EngineLayer) else None
 
     _step_linear = _step_conv2d
@@ -310,7 +310,7 @@ def qnnpack_add_accepts(grids: Dict[str, QParams], node: Node, lo: int, hi: int)
 def engine_program(model) -> Optional[EngineProgram]:
     """The model's EngineProgram, or None for targets that are not run on PyTorch's engine here."""
     engine = engine_of(model.target)
-    if engine is None or not any(isinstance(k, tuple) and isinstance(k[-1], EngineLayer)
+    if engine is None or not any(isinstance(k, tuple) and isinstance(k.engine, EngineLayer)
                                  for k in model.layer_kernels.values()):
         return None
     return EngineProgram(model, engine)

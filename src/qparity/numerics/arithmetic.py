@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -382,6 +382,15 @@ def _int64(values, shape) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64).reshape(shape)
 
 
+class Float32Rule(NamedTuple):
+    """float32_requantizer's constants: M (float32, broadcast along the output channels), z, lo, hi."""
+
+    multiplier: torch.Tensor
+    zero_point: int
+    lo: int
+    hi: int
+
+
 def float32_requantizer(multiplier: torch.Tensor, zero_point: int, lo: int, hi: int):
     """acc -> clamp(rne(f(f(acc) * M)) + z, lo, hi): a float32 multiplier on the accumulator cast to float32.
 
@@ -405,6 +414,8 @@ def float32_requantizer(multiplier: torch.Tensor, zero_point: int, lo: int, hi: 
     # consume must not refer to requantize: the cycle would keep the multiplier alive until the garbage collector
     # runs (a prepared model builds requantizers every step; test_bench counts the bytes a step leaves behind)
     requantize.consume = consume
+    # the rule's constants, for a kernel that applies it while the accumulator is in registers (fused_layer.py)
+    requantize.float32_rule = Float32Rule(multiplier, zero_point, lo, hi)
     return requantize
 
 

@@ -56,8 +56,10 @@ class ElementwiseRule(NamedTuple):
     op would otherwise be looked up in a table: one loop of the arithmetic beats the table's index and gather,
     which no compiler vectorizes (a compiled gather measured no faster than the eager one)."""
 
-    function: Callable[..., torch.Tensor]
+    function: Optional[Callable[..., torch.Tensor]]  # None: no compiled kernel, only the native loop
     constants: tuple
+    # the same function as a native loop, called with the same arguments; None where it does not take them
+    native: Optional[Callable[..., Optional[torch.Tensor]]] = None
 
 
 def compiles(values: torch.Tensor) -> bool:

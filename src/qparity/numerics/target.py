@@ -214,10 +214,11 @@ class Target:
 
     def add_rule(self, a: QParams, b: QParams, out: QParams, lo: int, hi: int) -> Optional[ElementwiseRule]:
         """`add_elementwise` on these grids as one elementwise function of the two codes and constants
-        (numerics/compiled.py ElementwiseRule), the function `add` itself computes with: inside compiled_kernels()
-        the integer runtime runs it as one compiled loop where it would look the add up in a table. Only for
-        arithmetic that inductor compiles exactly (integer operations; no division, no float step whose rounding
-        could change); None where a target has none (the table stays)."""
+        (numerics/compiled.py ElementwiseRule), the function `add` itself computes with: the integer runtime runs
+        its native loop (numerics/native_add.py), or inside compiled_kernels() its compiled kernel, where it would
+        look the add up in a table. A compiled function only for arithmetic that inductor compiles exactly
+        (integer operations; no division, no float step whose rounding could change); None where a target has no
+        rule (the table stays)."""
         return None
 
     def hardswish(self, q: torch.Tensor, source: QParams, out: QParams) -> torch.Tensor:

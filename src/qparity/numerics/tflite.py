@@ -40,6 +40,8 @@ from ..qparams import QParams
 from .arithmetic import (ShiftRequantizer, multiply_by_quantized_multiplier, quantize_multiplier, round_half_away,
                          truncating_div)
 from . import resampling
+from .compiled import ElementwiseRule
+from .native_add import native_tflite_add
 from .prelu import tflite_prelu
 from .rsqrt import tflite_rsqrt_table
 from .softmax import tflite_softmax
@@ -151,6 +153,14 @@ class TFLiteTarget(LiteRTActivations, Target):
         # kernels/sub.cc: PrepareGeneralSubOp(..., op_sign=-1) negates the Q31 multiplier of input 2, and
         # EvalQuantized runs int8 SUB as reference_integer_ops::Add / BroadcastAdd4DSlow with it.
         return self._add(qa, a, qb, b, out, lo, hi, sign=-1)
+
+    def add_rule(self, a, b, out, lo, hi):
+        # `add` (the sign-1 `_add`) as a native loop on int8 codes (numerics/native_add.py); no compiled kernel: as
+        # one, it measured no faster than the table within a model (docs/benchmarks.md, sixth round)
+        (m_a, s_a), (m_b, s_b), (m_y, s_y) = add_multipliers(a, b, out)
+        constants = (int(a.zero_point), int(b.zero_point), int(m_a), int(s_a), int(m_b), int(s_b), int(m_y), int(s_y),
+                     int(out.zero_point), lo, hi)
+        return ElementwiseRule(None, constants, native_tflite_add)
 
     def _add(self, qa, a, qb, b, out, lo, hi, sign):
         (m_a, s_a), (m_b, s_b), (m_y, s_y) = add_multipliers(a, b, out)

@@ -38,6 +38,7 @@ import torch
 from ..errors import UnsupportedOpError
 from ..qparams import TORCH_DTYPES
 from .compiled import ElementwiseRule
+from .native_add import native_qs8_vadd
 from .arithmetic import float32_requantizer, quantize_multiplier, saturating_rounding_doubling_high_mul
 from . import resampling
 from .prelu import tflite_prelu
@@ -187,7 +188,7 @@ class XnnpackTarget(LiteRTActivations, Target):
 
     def add_rule(self, a, b, out, lo, hi):
         constants = _add_constants("add", a, b, out, lo, hi, sign=1)
-        return ElementwiseRule(qs8_vadd, constants + (_vadd_sum_dtype(a, b, constants),))
+        return ElementwiseRule(qs8_vadd, constants + (_vadd_sum_dtype(a, b, constants),), native_qs8_vadd)
 
     def rescale(self, q, source, out):
         if source.same_grid(out):

@@ -8,7 +8,7 @@ requantizer is built once in `prepare_integer_layer`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -17,9 +17,23 @@ from ..graph import Node, QValue, fused_clamp_bounds
 from ..qparams import FLOAT32_TINY, TORCH_DTYPES, QParams
 from ..numerics.arithmetic import INT32_MAX
 from ..numerics.engine_kernels import engine_layer
+from ..numerics.fused_layer import fused_conv
 from ..numerics.int8_accumulate import int8_accumulator
 from ..numerics.accumulate import AccumulationPlan, ConvGeometry, accumulate, accumulator_bounds, plan_accumulation
 from .surrogates import clamped, straight_through
+
+
+class LayerKernels(NamedTuple):
+    """What the IntegerModel runs one conv/linear node with (prepare_integer_layer)."""
+
+    plan: AccumulationPlan
+    geometry: ConvGeometry
+    weight: torch.Tensor                # the weight codes as float32 (channels-last for a conv)
+    bias: Optional[torch.Tensor]        # int32 bias codes added to the accumulator, or None
+    requantize: Callable                # the target's requantizer
+    int8: Optional[Callable]            # oneDNN's int8 accumulator where exact here (int8_accumulate)
+    engine: Optional[object]            # the engine's own layer kernel where it is the target's rule
+    fused: Optional[Callable]           # the native conv + requantization where it is (fused_layer)
 
 
 @dataclass
@@ -143,7 +157,11 @@ def run(ctx, node: Node, x: QValue) -> QValue:
         kernel = ctx.mode.model.layer_kernels[node.name]
         if callable(kernel):  # a runtime without an integer accumulator (Target.layer_kernel)
             return QValue(kernel(x.codes.to(torch.int64)), qp)
-        plan, geometry, weight, bias, requantize, int8, engine = kernel
+        plan, geometry, weight, bias, requantize, int8, engine, fused = kernel
+        # The native conv with the target's requantization fused in (fused_layer), where it is the target's rule.
+        codes = fused(x.codes) if fused is not None and ctx.narrow else None
+        if codes is not None:
+            return QValue(codes, qp)
         # The engine's own kernel where it is the target's rule (engine_kernels), accumulation and requantization.
         codes = engine(x.codes.to(torch.int64)) if engine is not None and x.codes.device.type == "cpu" else None
         if codes is not None:
@@ -221,7 +239,8 @@ def prepare_integer_layer(target, node: Node, layer: IntegerLayer, input_qp: QPa
                             input_qp.qmax)
     engine = engine_layer(target, plan, geometry, layer.weight_codes, layer.weight_scale, float_bias.get("bias"),
                           input_qp, output_qp, lo, hi)
-    return plan, geometry, weight, acc_bias, requantize, int8, engine
+    fused = fused_conv(plan, geometry, layer.weight_codes, acc_bias, input_qp, output_qp, requantize)
+    return LayerKernels(plan, geometry, weight, acc_bias, requantize, int8, engine, fused)
 
 
 def _batch_norm_training(ctx, node: Node, layer, x: QValue) -> QValue:

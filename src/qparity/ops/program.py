@@ -259,11 +259,11 @@ class Integer:
     def tabulated(self, node: Node, kind: str, inputs: List[QValue], codes: Callable, output: tuple,
                   rule: Optional[RuleFunction] = None) -> torch.Tensor:
         """The codes from a table of the target's own function, built on first use (the grids are frozen). In the
-        narrow mode the table answers in the output grid's own dtype and takes the inputs' codes as they come;
-        inside compiled_kernels() the target's elementwise rule, where it has one, computes them in one compiled
-        loop instead (`compiled_rule`)."""
+        narrow mode the table answers in the output grid's own dtype and takes the inputs' codes as they come; the
+        target's elementwise rule, where it has one, computes them instead as a native loop or, inside
+        compiled_kernels(), one compiled loop, where either takes the operands (`rule_codes`)."""
         if rule is not None and self.narrow:
-            result = self.compiled_rule(node, rule, inputs, output)
+            result = self.rule_codes(node, rule, inputs, output)
             if result is not None:
                 return result
         grids = [v.qparams for v in inputs]
@@ -275,22 +275,28 @@ class Integer:
             table = self.model.tables[(node.name, dtype)] = build_table(kind, grids, codes, dtype)
         return table(*(v.codes for v in (inputs if self.narrow else int64_codes(inputs))))
 
-    def compiled_rule(self, node: Node, rule: RuleFunction, inputs: List[QValue], output: tuple
-                      ) -> Optional[torch.Tensor]:
-        """The op's codes from the target's ElementwiseRule as one compiled kernel, as the output grid's dtype; None
-        where the table answers instead: kernels not compiled for these sizes, no rule on the target, or operands
-        that are not narrow codes stored alike (same shape and strides, dense), for which the table's result layout
-        is the operands' own and the compiled loop's is not certain to be."""
-        codes = [v.codes for v in inputs]
-        first = codes[0]
-        if not compiles(first) or any(q.dtype not in NARROW_INTEGER_DTYPES or q.shape != first.shape
-                                      or q.stride() != first.stride() for q in codes):
-            return None
-        if memory_order(first)[0] is None:
-            return None
+    def rule_codes(self, node: Node, rule: RuleFunction, inputs: List[QValue], output: tuple
+                   ) -> Optional[torch.Tensor]:
+        """The op's codes from the target's ElementwiseRule, as the output grid's dtype: its native loop where it
+        takes the operands, else inside compiled_kernels() its compiled kernel; None where the table answers instead:
+        no rule on the target, or neither takes the operands. The compiled kernel takes only narrow codes stored
+        alike (same shape and strides, dense), for which the table's result layout is the operands' own and the
+        compiled loop's is certain to be too."""
         found = self.rules.get(node.name, MISSING)
         if found is MISSING:
             found = self.rules[node.name] = rule(*output)  # grids frozen: once per node
         if found is None:
             return None
-        return run_kernel(found.function, *codes, *found.constants, narrow_dtype(output[0]))
+        codes = [v.codes for v in inputs]
+        dtype = narrow_dtype(output[0])
+        if found.native is not None:
+            result = found.native(*codes, *found.constants, dtype)
+            if result is not None:
+                return result
+        first = codes[0]
+        if found.function is None or not compiles(first) or any(q.dtype not in NARROW_INTEGER_DTYPES or q.shape != first.shape
+                                      or q.stride() != first.stride() for q in codes):
+            return None
+        if memory_order(first)[0] is None:
+            return None
+        return run_kernel(found.function, *codes, *found.constants, dtype)
