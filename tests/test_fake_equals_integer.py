@@ -25,6 +25,7 @@ def target_and_dtype(draw):
 DOCUMENTED_REFUSALS = (
     ("qnnpack", "avg_pool2d"),                 # PyTorch's qnnpack average pool not matched (numerics/pytorch_engines.py)
     ("qnnpack", "PyTorch's qnnpack rejects"),  # add scale ratios / empty ranges qnnpack itself rejects
+    ("qnnpack", "QNNPACK refuses max pooling"),  # a 1x1 max pool without ceil_mode: QNNPACK asserts at run time
     ("xnnpack", "XNNPACK"),                    # scale ratios where LiteRT leaves XNNPACK (numerics/xnnpack.py)
     ("executorch-xnnpack", "XNNPACK"),         # the same, and average pools other than global ones (float in XNNPACK)
     ("tosa", "TOSA"),                          # grouped convs that are not depthwise (numerics/tosa.py)

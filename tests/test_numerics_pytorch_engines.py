@@ -243,6 +243,25 @@ def test_qnnpack_refuses_1x1_avg_pool2d():
                                            attrs)
 
 
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_qnnpack_refuses_a_1x1_max_pool_where_pytorch_fails_on_it(ceil_mode):
+    """QNNPACK's max pooling operator refuses one-element windows; PyTorch's qnnpack engine takes it without
+    ceil_mode and raises an internal assert at run time. prepare_qat refuses it there, naming the module."""
+    import qparity as qp
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.MaxPool2d(1, ceil_mode=ceil_mode))
+    x = torch.quantize_per_tensor(torch.randn(1, 4, 6, 6), 0.1, 100, torch.quint8)
+    torch.backends.quantized.engine = "qnnpack"
+    if ceil_mode:
+        torch.nn.functional.max_pool2d(x, 1, ceil_mode=True)  # the generic kernel: runs
+        qp.prepare_qat(model, (torch.randn(1, 2, 8, 8),), target="qnnpack")
+        return
+    with pytest.raises(RuntimeError):
+        torch.nn.functional.max_pool2d(x, 1)
+    with pytest.raises(UnsupportedOpError, match=r"max_pool2d at .*'1'.*QNNPACK refuses"):
+        qp.prepare_qat(model, (torch.randn(1, 2, 8, 8),), target="qnnpack")
+
+
 @SETTINGS
 @given(engine=ENGINES, seed=seeds, same=st.booleans())
 def test_rescale_matches_quantized_cat(engine, seed, same):

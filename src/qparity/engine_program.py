@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from .errors import UnsupportedOpError
 from .graph import CALLS, Node, QValue, Ref, fused_clamp_bounds, last_uses, resolve
 from .numerics.engine_kernels import EngineLayer, engine_of, engine_selected
 from .numerics.pytorch_engines import PARALLEL_GRAIN
@@ -190,6 +191,11 @@ class EngineProgram:
 
     def _step_max_pool2d(self, node: Node) -> Optional[Step]:
         a = node.attrs
+        if self.engine == "qnnpack":
+            try:
+                self.model.target.check_max_pool(a)
+            except UnsupportedOpError:  # a 1x1 window QNNPACK asserts on (prepare_qat refuses it; a loaded model may
+                return None             # still hold one): the emulation's max over one code
         return lambda x: F.max_pool2d(x, a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
 
     def _step_avg_pool2d(self, node: Node) -> Optional[Step]:

@@ -806,6 +806,17 @@ class QnnpackTarget(PyTorchEngineTarget):
     add_rule = "qnnpack"
     pool_rule = "qnnpack"
 
+    def check_max_pool(self, attrs):
+        # quantized max_pool2d on the qnnpack engine without ceil_mode is QNNPACK's operator, which refuses a window of
+        # one element (pytorch_qnnp_create_max_pooling2d_nhwc_u8: "1x1 pooling is meaningless"): PyTorch raises an
+        # internal assert at run time (torch 2.13, 2.14, measured). With ceil_mode it takes the generic kernel.
+        kernel = attrs["kernel_size"]
+        kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
+        if kernel == (1, 1) and not attrs.get("ceil_mode"):
+            raise UnsupportedOpError(
+                "PyTorch's QNNPACK refuses max pooling over a 1x1 window (the converted model fails at run time); "
+                "the pool is the identity there: remove it, or use ceil_mode=True")
+
 
 # -- a tensor and a Python number: quantized::add_scalar / mul_scalar ------------------------------------------
 def _add_scalar_shift(value: float, source: QParams) -> int:

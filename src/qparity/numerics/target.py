@@ -152,6 +152,9 @@ class Target:
     def check_average_pool(self, attrs: dict) -> None:
         """Raise UnsupportedOpError when the target's runtime cannot run this avg_pool2d (its captured attrs)."""
 
+    def check_max_pool(self, attrs: dict) -> None:
+        """Raise UnsupportedOpError when the target's runtime cannot run this max_pool2d (its captured attrs)."""
+
     def clamp_codes(self, q: torch.Tensor, lo: int, hi: int, clamp=torch.clamp) -> torch.Tensor:
         """A standalone clamp of codes (ReLU, ReLU6, hardtanh not fused into a layer); `clamp` is the function
         that computes it (the QAT surrogate passes its own). A runtime may store the result in another layout."""

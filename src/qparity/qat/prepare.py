@@ -78,6 +78,11 @@ def refuse_what_the_target_cannot_run(graph: Graph, layers, target: Target) -> N
                 target.check_average_pool(node.attrs)
             except UnsupportedOpError as error:
                 raise UnsupportedOpError(f"{node.op} at {node.path}: {error}") from None
+        if node.op == "max_pool2d":
+            try:
+                target.check_max_pool(node.attrs)
+            except UnsupportedOpError as error:
+                raise UnsupportedOpError(f"{node.op} at {node.path}: {error}") from None
         if node.op == "softmax":
             try:
                 target.check_softmax(node.attrs)
