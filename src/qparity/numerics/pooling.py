@@ -4,6 +4,7 @@ The averaging itself (how a sum becomes a code) is target semantics: `Target.ave
 """
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import torch
@@ -37,14 +38,22 @@ def window_sums_and_counts(codes: torch.Tensor, zero_point, attrs: dict):
 
 
 def average_counts(input_hw: Pair, output_hw: Pair, attrs: dict, device=None) -> torch.Tensor:
-    """The divisor PyTorch's avg_pool2d uses at each output position, shape [1, 1, OH, OW], int64.
+    """The divisor PyTorch's avg_pool2d uses at each output position, shape [1, 1, OH, OW], int64 (a tensor shared
+    between calls with the same sizes and window: read it, never write it).
 
     aten/src/ATen/native/cpu/AvgPoolKernel.cpp: a window is clipped to the padded input; with
     count_include_pad the divisor is the clipped window's size, otherwise the number of real inputs in it.
     """
-    per_axis = [_axis_counts(n_in, n_out, k, s, p, attrs["count_include_pad"], device)
-                for n_in, n_out, k, s, p in zip(input_hw, output_hw, attrs["kernel_size"], attrs["stride"],
-                                                attrs["padding"])]
+    return _average_counts(tuple(input_hw), tuple(output_hw), tuple(attrs["kernel_size"]), tuple(attrs["stride"]),
+                           tuple(attrs["padding"]), bool(attrs["count_include_pad"]), torch.device(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=256)
+def _average_counts(input_hw: Pair, output_hw: Pair, kernel: Pair, stride: Pair, padding: Pair, include_pad: bool,
+                    device: torch.device) -> torch.Tensor:
+    # a run of an integer model asks for the same few (a 6-op computation of ~50 us each time at batch 1)
+    per_axis = [_axis_counts(n_in, n_out, k, s, p, include_pad, device)
+                for n_in, n_out, k, s, p in zip(input_hw, output_hw, kernel, stride, padding)]
     return (per_axis[0][:, None] * per_axis[1][None, :]).reshape(1, 1, *output_hw)
 
 
