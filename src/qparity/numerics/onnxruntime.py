@@ -179,6 +179,8 @@ class OnnxRuntimeTarget(Target):
         scaled = torch.round(real / out.scale).to(torch.int64)
         return torch.clamp(scaled + int(out.zero_point), out.qmin, out.qmax)
 
+    average_pool_takes_narrow_codes = False  # its arithmetic below assumes int64 codes
+
     def average_pool(self, codes, qp, attrs):
         height, width = codes.shape[-2:]
         if tuple(attrs["kernel_size"]) == (height, width) and tuple(attrs["padding"]) == (0, 0):

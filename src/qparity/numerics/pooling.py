@@ -21,19 +21,23 @@ def max_pool2d(codes: torch.Tensor, attrs: dict) -> torch.Tensor:
                         attrs["dilation"], attrs["ceil_mode"])
 
 
-def average_sums(centered: torch.Tensor, attrs: dict, max_abs: int) -> torch.Tensor:
-    """Window sums of centered codes (q - z; padding is the real value 0), exact, differentiable."""
+def average_sums(codes: torch.Tensor, zero_point, attrs: dict, max_abs: int) -> torch.Tensor:
+    """Window sums of the centered codes q - z (padding is the real value 0), exact, differentiable. The codes,
+    of any dtype, are centered in the float type that holds the sums (exact: integers below 2^24 in float32), so a
+    narrow tensor makes no int64 copy of itself."""
     kh, kw = attrs["kernel_size"]
     dtype = torch.float32 if max_abs * kh * kw < FLOAT32_EXACT else torch.float64
-    return F.avg_pool2d(centered.to(dtype), attrs["kernel_size"], attrs["stride"], attrs["padding"],
+    return F.avg_pool2d(codes.to(dtype) - zero_point, attrs["kernel_size"], attrs["stride"], attrs["padding"],
                         attrs["ceil_mode"], True, 1)
 
 
 def window_sums_and_counts(codes: torch.Tensor, zero_point, attrs: dict):
     """(window sums of the centered codes q - z, exact; PyTorch's divisor at each output position)."""
     if "uneven_output_size" in attrs:
-        return uneven_sums_and_counts(codes - zero_point, attrs["uneven_output_size"])
-    sums = average_sums(codes - zero_point, attrs, 255)
+        # int64 first: narrow codes minus a 0-dim zero point would keep (and wrap in) their own dtype
+        wide = codes if codes.is_floating_point() else codes.to(torch.int64)
+        return uneven_sums_and_counts(wide - zero_point, attrs["uneven_output_size"])
+    sums = average_sums(codes, zero_point, attrs, 255)
     return sums, average_counts(tuple(codes.shape[-2:]), tuple(sums.shape[-2:]), attrs, codes.device)
 
 

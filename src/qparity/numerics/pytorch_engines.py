@@ -376,6 +376,8 @@ class PyTorchEngineTarget(Target):
     def scalar_arithmetic(self, op, value, q, source, out, lo, hi):
         return scalar_arithmetic(op, value, q, source, out, lo, hi)
 
+    average_pool_takes_narrow_codes = False  # its arithmetic below assumes int64 codes
+
     def average_pool(self, codes, qp, attrs):
         # Every engine's average pools allocate their output in the input's layout: channels-last in, channels-last
         # out (measured on 2.13 and 2.14, adaptive and not, even and uneven windows); the next layout-dependent

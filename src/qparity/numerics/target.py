@@ -276,6 +276,10 @@ class Target:
         """Bilinear resizing of NCHW codes to out_hw on their own grid (numerics/resampling.py)."""
         raise UnsupportedOpError(f"upsample_bilinear is not emulated for target {self.name!r}")
 
+    # Whether `average_pool` takes codes in any integer dtype holding the grid (the integer runtime's narrow codes);
+    # else it receives int64 codes. This one does: its window sums are formed in float (pooling.average_sums).
+    average_pool_takes_narrow_codes: bool = True
+
     def average_pool(self, codes: torch.Tensor, qp: QParams, attrs: dict) -> torch.Tensor:
         """2-D average pooling on one grid (input and output share qparams), PyTorch's windows and divisors."""
         sums, counts = pooling.window_sums_and_counts(codes, qp.zero_point.to(codes.device), attrs)
