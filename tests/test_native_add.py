@@ -50,8 +50,11 @@ def test_the_native_add_equals_qs8_vadd_on_every_pair_of_codes(a, b_ratio, zero_
     finally:
         torch.set_num_threads(before)
     want = qs8_vadd(qa, qb, *rule.constants[:-1], dtype=torch.int8)  # the sum in int64
+    assert rule.constants[-1] == torch.int32  # 8-bit codes: the int32 loop, as XNNPACK's lanes
     assert got is not None and got.stride() == qa.stride()
     assert torch.equal(got, want)
+    wide = native_qs8_vadd(qa, qb, *rule.constants[:-1], torch.int64, torch.int8)  # the int64 loop
+    assert torch.equal(wide, want)
     assert torch.equal(got.to(torch.int64), spec.add(qa.to(torch.int64), grid_a, qb.to(torch.int64), grid_b,
                                                      grid_out, lo, hi))
 
@@ -95,4 +98,32 @@ def test_the_native_tflite_add_equals_the_target_add_on_every_pair_of_codes(a, b
         torch.set_num_threads(before)
     want = spec.add_elementwise(qa.to(torch.int64), grid_a, qb.to(torch.int64), grid_b, grid_out, lo, hi)
     assert got is not None and got.stride() == qa.stride() and got.dtype == torch.int8
+    assert torch.equal(got.to(torch.int64), want)
+
+
+@needs_kernel
+@settings(max_examples=60, deadline=None)
+@given(a=st.floats(1e-3, 1.0), b_ratio=st.floats(2.0**-8, 2.0**8), out_ratio=st.floats(2.0**-3, 2.0**3),
+       dtype=st.sampled_from([torch.int8, torch.uint8]), zeros=st.tuples(*(st.integers(0, 255),) * 3),
+       relu=st.booleans(), layout=st.sampled_from(["contiguous", "transposed"]), threads=st.sampled_from([1, 2]))
+def test_the_native_onnxruntime_add_equals_the_target_add_on_every_pair_of_codes(a, b_ratio, out_ratio, dtype, zeros,
+                                                                                relu, layout, threads):
+    spec = get_target("onnxruntime")
+    name = "int8" if dtype == torch.int8 else "uint8"
+    shift = 128 if dtype == torch.int8 else 0
+    grid_a, grid_b = QParams(a, zeros[0] - shift, name), QParams(a * b_ratio, zeros[1] - shift, name)
+    grid_out = QParams((a + a * b_ratio) * out_ratio, zeros[2] - shift, name)
+    lo, hi = (int(grid_out.zero_point), grid_out.qmax) if relu else (grid_out.qmin, grid_out.qmax)
+    rule = spec.add_rule(grid_a, grid_b, grid_out, lo, hi)
+    qa, qb = every_pair(dtype)
+    if layout == "transposed":
+        qa, qb = qa.t().contiguous().t(), qb.t().contiguous().t()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = rule.native(qa, qb, *rule.constants, dtype)
+    finally:
+        torch.set_num_threads(before)
+    want = spec.add_elementwise(qa.to(torch.int64), grid_a, qb.to(torch.int64), grid_b, grid_out, lo, hi)
+    assert got is not None and got.stride() == qa.stride() and got.dtype == dtype
     assert torch.equal(got.to(torch.int64), want)

@@ -51,6 +51,8 @@ class FusedConv:
         self.flip = 0x80 if input_dtype == torch.int8 else 0
         self.input_dtype, self.output_dtype = input_dtype, output_dtype
         self.pad_value = input_zero_point + self.flip  # the zero point of the uint8 codes the kernel reads
+        # what a direct read takes for a tap outside the image: bytes the flip turns into that zero point
+        self.dummy = torch.full((self.channels_padded,), self.pad_value ^ self.flip, dtype=torch.uint8)
         self.weights = _packed(weight_codes.detach().to(torch.int8), self.channels_padded)
         blocks = -(-out_channels // LANES)
         # bias - z_x * sum(w): the zero point's share of sum(x * w), removed as one integer per channel. Taken
@@ -67,9 +69,13 @@ class FusedConv:
             sign_weight = 0 if rule.sign_weight is None else rule.sign_weight
             self.constants = [_per_channel(value, out_channels, blocks, torch.int64)
                               for value in (rule.multiplier, rule.addend, rule.shift, sign_weight)]
+            multipliers = self.constants[0]
+            # every multiplier below 2^31 (no left shift: M < 1, as for most layers): a 32 x 32-bit product
+            self.rule = 2 if bool(((multipliers >= 0) & (multipliers < INT32_LIMIT)).all()) else 1
         else:
             self.scale = _per_channel(rule.multiplier, out_channels, blocks, torch.float32)
             self.constants = []
+            self.rule = 0
 
     def __call__(self, codes: torch.Tensor) -> Optional[torch.Tensor]:
         """The layer's output codes (output_dtype; channels-last for a conv, dense rows for a linear layer), or
@@ -105,21 +111,26 @@ class FusedConv:
         return None if out is None else out.permute(0, 3, 1, 2)
 
     def _run(self, codes: torch.Tensor, out_h: int, out_w: int, padding, stride, dilation) -> Optional[torch.Tensor]:
-        """The kernel on 4-d codes (any strides): NHWC output codes; None for sizes past its int32 arguments."""
+        """The kernel on 4-d codes (any strides): NHWC output codes; None for sizes past its int32 arguments.
+
+        Codes whose channels are adjacent in memory (channels-last) and a multiple of 4 are read where they are
+        ("direct"); others are first copied, flipped and padded into an NHWC buffer of the kernel's own (`padded`):
+        a temporary the size of the input, which the direct read does without (the run's peak tensor memory)."""
         n, channels, height, width = codes.shape
         if max(n, channels, height + 2 * padding[0], width + 2 * padding[1]) >= INT32_LIMIT:
             return None
-        padded = torch.empty((n, height + 2 * padding[0], width + 2 * padding[1], self.channels_padded),
-                             dtype=torch.uint8)
+        direct = codes.stride(1) == 1 and channels == self.channels_padded
+        padded = None if direct else torch.empty(
+            (n, height + 2 * padding[0], width + 2 * padding[1], self.channels_padded), dtype=torch.uint8)
         out = torch.empty((n, out_h, out_w, self.out_channels), dtype=self.output_dtype)
         stride_n, stride_c, stride_h, stride_w = codes.stride()
         conv = native.Conv(
             codes.data_ptr(), stride_n, stride_c, stride_h, stride_w, self.flip,
-            padded.data_ptr(), self.weights.data_ptr(), self.offset.data_ptr(), self.scale.data_ptr(),
-            out.data_ptr(), n, channels, height, width, self.channels_padded, padding[0], padding[1],
-            self.pad_value, self.out_channels, self.kernel_h, self.kernel_w, out_h, out_w, stride[0], stride[1],
-            dilation[0], dilation[1], self.zero_point, self.lo, self.hi, int(self.fixed_point),
-            *(constant.data_ptr() for constant in self.constants))
+            None if padded is None else padded.data_ptr(), self.weights.data_ptr(), self.offset.data_ptr(),
+            self.scale.data_ptr(), out.data_ptr(), n, channels, height, width, self.channels_padded, padding[0],
+            padding[1], self.pad_value, self.out_channels, self.kernel_h, self.kernel_w, out_h, out_w, stride[0],
+            stride[1], dilation[0], dilation[1], self.zero_point, self.lo, self.hi, int(direct),
+            self.dummy.data_ptr(), self.rule, *(constant.data_ptr() for constant in self.constants))
         native.call(self.library.qparity_int8_conv, conv, torch.get_num_threads(), "qparity::native_conv")
         return out
 

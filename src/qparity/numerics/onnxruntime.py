@@ -41,6 +41,8 @@ from . import pooling
 from ..errors import UnsupportedOpError
 from ..qparams import QParams
 from .arithmetic import float32_requantizer, fma_f32
+from .compiled import ElementwiseRule
+from .native_add import native_ort_add
 from .softmax import ONNXRUNTIME_GRIDS, onnxruntime_softmax
 from .target import Target, channel_view, grid_views
 
@@ -165,6 +167,12 @@ class OnnxRuntimeTarget(Target):
         # grid, which holds -b exactly, and adds them (QLinearAdd).
         mirrored, grid = negated(qb, b)
         return self.add(qa, a, mirrored, grid, out, lo, hi)
+
+    def add_rule(self, a, b, out, lo, hi):
+        # add_elementwise as a native loop of hardware fused multiply-adds (numerics/native_add.py); no compiled
+        # kernel: inductor does not promise a single rounding for an fma
+        ratio_a, ratio_b, offset = add_parameters(a, b, out)
+        return ElementwiseRule(None, (float(ratio_a), float(ratio_b), float(offset), lo, hi), native_ort_add)
 
     def add_elementwise(self, qa, a, qb, b, out, lo, hi):
         ratio_a, ratio_b, offset = add_parameters(a, b, out)

@@ -1,8 +1,8 @@
 """qparity's native kernels: C sources shipped with the package, built on first use with the machine's C compiler.
 
 `int8_conv.c` holds an int8 convolution on AVX512-VNNI with the target's requantization rule fused into it
-(numerics/fused_layer.py says when the integer runtime uses it), and XNNPACK's and TFLite's elementwise adds
-(numerics/native_add.py). It is built with the compiler
+(numerics/fused_layer.py says when the integer runtime uses it), and XNNPACK's, TFLite's and ONNX Runtime's
+elementwise adds (numerics/native_add.py). It is built with the compiler
 named by $CC (else `cc`, `gcc`), for the instruction sets it needs rather than for this exact CPU, into
 $QPARITY_CACHE_DIR (else $XDG_CACHE_HOME/qparity, else ~/.cache/qparity), once per source and compiler, and
 loaded with ctypes, which releases the GIL during a call. No compiler, a CPU without those instructions, or
@@ -41,7 +41,8 @@ class Conv(ctypes.Structure):
         ("scale", ctypes.c_void_p), ("out", ctypes.c_void_p),
         *((name, ctypes.c_int) for name in (
             "N", "C", "H", "W", "Cp", "pad_h", "pad_w", "pad_value", "OC", "KH", "KW", "OH", "OW",
-            "stride_h", "stride_w", "dil_h", "dil_w", "zero_point", "lo", "hi", "rule")),
+            "stride_h", "stride_w", "dil_h", "dil_w", "zero_point", "lo", "hi", "direct")),
+        ("dummy", ctypes.c_void_p), ("rule", ctypes.c_int),
         *((name, ctypes.c_void_p) for name in ("multiplier", "addend", "shift", "sign_weight")),
     ]
 
@@ -51,7 +52,7 @@ class Add(ctypes.Structure):
 
     _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("out", ctypes.c_void_p),
                 *((name, ctypes.c_int64) for name in ("count", "zero_a", "zero_b", "multiplier_a", "multiplier_b",
-                                                      "shift", "zero_out", "lo", "hi"))]
+                                                      "shift", "zero_out", "lo", "hi", "int32_sum"))]
 
 
 class TfliteAdd(ctypes.Structure):
@@ -63,8 +64,17 @@ class TfliteAdd(ctypes.Structure):
                     "multiplier_y", "shift_y", "zero_out", "lo", "hi"))]
 
 
+class OrtAdd(ctypes.Structure):
+    """int8_conv.c's `OrtAdd` (qparity_ort_add's operands and constants)."""
+
+    _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("out", ctypes.c_void_p), ("count", ctypes.c_int64),
+                ("ratio_a", ctypes.c_float), ("ratio_b", ctypes.c_float), ("offset", ctypes.c_float),
+                ("lo", ctypes.c_int32), ("hi", ctypes.c_int32), ("is_unsigned", ctypes.c_int32)]
+
+
 # each entry point: (name, its argument structure)
-ENTRY_POINTS = (("qparity_int8_conv", Conv), ("qparity_qs8_vadd", Add), ("qparity_tflite_add", TfliteAdd))
+ENTRY_POINTS = (("qparity_int8_conv", Conv), ("qparity_qs8_vadd", Add), ("qparity_tflite_add", TfliteAdd),
+                ("qparity_ort_add", OrtAdd))
 
 
 def call(function, arguments: ctypes.Structure, threads: int, label: str) -> None:

@@ -57,8 +57,12 @@ typedef struct {
     int N, C, H, W, Cp, pad_h, pad_w, pad_value;
     int OC, KH, KW, OH, OW, stride_h, stride_w, dil_h, dil_w;
     int zero_point, lo, hi;
+    /* direct: read the input itself (channel stride 1, C a multiple of 4), no padded copy; `dummy` holds Cp bytes
+     * that the flip turns into the zero point, read for taps outside the image */
+    int direct;
+    const uint8_t *dummy;
     /* rule 1, fixed point: per output channel (padded to 16) int64 constants of numerics/arithmetic.py's
-     * ShiftRequantizer; rule 0 reads `scale` instead */
+     * ShiftRequantizer (rule 2: the same, every multiplier in [0, 2^31)); rule 0 reads `scale` instead */
     int rule;
     const int64_t *multiplier, *addend, *shift, *sign_weight;
 } Conv;
@@ -147,7 +151,9 @@ static inline void requantize_float32(const Conv *c, __m512i sum, int block, __m
  * multiply-add and one arithmetic shift; |x * m| < 2^62, so every step is exact in int64) */
 static inline void requantize_fixed_point_8(const Conv *c, __m256i half, int first, int lanes, int8_t *out) {
     const __m512i x = _mm512_cvtepi32_epi64(half);
-    __m512i y = _mm512_mullo_epi64(x, _mm512_loadu_si512((const void *)(c->multiplier + first)));
+    const __m512i multiplier = _mm512_loadu_si512((const void *)(c->multiplier + first));
+    /* rule 2: every multiplier is below 2^31, so the signed 32 x 32 -> 64-bit product (one uop) is the product */
+    __m512i y = c->rule == 2 ? _mm512_mul_epi32(x, multiplier) : _mm512_mullo_epi64(x, multiplier);
     y = _mm512_add_epi64(y, _mm512_loadu_si512((const void *)(c->addend + first)));
     const __m512i negative = _mm512_srai_epi64(x, 63); /* all ones where x < 0 */
     y = _mm512_sub_epi64(y, _mm512_and_si512(negative, _mm512_loadu_si512((const void *)(c->sign_weight + first))));
@@ -167,19 +173,39 @@ static inline void requantize_fixed_point(const Conv *c, __m512i sum, int block,
 
 /* One tile's accumulation and requantization: output pixels p0 .. p0 + count - 1 (flattened over image, row and
  * column), output channel blocks b0 .. b0 + BLOCKS - 1. A last tile of fewer pixels recomputes its last pixel
- * in the unused slots and stores only `count`: every tile runs the same fully unrolled loop. */
+ * in the unused slots and stores only `count`: every tile runs the same fully unrolled loop.
+ *
+ * Where the codes are read: from the padded copy, or (direct) from the input itself, its four codes of a quad
+ * flipped as they are loaded. A direct tile whose windows all lie inside the image reads like the padded one (one
+ * offset per pixel, one per tap); a tile with a window over the border points each tap of each pixel at the
+ * input or, outside it, at `dummy` (Cp codes of the zero point), which is what the padding holds. */
 static inline __attribute__((always_inline)) void tile(const Conv *c, int64_t p0, int count, int b0,
                                                        const int PIXELS, const int BLOCKS) {
-    const int64_t pixel = c->Cp, line = (int64_t)(c->W + 2 * c->pad_w) * c->Cp;
-    const int64_t image = (int64_t)(c->H + 2 * c->pad_h) * line;
     const int64_t block_weights = (int64_t)c->KH * c->KW * (c->Cp / 4) * 64;
     const int quads = c->Cp / 4;
     const int64_t per_image = (int64_t)c->OH * c->OW;
-    int64_t at[MAX_PIXELS];
+    /* element strides of the codes read: the padded copy's, or the input's (channel stride 1) */
+    int64_t step_n, step_h, step_w;
+    const uint8_t *codes;
+    if (c->direct) {
+        codes = c->src, step_n = c->src_n, step_h = c->src_h, step_w = c->src_w;
+    } else {
+        codes = c->padded, step_w = c->Cp, step_h = (int64_t)(c->W + 2 * c->pad_w) * c->Cp;
+        step_n = (int64_t)(c->H + 2 * c->pad_h) * step_h;
+    }
+    const uint32_t flip = c->direct ? (uint32_t)c->flip * 0x01010101u : 0u;
+    int64_t at[MAX_PIXELS], top[MAX_PIXELS], left[MAX_PIXELS];
+    int inside = 1;
     for (int r = 0; r < PIXELS; ++r) {
         const int64_t p = p0 + (r < count ? r : count - 1);
         const int64_t n = p / per_image, rest = p % per_image, oh = rest / c->OW, ow = rest % c->OW;
-        at[r] = n * image + oh * c->stride_h * line + ow * c->stride_w * pixel;
+        /* the window's first row and column in the codes read (the padded copy starts pad_h rows earlier) */
+        top[r] = oh * c->stride_h - (c->direct ? c->pad_h : 0);
+        left[r] = ow * c->stride_w - (c->direct ? c->pad_w : 0);
+        at[r] = n * step_n + top[r] * step_h + left[r] * step_w;
+        if (c->direct && (top[r] < 0 || top[r] + (int64_t)(c->KH - 1) * c->dil_h >= c->H || left[r] < 0 ||
+                          left[r] + (int64_t)(c->KW - 1) * c->dil_w >= c->W))
+            inside = 0;
     }
     __m512i acc[MAX_PIXELS * 4];
 #pragma GCC unroll 28
@@ -187,17 +213,22 @@ static inline __attribute__((always_inline)) void tile(const Conv *c, int64_t p0
     const int8_t *w = c->weights + b0 * block_weights;
     for (int kh = 0; kh < c->KH; ++kh) {
         for (int kw = 0; kw < c->KW; ++kw) {
-            const uint8_t *tap = c->padded + kh * c->dil_h * line + kw * c->dil_w * pixel;
+            const int64_t tap = kh * c->dil_h * step_h + kw * c->dil_w * step_w;
+            const uint8_t *where[MAX_PIXELS];
+            for (int r = 0; r < PIXELS; ++r) {
+                const int64_t h = top[r] + (int64_t)kh * c->dil_h, x = left[r] + (int64_t)kw * c->dil_w;
+                const int outside = !inside && (h < 0 || h >= c->H || x < 0 || x >= c->W);
+                where[r] = outside ? c->dummy : codes + at[r] + tap;
+            }
             for (int q = 0; q < quads; ++q, w += 64) {
                 __m512i wv[4];
 #pragma GCC unroll 4
                 for (int b = 0; b < BLOCKS; ++b) wv[b] = _mm512_loadu_si512((const void *)(w + b * block_weights));
-                const uint8_t *p = tap + 4 * q;
 #pragma GCC unroll 28
                 for (int r = 0; r < PIXELS; ++r) {
-                    int32_t four;
-                    memcpy(&four, p + at[r], 4);
-                    const __m512i x = _mm512_set1_epi32(four);
+                    uint32_t four;
+                    memcpy(&four, where[r] + 4 * q, 4);
+                    const __m512i x = _mm512_set1_epi32((int32_t)(four ^ flip));
 #pragma GCC unroll 4
                     for (int b = 0; b < BLOCKS; ++b) {
                         acc[r * BLOCKS + b] = _mm512_dpbusd_epi32(acc[r * BLOCKS + b], x, wv[b]);
@@ -245,7 +276,7 @@ static void conv_rows(const void *op, int64_t first, int64_t last) {
 }
 
 int qparity_int8_conv(const Conv *c, int threads) {
-    split(pad_rows, c, (int64_t)c->N * (c->H + 2 * c->pad_h), threads);
+    if (!c->direct) split(pad_rows, c, (int64_t)c->N * (c->H + 2 * c->pad_h), threads);
     split(conv_rows, c, (int64_t)c->N * c->OH, threads);
     return 0;
 }
@@ -261,7 +292,27 @@ typedef struct {
     int8_t *out;
     int64_t count;
     int64_t zero_a, zero_b, multiplier_a, multiplier_b, shift, zero_out, lo, hi;
+    int64_t int32_sum; /* 1: every partial sum provably within int32 (add_elements_int32) */
 } Add;
+
+/* The same in int32 lanes, for constants where numerics/xnnpack.py `_vadd_sum_dtype` proved that no partial sum
+ * reaches 2^31 for any int8 codes (as XNNPACK's own lanes sum): twice the elements per vector. */
+static void add_elements_int32(const void *op, int64_t first, int64_t last) {
+    const Add *add = (const Add *)op;
+    const int8_t *restrict a = add->a, *restrict b = add->b;
+    int8_t *restrict out = add->out;
+    const int32_t zero_a = (int32_t)add->zero_a, zero_b = (int32_t)add->zero_b;
+    const int32_t multiplier_a = (int32_t)add->multiplier_a, multiplier_b = (int32_t)add->multiplier_b;
+    const int32_t shift = (int32_t)add->shift, zero_out = (int32_t)add->zero_out;
+    const int32_t lo = (int32_t)add->lo, hi = (int32_t)add->hi, half = (int32_t)(((int64_t)1 << shift) >> 1);
+    for (int64_t i = first; i < last; ++i) {
+        const int32_t sum = ((int32_t)a[i] - zero_a) * multiplier_a + ((int32_t)b[i] - zero_b) * multiplier_b;
+        int32_t code = ((sum + half) >> shift) + zero_out; /* >> of a negative int32: arithmetic (gcc, clang) */
+        code = code < lo ? lo : code;
+        code = code > hi ? hi : code;
+        out[i] = (int8_t)code;
+    }
+}
 
 static void add_elements(const void *op, int64_t first, int64_t last) {
     const Add *add = (const Add *)op;
@@ -288,7 +339,7 @@ static int add_threads(int64_t count, int threads) {
 }
 
 int qparity_qs8_vadd(const Add *add, int threads) {
-    split(add_elements, add, add->count, add_threads(add->count, threads));
+    split(add->int32_sum ? add_elements_int32 : add_elements, add, add->count, add_threads(add->count, threads));
     return 0;
 }
 
@@ -343,3 +394,44 @@ int qparity_tflite_add(const TfliteAdd *add, int threads) {
 }
 
 int qparity_tflite_add_struct_size(void) { return (int)sizeof(TfliteAdd); }
+
+/* ONNX Runtime's QLinearAdd on two 8-bit code tensors (numerics/onnxruntime.py OnnxRuntimeTarget.add_elementwise,
+ * whose arithmetic this is): q = clamp(rne(fma(q_a, r_a, fma(q_b, r_b, F))), lo, hi) in float32, each fma rounded
+ * once (the hardware's fused multiply-add, which the Python side emulates exactly with fma_f32), the clamp applied
+ * to the float before rounding (integer bounds: the same codes; a NaN becomes lo, as the Python side's does). */
+typedef struct {
+    const uint8_t *a, *b;
+    uint8_t *out;
+    int64_t count;
+    float ratio_a, ratio_b, offset;
+    int32_t lo, hi, is_unsigned; /* is_unsigned: uint8 codes, else int8 */
+} OrtAdd;
+
+static inline __m512 codes_as_float(const OrtAdd *add, const uint8_t *codes, __mmask16 mask) {
+    const __m128i bytes = _mm_maskz_loadu_epi8(mask, codes);
+    const __m512i wide = add->is_unsigned ? _mm512_cvtepu8_epi32(bytes) : _mm512_cvtepi8_epi32(bytes);
+    return _mm512_cvt_roundepi32_ps(wide, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); /* exact: |q| < 2^8 */
+}
+
+static void ort_add_elements(const void *op, int64_t first, int64_t last) {
+    const OrtAdd *add = (const OrtAdd *)op;
+    const __m512 ratio_a = _mm512_set1_ps(add->ratio_a), ratio_b = _mm512_set1_ps(add->ratio_b);
+    const __m512 offset = _mm512_set1_ps(add->offset);
+    const __m512 low = _mm512_set1_ps((float)add->lo), high = _mm512_set1_ps((float)add->hi);
+    for (int64_t i = first; i < last; i += 16) {
+        const __mmask16 mask = last - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (last - i)) - 1u);
+        const __m512 qa = codes_as_float(add, add->a + i, mask), qb = codes_as_float(add, add->b + i, mask);
+        const __m512 inner = _mm512_fmadd_round_ps(qb, ratio_b, offset, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 value = _mm512_fmadd_round_ps(qa, ratio_a, inner, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        value = _mm512_min_ps(_mm512_max_ps(value, low), high); /* maxps(NaN, low) is low */
+        const __m512i code = _mm512_cvt_roundps_epi32(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_mask_storeu_epi8(add->out + i, mask, _mm512_cvtepi32_epi8(code));
+    }
+}
+
+int qparity_ort_add(const OrtAdd *add, int threads) {
+    split(ort_add_elements, add, add->count, add_threads(add->count, threads));
+    return 0;
+}
+
+int qparity_ort_add_struct_size(void) { return (int)sizeof(OrtAdd); }
