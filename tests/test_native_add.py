@@ -1,9 +1,10 @@
-"""XNNPACK's add as a native loop (numerics/native_add.py) gives qs8_vadd's codes, on every pair of int8 codes.
+"""The native adds (numerics/native_add.py) give the targets' own add codes, on every pair of 8-bit codes.
 
-The integer runtime takes the native loop for an XNNPACK add whose operands are int8 codes stored alike; the
-definition is `qs8_vadd` (numerics/xnnpack.py), whose table the runtime used before. These tests hold the loop to
-the function with torch.equal on all 65,536 pairs of codes of random grids and clamps (every input the grids
-admit), in every dense layout and with several threads, and check what it declines.
+The integer runtime takes a native loop for an XNNPACK, TFLite, TFLite Micro or ONNX Runtime add whose operands are
+codes stored alike; the definitions are `qs8_vadd` (numerics/xnnpack.py), `TFLiteTarget._add` and
+`OnnxRuntimeTarget.add_elementwise`, whose tables the runtime used before. These tests hold each loop to its
+function with torch.equal on all 65,536 pairs of codes of random grids and clamps (every input the grids admit),
+in dense layouts and with several threads, and check what the loops decline.
 """
 import pytest
 import torch
@@ -22,6 +23,22 @@ needs_kernel = pytest.mark.skipif(native.int8_conv() is None,
 grids = st.tuples(st.floats(1e-3, 1.0), st.integers(-128, 127))
 
 
+def native_on_every_pair(rule, dtype: torch.dtype, layout: str, threads: int):
+    """(a's codes, b's codes, the rule's native loop on them with `threads` threads): every pair of `dtype` codes,
+    stored as `layout` says."""
+    qa, qb = every_pair(dtype)
+    if layout == "transposed":
+        qa, qb = qa.t().contiguous().t(), qb.t().contiguous().t()
+    elif layout == "channels_last":
+        qa, qb = (q.reshape(4, 16, 32, 32).contiguous(memory_format=torch.channels_last) for q in (qa, qb))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return qa, qb, rule.native(qa, qb, *rule.constants, dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
 @needs_kernel
 @settings(max_examples=60, deadline=None)
 @given(a=grids, b_ratio=st.floats(2.0**-6, 2.0**6), zero_b=st.integers(-128, 127),
@@ -38,17 +55,7 @@ def test_the_native_add_equals_qs8_vadd_on_every_pair_of_codes(a, b_ratio, zero_
         rule = spec.add_rule(grid_a, grid_b, grid_out, lo, hi)
     except UnsupportedOpError:  # a ratio XNNPACK does not delegate: the target refuses the add altogether
         return
-    qa, qb = every_pair(torch.int8)
-    if layout == "transposed":
-        qa, qb = qa.t().contiguous().t(), qb.t().contiguous().t()
-    elif layout == "channels_last":
-        qa, qb = (q.reshape(4, 16, 32, 32).contiguous(memory_format=torch.channels_last) for q in (qa, qb))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = rule.native(qa, qb, *rule.constants, torch.int8)
-    finally:
-        torch.set_num_threads(before)
+    qa, qb, got = native_on_every_pair(rule, torch.int8, layout, threads)
     want = qs8_vadd(qa, qb, *rule.constants[:-1], dtype=torch.int8)  # the sum in int64
     assert rule.constants[-1] == torch.int32  # 8-bit codes: the int32 loop, as XNNPACK's lanes
     assert got is not None and got.stride() == qa.stride()
@@ -87,15 +94,7 @@ def test_the_native_tflite_add_equals_the_target_add_on_every_pair_of_codes(a, b
     grid_out = QParams((a[0] + a[0] * b_ratio) * out_ratio, zero_out)
     lo, hi = (zero_out, 127) if relu else (-128, 127)
     rule = spec.add_rule(grid_a, grid_b, grid_out, lo, hi)
-    qa, qb = every_pair(torch.int8)
-    if layout == "transposed":
-        qa, qb = qa.t().contiguous().t(), qb.t().contiguous().t()
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = rule.native(qa, qb, *rule.constants, torch.int8)
-    finally:
-        torch.set_num_threads(before)
+    qa, qb, got = native_on_every_pair(rule, torch.int8, layout, threads)
     want = spec.add_elementwise(qa.to(torch.int64), grid_a, qb.to(torch.int64), grid_b, grid_out, lo, hi)
     assert got is not None and got.stride() == qa.stride() and got.dtype == torch.int8
     assert torch.equal(got.to(torch.int64), want)
@@ -115,15 +114,7 @@ def test_the_native_onnxruntime_add_equals_the_target_add_on_every_pair_of_codes
     grid_out = QParams((a + a * b_ratio) * out_ratio, zeros[2] - shift, name)
     lo, hi = (int(grid_out.zero_point), grid_out.qmax) if relu else (grid_out.qmin, grid_out.qmax)
     rule = spec.add_rule(grid_a, grid_b, grid_out, lo, hi)
-    qa, qb = every_pair(dtype)
-    if layout == "transposed":
-        qa, qb = qa.t().contiguous().t(), qb.t().contiguous().t()
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = rule.native(qa, qb, *rule.constants, dtype)
-    finally:
-        torch.set_num_threads(before)
+    qa, qb, got = native_on_every_pair(rule, dtype, layout, threads)
     want = spec.add_elementwise(qa.to(torch.int64), grid_a, qb.to(torch.int64), grid_b, grid_out, lo, hi)
     assert got is not None and got.stride() == qa.stride() and got.dtype == dtype
     assert torch.equal(got.to(torch.int64), want)
