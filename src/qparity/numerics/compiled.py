@@ -32,6 +32,10 @@ from ..errors import QParityError
 
 MIN_ELEMENTS = 1 << 15
 _switch = threading.local()  # per thread: a model's run turns its kernels on for that run only
+# Compiled kernels run one at a time (each with all of PyTorch's threads): dynamo's guard checks and recompiles are
+# not thread-safe. Three threads running one compiled model at once made torch 2.13 report "runtime guards failed
+# even though they passed" and recompile until its limit, failing a run (CI, tests/test_compiled_kernels.py).
+_ONE_AT_A_TIME = threading.RLock()
 
 
 class CompiledKernelsUnavailableError(QParityError, RuntimeError):
@@ -77,7 +81,8 @@ def run_kernel(rule: Callable[..., torch.Tensor], values: torch.Tensor, *args, c
     CHUNK_ELEMENTS elements (`_in_chunks`)."""
     if compiles(values):
         try:
-            return _compiled(rule)(values, *args)
+            with _ONE_AT_A_TIME:
+                return _compiled(rule)(values, *args)
         except torch._dynamo.exc.TorchDynamoException as error:  # a variant that cannot build (compiler gone)
             raise CompiledKernelsUnavailableError(
                 f"torch.compile could not build the kernel of {rule.__qualname__} for a {values.dtype} tensor of "
