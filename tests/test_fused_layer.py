@@ -93,8 +93,7 @@ def layouts(x: torch.Tensor, layout: str) -> torch.Tensor:
 def test_the_fused_conv_equals_the_accumulator_then_the_requantizer(
         data, n, in_channels, out_channels, kernel, stride, dilation, in_dtype, out_dtype, layout, with_bias, threads,
         rule, quads):
-    """Channels-last codes with a multiple of 4 channels are read in place (the windows over the border from the
-    zero-point buffer); all others through the padded copy: `quads` makes the first common."""
+    """`quads`: a multiple of 4 input channels (no channel padding in the kernel's band rows), else any count."""
     if quads:
         in_channels = -(-in_channels // 4) * 4
     padding = (data.draw(st.integers(0, (kernel[0] - 1) * dilation[0])),

@@ -31,6 +31,8 @@ INT32_LIMIT = 2**31
 UINT8_MAX = 255
 EIGHT_BIT = (torch.int8, torch.uint8)
 LANES = 16  # output channels per 512-bit register (int8_conv.c)
+# output pixels per band at least: four of the kernel's widest tiles (28 pixels), so that few tiles are partly filled
+BAND_PIXELS = 4 * 28
 
 
 class FusedConv:
@@ -51,8 +53,6 @@ class FusedConv:
         self.flip = 0x80 if input_dtype == torch.int8 else 0
         self.input_dtype, self.output_dtype = input_dtype, output_dtype
         self.pad_value = input_zero_point + self.flip  # the zero point of the uint8 codes the kernel reads
-        # what a direct read takes for a tap outside the image: bytes the flip turns into that zero point
-        self.dummy = torch.full((self.channels_padded,), self.pad_value ^ self.flip, dtype=torch.uint8)
         self.weights = _packed(weight_codes.detach().to(torch.int8), self.channels_padded)
         blocks = -(-out_channels // LANES)
         # bias - z_x * sum(w): the zero point's share of sum(x * w), removed as one integer per channel. Taken
@@ -113,25 +113,26 @@ class FusedConv:
     def _run(self, codes: torch.Tensor, out_h: int, out_w: int, padding, stride, dilation) -> Optional[torch.Tensor]:
         """The kernel on 4-d codes (any strides): NHWC output codes; None for sizes past its int32 arguments.
 
-        Codes whose channels are adjacent in memory (channels-last) and a multiple of 4 are read where they are
-        ("direct"); others are first copied, flipped and padded into an NHWC buffer of the kernel's own (`padded`):
-        a temporary the size of the input, which the direct read does without (the run's peak tensor memory)."""
+        The kernel reads the codes a band of output rows at a time, their input rows copied (padded, flipped) into
+        scratch of its own: BAND_PIXELS output pixels or more per band, so few tiles are partly filled, and a few
+        rows per thread rather than a copy of the input (the run's peak tensor memory)."""
         n, channels, height, width = codes.shape
         if max(n, channels, height + 2 * padding[0], width + 2 * padding[1]) >= INT32_LIMIT:
             return None
-        direct = codes.stride(1) == 1 and channels == self.channels_padded
-        padded = None if direct else torch.empty(
-            (n, height + 2 * padding[0], width + 2 * padding[1], self.channels_padded), dtype=torch.uint8)
+        band_rows = max(1, min(out_h, -(-BAND_PIXELS // out_w)))
+        band_bytes = (((band_rows - 1) * stride[0] + (self.kernel_h - 1) * dilation[0] + 1)
+                      * (width + 2 * padding[1]) * self.channels_padded)
+        threads = max(1, min(torch.get_num_threads(), n * out_h))
+        scratch = torch.empty(threads * band_bytes, dtype=torch.uint8)
         out = torch.empty((n, out_h, out_w, self.out_channels), dtype=self.output_dtype)
         stride_n, stride_c, stride_h, stride_w = codes.stride()
         conv = native.Conv(
-            codes.data_ptr(), stride_n, stride_c, stride_h, stride_w, self.flip,
-            None if padded is None else padded.data_ptr(), self.weights.data_ptr(), self.offset.data_ptr(),
-            self.scale.data_ptr(), out.data_ptr(), n, channels, height, width, self.channels_padded, padding[0],
-            padding[1], self.pad_value, self.out_channels, self.kernel_h, self.kernel_w, out_h, out_w, stride[0],
-            stride[1], dilation[0], dilation[1], self.zero_point, self.lo, self.hi, int(direct),
-            self.dummy.data_ptr(), self.rule, *(constant.data_ptr() for constant in self.constants))
-        native.call(self.library.qparity_int8_conv, conv, torch.get_num_threads(), "qparity::native_conv")
+            codes.data_ptr(), stride_n, stride_c, stride_h, stride_w, self.flip, scratch.data_ptr(),
+            self.weights.data_ptr(), self.offset.data_ptr(), self.scale.data_ptr(), out.data_ptr(), n, channels, height,
+            width, self.channels_padded, padding[0], padding[1], self.pad_value, self.out_channels, self.kernel_h,
+            self.kernel_w, out_h, out_w, stride[0], stride[1], dilation[0], dilation[1], self.zero_point, self.lo,
+            self.hi, band_rows, band_bytes, self.rule, *(constant.data_ptr() for constant in self.constants))
+        native.call(self.library.qparity_int8_conv, conv, threads, "qparity::native_conv")
         return out
 
 

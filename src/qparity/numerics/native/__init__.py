@@ -37,12 +37,12 @@ class Conv(ctypes.Structure):
     _fields_ = [
         ("src", ctypes.c_void_p), ("src_n", ctypes.c_int64), ("src_c", ctypes.c_int64),
         ("src_h", ctypes.c_int64), ("src_w", ctypes.c_int64), ("flip", ctypes.c_int),
-        ("padded", ctypes.c_void_p), ("weights", ctypes.c_void_p), ("offset", ctypes.c_void_p),
+        ("scratch", ctypes.c_void_p), ("weights", ctypes.c_void_p), ("offset", ctypes.c_void_p),
         ("scale", ctypes.c_void_p), ("out", ctypes.c_void_p),
         *((name, ctypes.c_int) for name in (
             "N", "C", "H", "W", "Cp", "pad_h", "pad_w", "pad_value", "OC", "KH", "KW", "OH", "OW",
-            "stride_h", "stride_w", "dil_h", "dil_w", "zero_point", "lo", "hi", "direct")),
-        ("dummy", ctypes.c_void_p), ("rule", ctypes.c_int),
+            "stride_h", "stride_w", "dil_h", "dil_w", "zero_point", "lo", "hi", "band_rows")),
+        ("band_bytes", ctypes.c_int64), ("rule", ctypes.c_int),
         *((name, ctypes.c_void_p) for name in ("multiplier", "addend", "shift", "sign_weight")),
     ]
 

@@ -24,13 +24,15 @@
  * int16 step or saturation (the non-saturating form), so sum(x * w) is exact whenever every partial sum stays
  * in int32, which the caller proves (sum |w| * 255 < 2^31 per output channel). The zero point leaves as the
  * integer z_x * sum(w), folded with the bias into one int32 offset per channel; padding is the input's zero
- * point itself, written into a padded copy of the input, so border windows need no second code path. The
+ * point itself, written into the padded rows of a band (below), so border windows need no second code path. The
  * int32 additions wrap modulo 2^32 and the true sum is in int32 (the caller's overflow check), so the result
  * is exact even where an intermediate sum is not.
  *
- * Layout: the padded input is NHWC with the channels rounded up to a multiple of 4 (zero weights there); the
- * weights are packed [ceil(OC/16)][KH][KW][Cp/4][16][4], 16 output channels per 512-bit register; the output
- * is NHWC (PyTorch's channels-last), 8-bit. Rows (image, output row) are split among threads.
+ * Layout: the input is read, any strides, into the padded rows of one band of output rows at a time (NHWC, the
+ * channels rounded up to a multiple of 4 with zero weights there, int8 codes flipped): a few rows of scratch per
+ * thread instead of a copy of the input. The weights are packed [ceil(OC/16)][KH][KW][Cp/4][16][4], 16 output
+ * channels per 512-bit register; the output is NHWC (PyTorch's channels-last), 8-bit. Rows (image, output row)
+ * are split among threads.
  *
  * The file also holds two elementwise adds on int8 codes, XNNPACK's and TFLite's (below).
  */
@@ -49,7 +51,7 @@ typedef struct {
     const uint8_t *src;
     int64_t src_n, src_c, src_h, src_w;
     int flip;
-    uint8_t *padded; /* [N][Hp][Wp][Cp] */
+    uint8_t *scratch; /* per thread part: band_bytes for the padded rows of one band */
     const int8_t *weights;
     const int32_t *offset; /* bias - z_x * sum(w), per output channel, padded to 16 */
     const float *scale;    /* M, per output channel, padded to 16 */
@@ -57,10 +59,10 @@ typedef struct {
     int N, C, H, W, Cp, pad_h, pad_w, pad_value;
     int OC, KH, KW, OH, OW, stride_h, stride_w, dil_h, dil_w;
     int zero_point, lo, hi;
-    /* direct: read the input itself (channel stride 1, C a multiple of 4), no padded copy; `dummy` holds Cp bytes
-     * that the flip turns into the zero point, read for taps outside the image */
-    int direct;
-    const uint8_t *dummy;
+    /* a band: band_rows output rows of one image, whose input rows (padded, flipped, NHWC with Cp channels) are
+     * copied into the part's scratch first */
+    int band_rows;
+    int64_t band_bytes;
     /* rule 1, fixed point: per output channel (padded to 16) int64 constants of numerics/arithmetic.py's
      * ShiftRequantizer (rule 2: the same, every multiplier in [0, 2^31)); rule 0 reads `scale` instead */
     int rule;
@@ -69,17 +71,18 @@ typedef struct {
 
 /* fn(op, first, last) over items [0, count) in `threads` contiguous parts, the first on the calling thread; a part
  * whose thread cannot start runs here too. */
-typedef void (*Range)(const void *op, int64_t first, int64_t last);
+typedef void (*Range)(const void *op, int64_t first, int64_t last, int part);
 
 typedef struct {
     Range fn;
     const void *op;
     int64_t first, last;
+    int index;
 } Part;
 
 static void *run_part(void *arg) {
     const Part *part = (const Part *)arg;
-    part->fn(part->op, part->first, part->last);
+    part->fn(part->op, part->first, part->last, part->index);
     return NULL;
 }
 
@@ -91,7 +94,7 @@ static void split(Range fn, const void *op, int64_t count, int threads) {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads < 1) threads = 1;
     for (int t = 0; t < threads; ++t) {
-        parts[t] = (Part){fn, op, count * t / threads, count * (t + 1) / threads};
+        parts[t] = (Part){fn, op, count * t / threads, count * (t + 1) / threads, t};
     }
     int started = 0;
     for (int t = 1; t < threads && pthread_create(&ids[t], NULL, run_part, &parts[t]) == 0; ++t) started = t;
@@ -100,36 +103,33 @@ static void split(Range fn, const void *op, int64_t count, int threads) {
     for (int t = started + 1; t < threads; ++t) run_part(&parts[t]);
 }
 
-static void pad_rows(const void *op, int64_t first, int64_t last) {
-    const Conv *c = (const Conv *)op;
-    const int Hp = c->H + 2 * c->pad_h, Wp = c->W + 2 * c->pad_w;
+/* Input row h of image n as the kernel reads it: Wp = W + 2 pad_w pixels of Cp uint8 codes (int8 codes flipped),
+ * the padding and the channels past C holding the zero point; a row outside the image is all zero point. */
+static void fill_row(const Conv *c, int64_t n, int64_t h, uint8_t *dst) {
+    const int64_t Wp = c->W + 2 * c->pad_w;
     const uint8_t flip = (uint8_t)c->flip, fill = (uint8_t)c->pad_value;
-    for (int64_t row = first; row < last; ++row) {
-        const int n = (int)(row / Hp), hp = (int)(row % Hp), h = hp - c->pad_h;
-        uint8_t *dst = c->padded + (int64_t)row * Wp * c->Cp;
-        if (h < 0 || h >= c->H) {
-            memset(dst, fill, (size_t)Wp * c->Cp);
-            continue;
+    if (h < 0 || h >= c->H) {
+        memset(dst, fill, (size_t)(Wp * c->Cp));
+        return;
+    }
+    memset(dst, fill, (size_t)c->pad_w * c->Cp);
+    memset(dst + (int64_t)(c->pad_w + c->W) * c->Cp, fill, (size_t)c->pad_w * c->Cp);
+    const uint8_t *line = c->src + n * c->src_n + h * c->src_h;
+    if (c->src_c == 1 && c->src_w == c->C && c->C == c->Cp) { /* a dense channels-last row: one loop */
+        uint8_t *to = dst + (int64_t)c->pad_w * c->Cp;
+        const int64_t count = (int64_t)c->W * c->C;
+        for (int64_t i = 0; i < count; ++i) to[i] = line[i] ^ flip;
+        return;
+    }
+    for (int w = 0; w < c->W; ++w) {
+        uint8_t *pixel = dst + (int64_t)(c->pad_w + w) * c->Cp;
+        const uint8_t *from = line + w * c->src_w;
+        if (c->src_c == 1) {
+            for (int ch = 0; ch < c->C; ++ch) pixel[ch] = from[ch] ^ flip;
+        } else {
+            for (int ch = 0; ch < c->C; ++ch) pixel[ch] = from[ch * c->src_c] ^ flip;
         }
-        memset(dst, fill, (size_t)c->pad_w * c->Cp);
-        memset(dst + (int64_t)(c->pad_w + c->W) * c->Cp, fill, (size_t)c->pad_w * c->Cp);
-        const uint8_t *line = c->src + n * c->src_n + h * c->src_h;
-        if (c->src_c == 1 && c->src_w == c->C && c->C == c->Cp) { /* a dense channels-last row: one loop */
-            uint8_t *to = dst + (int64_t)c->pad_w * c->Cp;
-            const int64_t count = (int64_t)c->W * c->C;
-            for (int64_t i = 0; i < count; ++i) to[i] = line[i] ^ flip;
-            continue;
-        }
-        for (int w = 0; w < c->W; ++w) {
-            uint8_t *pixel = dst + (int64_t)(c->pad_w + w) * c->Cp;
-            const uint8_t *from = line + w * c->src_w;
-            if (c->src_c == 1) {
-                for (int ch = 0; ch < c->C; ++ch) pixel[ch] = from[ch] ^ flip;
-            } else {
-                for (int ch = 0; ch < c->C; ++ch) pixel[ch] = from[ch * c->src_c] ^ flip;
-            }
-            for (int ch = c->C; ch < c->Cp; ++ch) pixel[ch] = fill;
-        }
+        for (int ch = c->C; ch < c->Cp; ++ch) pixel[ch] = fill;
     }
 }
 
@@ -172,40 +172,18 @@ static inline void requantize_fixed_point(const Conv *c, __m512i sum, int block,
 }
 
 /* One tile's accumulation and requantization: output pixels p0 .. p0 + count - 1 (flattened over image, row and
- * column), output channel blocks b0 .. b0 + BLOCKS - 1. A last tile of fewer pixels recomputes its last pixel
- * in the unused slots and stores only `count`: every tile runs the same fully unrolled loop.
- *
- * Where the codes are read: from the padded copy, or (direct) from the input itself, its four codes of a quad
- * flipped as they are loaded. A direct tile whose windows all lie inside the image reads like the padded one (one
- * offset per pixel, one per tap); a tile with a window over the border points each tap of each pixel at the
- * input or, outside it, at `dummy` (Cp codes of the zero point), which is what the padding holds. */
-static inline __attribute__((always_inline)) void tile(const Conv *c, int64_t p0, int count, int b0,
-                                                       const int PIXELS, const int BLOCKS) {
+ * column; all in the band of output rows from row0, whose padded input rows are at `band`), output channel blocks
+ * b0 .. b0 + BLOCKS - 1. A last tile of fewer pixels recomputes its last pixel in the unused slots and stores only
+ * `count`: every tile runs the same fully unrolled loop. */
+static inline __attribute__((always_inline)) void tile(const Conv *c, const uint8_t *band, int64_t row0, int64_t p0,
+                                                       int count, int b0, const int PIXELS, const int BLOCKS) {
+    const int64_t pixel = c->Cp, line = (int64_t)(c->W + 2 * c->pad_w) * c->Cp;
     const int64_t block_weights = (int64_t)c->KH * c->KW * (c->Cp / 4) * 64;
     const int quads = c->Cp / 4;
-    const int64_t per_image = (int64_t)c->OH * c->OW;
-    /* element strides of the codes read: the padded copy's, or the input's (channel stride 1) */
-    int64_t step_n, step_h, step_w;
-    const uint8_t *codes;
-    if (c->direct) {
-        codes = c->src, step_n = c->src_n, step_h = c->src_h, step_w = c->src_w;
-    } else {
-        codes = c->padded, step_w = c->Cp, step_h = (int64_t)(c->W + 2 * c->pad_w) * c->Cp;
-        step_n = (int64_t)(c->H + 2 * c->pad_h) * step_h;
-    }
-    const uint32_t flip = c->direct ? (uint32_t)c->flip * 0x01010101u : 0u;
-    int64_t at[MAX_PIXELS], top[MAX_PIXELS], left[MAX_PIXELS];
-    int inside = 1;
+    int64_t at[MAX_PIXELS];
     for (int r = 0; r < PIXELS; ++r) {
-        const int64_t p = p0 + (r < count ? r : count - 1);
-        const int64_t n = p / per_image, rest = p % per_image, oh = rest / c->OW, ow = rest % c->OW;
-        /* the window's first row and column in the codes read (the padded copy starts pad_h rows earlier) */
-        top[r] = oh * c->stride_h - (c->direct ? c->pad_h : 0);
-        left[r] = ow * c->stride_w - (c->direct ? c->pad_w : 0);
-        at[r] = n * step_n + top[r] * step_h + left[r] * step_w;
-        if (c->direct && (top[r] < 0 || top[r] + (int64_t)(c->KH - 1) * c->dil_h >= c->H || left[r] < 0 ||
-                          left[r] + (int64_t)(c->KW - 1) * c->dil_w >= c->W))
-            inside = 0;
+        const int64_t p = p0 + (r < count ? r : count - 1), row = p / c->OW, ow = p % c->OW;
+        at[r] = (row - row0) * c->stride_h * line + ow * c->stride_w * pixel;
     }
     __m512i acc[MAX_PIXELS * 4];
 #pragma GCC unroll 28
@@ -213,22 +191,17 @@ static inline __attribute__((always_inline)) void tile(const Conv *c, int64_t p0
     const int8_t *w = c->weights + b0 * block_weights;
     for (int kh = 0; kh < c->KH; ++kh) {
         for (int kw = 0; kw < c->KW; ++kw) {
-            const int64_t tap = kh * c->dil_h * step_h + kw * c->dil_w * step_w;
-            const uint8_t *where[MAX_PIXELS];
-            for (int r = 0; r < PIXELS; ++r) {
-                const int64_t h = top[r] + (int64_t)kh * c->dil_h, x = left[r] + (int64_t)kw * c->dil_w;
-                const int outside = !inside && (h < 0 || h >= c->H || x < 0 || x >= c->W);
-                where[r] = outside ? c->dummy : codes + at[r] + tap;
-            }
+            const uint8_t *tap = band + kh * c->dil_h * line + kw * c->dil_w * pixel;
             for (int q = 0; q < quads; ++q, w += 64) {
                 __m512i wv[4];
 #pragma GCC unroll 4
                 for (int b = 0; b < BLOCKS; ++b) wv[b] = _mm512_loadu_si512((const void *)(w + b * block_weights));
+                const uint8_t *p = tap + 4 * q;
 #pragma GCC unroll 28
                 for (int r = 0; r < PIXELS; ++r) {
-                    uint32_t four;
-                    memcpy(&four, where[r] + 4 * q, 4);
-                    const __m512i x = _mm512_set1_epi32((int32_t)(four ^ flip));
+                    int32_t four;
+                    memcpy(&four, p + at[r], 4);
+                    const __m512i x = _mm512_set1_epi32(four);
 #pragma GCC unroll 4
                     for (int b = 0; b < BLOCKS; ++b) {
                         acc[r * BLOCKS + b] = _mm512_dpbusd_epi32(acc[r * BLOCKS + b], x, wv[b]);
@@ -253,30 +226,44 @@ static inline __attribute__((always_inline)) void tile(const Conv *c, int64_t p0
     }
 }
 
-static void tiles_1(const Conv *c, int64_t p0, int count, int b0) { tile(c, p0, count, b0, 28, 1); }
-static void tiles_2(const Conv *c, int64_t p0, int count, int b0) { tile(c, p0, count, b0, 14, 2); }
-static void tiles_4(const Conv *c, int64_t p0, int count, int b0) { tile(c, p0, count, b0, 6, 4); }
+typedef void (*Tiles)(const Conv *, const uint8_t *, int64_t, int64_t, int, int);
+static void tiles_1(const Conv *c, const uint8_t *band, int64_t row0, int64_t p0, int count, int b0) {
+    tile(c, band, row0, p0, count, b0, 28, 1);
+}
+static void tiles_2(const Conv *c, const uint8_t *band, int64_t row0, int64_t p0, int count, int b0) {
+    tile(c, band, row0, p0, count, b0, 14, 2);
+}
+static void tiles_4(const Conv *c, const uint8_t *band, int64_t row0, int64_t p0, int count, int b0) {
+    tile(c, band, row0, p0, count, b0, 6, 4);
+}
 
-/* Output pixels [first, last) (flattened over image, row and column), every output channel. */
-static void conv_pixels(const Conv *c, int64_t first, int64_t last) {
+/* Output rows [first, last) of N * OH (this thread's part), band by band: a band's padded input rows are copied into
+ * the part's scratch (each input row once per band that reads it), then its pixels run in tiles. The copy is a few
+ * rows, not the image: no temporary of the input's size. */
+static void conv_rows(const void *op, int64_t first, int64_t last, int part) {
+    const Conv *c = (const Conv *)op;
     const int blocks = (c->OC + 15) / 16;
     const int group = blocks % 4 == 0 ? 4 : blocks % 2 == 0 ? 2 : 1;
     const int pixels = group == 4 ? 6 : group == 2 ? 14 : 28;
-    void (*run)(const Conv *, int64_t, int, int) = group == 4 ? tiles_4 : group == 2 ? tiles_2 : tiles_1;
-    for (int64_t p0 = first; p0 < last; p0 += pixels) {
-        const int count = last - p0 < pixels ? (int)(last - p0) : pixels;
-        for (int b0 = 0; b0 < blocks; b0 += group) run(c, p0, count, b0);
+    const Tiles run = group == 4 ? tiles_4 : group == 2 ? tiles_2 : tiles_1;
+    const int64_t line = (int64_t)(c->W + 2 * c->pad_w) * c->Cp;
+    uint8_t *band = c->scratch + (int64_t)part * c->band_bytes;
+    for (int64_t row = first; row < last;) {
+        const int64_t n = row / c->OH, oh = row % c->OH;
+        int64_t rows = c->OH - oh < c->band_rows ? c->OH - oh : c->band_rows;
+        rows = last - row < rows ? last - row : rows;
+        const int64_t inputs = (rows - 1) * c->stride_h + (int64_t)(c->KH - 1) * c->dil_h + 1;
+        for (int64_t i = 0; i < inputs; ++i) fill_row(c, n, oh * c->stride_h - c->pad_h + i, band + i * line);
+        const int64_t end = (row + rows) * c->OW;
+        for (int64_t p0 = row * c->OW; p0 < end; p0 += pixels) {
+            const int count = end - p0 < pixels ? (int)(end - p0) : pixels;
+            for (int b0 = 0; b0 < blocks; b0 += group) run(c, band, row, p0, count, b0);
+        }
+        row += rows;
     }
 }
 
-/* Output rows [first, last) of N * OH, every column and output channel. */
-static void conv_rows(const void *op, int64_t first, int64_t last) {
-    const Conv *c = (const Conv *)op;
-    conv_pixels(c, first * c->OW, last * c->OW);
-}
-
 int qparity_int8_conv(const Conv *c, int threads) {
-    if (!c->direct) split(pad_rows, c, (int64_t)c->N * (c->H + 2 * c->pad_h), threads);
     split(conv_rows, c, (int64_t)c->N * c->OH, threads);
     return 0;
 }
@@ -297,7 +284,8 @@ typedef struct {
 
 /* The same in int32 lanes, for constants where numerics/xnnpack.py `_vadd_sum_dtype` proved that no partial sum
  * reaches 2^31 for any int8 codes (as XNNPACK's own lanes sum): twice the elements per vector. */
-static void add_elements_int32(const void *op, int64_t first, int64_t last) {
+static void add_elements_int32(const void *op, int64_t first, int64_t last, int part) {
+    (void)part;
     const Add *add = (const Add *)op;
     const int8_t *restrict a = add->a, *restrict b = add->b;
     int8_t *restrict out = add->out;
@@ -314,7 +302,8 @@ static void add_elements_int32(const void *op, int64_t first, int64_t last) {
     }
 }
 
-static void add_elements(const void *op, int64_t first, int64_t last) {
+static void add_elements(const void *op, int64_t first, int64_t last, int part) {
+    (void)part;
     const Add *add = (const Add *)op;
     const int8_t *restrict a = add->a, *restrict b = add->b;
     int8_t *restrict out = add->out;
@@ -370,7 +359,8 @@ static inline int64_t multiply_by_quantized_multiplier(int64_t x, int64_t m0, in
     return (int64_t)((uint64_t)high + (uint64_t)half - (uint64_t)fix) >> right;
 }
 
-static void tflite_add_elements(const void *op, int64_t first, int64_t last) {
+static void tflite_add_elements(const void *op, int64_t first, int64_t last, int part) {
+    (void)part;
     const TfliteAdd *add = (const TfliteAdd *)op;
     const int8_t *restrict a = add->a, *restrict b = add->b;
     int8_t *restrict out = add->out;
@@ -413,7 +403,8 @@ static inline __m512 codes_as_float(const OrtAdd *add, const uint8_t *codes, __m
     return _mm512_cvt_roundepi32_ps(wide, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); /* exact: |q| < 2^8 */
 }
 
-static void ort_add_elements(const void *op, int64_t first, int64_t last) {
+static void ort_add_elements(const void *op, int64_t first, int64_t last, int part) {
+    (void)part;
     const OrtAdd *add = (const OrtAdd *)op;
     const __m512 ratio_a = _mm512_set1_ps(add->ratio_a), ratio_b = _mm512_set1_ps(add->ratio_b);
     const __m512 offset = _mm512_set1_ps(add->offset);
