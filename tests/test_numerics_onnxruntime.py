@@ -284,3 +284,23 @@ def test_max_pool_matches_onnxruntime_maxpool(dtype, kernel, stride, dilation, p
         pads=[padding[0], padding[1], padding[0], padding[1]]))
     attrs = {"kernel_size": kernel, "stride": stride, "padding": padding, "dilation": dilation, "ceil_mode": False}
     assert_codes_equal(as_codes(y), pooling.max_pool2d(as_codes(x), attrs).to(torch.int64))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+@pytest.mark.parametrize("kernel, padding, include_pad", [((6, 5), (0, 0), True), ((3, 3), (1, 1), True),
+                                                          ((3, 2), (1, 0), False)])
+def test_average_pool_takes_narrow_codes_as_they_are(dtype, kernel, padding, include_pad):
+    """The integer runtime hands the pool its codes in their own dtype (Target.average_pool_takes_narrow_codes):
+    the same codes as from int64 ones, global pool (QLinearGlobalAveragePool) and windows alike, at the dtype's
+    extremes (an int8 code minus a 0-dim zero point would wrap in int8)."""
+    target = get_target("onnxruntime")
+    info = torch.iinfo(getattr(torch, dtype))
+    grid = QParams(0.037, info.max if dtype == "int8" else 3, dtype)
+    generator = torch.Generator().manual_seed(5)
+    codes = torch.randint(info.min, info.max + 1, (2, 3, 6, 5), generator=generator)
+    codes[0, 0] = info.min
+    codes[0, 1] = info.max
+    attrs = {"kernel_size": kernel, "stride": (1, 1), "padding": padding, "ceil_mode": False,
+             "count_include_pad": include_pad, "adaptive": False}
+    narrow = target.average_pool(codes.to(getattr(torch, dtype)), grid, attrs)
+    assert torch.equal(narrow, target.average_pool(codes, grid, attrs))

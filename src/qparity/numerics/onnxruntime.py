@@ -187,8 +187,6 @@ class OnnxRuntimeTarget(Target):
         scaled = torch.round(real / out.scale).to(torch.int64)
         return torch.clamp(scaled + int(out.zero_point), out.qmin, out.qmax)
 
-    average_pool_takes_narrow_codes = False  # its arithmetic below assumes int64 codes
-
     def average_pool(self, codes, qp, attrs):
         height, width = codes.shape[-2:]
         if tuple(attrs["kernel_size"]) == (height, width) and tuple(attrs["padding"]) == (0, 0):
@@ -197,13 +195,15 @@ class OnnxRuntimeTarget(Target):
 
     def _global_average(self, codes, qp):
         count = codes.shape[-1] * codes.shape[-2]
-        sums = (codes - qp.zero_point.to(codes.device)).sum(dim=(-2, -1), keepdim=True)
+        # sum(q - z) as sum(q) - count z, summed in int64 from codes of any integer dtype (no centered copy)
+        sums = codes.sum(dim=(-2, -1), keepdim=True, dtype=torch.int64) - count * int(qp.zero_point)
         multiplier = global_average_multiplier(qp.scale, count)
         value = torch.round(sums.to(torch.float32) * multiplier.to(codes.device)).to(torch.int64)
         return torch.clamp(value + int(qp.zero_point), qp.qmin, qp.qmax)
 
     def _window_average(self, codes, qp, attrs):
-        real = (codes - qp.zero_point.to(codes.device)).to(torch.float32) * qp.scale.to(codes.device)
+        # q - z centered in float32 (exact: integers below 2^24), from codes of any integer dtype
+        real = (codes.to(torch.float32) - float(qp.zero_point)) * qp.scale.to(codes.device)
         out_hw = pooling.output_size(tuple(codes.shape[-2:]), attrs)
         windows = pooling.windows(real, attrs, out_hw)  # [N, C, kh*kw, OH*OW], zeros where padded
         total = windows[:, :, 0]
