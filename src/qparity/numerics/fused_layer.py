@@ -25,10 +25,8 @@ from . import native
 from ..qparams import TORCH_DTYPES, QParams
 from .accumulate import AccumulationPlan, ConvGeometry
 from .arithmetic import Float32Rule, ShiftRequantizer
-from .int8_accumulate import padding_only_windows
+from .int8_accumulate import INT32_LIMIT, layout_is_certain, padding_only_windows, u8_products_fit_int32
 
-INT32_LIMIT = 2**31
-UINT8_MAX = 255
 EIGHT_BIT = (torch.int8, torch.uint8)
 LANES = 16  # output channels per 512-bit register (int8_conv.c)
 # output pixels per band at least: four of the kernel's widest tiles (28 pixels), so that few tiles are partly filled
@@ -103,7 +101,7 @@ class FusedConv:
         out_h = (height + 2 * g.padding[0] - g.dilation[0] * (self.kernel_h - 1) - 1) // g.stride[0] + 1
         out_w = (width + 2 * g.padding[1] - g.dilation[1] * (self.kernel_w - 1) - 1) // g.stride[1] + 1
         if (not n or channels != self.in_channels or out_h < 1 or out_w < 1
-                or 1 in (channels, self.out_channels, height * width, out_h * out_w)):
+                or not layout_is_certain(channels, self.out_channels, height * width, out_h * out_w)):
             return None  # int8_accumulator's layout rule: let the two-step path decide
         if padding_only_windows(g, (self.kernel_h, self.kernel_w)):
             return None  # int8_accumulator leaves these to the float path, whose layout follows the input's
@@ -150,9 +148,7 @@ def fused_conv(plan: AccumulationPlan, geometry: ConvGeometry, weight_codes: tor
     info = torch.iinfo(output_dtype)
     if not info.min <= rule.lo <= rule.hi <= info.max or (bias_codes is not None and bias_codes.is_floating_point()):
         return None
-    # every partial sum of u8 x s8 products within int32: sum |w| * 255 < 2^31 per output channel
-    raw = weight_codes.detach().abs().to(torch.float64).reshape(weight_codes.shape[0], -1).sum(dim=1)
-    if not raw.numel() or float(raw.max()) * UINT8_MAX >= INT32_LIMIT:
+    if not u8_products_fit_int32(weight_codes):
         return None
     library = native.int8_conv()
     if library is None:

@@ -29,6 +29,20 @@ INT32_LIMIT = 2**31
 UINT8_MAX = 255
 
 
+def u8_products_fit_int32(weight_codes: torch.Tensor) -> bool:
+    """Whether every partial sum of u8 x s8 products stays in int32 for any uint8 input: sum |w| * 255 < 2^31 per
+    output channel (the int8 kernels' exactness condition, oneDNN's here and qparity's fused one)."""
+    raw = weight_codes.detach().abs().to(torch.float64).reshape(weight_codes.shape[0], -1).sum(dim=1)
+    return bool(raw.numel()) and float(raw.max()) * UINT8_MAX < INT32_LIMIT
+
+
+def layout_is_certain(*sizes: int) -> bool:
+    """Whether the float conv's output layout is certainly channels-last for a channels-last input, given channels
+    in and out and image sizes (H * W) in and out: not where the strides are ambiguous (one channel in or out, a
+    1x1 image in or out), where oneDNN may return NCHW."""
+    return 1 not in sizes
+
+
 def padding_only_windows(geometry: ConvGeometry, kernel_hw) -> bool:
     """Whether some output window lies entirely in the padding (padding > (k - 1) * dilation on an axis). oneDNN's
     qconv2d_pointwise (PyTorch 2.14.1, this VM) leaves some of those outputs uninitialized instead of the bias:
@@ -83,8 +97,7 @@ def int8_accumulator(plan: AccumulationPlan, geometry: ConvGeometry, weight_code
         return None
     if geometry.kind == "conv2d" and padding_only_windows(geometry, weight_codes.shape[-2:]):
         return None
-    raw = weight_codes.detach().abs().to(torch.float64).reshape(weight_codes.shape[0], -1).sum(dim=1)
-    if float(raw.max()) * UINT8_MAX >= INT32_LIMIT or plan.bound >= FLOAT32_EXACT:
+    if not u8_products_fit_int32(weight_codes) or plan.bound >= FLOAT32_EXACT:
         return None
     weight = weight_codes.detach().to(torch.int8)
     out_channels = weight.shape[0]
@@ -115,12 +128,12 @@ def int8_accumulator(plan: AccumulationPlan, geometry: ConvGeometry, weight_code
 
     def conv(codes: torch.Tensor) -> Optional[torch.Tensor]:
         n, channels, height, width = codes.shape
-        if not n or 1 in (channels, out_channels, height * width):
+        if not n or not layout_is_certain(channels, out_channels, height * width):
             return None  # a layout the float path may leave NCHW (see above): let it decide
         x = to_uint8(codes).contiguous(memory_format=torch.channels_last)
         acc = torch.ops.onednn.qconv2d_pointwise(x, 1.0, zero, packed, ones, zeros, bias, stride, padding,
                                                  dilation, geometry.groups, 1.0, 0, torch.float32, "none", [], "")
-        if acc.shape[2] * acc.shape[3] == 1:
+        if not layout_is_certain(acc.shape[2] * acc.shape[3]):
             return None
         return acc
 
